@@ -1,0 +1,134 @@
+//! Delivery routes: list, inspect (with every attempt), replay.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, require, time_param, views};
+use crate::model::{DeliveryStatus, Scope};
+use crate::store::{Filter, ReplayTarget};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/deliveries", get(list))
+        .route("/v1/deliveries/{id}", get(show))
+        .route("/v1/deliveries/{id}/replay", post(replay))
+}
+
+/// Query parameters shared by the delivery and DLQ listings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub status: Option<String>,
+    pub endpoint: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+impl ListParams {
+    pub fn filter(&self) -> Result<Filter, ApiError> {
+        let status = match self.status.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(DeliveryStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "status: `{s}` is not one of pending, delivered, dead, dropped"
+                ))
+            })?),
+        };
+        Ok(Filter {
+            status,
+            endpoint: self.endpoint.clone().filter(|e| !e.is_empty()),
+            since_ms: time_param("since", self.since.as_deref())?,
+            until_ms: time_param("until", self.until.as_deref())?,
+        })
+    }
+
+    pub fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(50),
+            Some(n) if (1..=1000).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::bad_request(format!(
+                "limit: {n} is not between 1 and 1000"
+            ))),
+        }
+    }
+}
+
+/// Lists deliveries for a filter, marking those whose endpoint is not configured.
+pub fn listing(app: &AppState, filter: &Filter, p: &ListParams) -> Result<Value, ApiError> {
+    let (items, next) = app.store.list(filter, p.limit()?, p.cursor.as_deref())?;
+    let config = app.config.load();
+    let data: Vec<Value> = items
+        .iter()
+        .map(|d| views::delivery(d, config.endpoint(&d.endpoint).is_none()))
+        .collect();
+    Ok(json!({"data": data, "next_cursor": next}))
+}
+
+async fn list(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let p: ListParams = super::query(q.as_deref())?;
+    let filter = p.filter()?;
+    Ok(Json(listing(&app, &filter, &p)?))
+}
+
+async fn show(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let d = app
+        .store
+        .delivery(&id)?
+        .ok_or_else(|| ApiError::not_found(format!("no delivery `{id}`")))?;
+    let attempts = app.store.attempts(&id)?;
+    let event = app.store.event(&d.event_id)?;
+    let config = app.config.load();
+    let mut v = views::delivery(&d, config.endpoint(&d.endpoint).is_none());
+    v["attempts"] = attempts.iter().map(views::attempt).collect();
+    v["request"] = event.as_ref().map(views::request).unwrap_or(Value::Null);
+    Ok(Json(v))
+}
+
+async fn replay(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let result = app
+        .store
+        .replay(ReplayTarget::Ids(vec![id.clone()]))
+        .await?;
+    if !result.not_found.is_empty() {
+        return Err(ApiError::not_found(format!("no delivery `{id}`")));
+    }
+    if !result.already_pending.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "delivery `{id}` is pending; only delivered, dead or dropped deliveries can be replayed"
+            ),
+        ));
+    }
+    app.metrics.replays.inc_by(result.requeued.len() as u64);
+    let d = &result.requeued[0];
+    app.scheduler.notify(&d.endpoint);
+    tracing::info!(delivery = %d.id, endpoint = %d.endpoint, "delivery replayed");
+    let config = app.config.load();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(views::delivery(d, config.endpoint(&d.endpoint).is_none())),
+    ))
+}

@@ -1,0 +1,154 @@
+//! Ingest routes: `POST /v1/events` (JSON envelope, fan-out) and `POST /v1/ingest/{endpoint}`
+//! (any body, delivered byte for byte).
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{ApiError, AppState, read_body, require};
+use crate::ingest::{IngestError, IngestRequest, ingest};
+use crate::model::Scope;
+use crate::observe;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/events", post(post_event))
+        .route("/v1/ingest/{endpoint}", post(post_raw))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody<'a> {
+    event_type: String,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    endpoint: Option<String>,
+    id: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+async fn post_event(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = require(&app, &headers, Scope::Ingest)?;
+    let limit = app.config.load().server.max_body_bytes;
+    let bytes = read_body(body, &headers, limit).await.inspect_err(|e| {
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            observe::ingest_rejected(&app.metrics, "too_large");
+        }
+    })?;
+    let parsed: EventBody = serde_json::from_slice(&bytes).map_err(|e| {
+        observe::ingest_rejected(&app.metrics, "malformed");
+        ApiError::bad_request(format!("malformed event: {e}"))
+    })?;
+    let idempotency_key = parsed
+        .idempotency_key
+        .or_else(|| header_str(&headers, "idempotency-key"));
+    let req = IngestRequest {
+        event_type: parsed.event_type,
+        payload: parsed.payload.get().as_bytes().to_vec(),
+        content_type: "application/json".into(),
+        endpoint: parsed.endpoint,
+        id: parsed.id,
+        idempotency_key,
+    };
+    respond(&app, &caller, req).await
+}
+
+#[derive(Deserialize, Default)]
+struct RawParams {
+    event_type: Option<String>,
+    id: Option<String>,
+}
+
+async fn post_raw(
+    State(app): State<AppState>,
+    Path(endpoint): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = require(&app, &headers, Scope::Ingest)?;
+    let params: RawParams = super::query(q.as_deref())?;
+    let limit = app.config.load().server.max_body_bytes;
+    let bytes = read_body(body, &headers, limit).await?;
+    let req = IngestRequest {
+        event_type: params
+            .event_type
+            .or_else(|| header_str(&headers, "x-event-type"))
+            .unwrap_or_else(|| "ingest".into()),
+        payload: bytes.to_vec(),
+        content_type: header_str(&headers, header::CONTENT_TYPE.as_str())
+            .unwrap_or_else(|| "application/octet-stream".into()),
+        endpoint: Some(endpoint),
+        id: params.id,
+        idempotency_key: header_str(&headers, "idempotency-key"),
+    };
+    respond(&app, &caller, req).await
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+async fn respond(
+    app: &AppState,
+    caller: &crate::app::Caller,
+    req: IngestRequest,
+) -> Result<Response, ApiError> {
+    match ingest(app, caller, req).await {
+        Ok(accepted) => {
+            let mut resp = (
+                StatusCode::ACCEPTED,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                accepted.body,
+            )
+                .into_response();
+            if accepted.repeated {
+                resp.headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            Ok(resp)
+        }
+        Err(e) => {
+            let (status, code, reason) = match &e {
+                IngestError::UnknownEndpoint(_) => (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unknown_endpoint",
+                    "unknown_endpoint",
+                ),
+                IngestError::NoSubscriber(_) => (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "no_subscriber",
+                    "no_subscriber",
+                ),
+                IngestError::IdConflict(_) => (StatusCode::CONFLICT, "conflict", "id_conflict"),
+                IngestError::Invalid { .. } => (StatusCode::BAD_REQUEST, "bad_request", "invalid"),
+                IngestError::ShuttingDown => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "shutting_down",
+                ),
+                IngestError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "store"),
+            };
+            observe::ingest_rejected(&app.metrics, reason);
+            if let IngestError::Store(s) = &e {
+                tracing::error!(error = %s, "ingest could not be committed");
+            }
+            Err(ApiError::new(status, code, e.to_string()))
+        }
+    }
+}

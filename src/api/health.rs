@@ -1,0 +1,72 @@
+//! Liveness, readiness and the Prometheus exposition.
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::AppState;
+use crate::model::now_ms;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    match app.store.delivery("dlv_readiness_probe") {
+        Ok(_) if !app.shutdown.is_cancelled() => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Ok(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting_down"})),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "error": e.to_string()})),
+        ),
+    }
+}
+
+/// Refreshes the gauges that are derived from stored state, then encodes everything.
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let m = &app.metrics;
+    let counts = app.store.counts();
+    let config = app.config.load();
+    for ep in &config.endpoints {
+        m.queue_depth
+            .get_or_create(&vec![("endpoint", ep.name.clone())])
+            .set(app.store.pending_count(&ep.name) as i64);
+        m.circuit_open
+            .get_or_create(&vec![("endpoint", ep.name.clone())])
+            .set(app.scheduler.health(&ep.name).circuit_open as i64);
+    }
+    for ((ep, status), n) in counts {
+        m.deliveries
+            .get_or_create(&vec![
+                ("endpoint", ep.clone()),
+                ("status", status.as_str().to_string()),
+            ])
+            .set(n as i64);
+        if status == crate::model::DeliveryStatus::Pending && config.endpoint(&ep).is_none() {
+            m.queue_depth
+                .get_or_create(&vec![("endpoint", ep.clone())])
+                .set(n as i64);
+        }
+    }
+    let age = match app.store.oldest_pending_ms() {
+        Ok(Some(created)) => now_ms().saturating_sub(created) as f64 / 1000.0,
+        _ => 0.0,
+    };
+    m.oldest_pending_age.set(age);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}

@@ -1,0 +1,160 @@
+//! The HTTP API: one router per resource, merged here, and the pieces they share (the JSON
+//! error shape, bearer authentication, bounded body reading).
+
+mod deliveries;
+mod dlq;
+mod events;
+mod health;
+mod stats;
+pub(crate) mod views;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::app::{App, AuthError, Caller};
+use crate::model::Scope;
+
+pub type AppState = Arc<App>;
+
+/// Every route of the API.
+pub fn router(app: AppState) -> Router {
+    Router::new()
+        .merge(events::router())
+        .merge(deliveries::router())
+        .merge(dlq::router())
+        .merge(stats::router())
+        .merge(health::router())
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(app)
+}
+
+/// The error shape of DESIGN.md: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let (status, code) = match e {
+            AuthError::Missing | AuthError::Invalid => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Closed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "courier is shutting down",
+            ),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// The bearer token of a request, from `Authorization: Bearer …` or, where given, `?token=`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Authenticates a request for `scope`.
+pub fn require(app: &App, headers: &HeaderMap, scope: Scope) -> Result<Caller, ApiError> {
+    let config = app.config.load();
+    Ok(crate::app::authorize(&config.keys, bearer(headers), scope)?)
+}
+
+/// Reads a request body of at most `limit` bytes; a larger one is a 413 and is not buffered.
+pub async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than max_body_bytes ({limit} bytes)"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > limit
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            source = s.source();
+        }
+        ApiError::bad_request(format!("cannot read request body: {e}"))
+    })
+}
+
+/// Parses query parameters into `T`, naming the bad parameter in a 400.
+pub fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
+}
+
+/// Parses an optional RFC 3339 time parameter.
+pub fn time_param(name: &str, value: Option<&str>) -> Result<Option<u64>, ApiError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(v) => crate::model::parse_time(v)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("{name}: `{v}` is not an RFC 3339 time"))),
+    }
+}

@@ -1,0 +1,146 @@
+//! The running application: the shared state every stage and handler reaches through one
+//! `Arc<App>`, and bearer-token authentication.
+
+use std::path::Path;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, KeyConfig};
+use crate::model::Scope;
+use crate::observe::Metrics;
+use crate::scheduler::Scheduler;
+use crate::store::Store;
+
+pub struct App {
+    /// The active configuration; swapped whole, read per use.
+    pub config: ArcSwap<Config>,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub client: reqwest::Client,
+    pub scheduler: Scheduler,
+    /// Cancelled on SIGINT/SIGTERM: stop taking work, let in-flight attempts finish.
+    pub shutdown: CancellationToken,
+    /// Every worker and attempt task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// A caller that presented a valid token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// A stable, non-secret id of the key (for scoping idempotency keys).
+    pub key_id: String,
+}
+
+/// Why a request was not authorised.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AuthError {
+    #[error("missing bearer token (send Authorization: Bearer <token>)")]
+    Missing,
+    #[error("invalid token")]
+    Invalid,
+    #[error("this token lacks the `{0}` scope")]
+    Forbidden(&'static str),
+}
+
+/// A non-secret id for a token: the first 16 hex digits of its SHA-256.
+pub fn key_id(token: &str) -> String {
+    hex::encode(&Sha256::digest(token.as_bytes())[..8])
+}
+
+/// Checks `token` against the configured keys in constant time (every key is compared, so
+/// timing reveals neither which key matched nor how much of a token was right).
+pub fn authorize(
+    keys: &[KeyConfig],
+    token: Option<&str>,
+    scope: Scope,
+) -> Result<Caller, AuthError> {
+    let token = token.ok_or(AuthError::Missing)?;
+    let presented = Sha256::digest(token.as_bytes());
+    let mut found: Option<&KeyConfig> = None;
+    for k in keys {
+        let expected = Sha256::digest(k.token.as_bytes());
+        if bool::from(presented.ct_eq(&expected)) {
+            found = Some(k);
+        }
+    }
+    let key = found.ok_or(AuthError::Invalid)?;
+    if !key.scopes.contains(&scope) {
+        return Err(AuthError::Forbidden(scope.as_str()));
+    }
+    Ok(Caller {
+        key_id: key_id(&key.token),
+    })
+}
+
+/// With no `[[keys]]`, courier never runs open: it creates one all-scopes key in the data
+/// dir on first start, prints it once, and uses it from then on.
+pub fn ensure_key(config: &mut Config, data_dir: &Path) -> std::io::Result<Option<String>> {
+    if !config.keys.is_empty() {
+        return Ok(None);
+    }
+    let path = data_dir.join("admin.key");
+    let (token, created) = match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 16 => (t.trim().to_string(), false),
+        _ => {
+            let bytes: [u8; 24] = rand::random();
+            let token = format!("ck_{}", hex::encode(bytes));
+            write_private(&path, &token)?;
+            (token, true)
+        }
+    };
+    config.keys.push(KeyConfig {
+        token: token.clone(),
+        scopes: Scope::ALL.to_vec(),
+    });
+    Ok(created.then_some(token))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_enforced() {
+        let keys = vec![
+            KeyConfig {
+                token: "ingest-only-token-0001".into(),
+                scopes: vec![Scope::Ingest],
+            },
+            KeyConfig {
+                token: "admin-token-000000001".into(),
+                scopes: vec![Scope::Admin],
+            },
+        ];
+        assert!(authorize(&keys, Some("ingest-only-token-0001"), Scope::Ingest).is_ok());
+        assert_eq!(
+            authorize(&keys, Some("ingest-only-token-0001"), Scope::Admin).unwrap_err(),
+            AuthError::Forbidden("admin")
+        );
+        assert_eq!(
+            authorize(&keys, Some("nope"), Scope::Admin).unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(
+            authorize(&keys, None, Scope::Admin).unwrap_err(),
+            AuthError::Missing
+        );
+    }
+}

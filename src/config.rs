@@ -1,0 +1,878 @@
+//! Configuration: the TOML file of DESIGN.md, parsed, resolved and validated in one place.
+//!
+//! Why one module: every other stage receives an already-valid [`Config`], so none of them
+//! re-checks user input. Validation errors name the key at fault (`endpoints[1].url`) because
+//! `courier check` and a future hot reload both surface them to an operator.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::{RateLimit, Scope};
+
+/// A configuration error that names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Default retry schedule: the delay before each attempt.
+pub const DEFAULT_SCHEDULE: &[&str] = &["0s", "5s", "30s", "2m", "10m", "30m", "1h", "2h"];
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub keys: Vec<KeyConfig>,
+    pub delivery: DeliveryConfig,
+    pub endpoints: Vec<EndpointConfig>,
+    pub plugins: Vec<PluginConfig>,
+    pub workflows: Vec<WorkflowConfig>,
+    /// Where the configuration came from, if a file.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub public_url: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub token: String,
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub timeout: Duration,
+    pub schedule: Vec<Duration>,
+    pub jitter: f64,
+    pub allow_private_networks: bool,
+    /// How long delivered and dead deliveries are kept.
+    pub retention: Duration,
+    /// Consecutive failures after which an endpoint's circuit opens.
+    pub circuit_failures: u32,
+    /// While the circuit is open, one probe attempt at most this often.
+    pub circuit_probe_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    Unordered,
+    Fifo,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    pub name: String,
+    pub url: url::Url,
+    pub secrets: Vec<String>,
+    /// `None` means every event type.
+    pub event_types: Option<Vec<String>>,
+    pub ordering: Ordering,
+    pub max_in_flight: usize,
+    pub rate_limit: Option<RateLimit>,
+    pub timeout: Duration,
+    pub schedule: Vec<Duration>,
+    pub headers: BTreeMap<String, String>,
+    pub transforms: Vec<String>,
+    pub backoff: Option<String>,
+}
+
+impl EndpointConfig {
+    /// Whether this endpoint subscribes to `event_type`.
+    pub fn subscribes(&self, event_type: &str) -> bool {
+        match &self.event_types {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| pattern_matches(p, event_type)),
+        }
+    }
+}
+
+/// `*` matches everything, `order.*` matches `order.` followed by anything, and any other
+/// pattern matches exactly. `*` may appear anywhere as a wildcard for any run of characters.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((b'*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    Transform,
+    Backoff,
+    Simulator,
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub kind: PluginKind,
+    pub config: BTreeMap<String, String>,
+    pub fuel: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkflowConfig {
+    pub name: String,
+    pub upstream_url: url::Url,
+    pub upstream_timeout: Duration,
+    pub endpoint: String,
+    pub event_name: Option<String>,
+    pub callback_timeout: Duration,
+    pub simulate: Option<String>,
+    pub simulate_delay: Duration,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw (as written) structures. Unknown keys are rejected so that a typo is an error, not a
+// silently ignored setting.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    #[serde(default)]
+    delivery: RawDelivery,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    plugins: Vec<RawPlugin>,
+    #[serde(default)]
+    workflows: Vec<RawWorkflow>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    data_dir: Option<String>,
+    public_url: Option<String>,
+    max_body_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    token: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    timeout: Option<String>,
+    schedule: Option<Vec<String>>,
+    jitter: Option<f64>,
+    allow_private_networks: Option<bool>,
+    retention: Option<String>,
+    circuit_failures: Option<u32>,
+    circuit_probe_interval: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: String,
+    url: String,
+    #[serde(default)]
+    secrets: Vec<String>,
+    event_types: Option<Vec<String>>,
+    ordering: Option<String>,
+    max_in_flight: Option<i64>,
+    rate_limit: Option<String>,
+    timeout: Option<String>,
+    schedule: Option<Vec<String>>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    transforms: Vec<String>,
+    backoff: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: String,
+    path: String,
+    kind: String,
+    #[serde(default)]
+    config: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    fuel: Option<u64>,
+    memory: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflow {
+    name: String,
+    upstream: RawUpstream,
+    endpoint: String,
+    event_name: Option<String>,
+    callback_timeout: Option<String>,
+    simulate: Option<String>,
+    simulate_delay: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: String,
+    timeout: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl Config {
+    /// The embedded defaults: `courier serve` with no file.
+    pub fn defaults() -> Config {
+        Self::from_raw(RawConfig::default(), Path::new("."), None)
+            .expect("embedded defaults are valid")
+    }
+
+    /// Reads, resolves and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Self::parse(
+            &text,
+            base,
+            Some(path.to_path_buf()),
+            &path.display().to_string(),
+        )
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(
+        text: &str,
+        base: &Path,
+        source: Option<PathBuf>,
+        origin: &str,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: one_line(&e.to_string()),
+        })?;
+        resolve_env(&mut value, "")?;
+        let raw: RawConfig =
+            RawConfig::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError::Parse {
+                path: origin.to_string(),
+                message: one_line(&e.to_string()),
+            })?;
+        Self::from_raw(raw, base, source)
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        base: &Path,
+        source: Option<PathBuf>,
+    ) -> Result<Config, ConfigError> {
+        let s = raw.server;
+        let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            ConfigError::invalid(
+                "server.listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+        let data_dir = base.join(s.data_dir.unwrap_or_else(|| "./courier-data".into()));
+        let public_url = s
+            .public_url
+            .unwrap_or_else(|| format!("http://{listen_text}"));
+        url::Url::parse(&public_url).map_err(|e| {
+            ConfigError::invalid("server.public_url", format!("`{public_url}`: {e}"))
+        })?;
+        let max_body_bytes = s.max_body_bytes.unwrap_or(1024 * 1024);
+        if max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        let server = ServerConfig {
+            listen,
+            data_dir,
+            public_url: public_url.trim_end_matches('/').to_string(),
+            max_body_bytes: max_body_bytes as usize,
+        };
+
+        let mut keys = Vec::new();
+        for (i, k) in raw.keys.into_iter().enumerate() {
+            if k.token.len() < 16 {
+                return Err(ConfigError::invalid(
+                    format!("keys[{i}].token"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if k.scopes.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("keys[{i}].scopes"),
+                    "must name at least one of ingest, admin, callback",
+                ));
+            }
+            let mut scopes = Vec::new();
+            for (j, sc) in k.scopes.iter().enumerate() {
+                scopes.push(Scope::parse(sc).ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("keys[{i}].scopes[{j}]"),
+                        format!("unknown scope `{sc}` (expected ingest, admin or callback)"),
+                    )
+                })?);
+            }
+            keys.push(KeyConfig {
+                token: k.token,
+                scopes,
+            });
+        }
+
+        let d = raw.delivery;
+        let timeout =
+            opt_duration(d.timeout, "delivery.timeout")?.unwrap_or(Duration::from_secs(30));
+        let schedule = match d.schedule {
+            Some(list) => parse_schedule(&list, "delivery.schedule")?,
+            None => DEFAULT_SCHEDULE
+                .iter()
+                .map(|s| humantime::parse_duration(s).expect("default schedule"))
+                .collect(),
+        };
+        let jitter = d.jitter.unwrap_or(0.2);
+        if !(0.0..=1.0).contains(&jitter) {
+            return Err(ConfigError::invalid(
+                "delivery.jitter",
+                format!("{jitter} is not between 0 and 1"),
+            ));
+        }
+        let delivery = DeliveryConfig {
+            timeout,
+            schedule,
+            jitter,
+            allow_private_networks: d.allow_private_networks.unwrap_or(false),
+            retention: opt_duration(d.retention, "delivery.retention")?
+                .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+            circuit_failures: d.circuit_failures.unwrap_or(10).max(1),
+            circuit_probe_interval: opt_duration(
+                d.circuit_probe_interval,
+                "delivery.circuit_probe_interval",
+            )?
+            .unwrap_or(Duration::from_secs(30)),
+        };
+        if delivery.timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "delivery.timeout",
+                "must be greater than 0",
+            ));
+        }
+
+        let mut plugins = Vec::new();
+        let mut plugin_names = HashSet::new();
+        for (i, p) in raw.plugins.into_iter().enumerate() {
+            let key = format!("plugins[{i}]");
+            check_name(&p.name, &format!("{key}.name"))?;
+            if !plugin_names.insert(p.name.clone()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("duplicate plugin name `{}`", p.name),
+                ));
+            }
+            let kind = match p.kind.as_str() {
+                "transform" => PluginKind::Transform,
+                "backoff" => PluginKind::Backoff,
+                "simulator" => PluginKind::Simulator,
+                other => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.kind"),
+                        format!(
+                            "unknown kind `{other}` (expected transform, backoff or simulator)"
+                        ),
+                    ));
+                }
+            };
+            let config = p
+                .config
+                .into_iter()
+                .map(|(k, v)| {
+                    let s = match v {
+                        toml::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, s)
+                })
+                .collect();
+            plugins.push(PluginConfig {
+                name: p.name,
+                path: base.join(p.path),
+                kind,
+                config,
+                fuel: p.limits.fuel,
+                memory_bytes: p
+                    .limits
+                    .memory
+                    .map(|m| parse_bytes(&m, &format!("{key}.limits.memory")))
+                    .transpose()?,
+                timeout: opt_duration(p.limits.timeout, &format!("{key}.limits.timeout"))?,
+            });
+        }
+        let plugin_kind = |name: &str| plugins.iter().find(|p| p.name == name).map(|p| p.kind);
+
+        let mut endpoints = Vec::new();
+        let mut names = HashSet::new();
+        for (i, e) in raw.endpoints.into_iter().enumerate() {
+            let key = format!("endpoints[{i}]");
+            check_name(&e.name, &format!("{key}.name"))?;
+            if !names.insert(e.name.clone()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("duplicate endpoint name `{}`", e.name),
+                ));
+            }
+            let url = parse_http_url(&e.url, &format!("{key}.url"))?;
+            for (j, s) in e.secrets.iter().enumerate() {
+                crate::deliver::sign::decode_secret(s).map_err(|m| {
+                    ConfigError::invalid(format!("{key}.secrets[{j}]"), m.to_string())
+                })?;
+            }
+            if let Some(types) = &e.event_types {
+                for (j, t) in types.iter().enumerate() {
+                    if t.is_empty() || t.chars().any(char::is_whitespace) {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.event_types[{j}]"),
+                            format!("`{t}` is not a valid event type pattern"),
+                        ));
+                    }
+                }
+            }
+            let ordering = match e.ordering.as_deref() {
+                None | Some("unordered") => Ordering::Unordered,
+                Some("fifo") => Ordering::Fifo,
+                Some(other) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.ordering"),
+                        format!("unknown ordering `{other}` (expected unordered or fifo)"),
+                    ));
+                }
+            };
+            let max_in_flight = match e.max_in_flight {
+                None => 32,
+                Some(n) if (1..=10_000).contains(&n) => n as usize,
+                Some(n) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.max_in_flight"),
+                        format!("{n} is not between 1 and 10000"),
+                    ));
+                }
+            };
+            let rate_limit = e
+                .rate_limit
+                .map(|r| {
+                    RateLimit::parse(&r)
+                        .map_err(|m| ConfigError::invalid(format!("{key}.rate_limit"), m))
+                })
+                .transpose()?;
+            let timeout =
+                opt_duration(e.timeout, &format!("{key}.timeout"))?.unwrap_or(delivery.timeout);
+            if timeout.is_zero() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.timeout"),
+                    "must be greater than 0",
+                ));
+            }
+            let schedule = match e.schedule {
+                Some(list) => parse_schedule(&list, &format!("{key}.schedule"))?,
+                None => delivery.schedule.clone(),
+            };
+            let mut headers = BTreeMap::new();
+            for (h, v) in e.headers {
+                let name = h.to_ascii_lowercase();
+                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                    || reqwest::header::HeaderValue::from_str(&v).is_err()
+                {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.headers.{h}"),
+                        "is not a valid HTTP header",
+                    ));
+                }
+                if RESERVED_HEADERS.contains(&name.as_str()) {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.headers.{h}"),
+                        "is set by courier and cannot be overridden",
+                    ));
+                }
+                headers.insert(name, v);
+            }
+            for (j, t) in e.transforms.iter().enumerate() {
+                if plugin_kind(t) != Some(PluginKind::Transform) {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.transforms[{j}]"),
+                        format!("`{t}` is not a [[plugins]] entry of kind transform"),
+                    ));
+                }
+            }
+            if let Some(b) = &e.backoff
+                && plugin_kind(b) != Some(PluginKind::Backoff)
+            {
+                return Err(ConfigError::invalid(
+                    format!("{key}.backoff"),
+                    format!("`{b}` is not a [[plugins]] entry of kind backoff"),
+                ));
+            }
+            endpoints.push(EndpointConfig {
+                name: e.name,
+                url,
+                secrets: e.secrets,
+                event_types: e.event_types,
+                ordering,
+                max_in_flight: if ordering == Ordering::Fifo {
+                    1
+                } else {
+                    max_in_flight
+                },
+                rate_limit,
+                timeout,
+                schedule,
+                headers,
+                transforms: e.transforms,
+                backoff: e.backoff,
+            });
+        }
+
+        let mut workflows = Vec::new();
+        let mut wf_names = HashSet::new();
+        for (i, w) in raw.workflows.into_iter().enumerate() {
+            let key = format!("workflows[{i}]");
+            check_name(&w.name, &format!("{key}.name"))?;
+            if !wf_names.insert(w.name.clone()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("duplicate workflow name `{}`", w.name),
+                ));
+            }
+            if !names.contains(&w.endpoint) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.endpoint"),
+                    format!("`{}` is not an [[endpoints]] entry", w.endpoint),
+                ));
+            }
+            if let Some(s) = &w.simulate
+                && plugin_kind(s) != Some(PluginKind::Simulator)
+            {
+                return Err(ConfigError::invalid(
+                    format!("{key}.simulate"),
+                    format!("`{s}` is not a [[plugins]] entry of kind simulator"),
+                ));
+            }
+            workflows.push(WorkflowConfig {
+                name: w.name,
+                upstream_url: parse_http_url(&w.upstream.url, &format!("{key}.upstream.url"))?,
+                upstream_timeout: opt_duration(
+                    w.upstream.timeout,
+                    &format!("{key}.upstream.timeout"),
+                )?
+                .unwrap_or(Duration::from_secs(60)),
+                endpoint: w.endpoint,
+                event_name: w.event_name,
+                callback_timeout: opt_duration(
+                    w.callback_timeout,
+                    &format!("{key}.callback_timeout"),
+                )?
+                .unwrap_or(Duration::from_secs(300)),
+                simulate: w.simulate,
+                simulate_delay: opt_duration(w.simulate_delay, &format!("{key}.simulate_delay"))?
+                    .unwrap_or(Duration::from_millis(1500)),
+            });
+        }
+
+        Ok(Config {
+            server,
+            keys,
+            delivery,
+            endpoints,
+            plugins,
+            workflows,
+            source,
+        })
+    }
+
+    pub fn endpoint(&self, name: &str) -> Option<&EndpointConfig> {
+        self.endpoints.iter().find(|e| e.name == name)
+    }
+}
+
+/// Headers courier sets itself on every attempt.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "mr-signature",
+    "mr-timestamp",
+    "mr-channel-id",
+    "content-type",
+    "content-length",
+    "host",
+    "user-agent",
+];
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn check_name(name: &str, key: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("`{name}` must be 1-128 characters of letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+fn parse_http_url(text: &str, key: &str) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(text)
+        .map_err(|e| ConfigError::invalid(key, format!("`{text}` is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("`{text}` must be an http:// or https:// URL with a host"),
+        ));
+    }
+    Ok(url)
+}
+
+/// Parses a duration such as "500ms", "5s", "2m", "1h".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like \"500ms\", \"5s\", \"2m\" ({e})"))
+}
+
+fn opt_duration(v: Option<String>, key: &str) -> Result<Option<Duration>, ConfigError> {
+    v.map(|s| parse_duration(&s).map_err(|m| ConfigError::invalid(key, m)))
+        .transpose()
+}
+
+fn parse_schedule(list: &[String], key: &str) -> Result<Vec<Duration>, ConfigError> {
+    if list.is_empty() {
+        return Err(ConfigError::invalid(key, "must list at least one delay"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| parse_duration(s).map_err(|m| ConfigError::invalid(format!("{key}[{i}]"), m)))
+        .collect()
+}
+
+/// Parses sizes such as "16MiB", "512KiB", "1GiB", "4096".
+pub fn parse_bytes(text: &str, key: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| ConfigError::invalid(key, format!("`{text}` is not a size like \"16MiB\"")))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1024,
+        "MiB" | "MB" | "M" => 1024 * 1024,
+        "GiB" | "GB" | "G" => 1024 * 1024 * 1024,
+        _ => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("`{text}` is not a size like \"16MiB\""),
+            ));
+        }
+    };
+    Ok(n * mult)
+}
+
+/// Replaces every string value of the form `env:NAME` with the variable's value.
+fn resolve_env(table: &mut toml::Table, prefix: &str) -> Result<(), ConfigError> {
+    for (k, v) in table.iter_mut() {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        resolve_value(v, &key)?;
+    }
+    Ok(())
+}
+
+fn resolve_value(v: &mut toml::Value, key: &str) -> Result<(), ConfigError> {
+    match v {
+        toml::Value::String(s) => {
+            if let Some(name) = s.strip_prefix("env:") {
+                *s = std::env::var(name).map_err(|_| {
+                    ConfigError::invalid(key, format!("environment variable {name} is not set"))
+                })?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                resolve_value(item, &format!("{key}[{i}]"))?;
+            }
+        }
+        toml::Value::Table(t) => resolve_env(t, key)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/courier"), None, "test.toml")
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let c = Config::defaults();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.delivery.schedule.len(), 8);
+        assert_eq!(c.delivery.schedule[7], Duration::from_secs(7200));
+        assert!(!c.delivery.allow_private_networks);
+        assert_eq!(c.server.max_body_bytes, 1048576);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            r#"
+            [server]
+            listen = "0.0.0.0:9000"
+            data_dir = "data"
+            [[keys]]
+            token = "0123456789abcdef0123"
+            scopes = ["ingest", "admin"]
+            [delivery]
+            timeout = "500ms"
+            schedule = ["0s", "2m"]
+            [[endpoints]]
+            name = "app"
+            url = "https://example.com/hook"
+            secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+            event_types = ["order.*"]
+            rate_limit = "100/s"
+            headers = { "X-Tenant" = "acme" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.data_dir, Path::new("/etc/courier/data"));
+        assert_eq!(c.delivery.timeout, Duration::from_millis(500));
+        assert_eq!(c.endpoints[0].timeout, Duration::from_millis(500));
+        assert_eq!(
+            c.endpoints[0].schedule,
+            vec![Duration::ZERO, Duration::from_secs(120)]
+        );
+        assert_eq!(c.endpoints[0].headers["x-tenant"], "acme");
+        assert!(c.endpoints[0].subscribes("order.created"));
+        assert!(!c.endpoints[0].subscribes("user.created"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[delivery]\ntimeout = \"soon\"", "delivery.timeout"),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"ftp://x\"",
+                "endpoints[0].url",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\nsecrets = [\"nope\"]",
+                "endpoints[0].secrets[0]",
+            ),
+            (
+                "[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"root\"]",
+                "keys[0].scopes[0]",
+            ),
+            ("[server]\nlisten = \"here\"", "server.listen"),
+            (
+                "[delivery]\nschedule = [\"1s\", \"x\"]",
+                "delivery.schedule[1]",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\nrate_limit = \"fast\"",
+                "endpoints[0].rate_limit",
+            ),
+            (
+                "[[keys]]\ntoken = \"env:COURIER_SURELY_UNSET_VAR\"\nscopes=[\"admin\"]",
+                "keys[0].token",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{text:?}: {err}");
+        }
+        let err = parse("[delivery]\ntimout = \"1s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timout"), "{err}");
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("*", "anything"));
+        assert!(pattern_matches("order.*", "order.created"));
+        assert!(!pattern_matches("order.*", "orders"));
+        assert!(pattern_matches("order.created", "order.created"));
+        assert!(!pattern_matches("order.created", "order.created.v2"));
+    }
+}

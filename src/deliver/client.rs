@@ -1,0 +1,256 @@
+//! The outgoing HTTP client: rustls, keep-alive pooling, no redirects, and the SSRF guard.
+//!
+//! The guard lives in the DNS resolver so that the address checked is the address connected
+//! to: a hostname is resolved once, non-global addresses are removed, and the connector gets
+//! only what passed. A DNS answer that changes between check and connect (rebinding) cannot
+//! slip past because there is no second lookup. IP-literal URLs never reach a resolver, so
+//! they are checked before the request is built.
+
+use std::error::Error as StdError;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+/// Why a destination was refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "destination {host} resolves only to non-public addresses ({addrs}); set delivery.allow_private_networks = true to allow it"
+)]
+pub struct SsrfBlocked {
+    pub host: String,
+    pub addrs: String,
+}
+
+/// A hostname that did not resolve.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot resolve {host}: {reason}")]
+pub struct DnsFailed {
+    pub host: String,
+    pub reason: String,
+}
+
+struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| -> Box<dyn StdError + Send + Sync> {
+                    Box::new(DnsFailed {
+                        host: host.clone(),
+                        reason: e.to_string(),
+                    })
+                })?
+                .collect();
+            if addrs.is_empty() {
+                return Err(Box::new(DnsFailed {
+                    host,
+                    reason: "no addresses".into(),
+                }) as Box<dyn StdError + Send + Sync>);
+            }
+            let allowed: Vec<SocketAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|a| allow_private || is_public(a.ip()))
+                .collect();
+            if allowed.is_empty() {
+                let list = addrs
+                    .iter()
+                    .map(|a| a.ip().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(
+                    Box::new(SsrfBlocked { host, addrs: list }) as Box<dyn StdError + Send + Sync>
+                );
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Builds the delivery client.
+pub fn build(allow_private_networks: bool) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
+        .dns_resolver(Arc::new(GuardedResolver {
+            allow_private: allow_private_networks,
+        }))
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()
+        .expect("the delivery client configuration is valid")
+}
+
+/// Checks an IP-literal URL host (which bypasses the resolver).
+pub fn check_literal(url: &url::Url, allow_private: bool) -> Result<(), SsrfBlocked> {
+    if allow_private {
+        return Ok(());
+    }
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+        Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+        _ => return Ok(()),
+    };
+    if is_public(ip) {
+        Ok(())
+    } else {
+        Err(SsrfBlocked {
+            host: url.host_str().unwrap_or_default().to_string(),
+            addrs: ip.to_string(),
+        })
+    }
+}
+
+/// Whether an address is globally routable (not loopback, private, link-local, multicast,
+/// unspecified, documentation, shared, reserved, …), looking through IPv4-mapped, NAT64 and
+/// 6to4 IPv6 forms to the IPv4 address inside.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || o[0] == 0                                  // 0.0.0.0/8 "this network"
+        || (o[0] == 100 && (o[1] & 0xc0) == 64)       // 100.64.0.0/10 shared (CGNAT)
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0)    // 192.0.0.0/24 protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18)       // 198.18.0.0/15 benchmarking
+        || o[0] >= 240) // 240.0.0.0/4 reserved
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let s = ip.segments();
+    // NAT64 well-known prefix 64:ff9b::/96 embeds an IPv4 address.
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+        return is_public_v4(v4);
+    }
+    // 6to4 2002::/16 embeds an IPv4 address in the next 32 bits.
+    if s[0] == 0x2002 {
+        let v4 = Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+        return is_public_v4(v4);
+    }
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00              // fc00::/7 unique local
+        || (s[0] & 0xffc0) == 0xfe80              // fe80::/10 link-local
+        || (s[0] & 0xffc0) == 0xfec0              // fec0::/10 site-local (deprecated)
+        || (s[0] == 0x2001 && s[1] == 0x0db8)     // 2001:db8::/32 documentation
+        || (s[0] == 0x2001 && s[1] == 0)          // 2001::/32 Teredo
+        || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // 100::/64 discard
+        || s[0..6] == [0, 0, 0, 0, 0, 0]) // ::/96 IPv4-compatible (deprecated)
+}
+
+/// The error class of a failed request: `timeout`, `ssrf_blocked`, `dns`, `tls`, `connect`,
+/// `request`. Stored in the audit trail and used as a metric label.
+pub fn classify(err: &reqwest::Error) -> &'static str {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    let mut text = String::new();
+    while let Some(e) = source {
+        if e.is::<SsrfBlocked>() {
+            return "ssrf_blocked";
+        }
+        if e.is::<DnsFailed>() {
+            return "dns";
+        }
+        text.push_str(&e.to_string().to_ascii_lowercase());
+        text.push(' ');
+        source = e.source();
+    }
+    if err.is_timeout() {
+        "timeout"
+    } else if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
+        "tls"
+    } else if err.is_connect() {
+        "connect"
+    } else {
+        "request"
+    }
+}
+
+/// The whole error chain as one line, for the audit trail.
+pub fn describe(err: &(dyn StdError + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_global_addresses_are_refused() {
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
+            "2001:db8::1",
+        ] {
+            assert!(!is_public(bad.parse().unwrap()), "{bad} should be refused");
+        }
+        for good in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(is_public(good.parse().unwrap()), "{good} should be allowed");
+        }
+    }
+
+    #[test]
+    fn literal_hosts_are_checked() {
+        let u = url::Url::parse("http://127.0.0.1:9/x").unwrap();
+        assert!(check_literal(&u, false).is_err());
+        assert!(check_literal(&u, true).is_ok());
+        let u = url::Url::parse("http://[::ffff:7f00:1]/x").unwrap();
+        assert!(check_literal(&u, false).is_err());
+        let u = url::Url::parse("https://example.com/x").unwrap();
+        assert!(check_literal(&u, false).is_ok());
+    }
+}

@@ -1,0 +1,179 @@
+//! Ingest: turns a producer's request into an event and its deliveries (one per target
+//! endpoint), commits them, and only then answers.
+//!
+//! Why here and not in the HTTP handler: the rules (which endpoints, idempotency, ids) are the
+//! product's, not the transport's; the API layer only parses and maps errors to statuses.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::app::{App, Caller};
+use crate::model::{Delivery, DeliveryStatus, Event, new_id, now_ms};
+use crate::store::{AppendBatch, AppendResult, IdempotencyKey, StoreError};
+use crate::{observe, outcome};
+
+/// What a producer asked for.
+#[derive(Debug, Clone)]
+pub struct IngestRequest {
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    /// Deliver to this endpoint only; `None` fans out by subscription.
+    pub endpoint: Option<String>,
+    /// A producer-chosen event id (becomes the `webhook-id`).
+    pub id: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("unknown endpoint `{0}`")]
+    UnknownEndpoint(String),
+    #[error("no endpoint subscribes to event type `{0}`")]
+    NoSubscriber(String),
+    #[error("an event with id `{0}` already exists")]
+    IdConflict(String),
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("courier is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The 202 body.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct IngestReply {
+    pub id: String,
+    pub deliveries: Vec<ReplyDelivery>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ReplyDelivery {
+    pub id: String,
+    pub endpoint: String,
+}
+
+/// The outcome of a successful ingest: the reply body, and whether it is a repeat of an
+/// earlier request with the same idempotency key.
+pub struct Accepted {
+    pub body: Vec<u8>,
+    pub repeated: bool,
+}
+
+fn check_token(field: &'static str, value: &str) -> Result<(), IngestError> {
+    let ok = !value.is_empty() && value.len() <= 256 && value.chars().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(IngestError::Invalid {
+            field,
+            message: "must be 1-256 printable ASCII characters without spaces".into(),
+        })
+    }
+}
+
+pub async fn ingest(
+    app: &Arc<App>,
+    caller: &Caller,
+    req: IngestRequest,
+) -> Result<Accepted, IngestError> {
+    if app.shutdown.is_cancelled() {
+        return Err(IngestError::ShuttingDown);
+    }
+    check_token("event_type", &req.event_type)?;
+    if let Some(id) = &req.id {
+        check_token("id", id)?;
+    }
+    if let Some(k) = &req.idempotency_key {
+        check_token("idempotency_key", k)?;
+    }
+    let config = app.config.load();
+    let targets: Vec<&crate::config::EndpointConfig> = match &req.endpoint {
+        Some(name) => vec![
+            config
+                .endpoint(name)
+                .ok_or_else(|| IngestError::UnknownEndpoint(name.clone()))?,
+        ],
+        None => {
+            let t: Vec<_> = config
+                .endpoints
+                .iter()
+                .filter(|e| e.subscribes(&req.event_type))
+                .collect();
+            if t.is_empty() {
+                return Err(IngestError::NoSubscriber(req.event_type.clone()));
+            }
+            t
+        }
+    };
+    let now = now_ms();
+    let event_id = req.id.clone().unwrap_or_else(|| new_id("evt"));
+    let deliveries: Vec<Delivery> = targets
+        .iter()
+        .map(|ep| Delivery {
+            id: new_id("dlv"),
+            event_id: event_id.clone(),
+            endpoint: ep.name.clone(),
+            event_type: req.event_type.clone(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            round_attempts: 0,
+            next_due_ms: Some(now + outcome::first_delay(&ep.schedule).as_millis() as u64),
+            created_ms: now,
+            updated_ms: now,
+            last_error: None,
+        })
+        .collect();
+    let reply = IngestReply {
+        id: event_id.clone(),
+        deliveries: deliveries
+            .iter()
+            .map(|d| ReplyDelivery {
+                id: d.id.clone(),
+                endpoint: d.endpoint.clone(),
+            })
+            .collect(),
+    };
+    let body = serde_json::to_vec(&reply).expect("reply serializes");
+    let endpoints: Vec<String> = deliveries.iter().map(|d| d.endpoint.clone()).collect();
+    let batch = AppendBatch {
+        event: Event {
+            id: event_id.clone(),
+            event_type: req.event_type.clone(),
+            content_type: req.content_type,
+            payload: req.payload,
+            created_ms: now,
+            delivery_ids: deliveries.iter().map(|d| d.id.clone()).collect(),
+        },
+        deliveries,
+        idempotency: req.idempotency_key.map(|key| IdempotencyKey {
+            key_id: caller.key_id.clone(),
+            key,
+        }),
+        reply: body.clone(),
+    };
+    drop(config);
+    match app.store.append(batch).await? {
+        AppendResult::Created => {
+            let names: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+            observe::ingested(&app.metrics, &event_id, &req.event_type, &names);
+            for e in &endpoints {
+                app.scheduler.notify(e);
+            }
+            Ok(Accepted {
+                body,
+                repeated: false,
+            })
+        }
+        AppendResult::Replayed(body) => Ok(Accepted {
+            body,
+            repeated: true,
+        }),
+        AppendResult::IdConflict => Err(IngestError::IdConflict(event_id)),
+    }
+}

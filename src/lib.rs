@@ -1,0 +1,38 @@
+//! courier: a durable, self-hosted webhook delivery proxy.
+//!
+//! The flow of one event, and the module that owns each step:
+//!
+//! ```text
+//!  producer ─POST─▶ api::events ─▶ ingest ─▶ store (redb, group commit by store::writer)
+//!                                                 │ due-time index, per endpoint
+//!                                                 ▼
+//!  DLQ ◀─ store ◀─ outcome (retry rules) ◀─ deliver (sign, client) ◀─ scheduler (worker per endpoint)
+//! ```
+//!
+//! - [`config`]: the TOML file, parsed and validated once; everything else trusts it.
+//! - [`model`]: the vocabulary (Event, Delivery, Attempt, statuses, scopes).
+//! - [`store`]: the one narrow interface to durable state; redb behind a single writer thread.
+//! - [`ingest`]: producer requests become an event plus deliveries, committed before the 202.
+//! - [`scheduler`]: one worker per endpoint reads due deliveries in pages and starts attempts
+//!   within `max_in_flight`, `rate_limit`, ordering and the circuit breaker.
+//! - [`deliver`]: builds, signs ([`deliver::sign`]) and sends ([`deliver::client`], with the
+//!   SSRF guard) one attempt.
+//! - [`outcome`]: pure rules deciding what follows an attempt (delivered, retry when, dead).
+//! - [`observe`]: metrics and the log lines emitted with them.
+//! - [`api`]: the HTTP API, one router per resource.
+//! - [`app`]: the shared application state and bearer-token authentication.
+//! - [`server`]: start-up, the retention sweeper and graceful shutdown.
+//! - [`cli`]: the `courier` command line.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod ingest;
+pub mod model;
+pub mod observe;
+pub mod outcome;
+pub mod scheduler;
+pub mod server;
+pub mod store;

@@ -1,0 +1,218 @@
+//! The shared vocabulary: Event, Delivery, Attempt, and the small value types every stage uses.
+//!
+//! An **event** is what a producer sent; a **delivery** is one event bound for one endpoint,
+//! with a status; an **attempt** is one HTTP try of a delivery. These types are what the store
+//! persists, so they change only with care (postcard encoding, fields appended at the end).
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, the one clock every record uses.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 text for a millisecond timestamp, as the API shows times.
+pub fn rfc3339(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Parses RFC 3339 (or plain unix milliseconds) into milliseconds since the epoch.
+pub fn parse_time(text: &str) -> Option<u64> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Some(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis().max(0) as u64)
+}
+
+/// A new time-ordered identifier with a prefix, e.g. `evt_01J…`. Ids sort by creation time, so
+/// the store's primary tables double as time indexes.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new())
+}
+
+/// The smallest id with `prefix` created at or after `ms`, for time-range scans.
+pub fn id_floor(prefix: &str, ms: u64) -> String {
+    format!("{prefix}_{}", ulid::Ulid::from_parts(ms, 0))
+}
+
+/// What a producer sent, stored once however many endpoints it fans out to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub event_type: String,
+    pub content_type: String,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub created_ms: u64,
+    /// The deliveries made from this event (one per endpoint), so that retention can tell
+    /// when the event is no longer referenced.
+    pub delivery_ids: Vec<String>,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DeliveryStatus {
+    /// Waiting for its next attempt (or in one).
+    Pending,
+    /// A 2xx was received.
+    Delivered,
+    /// Gave up: schedule exhausted or a final answer; sits in the DLQ.
+    Dead,
+    /// A transform plugin chose not to send it.
+    Dropped,
+}
+
+impl DeliveryStatus {
+    pub const ALL: [DeliveryStatus; 4] = [
+        DeliveryStatus::Pending,
+        DeliveryStatus::Delivered,
+        DeliveryStatus::Dead,
+        DeliveryStatus::Dropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Dead => "dead",
+            DeliveryStatus::Dropped => "dropped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// One event bound for one endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: String,
+    pub event_id: String,
+    pub endpoint: String,
+    pub event_type: String,
+    pub status: DeliveryStatus,
+    /// Attempts made over the delivery's whole life (replays included): the next attempt's
+    /// number is `attempts + 1`.
+    pub attempts: u32,
+    /// Attempts made in the current round; a replay starts a new round, and the retry
+    /// schedule is indexed by this.
+    pub round_attempts: u32,
+    /// When the next attempt is due, while pending.
+    pub next_due_ms: Option<u64>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Why the delivery is dead or dropped, or what the last failure was.
+    pub last_error: Option<String>,
+}
+
+/// One HTTP try of a delivery, as the audit trail keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    /// The response status, when there was a response.
+    pub status_code: Option<u16>,
+    /// The error class when there was no usable response (`timeout`, `connect`, …).
+    pub error: Option<String>,
+    /// A human-readable detail of the error.
+    pub error_detail: Option<String>,
+    /// The first 4 KiB of the response body (lossy UTF-8).
+    pub response_body: String,
+    /// The outcome this attempt led to: `delivered`, `retry`, `dead`.
+    pub outcome: String,
+}
+
+/// Bearer token scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    Ingest,
+    Admin,
+    Callback,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [Scope::Ingest, Scope::Admin, Scope::Callback];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ingest" => Some(Scope::Ingest),
+            "admin" => Some(Scope::Admin),
+            "callback" => Some(Scope::Callback),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Admin => "admin",
+            Scope::Callback => "callback",
+        }
+    }
+}
+
+/// A rate limit such as `100/s` or `600/m`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: std::time::Duration,
+}
+
+impl RateLimit {
+    pub fn parse(text: &str) -> Result<RateLimit, String> {
+        let err = || format!("`{text}` is not a rate like \"100/s\", \"600/m\" or \"1000/h\"");
+        let (n, unit) = text.trim().split_once('/').ok_or_else(err)?;
+        let count: u32 = n.trim().parse().map_err(|_| err())?;
+        if count == 0 {
+            return Err(err());
+        }
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => std::time::Duration::from_secs(1),
+            "m" | "min" | "minute" => std::time::Duration::from_secs(60),
+            "h" | "hour" => std::time::Duration::from_secs(3600),
+            _ => return Err(err()),
+        };
+        Ok(RateLimit { count, per })
+    }
+
+    /// Tokens per second.
+    pub fn per_second(&self) -> f64 {
+        self.count as f64 / self.per.as_secs_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limits_parse() {
+        assert_eq!(RateLimit::parse("100/s").unwrap().per_second(), 100.0);
+        assert_eq!(RateLimit::parse("600/m").unwrap().per_second(), 10.0);
+        assert!(RateLimit::parse("0/s").is_err());
+        assert!(RateLimit::parse("fast").is_err());
+        assert!(RateLimit::parse("10/d").is_err());
+    }
+
+    #[test]
+    fn ids_sort_by_time() {
+        let floor = id_floor("dlv", 1_000);
+        let later = id_floor("dlv", 2_000);
+        assert!(floor < later);
+        let now = new_id("dlv");
+        assert!(now > later);
+        assert_eq!(
+            parse_time(&rfc3339(1_700_000_000_123)),
+            Some(1_700_000_000_123)
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Observability: the Prometheus registry and the functions that emit, from one place, both
+//! the log line and the metric for each thing that happens (an ingest, an attempt, a final
+//! state). Keeping them together means a log and a dashboard can never disagree.
+
+use std::sync::Mutex;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::deliver::AttemptResult;
+use crate::store::Next;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric courier exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub events_ingested: Counter,
+    pub deliveries_created: Family<Labels, Counter>,
+    pub ingest_rejected: Family<Labels, Counter>,
+    pub attempts: Family<Labels, Counter>,
+    pub attempt_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    pub deliveries_final: Family<Labels, Counter>,
+    pub replays: Counter,
+    pub purged: Counter,
+    pub queue_depth: Family<Labels, Gauge>,
+    pub deliveries: Family<Labels, Gauge>,
+    pub oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub circuit_open: Family<Labels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            events_ingested: Counter::default(),
+            deliveries_created: Family::default(),
+            ingest_rejected: Family::default(),
+            attempts: Family::default(),
+            attempt_duration: Family::new_with_constructor(latency_histogram),
+            deliveries_final: Family::default(),
+            replays: Counter::default(),
+            purged: Counter::default(),
+            queue_depth: Family::default(),
+            deliveries: Family::default(),
+            oldest_pending_age: Gauge::default(),
+            circuit_open: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().expect("registry lock");
+            r.register(
+                "courier_events_ingested",
+                "Events accepted and committed",
+                m.events_ingested.clone(),
+            );
+            r.register(
+                "courier_deliveries_created",
+                "Deliveries created by ingest, per endpoint",
+                m.deliveries_created.clone(),
+            );
+            r.register(
+                "courier_ingest_rejected",
+                "Ingest requests rejected, per reason",
+                m.ingest_rejected.clone(),
+            );
+            r.register(
+                "courier_attempts",
+                "Delivery attempts per endpoint and outcome (delivered, retry, dead)",
+                m.attempts.clone(),
+            );
+            r.register(
+                "courier_attempt_duration_seconds",
+                "Attempt latency per endpoint",
+                m.attempt_duration.clone(),
+            );
+            r.register(
+                "courier_deliveries_final",
+                "Deliveries that reached a final state, per endpoint and state",
+                m.deliveries_final.clone(),
+            );
+            r.register(
+                "courier_replays",
+                "Deliveries requeued by replay",
+                m.replays.clone(),
+            );
+            r.register(
+                "courier_retention_purged",
+                "Finished deliveries deleted by retention",
+                m.purged.clone(),
+            );
+            r.register(
+                "courier_queue_depth",
+                "Pending deliveries per endpoint",
+                m.queue_depth.clone(),
+            );
+            r.register(
+                "courier_deliveries",
+                "Stored deliveries per endpoint and status",
+                m.deliveries.clone(),
+            );
+            r.register(
+                "courier_oldest_pending_age_seconds",
+                "Age of the oldest pending delivery",
+                m.oldest_pending_age.clone(),
+            );
+            r.register(
+                "courier_endpoint_circuit_open",
+                "1 while an endpoint's circuit is open (failing), else 0",
+                m.circuit_open.clone(),
+            );
+        }
+        m
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().expect("registry lock");
+        prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
+        out
+    }
+}
+
+/// An event was committed with `deliveries` deliveries.
+pub fn ingested(m: &Metrics, event_id: &str, event_type: &str, endpoints: &[&str]) {
+    m.events_ingested.inc();
+    for e in endpoints {
+        m.deliveries_created
+            .get_or_create(&vec![("endpoint", e.to_string())])
+            .inc();
+    }
+    tracing::debug!(
+        event = event_id,
+        event_type,
+        deliveries = endpoints.len(),
+        "event accepted"
+    );
+}
+
+/// An ingest request was refused.
+pub fn ingest_rejected(m: &Metrics, reason: &'static str) {
+    m.ingest_rejected
+        .get_or_create(&vec![("reason", reason.to_string())])
+        .inc();
+}
+
+/// One attempt finished and its next state was decided.
+pub fn attempt(
+    m: &Metrics,
+    endpoint: &str,
+    delivery: &str,
+    number: u32,
+    r: &AttemptResult,
+    next: &Next,
+) {
+    let outcome = match next {
+        Next::Delivered => "delivered",
+        Next::Retry { .. } => "retry",
+        Next::Dead { .. } => "dead",
+        Next::Dropped { .. } => "dropped",
+    };
+    m.attempts
+        .get_or_create(&vec![
+            ("endpoint", endpoint.to_string()),
+            ("outcome", outcome.to_string()),
+        ])
+        .inc();
+    m.attempt_duration
+        .get_or_create(&vec![("endpoint", endpoint.to_string())])
+        .observe(r.duration_ms as f64 / 1000.0);
+    let result = r.label();
+    match next {
+        Next::Delivered => {
+            tracing::info!(
+                endpoint,
+                delivery,
+                attempt = number,
+                result,
+                duration_ms = r.duration_ms,
+                "delivered"
+            )
+        }
+        Next::Retry { due_ms, .. } => tracing::warn!(
+            endpoint,
+            delivery,
+            attempt = number,
+            result,
+            duration_ms = r.duration_ms,
+            detail = r.error_detail.as_deref().unwrap_or(""),
+            retry_in_ms = due_ms.saturating_sub(crate::model::now_ms()),
+            "attempt failed; will retry"
+        ),
+        Next::Dead { reason } => tracing::warn!(
+            endpoint,
+            delivery,
+            attempt = number,
+            result,
+            duration_ms = r.duration_ms,
+            reason,
+            "delivery is dead (moved to the DLQ)"
+        ),
+        Next::Dropped { reason } => {
+            tracing::info!(endpoint, delivery, reason, "delivery dropped")
+        }
+    }
+    if !matches!(next, Next::Retry { .. }) {
+        m.deliveries_final
+            .get_or_create(&vec![
+                ("endpoint", endpoint.to_string()),
+                ("state", outcome.to_string()),
+            ])
+            .inc();
+    }
+}
+
+/// An endpoint's circuit opened or closed.
+pub fn circuit(m: &Metrics, endpoint: &str, open: bool, failures: u32) {
+    m.circuit_open
+        .get_or_create(&vec![("endpoint", endpoint.to_string())])
+        .set(open as i64);
+    if open {
+        tracing::warn!(
+            endpoint,
+            consecutive_failures = failures,
+            "endpoint failing: circuit open, probing at a slower pace"
+        );
+    } else {
+        tracing::info!(endpoint, "endpoint recovered: circuit closed");
+    }
+}

@@ -1,0 +1,204 @@
+//! The outcome rules: given what an attempt produced and where the delivery is in its
+//! schedule, decide the next state. Pure functions, so the whole retry policy is testable
+//! without a network or a clock.
+
+use std::time::Duration;
+
+use crate::deliver::AttemptResult;
+use crate::store::Next;
+
+/// Longest delay a `Retry-After` may ask for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Error classes that will not get better by retrying.
+const PERMANENT_ERRORS: &[&str] = &["ssrf_blocked"];
+
+/// Decides what follows an attempt. `done_before` is the number of attempts already made in
+/// this round (so this one was attempt `done_before + 1`); `schedule[i]` is the delay before
+/// attempt `i + 1`.
+pub fn decide(
+    result: &AttemptResult,
+    done_before: u32,
+    schedule: &[Duration],
+    jitter: f64,
+    now_ms: u64,
+) -> Next {
+    if result.success() {
+        return Next::Delivered;
+    }
+    if result.status == Some(410) {
+        return Next::Dead {
+            reason: "endpoint answered 410 Gone".into(),
+        };
+    }
+    if result.abort {
+        return Next::Dead {
+            reason: format!(
+                "receiver answered {} with webhook-delivery: abort",
+                result.label()
+            ),
+        };
+    }
+    if let Some(class) = result.error
+        && PERMANENT_ERRORS.contains(&class)
+    {
+        return Next::Dead {
+            reason: format!(
+                "{class}: {}",
+                result.error_detail.as_deref().unwrap_or_default()
+            ),
+        };
+    }
+    let made = done_before as usize + 1;
+    let error = Some(describe_failure(result));
+    if made >= schedule.len() {
+        return Next::Dead {
+            reason: format!(
+                "gave up after {made} attempts; last: {}",
+                error.unwrap_or_default()
+            ),
+        };
+    }
+    let delay = match (result.status, result.retry_after) {
+        (Some(429 | 503), Some(after)) => after.min(MAX_RETRY_AFTER),
+        _ => jittered(schedule[made], jitter),
+    };
+    Next::Retry {
+        due_ms: now_ms + delay.as_millis() as u64,
+        error,
+    }
+}
+
+/// The delay before the first attempt (never jittered).
+pub fn first_delay(schedule: &[Duration]) -> Duration {
+    schedule.first().copied().unwrap_or_default()
+}
+
+/// `delay` moved by a random amount within ±`jitter` of itself.
+pub fn jittered(delay: Duration, jitter: f64) -> Duration {
+    if jitter <= 0.0 || delay.is_zero() {
+        return delay;
+    }
+    let factor = 1.0 + rand::random_range(-jitter..=jitter);
+    delay.mul_f64(factor.max(0.0))
+}
+
+/// One line saying why an attempt failed.
+pub fn describe_failure(result: &AttemptResult) -> String {
+    match (result.status, result.error) {
+        (Some(s), _) => format!("HTTP {s}"),
+        (None, Some(class)) => match &result.error_detail {
+            Some(d) => format!("{class}: {d}"),
+            None => class.to_string(),
+        },
+        (None, None) => "unknown failure".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(status: Option<u16>, error: Option<&'static str>) -> AttemptResult {
+        AttemptResult {
+            started_ms: 0,
+            duration_ms: 1,
+            status,
+            error,
+            error_detail: None,
+            retry_after: None,
+            abort: false,
+            body_excerpt: String::new(),
+        }
+    }
+
+    fn secs(list: &[u64]) -> Vec<Duration> {
+        list.iter().map(|s| Duration::from_secs(*s)).collect()
+    }
+
+    #[test]
+    fn any_2xx_succeeds() {
+        for s in [200, 201, 202, 204, 299] {
+            assert_eq!(
+                decide(&result(Some(s), None), 0, &secs(&[0, 5]), 0.0, 0),
+                Next::Delivered
+            );
+        }
+    }
+
+    #[test]
+    fn failures_follow_the_schedule_then_die() {
+        let sched = secs(&[0, 5, 30]);
+        assert_eq!(
+            decide(&result(Some(500), None), 0, &sched, 0.0, 1000),
+            Next::Retry {
+                due_ms: 6000,
+                error: Some("HTTP 500".into())
+            }
+        );
+        assert_eq!(
+            decide(&result(None, Some("timeout")), 1, &sched, 0.0, 1000),
+            Next::Retry {
+                due_ms: 31000,
+                error: Some("timeout".into())
+            }
+        );
+        assert!(matches!(
+            decide(&result(Some(500), None), 2, &sched, 0.0, 0),
+            Next::Dead { .. }
+        ));
+    }
+
+    #[test]
+    fn gone_abort_and_ssrf_are_final() {
+        let sched = secs(&[0, 5, 30]);
+        assert!(matches!(
+            decide(&result(Some(410), None), 0, &sched, 0.0, 0),
+            Next::Dead { .. }
+        ));
+        let mut r = result(Some(500), None);
+        r.abort = true;
+        assert!(matches!(decide(&r, 0, &sched, 0.0, 0), Next::Dead { .. }));
+        assert!(matches!(
+            decide(&result(None, Some("ssrf_blocked")), 0, &sched, 0.0, 0),
+            Next::Dead { .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_replaces_the_delay_for_429_and_503() {
+        let sched = secs(&[0, 5, 30]);
+        for s in [429, 503] {
+            let mut r = result(Some(s), None);
+            r.retry_after = Some(Duration::from_secs(120));
+            assert_eq!(
+                decide(&r, 0, &sched, 0.2, 0),
+                Next::Retry {
+                    due_ms: 120_000,
+                    error: Some(format!("HTTP {s}"))
+                }
+            );
+        }
+        let mut r = result(Some(500), None);
+        r.retry_after = Some(Duration::from_secs(120));
+        assert_eq!(
+            decide(&r, 0, &sched, 0.0, 0),
+            Next::Retry {
+                due_ms: 5_000,
+                error: Some("HTTP 500".into())
+            }
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(100), 0.2);
+            assert!(
+                d >= Duration::from_secs(80) && d <= Duration::from_secs(120),
+                "{d:?}"
+            );
+        }
+        assert_eq!(jittered(Duration::ZERO, 0.5), Duration::ZERO);
+    }
+}

@@ -1,0 +1,400 @@
+//! The scheduler: one worker task per endpoint reads that endpoint's due deliveries from the
+//! store's due-time index, in pages, and starts attempts within the endpoint's limits.
+//!
+//! Why per endpoint: a slow, failing or throttled endpoint only ever occupies its own worker,
+//! its own in-flight slots and its own slice of the index, so it can never delay another
+//! endpoint. Nothing is held in memory but the in-flight set; the backlog stays on disk.
+//! Workers sleep until the earliest due time they know of, or until ingest, replay or a
+//! finished attempt wakes them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::app::App;
+use crate::config::{EndpointConfig, Ordering};
+use crate::model::{Attempt, Delivery, now_ms};
+use crate::store::{Next, OutcomeRecord};
+use crate::{deliver, observe, outcome};
+
+/// An endpoint's health as the circuit breaker sees it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Health {
+    pub consecutive_failures: u32,
+    /// Circuit open: the endpoint is failing and is only probed, one attempt at a time.
+    pub circuit_open: bool,
+    pub last_attempt_ms: Option<u64>,
+    pub last_success_ms: Option<u64>,
+}
+
+impl Health {
+    pub fn state(&self) -> &'static str {
+        if self.circuit_open { "open" } else { "closed" }
+    }
+}
+
+#[derive(Default)]
+pub struct Scheduler {
+    workers: Mutex<HashMap<String, Arc<Notify>>>,
+    health: Mutex<HashMap<String, Health>>,
+}
+
+/// Sent by an attempt task to its worker once the outcome is committed.
+struct Done {
+    id: String,
+    /// `Some(true)` for a 2xx, `Some(false)` for a failed attempt, `None` when nothing was sent.
+    success: Option<bool>,
+}
+
+impl Scheduler {
+    /// Wakes the worker of `endpoint` (new or requeued work).
+    pub fn notify(&self, endpoint: &str) {
+        if let Some(n) = self.workers.lock().expect("workers lock").get(endpoint) {
+            n.notify_one();
+        }
+    }
+
+    pub fn health(&self, endpoint: &str) -> Health {
+        self.health
+            .lock()
+            .expect("health lock")
+            .get(endpoint)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Starts a worker for every configured endpoint that has none.
+    pub fn start_workers(app: &Arc<App>) {
+        let config = app.config.load();
+        let mut workers = app.scheduler.workers.lock().expect("workers lock");
+        for ep in &config.endpoints {
+            if workers.contains_key(&ep.name) {
+                continue;
+            }
+            let notify = Arc::new(Notify::new());
+            workers.insert(ep.name.clone(), notify.clone());
+            let (app2, name) = (app.clone(), ep.name.clone());
+            app.tasks.spawn(async move {
+                worker(app2.clone(), name.clone(), notify).await;
+                app2.scheduler
+                    .workers
+                    .lock()
+                    .expect("workers lock")
+                    .remove(&name);
+            });
+        }
+    }
+
+    fn record(&self, app: &App, endpoint: &str, success: bool) {
+        let threshold = app.config.load().delivery.circuit_failures;
+        let mut all = self.health.lock().expect("health lock");
+        let h = all.entry(endpoint.to_string()).or_default();
+        let now = now_ms();
+        h.last_attempt_ms = Some(now);
+        if success {
+            h.consecutive_failures = 0;
+            h.last_success_ms = Some(now);
+            if h.circuit_open {
+                h.circuit_open = false;
+                observe::circuit(&app.metrics, endpoint, false, 0);
+            }
+        } else {
+            h.consecutive_failures += 1;
+            if !h.circuit_open && h.consecutive_failures >= threshold {
+                h.circuit_open = true;
+                observe::circuit(&app.metrics, endpoint, true, h.consecutive_failures);
+            }
+        }
+    }
+}
+
+/// A token bucket for `rate_limit`; holds up to one second's worth of tokens (at least one).
+struct Bucket {
+    rate_per_ms: f64,
+    capacity: f64,
+    tokens: f64,
+    at_ms: u64,
+}
+
+impl Bucket {
+    fn new(per_second: f64, now: u64) -> Bucket {
+        let capacity = per_second.max(1.0);
+        Bucket {
+            rate_per_ms: per_second / 1000.0,
+            capacity,
+            tokens: capacity,
+            at_ms: now,
+        }
+    }
+
+    fn refill(&mut self, now: u64) {
+        let elapsed = now.saturating_sub(self.at_ms) as f64;
+        self.tokens = (self.tokens + elapsed * self.rate_per_ms).min(self.capacity);
+        self.at_ms = now;
+    }
+
+    fn available(&mut self, now: u64) -> usize {
+        self.refill(now);
+        self.tokens.floor() as usize
+    }
+
+    fn take(&mut self) {
+        self.tokens -= 1.0;
+    }
+
+    /// When the next whole token will be there.
+    fn next_token_ms(&self) -> u64 {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.at_ms + (missing / self.rate_per_ms).ceil() as u64
+    }
+}
+
+async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>) {
+    let mut in_flight: HashSet<String> = HashSet::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut bucket: Option<(f64, Bucket)> = None;
+    let mut next_probe_ms = 0u64;
+    loop {
+        let stopping = app.shutdown.is_cancelled();
+        let config = app.config.load();
+        let Some(ep) = config.endpoint(&name).map(|e| Arc::new(e.clone())) else {
+            // Removed from the configuration: its queue stays on disk untouched.
+            break;
+        };
+        let now = now_ms();
+        let mut wake: Option<u64> = None;
+        if !stopping {
+            let mut capacity = ep.max_in_flight.saturating_sub(in_flight.len());
+            if app.scheduler.health(&name).circuit_open {
+                // Failing endpoint: one probe at a time, at the probe pace.
+                if in_flight.is_empty() && now >= next_probe_ms {
+                    capacity = capacity.min(1);
+                } else {
+                    capacity = 0;
+                    if in_flight.is_empty() {
+                        wake = Some(next_probe_ms);
+                    }
+                }
+            }
+            match ep.rate_limit {
+                Some(rl) => {
+                    let rate = rl.per_second();
+                    if bucket.as_ref().is_none_or(|(r, _)| *r != rate) {
+                        bucket = Some((rate, Bucket::new(rate, now)));
+                    }
+                }
+                None => bucket = None,
+            }
+            let mut token_limited = false;
+            if let Some((_, b)) = bucket.as_mut() {
+                let avail = b.available(now);
+                if avail < capacity {
+                    capacity = avail;
+                    token_limited = true;
+                }
+            }
+            if capacity > 0 {
+                let page = match ep.ordering {
+                    Ordering::Fifo => app.store.head(&name).map(|head| {
+                        let mut page = crate::store::DuePage::default();
+                        if let Some(h) = head {
+                            match h.next_due_ms {
+                                Some(due) if due > now => page.next_due_ms = Some(due),
+                                _ if in_flight.contains(&h.id) => {}
+                                _ => page.due.push(h),
+                            }
+                        }
+                        page
+                    }),
+                    Ordering::Unordered => app.store.due(&name, now, capacity, &in_flight),
+                };
+                match page {
+                    Ok(page) => {
+                        for d in page.due {
+                            if let Some((_, b)) = bucket.as_mut() {
+                                b.take();
+                            }
+                            if app.scheduler.health(&name).circuit_open {
+                                next_probe_ms = now
+                                    + app
+                                        .config
+                                        .load()
+                                        .delivery
+                                        .circuit_probe_interval
+                                        .as_millis() as u64;
+                            }
+                            in_flight.insert(d.id.clone());
+                            let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
+                            app.tasks.spawn(async move {
+                                let id = d.id.clone();
+                                let success = run_attempt(&app2, &ep2, d).await;
+                                let _ = tx.send(Done { id, success });
+                            });
+                        }
+                        wake = min_opt(wake, page.next_due_ms);
+                    }
+                    Err(e) => {
+                        tracing::error!(endpoint = %name, error = %e, "cannot read the queue; retrying in 1s");
+                        wake = Some(now + 1000);
+                    }
+                }
+            }
+            if token_limited && let Some((_, b)) = bucket.as_ref() {
+                wake = min_opt(wake, Some(b.next_token_ms()));
+            }
+        } else if in_flight.is_empty() {
+            break;
+        }
+        drop(config);
+
+        let sleep = match wake {
+            Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = notify.notified() => {}
+            Some(done) = done_rx.recv() => {
+                finish(&app, &name, &mut in_flight, done);
+            }
+            _ = tokio::time::sleep(sleep) => {}
+            _ = app.shutdown.cancelled(), if !stopping => {}
+        }
+        while let Ok(done) = done_rx.try_recv() {
+            finish(&app, &name, &mut in_flight, done);
+        }
+    }
+}
+
+fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, done: Done) {
+    in_flight.remove(&done.id);
+    if let Some(success) = done.success {
+        app.scheduler.record(app, name, success);
+    }
+}
+
+fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Makes one attempt of `d` and records it. Returns whether the endpoint answered 2xx
+/// (`None` when nothing was sent).
+async fn run_attempt(app: &App, ep: &EndpointConfig, d: Delivery) -> Option<bool> {
+    let event = match app.store.event(&d.event_id) {
+        Ok(Some(e)) => e,
+        Ok(None) => {
+            let next = Next::Dead {
+                reason: format!("event {} is missing from the store", d.event_id),
+            };
+            record(app, &d, None, next, false).await;
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(delivery = %d.id, error = %e, "cannot load event; will retry");
+            return None;
+        }
+    };
+    let delivery_cfg = app.config.load().delivery.clone();
+    let out = deliver::outgoing(ep, &event);
+    let result = deliver::send(
+        &app.client,
+        out,
+        &ep.secrets,
+        &event.id,
+        ep.timeout,
+        delivery_cfg.allow_private_networks,
+        &[],
+    )
+    .await;
+    let next = outcome::decide(
+        &result,
+        d.round_attempts,
+        &ep.schedule,
+        delivery_cfg.jitter,
+        now_ms(),
+    );
+    observe::attempt(
+        &app.metrics,
+        &ep.name,
+        &d.id,
+        d.attempts + 1,
+        &result,
+        &next,
+    );
+    let success = result.success();
+    record(app, &d, Some(result), next, true).await;
+    Some(success)
+}
+
+async fn record(
+    app: &App,
+    d: &Delivery,
+    result: Option<deliver::AttemptResult>,
+    next: Next,
+    counts: bool,
+) {
+    let outcome_label = match &next {
+        Next::Delivered => "delivered",
+        Next::Retry { .. } => "retry",
+        Next::Dead { .. } => "dead",
+        Next::Dropped { .. } => "dropped",
+    };
+    let attempt = match result {
+        Some(r) => Attempt {
+            number: 0,
+            started_ms: r.started_ms,
+            duration_ms: r.duration_ms,
+            status_code: r.status,
+            error: r.error.map(str::to_string),
+            error_detail: r.error_detail,
+            response_body: r.body_excerpt,
+            outcome: outcome_label.into(),
+        },
+        None => Attempt {
+            number: 0,
+            started_ms: now_ms(),
+            duration_ms: 0,
+            status_code: None,
+            error: None,
+            error_detail: None,
+            response_body: String::new(),
+            outcome: outcome_label.into(),
+        },
+    };
+    let rec = OutcomeRecord {
+        delivery_id: d.id.clone(),
+        attempt,
+        counts_as_attempt: counts,
+        next,
+    };
+    if let Err(e) = app.store.record_outcome(rec).await {
+        // The delivery stays pending at its old due time, so it is attempted again.
+        tracing::error!(delivery = %d.id, error = %e, "cannot record attempt outcome; the delivery will be attempted again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_paces_tokens() {
+        let mut b = Bucket::new(10.0, 0);
+        assert_eq!(b.available(0), 10);
+        for _ in 0..10 {
+            b.take();
+        }
+        assert_eq!(b.available(0), 0);
+        assert_eq!(b.next_token_ms(), 100);
+        assert_eq!(b.available(100), 1);
+        assert_eq!(b.available(10_000), 10);
+        let mut slow = Bucket::new(0.5, 0);
+        assert_eq!(slow.available(0), 1);
+        slow.take();
+        assert_eq!(slow.next_token_ms(), 2000);
+    }
+}

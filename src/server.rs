@@ -1,0 +1,144 @@
+//! Starting and stopping courier: open the store, bind the listener, start the workers and
+//! the retention sweeper, and shut down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{self, App};
+use crate::config::Config;
+use crate::deliver::client;
+use crate::model::now_ms;
+use crate::observe::Metrics;
+use crate::scheduler::Scheduler;
+use crate::store::Store;
+
+/// A running courier.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    /// The key created on first start when the config has no `[[keys]]` (printed once).
+    pub created_key: Option<String>,
+    join: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight attempts finish (or time out), and returns when done.
+    pub async fn shutdown(self) {
+        self.app.shutdown.cancel();
+        let _ = self.join.await;
+    }
+
+    /// Waits until something else (a signal handler) cancels `app.shutdown` and the server
+    /// has stopped.
+    pub async fn wait(self) {
+        let _ = self.join.await;
+    }
+}
+
+/// Starts courier with `config`. The listener is bound before this returns, so `addr` is
+/// usable at once (port 0 picks a free port).
+pub async fn start(mut config: Config) -> anyhow::Result<Running> {
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let created_key = app::ensure_key(&mut config, &data_dir)
+        .with_context(|| format!("cannot write the admin key into {}", data_dir.display()))?;
+    let db_path = data_dir.join("courier.redb");
+    let store =
+        Store::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let app = Arc::new(App {
+        client: client::build(config.delivery.allow_private_networks),
+        config: ArcSwap::from_pointee(config),
+        store,
+        metrics: Metrics::new(),
+        scheduler: Scheduler::default(),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    Scheduler::start_workers(&app);
+    app.tasks.spawn(retention(app.clone()));
+
+    let router = crate::api::router(app.clone());
+    let app2 = app.clone();
+    let join = tokio::spawn(async move {
+        let stop = app2.shutdown.clone();
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+            app2.shutdown.cancel();
+        }
+        // In-flight attempts finish or hit their own timeout; bound the wait anyway.
+        app2.tasks.close();
+        let config = app2.config.load();
+        let longest = config
+            .endpoints
+            .iter()
+            .map(|e| e.timeout)
+            .max()
+            .unwrap_or(config.delivery.timeout);
+        if tokio::time::timeout(longest + Duration::from_secs(5), app2.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some attempts did not finish in time; they will be retried after restart"
+            );
+        }
+        tracing::info!("courier stopped");
+    });
+    tracing::info!(%addr, "courier listening");
+    Ok(Running {
+        addr,
+        app,
+        created_key,
+        join,
+    })
+}
+
+/// Deletes delivered, dead and dropped deliveries older than `delivery.retention`, in small
+/// batches so that the writer is never held for long.
+async fn retention(app: Arc<App>) {
+    const BATCH: usize = 500;
+    loop {
+        let retention = app.config.load().delivery.retention;
+        let every = (retention / 4).clamp(Duration::from_millis(200), Duration::from_secs(60));
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        let now = now_ms();
+        let before = now.saturating_sub(retention.as_millis() as u64);
+        let idem_before =
+            now.saturating_sub(retention.max(Duration::from_secs(24 * 3600)).as_millis() as u64);
+        loop {
+            match app.store.purge(before, idem_before, BATCH).await {
+                Ok(n) => {
+                    app.metrics.purged.inc_by(n as u64);
+                    if n > 0 {
+                        tracing::debug!(purged = n, "retention purge");
+                    }
+                    if n < BATCH || app.shutdown.is_cancelled() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "retention purge failed");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The store: courier's one narrow interface to durable state (append events, lease due
+//! deliveries, record an outcome, query).
+//!
+//! redb is the embedded backend. Writes go through one writer thread that group-commits
+//! ([`writer`]); reads open their own snapshot and never wait for the writer. Nothing outside
+//! this module knows about redb, so another backend (Postgres, for several nodes sharing one
+//! queue) can be added behind the same methods.
+
+mod tables;
+mod writer;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+use tokio::sync::{mpsc, oneshot};
+
+pub use tables::AttemptLogEntry;
+use tables::*;
+use writer::Command;
+
+use crate::model::{Attempt, Delivery, DeliveryStatus, Event, id_floor};
+
+/// Errors at the store boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("no such delivery: {0}")]
+    NotFound(String),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError::Db(e.into().to_string())
+    }
+}
+
+/// An idempotency key, scoped to the ingest key that used it.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key_id: String,
+    pub key: String,
+}
+
+/// A new event and its deliveries, to be committed together.
+#[derive(Debug, Clone)]
+pub struct AppendBatch {
+    pub event: Event,
+    pub deliveries: Vec<Delivery>,
+    pub idempotency: Option<IdempotencyKey>,
+    /// The reply sent to the producer, kept for an idempotent repeat.
+    pub reply: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendResult {
+    /// Committed.
+    Created,
+    /// The idempotency key was seen before: here is the first reply; nothing was queued.
+    Replayed(Vec<u8>),
+    /// An event with this id already exists; nothing was queued.
+    IdConflict,
+}
+
+/// What follows an attempt (or a decision not to attempt).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Delivered,
+    Retry { due_ms: u64, error: Option<String> },
+    Dead { reason: String },
+    Dropped { reason: String },
+}
+
+/// The result of one attempt, recorded in the same transaction that sets the next state.
+#[derive(Debug, Clone)]
+pub struct OutcomeRecord {
+    pub delivery_id: String,
+    pub attempt: Attempt,
+    /// False for a decision made without sending (a transform dropped the delivery).
+    pub counts_as_attempt: bool,
+    pub next: Next,
+}
+
+/// Filter for listing and bulk replay.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub status: Option<DeliveryStatus>,
+    pub endpoint: Option<String>,
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReplayTarget {
+    Ids(Vec<String>),
+    /// Every dead delivery matching the filter.
+    Dead(Filter),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ReplayResult {
+    pub requeued: Vec<Delivery>,
+    pub already_pending: Vec<String>,
+    pub not_found: Vec<String>,
+}
+
+/// A page of due deliveries for one endpoint.
+#[derive(Debug, Default)]
+pub struct DuePage {
+    pub due: Vec<Delivery>,
+    /// When the earliest not-yet-due delivery becomes due, if any.
+    pub next_due_ms: Option<u64>,
+}
+
+/// State shared between the writer and readers.
+pub(crate) struct Shared {
+    counts: RwLock<BTreeMap<(String, DeliveryStatus), u64>>,
+}
+
+impl Shared {
+    fn apply_deltas(&self, deltas: &writer::Deltas) {
+        let mut counts = self.counts.write().expect("counts lock");
+        for ((endpoint, status), delta) in deltas {
+            let c = counts.entry((endpoint.clone(), *status)).or_default();
+            *c = (*c as i64 + delta).max(0) as u64;
+        }
+    }
+}
+
+/// The durable store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// Largest number of rows a listing examines before handing back a cursor.
+const SCAN_CAP: usize = 100_000;
+
+impl Store {
+    /// Opens (or creates) the database file and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(64 * 1024 * 1024)
+            .create(path)?;
+        // Create every table up front so that readers never meet a missing table.
+        let txn = db.begin_write()?;
+        let mut counts = BTreeMap::new();
+        {
+            txn.open_table(EVENTS)?;
+            txn.open_table(DELIVERIES)?;
+            txn.open_table(ATTEMPTS)?;
+            txn.open_table(QUEUE)?;
+            txn.open_table(PENDING)?;
+            txn.open_table(BY_STATUS)?;
+            txn.open_table(IDEMPOTENCY)?;
+            txn.open_table(ATTEMPT_LOG)?;
+            let t = txn.open_table(COUNTS)?;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let (endpoint, status) = k.value();
+                if let Some(st) = DeliveryStatus::parse(status) {
+                    counts.insert((endpoint.to_string(), st), v.value());
+                }
+            }
+        }
+        txn.commit()?;
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared {
+            counts: RwLock::new(counts),
+        });
+        let (tx, rx) = mpsc::channel(65_536);
+        let (wdb, wshared) = (db.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("courier-writer".into())
+            .spawn(move || writer::run(wdb, rx, wshared))
+            .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
+        Ok(Store { db, tx, shared })
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Commits an event with its deliveries; returns once the commit is on disk.
+    pub async fn append(&self, batch: AppendBatch) -> Result<AppendResult, StoreError> {
+        self.call(|tx| Command::Append(batch, tx)).await
+    }
+
+    /// Records an attempt and the delivery's next state in one transaction.
+    pub async fn record_outcome(&self, rec: OutcomeRecord) -> Result<(), StoreError> {
+        self.call(|tx| Command::Outcome(rec, tx)).await
+    }
+
+    /// Starts a new round of attempts for finished deliveries.
+    pub async fn replay(&self, target: ReplayTarget) -> Result<ReplayResult, StoreError> {
+        self.call(|tx| Command::Replay(target, tx)).await
+    }
+
+    /// Deletes up to `limit` finished deliveries last changed before `before_ms`, and
+    /// idempotency records created before `idempotency_before_ms`.
+    pub async fn purge(
+        &self,
+        before_ms: u64,
+        idempotency_before_ms: u64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.call(|reply| Command::Purge {
+            before_ms,
+            idempotency_before_ms,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Deliveries of `endpoint` due at `now_ms`, oldest due first, at most `limit`, skipping
+    /// those in `skip` (already in flight).
+    pub fn due(
+        &self,
+        endpoint: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<String>,
+    ) -> Result<DuePage, StoreError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(QUEUE)?;
+        let deliveries = txn.open_table(DELIVERIES)?;
+        let mut page = DuePage::default();
+        for row in queue.range((endpoint, 0u64, "")..(endpoint, u64::MAX, ""))? {
+            let (k, _) = row?;
+            let (_, due, id) = k.value();
+            if skip.contains(id) {
+                continue;
+            }
+            if due > now_ms {
+                page.next_due_ms = Some(due);
+                break;
+            }
+            if page.due.len() >= limit {
+                break;
+            }
+            if let Some(v) = deliveries.get(id)? {
+                page.due.push(decode(v.value(), "delivery")?);
+            }
+        }
+        Ok(page)
+    }
+
+    /// The oldest pending delivery of `endpoint` (ingest order), for FIFO endpoints.
+    pub fn head(&self, endpoint: &str) -> Result<Option<Delivery>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let pending = txn.open_table(PENDING)?;
+        let deliveries = txn.open_table(DELIVERIES)?;
+        let first = pending
+            .range((endpoint, "")..(endpoint, "\u{10ffff}"))?
+            .next();
+        match first {
+            Some(row) => {
+                let (k, _) = row?;
+                let id = k.value().1;
+                match deliveries.get(id)? {
+                    Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
+                    None => Ok(None),
+                }
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DELIVERIES)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn event(&self, id: &str) -> Result<Option<Event>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(EVENTS)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(decode(v.value(), "event")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every attempt of a delivery, in order.
+    pub fn attempts(&self, id: &str) -> Result<Vec<Attempt>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ATTEMPTS)?;
+        let mut out = Vec::new();
+        for row in t.range((id, 0u32)..=(id, u32::MAX))? {
+            let (_, v) = row?;
+            out.push(decode(v.value(), "attempt")?);
+        }
+        Ok(out)
+    }
+
+    /// Deliveries matching `filter`, newest first, after `cursor` (a delivery id from the
+    /// previous page). Returns the page and the cursor for the next one.
+    pub fn list(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<Delivery>, Option<String>), StoreError> {
+        let txn = self.db.begin_read()?;
+        let deliveries = txn.open_table(DELIVERIES)?;
+        let lo = id_floor("dlv", filter.since_ms.unwrap_or(0));
+        let mut hi = id_floor("dlv", filter.until_ms.map_or(u64::MAX >> 16, |u| u + 1));
+        if let Some(c) = cursor
+            && c < hi.as_str()
+        {
+            hi = c.to_string();
+        }
+        let mut out = Vec::new();
+        let mut examined = 0;
+        let mut last_examined = None;
+        let mut consider = |id: &str, out: &mut Vec<Delivery>| -> Result<bool, StoreError> {
+            examined += 1;
+            last_examined = Some(id.to_string());
+            if let Some(v) = deliveries.get(id)? {
+                let d: Delivery = decode(v.value(), "delivery")?;
+                if filter.endpoint.as_deref().is_none_or(|e| e == d.endpoint)
+                    && filter.status.is_none_or(|s| s == d.status)
+                {
+                    out.push(d);
+                }
+            }
+            Ok(out.len() >= limit || examined >= SCAN_CAP)
+        };
+        let mut exhausted = true;
+        if let Some(status) = filter.status {
+            let idx = txn.open_table(BY_STATUS)?;
+            for row in idx
+                .range((status.as_str(), lo.as_str())..(status.as_str(), hi.as_str()))?
+                .rev()
+            {
+                let (k, _) = row?;
+                if consider(k.value().1, &mut out)? {
+                    exhausted = false;
+                    break;
+                }
+            }
+        } else {
+            for row in deliveries.range(lo.as_str()..hi.as_str())?.rev() {
+                let (k, _) = row?;
+                if consider(k.value(), &mut out)? {
+                    exhausted = false;
+                    break;
+                }
+            }
+        }
+        let next = if exhausted { None } else { last_examined };
+        Ok((out, next))
+    }
+
+    /// Deliveries per (endpoint, status), exact, from memory.
+    pub fn counts(&self) -> BTreeMap<(String, DeliveryStatus), u64> {
+        self.shared.counts.read().expect("counts lock").clone()
+    }
+
+    /// Pending deliveries of one endpoint.
+    pub fn pending_count(&self, endpoint: &str) -> u64 {
+        self.shared
+            .counts
+            .read()
+            .expect("counts lock")
+            .get(&(endpoint.to_string(), DeliveryStatus::Pending))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Attempts started in `[since_ms, until_ms)`, at most `cap` (the most recent ones are
+    /// dropped first when capped; the flag says so).
+    pub fn attempt_log(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        cap: usize,
+    ) -> Result<(Vec<(String, AttemptLogEntry)>, bool), StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ATTEMPT_LOG)?;
+        let mut out = Vec::new();
+        for row in t.range((since_ms, "", 0u32)..(until_ms, "", 0u32))? {
+            if out.len() >= cap {
+                return Ok((out, true));
+            }
+            let (k, v) = row?;
+            out.push((k.value().1.to_string(), decode(v.value(), "attempt log")?));
+        }
+        Ok((out, false))
+    }
+
+    /// The time the oldest pending delivery has waited since it was created, across all
+    /// endpoints, from the pending index.
+    pub fn oldest_pending_ms(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let idx = txn.open_table(BY_STATUS)?;
+        let first = idx
+            .range(("pending", "")..("pending", "\u{10ffff}"))?
+            .next();
+        match first {
+            Some(row) => {
+                let (k, _) = row?;
+                let id = k.value().1;
+                let ulid = id
+                    .strip_prefix("dlv_")
+                    .and_then(|u| ulid::Ulid::from_string(u).ok());
+                Ok(ulid.map(|u| u.timestamp_ms()))
+            }
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The redb tables and the record codec.
+//!
+//! Ids are ULID-based and sort by creation time, so `DELIVERIES` and `EVENTS` are also time
+//! indexes; every other table is an index kept in step by the single writer.
+
+use redb::TableDefinition;
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::StoreError;
+
+/// event id → postcard [`crate::model::Event`]
+pub const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
+/// delivery id → postcard [`crate::model::Delivery`]
+pub const DELIVERIES: TableDefinition<&str, &[u8]> = TableDefinition::new("deliveries");
+/// (delivery id, attempt number) → postcard [`crate::model::Attempt`]
+pub const ATTEMPTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("attempts");
+/// The due-time index: (endpoint, due ms, delivery id) for every pending delivery. Read in
+/// pages per endpoint, so a backlog never has to fit in memory and a stuck endpoint's backlog
+/// never sits in front of another endpoint's work.
+pub const QUEUE: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("queue");
+/// Pending deliveries in ingest order per endpoint: (endpoint, delivery id) → due ms. FIFO
+/// endpoints take their head from here; it also answers "what is queued for X".
+pub const PENDING: TableDefinition<(&str, &str), u64> = TableDefinition::new("pending");
+/// (status, delivery id) for every delivery: status filters and the DLQ without full scans.
+pub const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("by_status");
+/// (endpoint, status) → number of deliveries, kept exact by the writer.
+pub const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
+/// (key id, idempotency key) → (created ms, stored reply)
+pub const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, &[u8])> =
+    TableDefinition::new("idempotency");
+/// (started ms, delivery id, attempt number) → postcard [`AttemptLogEntry`]: the time-ordered
+/// attempt log that statistics are computed from.
+pub const ATTEMPT_LOG: TableDefinition<(u64, &str, u32), &[u8]> =
+    TableDefinition::new("attempt_log");
+
+/// A compact attempt record for statistics.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AttemptLogEntry {
+    pub endpoint: String,
+    pub duration_ms: u64,
+    pub success: bool,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("records always serialize")
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
