@@ -50,13 +50,10 @@ pub fn decide(
         };
     }
     let made = done_before as usize + 1;
-    let error = Some(describe_failure(result));
+    let error = describe_failure(result);
     if made >= schedule.len() {
         return Next::Dead {
-            reason: format!(
-                "gave up after {made} attempts; last: {}",
-                error.unwrap_or_default()
-            ),
+            reason: format!("gave up after {made} attempts; last: {error}"),
         };
     }
     let delay = match (result.status, result.retry_after) {
@@ -65,7 +62,7 @@ pub fn decide(
     };
     Next::Retry {
         due_ms: now_ms + delay.as_millis() as u64,
-        error,
+        error: Some(error),
     }
 }
 

@@ -1,0 +1,174 @@
+//! The admin API: listing with filters and cursors, stats, metrics, health.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn listing_filters_and_pages() {
+    let ok = Receiver::start().await;
+    let bad = Receiver::start().await;
+    bad.set_default(Reply::status(500));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("ok", &ok.url("/"), ""),
+        endpoint("bad", &bad.url("/"), "schedule = [\"0s\"]"),
+    ))
+    .await;
+    let mut ok_ids = Vec::new();
+    for i in 0..5 {
+        let r = c
+            .send(json!({"event_type": "t", "payload": {"i": i}, "endpoint": "ok"}))
+            .await;
+        ok_ids.push(r["deliveries"][0]["id"].as_str().unwrap().to_string());
+    }
+    let dead = c
+        .send(json!({"event_type": "t", "payload": {}, "endpoint": "bad"}))
+        .await;
+    let dead_id = dead["deliveries"][0]["id"].as_str().unwrap().to_string();
+    c.wait_status(&dead_id, "dead", T).await;
+    for id in &ok_ids {
+        c.wait_status(id, "delivered", T).await;
+    }
+
+    let (_, all) = c.get("/v1/deliveries").await;
+    let data = all["data"].as_array().unwrap();
+    assert_eq!(data.len(), 6);
+    assert_eq!(data[0]["id"], dead_id.as_str(), "newest first");
+    let (_, delivered) = c.get("/v1/deliveries?status=delivered").await;
+    assert_eq!(delivered["data"].as_array().unwrap().len(), 5);
+    let (_, by_ep) = c.get("/v1/deliveries?endpoint=bad").await;
+    assert_eq!(by_ep["data"].as_array().unwrap().len(), 1);
+    assert_eq!(by_ep["data"][0]["status"], "dead");
+
+    // Pages of two, following the cursor, cover everything once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(cur) => format!("/v1/deliveries?limit=2&cursor={cur}"),
+            None => "/v1/deliveries?limit=2".to_string(),
+        };
+        let (_, page) = c.get(&path).await;
+        for d in page["data"].as_array().unwrap() {
+            seen.push(d["id"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(n) => cursor = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6);
+    let mut dedup = seen.clone();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 6);
+
+    // Time windows.
+    let future = "2999-01-01T00:00:00Z";
+    let (_, none) = c.get(&format!("/v1/deliveries?since={future}")).await;
+    assert_eq!(none["data"].as_array().unwrap().len(), 0);
+    let (_, all2) = c
+        .get(&format!(
+            "/v1/deliveries?until={future}&since=2000-01-01T00:00:00Z"
+        ))
+        .await;
+    assert_eq!(all2["data"].as_array().unwrap().len(), 6);
+    let (s, e) = c.get("/v1/deliveries?since=yesterday").await;
+    assert_eq!(s, 400);
+    assert!(e["error"]["message"].as_str().unwrap().contains("since"));
+    let (s, _) = c.get("/v1/deliveries?status=lost").await;
+    assert_eq!(s, 400);
+    let (s, _) = c.get("/v1/deliveries/dlv_missing").await;
+    assert_eq!(s, 404);
+
+    // A delivery's page shows the stored request.
+    let (_, one) = c.get(&format!("/v1/deliveries/{}", ok_ids[0])).await;
+    assert_eq!(one["request"]["body"], "{\"i\":0}");
+    assert_eq!(one["request"]["content_type"], "application/json");
+
+    // Stats.
+    let (s, st) = c.get("/v1/stats").await;
+    assert_eq!(s, 200, "{st}");
+    assert_eq!(st["counts"]["delivered"], 5);
+    assert_eq!(st["counts"]["dead"], 1);
+    assert_eq!(st["counts"]["pending"], 0);
+    let rate = st["success_rate"].as_f64().unwrap();
+    assert!((rate - 5.0 / 6.0).abs() < 1e-9, "{rate}");
+    assert_eq!(st["attempts"], 6);
+    assert!(st["latency_ms"]["p50"].is_u64());
+    assert!(st["latency_ms"]["p99"].is_u64());
+    assert_eq!(st["attempts_per_delivery"], 1.0);
+    let (_, st_bad) = c.get("/v1/stats?endpoint=bad").await;
+    assert_eq!(st_bad["counts"]["dead"], 1);
+    assert_eq!(st_bad["counts"]["delivered"], 0);
+    assert_eq!(st_bad["success_rate"], 0.0);
+
+    // Metrics.
+    let m = c.text("/metrics").await;
+    assert!(m.contains("courier_events_ingested_total 6"), "{m}");
+    assert!(
+        m.contains("courier_attempts_total{endpoint=\"ok\",outcome=\"delivered\"} 5"),
+        "{m}"
+    );
+    assert!(
+        m.contains("courier_attempts_total{endpoint=\"bad\",outcome=\"dead\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("courier_deliveries_final_total{endpoint=\"bad\",state=\"dead\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("courier_queue_depth{endpoint=\"ok\"} 0"), "{m}");
+    assert!(
+        m.contains("courier_attempt_duration_seconds_count{endpoint=\"ok\"} 5"),
+        "{m}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, h) = c.get_as("/healthz", None).await;
+    assert_eq!((s, h["status"].as_str()), (200, Some("ok")));
+    let (s, r) = c.get_as("/readyz", None).await;
+    assert_eq!((s, r["status"].as_str()), (200, Some("ready")));
+    let (s, e) = c.get_as("/nope", None).await;
+    assert_eq!(s, 404);
+    assert_eq!(e["error"]["code"], "not_found");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn queue_depth_reports_a_backlog() {
+    let port = free_port();
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "down",
+            &format!("http://127.0.0.1:{port}/"),
+            "schedule = [\"1h\"]"
+        )
+    ))
+    .await;
+    for i in 0..10 {
+        c.send(json!({"event_type": "t", "payload": {"i": i}}))
+            .await;
+    }
+    let m = c.text("/metrics").await;
+    assert!(
+        m.contains("courier_queue_depth{endpoint=\"down\"} 10"),
+        "{m}"
+    );
+    let (_, st) = c.get("/v1/stats").await;
+    assert_eq!(st["counts"]["pending"], 10);
+    assert_eq!(st["endpoints"][0]["queue_depth"], 10);
+    let (_, p) = c.get("/v1/deliveries?status=pending").await;
+    assert_eq!(p["data"].as_array().unwrap().len(), 10);
+    assert!(p["data"][0]["next_attempt_at"].is_string());
+    c.stop().await;
+}

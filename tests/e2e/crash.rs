@@ -1,0 +1,186 @@
+//! Process-level behaviour of the real binary: SIGKILL recovery, graceful shutdown, first
+//! start without keys.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_loses_nothing_that_was_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[delivery]
+allow_private_networks = true
+schedule = ["0s", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms"]
+jitter = 0.0
+circuit_probe_interval = "100ms"
+{}"#,
+            endpoint("app", &format!("http://127.0.0.1:{port}/h"), "")
+        ),
+    );
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+
+    // Producers keep sending while the process is killed; only 202s count as accepted.
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop_at = Instant::now() + Duration::from_millis(700);
+    let mut producers = Vec::new();
+    for w in 0..8 {
+        let (http, url, accepted) = (
+            http.clone(),
+            format!("{}/v1/events", p.base),
+            accepted.clone(),
+        );
+        producers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while Instant::now() < stop_at + Duration::from_secs(1) {
+                i += 1;
+                let body = json!({"event_type": "t", "payload": {"w": w, "i": i}}).to_string();
+                match http.post(&url).bearer_auth(ADMIN).body(body).send().await {
+                    Ok(r) if r.status() == 202 => {
+                        let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                        accepted
+                            .lock()
+                            .unwrap()
+                            .push(v["id"].as_str().unwrap().to_string());
+                    }
+                    Ok(_) | Err(_) => {
+                        if Instant::now() > stop_at {
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    p.kill9();
+    for t in producers {
+        t.await.unwrap();
+    }
+    let accepted: HashSet<String> = accepted.lock().unwrap().iter().cloned().collect();
+    assert!(
+        accepted.len() >= 20,
+        "only {} events accepted before the kill",
+        accepted.len()
+    );
+
+    // Restart on the same data dir, then bring the receiver up.
+    let p2 = Process::spawn(&cfg);
+    let rx = Receiver::start_on(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: HashSet<String> = rx
+            .received()
+            .iter()
+            .map(|r| r.header("webhook-id").to_string())
+            .collect();
+        if accepted.is_subset(&got) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let missing = accepted.difference(&got).count();
+            panic!(
+                "{missing} of {} accepted events were never delivered",
+                accepted.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The audit trail agrees: nothing accepted is missing or dead.
+    let (_, stats) = get_json(&http, &format!("{}/v1/stats", p2.base)).await;
+    assert_eq!(stats["counts"]["dead"], 0, "{stats}");
+    drop(p2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_in_flight_attempt_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(200).delay(Duration::from_millis(1500))]);
+    let cfg = write_config(
+        dir.path(),
+        &format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/h"), "")),
+    );
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/events", p.base))
+        .bearer_auth(ADMIN)
+        .body(json!({"event_type": "t", "payload": {}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let id = v["deliveries"][0]["id"].as_str().unwrap().to_string();
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    p.signal("TERM");
+    let status = tokio::task::block_in_place(|| p.wait_exit(Duration::from_secs(15)));
+    assert!(status.success(), "graceful exit: {status:?}");
+
+    // After a restart the attempt is on record as delivered and was not repeated.
+    let p2 = Process::spawn(&cfg);
+    let (s, d) = get_json(&http, &format!("{}/v1/deliveries/{id}", p2.base)).await;
+    assert_eq!(s, 200);
+    assert_eq!(d["status"], "delivered", "{d:#}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1);
+    drop(p2);
+}
+
+#[tokio::test]
+async fn first_start_without_keys_creates_and_prints_one_key() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("courier.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n",
+    )
+    .unwrap();
+    let run = |cfg: &std::path::Path| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["serve", "--config"])
+            .arg(cfg)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut printed = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let done = line.starts_with("courier listening on ");
+            printed.push(line);
+            if done {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        printed
+    };
+    let first = run(&cfg);
+    let key = std::fs::read_to_string(dir.path().join("data/admin.key")).unwrap();
+    assert!(
+        first.iter().any(|l| l.contains(key.trim())),
+        "first start prints the key: {first:?}"
+    );
+    let second = run(&cfg);
+    assert!(
+        !second.iter().any(|l| l.contains(key.trim())),
+        "the key is printed only once"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("data/admin.key")).unwrap(),
+        key
+    );
+}

@@ -1,0 +1,337 @@
+//! Delivery behaviour: retries, the DLQ and replay, final answers, timeouts, redirects,
+//! connection reuse.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(15);
+
+fn first_delivery(reply: &serde_json::Value) -> String {
+    reply["deliveries"][0]["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn fails_twice_then_succeeds_with_the_same_webhook_id() {
+    let rx = Receiver::start().await;
+    rx.script([
+        Reply::status(500).body("boom"),
+        Reply::status(502),
+        Reply::status(200).body("thanks"),
+    ]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "")
+    ))
+    .await;
+    let reply = c
+        .send(json!({"event_type": "order.created", "payload": {"a": 1}}))
+        .await;
+    let id = first_delivery(&reply);
+    let d = c.wait_status(&id, "delivered", T).await;
+    let got = rx.received();
+    assert_eq!(got.len(), 3);
+    let ids: HashSet<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!(ids.len(), 1, "every attempt has the same webhook-id");
+    let attempts = d["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3);
+    let codes: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["status_code"].as_u64().unwrap())
+        .collect();
+    assert_eq!(codes, vec![500, 502, 200]);
+    let numbers: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    assert_eq!(attempts[0]["response_body"], "boom");
+    assert_eq!(attempts[2]["response_body"], "thanks");
+    assert_eq!(attempts[0]["outcome"], "retry");
+    assert_eq!(attempts[2]["outcome"], "delivered");
+    assert!(attempts[0]["started_at"].as_str().unwrap().ends_with('Z'));
+    assert!(attempts[0]["duration_ms"].is_u64());
+    assert_eq!(d["attempt_count"], 3);
+    // The gaps follow the schedule (100ms) at least.
+    assert!(got[1].at - got[0].at >= Duration::from_millis(90));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn exhaustion_goes_to_the_dlq_and_bulk_replay_delivers() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::status(500));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "app",
+            &rx.url("/h"),
+            "schedule = [\"0s\", \"50ms\", \"50ms\"]"
+        )
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(first_delivery(
+            &c.send(json!({"event_type": "t", "payload": {"i": i}}))
+                .await,
+        ));
+    }
+    for id in &ids {
+        let d = c.wait_status(id, "dead", T).await;
+        assert_eq!(d["attempts"].as_array().unwrap().len(), 3);
+        assert!(
+            d["last_error"].as_str().unwrap().contains("HTTP 500"),
+            "{d}"
+        );
+    }
+    assert_eq!(rx.received().len(), 9);
+    let (s, dlq) = c.get("/v1/dlq?endpoint=app").await;
+    assert_eq!(s, 200);
+    assert_eq!(dlq["data"].as_array().unwrap().len(), 3);
+    let (_, none) = c.get("/v1/dlq?endpoint=other").await;
+    assert_eq!(none["data"].as_array().unwrap().len(), 0);
+
+    // The receiver recovers; replay everything dead for the endpoint.
+    rx.set_default(Reply::status(204));
+    let (s, r) = c
+        .post_json("/v1/dlq/replay", &json!({"endpoint": "app"}))
+        .await;
+    assert_eq!(s, 202, "{r}");
+    assert_eq!(r["requeued"], 3);
+    for id in &ids {
+        let d = c.wait_status(id, "delivered", T).await;
+        assert_eq!(
+            d["attempts"].as_array().unwrap().len(),
+            4,
+            "the replay adds one attempt"
+        );
+    }
+    let (_, dlq) = c.get("/v1/dlq").await;
+    assert_eq!(dlq["data"].as_array().unwrap().len(), 0);
+    // Replaying again finds nothing dead.
+    let (_, r) = c.post_json("/v1/dlq/replay", &json!({})).await;
+    assert_eq!(r["requeued"], 0);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn single_replay_of_a_delivered_delivery_sends_it_again() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "")
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    c.wait_status(&id, "delivered", T).await;
+    let (s, _) = c
+        .post_json(&format!("/v1/deliveries/{id}/replay"), &json!({}))
+        .await;
+    assert_eq!(s, 202);
+    let got = rx.wait_for(2, T).await;
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    c.wait_delivery(&id, T, |d| {
+        d["status"] == "delivered" && d["attempt_count"] == 2
+    })
+    .await;
+    let (s, e) = c
+        .post_json("/v1/deliveries/dlv_nope/replay", &json!({}))
+        .await;
+    assert_eq!(s, 404, "{e}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn gone_and_abort_are_final_at_once() {
+    let rx = Receiver::start().await;
+    rx.script([
+        Reply::status(410),
+        Reply::status(500).header("webhook-delivery", "abort"),
+    ]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "ordering = \"fifo\"")
+    ))
+    .await;
+    let a = first_delivery(&c.send(json!({"event_type": "t", "payload": 1})).await);
+    let b = first_delivery(&c.send(json!({"event_type": "t", "payload": 2})).await);
+    let da = c.wait_status(&a, "dead", T).await;
+    let db = c.wait_status(&b, "dead", T).await;
+    assert_eq!(da["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(db["attempts"].as_array().unwrap().len(), 1);
+    assert!(da["last_error"].as_str().unwrap().contains("410"));
+    assert!(db["last_error"].as_str().unwrap().contains("abort"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(rx.received().len(), 2, "no retries after a final answer");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let rx = Receiver::start().await;
+    rx.script([
+        Reply::status(429).header("retry-after", "2"),
+        Reply::status(200),
+    ]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "")
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    c.wait_status(&id, "delivered", T).await;
+    let got = rx.received();
+    assert_eq!(got.len(), 2);
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "waited {gap:?}, schedule says 100ms, Retry-After 2s"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn slow_receivers_time_out_and_are_retried() {
+    let rx = Receiver::start().await;
+    rx.script([
+        Reply::status(200).delay(Duration::from_secs(3)),
+        Reply::status(200),
+    ]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "timeout = \"300ms\"")
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    let d = c.wait_status(&id, "delivered", T).await;
+    let attempts = d["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0]["error"], "timeout");
+    assert!(attempts[0]["status_code"].is_null());
+    let ms = attempts[0]["duration_ms"].as_u64().unwrap();
+    assert!((250..2000).contains(&ms), "timed out after {ms} ms");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::status(302).header("location", &rx.url("/elsewhere")));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "schedule = [\"0s\", \"50ms\"]")
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    let d = c.wait_status(&id, "dead", T).await;
+    assert_eq!(d["attempts"][0]["status_code"], 302);
+    assert!(
+        rx.received().iter().all(|r| r.path == "/h"),
+        "the redirect target was never called"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn connection_errors_are_retried_with_a_class() {
+    let port = free_port();
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "app",
+            &format!("http://127.0.0.1:{port}/h"),
+            "schedule = [\"0s\", \"50ms\"]"
+        )
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    let d = c.wait_status(&id, "dead", T).await;
+    let attempts = d["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0]["error"], "connect", "{d:#}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "ordering = \"fifo\"")
+    ))
+    .await;
+    for i in 0..20 {
+        c.send(json!({"event_type": "t", "payload": {"i": i}}))
+            .await;
+    }
+    let got = rx.wait_for(20, T).await;
+    let peers: HashSet<_> = got.iter().map(|r| r.peer).collect();
+    assert!(
+        peers.len() <= 2,
+        "20 sequential deliveries used {} connections",
+        peers.len()
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn raw_ingest_is_delivered_byte_for_byte() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/raw"), "")
+    ))
+    .await;
+    let body: Vec<u8> = vec![0, 159, 146, 150, b'\n', b'x'];
+    let resp = c
+        .http
+        .post(format!("{}/v1/ingest/app?event_type=blob.uploaded", c.base))
+        .bearer_auth(INGEST_ONLY)
+        .header("content-type", "application/x-custom")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].body, body);
+    assert_eq!(got[0].header("content-type"), "application/x-custom");
+    let sig = got[0].header("mr-signature");
+    courier::deliver::sign::verify_mr(SECRET, &body, sig).unwrap();
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn ssrf_guard_refuses_private_destinations_permanently() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "[delivery]\nallow_private_networks = false\nschedule = [\"0s\", \"50ms\", \"50ms\"]\n{}{}",
+        endpoint("literal", &rx.url("/h"), ""),
+        endpoint(
+            "named",
+            &format!("http://localhost:{}/h", rx.addr.port()),
+            ""
+        )
+    ))
+    .await;
+    let a = first_delivery(
+        &c.send(json!({"event_type": "t", "payload": {}, "endpoint": "literal"}))
+            .await,
+    );
+    let b = first_delivery(
+        &c.send(json!({"event_type": "t", "payload": {}, "endpoint": "named"}))
+            .await,
+    );
+    for id in [a, b] {
+        let d = c.wait_status(&id, "dead", T).await;
+        let attempts = d["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "refusals are permanent: {d:#}");
+        assert_eq!(attempts[0]["error"], "ssrf_blocked");
+    }
+    assert!(rx.received().is_empty());
+    c.stop().await;
+}

@@ -1,0 +1,459 @@
+#![allow(dead_code)]
+//! Test harness: a real courier on port 0 with a temporary data dir, a fake receiver that
+//! records what it got and answers what the test tells it, and a small HTTP client.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::Value;
+
+pub const ADMIN: &str = "test-admin-token-0000001";
+pub const INGEST_ONLY: &str = "test-ingest-token-000001";
+pub const ADMIN_ONLY: &str = "test-adminonly-token-001";
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    pub at: Instant,
+    pub peer: SocketAddr,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("json body")
+    }
+}
+
+/// What the receiver answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub delay: Duration,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            delay: Duration::ZERO,
+            body: String::new(),
+        }
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Reply {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Reply {
+        self.delay = d;
+        self
+    }
+    pub fn body(mut self, b: &str) -> Reply {
+        self.body = b.into();
+        self
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    got: Mutex<Vec<Received>>,
+    script: Mutex<VecDeque<Reply>>,
+    default: Mutex<Option<Reply>>,
+}
+
+/// A fake webhook receiver on 127.0.0.1.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn receive(
+    State(st): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> impl IntoResponse {
+    st.got.lock().unwrap().push(Received {
+        path: uri.path().to_string(),
+        headers,
+        body: body.to_vec(),
+        at: Instant::now(),
+        peer,
+    });
+    let reply = st
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .or_else(|| st.default.lock().unwrap().clone())
+        .unwrap_or_else(|| Reply::status(200));
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let mut resp = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+    for (k, v) in reply.headers {
+        resp.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    resp
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Receiver {
+        let state = Arc::new(ReceiverState::default());
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            .unwrap();
+        });
+        Receiver { addr, state, task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Queue replies for the next requests, in order.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state.script.lock().unwrap().extend(replies);
+    }
+
+    /// The reply once the script is used up.
+    pub fn set_default(&self, reply: Reply) {
+        *self.state.default.lock().unwrap() = Some(reply);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.got.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests arrived (or panics after `timeout`).
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "receiver got {} requests, expected {n}: {:?}",
+                    got.len(),
+                    got.iter().map(|r| &r.path).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A courier running in this process.
+pub struct Courier {
+    pub running: Option<courier::server::Running>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+/// The config every test starts from; `extra` is appended (endpoints etc.).
+pub fn base_config(data_dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{dir}"
+max_body_bytes = 65536
+
+[[keys]]
+token = "{ADMIN}"
+scopes = ["ingest", "admin", "callback"]
+
+[[keys]]
+token = "{INGEST_ONLY}"
+scopes = ["ingest"]
+
+[[keys]]
+token = "{ADMIN_ONLY}"
+scopes = ["admin"]
+
+{extra}
+"#,
+        dir = data_dir.display()
+    )
+}
+
+/// `[delivery]` with private networks allowed (the receiver is on loopback).
+pub const DELIVERY_FAST: &str = r#"
+[delivery]
+allow_private_networks = true
+schedule = ["0s", "100ms", "100ms", "100ms"]
+jitter = 0.0
+timeout = "5s"
+"#;
+
+pub fn endpoint(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[endpoints]]\nname = \"{name}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n{extra}\n"
+    )
+}
+
+impl Courier {
+    pub async fn start(extra: &str) -> Courier {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base_config(&dir.path().join("data"), extra);
+        let config = courier::config::Config::parse(&text, dir.path(), None, "test.toml")
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
+        let running = courier::server::start(config).await.expect("start courier");
+        let base = format!("http://{}", running.addr);
+        Courier {
+            running: Some(running),
+            base,
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn app(&self) -> &std::sync::Arc<courier::app::App> {
+        &self.running.as_ref().unwrap().app
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{}", self.base, path)).body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post(path, Some(ADMIN), body.to_string()).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.get_as(path, Some(ADMIN)).await
+    }
+
+    pub async fn get_as(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn text(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Sends an event and returns its reply (asserting 202).
+    pub async fn send(&self, body: Value) -> Value {
+        let (status, reply) = self.post_json("/v1/events", &body).await;
+        assert_eq!(status, 202, "ingest failed: {reply}");
+        reply
+    }
+
+    /// Polls a delivery until `pred` holds.
+    pub async fn wait_delivery(
+        &self,
+        id: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, d) = self.get(&format!("/v1/deliveries/{id}")).await;
+            assert_eq!(status, 200, "{d}");
+            if pred(&d) {
+                return d;
+            }
+            if Instant::now() > deadline {
+                panic!("delivery never reached the expected state: {d:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        self.wait_delivery(id, timeout, |d| d["status"] == status)
+            .await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// A courier binary running as a child process (for signal and crash tests).
+pub struct Process {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Process {
+    pub fn spawn(config: &Path) -> Process {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn courier");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("courier exited before listening")
+                .expect("read stdout");
+            if let Some(url) = line.strip_prefix("courier listening on ") {
+                break url.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Process { child, base }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, returning its status (panics after `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("courier did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config file for a child process into `dir`.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("courier.toml");
+    std::fs::write(&path, base_config(&dir.join("data"), extra)).unwrap();
+    path
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn get_json(http: &reqwest::Client, url: &str) -> (u16, Value) {
+    let resp = http
+        .get(url)
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json_value().await)
+}
+
+trait JsonValue {
+    async fn json_value(self) -> Value;
+}
+
+impl JsonValue for reqwest::Response {
+    async fn json_value(self) -> Value {
+        let b = self.bytes().await.unwrap();
+        serde_json::from_slice(&b).unwrap_or(Value::Null)
+    }
+}

@@ -1,0 +1,297 @@
+//! Ingest: bad input is refused with the documented error and stores nothing; fan-out;
+//! idempotency; producer ids.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+async fn assert_error(
+    c: &Courier,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+    status: u16,
+    code: &str,
+) {
+    let (s, v) = c.post(path, token, body.to_string()).await;
+    assert_eq!(s, status, "{path} {body:.60}: {v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_stores_nothing() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "event_types = [\"order.*\"]")
+    ))
+    .await;
+    let ok = r#"{"event_type": "order.created", "payload": {}}"#;
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(ADMIN),
+        "{not json",
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(ADMIN),
+        r#"{"payload": {}}"#,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(ADMIN),
+        r#"{"event_type": "order.created"}"#,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(ADMIN),
+        r#"{"event_type": "", "payload": 1}"#,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(ADMIN),
+        r#"{"event_type": "order.created", "payload": {}, "endpoint": "nope"}"#,
+        422,
+        "unknown_endpoint",
+    )
+    .await;
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(ADMIN),
+        r#"{"event_type": "user.created", "payload": {}}"#,
+        422,
+        "no_subscriber",
+    )
+    .await;
+    assert_error(
+        &c,
+        "/v1/ingest/nope",
+        Some(ADMIN),
+        "raw",
+        422,
+        "unknown_endpoint",
+    )
+    .await;
+    let big = format!(
+        r#"{{"event_type": "order.created", "payload": "{}"}}"#,
+        "x".repeat(70_000)
+    );
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(ADMIN),
+        &big,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert_error(
+        &c,
+        "/v1/ingest/app",
+        Some(ADMIN),
+        &"y".repeat(70_000),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert_error(&c, "/v1/events", None, ok, 401, "unauthorized").await;
+    assert_error(
+        &c,
+        "/v1/events",
+        Some("wrong-token-000000000000"),
+        ok,
+        401,
+        "unauthorized",
+    )
+    .await;
+    assert_error(&c, "/v1/events", Some(ADMIN_ONLY), ok, 403, "forbidden").await;
+    let (s, v) = c.get_as("/v1/deliveries", Some(INGEST_ONLY)).await;
+    assert_eq!((s, &v["error"]["code"]), (403, &json!("forbidden")));
+    let (s, _) = c.get_as("/v1/deliveries", None).await;
+    assert_eq!(s, 401);
+
+    // Nothing was stored, nothing was sent.
+    let (_, list) = c.get("/v1/deliveries").await;
+    assert_eq!(list["data"], json!([]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.received().is_empty());
+    let metrics = c.text("/metrics").await;
+    assert!(
+        metrics.contains("courier_events_ingested_total 0"),
+        "{metrics}"
+    );
+
+    // The valid request still works after all that.
+    let (s, _) = c
+        .post("/v1/events", Some(INGEST_ONLY), ok.to_string())
+        .await;
+    assert_eq!(s, 202);
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn fan_out_creates_one_delivery_per_subscribed_endpoint() {
+    let (a, b, all) = (
+        Receiver::start().await,
+        Receiver::start().await,
+        Receiver::start().await,
+    );
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}{}",
+        endpoint("orders", &a.url("/a"), "event_types = [\"order.*\"]"),
+        endpoint(
+            "exact",
+            &b.url("/b"),
+            "event_types = [\"order.created\", \"user.deleted\"]"
+        ),
+        endpoint("everything", &all.url("/c"), ""),
+    ))
+    .await;
+    let r = c
+        .send(json!({"event_type": "order.created", "payload": {"x": 1}}))
+        .await;
+    let mut names: Vec<&str> = r["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["endpoint"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["everything", "exact", "orders"]);
+    let r2 = c
+        .send(json!({"event_type": "order.shipped", "payload": {"x": 2}}))
+        .await;
+    assert_eq!(r2["deliveries"].as_array().unwrap().len(), 2);
+    let r3 = c
+        .send(json!({"event_type": "user.deleted", "payload": {"x": 3}}))
+        .await;
+    assert_eq!(r3["deliveries"].as_array().unwrap().len(), 2);
+    // An explicit endpoint bypasses subscriptions.
+    let r4 = c
+        .send(json!({"event_type": "misc", "payload": {"x": 4}, "endpoint": "orders"}))
+        .await;
+    assert_eq!(r4["deliveries"][0]["endpoint"], "orders");
+
+    let t = Duration::from_secs(10);
+    assert_eq!(a.wait_for(3, t).await.len(), 3);
+    assert_eq!(b.wait_for(2, t).await.len(), 2);
+    assert_eq!(all.wait_for(3, t).await.len(), 3);
+    // Each delivery has its own status.
+    for d in r["deliveries"].as_array().unwrap() {
+        c.wait_status(d["id"].as_str().unwrap(), "delivered", t)
+            .await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_reply_even_when_racing() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "")
+    ))
+    .await;
+    let body =
+        json!({"event_type": "t", "payload": {"n": 1}, "idempotency_key": "order-42"}).to_string();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (http, url, body) = (
+            c.http.clone(),
+            format!("{}/v1/events", c.base),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .bearer_auth(ADMIN)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            r.json_body().await
+        }));
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.unwrap());
+    }
+    assert!(
+        replies.iter().all(|r| r == &replies[0]),
+        "every racer got the first reply"
+    );
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1, "one delivery for 32 requests");
+    let (_, list) = c.get("/v1/deliveries").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    // Another key is a different event; the same key from another ingest key is too.
+    let other = c
+        .send(json!({"event_type": "t", "payload": {}, "idempotency_key": "order-43"}))
+        .await;
+    assert_ne!(other["id"], replies[0]["id"]);
+    let (s, v) = c.post("/v1/events", Some(INGEST_ONLY), body).await;
+    assert_eq!(s, 202);
+    assert_ne!(v["id"], replies[0]["id"]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_reused_producer_id_is_a_conflict() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/h"), "")
+    ))
+    .await;
+    let r = c
+        .send(json!({"event_type": "t", "payload": {}, "id": "msg_order_1"}))
+        .await;
+    assert_eq!(r["id"], "msg_order_1");
+    let (s, v) = c
+        .post_json(
+            "/v1/events",
+            &json!({"event_type": "t", "payload": {}, "id": "msg_order_1"}),
+        )
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(v["error"]["code"], "conflict");
+    let got = rx.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].header("webhook-id"), "msg_order_1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rx.received().len(), 1);
+    c.stop().await;
+}
+
+trait JsonBody {
+    async fn json_body(self) -> Value;
+}
+
+impl JsonBody for reqwest::Response {
+    async fn json_body(self) -> Value {
+        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
+    }
+}

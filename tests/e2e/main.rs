@@ -1,0 +1,9 @@
+//! End-to-end tests: a real courier over real sockets, a fake receiver, real redb files.
+
+mod harness;
+
+mod api;
+mod crash;
+mod delivery;
+mod ingest;
+mod signing;
