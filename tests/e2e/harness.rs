@@ -76,6 +76,8 @@ impl Reply {
 #[derive(Default)]
 struct ReceiverState {
     got: Mutex<Vec<Received>>,
+    /// Requests being answered right now, and the most ever at once.
+    active: Mutex<(usize, usize)>,
     script: Mutex<VecDeque<Reply>>,
     default: Mutex<Option<Reply>>,
 }
@@ -114,9 +116,15 @@ async fn receive(
         .pop_front()
         .or_else(|| st.default.lock().unwrap().clone())
         .unwrap_or_else(|| Reply::status(200));
+    {
+        let mut a = st.active.lock().unwrap();
+        a.0 += 1;
+        a.1 = a.1.max(a.0);
+    }
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
+    st.active.lock().unwrap().0 -= 1;
     let mut resp = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     for (k, v) in reply.headers {
         resp.headers_mut().insert(
@@ -164,6 +172,11 @@ impl Receiver {
     /// The reply once the script is used up.
     pub fn set_default(&self, reply: Reply) {
         *self.state.default.lock().unwrap() = Some(reply);
+    }
+
+    /// The most requests this receiver was answering at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.active.lock().unwrap().1
     }
 
     pub fn received(&self) -> Vec<Received> {

@@ -3,7 +3,9 @@
 mod harness;
 
 mod api;
+mod controls;
 mod crash;
 mod delivery;
+mod examples;
 mod ingest;
 mod signing;

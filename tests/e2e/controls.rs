@@ -1,0 +1,300 @@
+//! Delivery controls: FIFO ordering, concurrency caps, rate limits, endpoint isolation, the
+//! circuit breaker, retention.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn ids(replies: &[Value]) -> Vec<String> {
+    replies
+        .iter()
+        .map(|r| r["deliveries"][0]["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn fifo_head_failing_twice_blocks_those_behind_it() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(500), Reply::status(503)]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "ordered",
+            &rx.url("/"),
+            "ordering = \"fifo\"\nschedule = [\"0s\", \"150ms\", \"150ms\", \"150ms\"]"
+        )
+    ))
+    .await;
+    let mut replies = Vec::new();
+    for i in 0..6 {
+        replies.push(
+            c.send(json!({"event_type": "t", "payload": {"i": i}}))
+                .await,
+        );
+    }
+    for id in ids(&replies) {
+        c.wait_status(&id, "delivered", T).await;
+    }
+    let order: Vec<i64> = rx
+        .received()
+        .iter()
+        .map(|r| r.json()["i"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        vec![0, 0, 0, 1, 2, 3, 4, 5],
+        "head retried in place, the rest in ingest order"
+    );
+    assert_eq!(rx.max_concurrent(), 1);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn fifo_dead_head_lets_the_next_proceed() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(500), Reply::status(500)]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "ordered",
+            &rx.url("/"),
+            "ordering = \"fifo\"\nschedule = [\"0s\", \"100ms\"]"
+        )
+    ))
+    .await;
+    let a = c
+        .send(json!({"event_type": "t", "payload": {"i": 0}}))
+        .await;
+    let b = c
+        .send(json!({"event_type": "t", "payload": {"i": 1}}))
+        .await;
+    c.wait_status(&ids(&[a])[0], "dead", T).await;
+    c.wait_status(&ids(&[b])[0], "delivered", T).await;
+    let order: Vec<i64> = rx
+        .received()
+        .iter()
+        .map(|r| r.json()["i"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order, vec![0, 0, 1]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn unordered_endpoints_deliver_concurrently_up_to_max_in_flight() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::status(200).delay(Duration::from_millis(400)));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("par", &rx.url("/"), "max_in_flight = 4")
+    ))
+    .await;
+    let mut replies = Vec::new();
+    for i in 0..12 {
+        replies.push(
+            c.send(json!({"event_type": "t", "payload": {"i": i}}))
+                .await,
+        );
+    }
+    for id in ids(&replies) {
+        c.wait_status(&id, "delivered", T).await;
+    }
+    assert_eq!(
+        rx.max_concurrent(),
+        4,
+        "concurrent, and never more than max_in_flight"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limit_paces_attempts_without_consuming_the_schedule() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "slow",
+            &rx.url("/"),
+            "rate_limit = \"5/s\"\nschedule = [\"0s\"]"
+        )
+    ))
+    .await;
+    let mut replies = Vec::new();
+    for i in 0..15 {
+        replies.push(
+            c.send(json!({"event_type": "t", "payload": {"i": i}}))
+                .await,
+        );
+    }
+    let got = rx.wait_for(15, T).await;
+    let span = got[14].at - got[0].at;
+    // A bucket of 5 goes at once, the other 10 at 5/s.
+    assert!(
+        span >= Duration::from_millis(1700),
+        "15 sends at 5/s took only {span:?}"
+    );
+    // After the initial burst of 5, no second holds more than 5 + 1 sends.
+    for (i, r) in got.iter().enumerate().skip(5) {
+        let in_window = got[i..]
+            .iter()
+            .filter(|o| o.at - r.at < Duration::from_secs(1))
+            .count();
+        assert!(in_window <= 6, "{in_window} sends within one second");
+    }
+    // Waiting for a token is not an attempt: every delivery succeeded on its only attempt.
+    for id in ids(&replies) {
+        let d = c.wait_status(&id, "delivered", T).await;
+        assert_eq!(d["attempt_count"], 1);
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_never_delays_a_healthy_one() {
+    let hang = Receiver::start().await;
+    hang.set_default(Reply::status(200).delay(Duration::from_secs(20)));
+    let ok = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint(
+            "hang",
+            &hang.url("/"),
+            "max_in_flight = 2\ntimeout = \"30s\""
+        ),
+        endpoint("ok", &ok.url("/"), ""),
+    ))
+    .await;
+    for i in 0..20 {
+        c.send(json!({"event_type": "t", "payload": {"i": i}, "endpoint": "hang"}))
+            .await;
+    }
+    hang.wait_for(2, T).await;
+    let start = Instant::now();
+    for i in 0..20 {
+        c.send(json!({"event_type": "t", "payload": {"i": i}, "endpoint": "ok"}))
+            .await;
+    }
+    ok.wait_for(20, Duration::from_secs(5)).await;
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        hang.received().len(),
+        2,
+        "the hanging endpoint holds only its own two slots"
+    );
+    let m = c.text("/metrics").await;
+    assert!(
+        m.contains("courier_queue_depth{endpoint=\"hang\"} 20"),
+        "{m}"
+    );
+    // No graceful stop: it would rightly wait for the two hanging attempts.
+    drop(c);
+}
+
+#[tokio::test]
+async fn circuit_opens_after_consecutive_failures_and_closes_on_success() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::status(500));
+    let c = Courier::start(&format!(
+        r#"
+[delivery]
+allow_private_networks = true
+jitter = 0.0
+circuit_failures = 3
+circuit_probe_interval = "600ms"
+{}"#,
+        endpoint("flaky", &rx.url("/"), "schedule = [\"0s\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\"]")
+    ))
+    .await;
+    let mut replies = Vec::new();
+    for i in 0..5 {
+        replies.push(
+            c.send(json!({"event_type": "t", "payload": {"i": i}}))
+                .await,
+        );
+    }
+    rx.wait_for(3, T).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, st) = c.get("/v1/stats?endpoint=flaky").await;
+        if st["endpoints"][0]["circuit"] == "open" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "circuit never opened: {st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        c.text("/metrics")
+            .await
+            .contains("courier_endpoint_circuit_open{endpoint=\"flaky\"} 1")
+    );
+    // While open, the endpoint is only probed: about one attempt per 600ms, not every 10ms.
+    let before = rx.received().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let probes = rx.received().len() - before;
+    assert!(
+        probes <= 4,
+        "{probes} attempts in 1.5s while the circuit was open"
+    );
+    // Recovery: the next probe succeeds, the circuit closes and everything flows.
+    rx.set_default(Reply::status(200));
+    for id in ids(&replies) {
+        c.wait_status(&id, "delivered", T).await;
+    }
+    let (_, st) = c.get("/v1/stats?endpoint=flaky").await;
+    assert_eq!(st["endpoints"][0]["circuit"], "closed");
+    assert!(
+        c.text("/metrics")
+            .await
+            .contains("courier_endpoint_circuit_open{endpoint=\"flaky\"} 0")
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn retention_purges_finished_deliveries() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "[delivery]\nallow_private_networks = true\nretention = \"1s\"\n{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        endpoint(
+            "down",
+            &format!("http://127.0.0.1:{}/", free_port()),
+            "schedule = [\"1h\"]"
+        )
+    ))
+    .await;
+    let done = c
+        .send(json!({"event_type": "t", "payload": {}, "endpoint": "app"}))
+        .await;
+    let waiting = c
+        .send(json!({"event_type": "t", "payload": {}, "endpoint": "down"}))
+        .await;
+    let done_id = ids(&[done])[0].clone();
+    c.wait_status(&done_id, "delivered", T).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let (s, _) = c.get(&format!("/v1/deliveries/{done_id}")).await;
+        if s == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivered delivery was never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pending work is never purged.
+    let (s, d) = c
+        .get(&format!("/v1/deliveries/{}", ids(&[waiting])[0]))
+        .await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("pending")));
+    assert!(
+        c.text("/metrics")
+            .await
+            .contains("courier_retention_purged_total 1")
+    );
+    c.stop().await;
+}
