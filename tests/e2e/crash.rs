@@ -184,3 +184,40 @@ async fn first_start_without_keys_creates_and_prints_one_key() {
         key
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    let cfg = write_config(
+        dir.path(),
+        &format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/h"), "")),
+    );
+    let http = reqwest::Client::new();
+    let body =
+        json!({"event_type": "t", "payload": {"n": 1}, "idempotency_key": "once"}).to_string();
+    let send = |base: String| {
+        let (http, body) = (http.clone(), body.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/v1/events"))
+                .bearer_auth(ADMIN)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
+        }
+    };
+    let mut p = Process::spawn(&cfg);
+    let first = send(p.base.clone()).await;
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    p.kill9();
+    let p2 = Process::spawn(&cfg);
+    let again = send(p2.base.clone()).await;
+    assert_eq!(first, again);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1);
+    drop(p2);
+}

@@ -379,7 +379,11 @@ impl Process {
             .arg(config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if std::env::var_os("COURIER_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("spawn courier");
         let stdout = child.stdout.take().unwrap();
