@@ -32,9 +32,17 @@ pub fn parse_time(text: &str) -> Option<u64> {
 }
 
 /// A new time-ordered identifier with a prefix, e.g. `evt_01J…`. Ids sort by creation time, so
-/// the store's primary tables double as time indexes.
+/// the store's primary tables double as time indexes, and FIFO endpoints rely on that order.
+/// One process-wide generator makes ids strictly increasing even within one millisecond.
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", ulid::Ulid::new())
+    static GENERATOR: std::sync::Mutex<ulid::Generator> =
+        std::sync::Mutex::new(ulid::Generator::new());
+    let id = GENERATOR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .generate()
+        .unwrap_or_else(|_| ulid::Ulid::new());
+    format!("{prefix}_{id}")
 }
 
 /// The smallest id with `prefix` created at or after `ms`, for time-range scans.
@@ -210,6 +218,8 @@ mod tests {
         assert!(floor < later);
         let now = new_id("dlv");
         assert!(now > later);
+        let ids: Vec<String> = (0..1000).map(|_| new_id("dlv")).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "strictly increasing");
         assert_eq!(
             parse_time(&rfc3339(1_700_000_000_123)),
             Some(1_700_000_000_123)
