@@ -20,7 +20,10 @@ pub struct App {
     pub config: ArcSwap<Config>,
     pub store: Store,
     pub metrics: Metrics,
-    pub client: reqwest::Client,
+    /// The delivery client; rebuilt when `allow_private_networks` changes.
+    pub client: ArcSwap<reqwest::Client>,
+    /// What the config hot reload has done.
+    pub reload_status: std::sync::Mutex<crate::reload::Status>,
     pub scheduler: Scheduler,
     /// Cancelled on SIGINT/SIGTERM: stop taking work, let in-flight attempts finish.
     pub shutdown: CancellationToken,

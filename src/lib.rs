@@ -21,6 +21,7 @@
 //! - [`observe`]: metrics and the log lines emitted with them.
 //! - [`api`]: the HTTP API, one router per resource.
 //! - [`app`]: the shared application state and bearer-token authentication.
+//! - [`reload`]: configuration hot reload (file watch and SIGHUP), validated, swapped atomically.
 //! - [`server`]: start-up, the retention sweeper and graceful shutdown.
 //! - [`cli`]: the `courier` command line.
 
@@ -33,6 +34,7 @@ pub mod ingest;
 pub mod model;
 pub mod observe;
 pub mod outcome;
+pub mod reload;
 pub mod scheduler;
 pub mod server;
 pub mod store;

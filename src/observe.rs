@@ -30,6 +30,7 @@ pub struct Metrics {
     pub deliveries: Family<Labels, Gauge>,
     pub oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub circuit_open: Family<Labels, Gauge>,
+    pub config_reloads: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -58,6 +59,7 @@ impl Metrics {
             deliveries: Family::default(),
             oldest_pending_age: Gauge::default(),
             circuit_open: Family::default(),
+            config_reloads: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -120,6 +122,11 @@ impl Metrics {
                 "courier_endpoint_circuit_open",
                 "1 while an endpoint's circuit is open (failing), else 0",
                 m.circuit_open.clone(),
+            );
+            r.register(
+                "courier_config_reloads",
+                "Configuration reloads by result (ok, error)",
+                m.config_reloads.clone(),
             );
         }
         m

@@ -56,6 +56,13 @@ impl Scheduler {
         }
     }
 
+    /// Wakes every worker (after a configuration change).
+    pub fn notify_all(&self) {
+        for n in self.workers.lock().expect("workers lock").values() {
+            n.notify_one();
+        }
+    }
+
     pub fn health(&self, endpoint: &str) -> Health {
         self.health
             .lock()
@@ -67,8 +74,8 @@ impl Scheduler {
 
     /// Starts a worker for every configured endpoint that has none.
     pub fn start_workers(app: &Arc<App>) {
-        let config = app.config.load();
         let mut workers = app.scheduler.workers.lock().expect("workers lock");
+        let config = app.config.load();
         for ep in &config.endpoints {
             if workers.contains_key(&ep.name) {
                 continue;
@@ -76,14 +83,7 @@ impl Scheduler {
             let notify = Arc::new(Notify::new());
             workers.insert(ep.name.clone(), notify.clone());
             let (app2, name) = (app.clone(), ep.name.clone());
-            app.tasks.spawn(async move {
-                worker(app2.clone(), name.clone(), notify).await;
-                app2.scheduler
-                    .workers
-                    .lock()
-                    .expect("workers lock")
-                    .remove(&name);
-            });
+            app.tasks.spawn(worker(app2, name, notify));
         }
     }
 
@@ -160,8 +160,23 @@ async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>) {
         let stopping = app.shutdown.is_cancelled();
         let config = app.config.load();
         let Some(ep) = config.endpoint(&name).map(|e| Arc::new(e.clone())) else {
-            // Removed from the configuration: its queue stays on disk untouched.
-            break;
+            // Removed from the configuration: its queue stays on disk untouched. Deregister
+            // under the lock, re-checking, so a concurrent re-add never finds a worker that is
+            // about to exit.
+            let mut workers = app.scheduler.workers.lock().expect("workers lock");
+            if app.config.load().endpoint(&name).is_some() {
+                continue;
+            }
+            if in_flight.is_empty() {
+                workers.remove(&name);
+                tracing::info!(endpoint = %name, "endpoint removed from the configuration; its queued deliveries wait for it");
+                break;
+            }
+            drop(workers);
+            if let Some(done) = done_rx.recv().await {
+                finish(&app, &name, &mut in_flight, done);
+            }
+            continue;
         };
         let now = now_ms();
         let mut wake: Option<u64> = None;
@@ -300,8 +315,9 @@ async fn run_attempt(app: &App, ep: &EndpointConfig, d: Delivery) -> Option<bool
     };
     let delivery_cfg = app.config.load().delivery.clone();
     let out = deliver::outgoing(ep, &event);
+    let client = app.client.load_full();
     let result = deliver::send(
-        &app.client,
+        &client,
         out,
         &ep.secrets,
         &event.id,

@@ -58,7 +58,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     let app = Arc::new(App {
-        client: client::build(config.delivery.allow_private_networks),
+        client: ArcSwap::from_pointee(client::build(config.delivery.allow_private_networks)),
+        reload_status: std::sync::Mutex::new(crate::reload::initial_status(&config)),
         config: ArcSwap::from_pointee(config),
         store,
         metrics: Metrics::new(),
@@ -68,6 +69,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     });
     Scheduler::start_workers(&app);
     app.tasks.spawn(retention(app.clone()));
+    crate::reload::start(&app);
 
     let router = crate::api::router(app.clone());
     let app2 = app.clone();

@@ -1,6 +1,7 @@
 //! The HTTP API: one router per resource, merged here, and the pieces they share (the JSON
 //! error shape, bearer authentication, bounded body reading).
 
+mod config;
 mod deliveries;
 mod dlq;
 mod events;
@@ -25,6 +26,7 @@ pub type AppState = Arc<App>;
 pub fn router(app: AppState) -> Router {
     Router::new()
         .merge(events::router())
+        .merge(config::router())
         .merge(deliveries::router())
         .merge(dlq::router())
         .merge(stats::router())

@@ -269,6 +269,48 @@ impl Courier {
         }
     }
 
+    /// Starts from a config file on disk, so that hot reload can be exercised.
+    pub async fn start_file(extra: &str) -> Courier {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), extra);
+        let config = courier::config::Config::load(&path).expect("test config valid");
+        let running = courier::server::start(config).await.expect("start courier");
+        let base = format!("http://{}", running.addr);
+        Courier {
+            running: Some(running),
+            base,
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Replaces the config file the way editors do (write a temporary file, rename it over).
+    pub fn rewrite_config(&self, extra: &str) {
+        self.rewrite_config_text(&base_config(&self.dir.path().join("data"), extra));
+    }
+
+    pub fn rewrite_config_text(&self, text: &str) {
+        let tmp = self.dir.path().join(".courier.toml.swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("courier.toml")).unwrap();
+    }
+
+    /// Waits until the config status reports `version` (or an error count of `failed`).
+    pub async fn wait_config(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, st) = self.get("/v1/config/status").await;
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "config status never matched: {st:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub fn app(&self) -> &std::sync::Arc<courier::app::App> {
         &self.running.as_ref().unwrap().app
     }

@@ -8,4 +8,5 @@ mod crash;
 mod delivery;
 mod examples;
 mod ingest;
+mod reload;
 mod signing;

@@ -1,0 +1,235 @@
+//! Configuration hot reload: the config file is watched (and SIGHUP also reloads); a changed
+//! file is parsed and validated in full and, only if valid, swapped in atomically.
+//!
+//! Why watch the directory and not the file: editors and `cp`/`mv` replace files by writing a
+//! temporary file and renaming it, which a watch on the old inode never sees. Events are only
+//! hints: after a quiet period the file is re-read, and unchanged content (by hash) is
+//! skipped. An invalid file changes nothing; the running config keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::app::{self, App};
+use crate::config::Config;
+use crate::deliver::client;
+use crate::model::now_ms;
+use crate::scheduler::Scheduler;
+
+/// How long the file must be quiet before it is re-read.
+const QUIET: Duration = Duration::from_millis(250);
+
+/// What `GET /v1/config/status` reports.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    /// Increases by one with every configuration applied (1 = the one loaded at start).
+    pub version: u64,
+    pub loaded_at_ms: u64,
+    pub source: Option<PathBuf>,
+    pub sha256: Option<String>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// The last rejected file's error, until a valid file is applied.
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<u64>,
+}
+
+fn digest(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Initial status for the configuration courier started with.
+pub fn initial_status(config: &Config) -> Status {
+    let sha256 = config
+        .source
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .map(|b| digest(&b));
+    Status {
+        version: 1,
+        loaded_at_ms: now_ms(),
+        source: config.source.clone(),
+        sha256,
+        ..Status::default()
+    }
+}
+
+/// Starts watching the config file (if courier was started from one) and SIGHUP.
+pub fn start(app: &Arc<App>) {
+    let Some(path) = app.config.load().source.clone() else {
+        return;
+    };
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    match watch(&path, tx.clone()) {
+        Ok(watcher) => {
+            let app2 = app.clone();
+            app.tasks.spawn(async move {
+                // The watcher lives as long as this task.
+                let _watcher = watcher;
+                debounce(app2, rx).await;
+            });
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot watch the config file; reload with SIGHUP")
+        }
+    }
+    #[cfg(unix)]
+    {
+        let app2 = app.clone();
+        app.tasks.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        reload(&app2, true);
+                    }
+                    _ = app2.shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+}
+
+fn watch(path: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res
+            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+async fn debounce(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<()>) {
+    loop {
+        tokio::select! {
+            got = rx.recv() => if got.is_none() { return },
+            _ = app.shutdown.cancelled() => return,
+        }
+        // Wait for the writes to settle.
+        loop {
+            match tokio::time::timeout(QUIET, rx.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        reload(&app, false);
+    }
+}
+
+/// Re-reads the config file and applies it if valid. `force` applies even unchanged content
+/// (SIGHUP: environment variables it refers to may have changed).
+pub fn reload(app: &Arc<App>, force: bool) {
+    let Some(path) = app
+        .reload_status
+        .lock()
+        .expect("status lock")
+        .source
+        .clone()
+    else {
+        return;
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            // Mid-rename or deleted: keep serving; a later event will bring it back.
+            tracing::warn!(path = %path.display(), error = %e, "config file unreadable; keeping the running configuration");
+            return;
+        }
+    };
+    let sha = digest(&bytes);
+    if !force
+        && app
+            .reload_status
+            .lock()
+            .expect("status lock")
+            .sha256
+            .as_deref()
+            == Some(sha.as_str())
+    {
+        return;
+    }
+    match Config::load(&path) {
+        Ok(new) => {
+            apply(app, new);
+            let mut st = app.reload_status.lock().expect("status lock");
+            st.version += 1;
+            st.loaded_at_ms = now_ms();
+            st.sha256 = Some(sha);
+            st.reloads_ok += 1;
+            st.last_error = None;
+            st.last_error_at_ms = None;
+            app.metrics
+                .config_reloads
+                .get_or_create(&vec![("result", "ok".to_string())])
+                .inc();
+            tracing::info!(path = %path.display(), version = st.version, "configuration reloaded");
+        }
+        Err(e) => {
+            let mut st = app.reload_status.lock().expect("status lock");
+            st.reloads_failed += 1;
+            let message = match &e {
+                crate::config::ConfigError::Invalid { .. } => format!("{}: {e}", path.display()),
+                _ => e.to_string(),
+            };
+            st.last_error = Some(message);
+            st.last_error_at_ms = Some(now_ms());
+            // Remember the rejected content so the same bad file is not reported again and
+            // again; fixing it changes the hash.
+            st.sha256 = Some(sha);
+            app.metrics
+                .config_reloads
+                .get_or_create(&vec![("result", "error".to_string())])
+                .inc();
+            tracing::error!(
+                error = st.last_error.as_deref().unwrap_or_default(),
+                "invalid configuration rejected; the running configuration stays"
+            );
+        }
+    }
+}
+
+/// Swaps in a validated configuration. Endpoints, keys, schedules, limits, headers and
+/// secrets take effect for the next attempt; in-flight attempts finish with what they had.
+fn apply(app: &Arc<App>, mut new: Config) {
+    let old = app.config.load_full();
+    if new.server.listen != old.server.listen {
+        tracing::warn!(running = %old.server.listen, configured = %new.server.listen, "server.listen cannot change while running; restart to apply it");
+        new.server.listen = old.server.listen;
+    }
+    if new.server.data_dir != old.server.data_dir {
+        tracing::warn!(running = %old.server.data_dir.display(), configured = %new.server.data_dir.display(), "server.data_dir cannot change while running; restart to apply it");
+        new.server.data_dir = old.server.data_dir.clone();
+    }
+    if new.keys.is_empty()
+        && let Err(e) = app::ensure_key(&mut new, &old.server.data_dir)
+    {
+        tracing::error!(error = %e, "cannot read the generated admin key; keeping the previous keys");
+        new.keys = old.keys.clone();
+    }
+    if new.delivery.allow_private_networks != old.delivery.allow_private_networks {
+        app.client
+            .store(Arc::new(client::build(new.delivery.allow_private_networks)));
+    }
+    app.config.store(Arc::new(new));
+    Scheduler::start_workers(app);
+    // Wake every worker so that changed limits apply now and removed endpoints' workers stop.
+    app.scheduler.notify_all();
+}

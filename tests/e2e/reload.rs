@@ -1,0 +1,183 @@
+//! Config hot reload under a running server.
+
+use std::time::Duration;
+
+use courier::deliver::sign;
+use serde_json::json;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn adding_an_endpoint_delivers_to_it_without_restart() {
+    let a = Receiver::start().await;
+    let b = Receiver::start().await;
+    let c = Courier::start_file(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("a", &a.url("/"), "")
+    ))
+    .await;
+    let (s, _) = c
+        .post_json(
+            "/v1/events",
+            &json!({"event_type": "t", "payload": {}, "endpoint": "b"}),
+        )
+        .await;
+    assert_eq!(s, 422);
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("a", &a.url("/"), ""),
+        endpoint("b", &b.url("/"), "")
+    ));
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert_eq!(st["endpoints"], json!(["a", "b"]));
+    c.send(json!({"event_type": "t", "payload": {"to": "b"}, "endpoint": "b"}))
+        .await;
+    let got = b.wait_for(1, T).await;
+    assert_eq!(got[0].json()["to"], "b");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_replaced_secret_signs_the_next_attempt() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(500)]);
+    let c = Courier::start_file(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/"), "schedule = [\"0s\", \"1500ms\"]")
+    ))
+    .await;
+    c.send(json!({"event_type": "t", "payload": {"n": 1}}))
+        .await;
+    let first = rx.wait_for(1, T).await;
+    sign::verify_mr(SECRET, &first[0].body, first[0].header("mr-signature")).unwrap();
+    // Rotate: the retry already scheduled is signed with the new secret only.
+    let new_secret = sign::generate_secret();
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}[[endpoints]]\nname = \"app\"\nurl = \"{}\"\nsecrets = [\"{new_secret}\"]\nschedule = [\"0s\", \"1500ms\"]\n",
+        rx.url("/")
+    ));
+    c.wait_config(|st| st["version"] == 2).await;
+    let got = rx.wait_for(2, T).await;
+    let retry = &got[1];
+    assert_eq!(retry.header("webhook-id"), first[0].header("webhook-id"));
+    sign::verify_mr(&new_secret, &retry.body, retry.header("mr-signature")).unwrap();
+    assert!(sign::verify_mr(SECRET, &retry.body, retry.header("mr-signature")).is_err());
+    let ts: i64 = retry.header("webhook-timestamp").parse().unwrap();
+    sign::verify_standard(
+        &new_secret,
+        retry.header("webhook-id"),
+        ts,
+        &retry.body,
+        retry.header("webhook-signature"),
+        None,
+    )
+    .unwrap();
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn removed_endpoint_keeps_its_queue_and_resumes_when_re_added() {
+    let down = format!("http://127.0.0.1:{}/", free_port());
+    let slow = "schedule = [\"0s\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\"]";
+    let c = Courier::start_file(&format!("{DELIVERY_FAST}{}", endpoint("app", &down, slow))).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = c
+            .send(json!({"event_type": "t", "payload": {"i": i}}))
+            .await;
+        ids.push(r["deliveries"][0]["id"].as_str().unwrap().to_string());
+    }
+    c.rewrite_config(DELIVERY_FAST);
+    c.wait_config(|st| st["version"] == 2).await;
+    for id in &ids {
+        let d = c
+            .wait_delivery(id, T, |d| d["endpoint_missing"] == true)
+            .await;
+        assert_eq!(d["status"], "pending");
+    }
+    let (s, _) = c
+        .post_json(
+            "/v1/events",
+            &json!({"event_type": "t", "payload": {}, "endpoint": "app"}),
+        )
+        .await;
+    assert_eq!(s, 422, "a removed endpoint takes no new events");
+    let m = c.text("/metrics").await;
+    assert!(m.contains("courier_queue_depth{endpoint=\"app\"} 5"), "{m}");
+    // Time passes with the endpoint gone: the queued deliveries are not attempted.
+    let before: Vec<u64> = futures_attempts(&c, &ids).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        futures_attempts(&c, &ids).await,
+        before,
+        "no attempts while the endpoint is missing"
+    );
+
+    // It comes back, now reachable: everything queued is delivered.
+    let rx = Receiver::start().await;
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/"), slow)
+    ));
+    c.wait_config(|st| st["version"] == 3).await;
+    for id in &ids {
+        let d = c.wait_status(id, "delivered", T).await;
+        assert_eq!(d["endpoint_missing"], false);
+    }
+    assert_eq!(rx.received().len(), 5);
+    c.stop().await;
+}
+
+async fn futures_attempts(c: &Courier, ids: &[String]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for id in ids {
+        let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
+        out.push(d["attempt_count"].as_u64().unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_invalid_file_changes_nothing_and_is_reported() {
+    let rx = Receiver::start().await;
+    let good = format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/"), ""));
+    let c = Courier::start_file(&good).await;
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", "ftp://nowhere", "")
+    ));
+    let st = c.wait_config(|st| st["reloads_failed"] == 1).await;
+    assert_eq!(st["version"], 1);
+    let msg = st["last_error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("courier.toml") && msg.contains("endpoints[0].url"),
+        "{msg}"
+    );
+    // The old configuration keeps serving.
+    c.send(json!({"event_type": "t", "payload": {}})).await;
+    rx.wait_for(1, T).await;
+    assert!(
+        c.text("/metrics")
+            .await
+            .contains("courier_config_reloads_total{result=\"error\"} 1")
+    );
+
+    // A syntax error names the line.
+    c.rewrite_config_text("[server\nlisten = 1\n");
+    let st = c.wait_config(|st| st["reloads_failed"] == 2).await;
+    let msg = st["last_error"]["message"].as_str().unwrap();
+    assert!(msg.contains("line 1"), "{msg}");
+
+    // Fixing the file applies it and clears the error.
+    c.rewrite_config(&good);
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert!(st["last_error"].is_null());
+    assert!(
+        c.text("/metrics")
+            .await
+            .contains("courier_config_reloads_total{result=\"ok\"} 1")
+    );
+    c.stop().await;
+}
