@@ -25,6 +25,7 @@ pub struct App {
     /// What the config hot reload has done.
     pub reload_status: std::sync::Mutex<crate::reload::Status>,
     pub scheduler: Scheduler,
+    pub plugins: crate::plugins::Plugins,
     /// Cancelled on SIGINT/SIGTERM: stop taking work, let in-flight attempts finish.
     pub shutdown: CancellationToken,
     /// Every worker and attempt task, so shutdown can wait for them.

@@ -88,14 +88,8 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn check(path: &PathBuf) -> anyhow::Result<()> {
     let config = load(Some(path))?;
-    for p in &config.plugins {
-        if !p.path.exists() {
-            anyhow::bail!(
-                "plugins: {}: file {} does not exist",
-                p.name,
-                p.path.display()
-            );
-        }
+    if let Err(errors) = crate::plugins::check(&config.plugins) {
+        anyhow::bail!("{}", errors.join("\n"));
     }
     println!(
         "{}: ok ({} endpoints, {} keys, {} plugins, {} workflows)",

@@ -18,6 +18,9 @@
 //! - [`deliver`]: builds, signs ([`deliver::sign`]) and sends ([`deliver::client`], with the
 //!   SSRF guard) one attempt.
 //! - [`outcome`]: pure rules deciding what follows an attempt (delivered, retry when, dead).
+//! - [`plugins`]: WebAssembly components (wasmtime) that transform payloads, choose backoff or
+//!   simulate a callback; sandboxed per call, hot-reloaded when their files change.
+//! - [`watch`]: the directory watching that config and plugin hot reload share.
 //! - [`observe`]: metrics and the log lines emitted with them.
 //! - [`api`]: the HTTP API, one router per resource.
 //! - [`app`]: the shared application state and bearer-token authentication.
@@ -34,7 +37,9 @@ pub mod ingest;
 pub mod model;
 pub mod observe;
 pub mod outcome;
+pub mod plugins;
 pub mod reload;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod watch;

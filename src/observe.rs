@@ -31,10 +31,17 @@ pub struct Metrics {
     pub oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub circuit_open: Family<Labels, Gauge>,
     pub config_reloads: Family<Labels, Counter>,
+    pub plugin_calls: Family<Labels, Counter>,
+    pub plugin_call_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    pub plugin_loads: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn plugin_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -60,6 +67,9 @@ impl Metrics {
             oldest_pending_age: Gauge::default(),
             circuit_open: Family::default(),
             config_reloads: Family::default(),
+            plugin_calls: Family::default(),
+            plugin_call_duration: Family::new_with_constructor(plugin_histogram),
+            plugin_loads: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -127,6 +137,21 @@ impl Metrics {
                 "courier_config_reloads",
                 "Configuration reloads by result (ok, error)",
                 m.config_reloads.clone(),
+            );
+            r.register(
+                "courier_plugin_calls",
+                "Plugin calls per plugin and result (ok, error)",
+                m.plugin_calls.clone(),
+            );
+            r.register(
+                "courier_plugin_call_duration_seconds",
+                "Plugin call latency (instantiate + call) per plugin",
+                m.plugin_call_duration.clone(),
+            );
+            r.register(
+                "courier_plugin_loads",
+                "Plugin file loads per plugin and result (ok, error)",
+                m.plugin_loads.clone(),
             );
         }
         m
@@ -231,6 +256,22 @@ pub fn attempt(
             ])
             .inc();
     }
+}
+
+/// A transform plugin dropped a delivery.
+pub fn dropped(m: &Metrics, endpoint: &str, delivery: &str, reason: &str) {
+    m.deliveries_final
+        .get_or_create(&vec![
+            ("endpoint", endpoint.to_string()),
+            ("state", "dropped".to_string()),
+        ])
+        .inc();
+    tracing::info!(
+        endpoint,
+        delivery,
+        reason,
+        "delivery dropped by a transform"
+    );
 }
 
 /// An endpoint's circuit opened or closed.

@@ -23,32 +23,49 @@ pub fn decide(
     jitter: f64,
     now_ms: u64,
 ) -> Next {
+    final_answer(result).unwrap_or_else(|| scheduled(result, done_before, schedule, jitter, now_ms))
+}
+
+/// The outcomes no retry policy can change: success, 410, `webhook-delivery: abort`, and
+/// permanent errors. `None` means the attempt failed in a way that may be retried.
+pub fn final_answer(result: &AttemptResult) -> Option<Next> {
     if result.success() {
-        return Next::Delivered;
+        return Some(Next::Delivered);
     }
     if result.status == Some(410) {
-        return Next::Dead {
+        return Some(Next::Dead {
             reason: "endpoint answered 410 Gone".into(),
-        };
+        });
     }
     if result.abort {
-        return Next::Dead {
+        return Some(Next::Dead {
             reason: format!(
                 "receiver answered {} with webhook-delivery: abort",
                 result.label()
             ),
-        };
+        });
     }
     if let Some(class) = result.error
         && PERMANENT_ERRORS.contains(&class)
     {
-        return Next::Dead {
+        return Some(Next::Dead {
             reason: format!(
                 "{class}: {}",
                 result.error_detail.as_deref().unwrap_or_default()
             ),
-        };
+        });
     }
+    None
+}
+
+/// The retry the schedule gives a failed attempt (or dead when it is exhausted).
+pub fn scheduled(
+    result: &AttemptResult,
+    done_before: u32,
+    schedule: &[Duration],
+    jitter: f64,
+    now_ms: u64,
+) -> Next {
     let made = done_before as usize + 1;
     let error = describe_failure(result);
     if made >= schedule.len() {

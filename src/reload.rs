@@ -6,9 +6,8 @@
 //! hints: after a quiet period the file is re-read, and unchanged content (by hash) is
 //! skipped. An invalid file changes nothing; the running config keeps serving.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -18,9 +17,6 @@ use crate::config::Config;
 use crate::deliver::client;
 use crate::model::now_ms;
 use crate::scheduler::Scheduler;
-
-/// How long the file must be quiet before it is re-read.
-const QUIET: Duration = Duration::from_millis(250);
 
 /// What `GET /v1/config/status` reports.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -62,8 +58,8 @@ pub fn start(app: &Arc<App>) {
     let Some(path) = app.config.load().source.clone() else {
         return;
     };
-    let (tx, rx) = mpsc::unbounded_channel::<()>();
-    match watch(&path, tx.clone()) {
+    let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
+    match crate::watch::watch_files(std::slice::from_ref(&path), tx) {
         Ok(watcher) => {
             let app2 = app.clone();
             app.tasks.spawn(async move {
@@ -97,38 +93,11 @@ pub fn start(app: &Arc<App>) {
     }
 }
 
-fn watch(path: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let name = path.file_name().map(|n| n.to_os_string());
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res
-            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    Ok(watcher)
-}
-
-async fn debounce(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<()>) {
+async fn debounce(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
     loop {
         tokio::select! {
-            got = rx.recv() => if got.is_none() { return },
+            batch = crate::watch::next_batch(&mut rx) => if batch.is_none() { return },
             _ = app.shutdown.cancelled() => return,
-        }
-        // Wait for the writes to settle.
-        loop {
-            match tokio::time::timeout(QUIET, rx.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) => return,
-                Err(_) => break,
-            }
         }
         reload(&app, false);
     }
@@ -166,9 +135,21 @@ pub fn reload(app: &Arc<App>, force: bool) {
     {
         return;
     }
-    match Config::load(&path) {
+    let loaded = Config::load(&path).map_err(|e| match &e {
+        crate::config::ConfigError::Invalid { .. } => format!("{}: {e}", path.display()),
+        _ => e.to_string(),
+    });
+    // Plugins named by the new file must load before it is applied (all or nothing).
+    let loaded = loaded.and_then(
+        |new| match app.plugins.load_all(&new.plugins, &app.metrics) {
+            Ok(()) => Ok(new),
+            Err(errors) => Err(format!("{}: {}", path.display(), errors.join("; "))),
+        },
+    );
+    match loaded {
         Ok(new) => {
             apply(app, new);
+            crate::plugins::rewatch(app);
             let mut st = app.reload_status.lock().expect("status lock");
             st.version += 1;
             st.loaded_at_ms = now_ms();
@@ -182,13 +163,9 @@ pub fn reload(app: &Arc<App>, force: bool) {
                 .inc();
             tracing::info!(path = %path.display(), version = st.version, "configuration reloaded");
         }
-        Err(e) => {
+        Err(message) => {
             let mut st = app.reload_status.lock().expect("status lock");
             st.reloads_failed += 1;
-            let message = match &e {
-                crate::config::ConfigError::Invalid { .. } => format!("{}: {e}", path.display()),
-                _ => e.to_string(),
-            };
             st.last_error = Some(message);
             st.last_error_at_ms = Some(now_ms());
             // Remember the rejected content so the same bad file is not reported again and

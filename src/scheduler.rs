@@ -15,7 +15,8 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::app::App;
 use crate::config::{EndpointConfig, Ordering};
-use crate::model::{Attempt, Delivery, now_ms};
+use crate::model::{Attempt, Delivery, now_ms, rfc3339};
+use crate::plugins::{AttemptInfo, BackoffDecision, TransformContext, Transformed};
 use crate::store::{Next, OutcomeRecord};
 use crate::{deliver, observe, outcome};
 
@@ -244,7 +245,7 @@ async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>) {
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
                             app.tasks.spawn(async move {
                                 let id = d.id.clone();
-                                let success = run_attempt(&app2, &ep2, d).await;
+                                let success = run_attempt(&app2, ep2, d).await;
                                 let _ = tx.send(Done { id, success });
                             });
                         }
@@ -298,7 +299,7 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 
 /// Makes one attempt of `d` and records it. Returns whether the endpoint answered 2xx
 /// (`None` when nothing was sent).
-async fn run_attempt(app: &App, ep: &EndpointConfig, d: Delivery) -> Option<bool> {
+async fn run_attempt(app: &Arc<App>, ep: Arc<EndpointConfig>, d: Delivery) -> Option<bool> {
     let event = match app.store.event(&d.event_id) {
         Ok(Some(e)) => e,
         Ok(None) => {
@@ -314,7 +315,55 @@ async fn run_attempt(app: &App, ep: &EndpointConfig, d: Delivery) -> Option<bool
         }
     };
     let delivery_cfg = app.config.load().delivery.clone();
-    let out = deliver::outgoing(ep, &event);
+    let out = deliver::outgoing(&ep, &event);
+    // Transforms run before signing, so the signature covers the bytes actually sent.
+    let transformed = if ep.transforms.is_empty() {
+        Ok(Transformed::Send(out))
+    } else {
+        let ctx = TransformContext {
+            endpoint: ep.name.clone(),
+            event_type: event.event_type.clone(),
+            event_id: event.id.clone(),
+            timestamp: rfc3339(event.created_ms),
+        };
+        let (app2, ep2) = (app.clone(), ep.clone());
+        tokio::task::spawn_blocking(move || {
+            app2.plugins
+                .run_transforms(&app2.metrics, &ep2.transforms, out, &ctx)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::plugins::PluginError::Call {
+                plugin: ep.transforms.join(","),
+                class: "plugin_trap",
+                detail: format!("plugin call panicked: {e}"),
+            })
+        })
+    };
+    let out = match transformed {
+        Ok(Transformed::Send(out)) => out,
+        Ok(Transformed::Drop(reason)) => {
+            observe::dropped(&app.metrics, &ep.name, &d.id, &reason);
+            record(app, &d, None, Next::Dropped { reason }, false).await;
+            return None;
+        }
+        Err(e) => {
+            // A failing plugin is an attempt error (audited, retried), not the endpoint's
+            // fault: it does not count toward the circuit breaker.
+            let result = deliver::AttemptResult::not_sent(e.class(), e.to_string());
+            let next = decide(app, &ep, &d, &result, delivery_cfg.jitter).await;
+            observe::attempt(
+                &app.metrics,
+                &ep.name,
+                &d.id,
+                d.attempts + 1,
+                &result,
+                &next,
+            );
+            record(app, &d, Some(result), next, true).await;
+            return None;
+        }
+    };
     let client = app.client.load_full();
     let result = deliver::send(
         &client,
@@ -326,13 +375,7 @@ async fn run_attempt(app: &App, ep: &EndpointConfig, d: Delivery) -> Option<bool
         &[],
     )
     .await;
-    let next = outcome::decide(
-        &result,
-        d.round_attempts,
-        &ep.schedule,
-        delivery_cfg.jitter,
-        now_ms(),
-    );
+    let next = decide(app, &ep, &d, &result, delivery_cfg.jitter).await;
     observe::attempt(
         &app.metrics,
         &ep.name,
@@ -344,6 +387,58 @@ async fn run_attempt(app: &App, ep: &EndpointConfig, d: Delivery) -> Option<bool
     let success = result.success();
     record(app, &d, Some(result), next, true).await;
     Some(success)
+}
+
+/// The next state after an attempt: final answers first, then the endpoint's backoff plugin
+/// (if any; on failure the schedule is used instead), then the schedule.
+async fn decide(
+    app: &Arc<App>,
+    ep: &EndpointConfig,
+    d: &Delivery,
+    result: &deliver::AttemptResult,
+    jitter: f64,
+) -> Next {
+    if let Some(next) = outcome::final_answer(result) {
+        return next;
+    }
+    let now = now_ms();
+    if let Some(policy) = &ep.backoff {
+        let info = AttemptInfo {
+            endpoint: ep.name.clone(),
+            event_type: d.event_type.clone(),
+            attempt: d.round_attempts + 1,
+            status: result.status,
+            error: result.error.map(str::to_string),
+            retry_after_ms: result.retry_after.map(|r| r.as_millis() as u64),
+        };
+        let (app2, policy2) = (app.clone(), policy.clone());
+        let decision = tokio::task::spawn_blocking(move || {
+            app2.plugins.next_delay(&app2.metrics, &policy2, &info)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::plugins::PluginError::NotLoaded(format!(
+                "{policy}: {e}"
+            )))
+        });
+        match decision {
+            Ok(BackoffDecision::RetryAfterMs(ms)) => {
+                return Next::Retry {
+                    due_ms: now + ms.min(outcome::MAX_RETRY_AFTER.as_millis() as u64),
+                    error: Some(outcome::describe_failure(result)),
+                };
+            }
+            Ok(BackoffDecision::GiveUp(reason)) => {
+                return Next::Dead {
+                    reason: format!("{reason}; last: {}", outcome::describe_failure(result)),
+                };
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %ep.name, error = %e, "backoff plugin failed; using the schedule");
+            }
+        }
+    }
+    outcome::scheduled(result, d.round_attempts, &ep.schedule, jitter, now)
 }
 
 async fn record(

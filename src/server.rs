@@ -53,6 +53,11 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let db_path = data_dir.join("courier.redb");
     let store =
         Store::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
+    let metrics = Metrics::new();
+    let plugins = crate::plugins::Plugins::default();
+    if let Err(errors) = plugins.load_all(&config.plugins, &metrics) {
+        anyhow::bail!("{}", errors.join("\n"));
+    }
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -62,7 +67,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         reload_status: std::sync::Mutex::new(crate::reload::initial_status(&config)),
         config: ArcSwap::from_pointee(config),
         store,
-        metrics: Metrics::new(),
+        metrics,
+        plugins,
         scheduler: Scheduler::default(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -70,6 +76,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     Scheduler::start_workers(&app);
     app.tasks.spawn(retention(app.clone()));
     crate::reload::start(&app);
+    crate::plugins::start_watching(&app);
 
     let router = crate::api::router(app.clone());
     let app2 = app.clone();

@@ -6,6 +6,7 @@ mod deliveries;
 mod dlq;
 mod events;
 mod health;
+mod plugins;
 mod stats;
 pub(crate) mod views;
 
@@ -31,6 +32,7 @@ pub fn router(app: AppState) -> Router {
         .merge(dlq::router())
         .merge(stats::router())
         .merge(health::router())
+        .merge(plugins::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(app)
 }

@@ -44,6 +44,11 @@ impl AttemptResult {
         }
     }
 
+    /// An attempt that failed before anything was sent (a plugin failed).
+    pub fn not_sent(class: &'static str, detail: String) -> Self {
+        Self::failed(Instant::now(), now_ms(), class, detail)
+    }
+
     fn failed(started: Instant, started_ms: u64, class: &'static str, detail: String) -> Self {
         AttemptResult {
             started_ms,

@@ -8,5 +8,6 @@ mod crash;
 mod delivery;
 mod examples;
 mod ingest;
+mod plugins;
 mod reload;
 mod signing;

@@ -1,0 +1,456 @@
+//! WebAssembly plugins: the registry of loaded plugins, hot reload of their files, and the
+//! calls the delivery path makes (transform chain, backoff policy, callback simulator).
+//!
+//! The WIT contract is in `wit/plugin.wit`; [`host`] runs components. Calls are synchronous
+//! and CPU-bound: async callers run them on the blocking pool (WASI's sync bindings must not
+//! run on an async worker). Loaded plugins sit in an
+//! `ArcSwap` map: a call takes the current version and keeps it alive for its duration, so a
+//! reload swaps atomically and calls in flight finish on the version they started with.
+
+pub mod host;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+
+use crate::config::{PluginConfig, PluginKind};
+use crate::model::now_ms;
+use crate::observe::Metrics;
+use host::{Host, Limits, Loaded};
+
+pub use host::{AttemptInfo, BackoffDecision, Header, Request, TransformOutcome};
+
+/// Plugin errors at the module boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    #[error("the WebAssembly engine could not start: {0}")]
+    Engine(String),
+    #[error("plugin `{0}` is not loaded")]
+    NotLoaded(String),
+    #[error("plugin `{plugin}` failed ({class}): {detail}")]
+    Call {
+        plugin: String,
+        /// `plugin_trap`, `plugin_timeout`, `plugin_fuel`, `plugin_memory`, `plugin_error`.
+        class: &'static str,
+        detail: String,
+    },
+}
+
+impl PluginError {
+    /// The error class recorded in the audit trail.
+    pub fn class(&self) -> &'static str {
+        match self {
+            PluginError::Engine(_) | PluginError::NotLoaded(_) => "plugin_missing",
+            PluginError::Call { class, .. } => class,
+        }
+    }
+}
+
+/// What `courier check` and the API report about a plugin.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    pub name: String,
+    pub kind: String,
+    pub path: PathBuf,
+    /// Increases with every successfully loaded file version (0 = never loaded).
+    pub version: u64,
+    pub sha256: Option<String>,
+    pub loaded_at_ms: Option<u64>,
+    pub loads_ok: u64,
+    pub loads_failed: u64,
+    pub last_error: Option<String>,
+}
+
+/// The result of a transform chain.
+pub enum Transformed {
+    Send(crate::deliver::Outgoing),
+    Drop(String),
+}
+
+/// Every loaded plugin.
+#[derive(Default)]
+pub struct Plugins {
+    host: OnceLock<Result<Host, PluginError>>,
+    loaded: ArcSwap<HashMap<String, Arc<Loaded>>>,
+    status: Mutex<BTreeMap<String, Status>>,
+    /// The file watcher, replaced when the set of plugin files changes.
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    watch_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<PathBuf>>>,
+}
+
+fn kind_name(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::Transform => "transform",
+        PluginKind::Backoff => "backoff",
+        PluginKind::Simulator => "simulator",
+    }
+}
+
+fn config_table(cfg: &PluginConfig) -> Vec<(String, String)> {
+    cfg.config
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl Plugins {
+    /// The engine, created on first use so that a courier without plugins never pays for it.
+    fn host(&self) -> Result<&Host, PluginError> {
+        self.host
+            .get_or_init(Host::new)
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
+        self.loaded.load().get(name).cloned()
+    }
+
+    pub fn status(&self) -> Vec<Status> {
+        self.status
+            .lock()
+            .expect("plugin status")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Compiles one plugin file. Pure: changes nothing in the registry.
+    fn compile(&self, cfg: &PluginConfig, version: u64) -> Result<Loaded, String> {
+        let bytes = std::fs::read(&cfg.path)
+            .map_err(|e| format!("cannot read {}: {e}", cfg.path.display()))?;
+        let limits = Limits::of(cfg);
+        let host = self.host().map_err(|e| e.to_string())?;
+        let template = host
+            .compile(cfg.kind, &bytes, limits)
+            .map_err(|e| format!("{}: {e}", cfg.path.display()))?;
+        Ok(Loaded {
+            name: cfg.name.as_str().into(),
+            kind: cfg.kind,
+            template,
+            config: Arc::new(config_table(cfg)),
+            limits,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            version,
+            loaded_at_ms: now_ms(),
+        })
+    }
+
+    fn unchanged(current: &Loaded, cfg: &PluginConfig) -> bool {
+        current.kind == cfg.kind
+            && current.limits == Limits::of(cfg)
+            && *current.config == config_table(cfg)
+            && std::fs::read(&cfg.path)
+                .map(|b| hex::encode(Sha256::digest(&b)) == current.sha256)
+                .unwrap_or(false)
+    }
+
+    /// Loads the plugin set of a configuration, all or nothing: if any new or changed plugin
+    /// fails to load, nothing changes and every failure is returned. Used at start-up and
+    /// before a new configuration is applied.
+    pub fn load_all(&self, configs: &[PluginConfig], metrics: &Metrics) -> Result<(), Vec<String>> {
+        let current = self.loaded.load_full();
+        let mut next = HashMap::new();
+        let mut errors = Vec::new();
+        let mut fresh = Vec::new();
+        for cfg in configs {
+            if let Some(cur) = current.get(&cfg.name)
+                && cur.kind == cfg.kind
+                && Self::unchanged(cur, cfg)
+            {
+                next.insert(cfg.name.clone(), cur.clone());
+                continue;
+            }
+            let version = current.get(&cfg.name).map_or(0, |c| c.version) + 1;
+            match self.compile(cfg, version) {
+                Ok(l) => {
+                    fresh.push(cfg.name.clone());
+                    next.insert(cfg.name.clone(), Arc::new(l));
+                }
+                Err(e) => {
+                    self.record_failure(cfg, &e, metrics);
+                    errors.push(format!("plugins: {}: {e}", cfg.name));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut status = self.status.lock().expect("plugin status");
+        status.retain(|name, _| next.contains_key(name));
+        for name in fresh {
+            let l = &next[&name];
+            let cfg = configs.iter().find(|c| c.name == name).expect("configured");
+            record_success(&mut status, cfg, l, metrics);
+        }
+        drop(status);
+        self.loaded.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Reloads one plugin after its file changed. A file that fails to load (or is gone)
+    /// leaves the previous version serving; the failure is logged, counted and reported.
+    pub fn reload_file(&self, cfg: &PluginConfig, metrics: &Metrics) {
+        let current = self.get(&cfg.name);
+        if current.as_ref().is_some_and(|c| Self::unchanged(c, cfg)) {
+            return;
+        }
+        let version = current.as_ref().map_or(0, |c| c.version) + 1;
+        match self.compile(cfg, version) {
+            Ok(l) => {
+                let l = Arc::new(l);
+                let mut map = (*self.loaded.load_full()).clone();
+                map.insert(cfg.name.clone(), l.clone());
+                self.loaded.store(Arc::new(map));
+                record_success(
+                    &mut self.status.lock().expect("plugin status"),
+                    cfg,
+                    &l,
+                    metrics,
+                );
+                tracing::info!(plugin = %cfg.name, version = l.version, sha256 = %l.sha256, "plugin reloaded");
+            }
+            Err(e) => self.record_failure(cfg, &e, metrics),
+        }
+    }
+
+    fn record_failure(&self, cfg: &PluginConfig, error: &str, metrics: &Metrics) {
+        let mut status = self.status.lock().expect("plugin status");
+        let st = status.entry(cfg.name.clone()).or_insert_with(|| Status {
+            name: cfg.name.clone(),
+            kind: kind_name(cfg.kind).into(),
+            path: cfg.path.clone(),
+            ..Status::default()
+        });
+        st.loads_failed += 1;
+        st.last_error = Some(error.to_string());
+        metrics
+            .plugin_loads
+            .get_or_create(&vec![
+                ("plugin", cfg.name.clone()),
+                ("result", "error".into()),
+            ])
+            .inc();
+        let serving = self.get(&cfg.name).map(|l| l.version);
+        tracing::error!(plugin = %cfg.name, error, serving_version = ?serving, "plugin failed to load; the previous version (if any) keeps serving");
+    }
+
+    /// Runs an endpoint's transform chain in order.
+    pub fn run_transforms(
+        &self,
+        metrics: &Metrics,
+        names: &[String],
+        mut out: crate::deliver::Outgoing,
+        ctx: &TransformContext,
+    ) -> Result<Transformed, PluginError> {
+        if names.is_empty() {
+            return Ok(Transformed::Send(out));
+        }
+        let host = self.host()?;
+        for name in names {
+            let plugin = self
+                .get(name)
+                .ok_or_else(|| PluginError::NotLoaded(name.clone()))?;
+            let req = Request {
+                endpoint: ctx.endpoint.clone(),
+                event_type: ctx.event_type.clone(),
+                event_id: ctx.event_id.clone(),
+                timestamp: ctx.timestamp.clone(),
+                headers: out
+                    .headers
+                    .iter()
+                    .map(|(n, v)| Header {
+                        name: n.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
+                body: std::mem::take(&mut out.body),
+            };
+            let outcome = observe_call(metrics, name, || {
+                plugin
+                    .transform(host, &req)?
+                    .map_err(|detail| PluginError::Call {
+                        plugin: name.clone(),
+                        class: "plugin_error",
+                        detail,
+                    })
+            })?;
+            match outcome {
+                TransformOutcome::Send(r) => {
+                    out.body = r.body;
+                    out.headers = r
+                        .headers
+                        .into_iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), h.value))
+                        .filter(|(n, _)| {
+                            !crate::config::RESERVED_HEADERS.contains(&n.as_str())
+                                || n == "content-type"
+                        })
+                        .collect();
+                }
+                TransformOutcome::Drop(reason) => {
+                    return Ok(Transformed::Drop(format!("{name}: {reason}")));
+                }
+            }
+        }
+        Ok(Transformed::Send(out))
+    }
+
+    /// Asks a backoff plugin when to retry.
+    pub fn next_delay(
+        &self,
+        metrics: &Metrics,
+        name: &str,
+        info: &AttemptInfo,
+    ) -> Result<BackoffDecision, PluginError> {
+        let host = self.host()?;
+        let plugin = self
+            .get(name)
+            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
+        observe_call(metrics, name, || plugin.next_delay(host, info))
+    }
+
+    /// Runs a callback simulator on a message (JSON text); returns the callback body.
+    pub fn simulate(
+        &self,
+        metrics: &Metrics,
+        name: &str,
+        message: &str,
+    ) -> Result<String, PluginError> {
+        let host = self.host()?;
+        let plugin = self
+            .get(name)
+            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
+        observe_call(metrics, name, || {
+            plugin
+                .simulate(host, message)?
+                .map_err(|detail| PluginError::Call {
+                    plugin: name.to_string(),
+                    class: "plugin_error",
+                    detail,
+                })
+        })
+    }
+}
+
+/// What a transform sees besides the request itself.
+pub struct TransformContext {
+    pub endpoint: String,
+    pub event_type: String,
+    pub event_id: String,
+    pub timestamp: String,
+}
+
+fn record_success(
+    status: &mut BTreeMap<String, Status>,
+    cfg: &PluginConfig,
+    l: &Loaded,
+    metrics: &Metrics,
+) {
+    let st = status.entry(cfg.name.clone()).or_default();
+    st.name = cfg.name.clone();
+    st.kind = kind_name(cfg.kind).into();
+    st.path = cfg.path.clone();
+    st.version = l.version;
+    st.sha256 = Some(l.sha256.clone());
+    st.loaded_at_ms = Some(l.loaded_at_ms);
+    st.loads_ok += 1;
+    st.last_error = None;
+    metrics
+        .plugin_loads
+        .get_or_create(&vec![("plugin", cfg.name.clone()), ("result", "ok".into())])
+        .inc();
+}
+
+/// Times a call and counts its result; the one place plugin calls are logged and measured.
+fn observe_call<R>(
+    metrics: &Metrics,
+    name: &str,
+    f: impl FnOnce() -> Result<R, PluginError>,
+) -> Result<R, PluginError> {
+    let started = Instant::now();
+    let result = f();
+    metrics
+        .plugin_call_duration
+        .get_or_create(&vec![("plugin", name.to_string())])
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => {
+            metrics
+                .plugin_calls
+                .get_or_create(&vec![("plugin", name.to_string()), ("result", "ok".into())])
+                .inc();
+        }
+        Err(e) => {
+            metrics
+                .plugin_calls
+                .get_or_create(&vec![
+                    ("plugin", name.to_string()),
+                    ("result", "error".into()),
+                ])
+                .inc();
+            tracing::warn!(plugin = name, class = e.class(), error = %e, "plugin call failed");
+        }
+    }
+    result
+}
+
+/// Checks that every plugin of a configuration loads (for `courier check`).
+pub fn check(configs: &[PluginConfig]) -> Result<(), Vec<String>> {
+    Plugins::default().load_all(configs, &Metrics::new())
+}
+
+/// Starts the task that reloads plugins whose files change, and the first watcher.
+pub fn start_watching(app: &Arc<crate::app::App>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+    *app.plugins.watch_tx.lock().expect("watch tx") = Some(tx);
+    rewatch(app);
+    let app2 = app.clone();
+    app.tasks.spawn(async move {
+        loop {
+            let batch = tokio::select! {
+                b = crate::watch::next_batch(&mut rx) => match b { Some(b) => b, None => return },
+                _ = app2.shutdown.cancelled() => return,
+            };
+            let app3 = app2.clone();
+            // Compilation is CPU work: keep it off the async workers.
+            let _ = tokio::task::spawn_blocking(move || {
+                let config = app3.config.load();
+                for cfg in config.plugins.iter().filter(|p| batch.contains(&p.path)) {
+                    app3.plugins.reload_file(cfg, &app3.metrics);
+                }
+            })
+            .await;
+        }
+    });
+}
+
+/// Watches the files of the active configuration's plugins (after a config change).
+pub fn rewatch(app: &Arc<crate::app::App>) {
+    let paths: Vec<PathBuf> = app
+        .config
+        .load()
+        .plugins
+        .iter()
+        .map(|p| p.path.clone())
+        .collect();
+    let Some(tx) = app.plugins.watch_tx.lock().expect("watch tx").clone() else {
+        return;
+    };
+    let watcher = if paths.is_empty() {
+        None
+    } else {
+        match crate::watch::watch_files(&paths, tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch plugin files; they will not hot-reload");
+                None
+            }
+        }
+    };
+    *app.plugins.watcher.lock().expect("watcher") = watcher;
+}

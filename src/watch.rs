@@ -1,0 +1,73 @@
+//! File watching shared by config and plugin hot reload.
+//!
+//! Directories are watched, not files: editors and `cp`/`mv` replace a file by writing a
+//! temporary one and renaming it over, which a watch on the old inode never sees. Events are
+//! only hints; after a quiet period the caller re-reads the files and compares content.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// How long files must be quiet before they are re-read.
+pub const QUIET: Duration = Duration::from_millis(250);
+
+/// Watches the directories of `files` and sends each watched file that an event touches.
+pub fn watch_files(
+    files: &[PathBuf],
+    tx: mpsc::UnboundedSender<PathBuf>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    // (canonical directory, file name) → the path as configured.
+    let watched: Vec<(PathBuf, std::ffi::OsString, PathBuf)> = files
+        .iter()
+        .filter_map(|f| Some((canonical_dir(f), f.file_name()?.to_os_string(), f.clone())))
+        .collect();
+    let dirs: BTreeSet<PathBuf> = watched.iter().map(|(d, _, _)| d.clone()).collect();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        for p in &event.paths {
+            let (Some(name), Some(dir)) = (p.file_name(), p.parent()) else {
+                continue;
+            };
+            for (wdir, wname, original) in &watched {
+                if name == wname && (dir == wdir || canonical(dir) == *wdir) {
+                    let _ = tx.send(original.clone());
+                }
+            }
+        }
+    })?;
+    for d in dirs {
+        watcher.watch(&d, notify::RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn canonical_dir(f: &Path) -> PathBuf {
+    canonical(
+        f.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+}
+
+/// Receives the next batch of changed files: waits for one, then until `QUIET` passes with
+/// no further event. `None` when the channel closed.
+pub async fn next_batch(rx: &mut mpsc::UnboundedReceiver<PathBuf>) -> Option<BTreeSet<PathBuf>> {
+    let mut batch = BTreeSet::new();
+    batch.insert(rx.recv().await?);
+    loop {
+        match tokio::time::timeout(QUIET, rx.recv()).await {
+            Ok(Some(p)) => {
+                batch.insert(p);
+            }
+            Ok(None) => return Some(batch),
+            Err(_) => return Some(batch),
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! WebAssembly plugins end to end: real components compiled from plugins/, run by wasmtime
+//! inside a real courier, changing what the receiver sees.
+
+use std::time::{Duration, Instant};
+
+use courier::deliver::sign;
+use serde_json::json;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn plugin_entry(name: &str, file: &str, kind: &str, extra: &str) -> String {
+    format!(
+        "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\nkind = \"{kind}\"\n{extra}\n",
+        plugin(file).display()
+    )
+}
+
+#[tokio::test]
+async fn redact_and_envelope_change_the_body_and_the_signature_covers_it() {
+    let (a, b, chain) = (
+        Receiver::start().await,
+        Receiver::start().await,
+        Receiver::start().await,
+    );
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}{}{}{}",
+        plugin_entry(
+            "redact",
+            "redact",
+            "transform",
+            "config = { fields = \"email, phone\" }"
+        ),
+        plugin_entry("envelope", "envelope", "transform", ""),
+        endpoint("a", &a.url("/"), "transforms = [\"redact\"]"),
+        endpoint("b", &b.url("/"), "transforms = [\"envelope\"]"),
+        endpoint(
+            "chain",
+            &chain.url("/"),
+            "transforms = [\"redact\", \"envelope\"]"
+        ),
+    ))
+    .await;
+    let reply = c
+        .send(json!({"event_type": "user.created", "payload": {"name": "Ada", "email": "ada@example.com", "phone": "1", "age": 36}}))
+        .await;
+    assert_eq!(reply["deliveries"].as_array().unwrap().len(), 3);
+
+    let got = a.wait_for(1, T).await;
+    assert_eq!(got[0].json(), json!({"name": "Ada", "age": 36}));
+    sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature"))
+        .expect("signature covers the transformed body");
+    let ts: i64 = got[0].header("webhook-timestamp").parse().unwrap();
+    sign::verify_standard(
+        SECRET,
+        got[0].header("webhook-id"),
+        ts,
+        &got[0].body,
+        got[0].header("webhook-signature"),
+        None,
+    )
+    .unwrap();
+
+    let got = b.wait_for(1, T).await;
+    let env = got[0].json();
+    assert_eq!(env["type"], "user.created");
+    assert_eq!(env["data"]["email"], "ada@example.com");
+    assert!(
+        courier::model::parse_time(env["timestamp"].as_str().unwrap()).is_some(),
+        "{env}"
+    );
+    sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
+
+    let got = chain.wait_for(1, T).await;
+    let env = got[0].json();
+    assert_eq!(env["type"], "user.created");
+    assert_eq!(
+        env["data"],
+        json!({"name": "Ada", "age": 36}),
+        "redact ran before envelope"
+    );
+
+    let m = c.text("/metrics").await;
+    assert!(
+        m.contains("courier_plugin_calls_total{plugin=\"redact\",result=\"ok\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("courier_plugin_call_duration_seconds_count{plugin=\"envelope\"} 2"),
+        "{m}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_backoff_plugin_replaces_the_schedule() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::status(500));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry(
+            "fixed",
+            "fixed-backoff",
+            "backoff",
+            "config = { delay_ms = 300, max_attempts = 3 }"
+        ),
+        endpoint(
+            "app",
+            &rx.url("/"),
+            "backoff = \"fixed\"\nschedule = [\"0s\", \"1ms\"]"
+        ),
+    ))
+    .await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    let d = c
+        .wait_status(r["deliveries"][0]["id"].as_str().unwrap(), "dead", T)
+        .await;
+    assert_eq!(
+        d["attempts"].as_array().unwrap().len(),
+        3,
+        "max_attempts from the plugin, not the schedule's 2"
+    );
+    assert!(
+        d["last_error"].as_str().unwrap().contains("fixed-backoff"),
+        "{d}"
+    );
+    let got = rx.received();
+    for w in got.windows(2) {
+        let gap = w[1].at - w[0].at;
+        assert!(
+            gap >= Duration::from_millis(280),
+            "delay_ms 300 honoured, got {gap:?}"
+        );
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_transform_can_drop_a_delivery() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry(
+            "dropper",
+            "misbehave",
+            "transform",
+            "config = { mode = \"drop\" }"
+        ),
+        endpoint("app", &rx.url("/"), "transforms = [\"dropper\"]"),
+    ))
+    .await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap();
+    let d = c.wait_status(id, "dropped", T).await;
+    assert!(
+        d["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not for this endpoint"),
+        "{d}"
+    );
+    assert_eq!(d["attempt_count"], 0);
+    let (_, list) = c.get("/v1/deliveries?status=dropped").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.received().is_empty());
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
+    let (bad, good) = (Receiver::start().await, Receiver::start().await);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}{}{}{}{}{}{}{}{}{}",
+        plugin_entry(
+            "trap",
+            "misbehave",
+            "transform",
+            "config = { mode = \"trap\" }"
+        ),
+        plugin_entry(
+            "loop",
+            "misbehave",
+            "transform",
+            "config = { mode = \"loop\" }\nlimits = { timeout = \"50ms\" }"
+        ),
+        plugin_entry(
+            "burn",
+            "misbehave",
+            "transform",
+            "config = { mode = \"loop\" }\nlimits = { fuel = 1000000, timeout = \"5s\" }"
+        ),
+        plugin_entry(
+            "hog",
+            "misbehave",
+            "transform",
+            "config = { mode = \"hog\" }\nlimits = { memory = \"16MiB\", timeout = \"5s\" }"
+        ),
+        plugin_entry(
+            "fail",
+            "misbehave",
+            "transform",
+            "config = { mode = \"error\" }"
+        ),
+        endpoint(
+            "trap",
+            &bad.url("/"),
+            "transforms = [\"trap\"]\nschedule = [\"0s\"]"
+        ),
+        endpoint(
+            "loop",
+            &bad.url("/"),
+            "transforms = [\"loop\"]\nschedule = [\"0s\"]"
+        ),
+        endpoint(
+            "burn",
+            &bad.url("/"),
+            "transforms = [\"burn\"]\nschedule = [\"0s\"]"
+        ),
+        endpoint(
+            "hog",
+            &bad.url("/"),
+            "transforms = [\"hog\"]\nschedule = [\"0s\"]"
+        ),
+        endpoint(
+            "fail",
+            &bad.url("/"),
+            "transforms = [\"fail\"]\nschedule = [\"0s\", \"50ms\"]"
+        ),
+        endpoint("ok", &good.url("/"), ""),
+    ))
+    .await;
+    let cases = [
+        ("trap", "plugin_trap"),
+        ("loop", "plugin_timeout"),
+        ("burn", "plugin_fuel"),
+        ("hog", "plugin_memory"),
+        ("fail", "plugin_error"),
+    ];
+    let mut ids = Vec::new();
+    for (ep, _) in cases {
+        // A healthy endpoint's delivery goes through meanwhile.
+        c.send(json!({"event_type": "t", "payload": {"during": ep}, "endpoint": "ok"}))
+            .await;
+        let r = c
+            .send(json!({"event_type": "t", "payload": {}, "endpoint": ep}))
+            .await;
+        ids.push(r["deliveries"][0]["id"].as_str().unwrap().to_string());
+    }
+    for ((ep, class), id) in cases.iter().zip(&ids) {
+        let d = c.wait_status(id, "dead", T).await;
+        let attempts = d["attempts"].as_array().unwrap();
+        assert_eq!(attempts[0]["error"], *class, "{ep}: {d:#}");
+        assert!(attempts[0]["status_code"].is_null());
+        assert!(
+            attempts[0]["error_detail"].as_str().unwrap().contains(ep),
+            "{d:#}"
+        );
+    }
+    // The plugin that returned an error was retried on the schedule.
+    let (_, fail) = c.get(&format!("/v1/deliveries/{}", ids[4])).await;
+    assert_eq!(fail["attempts"].as_array().unwrap().len(), 2);
+    // Nothing was sent by the failing chains; the healthy endpoint got everything.
+    assert!(bad.received().is_empty());
+    assert_eq!(good.wait_for(5, T).await.len(), 5);
+    let m = c.text("/metrics").await;
+    for (ep, _) in cases {
+        assert!(
+            m.contains(&format!(
+                "courier_plugin_calls_total{{plugin=\"{ep}\",result=\"error\"}}"
+            )),
+            "{ep}: {m}"
+        );
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn hot_reload_swaps_the_plugin_and_keeps_the_old_one_on_a_bad_file() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("live.wasm");
+    std::fs::copy(plugin("redact"), &wasm).unwrap();
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}[[plugins]]\nname = \"live\"\npath = \"{}\"\nkind = \"transform\"\nconfig = {{ fields = \"secret\" }}\n{}",
+        wasm.display(),
+        endpoint("app", &rx.url("/"), "transforms = [\"live\"]"),
+    ))
+    .await;
+    let send = |n: i64| c.send(json!({"event_type": "t.x", "payload": {"n": n, "secret": "s"}}));
+    send(1).await;
+    assert_eq!(rx.wait_for(1, T).await[0].json(), json!({"n": 1}));
+
+    let replace = |from: &std::path::Path| {
+        let tmp = dir.path().join("live.wasm.tmp");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, &wasm).unwrap();
+    };
+    // Swap in a different component: the next delivery is enveloped instead of redacted.
+    replace(&plugin("envelope"));
+    let st = wait_plugin(&c, |p| p["version"] == 2).await;
+    assert_eq!(st["loads_ok"], 2);
+    send(2).await;
+    let got = rx.wait_for(2, T).await;
+    assert_eq!(got[1].json()["data"], json!({"n": 2, "secret": "s"}));
+    assert_eq!(got[1].json()["type"], "t.x");
+
+    // A corrupt file is refused; the previous version keeps serving.
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"\0asm\x0d\0\x01\0 definitely not a component").unwrap();
+    replace(&junk);
+    let st = wait_plugin(&c, |p| p["loads_failed"] == 1).await;
+    assert_eq!(st["version"], 2);
+    assert!(
+        st["last_error"].as_str().unwrap().contains("live.wasm"),
+        "{st}"
+    );
+    send(3).await;
+    assert_eq!(
+        rx.wait_for(3, T).await[2].json()["data"],
+        json!({"n": 3, "secret": "s"})
+    );
+    assert!(
+        c.text("/metrics")
+            .await
+            .contains("courier_plugin_loads_total{plugin=\"live\",result=\"error\"} 1")
+    );
+
+    // Removed: still serving the last good version. Re-added: loaded again.
+    std::fs::remove_file(&wasm).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    send(4).await;
+    assert_eq!(rx.wait_for(4, T).await[3].json()["type"], "t.x");
+    std::fs::copy(plugin("redact"), dir.path().join("staging")).unwrap();
+    std::fs::rename(dir.path().join("staging"), &wasm).unwrap();
+    wait_plugin(&c, |p| p["version"] == 3).await;
+    send(5).await;
+    assert_eq!(rx.wait_for(5, T).await[4].json(), json!({"n": 5}));
+    c.stop().await;
+}
+
+async fn wait_plugin(c: &Courier, pred: fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, p) = c.get("/v1/plugins").await;
+        if pred(&p["data"][0]) {
+            return p["data"][0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "plugin status never matched: {p:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_config_naming_a_broken_plugin_is_refused_whole() {
+    let rx = Receiver::start().await;
+    let good = format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/"), ""));
+    let c = Courier::start_file(&good).await;
+    let junk = c.dir.path().join("broken.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    c.rewrite_config(&format!(
+        "{good}[[plugins]]\nname = \"broken\"\npath = \"{}\"\nkind = \"transform\"\n[[endpoints]]\nname = \"new\"\nurl = \"{}\"\ntransforms = [\"broken\"]\n",
+        junk.display(),
+        rx.url("/")
+    ));
+    let st = c.wait_config(|st| st["reloads_failed"] == 1).await;
+    assert!(
+        st["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken.wasm"),
+        "{st}"
+    );
+    assert_eq!(
+        st["endpoints"],
+        json!(["app"]),
+        "nothing of the new file was applied"
+    );
+    c.stop().await;
+}
+
+#[test]
+fn check_loads_every_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("courier.toml");
+    let run = |text: String| {
+        std::fs::write(&cfg, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let ok = run(plugin_entry("redact", "redact", "transform", ""));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let wrong_kind = run(plugin_entry("r", "redact", "backoff", ""));
+    assert!(!wrong_kind.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong_kind.stderr).contains("backoff-policy"),
+        "{}",
+        String::from_utf8_lossy(&wrong_kind.stderr)
+    );
+    std::fs::write(dir.path().join("bad.wasm"), b"garbage").unwrap();
+    let bad =
+        run("[[plugins]]\nname = \"bad\"\npath = \"bad.wasm\"\nkind = \"transform\"\n".into());
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad.wasm"));
+    let missing =
+        run("[[plugins]]\nname = \"gone\"\npath = \"gone.wasm\"\nkind = \"transform\"\n".into());
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("gone.wasm"));
+}
