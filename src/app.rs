@@ -26,6 +26,8 @@ pub struct App {
     pub reload_status: std::sync::Mutex<crate::reload::Status>,
     pub scheduler: Scheduler,
     pub plugins: crate::plugins::Plugins,
+    pub workflows: crate::workflows::Workflows,
+    pub hub: crate::hub::Hub,
     /// Cancelled on SIGINT/SIGTERM: stop taking work, let in-flight attempts finish.
     pub shutdown: CancellationToken,
     /// Every worker and attempt task, so shutdown can wait for them.

@@ -149,11 +149,18 @@ pub struct WorkflowConfig {
     pub name: String,
     pub upstream_url: url::Url,
     pub upstream_timeout: Duration,
+    /// Extra upstream tries after a connection error or a 5xx.
+    pub upstream_retries: u32,
+    pub upstream_retry_delay: Duration,
+    /// Extra headers for the upstream request (e.g. an API key).
+    pub upstream_headers: BTreeMap<String, String>,
     pub endpoint: String,
     pub event_name: Option<String>,
     pub callback_timeout: Duration,
     pub simulate: Option<String>,
     pub simulate_delay: Duration,
+    /// With `simulate`: whether the webhook to the endpoint is still sent.
+    pub simulate_webhook: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,6 +263,7 @@ struct RawWorkflow {
     callback_timeout: Option<String>,
     simulate: Option<String>,
     simulate_delay: Option<String>,
+    simulate_webhook: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +271,10 @@ struct RawWorkflow {
 struct RawUpstream {
     url: String,
     timeout: Option<String>,
+    retries: Option<u32>,
+    retry_delay: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,6 +630,13 @@ impl Config {
                     &format!("{key}.upstream.timeout"),
                 )?
                 .unwrap_or(Duration::from_secs(60)),
+                upstream_retries: w.upstream.retries.unwrap_or(2).min(10),
+                upstream_retry_delay: opt_duration(
+                    w.upstream.retry_delay,
+                    &format!("{key}.upstream.retry_delay"),
+                )?
+                .unwrap_or(Duration::from_secs(1)),
+                upstream_headers: w.upstream.headers,
                 endpoint: w.endpoint,
                 event_name: w.event_name,
                 callback_timeout: opt_duration(
@@ -628,6 +647,7 @@ impl Config {
                 simulate: w.simulate,
                 simulate_delay: opt_duration(w.simulate_delay, &format!("{key}.simulate_delay"))?
                     .unwrap_or(Duration::from_millis(1500)),
+                simulate_webhook: w.simulate_webhook.unwrap_or(true),
             });
         }
 
@@ -644,6 +664,10 @@ impl Config {
 
     pub fn endpoint(&self, name: &str) -> Option<&EndpointConfig> {
         self.endpoints.iter().find(|e| e.name == name)
+    }
+
+    pub fn workflow(&self, name: &str) -> Option<&WorkflowConfig> {
+        self.workflows.iter().find(|w| w.name == name)
     }
 }
 

@@ -149,6 +149,7 @@ pub async fn ingest(
             payload: req.payload,
             created_ms: now,
             delivery_ids: deliveries.iter().map(|d| d.id.clone()).collect(),
+            headers: Vec::new(),
         },
         deliveries,
         idempotency: req.idempotency_key.map(|key| IdempotencyKey {

@@ -21,6 +21,9 @@
 //! - [`plugins`]: WebAssembly components (wasmtime) that transform payloads, choose backoff or
 //!   simulate a callback; sandboxed per call, hot-reloaded when their files change.
 //! - [`watch`]: the directory watching that config and plugin hot reload share.
+//! - [`workflows`]: async requests (upstream call → webhook → callback → final result) as
+//!   durable channels driven by durable timers.
+//! - [`hub`]: fans channel messages out to WebSocket subscribers.
 //! - [`observe`]: metrics and the log lines emitted with them.
 //! - [`api`]: the HTTP API, one router per resource.
 //! - [`app`]: the shared application state and bearer-token authentication.
@@ -33,6 +36,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod deliver;
+pub mod hub;
 pub mod ingest;
 pub mod model;
 pub mod observe;
@@ -43,3 +47,4 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod watch;
+pub mod workflows;

@@ -62,6 +62,102 @@ pub struct Event {
     /// The deliveries made from this event (one per endpoint), so that retention can tell
     /// when the event is no longer referenced.
     pub delivery_ids: Vec<String>,
+    /// Extra headers every attempt carries (e.g. `mr-channel-id` on workflow deliveries).
+    pub headers: Vec<(String, String)>,
+}
+
+/// Where a workflow channel stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelState {
+    /// Accepted; the upstream call has not completed.
+    Pending,
+    /// The upstream answered and the webhook went out; waiting for the backend's callback.
+    AwaitingCallback,
+    /// Finished successfully.
+    Succeeded,
+    /// Finished with an error (upstream failure, simulation failure).
+    Failed,
+    /// No callback arrived within `callback_timeout`.
+    TimedOut,
+}
+
+impl ChannelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelState::Pending => "pending",
+            ChannelState::AwaitingCallback => "ai_generated",
+            ChannelState::Succeeded => "success",
+            ChannelState::Failed => "error",
+            ChannelState::TimedOut => "error",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            ChannelState::Succeeded | ChannelState::Failed | ChannelState::TimedOut
+        )
+    }
+}
+
+/// What a workflow timer does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimerKind {
+    /// Call the upstream (new channel, or after a restart mid-call).
+    Upstream,
+    /// End the channel with `callback_timeout`.
+    CallbackTimeout,
+    /// Run the simulator plugin in place of the backend.
+    Simulate,
+}
+
+impl TimerKind {
+    pub fn code(self) -> u8 {
+        match self {
+            TimerKind::Upstream => 0,
+            TimerKind::CallbackTimeout => 1,
+            TimerKind::Simulate => 2,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<TimerKind> {
+        match c {
+            0 => Some(TimerKind::Upstream),
+            1 => Some(TimerKind::CallbackTimeout),
+            2 => Some(TimerKind::Simulate),
+            _ => None,
+        }
+    }
+}
+
+/// One message a channel published (what WebSocket subscribers receive), with its time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelMessage {
+    pub at_ms: u64,
+    /// JSON text.
+    pub message: String,
+}
+
+/// A workflow run: an async request, its upstream result, and its callback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Channel {
+    pub id: String,
+    pub workflow: String,
+    pub state: ChannelState,
+    /// Increases with every change; changes are made only against the version read, so a
+    /// callback and a timeout can never both win.
+    pub version: u64,
+    /// The request body sent upstream (JSON text).
+    pub request: String,
+    /// The upstream's answer (JSON text), once there is one.
+    pub ai_response: Option<String>,
+    /// Every message published, oldest first; the last is the current state.
+    pub history: Vec<ChannelMessage>,
+    /// Pending timers: (due ms, kind).
+    pub timers: Vec<(u64, TimerKind)>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub delivery_ids: Vec<String>,
 }
 
 /// Where a delivery stands.

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub plugin_calls: Family<Labels, Counter>,
     pub plugin_call_duration: Family<Labels, Histogram, fn() -> Histogram>,
     pub plugin_loads: Family<Labels, Counter>,
+    pub workflow_requests: Family<Labels, Counter>,
+    pub workflow_upstream: Family<Labels, Counter>,
+    pub workflow_channels: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -70,6 +73,9 @@ impl Metrics {
             plugin_calls: Family::default(),
             plugin_call_duration: Family::new_with_constructor(plugin_histogram),
             plugin_loads: Family::default(),
+            workflow_requests: Family::default(),
+            workflow_upstream: Family::default(),
+            workflow_channels: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -152,6 +158,21 @@ impl Metrics {
                 "courier_plugin_loads",
                 "Plugin file loads per plugin and result (ok, error)",
                 m.plugin_loads.clone(),
+            );
+            r.register(
+                "courier_workflow_requests",
+                "Async requests accepted per workflow",
+                m.workflow_requests.clone(),
+            );
+            r.register(
+                "courier_workflow_upstream_calls",
+                "Upstream calls per workflow and result (ok, error)",
+                m.workflow_upstream.clone(),
+            );
+            r.register(
+                "courier_workflow_channels_finished",
+                "Channels that reached a final state, per workflow and status",
+                m.workflow_channels.clone(),
             );
         }
         m

@@ -69,6 +69,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         store,
         metrics,
         plugins,
+        workflows: Default::default(),
+        hub: Default::default(),
         scheduler: Scheduler::default(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -77,6 +79,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     app.tasks.spawn(retention(app.clone()));
     crate::reload::start(&app);
     crate::plugins::start_watching(&app);
+    crate::workflows::start(&app);
 
     let router = crate::api::router(app.clone());
     let app2 = app.clone();

@@ -1,6 +1,7 @@
 //! The HTTP API: one router per resource, merged here, and the pieces they share (the JSON
 //! error shape, bearer authentication, bounded body reading).
 
+mod channels;
 mod config;
 mod deliveries;
 mod dlq;
@@ -33,6 +34,7 @@ pub fn router(app: AppState) -> Router {
         .merge(stats::router())
         .merge(health::router())
         .merge(plugins::router())
+        .merge(channels::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(app)
 }
@@ -106,6 +108,26 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .ok()?
         .strip_prefix("Bearer ")
         .map(str::trim)
+}
+
+/// Authenticates with a token from the `Authorization` header or, where browsers cannot set
+/// headers (WebSockets), a `token` query parameter; any one of `scopes` suffices.
+pub fn require_any(
+    app: &App,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    scopes: &[Scope],
+) -> Result<Caller, ApiError> {
+    let config = app.config.load();
+    let token = bearer(headers).or(query_token);
+    let mut last = AuthError::Missing;
+    for scope in scopes {
+        match crate::app::authorize(&config.keys, token, *scope) {
+            Ok(c) => return Ok(c),
+            Err(e) => last = e,
+        }
+    }
+    Err(last.into())
 }
 
 /// Authenticates a request for `scope`.

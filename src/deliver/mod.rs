@@ -79,6 +79,7 @@ pub fn outgoing(endpoint: &EndpointConfig, event: &Event) -> Outgoing {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     headers.push(("content-type".into(), event.content_type.clone()));
+    headers.extend(event.headers.iter().cloned());
     Outgoing {
         url: endpoint.url.clone(),
         headers,

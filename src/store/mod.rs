@@ -20,7 +20,7 @@ pub use tables::AttemptLogEntry;
 use tables::*;
 use writer::Command;
 
-use crate::model::{Attempt, Delivery, DeliveryStatus, Event, id_floor};
+use crate::model::{Attempt, Channel, Delivery, DeliveryStatus, Event, TimerKind, id_floor};
 
 /// Errors at the store boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -110,6 +110,26 @@ pub struct ReplayResult {
     pub not_found: Vec<String>,
 }
 
+/// A channel to create (`expect_version: None`) or to advance from `expect_version`, with the
+/// workflow webhook to commit alongside.
+#[derive(Debug, Clone)]
+pub struct ChannelChange {
+    pub channel: Channel,
+    pub expect_version: Option<u64>,
+    pub append: Option<AppendBatch>,
+}
+
+#[derive(Debug, Clone)]
+pub enum AdvanceResult {
+    Applied,
+    NotFound,
+    /// The channel changed since it was read (or already exists): here it is now.
+    Stale(Channel),
+}
+
+/// Due workflow timers as (due ms, channel id, kind), and the next due time beyond them.
+pub type DueTimers = (Vec<(u64, String, TimerKind)>, Option<u64>);
+
 /// A page of due deliveries for one endpoint.
 #[derive(Debug, Default)]
 pub struct DuePage {
@@ -162,6 +182,8 @@ impl Store {
             txn.open_table(BY_STATUS)?;
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(ATTEMPT_LOG)?;
+            txn.open_table(CHANNELS)?;
+            txn.open_table(TIMERS)?;
             let t = txn.open_table(COUNTS)?;
             for row in t.iter()? {
                 let (k, v) = row?;
@@ -227,6 +249,50 @@ impl Store {
             reply,
         })
         .await
+    }
+
+    /// Creates or advances a workflow channel (see [`ChannelChange`]).
+    pub async fn channel_change(&self, change: ChannelChange) -> Result<AdvanceResult, StoreError> {
+        self.call(|tx| Command::Channel(change, tx)).await
+    }
+
+    pub fn channel(&self, id: &str) -> Result<Option<Channel>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHANNELS)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(decode(v.value(), "channel")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Workflow timers due at `now_ms` (at most `limit`, skipping channels in `skip`), and
+    /// the next due time beyond them.
+    pub fn due_timers(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<String>,
+    ) -> Result<DueTimers, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TIMERS)?;
+        let mut due = Vec::new();
+        for row in t.iter()? {
+            let (k, _) = row?;
+            let (at, id, code) = k.value();
+            if skip.contains(id) {
+                continue;
+            }
+            if at > now_ms {
+                return Ok((due, Some(at)));
+            }
+            if due.len() >= limit {
+                return Ok((due, Some(at)));
+            }
+            if let Some(kind) = TimerKind::from_code(code) {
+                due.push((at, id.to_string(), kind));
+            }
+        }
+        Ok((due, None))
     }
 
     /// Deliveries of `endpoint` due at `now_ms`, oldest due first, at most `limit`, skipping

@@ -33,6 +33,12 @@ pub const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, &[u8])> =
 pub const ATTEMPT_LOG: TableDefinition<(u64, &str, u32), &[u8]> =
     TableDefinition::new("attempt_log");
 
+/// channel id → postcard [`crate::model::Channel`]
+pub const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
+/// Workflow timers: (due ms, channel id, kind code). Durable, so a restart neither loses nor
+/// double-fires them (a fired timer is removed in the same transaction as its effect).
+pub const TIMERS: TableDefinition<(u64, &str, u8), ()> = TableDefinition::new("timers");
+
 /// A compact attempt record for statistics.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AttemptLogEntry {

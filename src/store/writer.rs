@@ -13,13 +13,16 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::tables::*;
 use super::{
-    AppendBatch, AppendResult, OutcomeRecord, ReplayResult, ReplayTarget, Shared, StoreError,
+    AdvanceResult, AppendBatch, AppendResult, ChannelChange, OutcomeRecord, ReplayResult,
+    ReplayTarget, Shared, StoreError,
 };
-use crate::model::{Delivery, DeliveryStatus, Event, id_floor, now_ms};
+use crate::model::{Channel, Delivery, DeliveryStatus, Event, id_floor, now_ms};
 
 /// Most commands folded into one transaction.
 const MAX_BATCH: usize = 4096;
 
+// Commands are moved once through a channel; their size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Command {
     Append(
         AppendBatch,
@@ -36,6 +39,10 @@ pub(crate) enum Command {
         limit: usize,
         reply: oneshot::Sender<Result<usize, StoreError>>,
     },
+    Channel(
+        ChannelChange,
+        oneshot::Sender<Result<AdvanceResult, StoreError>>,
+    ),
 }
 
 enum Reply {
@@ -43,6 +50,7 @@ enum Reply {
     Outcome(Result<(), StoreError>),
     Replay(Result<ReplayResult, StoreError>),
     Purge(Result<usize, StoreError>),
+    Channel(Result<AdvanceResult, StoreError>),
 }
 
 pub(crate) fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, shared: Arc<Shared>) {
@@ -81,6 +89,7 @@ fn send(cmd: Command, reply: Reply) {
         (Command::Outcome(_, tx), Reply::Outcome(r)) => drop(tx.send(r)),
         (Command::Replay(_, tx), Reply::Replay(r)) => drop(tx.send(r)),
         (Command::Purge { reply, .. }, Reply::Purge(r)) => drop(reply.send(r)),
+        (Command::Channel(_, tx), Reply::Channel(r)) => drop(tx.send(r)),
         _ => unreachable!("replies are produced in command order"),
     }
 }
@@ -91,6 +100,7 @@ fn fail(cmd: Command, e: StoreError) {
         Command::Outcome(_, tx) => drop(tx.send(Err(e))),
         Command::Replay(_, tx) => drop(tx.send(Err(e))),
         Command::Purge { reply, .. } => drop(reply.send(Err(e))),
+        Command::Channel(_, tx) => drop(tx.send(Err(e))),
     }
 }
 
@@ -114,6 +124,7 @@ fn apply(db: &Database, cmds: &[Command], deltas: &mut Deltas) -> Result<Vec<Rep
                     limit,
                     ..
                 } => Reply::Purge(t.purge(*before_ms, *idempotency_before_ms, *limit, deltas)),
+                Command::Channel(change, _) => Reply::Channel(t.channel(change, deltas)),
             });
         }
         // A storage error inside a command leaves the transaction in an unknown state: fail
@@ -121,7 +132,7 @@ fn apply(db: &Database, cmds: &[Command], deltas: &mut Deltas) -> Result<Vec<Rep
         for r in &replies {
             let err = match r {
                 Reply::Append(Err(e)) | Reply::Outcome(Err(e)) => Some(e),
-                Reply::Replay(Err(e)) | Reply::Purge(Err(e)) => Some(e),
+                Reply::Replay(Err(e)) | Reply::Purge(Err(e)) | Reply::Channel(Err(e)) => Some(e),
                 _ => None,
             };
             if let Some(e @ (StoreError::Db(_) | StoreError::Corrupt(_))) = err {
@@ -145,6 +156,8 @@ struct Tables<'t> {
     counts: redb::Table<'t, (&'static str, &'static str), u64>,
     idempotency: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
     attempt_log: redb::Table<'t, (u64, &'static str, u32), &'static [u8]>,
+    channels: redb::Table<'t, &'static str, &'static [u8]>,
+    timers: redb::Table<'t, (u64, &'static str, u8), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -159,6 +172,8 @@ impl<'t> Tables<'t> {
             counts: txn.open_table(COUNTS)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
             attempt_log: txn.open_table(ATTEMPT_LOG)?,
+            channels: txn.open_table(CHANNELS)?,
+            timers: txn.open_table(TIMERS)?,
         })
     }
 
@@ -428,6 +443,51 @@ impl<'t> Tables<'t> {
             self.idempotency.remove((a.as_str(), b.as_str()))?;
         }
         Ok(purged)
+    }
+
+    /// Creates or advances a channel, moving its timers with it, and appends the workflow's
+    /// webhook (if any) in the same transaction. An advance applies only against the version
+    /// the caller read.
+    fn channel(
+        &mut self,
+        change: &ChannelChange,
+        deltas: &mut Deltas,
+    ) -> Result<AdvanceResult, StoreError> {
+        let current: Option<Channel> = match self.channels.get(change.channel.id.as_str())? {
+            Some(v) => Some(decode(v.value(), "channel")?),
+            None => None,
+        };
+        match (&current, change.expect_version) {
+            (Some(_), None) => return Ok(AdvanceResult::Stale(current.expect("present"))),
+            (None, Some(_)) => return Ok(AdvanceResult::NotFound),
+            (Some(cur), Some(v)) if cur.version != v => {
+                return Ok(AdvanceResult::Stale(cur.clone()));
+            }
+            _ => {}
+        }
+        if let Some(cur) = &current {
+            for (due, kind) in &cur.timers {
+                self.timers.remove((*due, cur.id.as_str(), kind.code()))?;
+            }
+        }
+        let new = &change.channel;
+        for (due, kind) in &new.timers {
+            self.timers
+                .insert((*due, new.id.as_str(), kind.code()), ())?;
+        }
+        self.channels
+            .insert(new.id.as_str(), encode(new).as_slice())?;
+        if let Some(batch) = &change.append {
+            match self.append(batch, deltas)? {
+                AppendResult::Created => {}
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "workflow delivery not appended: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(AdvanceResult::Applied)
     }
 
     fn apply_counts(&mut self, deltas: &Deltas) -> Result<(), StoreError> {

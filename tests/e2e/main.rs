@@ -11,3 +11,4 @@ mod ingest;
 mod plugins;
 mod reload;
 mod signing;
+mod workflows;

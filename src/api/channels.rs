@@ -1,0 +1,194 @@
+//! Workflow routes: `POST /v1/ai/async`, `POST /v1/callback/{id}`, and a channel's state
+//! (`GET /v1/channels/{id}`) and live updates (`GET /v1/channels/{id}/ws`).
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{ApiError, AppState, read_body, require, require_any};
+use crate::model::Scope;
+use crate::workflows::{self, WorkflowError};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/ai/async", post(open))
+        .route("/v1/callback/{id}", post(callback))
+        .route("/v1/channels/{id}", get(show))
+        .route("/v1/channels/{id}/ws", get(ws))
+}
+
+impl From<WorkflowError> for ApiError {
+    fn from(e: WorkflowError) -> Self {
+        let (status, code) = match &e {
+            WorkflowError::UnknownWorkflow(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "unknown_workflow")
+            }
+            WorkflowError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            WorkflowError::AlreadyCompleted(_) | WorkflowError::NotWaiting(..) => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            WorkflowError::TimedOut(_) => (StatusCode::GONE, "gone"),
+            WorkflowError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            WorkflowError::Store(s) => return ApiError::from(s.clone()),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+async fn open(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require(&app, &headers, Scope::Ingest)?;
+    let limit = app.config.load().server.max_body_bytes;
+    let bytes = read_body(body, &headers, limit).await?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::bad_request(
+            "the request must be a JSON object with a `workflow`",
+        ));
+    };
+    let workflow = obj
+        .get("workflow")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("workflow: required (a [[workflows]] name)"))?
+        .to_string();
+    let ch = workflows::open(&app, &workflow, obj).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "channel_id": ch.id,
+            "status": "pending",
+            "ws_url": format!("/v1/channels/{}/ws", ch.id),
+        })),
+    )
+        .into_response())
+}
+
+async fn callback(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Callback)?;
+    let limit = app.config.load().server.max_body_bytes;
+    let bytes = read_body(body, &headers, limit).await?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("malformed callback: {e}")))?;
+    let ch = workflows::callback(&app, &id, value).await?;
+    Ok(Json(
+        json!({"channel_id": ch.id, "status": ch.state.as_str()}),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+const CHANNEL_SCOPES: &[Scope] = &[Scope::Ingest, Scope::Admin];
+
+async fn show(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+) -> Result<Json<Value>, ApiError> {
+    require_any(&app, &headers, q.token.as_deref(), CHANNEL_SCOPES)?;
+    let ch = app
+        .store
+        .channel(&id)?
+        .ok_or_else(|| ApiError::not_found(format!("no channel `{id}`")))?;
+    Ok(Json(workflows::view(&ch)))
+}
+
+async fn ws(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    require_any(&app, &headers, q.token.as_deref(), CHANNEL_SCOPES)?;
+    // Subscribe before reading the stored state, so nothing published in between is missed.
+    let rx = app.hub.subscribe(&id);
+    let Some(ch) = app.store.channel(&id)? else {
+        drop(rx);
+        app.hub.release(&id);
+        return Err(ApiError::not_found(format!("no channel `{id}`")));
+    };
+    Ok(upgrade.on_upgrade(move |socket| stream(app, id, ch, rx, socket)))
+}
+
+/// Sends the latest state, then every later message; closes after the final one.
+async fn stream(
+    app: AppState,
+    id: String,
+    ch: crate::model::Channel,
+    mut rx: tokio::sync::broadcast::Receiver<crate::hub::Published>,
+    mut socket: WebSocket,
+) {
+    let mut next = ch.history.len();
+    let mut done = ch.state.is_final();
+    if let Some(latest) = ch.history.last()
+        && socket
+            .send(Message::Text(latest.message.clone().into()))
+            .await
+            .is_err()
+    {
+        app.hub.release(&id);
+        return;
+    }
+    while !done {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Ok(p) => {
+                    if p.seq < next {
+                        continue;
+                    }
+                    next = p.seq + 1;
+                    done = p.last;
+                    if socket.send(Message::Text(p.text.to_string().into())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
+                    // Catch up from the durable history.
+                    let Ok(Some(ch)) = app.store.channel(&id) else { break };
+                    let mut failed = false;
+                    for m in ch.history.iter().skip(next) {
+                        if socket.send(Message::Text(m.message.clone().into())).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    next = ch.history.len();
+                    done = ch.state.is_final();
+                    if failed || (!done && matches!(msg, Err(RecvError::Closed))) {
+                        break;
+                    }
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            },
+            _ = app.shutdown.cancelled() => break,
+        }
+    }
+    if done {
+        let _ = socket.send(Message::Close(None)).await;
+    }
+    drop(rx);
+    app.hub.release(&id);
+}

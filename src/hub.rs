@@ -1,0 +1,59 @@
+//! The WebSocket hub: fans each channel's messages out to its live subscribers.
+//!
+//! Why a broadcast channel per workflow channel: every subscriber gets every message, and a
+//! slow or closed socket only ever lags its own receiver; the publisher never waits. The
+//! durable history lives in the store, so a late or lagging subscriber catches up from there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+/// One published message: its index in the channel's history, the JSON text, and whether it
+/// is the channel's final message.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub seq: usize,
+    pub text: Arc<str>,
+    pub last: bool,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    channels: Mutex<HashMap<String, broadcast::Sender<Published>>>,
+}
+
+impl Hub {
+    /// Subscribes to a channel's future messages.
+    pub fn subscribe(&self, channel: &str) -> broadcast::Receiver<Published> {
+        let mut map = self.channels.lock().expect("hub lock");
+        map.entry(channel.to_string())
+            .or_insert_with(|| broadcast::channel(64).0)
+            .subscribe()
+    }
+
+    /// Publishes a message to whoever is subscribed now.
+    pub fn publish(&self, channel: &str, msg: Published) {
+        let mut map = self.channels.lock().expect("hub lock");
+        let last = msg.last;
+        if let Some(tx) = map.get(channel) {
+            let _ = tx.send(msg);
+        }
+        if last {
+            map.remove(channel);
+        }
+    }
+
+    /// Forgets a channel nobody listens to any more.
+    pub fn release(&self, channel: &str) {
+        let mut map = self.channels.lock().expect("hub lock");
+        if map.get(channel).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(channel);
+        }
+    }
+
+    /// Channels with live subscribers (for metrics).
+    pub fn active(&self) -> usize {
+        self.channels.lock().expect("hub lock").len()
+    }
+}

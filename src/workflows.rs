@@ -1,0 +1,647 @@
+//! Workflows: async requests whose result is delivered by webhook, optionally followed by a
+//! callback from the customer's backend, with every state change broadcast to WebSocket
+//! subscribers.
+//!
+//! A workflow run is a durable **channel** (see [`crate::model::Channel`]). Everything that
+//! happens later is a durable **timer** in the store: the upstream call (due at once), the
+//! callback timeout, the simulated callback. A timer is removed in the same transaction that
+//! records its effect, so after a crash it fires again (the upstream call is retried) and a
+//! fired timer never fires twice. Every change is made against the channel version that was
+//! read, so a callback and a timeout racing each other cannot both win.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::app::App;
+use crate::config::WorkflowConfig;
+use crate::hub::Published;
+use crate::model::{
+    Channel, ChannelMessage, ChannelState, Delivery, DeliveryStatus, Event, TimerKind, new_id,
+    now_ms,
+};
+use crate::store::{AdvanceResult, AppendBatch, ChannelChange, StoreError};
+use crate::{observe, outcome};
+
+/// Why a workflow request or callback was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error("unknown workflow `{0}`")]
+    UnknownWorkflow(String),
+    #[error("no channel `{0}`")]
+    NotFound(String),
+    #[error("channel `{0}` already completed")]
+    AlreadyCompleted(String),
+    #[error("channel `{0}` is not waiting for a callback (status {1})")]
+    NotWaiting(String, &'static str),
+    #[error("channel `{0}` timed out waiting for its callback")]
+    TimedOut(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The workflow engine's in-memory part: the timer loop's wake-up and the channels whose
+/// timers are being handled right now.
+#[derive(Default)]
+pub struct Workflows {
+    wake: Notify,
+    busy: Mutex<HashSet<String>>,
+    upstream: std::sync::OnceLock<reqwest::Client>,
+}
+
+impl Workflows {
+    fn upstream_client(&self) -> &reqwest::Client {
+        // The upstream is the operator's own service (configured, not customer-supplied), so
+        // the SSRF guard does not apply; redirects are still not followed.
+        self.upstream.get_or_init(|| {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .expect("upstream client")
+        })
+    }
+}
+
+/// Starts the timer loop.
+pub fn start(app: &Arc<App>) {
+    let app2 = app.clone();
+    app.tasks.spawn(async move { timer_loop(app2).await });
+}
+
+async fn timer_loop(app: Arc<App>) {
+    loop {
+        if app.shutdown.is_cancelled() {
+            return;
+        }
+        let skip = app.workflows.busy.lock().expect("busy").clone();
+        let now = now_ms();
+        let (due, next) = match app.store.due_timers(now, 64, &skip) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read workflow timers; retrying in 1s");
+                (Vec::new(), Some(now + 1000))
+            }
+        };
+        for (_, id, kind) in due {
+            if !app.workflows.busy.lock().expect("busy").insert(id.clone()) {
+                continue;
+            }
+            let app2 = app.clone();
+            app.tasks.spawn(async move {
+                fire(&app2, &id, kind).await;
+                app2.workflows.busy.lock().expect("busy").remove(&id);
+                app2.workflows.wake.notify_one();
+            });
+        }
+        let sleep = next.map_or(Duration::from_secs(3600), |at| {
+            Duration::from_millis(at.saturating_sub(now_ms()))
+        });
+        tokio::select! {
+            _ = app.workflows.wake.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Accepts an async request: stores the channel with its upstream timer; answers once durable.
+pub async fn open(
+    app: &Arc<App>,
+    workflow: &str,
+    mut body: serde_json::Map<String, Value>,
+) -> Result<Channel, WorkflowError> {
+    let config = app.config.load();
+    let wf = config
+        .workflow(workflow)
+        .ok_or_else(|| WorkflowError::UnknownWorkflow(workflow.to_string()))?;
+    body.remove("workflow");
+    let now = now_ms();
+    let id = uuid_v4();
+    let pending = json!({"channel_id": id, "status": "pending", "workflow": wf.name});
+    let channel = Channel {
+        id: id.clone(),
+        workflow: wf.name.clone(),
+        state: ChannelState::Pending,
+        version: 1,
+        request: Value::Object(body).to_string(),
+        ai_response: None,
+        history: vec![ChannelMessage {
+            at_ms: now,
+            message: pending.to_string(),
+        }],
+        timers: vec![(now, TimerKind::Upstream)],
+        created_ms: now,
+        updated_ms: now,
+        delivery_ids: Vec::new(),
+    };
+    match app
+        .store
+        .channel_change(ChannelChange {
+            channel: channel.clone(),
+            expect_version: None,
+            append: None,
+        })
+        .await?
+    {
+        AdvanceResult::Applied => {}
+        other => {
+            return Err(WorkflowError::Invalid(format!(
+                "channel id collision: {other:?}"
+            )));
+        }
+    }
+    app.metrics
+        .workflow_requests
+        .get_or_create(&vec![("workflow", wf.name.clone())])
+        .inc();
+    tracing::info!(channel = %id, workflow = %wf.name, "async request accepted");
+    app.workflows.wake.notify_one();
+    Ok(channel)
+}
+
+/// A random (version 4) UUID, as the channel id.
+fn uuid_v4() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
+    let ch = match app.store.channel(id) {
+        Ok(Some(ch)) => ch,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(channel = id, error = %e, "cannot load channel");
+            return;
+        }
+    };
+    if !ch
+        .timers
+        .iter()
+        .any(|(at, k)| *k == kind && *at <= now_ms())
+    {
+        return;
+    }
+    let config = app.config.load_full();
+    let Some(wf) = config.workflow(&ch.workflow).cloned() else {
+        let msg = json!({"channel_id": ch.id, "status": "error", "error": "workflow_removed"});
+        finish(app, ch, ChannelState::Failed, msg, None).await;
+        return;
+    };
+    match kind {
+        TimerKind::Upstream if ch.state == ChannelState::Pending => {
+            run_upstream(app, ch, &wf).await
+        }
+        TimerKind::CallbackTimeout if ch.state == ChannelState::AwaitingCallback => {
+            tracing::warn!(channel = %ch.id, workflow = %wf.name, "no callback within callback_timeout");
+            let msg = json!({"channel_id": ch.id, "status": "error", "error": "callback_timeout"});
+            finish(app, ch, ChannelState::TimedOut, msg, None).await;
+        }
+        TimerKind::Simulate if ch.state == ChannelState::AwaitingCallback => {
+            simulate(app, ch, &wf).await
+        }
+        _ => {
+            // A timer that no longer applies (state moved on): drop it.
+            let mut next = ch.clone();
+            next.timers.retain(|(_, k)| *k != kind);
+            let _ = advance(app, &ch, next, None).await;
+        }
+    }
+}
+
+/// What the upstream call produced.
+struct UpstreamResult {
+    data: Result<Value, String>,
+    status: Option<u16>,
+    duration_ms: u64,
+    tries: u32,
+}
+
+async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> UpstreamResult {
+    let started = Instant::now();
+    let client = app.workflows.upstream_client();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut req = client
+            .post(wf.upstream_url.clone())
+            .timeout(wf.upstream_timeout)
+            .header("content-type", "application/json")
+            .body(request.to_string());
+        for (k, v) in &wf.upstream_headers {
+            req = req.header(k, v);
+        }
+        let (retryable, result, status) = match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                match resp.bytes().await {
+                    Ok(bytes) if (200..300).contains(&status) => {
+                        let data = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                        });
+                        (false, Ok(data), Some(status))
+                    }
+                    Ok(bytes) => {
+                        let excerpt: String =
+                            String::from_utf8_lossy(&bytes).chars().take(512).collect();
+                        (
+                            status >= 500,
+                            Err(format!("upstream answered {status}: {excerpt}")),
+                            Some(status),
+                        )
+                    }
+                    Err(e) => (true, Err(format!("upstream body: {e}")), Some(status)),
+                }
+            }
+            Err(e) => (
+                e.is_connect() || e.is_timeout() || e.is_request(),
+                Err(format!(
+                    "upstream {}: {}",
+                    crate::deliver::client::classify(&e),
+                    crate::deliver::client::describe(&e)
+                )),
+                None,
+            ),
+        };
+        if result.is_ok() || !retryable || tries > wf.upstream_retries {
+            return UpstreamResult {
+                data: result,
+                status,
+                duration_ms: started.elapsed().as_millis() as u64,
+                tries,
+            };
+        }
+        tokio::time::sleep(wf.upstream_retry_delay).await;
+    }
+}
+
+async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
+    let r = call_upstream(app, wf, &ch.request).await;
+    let meta = json!({
+        "workflow": wf.name,
+        "duration_ms": r.duration_ms,
+        "upstream_status": r.status,
+        "attempts": r.tries,
+    });
+    let now = now_ms();
+    match r.data {
+        Err(error) => {
+            tracing::warn!(channel = %ch.id, workflow = %wf.name, error, "upstream failed");
+            app.metrics
+                .workflow_upstream
+                .get_or_create(&vec![
+                    ("workflow", wf.name.clone()),
+                    ("result", "error".into()),
+                ])
+                .inc();
+            let msg = json!({"channel_id": ch.id, "status": "error", "data": Value::Null, "error": error, "meta": meta});
+            let webhook = webhook(app, wf, &ch.id, "ai.failed", &msg);
+            finish(app, ch, ChannelState::Failed, msg, webhook).await;
+        }
+        Ok(data) => {
+            app.metrics
+                .workflow_upstream
+                .get_or_create(&vec![
+                    ("workflow", wf.name.clone()),
+                    ("result", "ok".into()),
+                ])
+                .inc();
+            match &wf.event_name {
+                None => {
+                    let msg = json!({"channel_id": ch.id, "status": "success", "data": data, "meta": meta});
+                    let webhook = webhook(app, wf, &ch.id, "ai.completed", &msg);
+                    let mut next = ch.clone();
+                    next.ai_response = Some(data.to_string());
+                    finish(app, next, ChannelState::Succeeded, msg, webhook).await;
+                }
+                Some(event) => {
+                    let public = app.config.load().server.public_url.clone();
+                    let body = json!({
+                        "type": "task.ai_generated",
+                        "event": event,
+                        "channel_id": ch.id,
+                        "ai_response": data,
+                        "callback_url": format!("{public}/v1/callback/{}", ch.id),
+                        "callback_required": true,
+                    });
+                    let send_webhook = wf.simulate.is_none() || wf.simulate_webhook;
+                    let hook = send_webhook
+                        .then(|| webhook(app, wf, &ch.id, "task.ai_generated", &body))
+                        .flatten();
+                    let msg = json!({
+                        "channel_id": ch.id,
+                        "status": "ai_generated",
+                        "event": event,
+                        "ai_response": data,
+                        "meta": meta,
+                    });
+                    let mut next = ch.clone();
+                    next.state = ChannelState::AwaitingCallback;
+                    next.ai_response = Some(data.to_string());
+                    next.timers = vec![(
+                        now + wf.callback_timeout.as_millis() as u64,
+                        TimerKind::CallbackTimeout,
+                    )];
+                    if wf.simulate.is_some() {
+                        next.timers.push((
+                            now + wf.simulate_delay.as_millis() as u64,
+                            TimerKind::Simulate,
+                        ));
+                    }
+                    publish_change(app, &ch, next, msg, hook).await;
+                }
+            }
+        }
+    }
+}
+
+/// Builds the webhook for a workflow message: a normal delivery (signed, retried, audited)
+/// to the workflow's endpoint, carrying `mr-channel-id`.
+fn webhook(
+    app: &App,
+    wf: &WorkflowConfig,
+    channel: &str,
+    event_type: &str,
+    body: &Value,
+) -> Option<AppendBatch> {
+    let config = app.config.load();
+    let Some(ep) = config.endpoint(&wf.endpoint) else {
+        tracing::error!(workflow = %wf.name, endpoint = %wf.endpoint, "workflow endpoint is not configured; no webhook sent");
+        return None;
+    };
+    let now = now_ms();
+    let event_id = new_id("evt");
+    let delivery = Delivery {
+        id: new_id("dlv"),
+        event_id: event_id.clone(),
+        endpoint: ep.name.clone(),
+        event_type: event_type.to_string(),
+        status: DeliveryStatus::Pending,
+        attempts: 0,
+        round_attempts: 0,
+        next_due_ms: Some(now + outcome::first_delay(&ep.schedule).as_millis() as u64),
+        created_ms: now,
+        updated_ms: now,
+        last_error: None,
+    };
+    Some(AppendBatch {
+        event: Event {
+            id: event_id,
+            event_type: event_type.to_string(),
+            content_type: "application/json".into(),
+            payload: body.to_string().into_bytes(),
+            created_ms: now,
+            delivery_ids: vec![delivery.id.clone()],
+            headers: vec![("mr-channel-id".into(), channel.to_string())],
+        },
+        deliveries: vec![delivery],
+        idempotency: None,
+        reply: Vec::new(),
+    })
+}
+
+/// Ends a channel with a final message (and optionally a webhook).
+async fn finish(
+    app: &Arc<App>,
+    ch: Channel,
+    state: ChannelState,
+    msg: Value,
+    hook: Option<AppendBatch>,
+) {
+    let mut next = ch.clone();
+    next.state = state;
+    next.timers.clear();
+    if publish_change(app, &ch, next, msg, hook).await {
+        app.metrics
+            .workflow_channels
+            .get_or_create(&vec![
+                ("workflow", ch.workflow.clone()),
+                ("status", final_label(state).into()),
+            ])
+            .inc();
+    }
+}
+
+fn final_label(state: ChannelState) -> &'static str {
+    match state {
+        ChannelState::Succeeded => "success",
+        ChannelState::TimedOut => "callback_timeout",
+        _ => "error",
+    }
+}
+
+/// Commits `next` (appending `msg` to its history) against `ch`'s version, then publishes.
+async fn publish_change(
+    app: &Arc<App>,
+    ch: &Channel,
+    mut next: Channel,
+    msg: Value,
+    hook: Option<AppendBatch>,
+) -> bool {
+    let text = msg.to_string();
+    next.history.push(ChannelMessage {
+        at_ms: now_ms(),
+        message: text.clone(),
+    });
+    let seq = next.history.len() - 1;
+    let last = next.state.is_final();
+    let endpoint = hook.as_ref().map(|h| h.deliveries[0].endpoint.clone());
+    if let Some(h) = &hook {
+        next.delivery_ids.push(h.deliveries[0].id.clone());
+    }
+    let hook_event = hook
+        .as_ref()
+        .map(|h| (h.event.id.clone(), h.event.event_type.clone()));
+    if !advance(app, ch, next, hook).await {
+        return false;
+    }
+    if let (Some(ep), Some((event_id, event_type))) = (endpoint, hook_event) {
+        observe::ingested(&app.metrics, &event_id, &event_type, &[ep.as_str()]);
+        app.scheduler.notify(&ep);
+    }
+    app.hub.publish(
+        &ch.id,
+        Published {
+            seq,
+            text: text.into(),
+            last,
+        },
+    );
+    true
+}
+
+async fn advance(app: &App, ch: &Channel, mut next: Channel, hook: Option<AppendBatch>) -> bool {
+    next.version = ch.version + 1;
+    next.updated_ms = now_ms();
+    match app
+        .store
+        .channel_change(ChannelChange {
+            channel: next,
+            expect_version: Some(ch.version),
+            append: hook,
+        })
+        .await
+    {
+        Ok(AdvanceResult::Applied) => true,
+        Ok(_) => false,
+        Err(e) => {
+            tracing::error!(channel = %ch.id, error = %e, "cannot record channel change; it will be retried");
+            false
+        }
+    }
+}
+
+/// The backend's callback: completes a channel that waits for one.
+pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, WorkflowError> {
+    let Value::Object(obj) = body else {
+        return Err(WorkflowError::Invalid(
+            "the callback body must be a JSON object".into(),
+        ));
+    };
+    loop {
+        let ch = app
+            .store
+            .channel(id)?
+            .ok_or_else(|| WorkflowError::NotFound(id.to_string()))?;
+        match ch.state {
+            ChannelState::AwaitingCallback => {}
+            ChannelState::TimedOut => return Err(WorkflowError::TimedOut(id.to_string())),
+            ChannelState::Succeeded | ChannelState::Failed => {
+                return Err(WorkflowError::AlreadyCompleted(id.to_string()));
+            }
+            ChannelState::Pending => {
+                return Err(WorkflowError::NotWaiting(id.to_string(), ch.state.as_str()));
+            }
+        }
+        if complete(app, &ch, &obj, false).await {
+            return Ok(app.store.channel(id)?.unwrap_or(ch));
+        }
+        // Lost a race (a timeout, the simulator or another callback): look again.
+    }
+}
+
+/// Finishes a waiting channel with a callback body (real or simulated).
+async fn complete(
+    app: &Arc<App>,
+    ch: &Channel,
+    body: &serde_json::Map<String, Value>,
+    simulated: bool,
+) -> bool {
+    let ai_response: Value = ch
+        .ai_response
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    let data = body.get("data").cloned().unwrap_or(Value::Null);
+    let mut msg = json!({
+        "channel_id": ch.id,
+        "status": "success",
+        "data": data,
+        "ai_response": ai_response,
+        "task_id": body.get("task_id").cloned().unwrap_or(Value::Null),
+        "metadata": body.get("metadata").cloned().unwrap_or(Value::Null),
+    });
+    if simulated {
+        msg["simulated"] = Value::Bool(true);
+    }
+    let mut next = ch.clone();
+    next.state = ChannelState::Succeeded;
+    next.timers.clear();
+    let done = publish_change(app, ch, next, msg, None).await;
+    if done {
+        app.metrics
+            .workflow_channels
+            .get_or_create(&vec![
+                ("workflow", ch.workflow.clone()),
+                ("status", "success".into()),
+            ])
+            .inc();
+        tracing::info!(channel = %ch.id, simulated, "channel completed by callback");
+    }
+    done
+}
+
+async fn simulate(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
+    let Some(plugin) = wf.simulate.clone() else {
+        return;
+    };
+    let ai_response: Value = ch
+        .ai_response
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    let public = app.config.load().server.public_url.clone();
+    let message = json!({
+        "type": "task.ai_generated",
+        "event": wf.event_name,
+        "channel_id": ch.id,
+        "ai_response": ai_response,
+        "callback_url": format!("{public}/v1/callback/{}", ch.id),
+        "callback_required": true,
+    })
+    .to_string();
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        app2.plugins.simulate(&app2.metrics, &plugin, &message)
+    })
+    .await
+    .unwrap_or_else(|e| Err(crate::plugins::PluginError::NotLoaded(e.to_string())));
+    match result.map(|text| serde_json::from_str::<Value>(&text)) {
+        Ok(Ok(Value::Object(obj))) if obj.contains_key("data") => {
+            complete(app, &ch, &obj, true).await;
+        }
+        Ok(Ok(other)) => {
+            let mut obj = serde_json::Map::new();
+            obj.insert("data".into(), other);
+            complete(app, &ch, &obj, true).await;
+        }
+        Ok(Err(e)) => {
+            let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: simulator returned invalid JSON: {e}")});
+            finish(app, ch, ChannelState::Failed, msg, None).await;
+        }
+        Err(e) => {
+            let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: {e}")});
+            finish(app, ch, ChannelState::Failed, msg, None).await;
+        }
+    }
+}
+
+/// The channel as `GET /v1/channels/{id}` shows it.
+pub fn view(ch: &Channel) -> Value {
+    let history: Vec<Value> = ch
+        .history
+        .iter()
+        .map(|m| {
+            json!({
+                "at": crate::model::rfc3339(m.at_ms),
+                "message": serde_json::from_str::<Value>(&m.message).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    json!({
+        "channel_id": ch.id,
+        "workflow": ch.workflow,
+        "status": ch.state.as_str(),
+        "final": ch.state.is_final(),
+        "created_at": crate::model::rfc3339(ch.created_ms),
+        "updated_at": crate::model::rfc3339(ch.updated_ms),
+        "latest": history.last().map(|h| h["message"].clone()),
+        "history": history,
+        "deliveries": ch.delivery_ids,
+    })
+}

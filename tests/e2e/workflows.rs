@@ -1,0 +1,372 @@
+//! Async requests and event-driven workflows: a fake upstream, the fake receiver and a real
+//! WebSocket client.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn workflow(upstream: &Receiver, extra: &str) -> String {
+    format!(
+        "[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", timeout = \"5s\", retries = 1, retry_delay = \"50ms\" }}\nendpoint = \"app\"\n{extra}\n",
+        upstream.url("/v1/chat/completions")
+    )
+}
+
+const AI: &str = r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "model": "fake-1"}"#;
+
+/// A WebSocket subscriber collecting frames until the server closes (or `T` passes).
+struct Ws {
+    frames: tokio::sync::mpsc::UnboundedReceiver<Value>,
+}
+
+impl Ws {
+    async fn connect(c: &Courier, channel: &str) -> Ws {
+        let url = format!(
+            "{}/v1/channels/{channel}/ws?token={ADMIN}",
+            c.base.replace("http://", "ws://")
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
+        let (_, mut read) = stream.split();
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = read.next().await {
+                if let Message::Text(t) = msg {
+                    let _ = tx.send(serde_json::from_str::<Value>(&t).unwrap());
+                }
+            }
+        });
+        Ws { frames }
+    }
+
+    async fn next(&mut self) -> Value {
+        tokio::time::timeout(T, self.frames.recv())
+            .await
+            .expect("a frame in time")
+            .expect("socket open")
+    }
+
+    /// Frames until the server closes the socket.
+    async fn rest(mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Ok(Some(v)) = tokio::time::timeout(T, self.frames.recv()).await {
+            out.push(v);
+        }
+        out
+    }
+}
+
+async fn open(c: &Courier, body: Value) -> String {
+    let (s, r) = c.post_json("/v1/ai/async", &body).await;
+    assert_eq!(s, 202, "{r}");
+    assert_eq!(r["status"], "pending");
+    let id = r["channel_id"].as_str().unwrap().to_string();
+    assert_eq!(r["ws_url"], format!("/v1/channels/{id}/ws"));
+    id
+}
+
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+        && s.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
+}
+
+#[tokio::test]
+async fn plain_async_success_reaches_the_endpoint_and_the_socket() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(
+        Reply::status(200)
+            .body(AI)
+            .delay(Duration::from_millis(300)),
+    );
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/hook"), ""),
+        workflow(&upstream, "")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion", "messages": [{"role": "user", "content": "a film?"}]})).await;
+    assert!(is_uuid(&id), "{id}");
+    let mut ws = Ws::connect(&c, &id).await;
+    assert_eq!(ws.next().await["status"], "pending");
+    let done = ws.next().await;
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(done["channel_id"], id.as_str());
+    assert_eq!(done["data"], serde_json::from_str::<Value>(AI).unwrap());
+    assert_eq!(done["meta"]["workflow"], "movie_suggestion");
+    assert!(done["meta"]["duration_ms"].as_u64().unwrap() >= 250);
+    assert!(
+        ws.rest().await.is_empty(),
+        "the socket closes after the final message"
+    );
+
+    // The upstream got the request minus `workflow`.
+    let up = upstream.received();
+    assert_eq!(up.len(), 1);
+    assert_eq!(
+        up[0].json(),
+        json!({"messages": [{"role": "user", "content": "a film?"}]})
+    );
+    // The endpoint got the same message as a signed webhook with mr-channel-id.
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].json(), done);
+    assert_eq!(got[0].header("mr-channel-id"), id);
+    courier::deliver::sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
+    // The channel's state and history.
+    let (s, ch) = c.get(&format!("/v1/channels/{id}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(ch["status"], "success");
+    assert_eq!(ch["history"].as_array().unwrap().len(), 2);
+    assert_eq!(ch["latest"], done);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_upstream_ends_in_an_error_message() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(502).body("bad gateway"));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion", "prompt": "x"})).await;
+    let got = rx.wait_for(1, T).await;
+    let body = got[0].json();
+    assert_eq!(body["status"], "error");
+    assert!(body["error"].as_str().unwrap().contains("502"), "{body}");
+    assert_eq!(
+        upstream.received().len(),
+        2,
+        "one retry (retries = 1) on a 5xx"
+    );
+    let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
+    assert_eq!(ch["status"], "error");
+    let (s, e) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "nope"}))
+        .await;
+    assert_eq!(s, 422, "{e}");
+    let (s, _) = c
+        .post_json("/v1/ai/async", &json!({"prompt": "no workflow"}))
+        .await;
+    assert_eq!(s, 400);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn event_driven_flow_completes_with_the_callback() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "event_name = \"new_movie_suggestion\"")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion", "messages": []})).await;
+    let mut ws = Ws::connect(&c, &id).await;
+    let mut first = ws.next().await;
+    if first["status"] == "pending" {
+        first = ws.next().await;
+    }
+    assert_eq!(first["status"], "ai_generated", "{first}");
+    assert_eq!(first["ai_response"]["model"], "fake-1");
+
+    let hook = rx.wait_for(1, T).await[0].json();
+    assert_eq!(hook["type"], "task.ai_generated");
+    assert_eq!(hook["event"], "new_movie_suggestion");
+    assert_eq!(hook["channel_id"], id.as_str());
+    assert_eq!(hook["callback_required"], true);
+    assert_eq!(hook["ai_response"]["model"], "fake-1");
+    let callback_url = hook["callback_url"].as_str().unwrap();
+    assert!(
+        callback_url.ends_with(&format!("/v1/callback/{id}")),
+        "{callback_url}"
+    );
+
+    // A second subscriber, joining now, gets the latest state first.
+    let mut ws2 = Ws::connect(&c, &id).await;
+    assert_eq!(ws2.next().await["status"], "ai_generated");
+
+    let cb = json!({"data": {"movie": "Arrival", "id": 7}, "task_id": "task-1", "metadata": {"by": "backend"}});
+    let (s, _) = c
+        .post(
+            &format!("/v1/callback/{id}"),
+            Some(INGEST_ONLY),
+            cb.to_string(),
+        )
+        .await;
+    assert_eq!(s, 403, "the callback needs the callback scope");
+    let (s, r) = c.post_json(&format!("/v1/callback/{id}"), &cb).await;
+    assert_eq!(s, 200, "{r}");
+    let done = ws.next().await;
+    assert_eq!(done["status"], "success");
+    assert_eq!(done["data"], cb["data"]);
+    assert_eq!(done["ai_response"]["model"], "fake-1");
+    assert_eq!(done["task_id"], "task-1");
+    assert_eq!(done["metadata"]["by"], "backend");
+    assert_eq!(
+        ws2.next().await,
+        done,
+        "every subscriber receives every message"
+    );
+
+    let (s, e) = c.post_json(&format!("/v1/callback/{id}"), &cb).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("conflict")));
+    let (s, _) = c
+        .post_json("/v1/callback/00000000-0000-4000-8000-000000000000", &cb)
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = c
+        .post(
+            &format!("/v1/callback/{id}"),
+            Some(ADMIN),
+            "not json".to_string(),
+        )
+        .await;
+    assert_eq!(s, 400);
+
+    // A late subscriber gets the final state and the socket closes.
+    let late = Ws::connect(&c, &id).await.rest().await;
+    assert_eq!(late, vec![done]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn no_callback_in_time_ends_with_callback_timeout() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(
+            &upstream,
+            "event_name = \"e\"\ncallback_timeout = \"600ms\""
+        )
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let ws = Ws::connect(&c, &id).await;
+    let frames = ws.rest().await;
+    let last = frames.last().unwrap();
+    assert_eq!(
+        last,
+        &json!({"channel_id": id, "status": "error", "error": "callback_timeout"})
+    );
+    let (s, e) = c
+        .post_json(&format!("/v1/callback/{id}"), &json!({"data": {}}))
+        .await;
+    assert_eq!((s, e["error"]["code"].as_str()), (410, Some("gone")));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn simulation_plays_the_backend_with_inject_id() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(r#"{"title": "Arrival", "year": 2016}"#));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}[[plugins]]\nname = \"inject-id\"\npath = \"{}\"\nkind = \"simulator\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "event_name = \"e\"\nsimulate = \"inject-id\"\nsimulate_delay = \"300ms\""),
+        plugin("inject-id").display()
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let frames = Ws::connect(&c, &id).await.rest().await;
+    let statuses: Vec<&str> = frames
+        .iter()
+        .map(|f| f["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.last(), Some(&"success"), "{frames:?}");
+    assert!(statuses.contains(&"ai_generated"), "{frames:?}");
+    let done = frames.last().unwrap();
+    assert_eq!(
+        done["data"],
+        json!({"title": "Arrival", "year": 2016, "id": format!("sim_{id}")})
+    );
+    assert_eq!(
+        done["ai_response"],
+        json!({"title": "Arrival", "year": 2016})
+    );
+    assert_eq!(done["task_id"], id.as_str());
+    // The webhook still went to the endpoint.
+    assert_eq!(
+        rx.wait_for(1, T).await[0].json()["type"],
+        "task.ai_generated"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callback_timer_survives_a_restart_and_fires_once() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "{DELIVERY_FAST}{}{}",
+            endpoint("app", &rx.url("/"), ""),
+            workflow(&upstream, "event_name = \"e\"\ncallback_timeout = \"2s\"")
+        ),
+    );
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/ai/async", p.base))
+        .bearer_auth(ADMIN)
+        .body(json!({"workflow": "movie_suggestion"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()["channel_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rx.wait_for(1, T).await; // the ai_generated webhook went out: the timer is armed
+    p.kill9();
+    let p2 = Process::spawn(&cfg);
+    let deadline = std::time::Instant::now() + T;
+    let ch = loop {
+        let (_, ch) = get_json(&http, &format!("{}/v1/channels/{id}", p2.base)).await;
+        if ch["final"] == true {
+            break ch;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timer never fired after restart: {ch}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ch["latest"]["error"], "callback_timeout");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, ch) = get_json(&http, &format!("{}/v1/channels/{id}", p2.base)).await;
+    let timeouts = ch["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["message"]["error"] == "callback_timeout")
+        .count();
+    assert_eq!(timeouts, 1, "fired exactly once: {ch:#}");
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "the upstream was not called again"
+    );
+    drop(p2);
+}
