@@ -14,12 +14,14 @@ import hmac
 import json
 import os
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
 SECRET = os.environ["WEBHOOK_SECRET"]
 standard = Webhook(SECRET)
+print_lock = threading.Lock()  # requests are handled on several threads
 
 
 def mr_signature_ok(secret: str, body: bytes, header: str) -> bool:
@@ -47,7 +49,8 @@ class Handler(BaseHTTPRequestHandler):
         result["mr_signature"] = "valid" if ok_mr else "invalid"
         verified = result["standard_webhooks"] == "valid" and ok_mr
         result["verified"] = verified
-        print(json.dumps(result), flush=True)
+        with print_lock:
+            print(json.dumps(result), flush=True)
         # Dedupe on webhook-id in a real receiver: courier delivers at least once.
         self.send_response(204 if verified else 400)
         self.end_headers()
