@@ -189,3 +189,103 @@ fn secret_prints_a_fresh_whsec_secret() {
     assert_ne!(a, b);
     courier::deliver::sign::decode_secret(a.trim()).unwrap();
 }
+
+#[tokio::test]
+async fn workflow_walkthrough_with_the_example_upstream_and_ws_client() {
+    if !available("python3", &["--version"]) {
+        return;
+    }
+    let port = free_port();
+    let mut upstream = Child(
+        Command::new("python3")
+            .arg(root().join("examples/fake_upstream.py"))
+            .args(["--port", &port.to_string(), "--delay", "0.2"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(upstream.0.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("listening"));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"http://127.0.0.1:{port}/v1/chat/completions\" }}\nendpoint = \"app\"\nevent_name = \"new_movie_suggestion\"\n",
+        endpoint("app", &rx.url("/hooks/ai"), "")
+    ))
+    .await;
+    let (s, r) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "movie_suggestion", "messages": [{"role": "user", "content": "a film?"}]}))
+        .await;
+    assert_eq!(s, 202);
+    let id = r["channel_id"].as_str().unwrap().to_string();
+    let ws_url = format!(
+        "{}{}?token={ADMIN}",
+        c.base.replace("http://", "ws://"),
+        r["ws_url"].as_str().unwrap()
+    );
+    let mut watcher = Child(
+        Command::new("python3")
+            .arg(root().join("examples/ws_watch.py"))
+            .arg(&ws_url)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, mut frames) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let out = watcher.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&l).unwrap());
+        }
+    });
+    let t = Duration::from_secs(15);
+    let hook = rx.wait_for(1, t).await[0].json();
+    assert_eq!(hook["ai_response"]["suggestion"]["title"], "Arrival");
+    assert_eq!(hook["ai_response"]["prompt_echo"], "a film?");
+    // The watcher shows ai_generated (as the latest state when it connects, or live).
+    loop {
+        let f = tokio::time::timeout(t, frames.recv())
+            .await
+            .unwrap()
+            .expect("watcher output");
+        if f["status"] == "ai_generated" {
+            break;
+        }
+        assert_eq!(f["status"], "pending", "{f}");
+    }
+    let (s, _) = c
+        .post_json(
+            &format!("/v1/callback/{id}"),
+            &json!({"data": {"saved": true}, "task_id": "t1", "metadata": {}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let done = tokio::time::timeout(t, frames.recv())
+        .await
+        .unwrap()
+        .expect("final frame");
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(done["data"], json!({"saved": true}));
+    // The watcher exits by itself once the channel is final.
+    let status = tokio::task::spawn_blocking(move || watcher.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+    c.stop().await;
+}
+
+#[test]
+fn workflow_example_config_passes_check() {
+    let path = root().join("examples/workflow.toml");
+    let out = courier(
+        &["check", "--config", path.to_str().unwrap()],
+        &[
+            ("COURIER_KEY", "an-example-key-0123456789"),
+            ("WEBHOOK_SECRET", SECRET),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
