@@ -88,6 +88,7 @@ fn main() {
             &[
                 cfg("redact", "redact.wasm", &[("fields", "email,phone")]),
                 cfg("envelope", "envelope.wasm", &[]),
+                cfg("passthrough", "misbehave.wasm", &[("mode", "none")]),
             ],
             &metrics,
         )
@@ -104,6 +105,7 @@ fn main() {
     );
     for (label, chain) in [
         ("no plugin (baseline)", vec![]),
+        ("pass-through", vec!["passthrough".to_string()]),
         ("redact", vec!["redact".to_string()]),
         ("envelope", vec!["envelope".to_string()]),
         (
