@@ -178,6 +178,22 @@ impl Metrics {
         m
     }
 
+    /// Registers the store's group-commit counters.
+    pub fn register_store(&self, store: &crate::store::Store) {
+        let (commits, commands) = store.commit_counters();
+        let mut r = self.registry.lock().expect("registry lock");
+        r.register(
+            "courier_store_commits",
+            "Write transactions committed (each one fsync)",
+            commits,
+        );
+        r.register(
+            "courier_store_commands",
+            "Changes carried by those transactions (commands / commits = group-commit batch size)",
+            commands,
+        );
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

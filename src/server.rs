@@ -58,6 +58,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     if let Err(errors) = plugins.load_all(&config.plugins, &metrics) {
         anyhow::bail!("{}", errors.join("\n"));
     }
+    metrics.register_store(&store);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;

@@ -141,6 +141,10 @@ pub struct DuePage {
 /// State shared between the writer and readers.
 pub(crate) struct Shared {
     counts: RwLock<BTreeMap<(String, DeliveryStatus), u64>>,
+    /// Write transactions committed, and the commands they carried (their ratio is the
+    /// group-commit batch size).
+    pub(crate) commits: prometheus_client::metrics::counter::Counter,
+    pub(crate) commands: prometheus_client::metrics::counter::Counter,
 }
 
 impl Shared {
@@ -197,6 +201,8 @@ impl Store {
         let db = Arc::new(db);
         let shared = Arc::new(Shared {
             counts: RwLock::new(counts),
+            commits: Default::default(),
+            commands: Default::default(),
         });
         let (tx, rx) = mpsc::channel(65_536);
         let (wdb, wshared) = (db.clone(), shared.clone());
@@ -436,6 +442,16 @@ impl Store {
         }
         let next = if exhausted { None } else { last_examined };
         Ok((out, next))
+    }
+
+    /// Counters of committed write transactions and of the commands they carried.
+    pub fn commit_counters(
+        &self,
+    ) -> (
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::counter::Counter,
+    ) {
+        (self.shared.commits.clone(), self.shared.commands.clone())
     }
 
     /// Deliveries per (endpoint, status), exact, from memory.

@@ -67,6 +67,8 @@ pub(crate) fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, shared: Ar
         match apply(&db, &cmds, &mut deltas) {
             Ok(replies) => {
                 shared.apply_deltas(&deltas);
+                shared.commits.inc();
+                shared.commands.inc_by(cmds.len() as u64);
                 for (cmd, reply) in cmds.drain(..).zip(replies) {
                     send(cmd, reply);
                 }

@@ -335,3 +335,83 @@ async fn ssrf_guard_refuses_private_destinations_permanently() {
     assert!(rx.received().is_empty());
     c.stop().await;
 }
+
+#[tokio::test]
+async fn https_goes_through_rustls_and_refuses_an_untrusted_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        assert!(std::env::var_os("CI").is_none(), "openssl is needed in CI");
+        eprintln!("skipping: openssl not available");
+        return;
+    }
+    let port = free_port();
+    let script = format!(
+        "import http.server, ssl\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_POST(self):\n\
+         \x20       self.rfile.read(int(self.headers['content-length']))\n\
+         \x20       self.send_response(200); self.end_headers()\n\
+         \x20   def log_message(self, *a): pass\n\
+         s = http.server.HTTPServer(('127.0.0.1', {port}), H)\n\
+         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain('{}', '{}')\n\
+         s.socket = ctx.wrap_socket(s.socket, server_side=True)\n\
+         print('ready', flush=True)\n\
+         s.serve_forever()\n",
+        cert.display(),
+        key.display()
+    );
+    let mut server = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "tls",
+            &format!("https://localhost:{port}/h"),
+            "schedule = [\"0s\"]"
+        )
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    let d = c.wait_status(&id, "dead", T).await;
+    assert_eq!(d["attempts"][0]["error"], "tls", "{d:#}");
+    assert!(
+        d["attempts"][0]["error_detail"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("certificate"),
+        "{d:#}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    c.stop().await;
+}

@@ -295,3 +295,62 @@ impl JsonBody for reqwest::Response {
         serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
     }
 }
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{name} not in metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ingests_share_group_commits() {
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "later",
+            &format!("http://127.0.0.1:{}/", free_port()),
+            "schedule = [\"1h\"]"
+        )
+    ))
+    .await;
+    let before = c.text("/metrics").await;
+    let (commits0, commands0) = (
+        metric(&before, "courier_store_commits_total"),
+        metric(&before, "courier_store_commands_total"),
+    );
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (http, url) = (c.http.clone(), format!("{}/v1/events", c.base));
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"event_type": "t", "payload": {"i": i}}).to_string();
+            http.post(url)
+                .bearer_auth(ADMIN)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 202);
+    }
+    let after = c.text("/metrics").await;
+    let commits = metric(&after, "courier_store_commits_total") - commits0;
+    let commands = metric(&after, "courier_store_commands_total") - commands0;
+    assert!(commands >= 200.0, "{commands}");
+    assert!(
+        commits < commands / 2.0,
+        "200 concurrent ingests took {commits} commits: no batching"
+    );
+    let (_, st) = c.get("/v1/stats").await;
+    assert_eq!(
+        st["counts"]["pending"], 200,
+        "every acknowledged event is stored"
+    );
+    c.stop().await;
+}

@@ -23,6 +23,14 @@ const AI: &str = r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "mo
 /// A WebSocket subscriber collecting frames until the server closes (or `T` passes).
 struct Ws {
     frames: tokio::sync::mpsc::UnboundedReceiver<Value>,
+    /// Owns the socket: dropping a `Ws` drops the connection without a close frame.
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ws {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Ws {
@@ -36,14 +44,14 @@ impl Ws {
             .expect("websocket connects");
         let (_, mut read) = stream.split();
         let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = read.next().await {
                 if let Message::Text(t) = msg {
                     let _ = tx.send(serde_json::from_str::<Value>(&t).unwrap());
                 }
             }
         });
-        Ws { frames }
+        Ws { frames, reader }
     }
 
     async fn next(&mut self) -> Value {
@@ -198,6 +206,9 @@ async fn event_driven_flow_completes_with_the_callback() {
     // A second subscriber, joining now, gets the latest state first.
     let mut ws2 = Ws::connect(&c, &id).await;
     assert_eq!(ws2.next().await["status"], "ai_generated");
+    // A subscriber that goes away without closing properly holds nobody up.
+    let gone = Ws::connect(&c, &id).await;
+    drop(gone);
 
     let cb = json!({"data": {"movie": "Arrival", "id": 7}, "task_id": "task-1", "metadata": {"by": "backend"}});
     let (s, _) = c
