@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub public_url: String,
     pub max_body_bytes: usize,
+    /// Watch the config and plugin files for changes (SIGHUP reloads either way).
+    pub watch: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +193,7 @@ struct RawServer {
     data_dir: Option<String>,
     public_url: Option<String>,
     max_body_bytes: Option<u64>,
+    watch: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -356,6 +359,7 @@ impl Config {
             data_dir,
             public_url: public_url.trim_end_matches('/').to_string(),
             max_body_bytes: max_body_bytes as usize,
+            watch: s.watch.unwrap_or(true),
         };
 
         let mut keys = Vec::new();

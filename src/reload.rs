@@ -59,7 +59,13 @@ pub fn start(app: &Arc<App>) {
         return;
     };
     let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
-    match crate::watch::watch_files(std::slice::from_ref(&path), tx) {
+    let watched = if app.config.load().server.watch {
+        crate::watch::watch_files(std::slice::from_ref(&path), tx)
+    } else {
+        tracing::info!("server.watch = false: reload the configuration with SIGHUP");
+        Err(notify::Error::generic("disabled by server.watch = false"))
+    };
+    match watched {
         Ok(watcher) => {
             let app2 = app.clone();
             app.tasks.spawn(async move {
@@ -68,6 +74,7 @@ pub fn start(app: &Arc<App>) {
                 debounce(app2, rx).await;
             });
         }
+        Err(_) if !app.config.load().server.watch => {}
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot watch the config file; reload with SIGHUP")
         }
@@ -83,8 +90,16 @@ pub fn start(app: &Arc<App>) {
             loop {
                 tokio::select! {
                     _ = hup.recv() => {
-                        tracing::info!("SIGHUP: reloading the configuration");
+                        tracing::info!("SIGHUP: reloading the configuration and plugins");
                         reload(&app2, true);
+                        let app3 = app2.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            let config = app3.config.load();
+                            for cfg in &config.plugins {
+                                app3.plugins.reload_file(cfg, &app3.metrics);
+                            }
+                        })
+                        .await;
                     }
                     _ = app2.shutdown.cancelled() => return,
                 }

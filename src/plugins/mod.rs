@@ -431,13 +431,11 @@ pub fn start_watching(app: &Arc<crate::app::App>) {
 
 /// Watches the files of the active configuration's plugins (after a config change).
 pub fn rewatch(app: &Arc<crate::app::App>) {
-    let paths: Vec<PathBuf> = app
-        .config
-        .load()
-        .plugins
-        .iter()
-        .map(|p| p.path.clone())
-        .collect();
+    let config = app.config.load();
+    if !config.server.watch {
+        return;
+    }
+    let paths: Vec<PathBuf> = config.plugins.iter().map(|p| p.path.clone()).collect();
     let Some(tx) = app.plugins.watch_tx.lock().expect("watch tx").clone() else {
         return;
     };

@@ -289,3 +289,22 @@ fn workflow_example_config_passes_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn deployment_example_config_passes_check() {
+    let path = root().join("examples/behind-proxy.toml");
+    let out = courier(
+        &["check", "--config", path.to_str().unwrap()],
+        &[
+            ("COURIER_KEY", "an-example-key-0123456789"),
+            ("APP_SECRET", SECRET),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(root().join("examples/courier.service").exists());
+    assert!(root().join("examples/nginx.conf").exists());
+}

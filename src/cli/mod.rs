@@ -1,0 +1,471 @@
+//! The `courier` command line: `serve`, `check`, `secret`, and the operator commands that talk
+//! to a running courier (`deliveries`, `dlq`, `stats`, `send`) or check a webhook offline
+//! (`verify`).
+
+mod client;
+mod table;
+pub mod verify;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::config::Config;
+use client::Api;
+
+#[derive(Parser)]
+#[command(
+    name = "courier",
+    version,
+    about = "A durable, self-hosted webhook delivery proxy"
+)]
+struct Cli {
+    /// Log format (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value = "pretty", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (embedded defaults without --config).
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file; exits non-zero naming the key at fault.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print a new random `whsec_` signing secret.
+    Secret,
+    /// List or inspect deliveries of a running courier.
+    Deliveries {
+        #[command(subcommand)]
+        cmd: DeliveriesCmd,
+    },
+    /// List or replay the dead-letter queue of a running courier.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+    /// Delivery statistics of a running courier.
+    Stats {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// RFC 3339 time (default: the last 24 hours).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Send an event: the JSON payload from FILE, or stdin when FILE is omitted or `-`.
+    Send {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        event_type: String,
+        /// Deliver to this endpoint only (default: every subscribed endpoint).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Your own event id (becomes the webhook-id).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        file: Option<PathBuf>,
+    },
+    /// Check a received webhook's signatures. Reads the webhook as an HTTP message (headers,
+    /// an empty line, the body) from FILE or stdin.
+    Verify {
+        /// The endpoint's `whsec_` secret.
+        #[arg(long, env = "COURIER_VERIFY_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Skip the 5-minute timestamp check (for old captures).
+        #[arg(long)]
+        no_timestamp_check: bool,
+        file: Option<PathBuf>,
+    },
+}
+
+/// Where the running courier is.
+#[derive(Args)]
+struct Remote {
+    /// courier's base URL.
+    #[arg(long, env = "COURIER_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An API token (admin scope to read, ingest scope to send).
+    #[arg(long, env = "COURIER_KEY", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Remote {
+    fn api(&self) -> Api {
+        Api::new(&self.url, self.token.clone())
+    }
+}
+
+#[derive(Subcommand)]
+enum DeliveriesCmd {
+    /// Recent deliveries, newest first.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        /// pending, delivered, dead or dropped.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// One delivery with every attempt.
+    Show {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// Dead deliveries.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Requeue every dead delivery matching the filter.
+    Replay {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => {
+            init_logging(cli.log_format);
+            serve(config)
+        }
+        Command::Check { config } => check(&config),
+        Command::Secret => {
+            println!("{}", crate::deliver::sign::generate_secret());
+            Ok(())
+        }
+        Command::Verify {
+            secret,
+            no_timestamp_check,
+            file,
+        } => verify_cmd(&secret, no_timestamp_check, file.as_ref()),
+        remote => operator(remote),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("courier: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_input(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
+    match file {
+        Some(p) if p.as_os_str() != "-" => {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        }
+        _ => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("cannot read stdin")?;
+            Ok(buf)
+        }
+    }
+}
+
+fn verify_cmd(
+    secret: &str,
+    no_timestamp_check: bool,
+    file: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let input = read_input(file)?;
+    let webhook =
+        verify::parse(&input).map_err(|e| anyhow::anyhow!("cannot read the webhook: {e}"))?;
+    let now = (!no_timestamp_check).then(|| crate::model::now_ms() as i64 / 1000);
+    let report = verify::verify(&webhook, secret, now);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.valid {
+        println!("valid");
+        Ok(())
+    } else {
+        anyhow::bail!("the webhook does not verify with this secret")
+    }
+}
+
+/// The commands that call a running courier's API.
+fn operator(command: Command) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match command {
+            Command::Deliveries {
+                cmd:
+                    DeliveriesCmd::List {
+                        remote,
+                        status,
+                        endpoint,
+                        since,
+                        until,
+                        limit,
+                        cursor,
+                    },
+            } => {
+                let v = remote
+                    .api()
+                    .get(
+                        "/v1/deliveries",
+                        &[
+                            ("status", status),
+                            ("endpoint", endpoint),
+                            ("since", since),
+                            ("until", until),
+                            ("limit", limit.map(|l| l.to_string())),
+                            ("cursor", cursor),
+                        ],
+                    )
+                    .await?;
+                show(&remote, &v, client::deliveries_table);
+            }
+            Command::Deliveries {
+                cmd: DeliveriesCmd::Show { remote, id },
+            } => {
+                let v = remote
+                    .api()
+                    .get(&format!("/v1/deliveries/{id}"), &[])
+                    .await?;
+                show(&remote, &v, client::delivery_detail);
+            }
+            Command::Dlq {
+                cmd:
+                    DlqCmd::List {
+                        remote,
+                        endpoint,
+                        since,
+                        until,
+                        limit,
+                        cursor,
+                    },
+            } => {
+                let v = remote
+                    .api()
+                    .get(
+                        "/v1/dlq",
+                        &[
+                            ("endpoint", endpoint),
+                            ("since", since),
+                            ("until", until),
+                            ("limit", limit.map(|l| l.to_string())),
+                            ("cursor", cursor),
+                        ],
+                    )
+                    .await?;
+                show(&remote, &v, client::deliveries_table);
+            }
+            Command::Dlq {
+                cmd:
+                    DlqCmd::Replay {
+                        remote,
+                        endpoint,
+                        since,
+                        until,
+                    },
+            } => {
+                let mut filter = json!({});
+                for (k, v) in [("endpoint", endpoint), ("since", since), ("until", until)] {
+                    if let Some(v) = v {
+                        filter[k] = v.into();
+                    }
+                }
+                let v = remote.api().post("/v1/dlq/replay", &filter).await?;
+                show(&remote, &v, |v| {
+                    format!("requeued {} dead deliveries\n", v["requeued"])
+                });
+            }
+            Command::Stats {
+                remote,
+                endpoint,
+                since,
+            } => {
+                let v = remote
+                    .api()
+                    .get("/v1/stats", &[("endpoint", endpoint), ("since", since)])
+                    .await?;
+                show(&remote, &v, client::stats_text);
+            }
+            Command::Send {
+                remote,
+                event_type,
+                endpoint,
+                id,
+                idempotency_key,
+                file,
+            } => {
+                let payload = read_input(file.as_ref())?;
+                let body = client::event_body(
+                    &payload,
+                    &event_type,
+                    endpoint.as_deref(),
+                    id.as_deref(),
+                    idempotency_key.as_deref(),
+                )?;
+                let v = remote.api().post_raw("/v1/events", body).await?;
+                show(&remote, &v, |v| {
+                    let mut out = format!("accepted event {}\n", v["id"].as_str().unwrap_or("?"));
+                    for d in v["deliveries"]
+                        .as_array()
+                        .map(|a| a.as_slice())
+                        .unwrap_or_default()
+                    {
+                        out.push_str(&format!(
+                            "  delivery {} -> {}\n",
+                            d["id"].as_str().unwrap_or("?"),
+                            d["endpoint"].as_str().unwrap_or("?")
+                        ));
+                    }
+                    out
+                });
+            }
+            _ => unreachable!("local commands are handled before"),
+        }
+        Ok(())
+    })
+}
+
+fn show(remote: &Remote, v: &serde_json::Value, human: impl Fn(&serde_json::Value) -> String) {
+    if remote.json {
+        client::print_json(v);
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::defaults()),
+    }
+}
+
+fn check(path: &PathBuf) -> anyhow::Result<()> {
+    let config = load(Some(path))?;
+    if let Err(errors) = crate::plugins::check(&config.plugins) {
+        anyhow::bail!("{}", errors.join("\n"));
+    }
+    println!(
+        "{}: ok ({} endpoints, {} keys, {} plugins, {} workflows)",
+        path.display(),
+        config.endpoints.len(),
+        config.keys.len(),
+        config.plugins.len(),
+        config.workflows.len()
+    );
+    Ok(())
+}
+
+fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load(path.as_ref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let running = crate::server::start(config).await?;
+        if let Some(key) = &running.created_key {
+            let dir = running.app.config.load().server.data_dir.clone();
+            println!(
+                "courier: no [[keys]] configured; created an all-scopes API key (saved in {}):\n  {key}\nIt is not printed again.",
+                dir.join("admin.key").display()
+            );
+        }
+        println!("courier listening on http://{}", running.addr);
+        let _ = std::io::stdout().flush();
+        let stop = running.app.shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: finishing in-flight attempts");
+            stop.cancel();
+        });
+        running.wait().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

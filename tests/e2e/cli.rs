@@ -1,0 +1,320 @@
+//! The operator CLI against a running courier, and `courier verify` on a captured webhook.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(15);
+
+async fn run(
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    stdin: Option<Vec<u8>>,
+) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        cmd.args(&args)
+            .env_remove("COURIER_URL")
+            .env_remove("COURIER_KEY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(data) = stdin {
+            input.write_all(&data).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn out(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_against_a_running_server() {
+    let ok = Receiver::start().await;
+    let bad = Receiver::start().await;
+    bad.set_default(Reply::status(500).body("nope"));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("ok", &ok.url("/"), ""),
+        endpoint("bad", &bad.url("/"), "schedule = [\"0s\"]")
+    ))
+    .await;
+    let env = vec![
+        ("COURIER_URL", c.base.clone()),
+        ("COURIER_KEY", ADMIN.to_string()),
+    ];
+
+    // send: payload from stdin, and from a file.
+    let sent = out(&run(
+        args(&["send", "--event-type", "order.created", "--endpoint", "ok"]),
+        env.clone(),
+        Some(br#"{"order": 1}"#.to_vec()),
+    )
+    .await);
+    assert!(sent.starts_with("accepted event evt_"), "{sent}");
+    assert!(sent.contains("-> ok"));
+    let file = c.dir.path().join("payload.json");
+    std::fs::write(&file, br#"{"order": 2}"#).unwrap();
+    let sent = out(&run(
+        args(&[
+            "send",
+            "--json",
+            "--event-type",
+            "order.created",
+            "--endpoint",
+            "bad",
+            file.to_str().unwrap(),
+        ]),
+        env.clone(),
+        None,
+    )
+    .await);
+    let v: Value = serde_json::from_str(&sent).unwrap();
+    let dead_id = v["deliveries"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(ok.wait_for(1, T).await[0].json(), json!({"order": 1}));
+    c.wait_status(&dead_id, "dead", T).await;
+
+    // deliveries list: table and JSON.
+    let table = out(&run(args(&["deliveries", "list"]), env.clone(), None).await);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table.contains(&dead_id) && table.contains("dead") && table.contains("delivered"),
+        "{table}"
+    );
+    let js: Value = serde_json::from_str(&out(&run(
+        args(&["deliveries", "list", "--json", "--status", "dead"]),
+        env.clone(),
+        None,
+    )
+    .await))
+    .unwrap();
+    assert_eq!(js["data"].as_array().unwrap().len(), 1);
+
+    // deliveries show: the attempt timeline.
+    let show = out(&run(args(&["deliveries", "show", &dead_id]), env.clone(), None).await);
+    assert!(
+        show.contains("500") && show.contains("nope") && show.contains(r#"{"order": 2}"#),
+        "{show}"
+    );
+
+    // dlq list and replay.
+    let dlq = out(&run(args(&["dlq", "list"]), env.clone(), None).await);
+    assert!(dlq.contains(&dead_id), "{dlq}");
+    bad.set_default(Reply::status(200));
+    let replay = out(&run(
+        args(&["dlq", "replay", "--endpoint", "bad"]),
+        env.clone(),
+        None,
+    )
+    .await);
+    assert_eq!(replay.trim(), "requeued 1 dead deliveries");
+    c.wait_status(&dead_id, "delivered", T).await;
+
+    // stats.
+    let stats = out(&run(args(&["stats"]), env.clone(), None).await);
+    assert!(
+        stats.contains("delivered 2") && stats.contains("ENDPOINT"),
+        "{stats}"
+    );
+    let js: Value = serde_json::from_str(&out(&run(
+        args(&["stats", "--json", "--endpoint", "ok"]),
+        env.clone(),
+        None,
+    )
+    .await))
+    .unwrap();
+    assert_eq!(js["counts"]["delivered"], 1);
+
+    // Flags work as well as the environment; errors are clear and non-zero.
+    let flagged = out(&run(
+        args(&[
+            "deliveries",
+            "list",
+            "--url",
+            &c.base,
+            "--token",
+            ADMIN,
+            "--json",
+        ]),
+        vec![],
+        None,
+    )
+    .await);
+    assert!(serde_json::from_str::<Value>(&flagged).is_ok());
+    let denied = run(
+        args(&["deliveries", "list", "--url", &c.base]),
+        vec![],
+        None,
+    )
+    .await;
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("COURIER_KEY"));
+    let missing = run(
+        args(&["deliveries", "show", "dlv_missing"]),
+        env.clone(),
+        None,
+    )
+    .await;
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+    let bad_json = run(
+        args(&["send", "--event-type", "t"]),
+        env.clone(),
+        Some(b"{oops".to_vec()),
+    )
+    .await;
+    assert!(!bad_json.status.success());
+    assert!(String::from_utf8_lossy(&bad_json.stderr).contains("not valid JSON"));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn verify_checks_a_captured_webhook() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/hook"), "")
+    ))
+    .await;
+    c.send(json!({"event_type": "t", "payload": {"a": [1, 2]}}))
+        .await;
+    let r = &rx.wait_for(1, T).await[0];
+    let mut capture = b"POST /hook HTTP/1.1\r\n".to_vec();
+    for (k, v) in r.headers.iter() {
+        capture.extend_from_slice(format!("{}: {}\r\n", k, v.to_str().unwrap()).as_bytes());
+    }
+    capture.extend_from_slice(b"\r\n");
+    capture.extend_from_slice(&r.body);
+    let good = run(
+        args(&["verify", "--secret", SECRET]),
+        vec![],
+        Some(capture.clone()),
+    )
+    .await;
+    let text = out(&good);
+    assert!(
+        text.contains("webhook-signature: valid") && text.contains("mr-signature: valid"),
+        "{text}"
+    );
+    let other = courier::deliver::sign::generate_secret();
+    let wrong = run(
+        args(&["verify", "--secret", &other]),
+        vec![],
+        Some(capture.clone()),
+    )
+    .await;
+    assert!(!wrong.status.success());
+    let text = String::from_utf8_lossy(&wrong.stdout);
+    assert!(text.contains("INVALID"), "{text}");
+    let mut tampered = capture;
+    tampered.extend_from_slice(b" ");
+    let t = run(
+        args(&["verify", "--secret", SECRET]),
+        vec![],
+        Some(tampered),
+    )
+    .await;
+    assert!(!t.status.success());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_when_watching_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    let base = "[server]\nwatch = false\n";
+    let first = format!("{DELIVERY_FAST}{}", endpoint("a", &rx.url("/"), ""));
+    let path = dir.path().join("courier.toml");
+    let text =
+        |extra: &str| base_config(&dir.path().join("data"), extra).replacen("[server]\n", base, 1);
+    std::fs::write(&path, text(&first)).unwrap();
+    let p = Process::spawn(&path);
+    let http = reqwest::Client::new();
+    std::fs::write(
+        &path,
+        text(&format!("{first}{}", endpoint("b", &rx.url("/"), ""))),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, st) = get_json(&http, &format!("{}/v1/config/status", p.base)).await;
+    assert_eq!(st["version"], 1, "not watched: nothing changes by itself");
+    p.signal("HUP");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (_, st) = get_json(&http, &format!("{}/v1/config/status", p.base)).await;
+        if st["version"] == 2 {
+            assert_eq!(st["endpoints"], json!(["a", "b"]));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), DELIVERY_FAST);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        stdout
+            .next()
+            .unwrap()
+            .unwrap()
+            .starts_with("courier listening on ")
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let mut lines = 0;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{v}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 2, "start and stop are logged");
+}
