@@ -25,6 +25,8 @@ pub struct App {
     /// What the config hot reload has done.
     pub reload_status: std::sync::Mutex<crate::reload::Status>,
     pub scheduler: Scheduler,
+    /// Every endpoint deliveries may go to (config file and endpoint API).
+    pub endpoints: crate::endpoints::Registry,
     pub plugins: crate::plugins::Plugins,
     pub workflows: crate::workflows::Workflows,
     pub hub: crate::hub::Hub,

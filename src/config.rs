@@ -103,9 +103,26 @@ pub struct EndpointConfig {
     pub headers: BTreeMap<String, String>,
     pub transforms: Vec<String>,
     pub backoff: Option<String>,
+    /// Paused endpoints queue deliveries but send nothing (endpoint API).
+    pub paused: bool,
+    /// Secrets being rotated out: they keep signing until their expiry (unix ms).
+    pub retiring_secrets: Vec<(String, u64)>,
 }
 
 impl EndpointConfig {
+    /// Every secret that signs an attempt made at `now_ms`: the current ones, then those
+    /// being rotated out that have not expired.
+    pub fn signing_secrets(&self, now_ms: u64) -> Vec<String> {
+        let mut out = self.secrets.clone();
+        out.extend(
+            self.retiring_secrets
+                .iter()
+                .filter(|(_, until)| *until > now_ms)
+                .map(|(s, _)| s.clone()),
+        );
+        out
+    }
+
     /// Whether this endpoint subscribes to `event_type`.
     pub fn subscribes(&self, event_type: &str) -> bool {
         match &self.event_types {
@@ -216,24 +233,32 @@ struct RawDelivery {
     circuit_probe_interval: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// One `[[endpoints]]` entry as written (also the body of the endpoint API).
+#[derive(Deserialize, serde::Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-struct RawEndpoint {
-    name: String,
-    url: String,
+pub struct RawEndpoint {
+    pub name: String,
+    pub url: String,
     #[serde(default)]
-    secrets: Vec<String>,
-    event_types: Option<Vec<String>>,
-    ordering: Option<String>,
-    max_in_flight: Option<i64>,
-    rate_limit: Option<String>,
-    timeout: Option<String>,
-    schedule: Option<Vec<String>>,
+    pub secrets: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_types: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Vec<String>>,
     #[serde(default)]
-    headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, String>,
     #[serde(default)]
-    transforms: Vec<String>,
-    backoff: Option<String>,
+    pub transforms: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -484,121 +509,13 @@ impl Config {
         let mut names = HashSet::new();
         for (i, e) in raw.endpoints.into_iter().enumerate() {
             let key = format!("endpoints[{i}]");
-            check_name(&e.name, &format!("{key}.name"))?;
             if !names.insert(e.name.clone()) {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
                     format!("duplicate endpoint name `{}`", e.name),
                 ));
             }
-            let url = parse_http_url(&e.url, &format!("{key}.url"))?;
-            for (j, s) in e.secrets.iter().enumerate() {
-                crate::deliver::sign::decode_secret(s).map_err(|m| {
-                    ConfigError::invalid(format!("{key}.secrets[{j}]"), m.to_string())
-                })?;
-            }
-            if let Some(types) = &e.event_types {
-                for (j, t) in types.iter().enumerate() {
-                    if t.is_empty() || t.chars().any(char::is_whitespace) {
-                        return Err(ConfigError::invalid(
-                            format!("{key}.event_types[{j}]"),
-                            format!("`{t}` is not a valid event type pattern"),
-                        ));
-                    }
-                }
-            }
-            let ordering = match e.ordering.as_deref() {
-                None | Some("unordered") => Ordering::Unordered,
-                Some("fifo") => Ordering::Fifo,
-                Some(other) => {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.ordering"),
-                        format!("unknown ordering `{other}` (expected unordered or fifo)"),
-                    ));
-                }
-            };
-            let max_in_flight = match e.max_in_flight {
-                None => 32,
-                Some(n) if (1..=10_000).contains(&n) => n as usize,
-                Some(n) => {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.max_in_flight"),
-                        format!("{n} is not between 1 and 10000"),
-                    ));
-                }
-            };
-            let rate_limit = e
-                .rate_limit
-                .map(|r| {
-                    RateLimit::parse(&r)
-                        .map_err(|m| ConfigError::invalid(format!("{key}.rate_limit"), m))
-                })
-                .transpose()?;
-            let timeout =
-                opt_duration(e.timeout, &format!("{key}.timeout"))?.unwrap_or(delivery.timeout);
-            if timeout.is_zero() {
-                return Err(ConfigError::invalid(
-                    format!("{key}.timeout"),
-                    "must be greater than 0",
-                ));
-            }
-            let schedule = match e.schedule {
-                Some(list) => parse_schedule(&list, &format!("{key}.schedule"))?,
-                None => delivery.schedule.clone(),
-            };
-            let mut headers = BTreeMap::new();
-            for (h, v) in e.headers {
-                let name = h.to_ascii_lowercase();
-                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-                    || reqwest::header::HeaderValue::from_str(&v).is_err()
-                {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.headers.{h}"),
-                        "is not a valid HTTP header",
-                    ));
-                }
-                if RESERVED_HEADERS.contains(&name.as_str()) {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.headers.{h}"),
-                        "is set by courier and cannot be overridden",
-                    ));
-                }
-                headers.insert(name, v);
-            }
-            for (j, t) in e.transforms.iter().enumerate() {
-                if plugin_kind(t) != Some(PluginKind::Transform) {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.transforms[{j}]"),
-                        format!("`{t}` is not a [[plugins]] entry of kind transform"),
-                    ));
-                }
-            }
-            if let Some(b) = &e.backoff
-                && plugin_kind(b) != Some(PluginKind::Backoff)
-            {
-                return Err(ConfigError::invalid(
-                    format!("{key}.backoff"),
-                    format!("`{b}` is not a [[plugins]] entry of kind backoff"),
-                ));
-            }
-            endpoints.push(EndpointConfig {
-                name: e.name,
-                url,
-                secrets: e.secrets,
-                event_types: e.event_types,
-                ordering,
-                max_in_flight: if ordering == Ordering::Fifo {
-                    1
-                } else {
-                    max_in_flight
-                },
-                rate_limit,
-                timeout,
-                schedule,
-                headers,
-                transforms: e.transforms,
-                backoff: e.backoff,
-            });
+            endpoints.push(build_endpoint(e, &key, &delivery, &plugins)?);
         }
 
         let mut workflows = Vec::new();
@@ -673,6 +590,131 @@ impl Config {
     pub fn workflow(&self, name: &str) -> Option<&WorkflowConfig> {
         self.workflows.iter().find(|w| w.name == name)
     }
+}
+
+/// Validates one endpoint entry (from the config file or the endpoint API); errors name
+/// `{key}.field`.
+pub fn build_endpoint(
+    e: RawEndpoint,
+    key: &str,
+    delivery: &DeliveryConfig,
+    plugins: &[PluginConfig],
+) -> Result<EndpointConfig, ConfigError> {
+    let plugin_kind = |name: &str| plugins.iter().find(|p| p.name == name).map(|p| p.kind);
+    // Field names are prefixed with `key.` (config file) or bare (endpoint API).
+    let pre = if key.is_empty() {
+        String::new()
+    } else {
+        format!("{key}.")
+    };
+    check_name(&e.name, &format!("{pre}name"))?;
+    let url = parse_http_url(&e.url, &format!("{pre}url"))?;
+    for (j, s) in e.secrets.iter().enumerate() {
+        crate::deliver::sign::decode_secret(s)
+            .map_err(|m| ConfigError::invalid(format!("{pre}secrets[{j}]"), m.to_string()))?;
+    }
+    if let Some(types) = &e.event_types {
+        for (j, t) in types.iter().enumerate() {
+            if t.is_empty() || t.chars().any(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    format!("{pre}event_types[{j}]"),
+                    format!("`{t}` is not a valid event type pattern"),
+                ));
+            }
+        }
+    }
+    let ordering = match e.ordering.as_deref() {
+        None | Some("unordered") => Ordering::Unordered,
+        Some("fifo") => Ordering::Fifo,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                format!("{pre}ordering"),
+                format!("unknown ordering `{other}` (expected unordered or fifo)"),
+            ));
+        }
+    };
+    let max_in_flight = match e.max_in_flight {
+        None => 32,
+        Some(n) if (1..=10_000).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ConfigError::invalid(
+                format!("{pre}max_in_flight"),
+                format!("{n} is not between 1 and 10000"),
+            ));
+        }
+    };
+    let rate_limit = e
+        .rate_limit
+        .map(|r| {
+            RateLimit::parse(&r).map_err(|m| ConfigError::invalid(format!("{pre}rate_limit"), m))
+        })
+        .transpose()?;
+    let timeout = opt_duration(e.timeout, &format!("{pre}timeout"))?.unwrap_or(delivery.timeout);
+    if timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            format!("{pre}timeout"),
+            "must be greater than 0",
+        ));
+    }
+    let schedule = match e.schedule {
+        Some(list) => parse_schedule(&list, &format!("{pre}schedule"))?,
+        None => delivery.schedule.clone(),
+    };
+    let mut headers = BTreeMap::new();
+    for (h, v) in e.headers {
+        let name = h.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || reqwest::header::HeaderValue::from_str(&v).is_err()
+        {
+            return Err(ConfigError::invalid(
+                format!("{pre}headers.{h}"),
+                "is not a valid HTTP header",
+            ));
+        }
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{pre}headers.{h}"),
+                "is set by courier and cannot be overridden",
+            ));
+        }
+        headers.insert(name, v);
+    }
+    for (j, t) in e.transforms.iter().enumerate() {
+        if plugin_kind(t) != Some(PluginKind::Transform) {
+            return Err(ConfigError::invalid(
+                format!("{pre}transforms[{j}]"),
+                format!("`{t}` is not a [[plugins]] entry of kind transform"),
+            ));
+        }
+    }
+    if let Some(b) = &e.backoff
+        && plugin_kind(b) != Some(PluginKind::Backoff)
+    {
+        return Err(ConfigError::invalid(
+            format!("{pre}backoff"),
+            format!("`{b}` is not a [[plugins]] entry of kind backoff"),
+        ));
+    }
+    Ok(EndpointConfig {
+        name: e.name,
+        url,
+        secrets: e.secrets,
+        event_types: e.event_types,
+        ordering,
+        max_in_flight: if ordering == Ordering::Fifo {
+            1
+        } else {
+            max_in_flight
+        },
+        rate_limit,
+        timeout,
+        schedule,
+        headers,
+        transforms: e.transforms,
+        backoff: e.backoff,
+        paused: false,
+        retiring_secrets: Vec::new(),
+    })
 }
 
 /// Headers courier sets itself on every attempt.

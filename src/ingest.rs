@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::app::{App, Caller};
 use crate::model::{Delivery, DeliveryStatus, Event, new_id, now_ms};
+use crate::scheduler::Scheduler;
 use crate::store::{AppendBatch, AppendResult, IdempotencyKey, StoreError};
 use crate::{observe, outcome};
 
@@ -92,19 +93,14 @@ pub async fn ingest(
     if let Some(k) = &req.idempotency_key {
         check_token("idempotency_key", k)?;
     }
-    let config = app.config.load();
-    let targets: Vec<&crate::config::EndpointConfig> = match &req.endpoint {
+    let targets = match &req.endpoint {
         Some(name) => vec![
-            config
-                .endpoint(name)
+            app.endpoints
+                .get(name)
                 .ok_or_else(|| IngestError::UnknownEndpoint(name.clone()))?,
         ],
         None => {
-            let t: Vec<_> = config
-                .endpoints
-                .iter()
-                .filter(|e| e.subscribes(&req.event_type))
-                .collect();
+            let t = app.endpoints.subscribers(&req.event_type);
             if t.is_empty() {
                 return Err(IngestError::NoSubscriber(req.event_type.clone()));
             }
@@ -158,13 +154,12 @@ pub async fn ingest(
         }),
         reply: body.clone(),
     };
-    drop(config);
     match app.store.append(batch).await? {
         AppendResult::Created => {
             let names: Vec<&str> = endpoints.iter().map(String::as_str).collect();
             observe::ingested(&app.metrics, &event_id, &req.event_type, &names);
             for e in &endpoints {
-                app.scheduler.notify(e);
+                Scheduler::wake(app, e);
             }
             Ok(Accepted {
                 body,

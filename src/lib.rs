@@ -11,6 +11,8 @@
 //!
 //! - [`config`]: the TOML file, parsed and validated once; everything else trusts it.
 //! - [`model`]: the vocabulary (Event, Delivery, Attempt, statuses, scopes).
+//! - [`endpoints`]: the effective endpoints (config file + endpoint API), indexed by name and
+//!   by subscribed event type.
 //! - [`store`]: the one narrow interface to durable state; redb behind a single writer thread.
 //! - [`ingest`]: producer requests become an event plus deliveries, committed before the 202.
 //! - [`scheduler`]: one worker per endpoint reads due deliveries in pages and starts attempts
@@ -36,6 +38,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod deliver;
+pub mod endpoints;
 pub mod hub;
 pub mod ingest;
 pub mod model;

@@ -220,8 +220,14 @@ fn apply(app: &Arc<App>, mut new: Config) {
         app.client
             .store(Arc::new(client::build(new.delivery.allow_private_networks)));
     }
+    let touched = app.endpoints.set_config(&new);
     app.config.store(Arc::new(new));
-    Scheduler::start_workers(app);
-    // Wake every worker so that changed limits apply now and removed endpoints' workers stop.
+    // Wake every worker so that changed limits apply now and removed endpoints' workers stop,
+    // and start workers for (re)added endpoints that have deliveries waiting.
     app.scheduler.notify_all();
+    for name in touched {
+        if app.store.pending_count(&name) > 0 {
+            Scheduler::wake(app, &name);
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! finished attempt wakes them.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,9 +37,18 @@ impl Health {
     }
 }
 
+/// A running endpoint worker: its wake-up, and a flag that a wake-up is pending (so that a
+/// worker about to exit for lack of work can tell it was just handed some).
+struct WorkerHandle {
+    notify: Arc<Notify>,
+    woken: Arc<AtomicBool>,
+}
+
+/// Workers exist only for endpoints with work: an idle endpoint costs its configuration and
+/// nothing else, which is what lets thousands of endpoints be registered.
 #[derive(Default)]
 pub struct Scheduler {
-    workers: Mutex<HashMap<String, Arc<Notify>>>,
+    workers: Mutex<HashMap<String, WorkerHandle>>,
     health: Mutex<HashMap<String, Health>>,
 }
 
@@ -50,18 +60,39 @@ struct Done {
 }
 
 impl Scheduler {
-    /// Wakes the worker of `endpoint` (new or requeued work).
-    pub fn notify(&self, endpoint: &str) {
-        if let Some(n) = self.workers.lock().expect("workers lock").get(endpoint) {
-            n.notify_one();
+    /// Wakes the worker of `endpoint` (new or requeued work, or a changed definition),
+    /// starting one if there is none.
+    pub fn wake(app: &Arc<App>, endpoint: &str) {
+        let mut workers = app.scheduler.workers.lock().expect("workers lock");
+        if let Some(w) = workers.get(endpoint) {
+            w.woken.store(true, AtomicOrdering::SeqCst);
+            w.notify.notify_one();
+            return;
+        }
+        if app.shutdown.is_cancelled() {
+            return;
+        }
+        let handle = WorkerHandle {
+            notify: Arc::new(Notify::new()),
+            woken: Arc::new(AtomicBool::new(false)),
+        };
+        let (notify, woken) = (handle.notify.clone(), handle.woken.clone());
+        workers.insert(endpoint.to_string(), handle);
+        app.tasks
+            .spawn(worker(app.clone(), endpoint.to_string(), notify, woken));
+    }
+
+    /// Wakes every running worker (after a configuration change).
+    pub fn notify_all(&self) {
+        for w in self.workers.lock().expect("workers lock").values() {
+            w.woken.store(true, AtomicOrdering::SeqCst);
+            w.notify.notify_one();
         }
     }
 
-    /// Wakes every worker (after a configuration change).
-    pub fn notify_all(&self) {
-        for n in self.workers.lock().expect("workers lock").values() {
-            n.notify_one();
-        }
+    /// Number of running workers (endpoints with work in hand).
+    pub fn workers(&self) -> usize {
+        self.workers.lock().expect("workers lock").len()
     }
 
     pub fn health(&self, endpoint: &str) -> Health {
@@ -73,18 +104,22 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
-    /// Starts a worker for every configured endpoint that has none.
+    /// Endpoints that have made attempts, with their health.
+    pub fn all_health(&self) -> Vec<(String, Health)> {
+        self.health
+            .lock()
+            .expect("health lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Starts workers for every endpoint with pending deliveries (at start-up).
     pub fn start_workers(app: &Arc<App>) {
-        let mut workers = app.scheduler.workers.lock().expect("workers lock");
-        let config = app.config.load();
-        for ep in &config.endpoints {
-            if workers.contains_key(&ep.name) {
-                continue;
+        for ((endpoint, status), n) in app.store.counts() {
+            if status == crate::model::DeliveryStatus::Pending && n > 0 {
+                Self::wake(app, &endpoint);
             }
-            let notify = Arc::new(Notify::new());
-            workers.insert(ep.name.clone(), notify.clone());
-            let (app2, name) = (app.clone(), ep.name.clone());
-            app.tasks.spawn(worker(app2, name, notify));
         }
     }
 
@@ -152,28 +187,24 @@ impl Bucket {
     }
 }
 
-async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>) {
+async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>, woken: Arc<AtomicBool>) {
     let mut in_flight: HashSet<String> = HashSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut bucket: Option<(f64, Bucket)> = None;
     let mut next_probe_ms = 0u64;
     loop {
+        woken.store(false, AtomicOrdering::SeqCst);
         let stopping = app.shutdown.is_cancelled();
-        let config = app.config.load();
-        let Some(ep) = config.endpoint(&name).map(|e| Arc::new(e.clone())) else {
-            // Removed from the configuration: its queue stays on disk untouched. Deregister
-            // under the lock, re-checking, so a concurrent re-add never finds a worker that is
-            // about to exit.
-            let mut workers = app.scheduler.workers.lock().expect("workers lock");
-            if app.config.load().endpoint(&name).is_some() {
+        let Some(ep) = app.endpoints.get(&name) else {
+            // Removed (config file or API): its queue stays on disk untouched and resumes if
+            // the endpoint comes back.
+            if in_flight.is_empty() {
+                if retire(&app, &name, &woken) {
+                    tracing::info!(endpoint = %name, "endpoint removed; its queued deliveries wait for it");
+                    break;
+                }
                 continue;
             }
-            if in_flight.is_empty() {
-                workers.remove(&name);
-                tracing::info!(endpoint = %name, "endpoint removed from the configuration; its queued deliveries wait for it");
-                break;
-            }
-            drop(workers);
             if let Some(done) = done_rx.recv().await {
                 finish(&app, &name, &mut in_flight, done);
             }
@@ -182,7 +213,11 @@ async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>) {
         let now = now_ms();
         let mut wake: Option<u64> = None;
         if !stopping {
-            let mut capacity = ep.max_in_flight.saturating_sub(in_flight.len());
+            let mut capacity = if ep.paused {
+                0
+            } else {
+                ep.max_in_flight.saturating_sub(in_flight.len())
+            };
             if app.scheduler.health(&name).circuit_open {
                 // Failing endpoint: one probe at a time, at the probe pace.
                 if in_flight.is_empty() && now >= next_probe_ms {
@@ -261,9 +296,18 @@ async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>) {
                 wake = min_opt(wake, Some(b.next_token_ms()));
             }
         } else if in_flight.is_empty() {
+            app.scheduler
+                .workers
+                .lock()
+                .expect("workers lock")
+                .remove(&name);
             break;
         }
-        drop(config);
+        // Nothing in hand and nothing scheduled (or paused): the worker goes away until the
+        // next wake-up starts a new one.
+        if !stopping && in_flight.is_empty() && wake.is_none() && retire(&app, &name, &woken) {
+            break;
+        }
 
         let sleep = match wake {
             Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
@@ -281,6 +325,17 @@ async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>) {
             finish(&app, &name, &mut in_flight, done);
         }
     }
+}
+
+/// Deregisters an idle worker unless a wake-up arrived meanwhile (checked under the same
+/// lock `wake` takes, so no wake-up is lost).
+fn retire(app: &App, name: &str, woken: &AtomicBool) -> bool {
+    let mut workers = app.scheduler.workers.lock().expect("workers lock");
+    if woken.swap(false, AtomicOrdering::SeqCst) {
+        return false;
+    }
+    workers.remove(name);
+    true
 }
 
 fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, done: Done) {
@@ -368,7 +423,7 @@ async fn run_attempt(app: &Arc<App>, ep: Arc<EndpointConfig>, d: Delivery) -> Op
     let result = deliver::send(
         &client,
         out,
-        &ep.secrets,
+        &ep.signing_secrets(now_ms()),
         &event.id,
         ep.timeout,
         delivery_cfg.allow_private_networks,

@@ -73,9 +73,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         workflows: Default::default(),
         hub: Default::default(),
         scheduler: Scheduler::default(),
+        endpoints: Default::default(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
+    app.endpoints.set_config(&app.config.load());
+    load_api_endpoints(&app)?;
     Scheduler::start_workers(&app);
     app.tasks.spawn(retention(app.clone()));
     crate::reload::start(&app);
@@ -118,6 +121,28 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         created_key,
         join,
     })
+}
+
+/// Loads the endpoints made through the API (an invalid one is reported and skipped; it stays
+/// stored and can be fixed with PATCH).
+fn load_api_endpoints(app: &App) -> anyhow::Result<()> {
+    let config = app.config.load();
+    for (name, json) in app.store.endpoints()? {
+        let stored: crate::endpoints::StoredEndpoint = match serde_json::from_slice(&json) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(endpoint = %name, error = %e, "stored endpoint is unreadable; skipped");
+                continue;
+            }
+        };
+        match stored.build(&config) {
+            Ok(built) => app.endpoints.put_api(stored, built),
+            Err(e) => {
+                tracing::error!(endpoint = %name, error = %e, "stored endpoint is not valid under this configuration; skipped")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Deletes delivered, dead and dropped deliveries older than `delivery.retention`, in small

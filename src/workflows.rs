@@ -379,8 +379,7 @@ fn webhook(
     event_type: &str,
     body: &Value,
 ) -> Option<AppendBatch> {
-    let config = app.config.load();
-    let Some(ep) = config.endpoint(&wf.endpoint) else {
+    let Some(ep) = app.endpoints.get(&wf.endpoint) else {
         tracing::error!(workflow = %wf.name, endpoint = %wf.endpoint, "workflow endpoint is not configured; no webhook sent");
         return None;
     };
@@ -472,7 +471,7 @@ async fn publish_change(
     }
     if let (Some(ep), Some((event_id, event_type))) = (endpoint, hook_event) {
         observe::ingested(&app.metrics, &event_id, &event_type, &[ep.as_str()]);
-        app.scheduler.notify(&ep);
+        crate::scheduler::Scheduler::wake(app, &ep);
     }
     app.hub.publish(
         &ch.id,

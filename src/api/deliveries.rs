@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, require, time_param, views};
 use crate::model::{DeliveryStatus, Scope};
+use crate::scheduler::Scheduler;
 use crate::store::{Filter, ReplayTarget};
 
 pub fn router() -> Router<AppState> {
@@ -62,10 +63,9 @@ impl ListParams {
 /// Lists deliveries for a filter, marking those whose endpoint is not configured.
 pub fn listing(app: &AppState, filter: &Filter, p: &ListParams) -> Result<Value, ApiError> {
     let (items, next) = app.store.list(filter, p.limit()?, p.cursor.as_deref())?;
-    let config = app.config.load();
     let data: Vec<Value> = items
         .iter()
-        .map(|d| views::delivery(d, config.endpoint(&d.endpoint).is_none()))
+        .map(|d| views::delivery(d, app.endpoints.get(&d.endpoint).is_none()))
         .collect();
     Ok(json!({"data": data, "next_cursor": next}))
 }
@@ -93,8 +93,7 @@ async fn show(
         .ok_or_else(|| ApiError::not_found(format!("no delivery `{id}`")))?;
     let attempts = app.store.attempts(&id)?;
     let event = app.store.event(&d.event_id)?;
-    let config = app.config.load();
-    let mut v = views::delivery(&d, config.endpoint(&d.endpoint).is_none());
+    let mut v = views::delivery(&d, app.endpoints.get(&d.endpoint).is_none());
     v["attempts"] = attempts.iter().map(views::attempt).collect();
     v["request"] = event.as_ref().map(views::request).unwrap_or(Value::Null);
     Ok(Json(v))
@@ -124,11 +123,10 @@ async fn replay(
     }
     app.metrics.replays.inc_by(result.requeued.len() as u64);
     let d = &result.requeued[0];
-    app.scheduler.notify(&d.endpoint);
+    Scheduler::wake(&app, &d.endpoint);
     tracing::info!(delivery = %d.id, endpoint = %d.endpoint, "delivery replayed");
-    let config = app.config.load();
     Ok((
         StatusCode::ACCEPTED,
-        Json(views::delivery(d, config.endpoint(&d.endpoint).is_none())),
+        Json(views::delivery(d, app.endpoints.get(&d.endpoint).is_none())),
     ))
 }

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use super::deliveries::{ListParams, listing};
 use super::{ApiError, AppState, read_body, require, time_param};
 use crate::model::{DeliveryStatus, Scope};
+use crate::scheduler::Scheduler;
 use crate::store::{Filter, ReplayTarget};
 
 pub fn router() -> Router<AppState> {
@@ -78,7 +79,7 @@ async fn replay(
         .map(|d| d.endpoint.as_str())
         .collect();
     for e in &endpoints {
-        app.scheduler.notify(e);
+        Scheduler::wake(&app, e);
     }
     tracing::info!(requeued = n, "DLQ bulk replay");
     Ok((

@@ -35,14 +35,17 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let m = &app.metrics;
     let counts = app.store.counts();
-    let config = app.config.load();
-    for ep in &config.endpoints {
+    // Every endpoint keeps its series, so that a drained queue reads 0.
+    for ep in app.endpoints.names() {
+        let depth = app.store.pending_count(&ep) as i64;
         m.queue_depth
-            .get_or_create(&vec![("endpoint", ep.name.clone())])
-            .set(app.store.pending_count(&ep.name) as i64);
+            .get_or_create(&vec![("endpoint", ep)])
+            .set(depth);
+    }
+    for (ep, h) in app.scheduler.all_health() {
         m.circuit_open
-            .get_or_create(&vec![("endpoint", ep.name.clone())])
-            .set(app.scheduler.health(&ep.name).circuit_open as i64);
+            .get_or_create(&vec![("endpoint", ep)])
+            .set(h.circuit_open as i64);
     }
     for ((ep, status), n) in counts {
         m.deliveries
@@ -51,7 +54,7 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
                 ("status", status.as_str().to_string()),
             ])
             .set(n as i64);
-        if status == crate::model::DeliveryStatus::Pending && config.endpoint(&ep).is_none() {
+        if status == crate::model::DeliveryStatus::Pending && app.endpoints.get(&ep).is_none() {
             m.queue_depth
                 .get_or_create(&vec![("endpoint", ep.clone())])
                 .set(n as i64);

@@ -79,20 +79,36 @@ async fn stats(
     durations.sort_unstable();
     let attempts = durations.len() as u64;
 
-    let config = app.config.load();
-    let endpoints: Vec<Value> = config
-        .endpoints
+    // Endpoints with something to show: the one asked for, or those with deliveries waiting
+    // or attempts made (not every idle endpoint of thousands).
+    let mut names: std::collections::BTreeSet<String> = match &endpoint {
+        Some(e) => [e.clone()].into(),
+        None => app
+            .scheduler
+            .all_health()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect(),
+    };
+    if endpoint.is_none() {
+        for ((ep, status), n) in app.store.counts() {
+            if status == DeliveryStatus::Pending && n > 0 {
+                names.insert(ep);
+            }
+        }
+    }
+    let endpoints: Vec<Value> = names
         .iter()
-        .filter(|e| endpoint.as_deref().is_none_or(|n| n == e.name))
-        .map(|e| {
-            let h = app.scheduler.health(&e.name);
+        .map(|name| {
+            let h = app.scheduler.health(name);
             json!({
-                "name": e.name,
+                "name": name,
                 "circuit": h.state(),
                 "consecutive_failures": h.consecutive_failures,
-                "queue_depth": app.store.pending_count(&e.name),
+                "queue_depth": app.store.pending_count(name),
                 "last_attempt_at": h.last_attempt_ms.map(rfc3339),
                 "last_success_at": h.last_success_ms.map(rfc3339),
+                "endpoint_missing": app.endpoints.get(name).is_none(),
             })
         })
         .collect();

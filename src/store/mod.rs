@@ -127,6 +127,15 @@ pub enum AdvanceResult {
     Stale(Channel),
 }
 
+/// A write to the API endpoints table: `value` `None` deletes; `create` insists the name is
+/// new, otherwise the name must exist.
+#[derive(Debug, Clone)]
+pub struct EndpointWrite {
+    pub name: String,
+    pub value: Option<Vec<u8>>,
+    pub create: bool,
+}
+
 /// Due workflow timers as (due ms, channel id, kind), and the next due time beyond them.
 pub type DueTimers = (Vec<(u64, String, TimerKind)>, Option<u64>);
 
@@ -188,6 +197,7 @@ impl Store {
             txn.open_table(ATTEMPT_LOG)?;
             txn.open_table(CHANNELS)?;
             txn.open_table(TIMERS)?;
+            txn.open_table(ENDPOINTS)?;
             let t = txn.open_table(COUNTS)?;
             for row in t.iter()? {
                 let (k, v) = row?;
@@ -260,6 +270,23 @@ impl Store {
     /// Creates or advances a workflow channel (see [`ChannelChange`]).
     pub async fn channel_change(&self, change: ChannelChange) -> Result<AdvanceResult, StoreError> {
         self.call(|tx| Command::Channel(change, tx)).await
+    }
+
+    /// Writes an API endpoint (see [`EndpointWrite`]); `false` on a name conflict or absence.
+    pub async fn write_endpoint(&self, w: EndpointWrite) -> Result<bool, StoreError> {
+        self.call(|tx| Command::Endpoint(w, tx)).await
+    }
+
+    /// Every stored API endpoint (name, JSON).
+    pub fn endpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ENDPOINTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     pub fn channel(&self, id: &str) -> Result<Option<Channel>, StoreError> {

@@ -39,6 +39,9 @@ pub const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channel
 /// double-fires them (a fired timer is removed in the same transaction as its effect).
 pub const TIMERS: TableDefinition<(u64, &str, u8), ()> = TableDefinition::new("timers");
 
+/// API-made endpoints: name → JSON [`crate::endpoints::StoredEndpoint`].
+pub const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+
 /// A compact attempt record for statistics.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AttemptLogEntry {

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::tables::*;
 use super::{
-    AdvanceResult, AppendBatch, AppendResult, ChannelChange, OutcomeRecord, ReplayResult,
-    ReplayTarget, Shared, StoreError,
+    AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, OutcomeRecord,
+    ReplayResult, ReplayTarget, Shared, StoreError,
 };
 use crate::model::{Channel, Delivery, DeliveryStatus, Event, id_floor, now_ms};
 
@@ -43,6 +43,7 @@ pub(crate) enum Command {
         ChannelChange,
         oneshot::Sender<Result<AdvanceResult, StoreError>>,
     ),
+    Endpoint(EndpointWrite, oneshot::Sender<Result<bool, StoreError>>),
 }
 
 enum Reply {
@@ -51,6 +52,7 @@ enum Reply {
     Replay(Result<ReplayResult, StoreError>),
     Purge(Result<usize, StoreError>),
     Channel(Result<AdvanceResult, StoreError>),
+    Endpoint(Result<bool, StoreError>),
 }
 
 pub(crate) fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, shared: Arc<Shared>) {
@@ -92,6 +94,7 @@ fn send(cmd: Command, reply: Reply) {
         (Command::Replay(_, tx), Reply::Replay(r)) => drop(tx.send(r)),
         (Command::Purge { reply, .. }, Reply::Purge(r)) => drop(reply.send(r)),
         (Command::Channel(_, tx), Reply::Channel(r)) => drop(tx.send(r)),
+        (Command::Endpoint(_, tx), Reply::Endpoint(r)) => drop(tx.send(r)),
         _ => unreachable!("replies are produced in command order"),
     }
 }
@@ -103,6 +106,7 @@ fn fail(cmd: Command, e: StoreError) {
         Command::Replay(_, tx) => drop(tx.send(Err(e))),
         Command::Purge { reply, .. } => drop(reply.send(Err(e))),
         Command::Channel(_, tx) => drop(tx.send(Err(e))),
+        Command::Endpoint(_, tx) => drop(tx.send(Err(e))),
     }
 }
 
@@ -127,6 +131,7 @@ fn apply(db: &Database, cmds: &[Command], deltas: &mut Deltas) -> Result<Vec<Rep
                     ..
                 } => Reply::Purge(t.purge(*before_ms, *idempotency_before_ms, *limit, deltas)),
                 Command::Channel(change, _) => Reply::Channel(t.channel(change, deltas)),
+                Command::Endpoint(w, _) => Reply::Endpoint(t.endpoint(w)),
             });
         }
         // A storage error inside a command leaves the transaction in an unknown state: fail
@@ -135,6 +140,7 @@ fn apply(db: &Database, cmds: &[Command], deltas: &mut Deltas) -> Result<Vec<Rep
             let err = match r {
                 Reply::Append(Err(e)) | Reply::Outcome(Err(e)) => Some(e),
                 Reply::Replay(Err(e)) | Reply::Purge(Err(e)) | Reply::Channel(Err(e)) => Some(e),
+                Reply::Endpoint(Err(e)) => Some(e),
                 _ => None,
             };
             if let Some(e @ (StoreError::Db(_) | StoreError::Corrupt(_))) = err {
@@ -160,6 +166,7 @@ struct Tables<'t> {
     attempt_log: redb::Table<'t, (u64, &'static str, u32), &'static [u8]>,
     channels: redb::Table<'t, &'static str, &'static [u8]>,
     timers: redb::Table<'t, (u64, &'static str, u8), ()>,
+    endpoints: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -176,6 +183,7 @@ impl<'t> Tables<'t> {
             attempt_log: txn.open_table(ATTEMPT_LOG)?,
             channels: txn.open_table(CHANNELS)?,
             timers: txn.open_table(TIMERS)?,
+            endpoints: txn.open_table(ENDPOINTS)?,
         })
     }
 
@@ -490,6 +498,20 @@ impl<'t> Tables<'t> {
             }
         }
         Ok(AdvanceResult::Applied)
+    }
+
+    /// Creates, replaces or deletes an API endpoint; `false` when the name is taken (create)
+    /// or absent (replace, delete).
+    fn endpoint(&mut self, w: &EndpointWrite) -> Result<bool, StoreError> {
+        let exists = self.endpoints.get(w.name.as_str())?.is_some();
+        if exists == w.create {
+            return Ok(false);
+        }
+        match &w.value {
+            Some(v) => self.endpoints.insert(w.name.as_str(), v.as_slice())?,
+            None => self.endpoints.remove(w.name.as_str())?,
+        };
+        Ok(true)
     }
 
     fn apply_counts(&mut self, deltas: &Deltas) -> Result<(), StoreError> {

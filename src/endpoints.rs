@@ -1,0 +1,404 @@
+//! Endpoints: the effective set courier delivers to — the config file's `[[endpoints]]` plus
+//! those created through the endpoint API (stored in redb) — indexed so that the delivery
+//! path never scans them.
+//!
+//! Why a registry and not the config snapshot: with thousands of API-made endpoints, a lookup
+//! per delivery and a subscription match per ingest must not grow with their number, and
+//! creating one endpoint must not copy all the others. Names map to endpoints in a hash map,
+//! and event types map to subscribers through an index of exact names and prefixes. On a
+//! name clash the config file wins; the API endpoint is kept but shadowed (and reported).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ConfigError, EndpointConfig, RawEndpoint, build_endpoint};
+
+/// An endpoint created through the API, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredEndpoint {
+    /// The fields of an `[[endpoints]]` entry, as given.
+    pub spec: RawEndpoint,
+    pub tenant: Option<String>,
+    pub description: Option<String>,
+    pub paused: bool,
+    /// Secrets being rotated out, with the time (unix ms) they stop signing.
+    pub retiring: Vec<(String, u64)>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+impl StoredEndpoint {
+    /// Validates the spec against the active `[delivery]` defaults and plugins.
+    pub fn build(&self, config: &Config) -> Result<EndpointConfig, ConfigError> {
+        let mut ep = build_endpoint(self.spec.clone(), "", &config.delivery, &config.plugins)?;
+        ep.paused = self.paused;
+        ep.retiring_secrets = self.retiring.clone();
+        Ok(ep)
+    }
+}
+
+/// Where an endpoint is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Config,
+    Api,
+}
+
+/// Subscription index: event type → endpoint names.
+#[derive(Default)]
+struct Subscriptions {
+    /// No `event_types`, or `*`.
+    all: BTreeSet<String>,
+    exact: HashMap<String, BTreeSet<String>>,
+    /// `order.*` is stored as the prefix `order.`.
+    prefix: HashMap<String, BTreeSet<String>>,
+    /// Anything else with a `*` inside (rare): matched one by one.
+    glob: Vec<(String, String)>,
+}
+
+enum PatternKind<'a> {
+    All,
+    Exact(&'a str),
+    Prefix(&'a str),
+    Glob,
+}
+
+fn classify(pattern: &str) -> PatternKind<'_> {
+    match pattern.find('*') {
+        None => PatternKind::Exact(pattern),
+        Some(_) if pattern == "*" => PatternKind::All,
+        Some(i) if i == pattern.len() - 1 => PatternKind::Prefix(&pattern[..i]),
+        Some(_) => PatternKind::Glob,
+    }
+}
+
+impl Subscriptions {
+    fn add(&mut self, ep: &EndpointConfig) {
+        let Some(patterns) = &ep.event_types else {
+            self.all.insert(ep.name.clone());
+            return;
+        };
+        for p in patterns {
+            match classify(p) {
+                PatternKind::All => {
+                    self.all.insert(ep.name.clone());
+                }
+                PatternKind::Exact(e) => {
+                    self.exact
+                        .entry(e.to_string())
+                        .or_default()
+                        .insert(ep.name.clone());
+                }
+                PatternKind::Prefix(pre) => {
+                    self.prefix
+                        .entry(pre.to_string())
+                        .or_default()
+                        .insert(ep.name.clone());
+                }
+                PatternKind::Glob => self.glob.push((p.clone(), ep.name.clone())),
+            }
+        }
+    }
+
+    fn remove(&mut self, ep: &EndpointConfig) {
+        self.all.remove(&ep.name);
+        for p in ep.event_types.iter().flatten() {
+            match classify(p) {
+                PatternKind::All => {}
+                PatternKind::Exact(e) => remove_from(&mut self.exact, e, &ep.name),
+                PatternKind::Prefix(pre) => remove_from(&mut self.prefix, pre, &ep.name),
+                PatternKind::Glob => self.glob.retain(|(_, n)| *n != ep.name),
+            }
+        }
+    }
+
+    fn matching(&self, event_type: &str) -> BTreeSet<String> {
+        let mut out = self.all.clone();
+        if let Some(s) = self.exact.get(event_type) {
+            out.extend(s.iter().cloned());
+        }
+        for i in 0..=event_type.len() {
+            if event_type.is_char_boundary(i)
+                && let Some(s) = self.prefix.get(&event_type[..i])
+            {
+                out.extend(s.iter().cloned());
+            }
+        }
+        for (p, n) in &self.glob {
+            if crate::config::pattern_matches(p, event_type) {
+                out.insert(n.clone());
+            }
+        }
+        out
+    }
+}
+
+fn remove_from(map: &mut HashMap<String, BTreeSet<String>>, key: &str, name: &str) {
+    if let Some(s) = map.get_mut(key) {
+        s.remove(name);
+        if s.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    config: HashMap<String, Arc<EndpointConfig>>,
+    api: HashMap<String, (StoredEndpoint, Arc<EndpointConfig>)>,
+    effective: HashMap<String, (Source, Arc<EndpointConfig>)>,
+    subs: Subscriptions,
+}
+
+impl Inner {
+    /// Recomputes the effective endpoint for `name` (config wins) and its subscriptions.
+    fn refresh(&mut self, name: &str) {
+        if let Some((_, old)) = self.effective.remove(name) {
+            self.subs.remove(&old);
+        }
+        let now = if let Some(c) = self.config.get(name) {
+            Some((Source::Config, c.clone()))
+        } else {
+            self.api.get(name).map(|(_, b)| (Source::Api, b.clone()))
+        };
+        if let Some((src, ep)) = now {
+            self.subs.add(&ep);
+            self.effective.insert(name.to_string(), (src, ep));
+        }
+    }
+}
+
+/// The effective endpoints. Reads take a shared lock for a hash lookup.
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<Inner>,
+}
+
+/// An endpoint as the API lists it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub endpoint: Arc<EndpointConfig>,
+    pub source: Source,
+    pub stored: Option<StoredEndpoint>,
+    /// An API endpoint hidden by a config endpoint of the same name.
+    pub shadowed: bool,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Option<Arc<EndpointConfig>> {
+        self.inner
+            .read()
+            .expect("registry")
+            .effective
+            .get(name)
+            .map(|(_, e)| e.clone())
+    }
+
+    pub fn source(&self, name: &str) -> Option<Source> {
+        self.inner
+            .read()
+            .expect("registry")
+            .effective
+            .get(name)
+            .map(|(s, _)| *s)
+    }
+
+    pub fn stored(&self, name: &str) -> Option<StoredEndpoint> {
+        self.inner
+            .read()
+            .expect("registry")
+            .api
+            .get(name)
+            .map(|(s, _)| s.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("registry").effective.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every effective endpoint name.
+    pub fn names(&self) -> Vec<String> {
+        self.inner
+            .read()
+            .expect("registry")
+            .effective
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Endpoints whose `event_types` match, in name order.
+    pub fn subscribers(&self, event_type: &str) -> Vec<Arc<EndpointConfig>> {
+        let inner = self.inner.read().expect("registry");
+        inner
+            .subs
+            .matching(event_type)
+            .iter()
+            .filter_map(|n| inner.effective.get(n).map(|(_, e)| e.clone()))
+            .collect()
+    }
+
+    /// Installs a configuration's endpoints and rebuilds the API endpoints against its
+    /// defaults and plugins. Returns the names whose definition changed.
+    pub fn set_config(&self, config: &Config) -> Vec<String> {
+        let mut inner = self.inner.write().expect("registry");
+        let mut touched: BTreeSet<String> = inner.config.keys().cloned().collect();
+        inner.config = config
+            .endpoints
+            .iter()
+            .map(|e| (e.name.clone(), Arc::new(e.clone())))
+            .collect();
+        touched.extend(inner.config.keys().cloned());
+        let api_names: Vec<String> = inner.api.keys().cloned().collect();
+        for name in api_names {
+            let (stored, _) = inner.api[&name].clone();
+            if inner.config.contains_key(&name) {
+                tracing::warn!(endpoint = %name, "an API endpoint has the name of a config endpoint: the config file wins");
+            }
+            match stored.build(config) {
+                Ok(ep) => {
+                    inner.api.insert(name.clone(), (stored, Arc::new(ep)));
+                    touched.insert(name);
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %name, error = %e, "API endpoint is not valid under the new configuration; keeping its previous definition")
+                }
+            }
+        }
+        for name in &touched {
+            inner.refresh(name);
+        }
+        touched.into_iter().collect()
+    }
+
+    /// Adds or replaces an API endpoint (already validated and stored).
+    pub fn put_api(&self, stored: StoredEndpoint, built: EndpointConfig) {
+        let mut inner = self.inner.write().expect("registry");
+        let name = stored.spec.name.clone();
+        inner.api.insert(name.clone(), (stored, Arc::new(built)));
+        inner.refresh(&name);
+    }
+
+    pub fn remove_api(&self, name: &str) {
+        let mut inner = self.inner.write().expect("registry");
+        inner.api.remove(name);
+        inner.refresh(name);
+    }
+
+    /// Endpoints in name order after `after`, optionally of one tenant.
+    pub fn list(
+        &self,
+        tenant: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Listed>, Option<String>) {
+        let inner = self.inner.read().expect("registry");
+        let mut names: Vec<&String> = inner.effective.keys().chain(inner.api.keys()).collect();
+        names.sort();
+        names.dedup();
+        let mut out = Vec::new();
+        let mut next = None;
+        for name in names {
+            if after.is_some_and(|a| name.as_str() <= a) {
+                continue;
+            }
+            let stored = inner.api.get(name).map(|(s, _)| s.clone());
+            let listed: Vec<Listed> = match (inner.config.get(name), inner.api.get(name)) {
+                (Some(c), api) => {
+                    let mut v = vec![Listed {
+                        endpoint: c.clone(),
+                        source: Source::Config,
+                        stored: None,
+                        shadowed: false,
+                    }];
+                    if let Some((s, b)) = api {
+                        v.push(Listed {
+                            endpoint: b.clone(),
+                            source: Source::Api,
+                            stored: Some(s.clone()),
+                            shadowed: true,
+                        });
+                    }
+                    v
+                }
+                (None, Some((_, b))) => vec![Listed {
+                    endpoint: b.clone(),
+                    source: Source::Api,
+                    stored,
+                    shadowed: false,
+                }],
+                (None, None) => continue,
+            };
+            for l in listed {
+                let t = l.stored.as_ref().and_then(|s| s.tenant.as_deref());
+                if tenant.is_some() && t != tenant {
+                    continue;
+                }
+                out.push(l);
+            }
+            if out.len() >= limit {
+                next = Some(name.clone());
+                break;
+            }
+        }
+        (out, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(name: &str, types: Option<&[&str]>) -> EndpointConfig {
+        let mut c = Config::parse(
+            &format!("[[endpoints]]\nname = \"{name}\"\nurl = \"https://example.com/\"\n"),
+            std::path::Path::new("."),
+            None,
+            "t",
+        )
+        .unwrap()
+        .endpoints
+        .remove(0);
+        c.event_types = types.map(|t| t.iter().map(|s| s.to_string()).collect());
+        c
+    }
+
+    #[test]
+    fn subscription_index_matches_like_the_patterns() {
+        let mut s = Subscriptions::default();
+        let eps = [
+            ep("all", None),
+            ep("star", Some(&["*"])),
+            ep("orders", Some(&["order.*"])),
+            ep("exact", Some(&["order.created", "user.deleted"])),
+            ep("glob", Some(&["*.deleted"])),
+        ];
+        for e in &eps {
+            s.add(e);
+        }
+        let names = |t: &str| s.matching(t).into_iter().collect::<Vec<_>>();
+        assert_eq!(names("order.created"), ["all", "exact", "orders", "star"]);
+        assert_eq!(names("order.shipped"), ["all", "orders", "star"]);
+        assert_eq!(names("user.deleted"), ["all", "exact", "glob", "star"]);
+        assert_eq!(names("orders"), ["all", "star"]);
+        for e in &eps {
+            let expected = e.subscribes("order.created");
+            assert_eq!(
+                s.matching("order.created").contains(&e.name),
+                expected,
+                "{}",
+                e.name
+            );
+        }
+        s.remove(&eps[2]);
+        s.remove(&eps[4]);
+        assert_eq!(names("order.shipped"), ["all", "star"]);
+        assert_eq!(names("user.deleted"), ["all", "exact", "star"]);
+    }
+}
