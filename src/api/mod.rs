@@ -5,6 +5,7 @@ mod channels;
 mod config;
 mod deliveries;
 mod dlq;
+mod endpoints;
 mod events;
 mod health;
 mod plugins;
@@ -30,6 +31,7 @@ pub fn router(app: AppState) -> Router {
         .merge(events::router())
         .merge(config::router())
         .merge(deliveries::router())
+        .merge(endpoints::router())
         .merge(dlq::router())
         .merge(stats::router())
         .merge(health::router())
@@ -45,6 +47,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault, when there is one.
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -53,7 +57,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            field: None,
         }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -72,7 +82,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(f) = self.field {
+            body["error"]["field"] = f.into();
+        }
         (self.status, axum::Json(body)).into_response()
     }
 }

@@ -7,6 +7,7 @@ mod cli;
 mod controls;
 mod crash;
 mod delivery;
+mod endpoints;
 mod examples;
 mod ingest;
 mod plugins;

@@ -1,0 +1,624 @@
+//! Endpoints as data: create, list, inspect, change, delete, pause and resume endpoints,
+//! rotate their secrets, send them a test event, and see their numbers.
+//!
+//! API-made endpoints live in redb and survive restarts; config-file endpoints are shown but
+//! read-only here (409), and win on a name clash.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState, read_body, require, time_param};
+use crate::config::{ConfigError, EndpointConfig, RawEndpoint};
+use crate::endpoints::{Listed, Source, StoredEndpoint};
+use crate::ingest::{IngestRequest, ingest};
+use crate::model::{Scope, now_ms, rfc3339};
+use crate::scheduler::Scheduler;
+use crate::store::EndpointWrite;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/endpoints", post(create).get(list))
+        .route(
+            "/v1/endpoints/{name}",
+            get(show).patch(patch).delete(delete),
+        )
+        .route("/v1/endpoints/{name}/pause", post(pause))
+        .route("/v1/endpoints/{name}/resume", post(resume))
+        .route("/v1/endpoints/{name}/secret/rotate", post(rotate))
+        .route("/v1/endpoints/{name}/test", post(test_send))
+        .route("/v1/endpoints/{name}/stats", get(stats))
+}
+
+/// Default overlap of an old secret after a rotation.
+const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+fn fingerprint(secret: &str) -> String {
+    hex::encode(&Sha256::digest(secret.as_bytes())[..6])
+}
+
+fn view(l: &Listed) -> Value {
+    let ep = &l.endpoint;
+    let now = now_ms();
+    let mut secrets: Vec<Value> = ep
+        .secrets
+        .iter()
+        .map(|s| json!({"fingerprint": fingerprint(s), "expires_at": null}))
+        .collect();
+    secrets.extend(
+        ep.retiring_secrets
+            .iter()
+            .filter(|(_, until)| *until > now)
+            .map(
+                |(s, until)| json!({"fingerprint": fingerprint(s), "expires_at": rfc3339(*until)}),
+            ),
+    );
+    let mut v = json!({
+        "name": ep.name,
+        "source": match l.source { Source::Config => "config", Source::Api => "api" },
+        "url": ep.url.as_str(),
+        "event_types": ep.event_types,
+        "ordering": match ep.ordering { crate::config::Ordering::Fifo => "fifo", crate::config::Ordering::Unordered => "unordered" },
+        "max_in_flight": ep.max_in_flight,
+        "rate_limit": l.stored.as_ref().and_then(|s| s.spec.rate_limit.clone()),
+        "timeout_ms": ep.timeout.as_millis() as u64,
+        "schedule_ms": ep.schedule.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
+        "headers": ep.headers,
+        "transforms": ep.transforms,
+        "backoff": ep.backoff,
+        "paused": ep.paused,
+        "secrets": secrets,
+        "tenant": l.stored.as_ref().and_then(|s| s.tenant.clone()),
+        "description": l.stored.as_ref().and_then(|s| s.description.clone()),
+        "created_at": l.stored.as_ref().map(|s| rfc3339(s.created_ms)),
+        "updated_at": l.stored.as_ref().map(|s| rfc3339(s.updated_ms)),
+    });
+    if l.shadowed {
+        v["shadowed"] = true.into();
+        v["shadowed_by"] = "config".into();
+    }
+    v
+}
+
+fn listed(app: &AppState, name: &str) -> Option<Listed> {
+    let endpoint = app.endpoints.get(name)?;
+    let source = app.endpoints.source(name)?;
+    Some(Listed {
+        endpoint,
+        source,
+        stored: if source == Source::Api {
+            app.endpoints.stored(name)
+        } else {
+            None
+        },
+        shadowed: false,
+    })
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("no endpoint `{name}`"))
+}
+
+fn read_only(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "read_only",
+        format!(
+            "endpoint `{name}` is defined in the config file; change it there (the file hot-reloads)"
+        ),
+    )
+}
+
+/// The API endpoint `name`, or why it cannot be changed here.
+fn api_endpoint(app: &AppState, name: &str) -> Result<StoredEndpoint, ApiError> {
+    match app.endpoints.source(name) {
+        Some(Source::Config) => Err(read_only(name)),
+        _ => app.endpoints.stored(name).ok_or_else(|| not_found(name)),
+    }
+}
+
+fn invalid(e: ConfigError) -> ApiError {
+    match e {
+        ConfigError::Invalid { key, message } => {
+            let field = key.split(['.', '[']).next().unwrap_or(&key).to_string();
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_endpoint",
+                format!("{key}: {message}"),
+            )
+            .with_field(field)
+        }
+        other => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_endpoint",
+            other.to_string(),
+        ),
+    }
+}
+
+/// Splits a request body into the endpoint spec and the API-only fields.
+fn parse_spec(
+    obj: Map<String, Value>,
+) -> Result<(RawEndpoint, Option<String>, Option<String>), ApiError> {
+    let mut obj = obj;
+    let take_str = |obj: &mut Map<String, Value>, k: &str| -> Result<Option<String>, ApiError> {
+        match obj.remove(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::bad_request(format!("{k}: must be a string")).with_field(k)),
+        }
+    };
+    let tenant = take_str(&mut obj, "tenant")?;
+    let description = take_str(&mut obj, "description")?;
+    let spec: RawEndpoint = serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
+        let path = e.path().to_string();
+        let field = path.split(['.', '[']).next().unwrap_or("").to_string();
+        let msg = e.into_inner().to_string();
+        let err = ApiError::bad_request(if path == "." {
+            msg.clone()
+        } else {
+            format!("{path}: {msg}")
+        });
+        if field.is_empty() || field == "." {
+            // serde names an unknown or missing field inside the message.
+            let named = msg.split('`').nth(1).unwrap_or("").to_string();
+            if named.is_empty() {
+                err
+            } else {
+                err.with_field(named)
+            }
+        } else {
+            err.with_field(field)
+        }
+    })?;
+    Ok((spec, tenant, description))
+}
+
+async fn body_object(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Map<String, Value>, ApiError> {
+    let bytes = read_body(body, headers, app.config.load().server.max_body_bytes).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+    }
+}
+
+/// Validates, stores and installs an API endpoint.
+async fn save(
+    app: &AppState,
+    stored: StoredEndpoint,
+    create: bool,
+) -> Result<EndpointConfig, ApiError> {
+    let built = stored.build(&app.config.load()).map_err(invalid)?;
+    let name = stored.spec.name.clone();
+    let written = app
+        .store
+        .write_endpoint(EndpointWrite {
+            name: name.clone(),
+            value: Some(serde_json::to_vec(&stored).expect("json")),
+            create,
+        })
+        .await?;
+    if !written {
+        return Err(if create {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("an endpoint named `{name}` already exists"),
+            )
+            .with_field("name")
+        } else {
+            not_found(&name)
+        });
+    }
+    app.endpoints.put_api(stored, built.clone());
+    // Definition changed: let its worker pick it up (or start one for waiting deliveries).
+    Scheduler::wake(app, &name);
+    Ok(built)
+}
+
+async fn create(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let obj = body_object(&app, &headers, body).await?;
+    let (mut spec, tenant, description) = parse_spec(obj)?;
+    if app.endpoints.source(&spec.name) == Some(Source::Config) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "`{}` is a config-file endpoint; choose another name",
+                spec.name
+            ),
+        )
+        .with_field("name"));
+    }
+    let generated = spec
+        .secrets
+        .is_empty()
+        .then(crate::deliver::sign::generate_secret);
+    if let Some(s) = &generated {
+        spec.secrets.push(s.clone());
+    }
+    let now = now_ms();
+    let stored = StoredEndpoint {
+        spec,
+        tenant,
+        description,
+        paused: false,
+        retiring: Vec::new(),
+        created_ms: now,
+        updated_ms: now,
+    };
+    let name = stored.spec.name.clone();
+    save(&app, stored, true).await?;
+    tracing::info!(endpoint = %name, "endpoint created through the API");
+    let mut v = view(&listed(&app, &name).ok_or_else(|| not_found(&name))?);
+    if let Some(s) = generated {
+        // Shown once: courier keeps it but never displays it again.
+        v["secret"] = s.into();
+    }
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    tenant: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let p: ListParams = super::query(q.as_deref())?;
+    let limit = match p.limit {
+        None => 100,
+        Some(n) if (1..=1000).contains(&n) => n,
+        Some(n) => {
+            return Err(
+                ApiError::bad_request(format!("limit: {n} is not between 1 and 1000"))
+                    .with_field("limit"),
+            );
+        }
+    };
+    let (items, next) = app.endpoints.list(
+        p.tenant.as_deref().filter(|t| !t.is_empty()),
+        p.cursor.as_deref(),
+        limit,
+    );
+    Ok(Json(
+        json!({"data": items.iter().map(view).collect::<Vec<_>>(), "next_cursor": next}),
+    ))
+}
+
+async fn show(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let l = listed(&app, &name).ok_or_else(|| not_found(&name))?;
+    Ok(Json(view(&l)))
+}
+
+async fn patch(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let current = api_endpoint(&app, &name)?;
+    let changes = body_object(&app, &headers, body).await?;
+    if changes
+        .get("name")
+        .is_some_and(|n| n.as_str() != Some(name.as_str()))
+    {
+        return Err(
+            ApiError::bad_request("name: an endpoint cannot be renamed; create a new one")
+                .with_field("name"),
+        );
+    }
+    let mut merged = match serde_json::to_value(&current.spec).expect("json") {
+        Value::Object(o) => o,
+        _ => unreachable!("a spec is an object"),
+    };
+    merged.insert(
+        "tenant".into(),
+        current.tenant.clone().map_or(Value::Null, Value::String),
+    );
+    merged.insert(
+        "description".into(),
+        current
+            .description
+            .clone()
+            .map_or(Value::Null, Value::String),
+    );
+    for (k, v) in changes {
+        if v.is_null() {
+            merged.remove(&k);
+        } else {
+            merged.insert(k, v);
+        }
+    }
+    let (spec, tenant, description) = parse_spec(merged)?;
+    let secrets_changed = spec.secrets != current.spec.secrets;
+    let stored = StoredEndpoint {
+        spec,
+        tenant,
+        description,
+        paused: current.paused,
+        // Secrets replaced by hand replace the rotation overlap too.
+        retiring: if secrets_changed {
+            Vec::new()
+        } else {
+            current.retiring.clone()
+        },
+        created_ms: current.created_ms,
+        updated_ms: now_ms(),
+    };
+    save(&app, stored, false).await?;
+    Ok(Json(view(
+        &listed(&app, &name).ok_or_else(|| not_found(&name))?,
+    )))
+}
+
+async fn delete(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    api_endpoint(&app, &name)?;
+    if !app
+        .store
+        .write_endpoint(EndpointWrite {
+            name: name.clone(),
+            value: None,
+            create: false,
+        })
+        .await?
+    {
+        return Err(not_found(&name));
+    }
+    app.endpoints.remove_api(&name);
+    // Its worker stops; queued deliveries stay, shown as endpoint_missing.
+    app.scheduler.notify_all();
+    tracing::info!(endpoint = %name, "endpoint deleted through the API");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_paused(
+    app: AppState,
+    headers: HeaderMap,
+    name: String,
+    paused: bool,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let mut stored = api_endpoint(&app, &name)?;
+    stored.paused = paused;
+    stored.updated_ms = now_ms();
+    save(&app, stored, false).await?;
+    tracing::info!(endpoint = %name, paused, "endpoint {}", if paused { "paused" } else { "resumed" });
+    Ok(Json(view(
+        &listed(&app, &name).ok_or_else(|| not_found(&name))?,
+    )))
+}
+
+async fn pause(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(app, headers, name, true).await
+}
+
+async fn resume(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(app, headers, name, false).await
+}
+
+async fn rotate(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let mut stored = api_endpoint(&app, &name)?;
+    let opts = body_object(&app, &headers, body).await?;
+    let grace = match opts.get("grace") {
+        None | Some(Value::Null) => DEFAULT_GRACE,
+        Some(Value::String(g)) => crate::config::parse_duration(g)
+            .map_err(|m| ApiError::bad_request(format!("grace: {m}")).with_field("grace"))?,
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("grace: must be a duration like \"24h\"").with_field("grace"),
+            );
+        }
+    };
+    let secret = match opts.get("secret") {
+        None | Some(Value::Null) => crate::deliver::sign::generate_secret(),
+        Some(Value::String(s)) => {
+            crate::deliver::sign::decode_secret(s).map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_endpoint",
+                    format!("secret: {e}"),
+                )
+                .with_field("secret")
+            })?;
+            s.clone()
+        }
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("secret: must be a whsec_ string").with_field("secret")
+            );
+        }
+    };
+    let now = now_ms();
+    let until = now + grace.as_millis() as u64;
+    stored.retiring.retain(|(_, u)| *u > now);
+    for old in std::mem::replace(&mut stored.spec.secrets, vec![secret.clone()]) {
+        if !grace.is_zero() {
+            stored.retiring.push((old, until));
+        }
+    }
+    stored.updated_ms = now;
+    save(&app, stored, false).await?;
+    tracing::info!(endpoint = %name, grace_s = grace.as_secs(), "endpoint secret rotated");
+    Ok(Json(json!({
+        "name": name,
+        "secret": secret,
+        "previous_secrets_expire_at": (!grace.is_zero()).then(|| rfc3339(until)),
+    })))
+}
+
+async fn test_send(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = require(&app, &headers, Scope::Admin)?;
+    let ep = app.endpoints.get(&name).ok_or_else(|| not_found(&name))?;
+    if ep.paused {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "paused",
+            format!("endpoint `{name}` is paused; resume it first"),
+        ));
+    }
+    let payload = json!({
+        "type": "courier.test",
+        "endpoint": name,
+        "timestamp": rfc3339(now_ms()),
+        "message": "a test event sent from courier",
+    });
+    let accepted = ingest(
+        &app,
+        &caller,
+        IngestRequest {
+            event_type: "courier.test".into(),
+            payload: payload.to_string().into_bytes(),
+            content_type: "application/json".into(),
+            endpoint: Some(name.clone()),
+            id: None,
+            idempotency_key: None,
+        },
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+    })?;
+    let reply: crate::ingest::IngestReply = serde_json::from_slice(&accepted.body).expect("reply");
+    let id = reply.deliveries[0].id.clone();
+    // Wait for the first attempt (bounded by the endpoint's timeout).
+    let deadline = Instant::now() + ep.timeout + Duration::from_secs(5);
+    loop {
+        let attempts = app.store.attempts(&id)?;
+        if let Some(a) = attempts.first() {
+            let d = app.store.delivery(&id)?;
+            return Ok(Json(json!({
+                "event_id": reply.id,
+                "delivery_id": id,
+                "status": d.map(|d| d.status.as_str()),
+                "success": a.status_code.is_some_and(|s| (200..300).contains(&s)),
+                "attempt": super::views::attempt(a),
+            })));
+        }
+        if Instant::now() > deadline {
+            return Ok(Json(
+                json!({"event_id": reply.id, "delivery_id": id, "status": "pending", "attempt": null}),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StatsParams {
+    since: Option<String>,
+}
+
+async fn stats(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let p: StatsParams = super::query(q.as_deref())?;
+    let l = listed(&app, &name).ok_or_else(|| not_found(&name))?;
+    let since = time_param("since", p.since.as_deref())?
+        .unwrap_or(now_ms().saturating_sub(24 * 3600 * 1000));
+    let store = app.store.clone();
+    let (log, sampled) =
+        tokio::task::spawn_blocking(move || store.attempt_log(since, u64::MAX, 500_000))
+            .await
+            .map_err(ApiError::internal)??;
+    let mut durations: Vec<u64> = Vec::new();
+    let mut ok = 0u64;
+    for (_, e) in log.iter().filter(|(_, e)| e.endpoint == name) {
+        durations.push(e.duration_ms);
+        ok += e.success as u64;
+    }
+    durations.sort_unstable();
+    let n = durations.len() as u64;
+    let h = app.scheduler.health(&name);
+    let counts = app.store.counts();
+    let count =
+        |s: crate::model::DeliveryStatus| counts.get(&(name.clone(), s)).copied().unwrap_or(0);
+    use crate::model::DeliveryStatus as S;
+    let (delivered, dead) = (count(S::Delivered), count(S::Dead));
+    Ok(Json(json!({
+        "name": name,
+        "source": match l.source { Source::Config => "config", Source::Api => "api" },
+        "paused": l.endpoint.paused,
+        "since": rfc3339(since),
+        "circuit": h.state(),
+        "consecutive_failures": h.consecutive_failures,
+        "queue_depth": count(S::Pending),
+        "counts": {"pending": count(S::Pending), "delivered": delivered, "dead": dead, "dropped": count(S::Dropped)},
+        "success_rate": (delivered + dead > 0).then(|| delivered as f64 / (delivered + dead) as f64),
+        "attempts": n,
+        "attempt_success_rate": (n > 0).then(|| ok as f64 / n as f64),
+        "latency_ms": {
+            "p50": super::stats::percentile(&durations, 0.50),
+            "p95": super::stats::percentile(&durations, 0.95),
+            "p99": super::stats::percentile(&durations, 0.99),
+        },
+        "last_attempt_at": h.last_attempt_ms.map(rfc3339),
+        "last_success_at": h.last_success_ms.map(rfc3339),
+        "sampled": sampled,
+    })))
+}

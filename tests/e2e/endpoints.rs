@@ -1,0 +1,486 @@
+//! Endpoints as data: the management API over HTTP with real deliveries.
+
+use std::time::{Duration, Instant};
+
+use courier::deliver::sign;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn req(
+    c: &Courier,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = c
+        .http
+        .request(method, format!("{}{path}", c.base))
+        .bearer_auth(ADMIN);
+    if let Some(b) = body {
+        r = r.body(b.to_string());
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn send_to(c: &Courier, endpoint: &str, n: i64) -> String {
+    let r = c
+        .send(json!({"event_type": "t", "payload": {"n": n}, "endpoint": endpoint}))
+        .await;
+    r["deliveries"][0]["id"].as_str().unwrap().to_string()
+}
+
+fn sig_count(r: &Received) -> usize {
+    r.header("webhook-signature").split(' ').count()
+}
+
+#[tokio::test]
+async fn the_whole_lifecycle_over_http() {
+    let (rx1, rx2) = (Receiver::start().await, Receiver::start().await);
+    let c = Courier::start(DELIVERY_FAST).await;
+    use reqwest::Method as M;
+
+    // Create without a secret: one is generated and shown once.
+    let (s, ep) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({
+            "name": "acme", "url": rx1.url("/one"), "ordering": "fifo", "tenant": "t-acme",
+            "description": "Acme's webhook", "schedule": ["0s", "100ms", "100ms"],
+        })),
+    )
+    .await;
+    assert_eq!(s, 201, "{ep}");
+    let secret = ep["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    assert_eq!(ep["source"], "api");
+    assert_eq!(ep["tenant"], "t-acme");
+    let (_, shown) = req(&c, M::GET, "/v1/endpoints/acme", None).await;
+    assert!(
+        shown.get("secret").is_none() && !shown.to_string().contains(&secret),
+        "secrets are never shown again"
+    );
+
+    // Deliver, signed with that secret.
+    send_to(&c, "acme", 1).await;
+    let got = rx1.wait_for(1, T).await;
+    sign::verify_mr(&secret, &got[0].body, got[0].header("mr-signature")).unwrap();
+
+    // Patch the URL: the next delivery goes to the new one.
+    let (s, p) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/acme",
+        Some(json!({"url": rx2.url("/two")})),
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["url"], rx2.url("/two"));
+    assert_eq!(p["description"], "Acme's webhook", "untouched fields stay");
+    send_to(&c, "acme", 2).await;
+    assert_eq!(rx2.wait_for(1, T).await[0].path, "/two");
+
+    // Pause: deliveries queue, nothing is sent, no attempts are used.
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/acme/pause", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(true)));
+    let mut queued = Vec::new();
+    for n in 10..15 {
+        queued.push(send_to(&c, "acme", n).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx2.received().len(), 1, "nothing sent while paused");
+    let (_, st) = req(&c, M::GET, "/v1/endpoints/acme/stats", None).await;
+    assert_eq!(st["queue_depth"], 5, "{st}");
+    assert_eq!(st["paused"], true);
+    let (s, _) = req(&c, M::POST, "/v1/endpoints/acme/test", None).await;
+    assert_eq!(s, 409, "a paused endpoint refuses a test send");
+
+    // Resume: all arrive, in order, each on its first attempt.
+    req(&c, M::POST, "/v1/endpoints/acme/resume", None).await;
+    let got = rx2.wait_for(6, T).await;
+    let order: Vec<i64> = got[1..]
+        .iter()
+        .map(|r| r.json()["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order, vec![10, 11, 12, 13, 14]);
+    for id in &queued {
+        assert_eq!(c.wait_status(id, "delivered", T).await["attempt_count"], 1);
+    }
+
+    // Rotate with a short grace: both secrets sign, then only the new one.
+    let (s, r) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints/acme/secret/rotate",
+        Some(json!({"grace": "1500ms"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    let new_secret = r["secret"].as_str().unwrap().to_string();
+    assert_ne!(new_secret, secret);
+    let (_, shown) = req(&c, M::GET, "/v1/endpoints/acme", None).await;
+    assert_eq!(shown["secrets"].as_array().unwrap().len(), 2);
+    send_to(&c, "acme", 20).await;
+    let during = rx2.wait_for(7, T).await[6].clone();
+    assert_eq!(sig_count(&during), 2);
+    sign::verify_mr(&secret, &during.body, during.header("mr-signature")).unwrap();
+    sign::verify_mr(&new_secret, &during.body, during.header("mr-signature")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    send_to(&c, "acme", 21).await;
+    let after = rx2.wait_for(8, T).await[7].clone();
+    assert_eq!(
+        sig_count(&after),
+        1,
+        "the old secret stopped signing after the grace period"
+    );
+    sign::verify_mr(&new_secret, &after.body, after.header("mr-signature")).unwrap();
+    assert!(sign::verify_mr(&secret, &after.body, after.header("mr-signature")).is_err());
+
+    // Test send: a signed courier.test event through the normal path, with its result.
+    let (s, t) = req(&c, M::POST, "/v1/endpoints/acme/test", None).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t["success"], true);
+    assert_eq!(t["attempt"]["status_code"], 200);
+    let test_req = rx2.wait_for(9, T).await[8].clone();
+    assert_eq!(test_req.json()["type"], "courier.test");
+    sign::verify_mr(&new_secret, &test_req.body, test_req.header("mr-signature")).unwrap();
+
+    // Per-endpoint view.
+    let (_, st) = req(&c, M::GET, "/v1/endpoints/acme/stats", None).await;
+    assert_eq!(st["circuit"], "closed");
+    assert_eq!(st["queue_depth"], 0);
+    assert!(st["attempts"].as_u64().unwrap() >= 9, "{st}");
+    assert_eq!(st["success_rate"], 1.0);
+    assert!(st["latency_ms"]["p50"].is_u64() && st["last_attempt_at"].is_string());
+
+    // Delete with deliveries queued: they are kept as endpoint_missing and resume when it
+    // comes back.
+    req(&c, M::POST, "/v1/endpoints/acme/pause", None).await;
+    let waiting = send_to(&c, "acme", 30).await;
+    let (s, _) = req(&c, M::DELETE, "/v1/endpoints/acme", None).await;
+    assert_eq!(s, 204);
+    let (s, _) = req(&c, M::GET, "/v1/endpoints/acme", None).await;
+    assert_eq!(s, 404);
+    let d = c
+        .wait_delivery(&waiting, T, |d| d["endpoint_missing"] == true)
+        .await;
+    assert_eq!(d["status"], "pending");
+    let (s, _) = c
+        .post_json(
+            "/v1/events",
+            &json!({"event_type": "t", "payload": {}, "endpoint": "acme"}),
+        )
+        .await;
+    assert_eq!(s, 422);
+    let (s, _) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "acme", "url": rx1.url("/back"), "secrets": [SECRET]})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    c.wait_status(&waiting, "delivered", T).await;
+    assert_eq!(rx1.wait_for(2, T).await[1].path, "/back");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn config_endpoints_are_read_only_and_win_clashes() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("from-config", &rx.url("/"), "")
+    ))
+    .await;
+    use reqwest::Method as M;
+    for (m, path) in [
+        (M::PATCH, "/v1/endpoints/from-config"),
+        (M::DELETE, "/v1/endpoints/from-config"),
+        (M::POST, "/v1/endpoints/from-config/pause"),
+        (M::POST, "/v1/endpoints/from-config/secret/rotate"),
+    ] {
+        let (s, e) = req(&c, m.clone(), path, Some(json!({"url": rx.url("/x")}))).await;
+        assert_eq!(s, 409, "{m} {path}: {e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("config file"),
+            "{e}"
+        );
+    }
+    let (s, e) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "from-config", "url": rx.url("/")})),
+    )
+    .await;
+    assert_eq!((s, e["error"]["field"].as_str()), (409, Some("name")));
+    // A test send works for config endpoints too.
+    let (s, t) = req(&c, M::POST, "/v1/endpoints/from-config/test", None).await;
+    assert_eq!((s, t["success"].as_bool()), (200, Some(true)), "{t}");
+
+    // Listing: both sources, tenant filter, pages.
+    for (name, tenant) in [("a1", "acme"), ("a2", "acme"), ("b1", "beta")] {
+        let (s, _) = req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": name, "url": rx.url("/"), "tenant": tenant})),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    let (_, all) = req(&c, M::GET, "/v1/endpoints", None).await;
+    let names: Vec<&str> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a1", "a2", "b1", "from-config"]);
+    assert_eq!(all["data"][3]["source"], "config");
+    let (_, acme) = req(&c, M::GET, "/v1/endpoints?tenant=acme", None).await;
+    assert_eq!(acme["data"].as_array().unwrap().len(), 2);
+    let (_, page) = req(&c, M::GET, "/v1/endpoints?limit=2", None).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let (_, page2) = req(
+        &c,
+        M::GET,
+        &format!(
+            "/v1/endpoints?limit=2&cursor={}",
+            page["next_cursor"].as_str().unwrap()
+        ),
+        None,
+    )
+    .await;
+    let names: Vec<&str> = page2["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b1", "from-config"]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_endpoints_are_refused_with_the_field_named_and_nothing_written() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    use reqwest::Method as M;
+    let url = rx.url("/");
+    let cases = [
+        (json!({"name": "x", "url": "ftp://nowhere"}), 422, "url"),
+        (
+            json!({"name": "x", "url": url, "event_types": ["has space"]}),
+            422,
+            "event_types",
+        ),
+        (
+            json!({"name": "x", "url": url, "transforms": ["no-such-plugin"]}),
+            422,
+            "transforms",
+        ),
+        (
+            json!({"name": "x", "url": url, "rate_limit": "lots"}),
+            422,
+            "rate_limit",
+        ),
+        (
+            json!({"name": "x", "url": url, "secrets": ["not-a-secret"]}),
+            422,
+            "secrets",
+        ),
+        (json!({"name": "bad name!", "url": url}), 422, "name"),
+        (
+            json!({"name": "x", "url": url, "colour": "blue"}),
+            400,
+            "colour",
+        ),
+        (
+            json!({"name": "x", "url": url, "max_in_flight": "many"}),
+            400,
+            "max_in_flight",
+        ),
+        (json!({"url": url}), 400, "name"),
+    ];
+    for (body, status, field) in cases {
+        let (s, e) = req(&c, M::POST, "/v1/endpoints", Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {e}");
+        assert_eq!(e["error"]["field"], field, "{body}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(field),
+            "{e}"
+        );
+    }
+    let (s, _) = c
+        .post("/v1/endpoints", Some(ADMIN), "{nope".to_string())
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "ok", "url": url})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, e) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "ok", "url": url})),
+    )
+    .await;
+    assert_eq!((s, e["error"]["field"].as_str()), (409, Some("name")));
+    let (s, e) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/ok",
+        Some(json!({"url": "not a url"})),
+    )
+    .await;
+    assert_eq!((s, e["error"]["field"].as_str()), (422, Some("url")));
+    let (_, ep) = req(&c, M::GET, "/v1/endpoints/ok", None).await;
+    assert_eq!(ep["url"], url, "a refused patch changed nothing");
+    let (_, all) = req(&c, M::GET, "/v1/endpoints", None).await;
+    assert_eq!(
+        all["data"].as_array().unwrap().len(),
+        1,
+        "nothing half-written"
+    );
+    let (s, _) = req(&c, M::GET, "/v1/endpoints", None).await;
+    assert_eq!(s, 200);
+    let (s, _) = c.get_as("/v1/endpoints", Some(INGEST_ONLY)).await;
+    assert_eq!(s, 403);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_endpoints_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    let cfg = write_config(dir.path(), DELIVERY_FAST);
+    let http = reqwest::Client::new();
+    let mut p = Process::spawn(&cfg);
+    let r = http
+        .post(format!("{}/v1/endpoints", p.base))
+        .bearer_auth(ADMIN)
+        .body(json!({"name": "kept", "url": rx.url("/"), "secrets": [SECRET], "event_types": ["order.*"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    p.kill9();
+    let p2 = Process::spawn(&cfg);
+    let (s, ep) = get_json(&http, &format!("{}/v1/endpoints/kept", p2.base)).await;
+    assert_eq!((s, ep["source"].as_str()), (200, Some("api")));
+    // Its subscription works after the restart (fan-out without naming it).
+    let r = http
+        .post(format!("{}/v1/events", p2.base))
+        .bearer_auth(ADMIN)
+        .body(json!({"event_type": "order.created", "payload": {"k": 1}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let got = rx.wait_for(1, T).await;
+    sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
+    drop(p2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_endpoints_with_traffic_spread_across_them() {
+    const N: usize = 10_000;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let started = Instant::now();
+    // Create them through the API, 32 requests at a time.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (http, base, url, next) = (c.http.clone(), c.base.clone(), rx.url(""), next.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= N {
+                    return;
+                }
+                let body = json!({
+                    "name": format!("ep-{i:05}"),
+                    "url": format!("{url}/ep/{i}"),
+                    "secrets": [SECRET],
+                    "event_types": [format!("tenant{}.*", i % 100)],
+                    "tenant": format!("t{}", i % 100),
+                });
+                let r = http
+                    .post(format!("{base}/v1/endpoints"))
+                    .bearer_auth(ADMIN)
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let created = started.elapsed();
+    let (_, page) = c.get("/v1/endpoints?tenant=t7&limit=1000").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), N / 100);
+
+    // Traffic: 1,000 events to named endpoints spread over all of them, and fan-out events
+    // that reach the 100 endpoints of one tenant each.
+    let mut expected = std::collections::HashSet::new();
+    for k in 0..1000usize {
+        let i = (k * 7919) % N;
+        c.send(
+            json!({"event_type": "direct", "payload": {"k": k}, "endpoint": format!("ep-{i:05}")}),
+        )
+        .await;
+        expected.insert(format!("/ep/{i}"));
+    }
+    for t in [3usize, 42] {
+        let r = c
+            .send(json!({"event_type": format!("tenant{t}.created"), "payload": {"t": t}}))
+            .await;
+        assert_eq!(r["deliveries"].as_array().unwrap().len(), N / 100);
+        for i in (t..N).step_by(100) {
+            expected.insert(format!("/ep/{i}"));
+        }
+    }
+    let got = rx
+        .wait_for(1000 + 2 * N / 100, Duration::from_secs(60))
+        .await;
+    let paths: std::collections::HashSet<String> = got.iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, expected);
+    // Idle endpoints hold no worker once their deliveries are done.
+    let deadline = Instant::now() + T;
+    while c.app().scheduler.workers() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} workers still running",
+            c.app().scheduler.workers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "created {N} endpoints in {created:?}; delivered {} requests",
+        got.len()
+    );
+    c.stop().await;
+}
