@@ -11,7 +11,10 @@ fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").parse().unwrap())
+        })
         .unwrap()
 }
 
@@ -47,7 +50,13 @@ async fn main() {
                 "event_types": [format!("tenant{}.*", i % 100)],
                 "tenant": format!("t{}", i % 100),
             });
-            let r = http.post(format!("{base}/v1/endpoints")).bearer_auth(TOKEN).body(body.to_string()).send().await.unwrap();
+            let r = http
+                .post(format!("{base}/v1/endpoints"))
+                .bearer_auth(TOKEN)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201);
         }
     };
@@ -75,11 +84,24 @@ async fn main() {
     // One delivery to each endpoint; then wait for the queues to drain.
     for i in 0..N {
         let body = serde_json::json!({"event_type": "direct", "payload": {"i": i}, "endpoint": format!("ep-{i:05}")});
-        let r = http.post(format!("{base}/v1/events")).bearer_auth(TOKEN).body(body.to_string()).send().await.unwrap();
+        let r = http
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(TOKEN)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
     }
     loop {
-        let st: serde_json::Value = http.get(format!("{base}/v1/stats")).bearer_auth(TOKEN).send().await.unwrap().json_value().await;
+        let st: serde_json::Value = http
+            .get(format!("{base}/v1/stats"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json_value()
+            .await;
         if st["counts"]["pending"] == 0 && st["counts"]["delivered"] == N as u64 {
             break;
         }
@@ -87,8 +109,14 @@ async fn main() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let used = rss_kib();
-    println!("created {N} endpoints through the API in {:.2} s ({:.0}/s)", took.as_secs_f64(), N as f64 / took.as_secs_f64());
-    println!("RSS before: {before} KiB, after creating: {idle} KiB, after one delivery each: {used} KiB");
+    println!(
+        "created {N} endpoints through the API in {:.2} s ({:.0}/s)",
+        took.as_secs_f64(),
+        N as f64 / took.as_secs_f64()
+    );
+    println!(
+        "RSS before: {before} KiB, after creating: {idle} KiB, after one delivery each: {used} KiB"
+    );
     println!(
         "per idle endpoint: {:.2} KiB; per endpoint after traffic: {:.2} KiB",
         (idle.saturating_sub(before)) as f64 / N as f64,
