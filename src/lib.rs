@@ -32,9 +32,11 @@
 //! - [`reload`]: configuration hot reload (file watch and SIGHUP), validated, swapped atomically.
 //! - [`server`]: start-up, the retention sweeper and graceful shutdown.
 //! - [`cli`]: the `courier` command line.
+//! - [`bench`]: `courier bench`, the load tool with its own receiver and baselines.
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod deliver;

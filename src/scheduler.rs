@@ -192,8 +192,15 @@ async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>, woken: Arc<Ato
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut bucket: Option<(f64, Bucket)> = None;
     let mut next_probe_ms = 0u64;
+    // Where the last page ended. Everything before it is in flight or done, and anything
+    // enqueued later sorts after it (due times only grow), so the next page starts there;
+    // with nothing in flight the scan starts over from the head.
+    let mut resume: Option<(u64, String)> = None;
     loop {
         woken.store(false, AtomicOrdering::SeqCst);
+        if in_flight.is_empty() {
+            resume = None;
+        }
         let stopping = app.shutdown.is_cancelled();
         let Some(ep) = app.endpoints.get(&name) else {
             // Removed (config file or API): its queue stays on disk untouched and resumes if
@@ -259,10 +266,16 @@ async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>, woken: Arc<Ato
                         }
                         page
                     }),
-                    Ordering::Unordered => app.store.due(&name, now, capacity, &in_flight),
+                    Ordering::Unordered => {
+                        let after = resume.as_ref().map(|(d, id)| (*d, id.as_str()));
+                        app.store.due(&name, now, capacity, &in_flight, after)
+                    }
                 };
                 match page {
                     Ok(page) => {
+                        if page.last.is_some() {
+                            resume = page.last.clone();
+                        }
                         for d in page.due {
                             if let Some((_, b)) = bucket.as_mut() {
                                 b.take();

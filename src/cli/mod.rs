@@ -87,6 +87,43 @@ enum Command {
         idempotency_key: Option<String>,
         file: Option<PathBuf>,
     },
+    /// Load-test a running courier: a built-in receiver, C producers, N events of S bytes;
+    /// reports accepted and delivered events/s, latency, and the machine's own HTTP baselines.
+    Bench {
+        #[command(flatten)]
+        remote: Remote,
+        /// Events to send.
+        #[arg(short = 'n', long, default_value_t = 10_000)]
+        events: usize,
+        /// Concurrent producers (keep-alive connections).
+        #[arg(short = 'c', long, default_value_t = 64)]
+        concurrency: usize,
+        /// Payload size in bytes.
+        #[arg(short = 's', long, default_value_t = 1024)]
+        size: usize,
+        /// Pace the producers at this many events per second overall (0 = flat out).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Deliver to this URL instead of the built-in receiver (no latency figures).
+        #[arg(long)]
+        receiver: Option<String>,
+        /// Skip the bare-HTTP baselines.
+        #[arg(long)]
+        no_baselines: bool,
+        /// Report the peak RSS of this process (the courier under test, if local).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Seconds to wait for the last deliveries.
+        #[arg(long, default_value_t = 300)]
+        drain_timeout: u64,
+        /// Only fill the queue; do not wait for deliveries (and keep the bench endpoint).
+        #[arg(long)]
+        no_wait: bool,
+        /// Backlog mode: hold deliveries (endpoint paused, as if the receiver were down) while
+        /// the events go in, then release them and report the drain rate.
+        #[arg(long)]
+        backlog: bool,
+    },
     /// Check a received webhook's signatures. Reads the webhook as an HTTP message (headers,
     /// an empty line, the body) from FILE or stdin.
     Verify {
@@ -244,10 +281,17 @@ fn verify_cmd(
 
 /// The commands that call a running courier's API.
 fn operator(command: Command) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // The load tool needs both cores; the other commands make one request.
+    let rt = if matches!(command, Command::Bench { .. }) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")?;
     rt.block_on(async move {
         match command {
             Command::Deliveries {
@@ -376,6 +420,45 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     }
                     out
                 });
+            }
+            Command::Bench {
+                remote,
+                events,
+                concurrency,
+                size,
+                rate,
+                receiver,
+                no_baselines,
+                pid,
+                drain_timeout,
+                no_wait,
+                backlog,
+            } => {
+                let token = remote.token.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "courier bench needs --token or COURIER_KEY (ingest and admin scopes)"
+                    )
+                })?;
+                let opts = crate::bench::Options {
+                    url: remote.url.clone(),
+                    token,
+                    events,
+                    concurrency,
+                    size,
+                    rate,
+                    receiver,
+                    no_baselines,
+                    pid,
+                    drain_timeout: std::time::Duration::from_secs(drain_timeout),
+                    no_wait,
+                    backlog,
+                };
+                let report = crate::bench::run(&opts).await?;
+                if remote.json {
+                    client::print_json(&crate::bench::json(&report));
+                } else {
+                    print!("{}", crate::bench::human(&report));
+                }
             }
             _ => unreachable!("local commands are handled before"),
         }

@@ -143,6 +143,8 @@ pub type DueTimers = (Vec<(u64, String, TimerKind)>, Option<u64>);
 #[derive(Debug, Default)]
 pub struct DuePage {
     pub due: Vec<Delivery>,
+    /// The queue position of the last delivery in `due`.
+    pub last: Option<(u64, String)>,
     /// When the earliest not-yet-due delivery becomes due, if any.
     pub next_due_ms: Option<u64>,
 }
@@ -329,19 +331,28 @@ impl Store {
     }
 
     /// Deliveries of `endpoint` due at `now_ms`, oldest due first, at most `limit`, skipping
-    /// those in `skip` (already in flight).
+    /// those in `skip` (already in flight) and starting after the queue position `after` (the
+    /// last one the caller took, so that a busy endpoint's in-flight entries are not
+    /// re-scanned on every call).
     pub fn due(
         &self,
         endpoint: &str,
         now_ms: u64,
         limit: usize,
         skip: &HashSet<String>,
+        after: Option<(u64, &str)>,
     ) -> Result<DuePage, StoreError> {
+        use std::ops::Bound;
         let txn = self.db.begin_read()?;
         let queue = txn.open_table(QUEUE)?;
         let deliveries = txn.open_table(DELIVERIES)?;
         let mut page = DuePage::default();
-        for row in queue.range((endpoint, 0u64, "")..(endpoint, u64::MAX, ""))? {
+        let start = match after {
+            Some((due, id)) => Bound::Excluded((endpoint, due, id)),
+            None => Bound::Included((endpoint, 0u64, "")),
+        };
+        let end = Bound::Excluded((endpoint, u64::MAX, ""));
+        for row in queue.range::<(&str, u64, &str)>((start, end))? {
             let (k, _) = row?;
             let (_, due, id) = k.value();
             if skip.contains(id) {
@@ -356,6 +367,7 @@ impl Store {
             }
             if let Some(v) = deliveries.get(id)? {
                 page.due.push(decode(v.value(), "delivery")?);
+                page.last = Some((due, id.to_string()));
             }
         }
         Ok(page)

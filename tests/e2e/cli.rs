@@ -318,3 +318,59 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(lines >= 2, "start and stop are logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_smoke_run_delivers_every_event() {
+    let c = Courier::start(DELIVERY_FAST).await;
+    let env = vec![
+        ("COURIER_URL", c.base.clone()),
+        ("COURIER_KEY", ADMIN.to_string()),
+    ];
+    let o = run(
+        args(&["bench", "--json", "-n", "300", "-c", "8", "-s", "512"]),
+        env.clone(),
+        None,
+    )
+    .await;
+    let r: Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(r["accepted"], 300, "{r:#}");
+    assert_eq!(r["errors"], 0);
+    assert_eq!(r["delivered"], 300, "every event sent was delivered: {r:#}");
+    assert!(r["accepted_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(r["delivered_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(r["latency"]["p99_ms"].as_f64().unwrap() >= r["latency"]["p50_ms"].as_f64().unwrap());
+    assert!(
+        r["baseline_202_per_sec"].as_f64().unwrap() > 0.0
+            && r["baseline_send_per_sec"].as_f64().unwrap() > 0.0
+    );
+    assert!(r["accepted_vs_baseline"].as_f64().unwrap() > 0.0);
+    // The temporary endpoint is gone afterwards.
+    let (_, eps) = c.get("/v1/endpoints").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
+    let (_, st) = c.get("/v1/stats").await;
+    assert_eq!(st["counts"]["delivered"], 300);
+
+    // Backlog mode: held, then drained; human output.
+    let o = run(
+        args(&[
+            "bench",
+            "-n",
+            "200",
+            "-c",
+            "8",
+            "--backlog",
+            "--no-baselines",
+        ]),
+        env,
+        None,
+    )
+    .await;
+    let text = out(&o);
+    assert!(
+        text.contains("(200 accepted, 0 errors)")
+            && text.contains("(200 delivered)")
+            && text.contains("drained at"),
+        "{text}"
+    );
+    c.stop().await;
+}

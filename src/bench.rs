@@ -1,0 +1,510 @@
+//! `courier bench`: a load tool shipped with courier, as redis-benchmark ships with Redis.
+//!
+//! It starts a fast receiver in this process, registers a temporary endpoint pointing at it
+//! on the courier under test (through the endpoint API), drives courier with C concurrent
+//! producers over keep-alive connections, and measures what a user asks: events accepted per
+//! second (durably: every 202 means committed), events delivered per second, and the
+//! ingest→delivery latency, taken from the send time carried in each payload. In the same run
+//! it measures two baselines on this machine — a bare HTTP server that only answers 202, and
+//! a bare client→receiver loop — so every courier figure also comes as a ratio to what HTTP
+//! alone costs here.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// courier's base URL.
+    pub url: String,
+    /// A token with the ingest and admin scopes.
+    pub token: String,
+    /// Events to send.
+    pub events: usize,
+    /// Concurrent producers.
+    pub concurrency: usize,
+    /// Payload size in bytes.
+    pub size: usize,
+    /// Events per second across all producers (0 = as fast as possible).
+    pub rate: u64,
+    /// Deliver to this receiver instead of the built-in one (no latency figures then).
+    pub receiver: Option<String>,
+    /// Skip the baselines.
+    pub no_baselines: bool,
+    /// Report this process's peak RSS (a courier on this machine).
+    pub pid: Option<u32>,
+    /// How long to wait for the last deliveries.
+    pub drain_timeout: Duration,
+    /// Only fill the queue: do not wait for deliveries.
+    pub no_wait: bool,
+    /// Backlog mode: the bench endpoint is paused while the events go in (a receiver that is
+    /// down), then resumed; reports the drain rate.
+    pub backlog: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub events: usize,
+    pub concurrency: usize,
+    pub size_bytes: usize,
+    pub target_rate: Option<u64>,
+    pub accepted: usize,
+    pub errors: usize,
+    pub accepted_per_sec: f64,
+    pub delivered: usize,
+    pub delivered_per_sec: Option<f64>,
+    pub latency: Option<Latency>,
+    pub peak_rss_kib: Option<u64>,
+    /// A bare HTTP server answering 202: requests/s with the same producers.
+    pub baseline_202_per_sec: Option<f64>,
+    /// A bare client→receiver loop: requests/s with the same concurrency.
+    pub baseline_send_per_sec: Option<f64>,
+    pub accepted_vs_baseline: Option<f64>,
+    pub delivered_vs_baseline: Option<f64>,
+    /// Backlog mode: peak RSS once the backlog is in, and the drain rate after resuming.
+    pub backlog_rss_kib: Option<u64>,
+    pub drain_per_sec: Option<f64>,
+}
+
+/// The receiver: counts requests and records each one's latency from the payload's send time.
+#[derive(Default)]
+struct Received {
+    count: AtomicUsize,
+    latencies_us: Mutex<Vec<u64>>,
+    last_us: AtomicU64,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Starts the built-in receiver; returns its address.
+pub async fn start_receiver(record: bool) -> anyhow::Result<(SocketAddr, Arc<ReceiverHandle>)> {
+    let state = Arc::new(ReceiverHandle {
+        got: Received::default(),
+        record,
+    });
+    let st = state.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let st = st.clone();
+        async move {
+            let now = now_us();
+            if st.record {
+                // The payload starts with {"sent_at_us":N, …}: read N without parsing all.
+                if let Some(sent) = sent_at(&body) {
+                    st.got
+                        .latencies_us
+                        .lock()
+                        .expect("latencies")
+                        .push(now.saturating_sub(sent));
+                }
+            }
+            st.got.count.fetch_add(1, Ordering::Relaxed);
+            st.got.last_us.fetch_max(now, Ordering::Relaxed);
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, state))
+}
+
+pub struct ReceiverHandle {
+    got: Received,
+    record: bool,
+}
+
+impl ReceiverHandle {
+    pub fn count(&self) -> usize {
+        self.got.count.load(Ordering::Relaxed)
+    }
+}
+
+fn sent_at(body: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(body.get(..64.min(body.len()))?).ok()?;
+    let rest = s.split("\"sent_at_us\":").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// A payload of about `size` bytes carrying its send time.
+fn payload(size: usize, seq: usize) -> String {
+    let head = format!("{{\"sent_at_us\":{},\"seq\":{seq},\"pad\":\"", now_us());
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut s = String::with_capacity(size);
+    s.push_str(&head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
+
+/// Sends `n` requests with `c` producers (optionally at `rate`/s overall); returns the
+/// number of successes, errors and the elapsed time.
+async fn drive(
+    client: &reqwest::Client,
+    n: usize,
+    c: usize,
+    rate: u64,
+    make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync>,
+    ok_status: u16,
+) -> (usize, usize, Duration) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let err = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..c.max(1) {
+        let (next, ok, err, make) = (next.clone(), ok.clone(), err.clone(), make.clone());
+        let _ = client;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                if rate > 0 {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                match make(i).send().await {
+                    Ok(r) if r.status().as_u16() == ok_status => {
+                        let _ = r.bytes().await;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        let _ = r.bytes().await;
+                        err.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        err.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    (
+        ok.load(Ordering::Relaxed),
+        err.load(Ordering::Relaxed),
+        started.elapsed(),
+    )
+}
+
+fn client(c: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(c.max(1))
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+fn pct(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
+}
+
+/// Current RSS (VmRSS) of a process, in KiB.
+pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".into(),
+    };
+    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
+        l.strip_prefix("VmRSS:")
+            .map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())?
+    })
+}
+
+/// Peak RSS (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".into(),
+    };
+    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
+        l.strip_prefix("VmHWM:")
+            .map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())?
+    })
+}
+
+/// Runs the benchmark against a running courier.
+pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+    let base = opts.url.trim_end_matches('/').to_string();
+    let http = client(opts.concurrency);
+    let mut report = Report {
+        events: opts.events,
+        concurrency: opts.concurrency,
+        size_bytes: opts.size,
+        target_rate: (opts.rate > 0).then_some(opts.rate),
+        ..Report::default()
+    };
+
+    // The receiver, and a temporary endpoint on courier pointing at it.
+    let (receiver_url, handle) = match &opts.receiver {
+        Some(u) => (u.clone(), None),
+        None => {
+            let (addr, h) = start_receiver(true).await?;
+            (format!("http://{addr}/bench"), Some(h))
+        }
+    };
+    let name = format!("bench-{}", &crate::model::new_id("b")[2..]).to_ascii_lowercase();
+    let created = http
+        .post(format!("{base}/v1/endpoints"))
+        .bearer_auth(&opts.token)
+        .body(
+            json!({
+                "name": name,
+                "url": receiver_url,
+                "max_in_flight": 256,
+                "schedule": ["0s", "1s", "5s", "30s", "2m", "10m", "30m", "1h"],
+                "description": "temporary endpoint of courier bench",
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .with_context(|| format!("cannot reach courier at {base}"))?;
+    if created.status() != 201 {
+        let status = created.status();
+        let body = created.text().await.unwrap_or_default();
+        bail!(
+            "cannot create the bench endpoint ({status}): {body} (the token needs the admin and ingest scopes; private networks must be allowed for the built-in receiver)"
+        );
+    }
+
+    if opts.backlog {
+        let r = http
+            .post(format!("{base}/v1/endpoints/{name}/pause"))
+            .bearer_auth(&opts.token)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("cannot pause the bench endpoint: {}", r.status());
+        }
+    }
+
+    // Drive courier.
+    let size = opts.size;
+    let (tok, b, ep) = (opts.token.clone(), base.clone(), name.clone());
+    let http2 = http.clone();
+    let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> = Arc::new(move |i| {
+        let body = format!(
+            "{{\"event_type\":\"bench.event\",\"endpoint\":\"{ep}\",\"payload\":{}}}",
+            payload(size, i)
+        );
+        http2
+            .post(format!("{b}/v1/events"))
+            .bearer_auth(&tok)
+            .body(body)
+    });
+    let first_send = now_us();
+    let (ok, errors, took) =
+        drive(&http, opts.events, opts.concurrency, opts.rate, make, 202).await;
+    report.accepted = ok;
+    report.errors = errors;
+    report.accepted_per_sec = ok as f64 / took.as_secs_f64();
+
+    let mut drain_start = None;
+    if opts.backlog {
+        report.backlog_rss_kib = rss_kib(opts.pid);
+        drain_start = Some((now_us(), handle.as_ref().map_or(0, |h| h.count())));
+        let r = http
+            .post(format!("{base}/v1/endpoints/{name}/resume"))
+            .bearer_auth(&opts.token)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("cannot resume the bench endpoint: {}", r.status());
+        }
+    }
+
+    // Wait for the deliveries.
+    if let Some(h) = &handle
+        && !opts.no_wait
+    {
+        let deadline = Instant::now() + opts.drain_timeout;
+        while h.count() < ok && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        report.delivered = h.count();
+        let last = h.got.last_us.load(Ordering::Relaxed);
+        if let Some((start, before)) = drain_start
+            && last > start
+        {
+            report.drain_per_sec =
+                Some((report.delivered - before) as f64 / ((last - start) as f64 / 1e6));
+        }
+        if report.delivered > 0 && last > first_send {
+            report.delivered_per_sec =
+                Some(report.delivered as f64 / ((last - first_send) as f64 / 1e6));
+        }
+        let mut lat = h.got.latencies_us.lock().expect("latencies").clone();
+        lat.sort_unstable();
+        if !lat.is_empty() {
+            report.latency = Some(Latency {
+                p50_ms: pct(&lat, 0.50),
+                p90_ms: pct(&lat, 0.90),
+                p99_ms: pct(&lat, 0.99),
+                max_ms: *lat.last().expect("non-empty") as f64 / 1000.0,
+            });
+        }
+    }
+    report.peak_rss_kib = peak_rss_kib(opts.pid);
+    if !opts.no_wait {
+        let _ = http
+            .delete(format!("{base}/v1/endpoints/{name}"))
+            .bearer_auth(&opts.token)
+            .send()
+            .await;
+    }
+
+    if !opts.no_baselines {
+        // Baseline 1: a bare server that answers 202, same producers, same bodies.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let app = axum::Router::new()
+                .fallback(|_body: axum::body::Bytes| async { axum::http::StatusCode::ACCEPTED });
+            let _ = axum::serve(listener, app).await;
+        });
+        let bare = client(opts.concurrency);
+        let bare2 = bare.clone();
+        let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> =
+            Arc::new(move |i| {
+                bare2
+                    .post(format!("http://{addr}/v1/events"))
+                    .body(payload(size, i))
+            });
+        let (ok, _, took) = drive(&bare, opts.events, opts.concurrency, 0, make, 202).await;
+        report.baseline_202_per_sec = Some(ok as f64 / took.as_secs_f64());
+        server.abort();
+
+        // Baseline 2: what sending alone costs: a client loop straight to a receiver.
+        let (raddr, _h) = start_receiver(false).await?;
+        let send = client(opts.concurrency);
+        let send2 = send.clone();
+        let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> =
+            Arc::new(move |i| {
+                send2
+                    .post(format!("http://{raddr}/bench"))
+                    .body(payload(size, i))
+            });
+        let (ok, _, took) =
+            drive(&send, opts.events, opts.concurrency.min(256), 0, make, 204).await;
+        report.baseline_send_per_sec = Some(ok as f64 / took.as_secs_f64());
+        report.accepted_vs_baseline = report
+            .baseline_202_per_sec
+            .map(|b| report.accepted_per_sec / b);
+        report.delivered_vs_baseline =
+            match (report.delivered_per_sec, report.baseline_send_per_sec) {
+                (Some(d), Some(b)) => Some(d / b),
+                _ => None,
+            };
+    }
+    Ok(report)
+}
+
+/// The human-readable report.
+pub fn human(r: &Report) -> String {
+    let mut out = format!(
+        "courier bench: {} events of {} bytes, {} producers{}\n",
+        r.events,
+        r.size_bytes,
+        r.concurrency,
+        r.target_rate
+            .map(|t| format!(", paced at {t}/s"))
+            .unwrap_or_default()
+    );
+    out.push_str(&format!(
+        "  accepted (durable)  {:>10.0} events/s   ({} accepted, {} errors)\n",
+        r.accepted_per_sec, r.accepted, r.errors
+    ));
+    if let Some(d) = r.delivered_per_sec {
+        out.push_str(&format!(
+            "  delivered           {:>10.0} events/s   ({} delivered)\n",
+            d, r.delivered
+        ));
+    }
+    if let Some(l) = &r.latency {
+        out.push_str(&format!(
+            "  ingest→delivery     p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms\n",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        ));
+    }
+    if let Some(rss) = r.backlog_rss_kib {
+        out.push_str(&format!(
+            "  RSS with the backlog {:>9.1} MiB\n",
+            rss as f64 / 1024.0
+        ));
+    }
+    if let Some(d) = r.drain_per_sec {
+        out.push_str(&format!("  backlog drained at  {:>10.0} events/s\n", d));
+    }
+    if let Some(rss) = r.peak_rss_kib {
+        out.push_str(&format!(
+            "  peak RSS            {:>10.1} MiB\n",
+            rss as f64 / 1024.0
+        ));
+    }
+    if let Some(b) = r.baseline_202_per_sec {
+        out.push_str(&format!(
+            "  baseline: bare 202 server {:.0} req/s → courier accepts at {:.0}% of it\n",
+            b,
+            r.accepted_vs_baseline.unwrap_or(0.0) * 100.0
+        ));
+    }
+    if let Some(b) = r.baseline_send_per_sec {
+        out.push_str(&format!(
+            "  baseline: client → receiver {:.0} req/s{}\n",
+            b,
+            r.delivered_vs_baseline
+                .map(|d| format!(" → courier delivers at {:.0}% of it", d * 100.0))
+                .unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// The JSON report.
+pub fn json(r: &Report) -> Value {
+    serde_json::to_value(r).expect("report serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_carries_its_send_time_and_size() {
+        let p = payload(1024, 7);
+        assert_eq!(p.len(), 1024);
+        let v: Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(v["seq"], 7);
+        assert_eq!(sent_at(p.as_bytes()), v["sent_at_us"].as_u64());
+    }
+}
