@@ -420,11 +420,16 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         report.accepted_vs_baseline = report
             .baseline_202_per_sec
             .map(|b| report.accepted_per_sec / b);
-        report.delivered_vs_baseline =
-            match (report.delivered_per_sec, report.baseline_send_per_sec) {
-                (Some(d), Some(b)) => Some(d / b),
-                _ => None,
-            };
+        // In backlog mode the delivery rate that matters is the drain after resuming.
+        let delivered = if opts.backlog {
+            report.drain_per_sec
+        } else {
+            report.delivered_per_sec
+        };
+        report.delivered_vs_baseline = match (delivered, report.baseline_send_per_sec) {
+            (Some(d), Some(b)) => Some(d / b),
+            _ => None,
+        };
     }
     Ok(report)
 }

@@ -136,7 +136,10 @@ pub async fn ingest(
             .collect(),
     };
     let body = serde_json::to_vec(&reply).expect("reply serializes");
-    let endpoints: Vec<String> = deliveries.iter().map(|d| d.endpoint.clone()).collect();
+    let endpoints: Vec<(String, u64)> = deliveries
+        .iter()
+        .map(|d| (d.endpoint.clone(), d.next_due_ms.unwrap_or(0)))
+        .collect();
     let batch = AppendBatch {
         event: Event {
             id: event_id.clone(),
@@ -156,10 +159,10 @@ pub async fn ingest(
     };
     match app.store.append(batch).await? {
         AppendResult::Created => {
-            let names: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+            let names: Vec<&str> = endpoints.iter().map(|(e, _)| e.as_str()).collect();
             observe::ingested(&app.metrics, &event_id, &req.event_type, &names);
-            for e in &endpoints {
-                Scheduler::wake(app, e);
+            for (e, due) in &endpoints {
+                Scheduler::wake_due(app, e, *due);
             }
             Ok(Accepted {
                 body,

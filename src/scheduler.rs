@@ -8,7 +8,7 @@
 //! finished attempt wakes them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,10 @@ impl Health {
 struct WorkerHandle {
     notify: Arc<Notify>,
     woken: Arc<AtomicBool>,
+    /// The earliest due time of work enqueued since the worker last looked (`u64::MAX`:
+    /// none). Concurrent ingests can commit out of id order, so new work may sort before the
+    /// worker's scan position; it rewinds to here.
+    rewind: Arc<AtomicU64>,
 }
 
 /// Workers exist only for endpoints with work: an idle endpoint costs its configuration and
@@ -63,8 +67,14 @@ impl Scheduler {
     /// Wakes the worker of `endpoint` (new or requeued work, or a changed definition),
     /// starting one if there is none.
     pub fn wake(app: &Arc<App>, endpoint: &str) {
+        Self::wake_due(app, endpoint, 0);
+    }
+
+    /// Wakes the worker of `endpoint` for work that is due at `due_ms` or later.
+    pub fn wake_due(app: &Arc<App>, endpoint: &str, due_ms: u64) {
         let mut workers = app.scheduler.workers.lock().expect("workers lock");
         if let Some(w) = workers.get(endpoint) {
+            w.rewind.fetch_min(due_ms, AtomicOrdering::SeqCst);
             w.woken.store(true, AtomicOrdering::SeqCst);
             w.notify.notify_one();
             return;
@@ -75,16 +85,22 @@ impl Scheduler {
         let handle = WorkerHandle {
             notify: Arc::new(Notify::new()),
             woken: Arc::new(AtomicBool::new(false)),
+            rewind: Arc::new(AtomicU64::new(u64::MAX)),
         };
-        let (notify, woken) = (handle.notify.clone(), handle.woken.clone());
+        let signals = Signals {
+            notify: handle.notify.clone(),
+            woken: handle.woken.clone(),
+            rewind: handle.rewind.clone(),
+        };
         workers.insert(endpoint.to_string(), handle);
         app.tasks
-            .spawn(worker(app.clone(), endpoint.to_string(), notify, woken));
+            .spawn(worker(app.clone(), endpoint.to_string(), signals));
     }
 
     /// Wakes every running worker (after a configuration change).
     pub fn notify_all(&self) {
         for w in self.workers.lock().expect("workers lock").values() {
+            w.rewind.store(0, AtomicOrdering::SeqCst);
             w.woken.store(true, AtomicOrdering::SeqCst);
             w.notify.notify_one();
         }
@@ -187,19 +203,36 @@ impl Bucket {
     }
 }
 
-async fn worker(app: Arc<App>, name: String, notify: Arc<Notify>, woken: Arc<AtomicBool>) {
+/// A worker's ends of its [`WorkerHandle`].
+struct Signals {
+    notify: Arc<Notify>,
+    woken: Arc<AtomicBool>,
+    rewind: Arc<AtomicU64>,
+}
+
+async fn worker(app: Arc<App>, name: String, signals: Signals) {
+    let Signals {
+        notify,
+        woken,
+        rewind,
+    } = signals;
     let mut in_flight: HashSet<String> = HashSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut bucket: Option<(f64, Bucket)> = None;
     let mut next_probe_ms = 0u64;
-    // Where the last page ended. Everything before it is in flight or done, and anything
-    // enqueued later sorts after it (due times only grow), so the next page starts there;
-    // with nothing in flight the scan starts over from the head.
+    // Where the last page ended. Everything before it is in flight or done; work enqueued
+    // since is announced with its due time (`rewind`) and the scan moves back to it. With
+    // nothing in flight the scan starts over from the head.
     let mut resume: Option<(u64, String)> = None;
     loop {
         woken.store(false, AtomicOrdering::SeqCst);
-        if in_flight.is_empty() {
+        let back_to = rewind.swap(u64::MAX, AtomicOrdering::SeqCst);
+        if in_flight.is_empty() || back_to == 0 {
             resume = None;
+        } else if resume.as_ref().is_some_and(|(due, _)| back_to <= *due) {
+            // Start at the first entry due at `back_to` (ids are ASCII, so every id sorts
+            // below U+10FFFF).
+            resume = Some((back_to - 1, "\u{10ffff}".to_string()));
         }
         let stopping = app.shutdown.is_cancelled();
         let Some(ep) = app.endpoints.get(&name) else {
