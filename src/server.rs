@@ -32,13 +32,21 @@ impl Running {
     /// Stops accepting, lets in-flight attempts finish (or time out), and returns when done.
     pub async fn shutdown(self) {
         self.app.shutdown.cancel();
-        let _ = self.join.await;
+        self.wait().await;
     }
 
     /// Waits until something else (a signal handler) cancels `app.shutdown` and the server
-    /// has stopped.
+    /// has stopped, then closes the database cleanly.
     pub async fn wait(self) {
         let _ = self.join.await;
+        let closer = self.app.store.closer();
+        drop(self.app);
+        let closed = tokio::task::spawn_blocking(move || closer.wait(Duration::from_secs(10)))
+            .await
+            .unwrap_or(false);
+        if !closed {
+            tracing::warn!("the database was not closed cleanly; the next start will check it");
+        }
     }
 }
 

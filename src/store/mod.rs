@@ -156,6 +156,26 @@ pub(crate) struct Shared {
     /// group-commit batch size).
     pub(crate) commits: prometheus_client::metrics::counter::Counter,
     pub(crate) commands: prometheus_client::metrics::counter::Counter,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// See [`Store::closer`].
+pub struct Closer(Option<std::thread::JoinHandle<()>>);
+
+impl Closer {
+    /// Blocks until the writer thread has exited (and with it the database is closed), at most
+    /// `timeout`; `false` if it did not.
+    pub fn wait(self, timeout: std::time::Duration) -> bool {
+        let Some(handle) = self.0 else { return true };
+        let deadline = std::time::Instant::now() + timeout;
+        while !handle.is_finished() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        handle.join().is_ok()
+    }
 }
 
 impl Shared {
@@ -215,14 +235,23 @@ impl Store {
             counts: RwLock::new(counts),
             commits: Default::default(),
             commands: Default::default(),
+            writer: Default::default(),
         });
         let (tx, rx) = mpsc::channel(65_536);
         let (wdb, wshared) = (db.clone(), shared.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("courier-writer".into())
             .spawn(move || writer::run(wdb, rx, wshared))
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
+        *shared.writer.lock().expect("writer handle") = Some(thread);
         Ok(Store { db, tx, shared })
+    }
+
+    /// A handle that waits for the database to be closed cleanly once every `Store` clone is
+    /// gone (the writer finishes its last batch and the file is closed, so the next start
+    /// needs no repair).
+    pub fn closer(&self) -> Closer {
+        Closer(self.shared.writer.lock().expect("writer handle").take())
     }
 
     async fn call<T>(
