@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Watch the config and plugin files for changes (SIGHUP reloads either way).
     pub watch: bool,
+    /// Save the database allocator state with every commit: commits cost more, but opening
+    /// the database after a crash takes milliseconds instead of a walk over the whole file.
+    pub quick_repair: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +214,7 @@ struct RawServer {
     public_url: Option<String>,
     max_body_bytes: Option<u64>,
     watch: Option<bool>,
+    quick_repair: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -385,6 +389,7 @@ impl Config {
             public_url: public_url.trim_end_matches('/').to_string(),
             max_body_bytes: max_body_bytes as usize,
             watch: s.watch.unwrap_or(true),
+            quick_repair: s.quick_repair.unwrap_or(true),
         };
 
         let mut keys = Vec::new();

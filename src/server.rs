@@ -59,8 +59,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let created_key = app::ensure_key(&mut config, &data_dir)
         .with_context(|| format!("cannot write the admin key into {}", data_dir.display()))?;
     let db_path = data_dir.join("courier.redb");
-    let store =
-        Store::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
+    let store = Store::open(&db_path, config.server.quick_repair)
+        .with_context(|| format!("cannot open {}", db_path.display()))?;
     let metrics = Metrics::new();
     let plugins = crate::plugins::Plugins::default();
     if let Err(errors) = plugins.load_all(&config.plugins, &metrics) {

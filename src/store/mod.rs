@@ -200,8 +200,10 @@ pub struct Store {
 const SCAN_CAP: usize = 100_000;
 
 impl Store {
-    /// Opens (or creates) the database file and starts the writer thread.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    /// Opens (or creates) the database file and starts the writer thread. With `quick_repair`,
+    /// every commit saves the allocator state so that a crash is recovered from in
+    /// milliseconds (commits cost more).
+    pub fn open(path: &Path, quick_repair: bool) -> Result<Store, StoreError> {
         let db = Database::builder()
             .set_cache_size(64 * 1024 * 1024)
             .create(path)?;
@@ -241,7 +243,7 @@ impl Store {
         let (wdb, wshared) = (db.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("courier-writer".into())
-            .spawn(move || writer::run(wdb, rx, wshared))
+            .spawn(move || writer::run(wdb, rx, wshared, quick_repair))
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
         *shared.writer.lock().expect("writer handle") = Some(thread);
         Ok(Store { db, tx, shared })

@@ -55,7 +55,12 @@ enum Reply {
     Endpoint(Result<bool, StoreError>),
 }
 
-pub(crate) fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, shared: Arc<Shared>) {
+pub(crate) fn run(
+    db: Arc<Database>,
+    mut rx: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    quick_repair: bool,
+) {
     let mut cmds = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         cmds.push(first);
@@ -66,7 +71,7 @@ pub(crate) fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, shared: Ar
             }
         }
         let mut deltas = Deltas::new();
-        match apply(&db, &cmds, &mut deltas) {
+        match apply(&db, &cmds, &mut deltas, quick_repair) {
             Ok(replies) => {
                 shared.apply_deltas(&deltas);
                 shared.commits.inc();
@@ -113,12 +118,17 @@ fn fail(cmd: Command, e: StoreError) {
 /// Changes to the per-(endpoint, status) counters made by one transaction.
 pub(crate) type Deltas = HashMap<(String, DeliveryStatus), i64>;
 
-fn apply(db: &Database, cmds: &[Command], deltas: &mut Deltas) -> Result<Vec<Reply>, StoreError> {
+fn apply(
+    db: &Database,
+    cmds: &[Command],
+    deltas: &mut Deltas,
+    quick_repair: bool,
+) -> Result<Vec<Reply>, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     // Save the allocator state with each commit, so that opening the database after a crash
     // takes milliseconds instead of a walk over the whole file (see BENCHMARKS.md).
-    txn.set_quick_repair(true);
+    txn.set_quick_repair(quick_repair);
     let mut replies = Vec::with_capacity(cmds.len());
     {
         let mut t = Tables::open(&txn)?;

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The benchmark scenarios of BENCHMARKS.md, end to end, on this machine:
+#   cargo build --release && bash benches/suite.sh
+# It starts a release courier on 127.0.0.1:18090 with a fresh data dir under a temporary
+# directory, drives it with `courier bench`, and prints the raw results. Everything runs on
+# loopback and stops by itself (about 8 minutes on a 2-core machine).
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN="$ROOT/target/release/courier"
+WORK=$(mktemp -d)
+PORT=18090
+TOKEN=bench-token-0123456789
+cat > "$WORK/courier.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PORT"
+data_dir = "data"
+[[keys]]
+token = "$TOKEN"
+scopes = ["ingest", "admin"]
+[delivery]
+allow_private_networks = true
+TOML
+cd "$WORK"
+start() { RUST_LOG=error "$BIN" serve --config courier.toml > out.log 2> err.log & PID=$!
+          until curl -sf "127.0.0.1:$PORT/readyz" > /dev/null; do sleep 0.01; done; }
+stop() { kill -TERM "$PID"; while kill -0 "$PID" 2>/dev/null; do sleep 0.02; done; }
+B="$BIN bench --url http://127.0.0.1:$PORT --token $TOKEN"
+
+start
+for i in 1 2 3; do echo "== ingest-only (backlog mode) run $i"; $B -n 50000 -c 64 -s 1024 --backlog --pid "$PID"; done
+for i in 1 2 3; do echo "== end-to-end run $i"; $B -n 50000 -c 64 -s 1024 --pid "$PID"; done
+for i in 1 2 3; do echo "== latency at 1000/s run $i"; $B -n 20000 -c 64 -s 1024 --rate 1000 --no-baselines --pid "$PID"; done
+stop
+
+# 1,000,000 deliveries held back, then drained; RSS sampled every 5 s.
+rm -rf data; start
+(while kill -0 "$PID" 2>/dev/null; do echo "rss $(date +%s) $(grep VmRSS /proc/$PID/status | awk '{print $2}')"; sleep 5; done > rss.log) &
+echo "== backlog 1,000,000"; $B -n 1000000 -c 64 -s 1024 --backlog --no-baselines --pid "$PID" --drain-timeout 900
+echo "== 1,000,000 pending with the receiver down"
+$B -n 1000000 -c 64 -s 1024 --receiver "http://127.0.0.1:9/down" --no-wait --no-baselines --pid "$PID"
+echo "pending: $(curl -s 127.0.0.1:$PORT/metrics | grep -E '^courier_queue_depth' | awk '{s+=$2} END {print s}')"
+stop
+for run in 1 2 3; do
+  t0=$(date +%s.%N); start; echo "graceful restart $run: serving after $(echo "$(date +%s.%N)-$t0" | bc) s"
+  sleep 1; kill -9 "$PID"; sleep 0.3
+  t0=$(date +%s.%N); start; echo "crash restart $run: serving after $(echo "$(date +%s.%N)-$t0" | bc) s"
+  stop
+done
+echo "db size: $(du -sh data | cut -f1)"
+echo "rss samples (KiB): $(awk '{print $3}' rss.log | tr '\n' ' ')"
+rm -rf "$WORK"
