@@ -48,4 +48,15 @@ for run in 1 2 3; do
 done
 echo "db size: $(du -sh data | cut -f1)"
 echo "rss samples (KiB): $(awk '{print $3}' rss.log | tr '\n' ' ')"
+
+# Retention under steady load: 8 rounds of 30,000 events with retention = 5s.
+rm -rf data
+sed 's/^\[delivery\]/[delivery]\nretention = "5s"/' courier.toml > retention.toml
+RUST_LOG=error "$BIN" serve --config retention.toml > out.log 2> err.log & PID=$!
+until curl -sf "127.0.0.1:$PORT/readyz" > /dev/null; do sleep 0.01; done
+for i in 1 2 3 4 5 6 7 8; do
+  $B -n 30000 -c 64 -s 1024 --no-baselines > /dev/null; sleep 3
+  echo "retention round $i: file $(du -b data/courier.redb | cut -f1) bytes, purged $(curl -s 127.0.0.1:$PORT/metrics | grep '^courier_retention_purged_total' | awk '{print $2}')"
+done
+stop
 rm -rf "$WORK"
