@@ -588,9 +588,11 @@ async fn stats(
             .map_err(ApiError::internal)??;
     let mut durations: Vec<u64> = Vec::new();
     let mut ok = 0u64;
-    for (_, e) in log.iter().filter(|(_, e)| e.endpoint == name) {
+    let mut deliveries = std::collections::HashSet::new();
+    for (id, e) in log.iter().filter(|(_, e)| e.endpoint == name) {
         durations.push(e.duration_ms);
         ok += e.success as u64;
+        deliveries.insert(id.as_str());
     }
     durations.sort_unstable();
     let n = durations.len() as u64;
@@ -611,7 +613,8 @@ async fn stats(
         "counts": {"pending": count(S::Pending), "delivered": delivered, "dead": dead, "dropped": count(S::Dropped)},
         "success_rate": (delivered + dead > 0).then(|| delivered as f64 / (delivered + dead) as f64),
         "attempts": n,
-        "attempt_success_rate": (n > 0).then(|| ok as f64 / n as f64),
+    "attempt_success_rate": (n > 0).then(|| ok as f64 / n as f64),
+        "attempts_per_delivery": (!deliveries.is_empty()).then(|| n as f64 / deliveries.len() as f64),
         "latency_ms": {
             "p50": super::stats::percentile(&durations, 0.50),
             "p95": super::stats::percentile(&durations, 0.95),

@@ -3,6 +3,7 @@
 
 mod channels;
 mod config;
+mod console;
 mod deliveries;
 mod dlq;
 mod endpoints;
@@ -11,6 +12,7 @@ mod health;
 mod plugins;
 mod stats;
 pub(crate) mod views;
+mod workflows_list;
 
 use std::sync::Arc;
 
@@ -37,6 +39,8 @@ pub fn router(app: AppState) -> Router {
         .merge(health::router())
         .merge(plugins::router())
         .merge(channels::router())
+        .merge(workflows_list::router())
+        .merge(console::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(app)
 }

@@ -172,3 +172,47 @@ async fn queue_depth_reports_a_backlog() {
     assert!(p["data"][0]["next_attempt_at"].is_string());
     c.stop().await;
 }
+
+#[tokio::test]
+async fn the_console_page_and_the_workflow_list_are_served() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"wf\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\nevent_name = \"e\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        rx.url("/up")
+    ))
+    .await;
+    let resp = c
+        .http
+        .get(format!("{}/console", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(
+        resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'self'")
+    );
+    let html = resp.text().await.unwrap();
+    assert!(
+        html.contains("<title>courier console</title>")
+            && !html.contains("http://")
+            && !html.contains("https://"),
+        "no external assets"
+    );
+    let (s, w) = c.get("/v1/workflows").await;
+    assert_eq!(s, 200);
+    assert_eq!(w["data"][0]["name"], "wf");
+    assert_eq!(w["data"][0]["event_name"], "e");
+    let (s, _) = c.get_as("/v1/workflows", None).await;
+    assert_eq!(s, 401);
+    c.stop().await;
+}
