@@ -228,28 +228,32 @@ fn pct(sorted: &[u64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
 }
 
-/// Current RSS (VmRSS) of a process, in KiB.
-pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+/// A memory figure (`VmRSS`, `VmHWM`, …) of a process's `/proc/<pid>/status`, in KiB.
+fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".into(),
     };
-    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
-        l.strip_prefix("VmRSS:")
-            .map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())?
-    })
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..]
+        .trim()
+        .trim_start_matches(':')
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
-/// Peak RSS (VmHWM) of a process, in KiB.
+/// Current RSS of a process, in KiB.
+pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// Peak RSS of a process, in KiB.
 pub fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/status"),
-        None => "/proc/self/status".into(),
-    };
-    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
-        l.strip_prefix("VmHWM:")
-            .map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())?
-    })
+    proc_status_kib(pid, "VmHWM")
 }
 
 /// Runs the benchmark against a running courier.
@@ -503,6 +507,12 @@ pub fn json(r: &Report) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_memory_figures() {
+        let rss = rss_kib(None).unwrap();
+        assert!(rss > 0 && peak_rss_kib(None).unwrap() >= rss);
+    }
 
     #[test]
     fn payload_carries_its_send_time_and_size() {
