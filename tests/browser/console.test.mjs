@@ -161,6 +161,11 @@ test("the console works end to end without JavaScript errors", async () => {
   assert.match(await page.locator("#dl-detail").textContent(), /HTTP 200/);
   assert.match(await page.getByLabel("Request body", { exact: true }).textContent(), /"order"/);
   await shot("delivery");
+  // Replay it from its page: the receiver gets it again.
+  const shopBefore = received.filter((r) => r.path === "/shop").length;
+  await page.getByRole("button", { name: "Replay", exact: true }).click();
+  await page.getByText("Requeued.").waitFor();
+  await waitFor(() => received.filter((r) => r.path === "/shop").length === shopBefore + 1);
   await page.getByLabel("Endpoint filter", { exact: true }).fill("");
 
   // DLQ: bulk replay with a confirmation showing the count; the receiver now accepts.
@@ -189,6 +194,17 @@ test("the console works end to end without JavaScript errors", async () => {
   const test = received.find((r) => r.path === "/console-ep");
   assert.ok(test, "the endpoint created in the console received the test event");
   assert.equal(JSON.parse(test.body).type, "courier.test");
+  // Pause and resume it; rotate its secret (the new one is shown once).
+  await row.getByRole("button", { name: "Pause" }).click();
+  await row.getByText("paused").waitFor();
+  const paused = await (await fetch(base + "/v1/endpoints/made-in-console", { headers: { authorization: "Bearer " + TOKEN } })).json();
+  assert.equal(paused.paused, true);
+  await row.getByRole("button", { name: "Resume" }).click();
+  await row.getByText("active").waitFor();
+  await row.getByRole("button", { name: "Rotate secret" }).click();
+  await page.getByText(/New secret for made-in-console/).waitFor();
+  const rotated = await (await fetch(base + "/v1/endpoints/made-in-console", { headers: { authorization: "Bearer " + TOKEN } })).json();
+  assert.equal(rotated.secrets.length, 2, "old and new secret sign during the overlap");
   await shot("endpoints");
 
   // Analytics: charts per endpoint.
