@@ -140,6 +140,7 @@ pub async fn ingest(
         .iter()
         .map(|d| (d.endpoint.clone(), d.next_due_ms.unwrap_or(0)))
         .collect();
+    let has_idempotency_key = req.idempotency_key.is_some();
     let batch = AppendBatch {
         event: Event {
             id: event_id.clone(),
@@ -155,7 +156,12 @@ pub async fn ingest(
             key_id: caller.key_id.clone(),
             key,
         }),
-        reply: body.clone(),
+        reply: if has_idempotency_key {
+            body.clone()
+        } else {
+            Vec::new()
+        },
+        id_supplied: req.id.is_some(),
     };
     match app.store.append(batch).await? {
         AppendResult::Created => {

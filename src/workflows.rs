@@ -411,6 +411,7 @@ fn webhook(
         deliveries: vec![delivery],
         idempotency: None,
         reply: Vec::new(),
+        id_supplied: false,
     })
 }
 

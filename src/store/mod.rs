@@ -56,6 +56,9 @@ pub struct AppendBatch {
     pub idempotency: Option<IdempotencyKey>,
     /// The reply sent to the producer, kept for an idempotent repeat.
     pub reply: Vec<u8>,
+    /// The producer chose the event id, so it must be checked for reuse (generated ids are
+    /// unique by construction and skip that lookup).
+    pub id_supplied: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

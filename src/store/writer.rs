@@ -277,7 +277,7 @@ impl<'t> Tables<'t> {
             let (_, reply) = found.value();
             return Ok(AppendResult::Replayed(reply.to_vec()));
         }
-        if self.events.get(b.event.id.as_str())?.is_some() {
+        if b.id_supplied && self.events.get(b.event.id.as_str())?.is_some() {
             return Ok(AppendResult::IdConflict);
         }
         self.events
