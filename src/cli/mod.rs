@@ -166,16 +166,10 @@ enum DeliveriesCmd {
         /// pending, delivered, dead or dropped.
         #[arg(long)]
         status: Option<String>,
-        #[arg(long)]
-        endpoint: Option<String>,
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long)]
-        until: Option<String>,
-        #[arg(long)]
-        limit: Option<usize>,
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        filter: Filter,
+        #[command(flatten)]
+        page: Page,
     },
     /// One delivery with every attempt.
     Show {
@@ -191,28 +185,58 @@ enum DlqCmd {
     List {
         #[command(flatten)]
         remote: Remote,
-        #[arg(long)]
-        endpoint: Option<String>,
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long)]
-        until: Option<String>,
-        #[arg(long)]
-        limit: Option<usize>,
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        filter: Filter,
+        #[command(flatten)]
+        page: Page,
     },
     /// Requeue every dead delivery matching the filter.
     Replay {
         #[command(flatten)]
         remote: Remote,
-        #[arg(long)]
-        endpoint: Option<String>,
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long)]
-        until: Option<String>,
+        #[command(flatten)]
+        filter: Filter,
     },
+}
+
+/// Which deliveries (endpoint and RFC 3339 time range).
+#[derive(Args)]
+struct Filter {
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl Filter {
+    fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
+        vec![
+            ("endpoint", self.endpoint.clone()),
+            ("since", self.since.clone()),
+            ("until", self.until.clone()),
+        ]
+    }
+}
+
+/// Which page of a listing.
+#[derive(Args)]
+struct Page {
+    #[arg(long)]
+    limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+impl Page {
+    fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
+        vec![
+            ("limit", self.limit.map(|l| l.to_string())),
+            ("cursor", self.cursor.clone()),
+        ]
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -299,27 +323,14 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     DeliveriesCmd::List {
                         remote,
                         status,
-                        endpoint,
-                        since,
-                        until,
-                        limit,
-                        cursor,
+                        filter,
+                        page,
                     },
             } => {
-                let v = remote
-                    .api()
-                    .get(
-                        "/v1/deliveries",
-                        &[
-                            ("status", status),
-                            ("endpoint", endpoint),
-                            ("since", since),
-                            ("until", until),
-                            ("limit", limit.map(|l| l.to_string())),
-                            ("cursor", cursor),
-                        ],
-                    )
-                    .await?;
+                let mut query = vec![("status", status)];
+                query.extend(filter.pairs());
+                query.extend(page.pairs());
+                let v = remote.api().get("/v1/deliveries", &query).await?;
                 show(&remote, &v, client::deliveries_table);
             }
             Command::Deliveries {
@@ -335,44 +346,25 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 cmd:
                     DlqCmd::List {
                         remote,
-                        endpoint,
-                        since,
-                        until,
-                        limit,
-                        cursor,
+                        filter,
+                        page,
                     },
             } => {
-                let v = remote
-                    .api()
-                    .get(
-                        "/v1/dlq",
-                        &[
-                            ("endpoint", endpoint),
-                            ("since", since),
-                            ("until", until),
-                            ("limit", limit.map(|l| l.to_string())),
-                            ("cursor", cursor),
-                        ],
-                    )
-                    .await?;
+                let mut query = filter.pairs();
+                query.extend(page.pairs());
+                let v = remote.api().get("/v1/dlq", &query).await?;
                 show(&remote, &v, client::deliveries_table);
             }
             Command::Dlq {
-                cmd:
-                    DlqCmd::Replay {
-                        remote,
-                        endpoint,
-                        since,
-                        until,
-                    },
+                cmd: DlqCmd::Replay { remote, filter },
             } => {
-                let mut filter = json!({});
-                for (k, v) in [("endpoint", endpoint), ("since", since), ("until", until)] {
+                let mut body = json!({});
+                for (k, v) in filter.pairs() {
                     if let Some(v) = v {
-                        filter[k] = v.into();
+                        body[k] = v.into();
                     }
                 }
-                let v = remote.api().post("/v1/dlq/replay", &filter).await?;
+                let v = remote.api().post("/v1/dlq/replay", &body).await?;
                 show(&remote, &v, |v| {
                     format!("requeued {} dead deliveries\n", v["requeued"])
                 });
