@@ -202,10 +202,13 @@ enum DlqCmd {
 /// Which deliveries (endpoint and RFC 3339 time range).
 #[derive(Args)]
 struct Filter {
+    /// Only deliveries to this endpoint.
     #[arg(long)]
     endpoint: Option<String>,
+    /// Created at or after this RFC 3339 time.
     #[arg(long)]
     since: Option<String>,
+    /// Created at or before this RFC 3339 time.
     #[arg(long)]
     until: Option<String>,
 }
@@ -223,6 +226,7 @@ impl Filter {
 /// Which page of a listing.
 #[derive(Args)]
 struct Page {
+    /// Rows per page (1–1000, default 50).
     #[arg(long)]
     limit: Option<usize>,
     /// `next_cursor` of the previous page.
