@@ -418,3 +418,21 @@ fn check_loads_every_plugin() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("gone.wasm"));
 }
+
+#[tokio::test]
+async fn the_readme_walkthrough_plugin_adds_a_header_and_a_field() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry("uppercase", "uppercase-type", "transform", ""),
+        endpoint("app", &rx.url("/"), "transforms = [\"uppercase\"]"),
+    ))
+    .await;
+    c.send(json!({"event_type": "order.created", "payload": {"n": 1}}))
+        .await;
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].header("x-event-type"), "order.created");
+    assert_eq!(got[0].json(), json!({"n": 1, "kind": "ORDER.CREATED"}));
+    sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
+    c.stop().await;
+}
