@@ -221,6 +221,7 @@ impl Store {
             txn.open_table(PENDING)?;
             txn.open_table(BY_STATUS)?;
             txn.open_table(IDEMPOTENCY)?;
+            txn.open_table(IDEMPOTENCY_AGE)?;
             txn.open_table(ATTEMPT_LOG)?;
             txn.open_table(CHANNELS)?;
             txn.open_table(TIMERS)?;
@@ -583,5 +584,74 @@ impl Store {
             }
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::new_id;
+
+    fn batch(key: &str, created_ms: u64) -> AppendBatch {
+        let id = new_id("evt");
+        let d = Delivery {
+            id: new_id("dlv"),
+            event_id: id.clone(),
+            endpoint: "e".into(),
+            event_type: "t".into(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            round_attempts: 0,
+            next_due_ms: Some(created_ms),
+            created_ms,
+            updated_ms: created_ms,
+            last_error: None,
+        };
+        AppendBatch {
+            event: Event {
+                id,
+                event_type: "t".into(),
+                content_type: "application/json".into(),
+                payload: b"{}".to_vec(),
+                created_ms,
+                delivery_ids: vec![d.id.clone()],
+                headers: Vec::new(),
+            },
+            deliveries: vec![d],
+            idempotency: Some(IdempotencyKey {
+                key_id: "k".into(),
+                key: key.into(),
+            }),
+            reply: key.as_bytes().to_vec(),
+            id_supplied: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_expire_by_age_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        assert_eq!(
+            store.append(batch("old", 1_000)).await.unwrap(),
+            AppendResult::Created
+        );
+        assert_eq!(
+            store.append(batch("new", 5_000)).await.unwrap(),
+            AppendResult::Created
+        );
+        assert_eq!(
+            store.append(batch("old", 6_000)).await.unwrap(),
+            AppendResult::Replayed(b"old".to_vec())
+        );
+        // Expire keys created before 2,000 ms: "old" goes, "new" stays.
+        store.purge(0, 2_000, 100).await.unwrap();
+        assert_eq!(
+            store.append(batch("old", 7_000)).await.unwrap(),
+            AppendResult::Created
+        );
+        assert_eq!(
+            store.append(batch("new", 7_000)).await.unwrap(),
+            AppendResult::Replayed(b"new".to_vec())
+        );
     }
 }

@@ -26,6 +26,10 @@ pub const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("b
 /// (endpoint, status) → number of deliveries, kept exact by the writer.
 pub const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
 /// (key id, idempotency key) → (created ms, stored reply)
+/// (created ms, key id, idempotency key): the same keys in age order, so that expiring them
+/// reads only the expired ones.
+pub const IDEMPOTENCY_AGE: TableDefinition<(u64, &str, &str), ()> =
+    TableDefinition::new("idempotency_age");
 pub const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, &[u8])> =
     TableDefinition::new("idempotency");
 /// (started ms, delivery id, attempt number) → postcard [`AttemptLogEntry`]: the time-ordered

@@ -176,6 +176,7 @@ struct Tables<'t> {
     by_status: redb::Table<'t, (&'static str, &'static str), ()>,
     counts: redb::Table<'t, (&'static str, &'static str), u64>,
     idempotency: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
+    idempotency_age: redb::Table<'t, (u64, &'static str, &'static str), ()>,
     attempt_log: redb::Table<'t, (u64, &'static str, u32), &'static [u8]>,
     channels: redb::Table<'t, &'static str, &'static [u8]>,
     timers: redb::Table<'t, (u64, &'static str, u8), ()>,
@@ -193,6 +194,7 @@ impl<'t> Tables<'t> {
             by_status: txn.open_table(BY_STATUS)?,
             counts: txn.open_table(COUNTS)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
+            idempotency_age: txn.open_table(IDEMPOTENCY_AGE)?,
             attempt_log: txn.open_table(ATTEMPT_LOG)?,
             channels: txn.open_table(CHANNELS)?,
             timers: txn.open_table(TIMERS)?,
@@ -289,6 +291,10 @@ impl<'t> Tables<'t> {
             self.idempotency.insert(
                 (idem.key_id.as_str(), idem.key.as_str()),
                 (b.event.created_ms, b.reply.as_slice()),
+            )?;
+            self.idempotency_age.insert(
+                (b.event.created_ms, idem.key_id.as_str(), idem.key.as_str()),
+                (),
             )?;
         }
         Ok(AppendResult::Created)
@@ -452,18 +458,18 @@ impl<'t> Tables<'t> {
         self.attempt_log
             .retain_in((0u64, "", 0u32)..(before_ms, "", 0u32), |_, _| false)?;
         let mut stale = Vec::new();
-        for row in self.idempotency.iter()? {
-            let (k, v) = row?;
-            if v.value().0 < idempotency_before_ms {
-                let (a, b) = k.value();
-                stale.push((a.to_string(), b.to_string()));
-                if stale.len() >= limit {
-                    break;
-                }
-            }
+        for row in self
+            .idempotency_age
+            .range((0u64, "", "")..(idempotency_before_ms, "", ""))?
+            .take(limit)
+        {
+            let (k, _) = row?;
+            let (at, a, b) = k.value();
+            stale.push((at, a.to_string(), b.to_string()));
         }
-        for (a, b) in stale {
+        for (at, a, b) in stale {
             self.idempotency.remove((a.as_str(), b.as_str()))?;
+            self.idempotency_age.remove((at, a.as_str(), b.as_str()))?;
         }
         Ok(purged)
     }
