@@ -181,3 +181,48 @@ async fn an_invalid_file_changes_nothing_and_is_reported() {
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn plugins_and_workflows_added_by_a_reload_take_effect() {
+    let rx = Receiver::start().await;
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(r#"{"answer": 42}"#));
+    let first = format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/"), ""));
+    let c = Courier::start_file(&first).await;
+    let (s, _) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "ask"}))
+        .await;
+    assert_eq!(s, 422, "no such workflow yet");
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}[[plugins]]\nname = \"redact\"\npath = \"{}\"\nkind = \"transform\"\nconfig = {{ fields = \"secret\" }}\n{}[[workflows]]\nname = \"ask\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\n",
+        plugin("redact").display(),
+        endpoint("app", &rx.url("/"), "transforms = [\"redact\"]"),
+        upstream.url("/v1")
+    ));
+    c.wait_config(|st| st["version"] == 2).await;
+    // The new transform applies to the next delivery.
+    c.send(json!({"event_type": "t", "payload": {"keep": 1, "secret": "x"}}))
+        .await;
+    assert_eq!(rx.wait_for(1, T).await[0].json(), json!({"keep": 1}));
+    // The new workflow runs.
+    let (s, r) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "ask", "q": "?"}))
+        .await;
+    assert_eq!(s, 202, "{r}");
+    let got = rx.wait_for(2, T).await;
+    assert_eq!(got[1].json()["data"], json!({"answer": 42}));
+    // Removing them again: the workflow is gone, deliveries are no longer transformed.
+    c.rewrite_config(&first);
+    c.wait_config(|st| st["version"] == 3).await;
+    let (s, _) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "ask"}))
+        .await;
+    assert_eq!(s, 422);
+    c.send(json!({"event_type": "t", "payload": {"keep": 2, "secret": "y"}}))
+        .await;
+    assert_eq!(
+        rx.wait_for(3, T).await[2].json(),
+        json!({"keep": 2, "secret": "y"})
+    );
+    c.stop().await;
+}
