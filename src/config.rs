@@ -369,7 +369,7 @@ impl Config {
                 format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
             )
         })?;
-        let data_dir = base.join(s.data_dir.unwrap_or_else(|| "./courier-data".into()));
+        let data_dir = relative_to(base, &s.data_dir.unwrap_or_else(|| "./courier-data".into()));
         let public_url = s
             .public_url
             .unwrap_or_else(|| format!("http://{listen_text}"));
@@ -496,7 +496,7 @@ impl Config {
                 .collect();
             plugins.push(PluginConfig {
                 name: p.name,
-                path: base.join(p.path),
+                path: relative_to(base, &p.path),
                 kind,
                 config,
                 fuel: p.limits.fuel,
@@ -735,6 +735,20 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "host",
     "user-agent",
 ];
+
+/// `path` resolved against the config file's directory, without `./` noise.
+fn relative_to(base: &Path, path: &str) -> PathBuf {
+    let path = Path::new(path);
+    let path = match path.strip_prefix(".") {
+        Ok(rest) if !rest.as_os_str().is_empty() => rest,
+        _ => path,
+    };
+    if base == Path::new(".") || path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
 
 fn one_line(s: &str) -> String {
     s.lines()
