@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{ApiError, AppState, read_body, require, require_any};
+use super::{ApiError, AppState, read_json, require, require_any};
 use crate::model::Scope;
 use crate::workflows::{self, WorkflowError};
 
@@ -48,11 +48,7 @@ async fn open(
     body: Body,
 ) -> Result<Response, ApiError> {
     require(&app, &headers, Scope::Ingest)?;
-    let limit = app.config.load().server.max_body_bytes;
-    let bytes = read_body(body, &headers, limit).await?;
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
-    let Value::Object(obj) = value else {
+    let Some(Value::Object(obj)) = read_json(&app, &headers, body).await? else {
         return Err(ApiError::bad_request(
             "the request must be a JSON object with a `workflow`",
         ));
@@ -81,10 +77,9 @@ async fn callback(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Callback)?;
-    let limit = app.config.load().server.max_body_bytes;
-    let bytes = read_body(body, &headers, limit).await?;
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("malformed callback: {e}")))?;
+    let value = read_json(&app, &headers, body)
+        .await?
+        .unwrap_or(Value::Null);
     let ch = workflows::callback(&app, &id, value).await?;
     Ok(Json(
         json!({"channel_id": ch.id, "status": ch.state.as_str()}),

@@ -50,13 +50,7 @@ impl ListParams {
     }
 
     pub fn limit(&self) -> Result<usize, ApiError> {
-        match self.limit {
-            None => Ok(50),
-            Some(n) if (1..=1000).contains(&n) => Ok(n),
-            Some(n) => Err(ApiError::bad_request(format!(
-                "limit: {n} is not between 1 and 1000"
-            ))),
-        }
+        super::limit_param(self.limit, 50)
     }
 }
 

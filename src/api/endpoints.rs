@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, AppState, read_body, require, time_param};
+use super::{ApiError, AppState, require, time_param};
 use crate::config::{ConfigError, EndpointConfig, RawEndpoint};
 use crate::endpoints::{Listed, Source, StoredEndpoint};
 use crate::ingest::{IngestRequest, ingest};
@@ -186,14 +186,10 @@ async fn body_object(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Map<String, Value>, ApiError> {
-    let bytes = read_body(body, headers, app.config.load().server.max_body_bytes).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Map::new());
-    }
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(o)) => Ok(o),
-        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+    match super::read_json(app, headers, body).await? {
+        None => Ok(Map::new()),
+        Some(Value::Object(o)) => Ok(o),
+        Some(_) => Err(ApiError::bad_request("the body must be a JSON object")),
     }
 }
 
@@ -293,16 +289,7 @@ async fn list(
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
     let p: ListParams = super::query(q.as_deref())?;
-    let limit = match p.limit {
-        None => 100,
-        Some(n) if (1..=1000).contains(&n) => n,
-        Some(n) => {
-            return Err(
-                ApiError::bad_request(format!("limit: {n} is not between 1 and 1000"))
-                    .with_field("limit"),
-            );
-        }
-    };
+    let limit = super::limit_param(p.limit, 100)?;
     let (items, next) = app.endpoints.list(
         p.tenant.as_deref().filter(|t| !t.is_empty()),
         p.cursor.as_deref(),

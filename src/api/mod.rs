@@ -186,6 +186,34 @@ pub async fn read_body(
     })
 }
 
+/// Reads a JSON request body (bounded by `max_body_bytes`); `None` when the body is empty.
+pub async fn read_json(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let limit = app.config.load().server.max_body_bytes;
+    let bytes = read_body(body, headers, limit).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+}
+
+/// A listing's page size: `default` when absent, else 1–1000.
+pub fn limit_param(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=1000).contains(&n) => Ok(n),
+        Some(n) => Err(
+            ApiError::bad_request(format!("limit: {n} is not between 1 and 1000"))
+                .with_field("limit"),
+        ),
+    }
+}
+
 /// Parses query parameters into `T`, naming the bad parameter in a 400.
 pub fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
     serde_urlencoded::from_str(raw.unwrap_or(""))

@@ -15,20 +15,13 @@ async fn req(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut r = c
-        .http
-        .request(method, format!("{}{path}", c.base))
-        .bearer_auth(ADMIN);
-    if let Some(b) = body {
-        r = r.body(b.to_string());
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    c.call(
+        method,
+        path,
+        Some(ADMIN),
+        body.map(|b| b.to_string().into()),
     )
+    .await
 }
 
 async fn send_to(c: &Courier, endpoint: &str, n: i64) -> String {

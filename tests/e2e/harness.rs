@@ -315,23 +315,33 @@ impl Courier {
         &self.running.as_ref().unwrap().app
     }
 
+    /// One API request; returns the status and the JSON body (`Null` when not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<reqwest::Body>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await.expect("request");
+        (resp.status().as_u16(), resp.json_value().await)
+    }
+
     pub async fn post(
         &self,
         path: &str,
         token: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}{}", self.base, path)).body(body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        self.call(reqwest::Method::POST, path, token, Some(body.into()))
+            .await
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -343,17 +353,7 @@ impl Courier {
     }
 
     pub async fn get_as(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.get(format!("{}{}", self.base, path));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        self.call(reqwest::Method::GET, path, token, None).await
     }
 
     pub async fn text(&self, path: &str) -> String {
@@ -529,7 +529,8 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> (u16, Value) {
     (status, resp.json_value().await)
 }
 
-trait JsonValue {
+/// The JSON body of a response (`Null` when it is not JSON).
+pub trait JsonValue {
     async fn json_value(self) -> Value;
 }
 

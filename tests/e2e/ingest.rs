@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::harness::*;
 
@@ -232,7 +232,7 @@ async fn idempotency_key_returns_the_first_reply_even_when_racing() {
                 .await
                 .unwrap();
             assert_eq!(r.status(), 202);
-            r.json_body().await
+            r.json_value().await
         }));
     }
     let mut replies = Vec::new();
@@ -284,16 +284,6 @@ async fn a_reused_producer_id_is_a_conflict() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(rx.received().len(), 1);
     c.stop().await;
-}
-
-trait JsonBody {
-    async fn json_body(self) -> Value;
-}
-
-impl JsonBody for reqwest::Response {
-    async fn json_body(self) -> Value {
-        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
-    }
 }
 
 fn metric(text: &str, name: &str) -> f64 {
