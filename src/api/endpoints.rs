@@ -2,7 +2,8 @@
 //! rotate their secrets, send them a test event, and see their numbers.
 //!
 //! API-made endpoints live in redb and survive restarts; config-file endpoints are shown but
-//! read-only here (409), and win on a name clash.
+//! read-only here (409), and win on a name clash (the API endpoint is then listed as
+//! shadowed, and can still be deleted).
 
 use std::time::{Duration, Instant};
 
@@ -378,7 +379,13 @@ async fn delete(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     require(&app, &headers, Scope::Admin)?;
-    api_endpoint(&app, &name)?;
+    // An API endpoint shadowed by a config endpoint of the same name is inert; deleting it
+    // is the way to clear the clash from the API side (the config endpoint stays).
+    let shadowed = matches!(app.endpoints.source(&name), Some(Source::Config))
+        && app.endpoints.stored(&name).is_some();
+    if !shadowed {
+        api_endpoint(&app, &name)?;
+    }
     if !app
         .store
         .write_endpoint(EndpointWrite {

@@ -269,6 +269,67 @@ async fn config_endpoints_are_read_only_and_win_clashes() {
 }
 
 #[tokio::test]
+async fn an_api_endpoint_shadowed_by_the_config_file_is_listed_and_can_be_deleted() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start_file(DELIVERY_FAST).await;
+    let (s, e) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "clash", "url": rx.url("/api")})),
+    )
+    .await;
+    assert_eq!(s, 201, "{e}");
+    // The config file gains an endpoint of the same name: it wins.
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("clash", &rx.url("/config"), "")
+    ));
+    c.wait_config(|st| st["version"] == 2).await;
+    let rows = |v: &Value| -> Vec<(String, String, bool)> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["source"].as_str().unwrap().to_string(),
+                    e["shadowed"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect()
+    };
+    let (_, all) = req(&c, M::GET, "/v1/endpoints", None).await;
+    assert_eq!(
+        rows(&all),
+        [
+            ("clash".into(), "config".into(), false),
+            ("clash".into(), "api".into(), true)
+        ]
+    );
+    send_to(&c, "clash", 1).await;
+    assert_eq!(rx.wait_for(1, T).await[0].path, "/config");
+    // Deleting removes the inert API record; the config endpoint stays and keeps delivering.
+    let (s, e) = req(&c, M::DELETE, "/v1/endpoints/clash", None).await;
+    assert_eq!(s, 204, "{e}");
+    let (_, all) = req(&c, M::GET, "/v1/endpoints", None).await;
+    assert_eq!(rows(&all), [("clash".into(), "config".into(), false)]);
+    send_to(&c, "clash", 2).await;
+    assert_eq!(rx.wait_for(2, T).await[1].path, "/config");
+    // Now the name is the config endpoint's alone: read-only again.
+    let (s, e) = req(&c, M::DELETE, "/v1/endpoints/clash", None).await;
+    assert_eq!(s, 409, "{e}");
+    // The deletion is durable: after the config endpoint goes, nothing of the API one is left.
+    c.rewrite_config(DELIVERY_FAST);
+    c.wait_config(|st| st["version"] == 3).await;
+    let (s, _) = req(&c, M::GET, "/v1/endpoints/clash", None).await;
+    assert_eq!(s, 404);
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn invalid_endpoints_are_refused_with_the_field_named_and_nothing_written() {
     let rx = Receiver::start().await;
     let c = Courier::start(DELIVERY_FAST).await;
