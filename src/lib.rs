@@ -13,8 +13,7 @@
 //! - [`model`]: the vocabulary (Event, Delivery, Attempt, statuses, scopes).
 //! - [`endpoints`]: the effective endpoints (config file + endpoint API), indexed by name and
 //!   by subscribed event type.
-//! - [`store`]: the one narrow interface to durable state; redb behind a single writer thread
-//!   (`store::writer`, group commit) whose flushes run on a thread of their own (`store::backend`).
+//! - [`store`]: the one narrow interface to durable state; redb behind a single writer thread.
 //! - [`ingest`]: producer requests become an event plus deliveries, committed before the 202.
 //! - [`scheduler`]: one worker per endpoint reads due deliveries in pages and starts attempts
 //!   within `max_in_flight`, `rate_limit`, ordering and the circuit breaker.

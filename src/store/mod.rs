@@ -6,7 +6,6 @@
 //! this module knows about redb, so another backend (Postgres, for several nodes sharing one
 //! queue) can be added behind the same methods.
 
-mod backend;
 mod tables;
 mod writer;
 
@@ -208,18 +207,9 @@ impl Store {
     /// every commit saves the allocator state so that a crash is recovered from in
     /// milliseconds (commits cost more).
     pub fn open(path: &Path, quick_repair: bool) -> Result<Store, StoreError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", path.display())))?;
-        let backend = backend::SyncBackend::new(file)?;
-        let flushes = backend.handle();
         let db = Database::builder()
             .set_cache_size(64 * 1024 * 1024)
-            .create_with_backend(backend)?;
+            .create(path)?;
         // Create every table up front so that readers never meet a missing table.
         let txn = db.begin_write()?;
         let mut counts = BTreeMap::new();
@@ -257,7 +247,7 @@ impl Store {
         let (wdb, wshared) = (db.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("courier-writer".into())
-            .spawn(move || writer::run(wdb, flushes, rx, wshared, quick_repair))
+            .spawn(move || writer::run(wdb, rx, wshared, quick_repair))
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
         *shared.writer.lock().expect("writer handle") = Some(thread);
         Ok(Store { db, tx, shared })

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
-use super::backend::SyncHandle;
 use super::tables::*;
 use super::{
     AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, OutcomeRecord,
@@ -58,7 +57,6 @@ enum Reply {
 
 pub(crate) fn run(
     db: Arc<Database>,
-    flushes: SyncHandle,
     mut rx: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     quick_repair: bool,
@@ -78,16 +76,9 @@ pub(crate) fn run(
                 shared.apply_deltas(&deltas);
                 shared.commits.inc();
                 shared.commands.inc_by(cmds.len() as u64);
-                // The commit is written; its last flush may still be running. The replies go
-                // out once it has completed (see `backend`).
-                let batch: Vec<(Command, Reply)> = cmds.drain(..).zip(replies).collect();
-                flushes.when_durable(Box::new(move |flushed| match flushed {
-                    Ok(()) => batch.into_iter().for_each(|(cmd, reply)| send(cmd, reply)),
-                    Err(e) => {
-                        let e = StoreError::Db(format!("flushing the database file failed: {e}"));
-                        batch.into_iter().for_each(|(cmd, _)| fail(cmd, e.clone()));
-                    }
-                }));
+                for (cmd, reply) in cmds.drain(..).zip(replies) {
+                    send(cmd, reply);
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = cmds.len(), "write transaction failed");

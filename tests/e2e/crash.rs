@@ -213,6 +213,22 @@ async fn idempotency_survives_a_restart() {
     let mut p = Process::spawn(&cfg);
     let first = send(p.base.clone()).await;
     rx.wait_for(1, Duration::from_secs(10)).await;
+    // Kill only once the attempt's outcome is committed: a crash between the receiver's 204
+    // and that commit rightly sends the delivery again after the restart (at least once),
+    // which is not what this test is about.
+    let id = first["deliveries"][0]["id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, d) = get_json(&http, &format!("{}/v1/deliveries/{id}", p.base)).await;
+        if d["status"] == "delivered" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never delivered: {d:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     p.kill9();
     let p2 = Process::spawn(&cfg);
     let again = send(p2.base.clone()).await;
