@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+// The allocator courier's binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use courier::model::{Delivery, DeliveryStatus, Event, new_id, now_ms};
 use courier::store::{AppendBatch, Store};
 

@@ -69,8 +69,11 @@ pub struct Report {
     pub delivered_per_sec: Option<f64>,
     pub latency: Option<Latency>,
     pub peak_rss_kib: Option<u64>,
-    /// A bare HTTP server answering 202: requests/s with the same producers.
+    /// A bare HTTP server answering 202: requests/s with the same producers (the mean of a
+    /// run before and a run after courier's).
     pub baseline_202_per_sec: Option<f64>,
+    /// The two runs of that baseline, before and after courier's.
+    pub baseline_202_runs: Option<[f64; 2]>,
     /// A bare client→receiver loop: requests/s with the same concurrency.
     pub baseline_send_per_sec: Option<f64>,
     pub accepted_vs_baseline: Option<f64>,
@@ -312,6 +315,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         }
     }
 
+    let before_202 = if opts.no_baselines {
+        None
+    } else {
+        Some(bare_202_rate(opts.events, opts.concurrency, opts.size).await?)
+    };
+
     // Drive courier.
     let size = opts.size;
     let (tok, b, ep) = (opts.token.clone(), base.clone(), name.clone());
@@ -388,25 +397,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     }
 
     if !opts.no_baselines {
-        // Baseline 1: a bare server that answers 202, same producers, same bodies.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let server = tokio::spawn(async move {
-            let app = axum::Router::new()
-                .fallback(|_body: axum::body::Bytes| async { axum::http::StatusCode::ACCEPTED });
-            let _ = axum::serve(listener, app).await;
-        });
-        let bare = client(opts.concurrency);
-        let bare2 = bare.clone();
-        let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> =
-            Arc::new(move |i| {
-                bare2
-                    .post(format!("http://{addr}/v1/events"))
-                    .body(payload(size, i))
-            });
-        let (ok, _, took) = drive(&bare, opts.events, opts.concurrency, 0, make, 202).await;
-        report.baseline_202_per_sec = Some(ok as f64 / took.as_secs_f64());
-        server.abort();
+        // Baseline 1: a bare server that answers 202, same producers, same bodies; measured
+        // before and after courier's run, so that drift in the machine's speed (large on a
+        // shared machine) shows up instead of skewing the ratio.
+        let after = bare_202_rate(opts.events, opts.concurrency, size).await?;
+        let runs = [before_202.unwrap_or(after), after];
+        report.baseline_202_runs = Some(runs);
+        report.baseline_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
 
         // Baseline 2: what sending alone costs: a client loop straight to a receiver.
         let (raddr, _h) = start_receiver(false).await?;
@@ -436,6 +433,28 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         };
     }
     Ok(report)
+}
+
+/// Requests/s that `c` producers get out of a bare HTTP server answering 202 to `n` requests
+/// with bodies of `size` bytes (the server runs in this process).
+async fn bare_202_rate(n: usize, c: usize, size: usize) -> anyhow::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let app = axum::Router::new()
+            .fallback(|_body: axum::body::Bytes| async { axum::http::StatusCode::ACCEPTED });
+        let _ = axum::serve(listener, app).await;
+    });
+    let bare = client(c);
+    let bare2 = bare.clone();
+    let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> = Arc::new(move |i| {
+        bare2
+            .post(format!("http://{addr}/v1/events"))
+            .body(payload(size, i))
+    });
+    let (ok, _, took) = drive(&bare, n, c, 0, make, 202).await;
+    server.abort();
+    Ok(ok as f64 / took.as_secs_f64())
 }
 
 /// The human-readable report.
@@ -482,8 +501,11 @@ pub fn human(r: &Report) -> String {
     }
     if let Some(b) = r.baseline_202_per_sec {
         out.push_str(&format!(
-            "  baseline: bare 202 server {:.0} req/s → courier accepts at {:.0}% of it\n",
+            "  baseline: bare 202 server {:.0} req/s{} → courier accepts at {:.0}% of it\n",
             b,
+            r.baseline_202_runs
+                .map(|[x, y]| format!(" (mean of {x:.0} before and {y:.0} after)"))
+                .unwrap_or_default(),
             r.accepted_vs_baseline.unwrap_or(0.0) * 100.0
         ));
     }

@@ -344,6 +344,16 @@ async fn bench_smoke_run_delivers_every_event() {
             && r["baseline_send_per_sec"].as_f64().unwrap() > 0.0
     );
     assert!(r["accepted_vs_baseline"].as_f64().unwrap() > 0.0);
+    // The 202 baseline is the mean of a run before and a run after courier's.
+    let runs: Vec<f64> = r["baseline_202_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2, "{r:#}");
+    let mean = r["baseline_202_per_sec"].as_f64().unwrap();
+    assert!((mean - (runs[0] + runs[1]) / 2.0).abs() < 1e-6, "{r:#}");
     // The temporary endpoint is gone afterwards.
     let (_, eps) = c.get("/v1/endpoints").await;
     assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
