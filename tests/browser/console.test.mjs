@@ -205,6 +205,27 @@ test("the console works end to end without JavaScript errors", async () => {
   await page.getByText(/New secret for made-in-console/).waitFor();
   const rotated = await (await fetch(base + "/v1/endpoints/made-in-console", { headers: { authorization: "Bearer " + TOKEN } })).json();
   assert.equal(rotated.secrets.length, 2, "old and new secret sign during the overlap");
+  // Edit its URL in place: a URL courier refuses shows the API's error and changes nothing;
+  // a good one is saved and the next test event goes there.
+  await row.getByRole("button", { name: "Edit URL" }).click();
+  const urlInput = row.getByLabel("New URL for made-in-console");
+  await urlInput.fill("ftp://127.0.0.1/nope");
+  await row.getByRole("button", { name: "Save" }).click();
+  await page.locator("#ep-msg .err").waitFor();
+  // The browser logs the refused request (422) as a console error: expected here, and only here.
+  const refused = errors.findIndex((e) => e.includes("422"));
+  assert.ok(refused >= 0, "the refused URL was answered 422: " + errors.join(" | "));
+  errors.splice(refused, 1);
+  const unchanged = await (await fetch(base + "/v1/endpoints/made-in-console", { headers: { authorization: "Bearer " + TOKEN } })).json();
+  assert.match(unchanged.url, /\/console-ep$/, "a refused URL is not stored");
+  const newUrl = `http://127.0.0.1:${receiver.address().port}/console-ep-moved`;
+  await urlInput.fill(newUrl);
+  await row.getByRole("button", { name: "Save" }).click();
+  await page.getByText(/URL of made-in-console changed/).waitFor();
+  await row.getByText(newUrl).waitFor();
+  await row.getByRole("button", { name: "Send test" }).click();
+  await page.getByText(/Test to made-in-console: HTTP 200/).waitFor();
+  assert.ok(received.find((r) => r.path === "/console-ep-moved"), "the test event went to the new URL");
   await shot("endpoints");
 
   // Analytics: charts per endpoint.
