@@ -396,12 +396,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .await;
     }
 
-    if !opts.no_baselines {
+    if let Some(before) = before_202 {
         // Baseline 1: a bare server that answers 202, same producers, same bodies; measured
         // before and after courier's run, so that drift in the machine's speed (large on a
         // shared machine) shows up instead of skewing the ratio.
         let after = bare_202_rate(opts.events, opts.concurrency, size).await?;
-        let runs = [before_202.unwrap_or(after), after];
+        let runs = [before, after];
         report.baseline_202_runs = Some(runs);
         report.baseline_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
 

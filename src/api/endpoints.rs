@@ -379,11 +379,10 @@ async fn delete(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     require(&app, &headers, Scope::Admin)?;
-    // An API endpoint shadowed by a config endpoint of the same name is inert; deleting it
-    // is the way to clear the clash from the API side (the config endpoint stays).
-    let shadowed = matches!(app.endpoints.source(&name), Some(Source::Config))
-        && app.endpoints.stored(&name).is_some();
-    if !shadowed {
+    // A stored API endpoint can be deleted even while a config endpoint of the same name
+    // shadows it (that is how the clash is cleared from the API side; the config endpoint
+    // stays). Without one, say why: read-only config endpoint, or no such endpoint.
+    if app.endpoints.stored(&name).is_none() {
         api_endpoint(&app, &name)?;
     }
     if !app
