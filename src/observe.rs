@@ -180,12 +180,17 @@ impl Metrics {
 
     /// Registers the store's group-commit counters.
     pub fn register_store(&self, store: &crate::store::Store) {
-        let (commits, commands) = store.commit_counters();
+        let (commits, commands, durable) = store.commit_counters();
         let mut r = self.registry.lock().expect("registry lock");
         r.register(
             "courier_store_commits",
-            "Write transactions committed (each one fsync)",
+            "Write transactions committed (appends alone made durable by the ingest journal's fsync, the rest by the database's)",
             commits,
+        );
+        r.register(
+            "courier_store_durable_commits",
+            "Commits flushed to the database file (checkpoints of the ingest journal)",
+            durable,
         );
         r.register(
             "courier_store_commands",

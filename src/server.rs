@@ -61,6 +61,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let db_path = data_dir.join("courier.redb");
     let store = Store::open(&db_path, config.server.quick_repair)
         .with_context(|| format!("cannot open {}", db_path.display()))?;
+    if store.replayed_on_open() > 0 {
+        tracing::info!(
+            records = store.replayed_on_open(),
+            "re-applied acknowledged events from the ingest journal (the last run did not shut down cleanly)"
+        );
+    }
     let metrics = Metrics::new();
     let plugins = crate::plugins::Plugins::default();
     if let Err(errors) = plugins.load_all(&config.plugins, &metrics) {

@@ -26,12 +26,12 @@ pub const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("b
 /// (endpoint, status) → number of deliveries, kept exact by the writer.
 pub const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
 /// (key id, idempotency key) → (created ms, stored reply)
+pub const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, &[u8])> =
+    TableDefinition::new("idempotency");
 /// (created ms, key id, idempotency key): the same keys in age order, so that expiring them
 /// reads only the expired ones.
 pub const IDEMPOTENCY_AGE: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_age");
-pub const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, &[u8])> =
-    TableDefinition::new("idempotency");
 /// (started ms, delivery id, attempt number) → postcard [`AttemptLogEntry`]: the time-ordered
 /// attempt log that statistics are computed from.
 pub const ATTEMPT_LOG: TableDefinition<(u64, &str, u32), &[u8]> =
@@ -45,6 +45,11 @@ pub const TIMERS: TableDefinition<(u64, &str, u8), ()> = TableDefinition::new("t
 
 /// API-made endpoints: name → JSON [`crate::endpoints::StoredEndpoint`].
 pub const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+
+/// Store bookkeeping: name → number.
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// [`META`] key: the sequence number of the last ingest-journal record the database holds.
+pub const JOURNAL_SEQ: &str = "journal_seq";
 
 /// A compact attempt record for statistics.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -3,7 +3,9 @@
 //!
 //! Why: the disk fsyncs a few hundred times a second under sustained load, so one commit per
 //! event would cap ingest there. Callers wait on a oneshot that fires only after the commit
-//! that holds their change has returned, which is what makes a 202 mean "on disk".
+//! that holds their change has returned and is on disk, which is what makes a 202 mean "on
+//! disk". A batch of appends alone is made durable by the ingest journal and committed
+//! without a flush; anything else is a durable commit ([`super::journal`] says why).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
+use super::journal::Journal;
 use super::tables::*;
 use super::{
     AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, OutcomeRecord,
@@ -60,8 +63,11 @@ pub(crate) fn run(
     mut rx: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     quick_repair: bool,
+    mut journal: Journal,
 ) {
     let mut cmds = Vec::with_capacity(MAX_BATCH);
+    // Whether a commit since the last durable one relied on the journal.
+    let mut journaled = false;
     while let Some(first) = rx.blocking_recv() {
         cmds.push(first);
         while cmds.len() < MAX_BATCH {
@@ -71,8 +77,16 @@ pub(crate) fn run(
             }
         }
         let mut deltas = Deltas::new();
-        match apply(&db, &cmds, &mut deltas, quick_repair) {
-            Ok(replies) => {
+        match apply(&db, &cmds, &mut deltas, quick_repair, &mut journal) {
+            Ok((replies, durability)) => {
+                match durability {
+                    Durability::Immediate => {
+                        journal.checkpointed();
+                        journaled = false;
+                        shared.durable_commits.inc();
+                    }
+                    _ => journaled = true,
+                }
                 shared.apply_deltas(&deltas);
                 shared.commits.inc();
                 shared.commands.inc_by(cmds.len() as u64);
@@ -88,6 +102,54 @@ pub(crate) fn run(
             }
         }
     }
+    // Shutting down: leave a database that needs no journal on the next start.
+    if journaled {
+        let r = checkpoint(&db, quick_repair);
+        match r {
+            Ok(()) => journal.checkpointed(),
+            Err(e) => {
+                tracing::warn!(error = %e, "final checkpoint failed; the journal will be replayed on the next start")
+            }
+        }
+    }
+}
+
+/// A durable commit of nothing new: makes every earlier commit durable in the database.
+fn checkpoint(db: &Database, quick_repair: bool) -> Result<(), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_quick_repair(quick_repair);
+    txn.commit()?;
+    Ok(())
+}
+
+/// Re-applies journal records that the database's durable state does not cover (after a
+/// crash), in one durable commit; returns how many there were.
+pub(crate) fn replay_journal(
+    db: &Database,
+    records: &[super::journal::Record],
+    quick_repair: bool,
+) -> Result<usize, StoreError> {
+    let Some((last, _)) = records.last() else {
+        return Ok(0);
+    };
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_quick_repair(quick_repair);
+    {
+        let mut t = Tables::open(&txn)?;
+        let mut deltas = Deltas::new();
+        for (seq, payload) in records {
+            let batch: AppendBatch = decode(payload, &format!("journal record {seq}"))?;
+            // The record was applied once, in this order, against this state; an idempotent
+            // repeat or an id conflict was never journaled.
+            t.append(&batch, &mut deltas)?;
+        }
+        t.apply_counts(&deltas)?;
+        t.meta.insert(JOURNAL_SEQ, *last)?;
+    }
+    txn.commit()?;
+    Ok(records.len())
 }
 
 fn send(cmd: Command, reply: Reply) {
@@ -118,18 +180,21 @@ fn fail(cmd: Command, e: StoreError) {
 /// Changes to the per-(endpoint, status) counters made by one transaction.
 pub(crate) type Deltas = HashMap<(String, DeliveryStatus), i64>;
 
+/// Applies `cmds` in one transaction and commits it; returns the replies and whether the
+/// commit was durable in the database (`Immediate`) or through the journal (`None`).
 fn apply(
     db: &Database,
     cmds: &[Command],
     deltas: &mut Deltas,
     quick_repair: bool,
-) -> Result<Vec<Reply>, StoreError> {
+    journal: &mut Journal,
+) -> Result<(Vec<Reply>, Durability), StoreError> {
     let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
-    // Save the allocator state with each commit, so that opening the database after a crash
-    // takes milliseconds instead of a walk over the whole file (see BENCHMARKS.md).
+    // Save the allocator state with each durable commit, so that opening the database after a
+    // crash takes milliseconds instead of a walk over the whole file (see BENCHMARKS.md).
     txn.set_quick_repair(quick_repair);
     let mut replies = Vec::with_capacity(cmds.len());
+    let mut durability = Durability::Immediate;
     {
         let mut t = Tables::open(&txn)?;
         for cmd in cmds {
@@ -161,9 +226,36 @@ fn apply(
             }
         }
         t.apply_counts(deltas)?;
+        if cmds.iter().all(|c| matches!(c, Command::Append(..))) {
+            // Journal what changed (an idempotent repeat or an id conflict changed nothing).
+            for (cmd, reply) in cmds.iter().zip(&replies) {
+                if let (Command::Append(b, _), Reply::Append(Ok(AppendResult::Created))) =
+                    (cmd, reply)
+                {
+                    journal.push(&encode(b));
+                }
+            }
+            if journal.buffered() == 0 {
+                durability = Durability::None;
+            } else if journal.fits(journal.buffered()) {
+                if let Err(e) = t.meta.insert(JOURNAL_SEQ, journal.last_seq()) {
+                    journal.discard();
+                    return Err(e.into());
+                }
+                // If the commit below failed after this, the records would stay in the
+                // journal: their producers get an error, and a crash before the next
+                // checkpoint would still create those events (at least once, never lost).
+                journal.sync()?;
+                durability = Durability::None;
+            } else {
+                // The journal is full: this commit is the checkpoint that lets it start over.
+                journal.discard();
+            }
+        }
     }
+    txn.set_durability(durability)?;
     txn.commit()?;
-    Ok(replies)
+    Ok((replies, durability))
 }
 
 /// Every table, opened once per transaction.
@@ -181,6 +273,7 @@ struct Tables<'t> {
     channels: redb::Table<'t, &'static str, &'static [u8]>,
     timers: redb::Table<'t, (u64, &'static str, u8), ()>,
     endpoints: redb::Table<'t, &'static str, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -199,6 +292,7 @@ impl<'t> Tables<'t> {
             channels: txn.open_table(CHANNELS)?,
             timers: txn.open_table(TIMERS)?,
             endpoints: txn.open_table(ENDPOINTS)?,
+            meta: txn.open_table(META)?,
         })
     }
 

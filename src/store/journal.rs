@@ -1,0 +1,294 @@
+//! The ingest journal: an append-only file that makes a batch of new events durable with one
+//! sequential write and one `fdatasync`, so that the database commit holding them does not
+//! have to be flushed before the producers get their 202.
+//!
+//! Why: a durable redb commit costs two flushes (with `quick_repair`) and a `pwrite` for each
+//! of the ~20–40 copy-on-write pages it touches, whatever the number of events in it; at 64
+//! concurrent producers that fixed price was most of the writer's time (BENCHMARKS.md). The
+//! writer now commits batches made only of appends without flushing (`Durability::None`:
+//! visible to readers, kept in redb's write buffer) *after* their journal records are on
+//! disk; every other kind of write, and a full journal, is a durable commit — a checkpoint
+//! that covers every journaled record before it, after which the journal starts over.
+//!
+//! After a crash, redb comes back at its last durable commit, which stores the sequence number
+//! of the last journal record it covers; [`Journal::open`] returns the records after that one,
+//! and the store re-applies them before anything else runs. Records are only ever read back
+//! in that one place.
+//!
+//! Format: records back to back from offset 0, each `len: u32 LE | crc32: u32 LE | seq: u64 LE |
+//! payload (len bytes)`, the checksum covering seq and payload. After a checkpoint the file is
+//! overwritten from offset 0 (never truncated, so later flushes have no block allocation to
+//! write), which leaves older records behind the new ones; a reader stops at the first
+//! record that is torn, fails its checksum or does not continue the sequence.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::StoreError;
+
+/// Bytes of journal written before a checkpoint is forced. It bounds the replay after a crash
+/// (~25,000 events of 1 KiB) and the file's size.
+pub(crate) const LAP_BYTES: u64 = 32 << 20;
+
+const HEADER: usize = 16;
+/// A record larger than this is not a record (the largest event body is far smaller).
+const MAX_RECORD: usize = 256 << 20;
+
+/// A record read back: its sequence number and payload.
+pub(crate) type Record = (u64, Vec<u8>);
+
+pub(crate) struct Journal {
+    file: File,
+    path: PathBuf,
+    /// Where the next record goes.
+    offset: u64,
+    /// The sequence number of the next record.
+    next_seq: u64,
+    /// Records pushed and not yet written, and the sequence number of the first of them.
+    buf: Vec<u8>,
+    buf_first_seq: u64,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal and reads the records after `checkpoint_seq`, the last
+    /// sequence number the database's durable state covers.
+    pub(crate) fn open(
+        path: &Path,
+        checkpoint_seq: u64,
+    ) -> Result<(Journal, Vec<Record>), StoreError> {
+        let io = |what: &str, e: std::io::Error| {
+            StoreError::Db(format!("journal {}: {what}: {e}", path.display()))
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io("open", e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| io("read", e))?;
+        let records = scan(&bytes);
+        let last = records.last().map_or(0, |(seq, _)| *seq);
+        let pending: Vec<Record> = records
+            .into_iter()
+            .filter(|(seq, _)| *seq > checkpoint_seq)
+            .map(|(seq, p)| (seq, p.to_vec()))
+            .collect();
+        if let Some((first, _)) = pending.first()
+            && *first != checkpoint_seq + 1
+        {
+            return Err(StoreError::Corrupt(format!(
+                "journal {}: the database covers records up to {checkpoint_seq} but the journal \
+                 continues at {first}; records in between are missing",
+                path.display()
+            )));
+        }
+        let journal = Journal {
+            file,
+            path: path.to_path_buf(),
+            offset: 0,
+            next_seq: checkpoint_seq.max(last) + 1,
+            buf: Vec::new(),
+            buf_first_seq: 0,
+        };
+        Ok((journal, pending))
+    }
+
+    /// Whether `bytes` more of records fit before the lap is full. An empty journal takes any
+    /// batch, however large.
+    pub(crate) fn fits(&self, bytes: usize) -> bool {
+        self.offset == 0 || self.offset + bytes as u64 <= LAP_BYTES
+    }
+
+    /// Frames `payload` as the next record (written by [`Journal::sync`]); returns its sequence
+    /// number.
+    pub(crate) fn push(&mut self, payload: &[u8]) -> u64 {
+        let seq = self.next_seq;
+        if self.buf.is_empty() {
+            self.buf_first_seq = seq;
+        }
+        self.next_seq += 1;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&seq.to_le_bytes());
+        crc.update(payload);
+        self.buf
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&crc.finalize().to_le_bytes());
+        self.buf.extend_from_slice(&seq.to_le_bytes());
+        self.buf.extend_from_slice(payload);
+        seq
+    }
+
+    /// Bytes pushed and not yet written.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes the pushed records and waits until they are on disk.
+    pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
+        let r = self
+            .file
+            .write_all_at(&self.buf, self.offset)
+            .and_then(|_| self.file.sync_data());
+        match r {
+            Ok(()) => {
+                self.offset += self.buf.len() as u64;
+                self.buf.clear();
+                Ok(())
+            }
+            Err(e) => {
+                // The records may be partly on disk. They are not acknowledged; the next batch
+                // overwrites them with the same sequence numbers, so the sequence stays
+                // unbroken for a reader.
+                self.discard();
+                Err(StoreError::Db(format!(
+                    "journal {}: write: {e}",
+                    self.path.display()
+                )))
+            }
+        }
+    }
+
+    /// Drops pushed records that will not be written; their sequence numbers go to the next.
+    pub(crate) fn discard(&mut self) {
+        if !self.buf.is_empty() {
+            self.next_seq = self.buf_first_seq;
+            self.buf.clear();
+        }
+    }
+
+    /// Called after a durable commit: every record so far is covered by the database, so the
+    /// next one starts the file over.
+    pub(crate) fn checkpointed(&mut self) {
+        self.offset = 0;
+    }
+
+    /// The sequence number of the last record pushed (0 if none ever was).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+}
+
+/// The valid records at the start of `bytes`: each complete, with a matching checksum, and
+/// numbered one after the other.
+fn scan(bytes: &[u8]) -> Vec<(u64, &[u8])> {
+    let mut out: Vec<(u64, &[u8])> = Vec::new();
+    let mut at = 0usize;
+    while bytes.len() - at >= HEADER {
+        let word = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
+        let len = word(0) as usize;
+        let crc = word(4);
+        let seq = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
+        if len > MAX_RECORD || bytes.len() - at - HEADER < len {
+            break;
+        }
+        let payload = &bytes[at + HEADER..at + HEADER + len];
+        let mut h = crc32fast::Hasher::new();
+        h.update(&seq.to_le_bytes());
+        h.update(payload);
+        if h.finalize() != crc {
+            break;
+        }
+        if let Some((prev, _)) = out.last()
+            && seq != prev + 1
+        {
+            break;
+        }
+        out.push((seq, payload));
+        at += HEADER + len;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, checkpoint: u64) -> (Journal, Vec<Record>) {
+        Journal::open(&dir.join("j"), checkpoint).unwrap()
+    }
+
+    #[test]
+    fn records_after_the_checkpoint_come_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, pending) = open(dir.path(), 0);
+        assert!(pending.is_empty());
+        for i in 0..5u8 {
+            j.push(&[i; 100]);
+        }
+        j.sync().unwrap();
+        drop(j);
+        let (j, pending) = open(dir.path(), 2);
+        let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!(pending[0].1, vec![2u8; 100]);
+        assert_eq!(j.last_seq(), 5, "numbering continues after the last record");
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_tail_ends_the_journal_without_losing_what_precedes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(dir.path(), 0);
+        for i in 0..4u8 {
+            j.push(&[i; 64]);
+        }
+        j.sync().unwrap();
+        drop(j);
+        let path = dir.path().join("j");
+        let full = std::fs::read(&path).unwrap();
+        // Torn: the last record cut short.
+        std::fs::write(&path, &full[..full.len() - 10]).unwrap();
+        let (_, pending) = open(dir.path(), 0);
+        assert_eq!(pending.len(), 3);
+        // Corrupt: one payload byte of the third record flipped.
+        let mut bad = full.clone();
+        bad[2 * (HEADER + 64) + HEADER + 5] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        let (_, pending) = open(dir.path(), 0);
+        assert_eq!(pending.len(), 2);
+    }
+
+    #[test]
+    fn after_a_checkpoint_the_file_starts_over_and_older_records_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(dir.path(), 0);
+        for i in 0..6u8 {
+            j.push(&[i; 50]);
+        }
+        j.sync().unwrap();
+        // The database now covers 1..=6; two shorter records overwrite the start.
+        j.checkpointed();
+        j.push(b"seven");
+        j.push(b"eight");
+        j.sync().unwrap();
+        drop(j);
+        let (j, pending) = open(dir.path(), 6);
+        let got: Vec<(u64, &[u8])> = pending.iter().map(|(s, p)| (*s, p.as_slice())).collect();
+        assert_eq!(got, [(7, &b"seven"[..]), (8, &b"eight"[..])]);
+        assert_eq!(j.last_seq(), 8);
+        // Crash right after a checkpoint, before anything new was written: nothing to replay.
+        let (j, pending) = open(dir.path(), 8);
+        assert!(pending.is_empty());
+        assert_eq!(j.last_seq(), 8);
+    }
+
+    #[test]
+    fn a_gap_between_the_database_and_the_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(dir.path(), 0);
+        j.push(b"a");
+        j.push(b"b");
+        j.sync().unwrap();
+        drop(j);
+        // The database claims to cover nothing, but the journal's records start at 1: fine.
+        assert_eq!(open(dir.path(), 0).1.len(), 2);
+        // A journal whose first record after the checkpoint is not the next one lost data.
+        let bytes = std::fs::read(dir.path().join("j")).unwrap();
+        std::fs::write(dir.path().join("j"), &bytes[HEADER + 1..]).unwrap();
+        let err = Journal::open(&dir.path().join("j"), 0).err().unwrap();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+}
