@@ -16,7 +16,9 @@
 //! in that one place.
 //!
 //! Format: records back to back from offset 0, each `len: u32 LE | crc32: u32 LE | seq: u64 LE |
-//! payload (len bytes)`, the checksum covering seq and payload. After a checkpoint the file is
+//! payload (len bytes)`, the checksum covering the database's journal id (a random number
+//! kept in the database), seq and payload — so that a journal left over from another database
+//! file reads as empty instead of being applied to this one. After a checkpoint the file is
 //! overwritten from offset 0 (never truncated, so later flushes have no block allocation to
 //! write), which leaves older records behind the new ones; a reader stops at the first
 //! record that is torn, fails its checksum or does not continue the sequence.
@@ -46,16 +48,20 @@ pub(crate) struct Journal {
     offset: u64,
     /// The sequence number of the next record.
     next_seq: u64,
+    /// The database's journal id, part of every record's checksum.
+    id: u64,
     /// Records pushed and not yet written, and the sequence number of the first of them.
     buf: Vec<u8>,
     buf_first_seq: u64,
 }
 
 impl Journal {
-    /// Opens (or creates) the journal and reads the records after `checkpoint_seq`, the last
-    /// sequence number the database's durable state covers.
+    /// Opens (or creates) the journal of the database whose journal id is `id` and reads the
+    /// records after `checkpoint_seq`, the last sequence number the database's durable state
+    /// covers.
     pub(crate) fn open(
         path: &Path,
+        id: u64,
         checkpoint_seq: u64,
     ) -> Result<(Journal, Vec<Record>), StoreError> {
         let io = |what: &str, e: std::io::Error| {
@@ -70,7 +76,7 @@ impl Journal {
             .map_err(|e| io("open", e))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(|e| io("read", e))?;
-        let records = scan(&bytes);
+        let records = scan(&bytes, id);
         let last = records.last().map_or(0, |(seq, _)| *seq);
         let pending: Vec<Record> = records
             .into_iter()
@@ -81,8 +87,9 @@ impl Journal {
             && *first != checkpoint_seq + 1
         {
             return Err(StoreError::Corrupt(format!(
-                "journal {}: the database covers records up to {checkpoint_seq} but the journal \
-                 continues at {first}; records in between are missing",
+                "journal {}: the database holds records up to {checkpoint_seq} but the journal \
+                 continues at {first}, so records in between are missing (if the database file \
+                 was replaced or removed on purpose, move this journal away too)",
                 path.display()
             )));
         }
@@ -91,6 +98,7 @@ impl Journal {
             path: path.to_path_buf(),
             offset: 0,
             next_seq: checkpoint_seq.max(last) + 1,
+            id,
             buf: Vec::new(),
             buf_first_seq: 0,
         };
@@ -111,12 +119,10 @@ impl Journal {
             self.buf_first_seq = seq;
         }
         self.next_seq += 1;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&seq.to_le_bytes());
-        crc.update(payload);
+        let crc = checksum(self.id, seq, payload);
         self.buf
             .extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(&crc.finalize().to_le_bytes());
+        self.buf.extend_from_slice(&crc.to_le_bytes());
         self.buf.extend_from_slice(&seq.to_le_bytes());
         self.buf.extend_from_slice(payload);
         seq
@@ -172,9 +178,17 @@ impl Journal {
     }
 }
 
-/// The valid records at the start of `bytes`: each complete, with a matching checksum, and
-/// numbered one after the other.
-fn scan(bytes: &[u8]) -> Vec<(u64, &[u8])> {
+fn checksum(id: u64, seq: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&id.to_le_bytes());
+    h.update(&seq.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// The valid records at the start of `bytes`: each complete, with a checksum that matches for
+/// the journal id `id`, and numbered one after the other.
+fn scan(bytes: &[u8], id: u64) -> Vec<(u64, &[u8])> {
     let mut out: Vec<(u64, &[u8])> = Vec::new();
     let mut at = 0usize;
     while bytes.len() - at >= HEADER {
@@ -186,10 +200,7 @@ fn scan(bytes: &[u8]) -> Vec<(u64, &[u8])> {
             break;
         }
         let payload = &bytes[at + HEADER..at + HEADER + len];
-        let mut h = crc32fast::Hasher::new();
-        h.update(&seq.to_le_bytes());
-        h.update(payload);
-        if h.finalize() != crc {
+        if checksum(id, seq, payload) != crc {
             break;
         }
         if let Some((prev, _)) = out.last()
@@ -207,8 +218,10 @@ fn scan(bytes: &[u8]) -> Vec<(u64, &[u8])> {
 mod tests {
     use super::*;
 
+    const ID: u64 = 0x5eed;
+
     fn open(dir: &Path, checkpoint: u64) -> (Journal, Vec<Record>) {
-        Journal::open(&dir.join("j"), checkpoint).unwrap()
+        Journal::open(&dir.join("j"), ID, checkpoint).unwrap()
     }
 
     #[test]
@@ -288,7 +301,20 @@ mod tests {
         // A journal whose first record after the checkpoint is not the next one lost data.
         let bytes = std::fs::read(dir.path().join("j")).unwrap();
         std::fs::write(dir.path().join("j"), &bytes[HEADER + 1..]).unwrap();
-        let err = Journal::open(&dir.path().join("j"), 0).err().unwrap();
+        let err = Journal::open(&dir.path().join("j"), ID, 0).err().unwrap();
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_journal_left_over_from_another_database_reads_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(dir.path(), 0);
+        j.push(b"someone else's event");
+        j.sync().unwrap();
+        drop(j);
+        let (mut j, pending) = Journal::open(&dir.path().join("j"), ID + 1, 0).unwrap();
+        assert!(pending.is_empty());
+        // And this database's records then start at 1, over the foreign ones.
+        assert_eq!(j.push(b"mine"), 1);
     }
 }

@@ -221,7 +221,7 @@ impl Store {
             .create(path)?;
         // Create every table up front so that readers never meet a missing table.
         let txn = db.begin_write()?;
-        let checkpoint_seq;
+        let (checkpoint_seq, journal_id);
         {
             txn.open_table(EVENTS)?;
             txn.open_table(DELIVERIES)?;
@@ -236,12 +236,21 @@ impl Store {
             txn.open_table(TIMERS)?;
             txn.open_table(ENDPOINTS)?;
             txn.open_table(COUNTS)?;
-            let meta = txn.open_table(META)?;
+            let mut meta = txn.open_table(META)?;
             checkpoint_seq = meta.get(JOURNAL_SEQ)?.map_or(0, |v| v.value());
+            let id = meta.get(JOURNAL_ID)?.map(|v| v.value());
+            journal_id = match id {
+                Some(id) => id,
+                None => {
+                    let id = ulid::Ulid::new().0 as u64;
+                    meta.insert(JOURNAL_ID, id)?;
+                    id
+                }
+            };
         }
         txn.commit()?;
         let (journal, records) =
-            journal::Journal::open(&path.with_extension("journal"), checkpoint_seq)?;
+            journal::Journal::open(&path.with_extension("journal"), journal_id, checkpoint_seq)?;
         let replayed = writer::replay_journal(&db, &records, quick_repair)?;
         let mut counts = BTreeMap::new();
         {

@@ -50,6 +50,9 @@ pub const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoi
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// [`META`] key: the sequence number of the last ingest-journal record the database holds.
 pub const JOURNAL_SEQ: &str = "journal_seq";
+/// [`META`] key: a random number, made when the database is, that every journal record's
+/// checksum covers (a journal belongs to one database file).
+pub const JOURNAL_ID: &str = "journal_id";
 
 /// A compact attempt record for statistics.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
