@@ -136,20 +136,27 @@ pub(crate) fn replay_journal(
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     txn.set_quick_repair(quick_repair);
+    let mut applied = 0;
     {
         let mut t = Tables::open(&txn)?;
         let mut deltas = Deltas::new();
         for (seq, payload) in records {
             let batch: AppendBatch = decode(payload, &format!("journal record {seq}"))?;
-            // The record was applied once, in this order, against this state; an idempotent
-            // repeat or an id conflict was never journaled.
+            // Every commit that applies records notes the last one, so none of these can be
+            // in the database already; should one be, it is not counted twice.
+            if t.events.get(batch.event.id.as_str())?.is_some() {
+                continue;
+            }
+            // The record was applied once, in this order, against this state (an idempotent
+            // repeat or an id conflict was never journaled).
             t.append(&batch, &mut deltas)?;
+            applied += 1;
         }
         t.apply_counts(&deltas)?;
         t.meta.insert(JOURNAL_SEQ, *last)?;
     }
     txn.commit()?;
-    Ok(records.len())
+    Ok(applied)
 }
 
 fn send(cmd: Command, reply: Reply) {
