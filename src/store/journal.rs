@@ -31,8 +31,10 @@ use std::path::{Path, PathBuf};
 use super::StoreError;
 
 /// Bytes of journal written before a checkpoint is forced. It bounds the replay after a crash
-/// (~25,000 events of 1 KiB) and the file's size.
-pub(crate) const LAP_BYTES: u64 = 32 << 20;
+/// (~6,000 events of 1 KiB), the file's size, and how long a checkpoint holds up ingest:
+/// the checkpoint writes the pages of every commit since the last one (measured: ~23 ms at
+/// 8 MiB, ~85 ms at 32 MiB, with the same throughput; BENCHMARKS.md).
+pub(crate) const LAP_BYTES: u64 = 8 << 20;
 
 const HEADER: usize = 16;
 /// A record larger than this is not a record (the largest event body is far smaller).
