@@ -14,6 +14,9 @@ use serde::Deserialize;
 use crate::model::{RateLimit, Scope};
 
 /// A configuration error that names the key or file at fault.
+/// The largest `server.max_body_bytes` accepted.
+const MAX_BODY_LIMIT: u64 = 1 << 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -377,10 +380,11 @@ impl Config {
             ConfigError::invalid("server.public_url", format!("`{public_url}`: {e}"))
         })?;
         let max_body_bytes = s.max_body_bytes.unwrap_or(1024 * 1024);
-        if max_body_bytes == 0 {
+        // A body is held in memory and framed in the ingest journal with a 32-bit length.
+        if max_body_bytes == 0 || max_body_bytes > MAX_BODY_LIMIT {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",
-                "must be greater than 0",
+                format!("must be between 1 and {MAX_BODY_LIMIT} (1 GiB)"),
             ));
         }
         let server = ServerConfig {
@@ -933,6 +937,11 @@ mod tests {
                 "keys[0].scopes[0]",
             ),
             ("[server]\nlisten = \"here\"", "server.listen"),
+            (
+                "[server]\nmax_body_bytes = 2147483648",
+                "server.max_body_bytes",
+            ),
+            ("[server]\nmax_body_bytes = 0", "server.max_body_bytes"),
             (
                 "[delivery]\nschedule = [\"1s\", \"x\"]",
                 "delivery.schedule[1]",

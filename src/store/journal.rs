@@ -37,8 +37,6 @@ use super::StoreError;
 pub(crate) const LAP_BYTES: u64 = 8 << 20;
 
 const HEADER: usize = 16;
-/// A record larger than this is not a record (the largest event body is far smaller).
-const MAX_RECORD: usize = 256 << 20;
 
 /// A record read back: its sequence number and payload.
 pub(crate) type Record = (u64, Vec<u8>);
@@ -121,9 +119,10 @@ impl Journal {
             self.buf_first_seq = seq;
         }
         self.next_seq += 1;
+        let len = u32::try_from(payload.len())
+            .expect("a record is under 4 GiB (server.max_body_bytes is at most 1 GiB)");
         let crc = checksum(self.id, seq, payload);
-        self.buf
-            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&len.to_le_bytes());
         self.buf.extend_from_slice(&crc.to_le_bytes());
         self.buf.extend_from_slice(&seq.to_le_bytes());
         self.buf.extend_from_slice(payload);
@@ -198,7 +197,7 @@ fn scan(bytes: &[u8], id: u64) -> Vec<(u64, &[u8])> {
         let len = word(0) as usize;
         let crc = word(4);
         let seq = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
-        if len > MAX_RECORD || bytes.len() - at - HEADER < len {
+        if bytes.len() - at - HEADER < len {
             break;
         }
         let payload = &bytes[at + HEADER..at + HEADER + len];
