@@ -520,11 +520,13 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
                 dir.join("admin.key").display()
             );
         }
+        // Handlers first: whoever saw the line below may send SIGTERM at once.
+        let stopped = stop_signal().context("cannot handle SIGTERM/SIGINT")?;
         println!("courier listening on http://{}", running.addr);
         let _ = std::io::stdout().flush();
         let stop = running.app.shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            stopped.await;
             tracing::info!("shutdown requested: finishing in-flight attempts");
             stop.cancel();
         });
@@ -533,18 +535,24 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on either signal.
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
