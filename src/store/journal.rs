@@ -167,6 +167,11 @@ impl Journal {
         }
     }
 
+    /// Whether nothing was written since the last checkpoint (the database holds it all).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.offset == 0
+    }
+
     /// Called after a durable commit: every record so far is covered by the database, so the
     /// next one starts the file over.
     pub(crate) fn checkpointed(&mut self) {

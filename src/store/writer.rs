@@ -66,8 +66,6 @@ pub(crate) fn run(
     mut journal: Journal,
 ) {
     let mut cmds = Vec::with_capacity(MAX_BATCH);
-    // Whether a commit since the last durable one relied on the journal.
-    let mut journaled = false;
     while let Some(first) = rx.blocking_recv() {
         cmds.push(first);
         while cmds.len() < MAX_BATCH {
@@ -79,13 +77,9 @@ pub(crate) fn run(
         let mut deltas = Deltas::new();
         match apply(&db, &cmds, &mut deltas, quick_repair, &mut journal) {
             Ok((replies, durability)) => {
-                match durability {
-                    Durability::Immediate => {
-                        journal.checkpointed();
-                        journaled = false;
-                        shared.durable_commits.inc();
-                    }
-                    _ => journaled = true,
+                if let Durability::Immediate = durability {
+                    journal.checkpointed();
+                    shared.durable_commits.inc();
                 }
                 shared.apply_deltas(&deltas);
                 shared.commits.inc();
@@ -103,14 +97,10 @@ pub(crate) fn run(
         }
     }
     // Shutting down: leave a database that needs no journal on the next start.
-    if journaled {
-        let r = checkpoint(&db, quick_repair);
-        match r {
-            Ok(()) => journal.checkpointed(),
-            Err(e) => {
-                tracing::warn!(error = %e, "final checkpoint failed; the journal will be replayed on the next start")
-            }
-        }
+    if !journal.is_empty()
+        && let Err(e) = checkpoint(&db, quick_repair)
+    {
+        tracing::warn!(error = %e, "final checkpoint failed; the journal will be replayed on the next start")
     }
 }
 
