@@ -1,6 +1,7 @@
 //! The ingest journal: an append-only file that makes a batch of new events durable with one
-//! sequential write and one `fdatasync`, so that the database commit holding them does not
-//! have to be flushed before the producers get their 202.
+//! sequential synchronous write (`O_DIRECT | O_DSYNC`, or a buffered write and `fdatasync`
+//! where the file system refuses direct I/O), so that the database commit holding them does
+//! not have to be flushed before the producers get their 202.
 //!
 //! Why: a durable redb commit costs two flushes (with `quick_repair`) and a `pwrite` for each
 //! of the ~20–40 copy-on-write pages it touches, whatever the number of events in it; at 64
@@ -21,11 +22,13 @@
 //! file reads as empty instead of being applied to this one. After a checkpoint the file is
 //! overwritten from offset 0 (never truncated, so later flushes have no block allocation to
 //! write), which leaves older records behind the new ones; a reader stops at the first
-//! record that is torn, fails its checksum or does not continue the sequence.
+//! record that is torn, fails its checksum or does not continue the sequence. Direct writes
+//! are whole 4 KiB blocks, so the rest of the block after a batch's last record is zeros until
+//! the next batch fills it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::StoreError;
@@ -38,11 +41,20 @@ pub(crate) const LAP_BYTES: u64 = 8 << 20;
 
 const HEADER: usize = 16;
 
+/// The unit of a direct write: offsets, lengths and buffer addresses are multiples of it
+/// (4 KiB covers every logical block size Linux file systems use).
+const BLOCK: usize = 4096;
+
 /// A record read back: its sequence number and payload.
 pub(crate) type Record = (u64, Vec<u8>);
 
 pub(crate) struct Journal {
     file: File,
+    /// The same file opened `O_DIRECT | O_DSYNC`, where the file system allows it: a write
+    /// through it is on disk when it returns, without passing through the page cache, so a
+    /// batch costs one system call and no copy or write-back (measured: BENCHMARKS.md).
+    /// `None` falls back to a buffered write and `fdatasync`.
+    direct: Option<Direct>,
     path: PathBuf,
     /// Where the next record goes.
     offset: u64,
@@ -63,6 +75,16 @@ impl Journal {
         path: &Path,
         id: u64,
         checkpoint_seq: u64,
+    ) -> Result<(Journal, Vec<Record>), StoreError> {
+        Self::open_with(path, id, checkpoint_seq, true)
+    }
+
+    /// [`Journal::open`], with direct I/O tried only if `try_direct` (tests cover both ways).
+    fn open_with(
+        path: &Path,
+        id: u64,
+        checkpoint_seq: u64,
+        try_direct: bool,
     ) -> Result<(Journal, Vec<Record>), StoreError> {
         let io = |what: &str, e: std::io::Error| {
             StoreError::Db(format!("journal {}: {what}: {e}", path.display()))
@@ -93,8 +115,17 @@ impl Journal {
                 path.display()
             )));
         }
+        let direct = match try_direct.then(|| Direct::open(path)) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                tracing::info!(path = %path.display(), error = %e, "the ingest journal cannot use direct I/O here; using buffered writes and fdatasync");
+                None
+            }
+        };
         let journal = Journal {
             file,
+            direct,
             path: path.to_path_buf(),
             offset: 0,
             next_seq: checkpoint_seq.max(last) + 1,
@@ -136,10 +167,13 @@ impl Journal {
 
     /// Writes the pushed records and waits until they are on disk.
     pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
-        let r = self
-            .file
-            .write_all_at(&self.buf, self.offset)
-            .and_then(|_| self.file.sync_data());
+        let r = match &mut self.direct {
+            Some(d) => d.write(self.offset, &self.buf),
+            None => self
+                .file
+                .write_all_at(&self.buf, self.offset)
+                .and_then(|_| self.file.sync_data()),
+        };
         match r {
             Ok(()) => {
                 self.offset += self.buf.len() as u64;
@@ -176,11 +210,72 @@ impl Journal {
     /// next one starts the file over.
     pub(crate) fn checkpointed(&mut self) {
         self.offset = 0;
+        if let Some(d) = &mut self.direct {
+            d.tail.clear();
+        }
+    }
+
+    /// Whether batches are written with direct, synchronous I/O.
+    #[cfg(test)]
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// The sequence number of the last record pushed (0 if none ever was).
     pub(crate) fn last_seq(&self) -> u64 {
         self.next_seq - 1
+    }
+}
+
+/// Direct, synchronous writes of whole blocks.
+///
+/// A batch rarely ends on a block boundary, so the block it ends in is written again, with the
+/// same leading bytes, by the next batch: `tail` keeps that block's bytes up to the end of the
+/// last record, and the rest of the block is written as zeros (where a reader stops). A torn
+/// rewrite cannot harm the records already there: every sector of the block holds either its
+/// old or its new content, and the two agree on every byte up to the old end.
+struct Direct {
+    file: File,
+    tail: Vec<u8>,
+    /// Scratch space for one aligned write (kept to avoid an allocation per batch).
+    scratch: Vec<u8>,
+}
+
+impl Direct {
+    fn open(path: &Path) -> std::io::Result<Direct> {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .open(path)?;
+        Ok(Direct {
+            file,
+            tail: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Writes `records` at `offset` (the end of the records written since the last checkpoint,
+    /// whose partial last block is `tail`) and returns once they are on disk.
+    fn write(&mut self, offset: u64, records: &[u8]) -> std::io::Result<()> {
+        let block_start = offset - self.tail.len() as u64;
+        debug_assert_eq!(block_start % BLOCK as u64, 0);
+        let len = self.tail.len() + records.len();
+        let padded = len.div_ceil(BLOCK) * BLOCK;
+        if self.scratch.len() < padded + BLOCK {
+            self.scratch.resize(padded + BLOCK, 0);
+        }
+        let skew = self.scratch.as_ptr().addr() % BLOCK;
+        let start = (BLOCK - skew) % BLOCK;
+        let out = &mut self.scratch[start..start + padded];
+        out[..self.tail.len()].copy_from_slice(&self.tail);
+        out[self.tail.len()..len].copy_from_slice(records);
+        out[len..].fill(0);
+        self.file.write_all_at(out, block_start)?;
+        let keep = len % BLOCK;
+        let new_tail_from = len - keep;
+        self.tail.clear();
+        self.tail.extend_from_slice(&out[new_tail_from..len]);
+        Ok(())
     }
 }
 
@@ -226,101 +321,165 @@ mod tests {
 
     const ID: u64 = 0x5eed;
 
-    fn open(dir: &Path, checkpoint: u64) -> (Journal, Vec<Record>) {
-        Journal::open(&dir.join("j"), ID, checkpoint).unwrap()
+    /// Every test runs against both ways of writing: direct I/O (where the file system of the
+    /// temporary directory allows it) and buffered writes with `fdatasync`.
+    fn both(test: impl Fn(&dyn Fn(&Path, u64) -> (Journal, Vec<Record>), &Path)) {
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let open = move |dir: &Path, checkpoint: u64| {
+                Journal::open_with(&dir.join("j"), ID, checkpoint, direct).unwrap()
+            };
+            test(&open, dir.path());
+        }
     }
 
     #[test]
     fn records_after_the_checkpoint_come_back_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut j, pending) = open(dir.path(), 0);
-        assert!(pending.is_empty());
-        for i in 0..5u8 {
-            j.push(&[i; 100]);
-        }
-        j.sync().unwrap();
-        drop(j);
-        let (j, pending) = open(dir.path(), 2);
-        let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, [3, 4, 5]);
-        assert_eq!(pending[0].1, vec![2u8; 100]);
-        assert_eq!(j.last_seq(), 5, "numbering continues after the last record");
+        both(|open, dir| {
+            let (mut j, pending) = open(dir, 0);
+            assert!(pending.is_empty());
+            for i in 0..5u8 {
+                j.push(&[i; 100]);
+            }
+            j.sync().unwrap();
+            drop(j);
+            let (j, pending) = open(dir, 2);
+            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, [3, 4, 5]);
+            assert_eq!(pending[0].1, vec![2u8; 100]);
+            assert_eq!(j.last_seq(), 5, "numbering continues after the last record");
+        });
+    }
+
+    #[test]
+    fn batches_that_end_inside_a_block_are_all_read_back() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            let mut expected = Vec::new();
+            // Batches that end inside the first block, exactly on a block boundary (the first
+            // three records fill 4096 bytes), then inside and across later blocks.
+            let sizes = [
+                10usize,
+                3000,
+                4096 - 3 * HEADER - 3010,
+                1,
+                9000,
+                5000,
+                70,
+                20_000,
+            ];
+            for (n, size) in sizes.iter().enumerate() {
+                let payload = vec![n as u8 + 1; *size];
+                j.push(&payload);
+                expected.push(payload);
+                if [1, 2, 4, 5, 7].contains(&n) {
+                    j.sync().unwrap();
+                }
+            }
+            drop(j);
+            let (_, pending) = open(dir, 0);
+            let got: Vec<Vec<u8>> = pending.into_iter().map(|(_, p)| p).collect();
+            assert_eq!(got, expected);
+        });
     }
 
     #[test]
     fn a_torn_or_corrupt_tail_ends_the_journal_without_losing_what_precedes_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = open(dir.path(), 0);
-        for i in 0..4u8 {
-            j.push(&[i; 64]);
-        }
-        j.sync().unwrap();
-        drop(j);
-        let path = dir.path().join("j");
-        let full = std::fs::read(&path).unwrap();
-        // Torn: the last record cut short.
-        std::fs::write(&path, &full[..full.len() - 10]).unwrap();
-        let (_, pending) = open(dir.path(), 0);
-        assert_eq!(pending.len(), 3);
-        // Corrupt: one payload byte of the third record flipped.
-        let mut bad = full.clone();
-        bad[2 * (HEADER + 64) + HEADER + 5] ^= 0xff;
-        std::fs::write(&path, &bad).unwrap();
-        let (_, pending) = open(dir.path(), 0);
-        assert_eq!(pending.len(), 2);
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            for i in 0..4u8 {
+                j.push(&[i; 64]);
+            }
+            j.sync().unwrap();
+            drop(j);
+            let path = dir.join("j");
+            let full = std::fs::read(&path).unwrap();
+            let end = 4 * (HEADER + 64);
+            // Torn: the last record cut short.
+            std::fs::write(&path, &full[..end - 10]).unwrap();
+            let (_, pending) = open(dir, 0);
+            assert_eq!(pending.len(), 3);
+            // Corrupt: one payload byte of the third record flipped.
+            let mut bad = full.clone();
+            bad[2 * (HEADER + 64) + HEADER + 5] ^= 0xff;
+            std::fs::write(&path, &bad).unwrap();
+            let (_, pending) = open(dir, 0);
+            assert_eq!(pending.len(), 2);
+        });
     }
 
     #[test]
     fn after_a_checkpoint_the_file_starts_over_and_older_records_are_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = open(dir.path(), 0);
-        for i in 0..6u8 {
-            j.push(&[i; 50]);
-        }
-        j.sync().unwrap();
-        // The database now covers 1..=6; two shorter records overwrite the start.
-        j.checkpointed();
-        j.push(b"seven");
-        j.push(b"eight");
-        j.sync().unwrap();
-        drop(j);
-        let (j, pending) = open(dir.path(), 6);
-        let got: Vec<(u64, &[u8])> = pending.iter().map(|(s, p)| (*s, p.as_slice())).collect();
-        assert_eq!(got, [(7, &b"seven"[..]), (8, &b"eight"[..])]);
-        assert_eq!(j.last_seq(), 8);
-        // Crash right after a checkpoint, before anything new was written: nothing to replay.
-        let (j, pending) = open(dir.path(), 8);
-        assert!(pending.is_empty());
-        assert_eq!(j.last_seq(), 8);
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            for i in 0..6u8 {
+                j.push(&[i; 50]);
+            }
+            j.sync().unwrap();
+            // The database now covers 1..=6; two shorter records overwrite the start.
+            j.checkpointed();
+            j.push(b"seven");
+            j.push(b"eight");
+            j.sync().unwrap();
+            drop(j);
+            let (j, pending) = open(dir, 6);
+            let got: Vec<(u64, &[u8])> = pending.iter().map(|(s, p)| (*s, p.as_slice())).collect();
+            assert_eq!(got, [(7, &b"seven"[..]), (8, &b"eight"[..])]);
+            assert_eq!(j.last_seq(), 8);
+            // Crash right after a checkpoint, before anything new was written: nothing to
+            // replay.
+            let (j, pending) = open(dir, 8);
+            assert!(pending.is_empty());
+            assert_eq!(j.last_seq(), 8);
+        });
     }
 
     #[test]
     fn a_gap_between_the_database_and_the_journal_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = open(dir.path(), 0);
-        j.push(b"a");
-        j.push(b"b");
-        j.sync().unwrap();
-        drop(j);
-        // The database claims to cover nothing, but the journal's records start at 1: fine.
-        assert_eq!(open(dir.path(), 0).1.len(), 2);
-        // A journal whose first record after the checkpoint is not the next one lost data.
-        let bytes = std::fs::read(dir.path().join("j")).unwrap();
-        std::fs::write(dir.path().join("j"), &bytes[HEADER + 1..]).unwrap();
-        let err = Journal::open(&dir.path().join("j"), ID, 0).err().unwrap();
-        assert!(err.to_string().contains("missing"), "{err}");
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            j.push(b"a");
+            j.push(b"b");
+            j.sync().unwrap();
+            drop(j);
+            // The database claims to cover nothing, but the journal's records start at 1:
+            // fine.
+            assert_eq!(open(dir, 0).1.len(), 2);
+            // A journal whose first record after the checkpoint is not the next one lost data.
+            let bytes = std::fs::read(dir.join("j")).unwrap();
+            std::fs::write(dir.join("j"), &bytes[HEADER + 1..]).unwrap();
+            let err = Journal::open(&dir.join("j"), ID, 0).err().unwrap();
+            assert!(err.to_string().contains("missing"), "{err}");
+        });
     }
 
     #[test]
     fn a_journal_left_over_from_another_database_reads_as_empty() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            j.push(b"someone else's event");
+            j.sync().unwrap();
+            drop(j);
+            let (mut j, pending) = Journal::open(&dir.join("j"), ID + 1, 0).unwrap();
+            assert!(pending.is_empty());
+            // And this database's records then start at 1, over the foreign ones.
+            assert_eq!(j.push(b"mine"), 1);
+        });
+    }
+
+    #[test]
+    fn direct_io_is_used_wherever_the_file_system_takes_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = open(dir.path(), 0);
-        j.push(b"someone else's event");
-        j.sync().unwrap();
-        drop(j);
-        let (mut j, pending) = Journal::open(&dir.path().join("j"), ID + 1, 0).unwrap();
-        assert!(pending.is_empty());
-        // And this database's records then start at 1, over the foreign ones.
-        assert_eq!(j.push(b"mine"), 1);
+        let path = dir.path().join("j");
+        let (j, _) = Journal::open(&path, ID, 0).unwrap();
+        // Whether this file system takes O_DIRECT, asked directly.
+        let supported = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .is_ok();
+        assert_eq!(j.is_direct(), supported);
+        let (j, _) = Journal::open_with(&path, ID, 0, false).unwrap();
+        assert!(!j.is_direct());
     }
 }
