@@ -228,7 +228,7 @@ impl Store {
             txn.open_table(ATTEMPTS)?;
             txn.open_table(QUEUE)?;
             txn.open_table(PENDING)?;
-            txn.open_table(BY_STATUS)?;
+            let mut by_status = txn.open_table(BY_STATUS)?;
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEMPOTENCY_AGE)?;
             txn.open_table(ATTEMPT_LOG)?;
@@ -247,6 +247,11 @@ impl Store {
                     id
                 }
             };
+            if meta.get(BY_STATUS_NO_PENDING)?.is_none() {
+                let pending = DeliveryStatus::Pending.as_str();
+                by_status.retain_in((pending, "")..(pending, "\u{10ffff}"), |_, _| false)?;
+                meta.insert(BY_STATUS_NO_PENDING, 1)?;
+            }
         }
         txn.commit()?;
         let (journal, records) =
@@ -522,7 +527,37 @@ impl Store {
             Ok(out.len() >= limit || examined >= SCAN_CAP)
         };
         let mut exhausted = true;
-        if let Some(status) = filter.status {
+        if filter.status == Some(DeliveryStatus::Pending) {
+            // Pending deliveries are indexed per endpoint: merge the endpoints' ranges, newest
+            // first.
+            let idx = txn.open_table(PENDING)?;
+            let endpoints = match &filter.endpoint {
+                Some(e) => vec![e.clone()],
+                None => endpoints_with_pending(&txn)?,
+            };
+            let mut ranges = Vec::with_capacity(endpoints.len());
+            for e in &endpoints {
+                ranges.push(
+                    idx.range((e.as_str(), lo.as_str())..(e.as_str(), hi.as_str()))?
+                        .rev(),
+                );
+            }
+            let mut heads = std::collections::BinaryHeap::new();
+            for (i, r) in ranges.iter_mut().enumerate() {
+                if let Some(row) = r.next() {
+                    heads.push((row?.0.value().1.to_string(), i));
+                }
+            }
+            while let Some((id, i)) = heads.pop() {
+                if consider(&id, &mut out)? {
+                    exhausted = false;
+                    break;
+                }
+                if let Some(row) = ranges[i].next() {
+                    heads.push((row?.0.value().1.to_string(), i));
+                }
+            }
+        } else if let Some(status) = filter.status {
             let idx = txn.open_table(BY_STATUS)?;
             for row in idx
                 .range((status.as_str(), lo.as_str())..(status.as_str(), hi.as_str()))?
@@ -610,22 +645,38 @@ impl Store {
     /// endpoints, from the pending index.
     pub fn oldest_pending_ms(&self) -> Result<Option<u64>, StoreError> {
         let txn = self.db.begin_read()?;
-        let idx = txn.open_table(BY_STATUS)?;
-        let first = idx
-            .range(("pending", "")..("pending", "\u{10ffff}"))?
-            .next();
-        match first {
-            Some(row) => {
-                let (k, _) = row?;
-                let id = k.value().1;
-                let ulid = id
-                    .strip_prefix("dlv_")
-                    .and_then(|u| ulid::Ulid::from_string(u).ok());
-                Ok(ulid.map(|u| u.timestamp_ms()))
+        let idx = txn.open_table(PENDING)?;
+        let mut oldest: Option<String> = None;
+        for e in endpoints_with_pending(&txn)? {
+            if let Some(row) = idx
+                .range((e.as_str(), "")..(e.as_str(), "\u{10ffff}"))?
+                .next()
+            {
+                let id = row?.0.value().1.to_string();
+                if oldest.as_ref().is_none_or(|o| id < *o) {
+                    oldest = Some(id);
+                }
             }
-            None => Ok(None),
+        }
+        Ok(oldest.and_then(|id| {
+            id.strip_prefix("dlv_")
+                .and_then(|u| ulid::Ulid::from_string(u).ok())
+                .map(|u| u.timestamp_ms())
+        }))
+    }
+}
+
+/// The endpoints with at least one pending delivery in the snapshot `txn` reads.
+fn endpoints_with_pending(txn: &redb::ReadTransaction) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for row in txn.open_table(COUNTS)?.iter()? {
+        let (k, v) = row?;
+        let (endpoint, status) = k.value();
+        if status == DeliveryStatus::Pending.as_str() && v.value() > 0 {
+            out.push(endpoint.to_string());
         }
     }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -756,5 +807,156 @@ mod tests {
         let reopened = Store::open(&db, true).unwrap();
         assert_eq!(reopened.replayed_on_open(), 0);
         assert!(reopened.event(&ids[49]).unwrap().is_some());
+    }
+
+    fn to(endpoint: &str, n: u64) -> AppendBatch {
+        let mut b = batch(&format!("{endpoint}-{n}"), 1_000 + n);
+        b.deliveries[0].endpoint = endpoint.into();
+        b
+    }
+
+    async fn deliver(store: &Store, id: &str) {
+        let attempt = Attempt {
+            number: 1,
+            started_ms: crate::model::now_ms(),
+            duration_ms: 1,
+            status_code: Some(200),
+            error: None,
+            error_detail: None,
+            response_body: String::new(),
+            outcome: "delivered".into(),
+        };
+        store
+            .record_outcome(OutcomeRecord {
+                delivery_id: id.into(),
+                attempt,
+                counts_as_attempt: true,
+                next: Next::Delivered,
+            })
+            .await
+            .unwrap();
+    }
+
+    fn ulid_ms(id: &str) -> u64 {
+        ulid::Ulid::from_string(id.strip_prefix("dlv_").unwrap())
+            .unwrap()
+            .timestamp_ms()
+    }
+
+    #[tokio::test]
+    async fn pending_deliveries_are_listed_across_endpoints_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..7 {
+            let b = to(["a", "b", "c"][n % 3], n as u64);
+            ids.push(b.deliveries[0].id.clone());
+            store.append(b).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        deliver(&store, &ids[3]).await;
+        let pending = Filter {
+            status: Some(DeliveryStatus::Pending),
+            ..Filter::default()
+        };
+        // Two at a time, following the cursor.
+        let mut listed = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = store.list(&pending, 2, cursor.as_deref()).unwrap();
+            listed.extend(page.into_iter().map(|d| d.id));
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let expected: Vec<String> = [6, 5, 4, 2, 1, 0].iter().map(|&i| ids[i].clone()).collect();
+        assert_eq!(listed, expected);
+        let only_b = Filter {
+            endpoint: Some("b".into()),
+            ..pending.clone()
+        };
+        let (page, _) = store.list(&only_b, 10, None).unwrap();
+        let got: Vec<&str> = page.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(got, [ids[4].as_str(), ids[1].as_str()]);
+        let only_a = Filter {
+            endpoint: Some("a".into()),
+            ..pending.clone()
+        };
+        let (page, _) = store.list(&only_a, 10, None).unwrap();
+        let got: Vec<&str> = page.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(
+            got,
+            [ids[6].as_str(), ids[0].as_str()],
+            "a's third was delivered"
+        );
+        let delivered = Filter {
+            status: Some(DeliveryStatus::Delivered),
+            ..Filter::default()
+        };
+        let (page, _) = store.list(&delivered, 10, None).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].id, ids[3]);
+
+        assert_eq!(store.oldest_pending_ms().unwrap(), Some(ulid_ms(&ids[0])));
+        deliver(&store, &ids[0]).await;
+        assert_eq!(store.oldest_pending_ms().unwrap(), Some(ulid_ms(&ids[1])));
+        for i in [1, 2, 4, 5, 6] {
+            deliver(&store, &ids[i]).await;
+        }
+        assert_eq!(store.oldest_pending_ms().unwrap(), None);
+        assert!(store.list(&pending, 10, None).unwrap().0.is_empty());
+    }
+
+    /// Databases written before the status index stopped holding pending deliveries are
+    /// cleared of those rows once, when first opened.
+    #[tokio::test]
+    async fn pending_rows_left_in_the_status_index_by_an_older_version_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let b = to("a", n);
+            ids.push(b.deliveries[0].id.clone());
+            store.append(b).await.unwrap();
+        }
+        deliver(&store, &ids[0]).await;
+        let closer = store.closer();
+        drop(store);
+        assert!(closer.wait(std::time::Duration::from_secs(10)));
+        let rows = |db: &Database, status: &str| -> usize {
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(BY_STATUS).unwrap();
+            t.range((status, "")..(status, "\u{10ffff}"))
+                .unwrap()
+                .count()
+        };
+        {
+            // What an older version left: every pending delivery in the status index too.
+            let db = Database::create(&path).unwrap();
+            assert_eq!(rows(&db, "pending"), 0);
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(BY_STATUS).unwrap();
+                for id in &ids[1..] {
+                    t.insert(("pending", id.as_str()), ()).unwrap();
+                }
+                txn.open_table(META)
+                    .unwrap()
+                    .remove(BY_STATUS_NO_PENDING)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+            assert_eq!(rows(&db, "pending"), 2);
+        }
+        let store = Store::open(&path, true).unwrap();
+        assert_eq!(rows(&store.db, "pending"), 0);
+        assert_eq!(rows(&store.db, "delivered"), 1);
+        let pending = Filter {
+            status: Some(DeliveryStatus::Pending),
+            ..Filter::default()
+        };
+        assert_eq!(store.list(&pending, 10, None).unwrap().0.len(), 2);
     }
 }

@@ -317,8 +317,10 @@ impl<'t> Tables<'t> {
                     .remove((old.endpoint.as_str(), old.id.as_str()))?;
             }
             if old.status != new.status {
-                self.by_status
-                    .remove((old.status.as_str(), old.id.as_str()))?;
+                if old.status != DeliveryStatus::Pending {
+                    self.by_status
+                        .remove((old.status.as_str(), old.id.as_str()))?;
+                }
                 *deltas
                     .entry((old.endpoint.clone(), old.status))
                     .or_default() -= 1;
@@ -332,8 +334,10 @@ impl<'t> Tables<'t> {
                 .insert((new.endpoint.as_str(), new.id.as_str()), due)?;
         }
         if old.map(|o| o.status) != Some(new.status) {
-            self.by_status
-                .insert((new.status.as_str(), new.id.as_str()), ())?;
+            if new.status != DeliveryStatus::Pending {
+                self.by_status
+                    .insert((new.status.as_str(), new.id.as_str()), ())?;
+            }
             *deltas
                 .entry((new.endpoint.clone(), new.status))
                 .or_default() += 1;
@@ -351,7 +355,9 @@ impl<'t> Tables<'t> {
             }
             self.pending.remove((d.endpoint.as_str(), d.id.as_str()))?;
         }
-        self.by_status.remove((d.status.as_str(), d.id.as_str()))?;
+        if d.status != DeliveryStatus::Pending {
+            self.by_status.remove((d.status.as_str(), d.id.as_str()))?;
+        }
         *deltas.entry((d.endpoint.clone(), d.status)).or_default() -= 1;
         self.deliveries.remove(d.id.as_str())?;
         self.attempts
