@@ -49,12 +49,12 @@ const BLOCK: usize = 4096;
 pub(crate) type Record = (u64, Vec<u8>);
 
 pub(crate) struct Journal {
-    file: File,
-    /// The same file opened `O_DIRECT | O_DSYNC`, where the file system allows it: a write
-    /// through it is on disk when it returns, without passing through the page cache, so a
-    /// batch costs one system call and no copy or write-back (measured: BENCHMARKS.md).
-    /// `None` falls back to a buffered write and `fdatasync`.
-    direct: Option<Direct>,
+    /// The thread that writes batches, so that the writer can apply a batch to the database
+    /// while its records are on their way to the disk (the write is most of a batch's time:
+    /// BENCHMARKS.md).
+    io: Io,
+    /// Whether the I/O thread writes with direct I/O.
+    direct: bool,
     path: PathBuf,
     /// Where the next record goes.
     offset: u64,
@@ -65,6 +65,46 @@ pub(crate) struct Journal {
     /// Records pushed and not yet written, and the sequence number of the first of them.
     buf: Vec<u8>,
     buf_first_seq: u64,
+    /// With direct I/O, the bytes of the block the last written record ends in, up to its
+    /// end: a batch rarely ends on a block boundary, so the next one writes that block again,
+    /// these bytes first (see [`Direct`]). Empty with buffered writes.
+    tail: Vec<u8>,
+    /// The bytes of the write in flight (the tail and the records), and then the buffer kept
+    /// for the next one.
+    job: Vec<u8>,
+    /// Bytes of records handed to the I/O thread and not yet reported written.
+    in_flight: Option<usize>,
+}
+
+/// The I/O thread's end of the journal: batches go in (bytes and the offset to write them
+/// at), results come back in the same order, with the buffer for reuse.
+struct Io {
+    jobs: std::sync::mpsc::Sender<(Vec<u8>, u64)>,
+    done: std::sync::mpsc::Receiver<(Vec<u8>, std::io::Result<()>)>,
+}
+
+impl Io {
+    fn spawn(file: File, mut direct: Option<Direct>) -> std::io::Result<Io> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<(Vec<u8>, u64)>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("courier-journal".into())
+            .spawn(move || {
+                // Ends when the journal is dropped.
+                while let Ok((bytes, offset)) = job_rx.recv() {
+                    let r = match &mut direct {
+                        Some(d) => d.write(offset, &bytes),
+                        None => file
+                            .write_all_at(&bytes, offset)
+                            .and_then(|_| file.sync_data()),
+                    };
+                    if done_tx.send((bytes, r)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Io { jobs, done })
+    }
 }
 
 impl Journal {
@@ -123,15 +163,20 @@ impl Journal {
                 None
             }
         };
+        let is_direct = direct.is_some();
+        let io = Io::spawn(file, direct).map_err(|e| io("start its thread", e))?;
         let journal = Journal {
-            file,
-            direct,
+            io,
+            direct: is_direct,
             path: path.to_path_buf(),
             offset: 0,
             next_seq: checkpoint_seq.max(last) + 1,
             id,
             buf: Vec::new(),
             buf_first_seq: 0,
+            tail: Vec::new(),
+            job: Vec::new(),
+            in_flight: None,
         };
         Ok((journal, pending))
     }
@@ -145,6 +190,7 @@ impl Journal {
     /// Frames `payload` as the next record (written by [`Journal::sync`]); returns its sequence
     /// number.
     pub(crate) fn push(&mut self, payload: &[u8]) -> u64 {
+        debug_assert!(self.in_flight.is_none(), "push while a write is in flight");
         let seq = self.next_seq;
         if self.buf.is_empty() {
             self.buf_first_seq = seq;
@@ -166,31 +212,77 @@ impl Journal {
     }
 
     /// Writes the pushed records and waits until they are on disk.
+    #[cfg(test)]
     pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
-        let r = match &mut self.direct {
-            Some(d) => d.write(self.offset, &self.buf),
-            None => self
-                .file
-                .write_all_at(&self.buf, self.offset)
-                .and_then(|_| self.file.sync_data()),
+        self.submit();
+        self.wait()
+    }
+
+    /// Hands the pushed records to the I/O thread; [`Journal::wait`] tells when they are on
+    /// disk. Nothing may be pushed in between.
+    pub(crate) fn submit(&mut self) {
+        assert!(self.in_flight.is_none(), "one journal write at a time");
+        let mut job = std::mem::take(&mut self.job);
+        job.clear();
+        job.extend_from_slice(&self.tail);
+        job.extend_from_slice(&self.buf);
+        let at = self.offset - self.tail.len() as u64;
+        self.in_flight = Some(self.buf.len());
+        self.buf.clear();
+        // Should the thread be gone (it only stops when the journal is dropped), `wait`
+        // reports the failure.
+        let _ = self.io.jobs.send((job, at));
+    }
+
+    /// Waits for the write handed over by [`Journal::submit`].
+    pub(crate) fn wait(&mut self) -> Result<(), StoreError> {
+        let Some((len, r)) = self.finish() else {
+            return Ok(());
         };
         match r {
             Ok(()) => {
-                self.offset += self.buf.len() as u64;
-                self.buf.clear();
+                self.offset += len as u64;
+                if self.direct {
+                    let keep = (self.offset % BLOCK as u64) as usize;
+                    self.tail.clear();
+                    self.tail
+                        .extend_from_slice(&self.job[self.job.len() - keep..]);
+                }
                 Ok(())
             }
             Err(e) => {
                 // The records may be partly on disk. They are not acknowledged; the next batch
                 // overwrites them with the same sequence numbers, so the sequence stays
                 // unbroken for a reader.
-                self.discard();
+                self.next_seq = self.buf_first_seq;
                 Err(StoreError::Db(format!(
                     "journal {}: write: {e}",
                     self.path.display()
                 )))
             }
         }
+    }
+
+    /// Gives up on the write handed over by [`Journal::submit`] (its batch is not committed):
+    /// waits for it to finish, then lets the next batch take its place and its sequence
+    /// numbers, as if it had failed.
+    pub(crate) fn abandon(&mut self) {
+        if self.finish().is_some() {
+            self.next_seq = self.buf_first_seq;
+        }
+    }
+
+    /// Receives the I/O thread's report on the write in flight, if any: its length and result.
+    fn finish(&mut self) -> Option<(usize, std::io::Result<()>)> {
+        let len = self.in_flight.take()?;
+        let r = match self.io.done.recv() {
+            Ok((bytes, r)) => {
+                self.job = bytes;
+                r
+            }
+            Err(_) => Err(std::io::Error::other("the journal's I/O thread stopped")),
+        };
+        Some((len, r))
     }
 
     /// Drops pushed records that will not be written; their sequence numbers go to the next.
@@ -209,16 +301,15 @@ impl Journal {
     /// Called after a durable commit: every record so far is covered by the database, so the
     /// next one starts the file over.
     pub(crate) fn checkpointed(&mut self) {
+        debug_assert!(self.in_flight.is_none());
         self.offset = 0;
-        if let Some(d) = &mut self.direct {
-            d.tail.clear();
-        }
+        self.tail.clear();
     }
 
     /// Whether batches are written with direct, synchronous I/O.
     #[cfg(test)]
     pub(crate) fn is_direct(&self) -> bool {
-        self.direct.is_some()
+        self.direct
     }
 
     /// The sequence number of the last record pushed (0 if none ever was).
@@ -229,14 +320,13 @@ impl Journal {
 
 /// Direct, synchronous writes of whole blocks.
 ///
-/// A batch rarely ends on a block boundary, so the block it ends in is written again, with the
-/// same leading bytes, by the next batch: `tail` keeps that block's bytes up to the end of the
-/// last record, and the rest of the block is written as zeros (where a reader stops). A torn
-/// rewrite cannot harm the records already there: every sector of the block holds either its
-/// old or its new content, and the two agree on every byte up to the old end.
+/// A write starts at the beginning of a block, with the bytes already in it (the journal's
+/// `tail`) ahead of the new records, and ends with zeros up to the end of its last block
+/// (where a reader stops). A torn rewrite cannot harm the records already there: every sector
+/// of the block holds either its old or its new content, and the two agree on every byte up to
+/// the old end.
 struct Direct {
     file: File,
-    tail: Vec<u8>,
     /// Scratch space for one aligned write (kept to avoid an allocation per batch).
     scratch: Vec<u8>,
 }
@@ -249,17 +339,15 @@ impl Direct {
             .open(path)?;
         Ok(Direct {
             file,
-            tail: Vec::new(),
             scratch: Vec::new(),
         })
     }
 
-    /// Writes `records` at `offset` (the end of the records written since the last checkpoint,
-    /// whose partial last block is `tail`) and returns once they are on disk.
-    fn write(&mut self, offset: u64, records: &[u8]) -> std::io::Result<()> {
-        let block_start = offset - self.tail.len() as u64;
-        debug_assert_eq!(block_start % BLOCK as u64, 0);
-        let len = self.tail.len() + records.len();
+    /// Writes `bytes` at `at` (a block boundary), padded with zeros to a whole number of
+    /// blocks, and returns once they are on disk.
+    fn write(&mut self, at: u64, bytes: &[u8]) -> std::io::Result<()> {
+        debug_assert_eq!(at % BLOCK as u64, 0);
+        let len = bytes.len();
         let padded = len.div_ceil(BLOCK) * BLOCK;
         if self.scratch.len() < padded + BLOCK {
             self.scratch.resize(padded + BLOCK, 0);
@@ -267,15 +355,9 @@ impl Direct {
         let skew = self.scratch.as_ptr().addr() % BLOCK;
         let start = (BLOCK - skew) % BLOCK;
         let out = &mut self.scratch[start..start + padded];
-        out[..self.tail.len()].copy_from_slice(&self.tail);
-        out[self.tail.len()..len].copy_from_slice(records);
+        out[..len].copy_from_slice(bytes);
         out[len..].fill(0);
-        self.file.write_all_at(out, block_start)?;
-        let keep = len % BLOCK;
-        let new_tail_from = len - keep;
-        self.tail.clear();
-        self.tail.extend_from_slice(&out[new_tail_from..len]);
-        Ok(())
+        self.file.write_all_at(out, at)
     }
 }
 
@@ -380,6 +462,25 @@ mod tests {
             let (_, pending) = open(dir, 0);
             let got: Vec<Vec<u8>> = pending.into_iter().map(|(_, p)| p).collect();
             assert_eq!(got, expected);
+        });
+    }
+
+    #[test]
+    fn an_abandoned_write_gives_its_place_and_numbers_to_the_next() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            j.push(b"one");
+            j.sync().unwrap();
+            // Written while its batch was applied, then the batch failed: not committed.
+            j.push(b"two, never acknowledged");
+            j.submit();
+            j.abandon();
+            assert_eq!(j.push(b"two"), 2);
+            j.sync().unwrap();
+            drop(j);
+            let (_, pending) = open(dir, 0);
+            let got: Vec<&[u8]> = pending.iter().map(|(_, p)| p.as_slice()).collect();
+            assert_eq!(got, [&b"one"[..], &b"two"[..]]);
         });
     }
 

@@ -137,10 +137,11 @@ pub(crate) fn replay_journal(
             if t.events.get(batch.event.id.as_str())?.is_some() {
                 continue;
             }
-            // The record was applied once, in this order, against this state (an idempotent
-            // repeat or an id conflict was never journaled).
-            t.append(&batch, &mut deltas)?;
-            applied += 1;
+            // The record was applied once, in this order, against this state: an idempotent
+            // repeat or an id conflict then is one again now.
+            if t.append(&batch, &mut deltas)? == AppendResult::Created {
+                applied += 1;
+            }
         }
         t.apply_counts(&deltas)?;
         t.meta.insert(JOURNAL_SEQ, *last)?;
@@ -186,6 +187,40 @@ fn apply(
     quick_repair: bool,
     journal: &mut Journal,
 ) -> Result<(Vec<Reply>, Durability), StoreError> {
+    // A batch of appends alone is journaled; its records go to disk while the database work
+    // below is done, and the commit waits for them. Every append is journaled, even one that
+    // turns out to be an idempotent repeat or an id conflict: re-applied in the same order
+    // against the same state, it changes nothing again.
+    let mut journaled = false;
+    if cmds.iter().all(|c| matches!(c, Command::Append(..))) {
+        for cmd in cmds {
+            if let Command::Append(b, _) = cmd {
+                journal.push(&encode(b));
+            }
+        }
+        if journal.fits(journal.buffered()) {
+            journal.submit();
+            journaled = true;
+        } else {
+            // The journal is full: this commit is the checkpoint that lets it start over.
+            journal.discard();
+        }
+    }
+    let r = apply_in_txn(db, cmds, deltas, quick_repair, journal, journaled);
+    if r.is_err() && journaled {
+        journal.abandon();
+    }
+    r
+}
+
+fn apply_in_txn(
+    db: &Database,
+    cmds: &[Command],
+    deltas: &mut Deltas,
+    quick_repair: bool,
+    journal: &mut Journal,
+    journaled: bool,
+) -> Result<(Vec<Reply>, Durability), StoreError> {
     let mut txn = db.begin_write()?;
     // Save the allocator state with each durable commit, so that opening the database after a
     // crash takes milliseconds instead of a walk over the whole file (see BENCHMARKS.md).
@@ -223,31 +258,13 @@ fn apply(
             }
         }
         t.apply_counts(deltas)?;
-        if cmds.iter().all(|c| matches!(c, Command::Append(..))) {
-            // Journal what changed (an idempotent repeat or an id conflict changed nothing).
-            for (cmd, reply) in cmds.iter().zip(&replies) {
-                if let (Command::Append(b, _), Reply::Append(Ok(AppendResult::Created))) =
-                    (cmd, reply)
-                {
-                    journal.push(&encode(b));
-                }
-            }
-            if journal.buffered() == 0 {
-                durability = Durability::None;
-            } else if journal.fits(journal.buffered()) {
-                if let Err(e) = t.meta.insert(JOURNAL_SEQ, journal.last_seq()) {
-                    journal.discard();
-                    return Err(e.into());
-                }
-                // If the commit below failed after this, the records would stay in the
-                // journal: their producers get an error, and a crash before the next
-                // checkpoint would still create those events (at least once, never lost).
-                journal.sync()?;
-                durability = Durability::None;
-            } else {
-                // The journal is full: this commit is the checkpoint that lets it start over.
-                journal.discard();
-            }
+        if journaled {
+            t.meta.insert(JOURNAL_SEQ, journal.last_seq())?;
+            // If the commit below failed after this, the records would stay in the journal:
+            // their producers get an error, and a crash before the next checkpoint would still
+            // create those events (at least once, never lost).
+            journal.wait()?;
+            durability = Durability::None;
         }
     }
     txn.set_durability(durability)?;
