@@ -13,10 +13,10 @@ use serde::Deserialize;
 
 use crate::model::{RateLimit, Scope};
 
-/// A configuration error that names the key or file at fault.
 /// The largest `server.max_body_bytes` accepted.
 const MAX_BODY_LIMIT: u64 = 1 << 30;
 
+/// A configuration error that names the key or file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]

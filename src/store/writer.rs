@@ -325,36 +325,15 @@ impl<'t> Tables<'t> {
         deltas: &mut Deltas,
     ) -> Result<(), StoreError> {
         if let Some(old) = old {
-            if old.status == DeliveryStatus::Pending {
-                if let Some(due) = old.next_due_ms {
-                    self.queue
-                        .remove((old.endpoint.as_str(), due, old.id.as_str()))?;
-                }
-                self.pending
-                    .remove((old.endpoint.as_str(), old.id.as_str()))?;
-            }
+            self.unindex(old)?;
             if old.status != new.status {
-                if old.status != DeliveryStatus::Pending {
-                    self.by_status
-                        .remove((old.status.as_str(), old.id.as_str()))?;
-                }
                 *deltas
                     .entry((old.endpoint.clone(), old.status))
                     .or_default() -= 1;
             }
         }
-        if new.status == DeliveryStatus::Pending {
-            let due = new.next_due_ms.unwrap_or(0);
-            self.queue
-                .insert((new.endpoint.as_str(), due, new.id.as_str()), ())?;
-            self.pending
-                .insert((new.endpoint.as_str(), new.id.as_str()), due)?;
-        }
+        self.index(new)?;
         if old.map(|o| o.status) != Some(new.status) {
-            if new.status != DeliveryStatus::Pending {
-                self.by_status
-                    .insert((new.status.as_str(), new.id.as_str()), ())?;
-            }
             *deltas
                 .entry((new.endpoint.clone(), new.status))
                 .or_default() += 1;
@@ -364,17 +343,38 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn remove_delivery(&mut self, d: &Delivery, deltas: &mut Deltas) -> Result<(), StoreError> {
+    /// Enters `d` in the indexes of its state: the due-time and pending indexes while it is
+    /// pending, the status index once it is finished.
+    fn index(&mut self, d: &Delivery) -> Result<(), StoreError> {
+        if d.status == DeliveryStatus::Pending {
+            let due = d.next_due_ms.unwrap_or(0);
+            self.queue
+                .insert((d.endpoint.as_str(), due, d.id.as_str()), ())?;
+            self.pending
+                .insert((d.endpoint.as_str(), d.id.as_str()), due)?;
+        } else {
+            self.by_status
+                .insert((d.status.as_str(), d.id.as_str()), ())?;
+        }
+        Ok(())
+    }
+
+    /// Takes `d` out of the indexes [`Tables::index`] entered it in.
+    fn unindex(&mut self, d: &Delivery) -> Result<(), StoreError> {
         if d.status == DeliveryStatus::Pending {
             if let Some(due) = d.next_due_ms {
                 self.queue
                     .remove((d.endpoint.as_str(), due, d.id.as_str()))?;
             }
             self.pending.remove((d.endpoint.as_str(), d.id.as_str()))?;
-        }
-        if d.status != DeliveryStatus::Pending {
+        } else {
             self.by_status.remove((d.status.as_str(), d.id.as_str()))?;
         }
+        Ok(())
+    }
+
+    fn remove_delivery(&mut self, d: &Delivery, deltas: &mut Deltas) -> Result<(), StoreError> {
+        self.unindex(d)?;
         *deltas.entry((d.endpoint.clone(), d.status)).or_default() -= 1;
         self.deliveries.remove(d.id.as_str())?;
         self.attempts
