@@ -180,22 +180,27 @@ impl Metrics {
 
     /// Registers the store's group-commit counters.
     pub fn register_store(&self, store: &crate::store::Store) {
-        let (commits, commands, durable) = store.commit_counters();
+        let c = store.commit_counters();
         let mut r = self.registry.lock().expect("registry lock");
         r.register(
+            "courier_store_journal_writes",
+            "Synchronous writes to the ingest journal, each making a batch of new events durable (events / writes = group-commit batch size at ingest)",
+            c.journal_writes,
+        );
+        r.register(
             "courier_store_commits",
-            "Write transactions committed (appends alone made durable by the ingest journal's fsync, the rest by the database's)",
-            commits,
+            "Write transactions committed (journaled events applied without a flush; everything else flushed by the database)",
+            c.commits,
         );
         r.register(
             "courier_store_durable_commits",
             "Commits flushed to the database file (checkpoints of the ingest journal)",
-            durable,
+            c.durable,
         );
         r.register(
             "courier_store_commands",
-            "Changes carried by those transactions (commands / commits = group-commit batch size)",
-            commands,
+            "Changes carried by those transactions (each new event counts one)",
+            c.commands,
         );
     }
 

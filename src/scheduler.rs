@@ -234,6 +234,11 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
             // below U+10FFFF).
             resume = Some((back_to - 1, "\u{10ffff}".to_string()));
         }
+        // Work announced by an ingest may be on disk in the journal and not yet in the
+        // database: wait until it is before looking for it.
+        if let Err(e) = app.store.settle().await {
+            tracing::warn!(endpoint = %name, error = %e, "looking for due work without it");
+        }
         let stopping = app.shutdown.is_cancelled();
         let Some(ep) = app.endpoints.get(&name) else {
             // Removed (config file or API): its queue stays on disk untouched and resumes if

@@ -29,20 +29,35 @@ pub type AppState = Arc<App>;
 
 /// Every route of the API.
 pub fn router(app: AppState) -> Router {
-    Router::new()
-        .merge(events::router())
+    // Every route that reads or changes what was ingested first waits until the database
+    // shows every event acknowledged before the request came in (the writer applies
+    // journaled events a moment after their producers got their 202).
+    let settled = Router::new()
         .merge(config::router())
         .merge(deliveries::router())
         .merge(endpoints::router())
         .merge(dlq::router())
         .merge(stats::router())
-        .merge(health::router())
         .merge(plugins::router())
         .merge(channels::router())
         .merge(workflows_list::router())
         .merge(console::router())
+        .layer(axum::middleware::from_fn_with_state(app.clone(), settle));
+    Router::new()
+        .merge(events::router())
+        .merge(health::router())
+        .merge(settled)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(app)
+}
+
+async fn settle(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    app.store.settle().await?;
+    Ok(next.run(req).await)
 }
 
 /// The error shape of DESIGN.md: `{"error": {"code", "message"}}`.
@@ -111,6 +126,11 @@ impl From<crate::store::StoreError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "courier is shutting down",
+            ),
+            e @ crate::store::StoreError::Behind(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
             ),
             other => ApiError::internal(other),
         }

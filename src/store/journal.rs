@@ -49,15 +49,10 @@ const BLOCK: usize = 4096;
 pub(crate) type Record = (u64, Vec<u8>);
 
 pub(crate) struct Journal {
-    /// The thread that writes batches, so that the writer can apply a batch to the database
-    /// while its records are on their way to the disk (the write is most of a batch's time:
-    /// BENCHMARKS.md).
-    io: Io,
-    /// Whether the I/O thread writes with direct I/O.
-    direct: bool,
-    path: PathBuf,
-    /// Where the next record goes.
-    offset: u64,
+    /// The two files the journal alternates between, one lap each (see the module docs).
+    sides: [Side; 2],
+    /// The side the next batch is written to.
+    cur: usize,
     /// The sequence number of the next record.
     next_seq: u64,
     /// The database's journal id, part of every record's checksum.
@@ -65,46 +60,66 @@ pub(crate) struct Journal {
     /// Records pushed and not yet written, and the sequence number of the first of them.
     buf: Vec<u8>,
     buf_first_seq: u64,
+    /// The bytes of the last write (the tail and the records), kept to reuse its allocation.
+    job: Vec<u8>,
+}
+
+/// One of the journal's two files.
+struct Side {
+    path: PathBuf,
+    /// Buffered writes and `fdatasync`, where the file system refuses direct I/O.
+    file: File,
+    direct: Option<Direct>,
+    /// Where the next record goes.
+    offset: u64,
     /// With direct I/O, the bytes of the block the last written record ends in, up to its
     /// end: a batch rarely ends on a block boundary, so the next one writes that block again,
     /// these bytes first (see [`Direct`]). Empty with buffered writes.
     tail: Vec<u8>,
-    /// The bytes of the write in flight (the tail and the records), and then the buffer kept
-    /// for the next one.
-    job: Vec<u8>,
-    /// Bytes of records handed to the I/O thread and not yet reported written.
-    in_flight: Option<usize>,
+    /// The last record written to this file in its current lap (0 if none): the database
+    /// must cover it before the file is written over.
+    last_seq: u64,
 }
 
-/// The I/O thread's end of the journal: batches go in (bytes and the offset to write them
-/// at), results come back in the same order, with the buffer for reuse.
-struct Io {
-    jobs: std::sync::mpsc::Sender<(Vec<u8>, u64)>,
-    done: std::sync::mpsc::Receiver<(Vec<u8>, std::io::Result<()>)>,
-}
-
-impl Io {
-    fn spawn(file: File, mut direct: Option<Direct>) -> std::io::Result<Io> {
-        let (jobs, job_rx) = std::sync::mpsc::channel::<(Vec<u8>, u64)>();
-        let (done_tx, done) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("courier-journal".into())
-            .spawn(move || {
-                // Ends when the journal is dropped.
-                while let Ok((bytes, offset)) = job_rx.recv() {
-                    let r = match &mut direct {
-                        Some(d) => d.write(offset, &bytes),
-                        None => file
-                            .write_all_at(&bytes, offset)
-                            .and_then(|_| file.sync_data()),
-                    };
-                    if done_tx.send((bytes, r)).is_err() {
-                        break;
-                    }
-                }
-            })?;
-        Ok(Io { jobs, done })
+impl Side {
+    fn open(path: PathBuf, try_direct: bool) -> Result<(Side, Vec<u8>), StoreError> {
+        let io = |what: &str, e: std::io::Error| {
+            StoreError::Db(format!("journal {}: {what}: {e}", path.display()))
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io("open", e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| io("read", e))?;
+        let direct = match try_direct.then(|| Direct::open(&path)) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                tracing::info!(path = %path.display(), error = %e, "the ingest journal cannot use direct I/O here; using buffered writes and fdatasync");
+                None
+            }
+        };
+        let side = Side {
+            path,
+            file,
+            direct,
+            offset: 0,
+            tail: Vec::new(),
+            last_seq: 0,
+        };
+        Ok((side, bytes))
     }
+}
+
+/// The path of the journal's second file, next to the first: `courier.journal2`.
+pub(crate) fn second_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("2");
+    PathBuf::from(name)
 }
 
 impl Journal {
@@ -126,71 +141,51 @@ impl Journal {
         checkpoint_seq: u64,
         try_direct: bool,
     ) -> Result<(Journal, Vec<Record>), StoreError> {
-        let io = |what: &str, e: std::io::Error| {
-            StoreError::Db(format!("journal {}: {what}: {e}", path.display()))
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| io("open", e))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| io("read", e))?;
-        let records = scan(&bytes, id);
-        let last = records.last().map_or(0, |(seq, _)| *seq);
-        let pending: Vec<Record> = records
+        let (mut a, a_bytes) = Side::open(path.to_path_buf(), try_direct)?;
+        let (mut b, b_bytes) = Side::open(second_path(path), try_direct)?;
+        let (a_records, b_records) = (scan(&a_bytes, id), scan(&b_bytes, id));
+        a.last_seq = a_records.last().map_or(0, |(seq, _)| *seq);
+        b.last_seq = b_records.last().map_or(0, |(seq, _)| *seq);
+        let last = a.last_seq.max(b.last_seq);
+        // Each file holds a run of consecutive records; the two runs together continue the
+        // database's durable state without a gap.
+        let mut pending: Vec<Record> = a_records
             .into_iter()
+            .chain(b_records)
             .filter(|(seq, _)| *seq > checkpoint_seq)
             .map(|(seq, p)| (seq, p.to_vec()))
             .collect();
-        if let Some((first, _)) = pending.first()
-            && *first != checkpoint_seq + 1
-        {
-            return Err(StoreError::Corrupt(format!(
-                "journal {}: the database holds records up to {checkpoint_seq} but the journal \
-                 continues at {first}, so records in between are missing (if the database file \
-                 was replaced or removed on purpose, move this journal away too)",
-                path.display()
-            )));
-        }
-        let direct = match try_direct.then(|| Direct::open(path)) {
-            None => None,
-            Some(Ok(d)) => Some(d),
-            Some(Err(e)) => {
-                tracing::info!(path = %path.display(), error = %e, "the ingest journal cannot use direct I/O here; using buffered writes and fdatasync");
-                None
+        pending.sort_by_key(|(seq, _)| *seq);
+        for (expect, (seq, _)) in (checkpoint_seq + 1..).zip(&pending) {
+            if *seq != expect {
+                return Err(StoreError::Corrupt(format!(
+                    "journal {}: the database holds records up to {checkpoint_seq} and the \
+                     journal continues to {last}, but record {expect} is missing (if the \
+                     database file was replaced or removed on purpose, move the journal files \
+                     away too)",
+                    path.display()
+                )));
             }
-        };
-        let is_direct = direct.is_some();
-        let io = Io::spawn(file, direct).map_err(|e| io("start its thread", e))?;
+        }
+        if a.direct.is_none() || b.direct.is_none() {
+            a.direct = None;
+            b.direct = None;
+        }
         let journal = Journal {
-            io,
-            direct: is_direct,
-            path: path.to_path_buf(),
-            offset: 0,
+            sides: [a, b],
+            cur: 0,
             next_seq: checkpoint_seq.max(last) + 1,
             id,
             buf: Vec::new(),
             buf_first_seq: 0,
-            tail: Vec::new(),
             job: Vec::new(),
-            in_flight: None,
         };
         Ok((journal, pending))
     }
 
-    /// Whether `bytes` more of records fit before the lap is full. An empty journal takes any
-    /// batch, however large.
-    pub(crate) fn fits(&self, bytes: usize) -> bool {
-        self.offset == 0 || self.offset + bytes as u64 <= LAP_BYTES
-    }
-
-    /// Frames `payload` as the next record (written by [`Journal::sync`]); returns its sequence
-    /// number.
+    /// Frames `payload` as the next record (written by [`Journal::write`]); returns its
+    /// sequence number.
     pub(crate) fn push(&mut self, payload: &[u8]) -> u64 {
-        debug_assert!(self.in_flight.is_none(), "push while a write is in flight");
         let seq = self.next_seq;
         if self.buf.is_empty() {
             self.buf_first_seq = seq;
@@ -206,110 +201,77 @@ impl Journal {
         seq
     }
 
-    /// Bytes pushed and not yet written.
-    pub(crate) fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Writes the pushed records and waits until they are on disk.
-    #[cfg(test)]
-    pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
-        self.submit();
-        self.wait()
-    }
-
-    /// Hands the pushed records to the I/O thread; [`Journal::wait`] tells when they are on
-    /// disk. Nothing may be pushed in between.
-    pub(crate) fn submit(&mut self) {
-        assert!(self.in_flight.is_none(), "one journal write at a time");
-        let mut job = std::mem::take(&mut self.job);
-        job.clear();
-        job.extend_from_slice(&self.tail);
-        job.extend_from_slice(&self.buf);
-        let at = self.offset - self.tail.len() as u64;
-        self.in_flight = Some(self.buf.len());
-        self.buf.clear();
-        // Should the thread be gone (it only stops when the journal is dropped), `wait`
-        // reports the failure.
-        let _ = self.io.jobs.send((job, at));
-    }
-
-    /// Waits for the write handed over by [`Journal::submit`].
-    pub(crate) fn wait(&mut self) -> Result<(), StoreError> {
-        let Some((len, r)) = self.finish() else {
+    /// Writes the pushed records to the current file and returns once they are on disk.
+    /// On failure the records may be partly on disk; they are not acknowledged, and the next
+    /// batch overwrites them with the same sequence numbers, so the sequence stays unbroken
+    /// for a reader.
+    pub(crate) fn write(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
             return Ok(());
+        }
+        let side = &mut self.sides[self.cur];
+        self.job.clear();
+        self.job.extend_from_slice(&side.tail);
+        self.job.extend_from_slice(&self.buf);
+        let at = side.offset - side.tail.len() as u64;
+        let r = match &mut side.direct {
+            Some(d) => d.write(at, &self.job),
+            None => side
+                .file
+                .write_all_at(&self.job, at)
+                .and_then(|_| side.file.sync_data()),
         };
+        let len = self.buf.len();
+        self.buf.clear();
         match r {
             Ok(()) => {
-                self.offset += len as u64;
-                if self.direct {
-                    let keep = (self.offset % BLOCK as u64) as usize;
-                    self.tail.clear();
-                    self.tail
+                side.offset += len as u64;
+                side.last_seq = self.next_seq - 1;
+                if side.direct.is_some() {
+                    let keep = (side.offset % BLOCK as u64) as usize;
+                    side.tail.clear();
+                    side.tail
                         .extend_from_slice(&self.job[self.job.len() - keep..]);
                 }
                 Ok(())
             }
             Err(e) => {
-                // The records may be partly on disk. They are not acknowledged; the next batch
-                // overwrites them with the same sequence numbers, so the sequence stays
-                // unbroken for a reader.
                 self.next_seq = self.buf_first_seq;
                 Err(StoreError::Db(format!(
                     "journal {}: write: {e}",
-                    self.path.display()
+                    side.path.display()
                 )))
             }
         }
     }
 
-    /// Gives up on the write handed over by [`Journal::submit`] (its batch is not committed):
-    /// waits for it to finish, then lets the next batch take its place and its sequence
-    /// numbers, as if it had failed.
-    pub(crate) fn abandon(&mut self) {
-        if self.finish().is_some() {
-            self.next_seq = self.buf_first_seq;
-        }
+    /// Whether the current file has taken a lap's worth of records: time to ask for a
+    /// checkpoint and go on in the other file.
+    pub(crate) fn lap_full(&self) -> bool {
+        self.sides[self.cur].offset >= LAP_BYTES
     }
 
-    /// Receives the I/O thread's report on the write in flight, if any: its length and result.
-    fn finish(&mut self) -> Option<(usize, std::io::Result<()>)> {
-        let len = self.in_flight.take()?;
-        let r = match self.io.done.recv() {
-            Ok((bytes, r)) => {
-                self.job = bytes;
-                r
-            }
-            Err(_) => Err(std::io::Error::other("the journal's I/O thread stopped")),
-        };
-        Some((len, r))
+    /// Goes on in the other file, from its start. Returns the last record that file holds
+    /// from its previous lap: the database must cover it (a durable commit) before the next
+    /// [`Journal::write`], which writes over it.
+    pub(crate) fn switch(&mut self) -> u64 {
+        self.cur ^= 1;
+        let side = &mut self.sides[self.cur];
+        side.offset = 0;
+        side.tail.clear();
+        side.last_seq
     }
 
-    /// Drops pushed records that will not be written; their sequence numbers go to the next.
-    pub(crate) fn discard(&mut self) {
-        if !self.buf.is_empty() {
-            self.next_seq = self.buf_first_seq;
-            self.buf.clear();
-        }
-    }
-
-    /// Whether nothing was written since the last checkpoint (the database holds it all).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.offset == 0
-    }
-
-    /// Called after a durable commit: every record so far is covered by the database, so the
-    /// next one starts the file over.
-    pub(crate) fn checkpointed(&mut self) {
-        debug_assert!(self.in_flight.is_none());
-        self.offset = 0;
-        self.tail.clear();
+    /// Writes the pushed records and returns once they are on disk (the name the tests use).
+    #[cfg(test)]
+    pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
+        self.write()
     }
 
     /// Whether batches are written with direct, synchronous I/O.
     #[cfg(test)]
     pub(crate) fn is_direct(&self) -> bool {
-        self.direct
+        self.sides[0].direct.is_some()
     }
 
     /// The sequence number of the last record pushed (0 if none ever was).
@@ -466,16 +428,23 @@ mod tests {
     }
 
     #[test]
-    fn an_abandoned_write_gives_its_place_and_numbers_to_the_next() {
+    fn a_failed_write_gives_its_place_and_numbers_to_the_next() {
         both(|open, dir| {
             let (mut j, _) = open(dir, 0);
             j.push(b"one");
             j.sync().unwrap();
-            // Written while its batch was applied, then the batch failed: not committed.
+            // A write that cannot succeed: the second file is made read-only under the
+            // journal (a full or failing disk looks the same to it).
+            let second = second_path(&dir.join("j"));
+            j.switch();
+            let ro = OpenOptions::new().read(true).open(&second).unwrap();
+            let good = std::mem::replace(&mut j.sides[1].file, ro);
+            let direct = j.sides[1].direct.take();
             j.push(b"two, never acknowledged");
-            j.submit();
-            j.abandon();
-            assert_eq!(j.push(b"two"), 2);
+            assert!(j.write().is_err());
+            j.sides[1].file = good;
+            j.sides[1].direct = direct;
+            assert_eq!(j.push(b"two"), 2, "the failed record's number is reused");
             j.sync().unwrap();
             drop(j);
             let (_, pending) = open(dir, 0);
@@ -510,28 +479,52 @@ mod tests {
     }
 
     #[test]
-    fn after_a_checkpoint_the_file_starts_over_and_older_records_are_ignored() {
+    fn the_two_files_take_turns_and_older_laps_are_ignored() {
         both(|open, dir| {
             let (mut j, _) = open(dir, 0);
             for i in 0..6u8 {
                 j.push(&[i; 50]);
             }
             j.sync().unwrap();
-            // The database now covers 1..=6; two shorter records overwrite the start.
-            j.checkpointed();
+            // The first file's lap ends: the second takes records 7 and 8.
+            assert_eq!(j.switch(), 0, "the second file held nothing yet");
             j.push(b"seven");
             j.push(b"eight");
+            j.sync().unwrap();
+            // A crash now: the records of both files after the checkpoint, in order.
+            let (_, pending) = open(dir, 4);
+            let got: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+            assert_eq!(got, [5, 6, 7, 8]);
+            // Back to the first file, which must be covered up to 6 before it is written over;
+            // a shorter record leaves the older ones behind it, which are not read.
+            assert_eq!(j.switch(), 6);
+            j.push(b"nine");
             j.sync().unwrap();
             drop(j);
             let (j, pending) = open(dir, 6);
             let got: Vec<(u64, &[u8])> = pending.iter().map(|(s, p)| (*s, p.as_slice())).collect();
-            assert_eq!(got, [(7, &b"seven"[..]), (8, &b"eight"[..])]);
-            assert_eq!(j.last_seq(), 8);
-            // Crash right after a checkpoint, before anything new was written: nothing to
-            // replay.
-            let (j, pending) = open(dir, 8);
+            assert_eq!(
+                got,
+                [(7, &b"seven"[..]), (8, &b"eight"[..]), (9, &b"nine"[..])]
+            );
+            assert_eq!(j.last_seq(), 9);
+            // Everything covered: nothing to replay, and numbering goes on.
+            let (j, pending) = open(dir, 9);
             assert!(pending.is_empty());
-            assert_eq!(j.last_seq(), 8);
+            assert_eq!(j.last_seq(), 9);
+        });
+    }
+
+    #[test]
+    fn a_lap_is_full_once_it_has_taken_its_bytes() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            assert!(!j.lap_full());
+            j.push(&vec![7u8; LAP_BYTES as usize]);
+            j.sync().unwrap();
+            assert!(j.lap_full());
+            j.switch();
+            assert!(!j.lap_full());
         });
     }
 

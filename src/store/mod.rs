@@ -7,15 +7,17 @@
 //! queue) can be added behind the same methods.
 
 mod journal;
+mod journaler;
 mod tables;
 mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use tables::AttemptLogEntry;
 use tables::*;
@@ -34,6 +36,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("the store is shutting down")]
     Closed,
+    /// The database has not caught up with the ingest journal in time ([`Store::settle`]).
+    #[error("{0}")]
+    Behind(String),
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
@@ -164,9 +169,29 @@ pub(crate) struct Shared {
     /// Commits flushed to the database file (the others were appends made durable by the
     /// ingest journal).
     pub(crate) durable_commits: prometheus_client::metrics::counter::Counter,
+    /// Writes to the ingest journal, each making a batch of new events durable.
+    pub(crate) journal_writes: prometheus_client::metrics::counter::Counter,
     /// Journal records re-applied when the store was opened (after a crash).
     replayed: usize,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The last journal record on disk (set by the journal thread before it answers).
+    journaled: AtomicU64,
+    /// The last journal record committed to the database, visible to readers; the watch
+    /// wakes readers waiting for it ([`Store::settle`]).
+    applied: AtomicU64,
+    applied_watch: watch::Sender<u64>,
+    /// The last journal record the database's durable state covers; the journal thread waits
+    /// on it before writing over a file's older records.
+    checkpointed: std::sync::Mutex<u64>,
+    checkpointed_cv: std::sync::Condvar,
+}
+
+/// See [`Store::commit_counters`].
+pub struct CommitCounters {
+    pub commits: prometheus_client::metrics::counter::Counter,
+    pub commands: prometheus_client::metrics::counter::Counter,
+    pub durable: prometheus_client::metrics::counter::Counter,
+    pub journal_writes: prometheus_client::metrics::counter::Counter,
 }
 
 /// See [`Store::closer`].
@@ -189,6 +214,52 @@ impl Closer {
 }
 
 impl Shared {
+    fn new(counts: BTreeMap<(String, DeliveryStatus), u64>, replayed: usize, seq: u64) -> Self {
+        Shared {
+            counts: RwLock::new(counts),
+            commits: Default::default(),
+            commands: Default::default(),
+            durable_commits: Default::default(),
+            journal_writes: Default::default(),
+            replayed,
+            writer: Default::default(),
+            journaled: AtomicU64::new(seq),
+            applied: AtomicU64::new(seq),
+            applied_watch: watch::Sender::new(seq),
+            checkpointed: std::sync::Mutex::new(seq),
+            checkpointed_cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn set_journaled(&self, seq: u64) {
+        self.journaled.store(seq, Ordering::SeqCst);
+    }
+
+    fn applied(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    fn set_applied(&self, seq: u64) {
+        self.applied.store(seq, Ordering::SeqCst);
+        self.applied_watch.send_replace(seq);
+    }
+
+    fn set_checkpointed(&self, seq: u64) {
+        let mut c = self.checkpointed.lock().expect("checkpointed lock");
+        if seq > *c {
+            *c = seq;
+            self.checkpointed_cv.notify_all();
+        }
+    }
+
+    /// Blocks until the database's durable state covers journal record `seq`.
+    fn wait_checkpointed(&self, seq: u64) {
+        let mut c = self.checkpointed.lock().expect("checkpointed lock");
+        while *c < seq {
+            c = self.checkpointed_cv.wait(c).expect("checkpointed lock");
+        }
+    }
+
     fn apply_deltas(&self, deltas: &writer::Deltas) {
         let mut counts = self.counts.write().expect("counts lock");
         for ((endpoint, status), delta) in deltas {
@@ -202,9 +273,16 @@ impl Shared {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    /// To the writer thread.
     tx: mpsc::Sender<Command>,
+    /// To the journal thread (new events).
+    journal: mpsc::Sender<journaler::Append>,
     shared: Arc<Shared>,
 }
+
+/// How long [`Store::settle`] waits for the database to catch up with the journal before it
+/// reports the store unavailable.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest number of rows a listing examines before handing back a cursor.
 const SCAN_CAP: usize = 100_000;
@@ -269,22 +347,27 @@ impl Store {
             }
         }
         let db = Arc::new(db);
-        let shared = Arc::new(Shared {
-            counts: RwLock::new(counts),
-            commits: Default::default(),
-            commands: Default::default(),
-            durable_commits: Default::default(),
-            replayed,
-            writer: Default::default(),
-        });
+        let seq = journal.last_seq();
+        let shared = Arc::new(Shared::new(counts, replayed, seq));
         let (tx, rx) = mpsc::channel(65_536);
         let (wdb, wshared) = (db.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("courier-writer".into())
-            .spawn(move || writer::run(wdb, rx, wshared, quick_repair, journal))
+            .spawn(move || writer::run(wdb, rx, wshared, quick_repair))
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
         *shared.writer.lock().expect("writer handle") = Some(thread);
-        Ok(Store { db, tx, shared })
+        let (jtx, jrx) = mpsc::channel(65_536);
+        let (wtx, jshared) = (tx.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("courier-journal".into())
+            .spawn(move || journaler::run(jrx, wtx, jshared, journal))
+            .map_err(|e| StoreError::Db(format!("cannot start journal thread: {e}")))?;
+        Ok(Store {
+            db,
+            tx,
+            journal: jtx,
+            shared,
+        })
     }
 
     /// A handle that waits for the database to be closed cleanly once every `Store` clone is
@@ -306,9 +389,35 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Commits an event with its deliveries; returns once the commit is on disk.
+    /// Commits an event with its deliveries; returns once it is on disk (in the ingest
+    /// journal; the database may apply it a moment later: see [`Store::settle`]).
     pub async fn append(&self, batch: AppendBatch) -> Result<AppendResult, StoreError> {
-        self.call(|tx| Command::Append(batch, tx)).await
+        let (tx, rx) = oneshot::channel();
+        self.journal
+            .send((batch, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Waits until the database shows every event acknowledged before this call (the writer
+    /// applies journaled events a moment after their producers were answered). Readers that
+    /// must see what was just ingested call this first: the API before every request but the
+    /// ingest routes, a delivery worker before it looks for due work.
+    pub async fn settle(&self) -> Result<(), StoreError> {
+        let target = self.shared.journaled.load(Ordering::SeqCst);
+        if self.shared.applied() >= target {
+            return Ok(());
+        }
+        let mut rx = self.shared.applied_watch.subscribe();
+        match tokio::time::timeout(SETTLE_TIMEOUT, rx.wait_for(|a| *a >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Closed),
+            Err(_) => Err(StoreError::Behind(format!(
+                "the database has not applied the ingest journal's records up to {target} \
+                 within {SETTLE_TIMEOUT:?} (see the log for the write errors)"
+            ))),
+        }
     }
 
     /// Records an attempt and the delivery's next state in one transaction.
@@ -582,20 +691,15 @@ impl Store {
         Ok((out, next))
     }
 
-    /// Counters of committed write transactions, of the commands they carried, and of the
-    /// commits flushed to the database file.
-    pub fn commit_counters(
-        &self,
-    ) -> (
-        prometheus_client::metrics::counter::Counter,
-        prometheus_client::metrics::counter::Counter,
-        prometheus_client::metrics::counter::Counter,
-    ) {
-        (
-            self.shared.commits.clone(),
-            self.shared.commands.clone(),
-            self.shared.durable_commits.clone(),
-        )
+    /// The write path's counters: commits, the changes they carried, the commits flushed to
+    /// the database file, and the journal's writes.
+    pub fn commit_counters(&self) -> CommitCounters {
+        CommitCounters {
+            commits: self.shared.commits.clone(),
+            commands: self.shared.commands.clone(),
+            durable: self.shared.durable_commits.clone(),
+            journal_writes: self.shared.journal_writes.clone(),
+        }
     }
 
     /// Ingest-journal records re-applied when the store was opened: events acknowledged
@@ -747,6 +851,88 @@ mod tests {
         );
     }
 
+    /// An append without an idempotency key or a chosen id is answered once its journal
+    /// record is on disk; a reader that settles first sees it, and a crash right after the
+    /// answer (the database may not have it yet) loses nothing.
+    #[tokio::test]
+    async fn plain_appends_are_answered_from_the_journal_and_seen_after_settling() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("live").join("courier.redb");
+        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+        let store = Store::open(&db, true).unwrap();
+        let crashed = dir.path().join("crashed");
+        std::fs::create_dir_all(&crashed).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..200u64 {
+            let mut b = batch("unused", 1_000 + i);
+            b.idempotency = None;
+            ids.push(b.event.id.clone());
+            assert_eq!(store.append(b).await.unwrap(), AppendResult::Created);
+            if i == 150 {
+                // The files as a power cut would leave them right after this answer.
+                for name in ["courier.redb", "courier.journal", "courier.journal2"] {
+                    std::fs::copy(db.with_file_name(name), crashed.join(name)).unwrap();
+                }
+            }
+        }
+        store.settle().await.unwrap();
+        for id in &ids {
+            assert!(
+                store.event(id).unwrap().is_some(),
+                "{id} not visible after settle"
+            );
+        }
+        assert_eq!(store.pending_count("e"), 200);
+        let after = Store::open(&crashed.join("courier.redb"), true).unwrap();
+        for id in &ids[..=150] {
+            assert!(after.event(id).unwrap().is_some(), "{id} lost");
+        }
+        assert_eq!(after.pending_count("e"), 151);
+    }
+
+    /// Far more than a lap of the journal: the two files take turns, each written over only
+    /// after a checkpoint covers it, and a crash at any point loses nothing.
+    #[tokio::test]
+    async fn the_journal_goes_round_its_files_without_losing_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("live").join("courier.redb");
+        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+        let store = Store::open(&db, true).unwrap();
+        let mut ids = Vec::new();
+        let payload = vec![b'x'; 64 * 1024];
+        // 64 KiB each: 8 MiB laps turn over every ~128 appends.
+        for round in 0..5 {
+            let sends = (0..100u64).map(|i| {
+                let mut b = batch("unused", 1_000 + i);
+                b.idempotency = None;
+                b.event.payload = payload.clone();
+                ids.push(b.event.id.clone());
+                let store = store.clone();
+                async move { store.append(b).await }
+            });
+            for r in futures_util::future::join_all(sends.collect::<Vec<_>>()).await {
+                assert_eq!(r.unwrap(), AppendResult::Created);
+            }
+            let crashed = dir.path().join(format!("crashed{round}"));
+            std::fs::create_dir_all(&crashed).unwrap();
+            for name in ["courier.redb", "courier.journal", "courier.journal2"] {
+                std::fs::copy(db.with_file_name(name), crashed.join(name)).unwrap();
+            }
+            let after = Store::open(&crashed.join("courier.redb"), true).unwrap();
+            assert_eq!(after.pending_count("e"), ids.len() as u64, "round {round}");
+            drop(after);
+        }
+        // 32 MiB went through 8 MiB laps: each file was written over at least once (a file
+        // is taken again only after a checkpoint covers it, so two had to happen), and
+        // neither grew beyond a lap and a batch.
+        let durable = store.commit_counters().durable;
+        assert!(durable.get() >= 2, "checkpoints: {}", durable.get());
+        for name in ["courier.journal", "courier.journal2"] {
+            let len = std::fs::metadata(db.with_file_name(name)).unwrap().len();
+            assert!(len < 2 * journal::LAP_BYTES, "{name}: {len} bytes");
+        }
+    }
+
     /// A copy of the data files taken while the store runs is what a power cut leaves behind:
     /// appends committed without a database flush must come back from the journal.
     #[tokio::test]
@@ -761,7 +947,8 @@ mod tests {
             ids.push(b.event.id.clone());
             assert_eq!(store.append(b).await.unwrap(), AppendResult::Created);
         }
-        let (commits, _, durable) = store.commit_counters();
+        let c = store.commit_counters();
+        let (commits, durable) = (c.commits, c.durable);
         assert!(
             commits.get() > durable.get(),
             "appends alone should not flush the database ({} commits, {} durable)",
@@ -771,7 +958,7 @@ mod tests {
         // The writer is idle now: every append above has its reply.
         let crashed = dir.path().join("crashed");
         std::fs::create_dir_all(&crashed).unwrap();
-        for name in ["courier.redb", "courier.journal"] {
+        for name in ["courier.redb", "courier.journal", "courier.journal2"] {
             std::fs::copy(db.with_file_name(name), crashed.join(name)).unwrap();
         }
 

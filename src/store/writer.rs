@@ -1,11 +1,13 @@
 //! The single writer: every change to the database goes through one thread that batches all
 //! waiting commands into one write transaction (group commit).
 //!
-//! Why: the disk fsyncs a few hundred times a second under sustained load, so one commit per
-//! event would cap ingest there. Callers wait on a oneshot that fires only after the commit
-//! that holds their change has returned and is on disk, which is what makes a 202 mean "on
-//! disk". A batch of appends alone is made durable by the ingest journal and committed
-//! without a flush; anything else is a durable commit ([`super::journal`] says why).
+//! Why: the disk flushes a few hundred times a second under sustained load, so one commit per
+//! event would cap ingest there. New events reach this thread already on disk in the ingest
+//! journal ([`super::journaler`] wrote and, for most, acknowledged them); they are applied and
+//! committed without a flush. Every other command is a durable commit, and its caller's
+//! oneshot fires only after that commit returned — which is what makes an answer mean "on
+//! disk". A durable commit also covers every journaled record applied before it (a
+//! checkpoint), which is what lets the journal write over its older records.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +15,6 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
-use super::journal::Journal;
 use super::tables::*;
 use super::{
     AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, OutcomeRecord,
@@ -27,10 +28,11 @@ const MAX_BATCH: usize = 4096;
 // Commands are moved once through a channel; their size does not matter.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Command {
-    Append(
-        AppendBatch,
-        oneshot::Sender<Result<AppendResult, StoreError>>,
-    ),
+    /// New events, already on disk in the journal (records up to `last_seq`).
+    Journaled(Journaled),
+    /// A durable commit of nothing new, asked for by the journal thread when it leaves a file
+    /// for the other: it covers every record applied so far.
+    Checkpoint,
     Outcome(OutcomeRecord, oneshot::Sender<Result<(), StoreError>>),
     Replay(
         ReplayTarget,
@@ -49,8 +51,21 @@ pub(crate) enum Command {
     Endpoint(EndpointWrite, oneshot::Sender<Result<bool, StoreError>>),
 }
 
+/// A batch of appends the journal thread wrote, in journal order.
+pub(crate) struct Journaled {
+    /// Each append, with the caller to answer once it is committed — `None` when the journal
+    /// thread answered already (an append without an idempotency key or a chosen id can only
+    /// create its event).
+    pub(crate) appends: Vec<(AppendBatch, Option<AppendReply>)>,
+    /// The sequence number of the batch's last record.
+    pub(crate) last_seq: u64,
+}
+
+pub(crate) type AppendReply = oneshot::Sender<Result<AppendResult, StoreError>>;
+
 enum Reply {
-    Append(Result<AppendResult, StoreError>),
+    Journaled(Vec<Result<AppendResult, StoreError>>),
+    Checkpoint,
     Outcome(Result<(), StoreError>),
     Replay(Result<ReplayResult, StoreError>),
     Purge(Result<usize, StoreError>),
@@ -63,46 +78,98 @@ pub(crate) fn run(
     mut rx: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     quick_repair: bool,
-    mut journal: Journal,
 ) {
-    let mut cmds = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        cmds.push(first);
+    let mut cmds: Vec<Command> = Vec::with_capacity(MAX_BATCH);
+    // Journaled records committed without a flush since the last durable commit.
+    let mut dirty = false;
+    let mut closed = false;
+    let mut retry_delay = RETRY_MIN;
+    loop {
+        if cmds.is_empty() {
+            match rx.blocking_recv() {
+                Some(c) => cmds.push(c),
+                None => break,
+            }
+        }
         while cmds.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(c) => cmds.push(c),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             }
         }
         let mut deltas = Deltas::new();
-        match apply(&db, &cmds, &mut deltas, quick_repair, &mut journal) {
-            Ok((replies, durability)) => {
-                if let Durability::Immediate = durability {
-                    journal.checkpointed();
-                    shared.durable_commits.inc();
-                }
+        match apply(&db, &cmds, &mut deltas, quick_repair) {
+            Ok((replies, durability, journaled)) => {
+                retry_delay = RETRY_MIN;
                 shared.apply_deltas(&deltas);
+                if let Some(seq) = journaled {
+                    shared.set_applied(seq);
+                }
+                match durability {
+                    Durability::Immediate => {
+                        dirty = false;
+                        shared.set_checkpointed(shared.applied());
+                        shared.durable_commits.inc();
+                    }
+                    _ => dirty = true,
+                }
                 shared.commits.inc();
-                shared.commands.inc_by(cmds.len() as u64);
+                shared.commands.inc_by(changes(&cmds));
                 for (cmd, reply) in cmds.drain(..).zip(replies) {
                     send(cmd, reply);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = cmds.len(), "write transaction failed");
+                // Journaled appends are on disk and mostly acknowledged: they are kept, in
+                // order, and tried again (readers wait for them); everything else fails.
+                let mut keep = Vec::new();
                 for cmd in cmds.drain(..) {
-                    fail(cmd, e.clone());
+                    match cmd {
+                        Command::Journaled(_) => keep.push(cmd),
+                        other => fail(other, e.clone()),
+                    }
+                }
+                if closed {
+                    // Shutting down: the next start re-applies them from the journal.
+                    break;
+                }
+                cmds = keep;
+                if !cmds.is_empty() {
+                    std::thread::sleep(retry_delay);
+                    retry_delay = (retry_delay * 2).min(RETRY_MAX);
                 }
             }
         }
+        if closed && cmds.is_empty() {
+            break;
+        }
     }
     // Shutting down: leave a database that needs no journal on the next start.
-    if !journal.is_empty()
-        && let Err(e) = checkpoint(&db, quick_repair)
-    {
+    if dirty && let Err(e) = checkpoint(&db, quick_repair) {
         tracing::warn!(error = %e, "final checkpoint failed; the journal will be replayed on the next start")
     }
 }
+
+/// The changes `cmds` carry: each journaled append counts, a checkpoint does not.
+fn changes(cmds: &[Command]) -> u64 {
+    cmds.iter()
+        .map(|c| match c {
+            Command::Journaled(j) => j.appends.len() as u64,
+            Command::Checkpoint => 0,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// How long the writer waits before trying a failed batch of journaled appends again, at
+/// first and at most.
+const RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A durable commit of nothing new: makes every earlier commit durable in the database.
 fn checkpoint(db: &Database, quick_repair: bool) -> Result<(), StoreError> {
@@ -154,7 +221,16 @@ fn send(cmd: Command, reply: Reply) {
     // A caller that went away (client disconnected) no longer needs the answer; the change
     // is committed either way.
     match (cmd, reply) {
-        (Command::Append(_, tx), Reply::Append(r)) => drop(tx.send(r)),
+        (Command::Journaled(j), Reply::Journaled(results)) => {
+            for ((_, tx), r) in j.appends.into_iter().zip(results) {
+                match tx {
+                    Some(tx) => drop(tx.send(r)),
+                    // Answered already: it can only have created its event.
+                    None => debug_assert!(matches!(r, Ok(AppendResult::Created)), "{r:?}"),
+                }
+            }
+        }
+        (Command::Checkpoint, Reply::Checkpoint) => {}
         (Command::Outcome(_, tx), Reply::Outcome(r)) => drop(tx.send(r)),
         (Command::Replay(_, tx), Reply::Replay(r)) => drop(tx.send(r)),
         (Command::Purge { reply, .. }, Reply::Purge(r)) => drop(reply.send(r)),
@@ -166,7 +242,14 @@ fn send(cmd: Command, reply: Reply) {
 
 fn fail(cmd: Command, e: StoreError) {
     match cmd {
-        Command::Append(_, tx) => drop(tx.send(Err(e))),
+        Command::Journaled(j) => {
+            for (_, tx) in j.appends {
+                if let Some(tx) = tx {
+                    drop(tx.send(Err(e.clone())));
+                }
+            }
+        }
+        Command::Checkpoint => {}
         Command::Outcome(_, tx) => drop(tx.send(Err(e))),
         Command::Replay(_, tx) => drop(tx.send(Err(e))),
         Command::Purge { reply, .. } => drop(reply.send(Err(e))),
@@ -178,60 +261,35 @@ fn fail(cmd: Command, e: StoreError) {
 /// Changes to the per-(endpoint, status) counters made by one transaction.
 pub(crate) type Deltas = HashMap<(String, DeliveryStatus), i64>;
 
-/// Applies `cmds` in one transaction and commits it; returns the replies and whether the
-/// commit was durable in the database (`Immediate`) or through the journal (`None`).
+/// Applies `cmds` in one transaction and commits it; returns the replies, whether the commit
+/// was durable in the database (`Immediate`) or left to the journal (`None`: journaled appends
+/// alone), and the last journal record it applied, if any.
 fn apply(
     db: &Database,
     cmds: &[Command],
     deltas: &mut Deltas,
     quick_repair: bool,
-    journal: &mut Journal,
-) -> Result<(Vec<Reply>, Durability), StoreError> {
-    // A batch of appends alone is journaled; its records go to disk while the database work
-    // below is done, and the commit waits for them. Every append is journaled, even one that
-    // turns out to be an idempotent repeat or an id conflict: re-applied in the same order
-    // against the same state, it changes nothing again.
-    let mut journaled = false;
-    if cmds.iter().all(|c| matches!(c, Command::Append(..))) {
-        for cmd in cmds {
-            if let Command::Append(b, _) = cmd {
-                journal.push(&encode(b));
-            }
-        }
-        if journal.fits(journal.buffered()) {
-            journal.submit();
-            journaled = true;
-        } else {
-            // The journal is full: this commit is the checkpoint that lets it start over.
-            journal.discard();
-        }
-    }
-    let r = apply_in_txn(db, cmds, deltas, quick_repair, journal, journaled);
-    if r.is_err() && journaled {
-        journal.abandon();
-    }
-    r
-}
-
-fn apply_in_txn(
-    db: &Database,
-    cmds: &[Command],
-    deltas: &mut Deltas,
-    quick_repair: bool,
-    journal: &mut Journal,
-    journaled: bool,
-) -> Result<(Vec<Reply>, Durability), StoreError> {
+) -> Result<(Vec<Reply>, Durability, Option<u64>), StoreError> {
     let mut txn = db.begin_write()?;
     // Save the allocator state with each durable commit, so that opening the database after a
     // crash takes milliseconds instead of a walk over the whole file (see BENCHMARKS.md).
     txn.set_quick_repair(quick_repair);
     let mut replies = Vec::with_capacity(cmds.len());
-    let mut durability = Durability::Immediate;
+    let mut journaled = None;
+    let durability = if cmds.iter().all(|c| matches!(c, Command::Journaled(_))) {
+        Durability::None
+    } else {
+        Durability::Immediate
+    };
     {
         let mut t = Tables::open(&txn)?;
         for cmd in cmds {
             replies.push(match cmd {
-                Command::Append(batch, _) => Reply::Append(t.append(batch, deltas)),
+                Command::Journaled(j) => {
+                    journaled = Some(j.last_seq);
+                    Reply::Journaled(j.appends.iter().map(|(b, _)| t.append(b, deltas)).collect())
+                }
+                Command::Checkpoint => Reply::Checkpoint,
                 Command::Outcome(rec, _) => Reply::Outcome(t.outcome(rec, deltas)),
                 Command::Replay(target, _) => Reply::Replay(t.replay(target, deltas)),
                 Command::Purge {
@@ -248,7 +306,8 @@ fn apply_in_txn(
         // the whole batch rather than commit half of a change.
         for r in &replies {
             let err = match r {
-                Reply::Append(Err(e)) | Reply::Outcome(Err(e)) => Some(e),
+                Reply::Journaled(rs) => rs.iter().find_map(|r| r.as_ref().err()),
+                Reply::Outcome(Err(e)) => Some(e),
                 Reply::Replay(Err(e)) | Reply::Purge(Err(e)) | Reply::Channel(Err(e)) => Some(e),
                 Reply::Endpoint(Err(e)) => Some(e),
                 _ => None,
@@ -258,18 +317,13 @@ fn apply_in_txn(
             }
         }
         t.apply_counts(deltas)?;
-        if journaled {
-            t.meta.insert(JOURNAL_SEQ, journal.last_seq())?;
-            // If the commit below failed after this, the records would stay in the journal:
-            // their producers get an error, and a crash before the next checkpoint would still
-            // create those events (at least once, never lost).
-            journal.wait()?;
-            durability = Durability::None;
+        if let Some(seq) = journaled {
+            t.meta.insert(JOURNAL_SEQ, seq)?;
         }
     }
     txn.set_durability(durability)?;
     txn.commit()?;
-    Ok((replies, durability))
+    Ok((replies, durability, journaled))
 }
 
 /// Every table, opened once per transaction.

@@ -1,0 +1,107 @@
+//! The journal thread: the front of the durable write path. It takes every new event, writes
+//! a batch of them to the ingest journal with one synchronous write, answers the producers
+//! once that write is on disk, and hands the batch to the writer, which applies it to the
+//! database behind it.
+//!
+//! Why a stage of its own: with the journal written by the writer, each batch waited for the
+//! database work of the one before — applying it, committing, and every few thousand events a
+//! checkpoint that writes out every page changed since the last one — and producers waited
+//! for all of it. Now a producer waits for its batch's journal write alone; the database
+//! catches up behind (readers wait for it: [`super::Store::settle`]).
+//!
+//! An append with an idempotency key or a producer-chosen id is still answered by the writer:
+//! whether it creates anything depends on what the database holds (repeats and conflicts are
+//! journaled too; re-applied in order against the same state they change nothing again). Any
+//! other append can only create its event, so its answer is known once it is on disk.
+//!
+//! The journal's two files take turns (see [`super::journal`]): when one has taken a lap's
+//! worth of records the thread asks the writer for a checkpoint and goes on in the other,
+//! which it writes over only once the database covers the records it held.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::journal::Journal;
+use super::tables::encode;
+use super::writer::{AppendReply, Command, Journaled};
+use super::{AppendBatch, AppendResult, Shared, StoreError};
+
+/// Most appends written in one batch.
+const MAX_BATCH: usize = 4096;
+
+/// An append on its way to the journal thread.
+pub(crate) type Append = (AppendBatch, AppendReply);
+
+/// Whether the answer to `b` is known before the database sees it (see the module docs).
+fn creates_for_sure(b: &AppendBatch) -> bool {
+    b.idempotency.is_none() && !b.id_supplied
+}
+
+pub(crate) fn run(
+    mut rx: mpsc::Receiver<Append>,
+    writer: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    mut journal: Journal,
+) {
+    let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
+    // The database must cover this record before the next write, which goes over it.
+    let mut must_cover = 0u64;
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        for (b, _) in &batch {
+            journal.push(&encode(b));
+        }
+        shared.wait_checkpointed(must_cover);
+        if let Err(e) = journal.write() {
+            tracing::error!(error = %e, appends = batch.len(), "ingest journal write failed");
+            for (_, tx) in batch.drain(..) {
+                drop(tx.send(Err(e.clone())));
+            }
+            continue;
+        }
+        let last_seq = journal.last_seq();
+        shared.journal_writes.inc();
+        shared.set_journaled(last_seq);
+        let mut answered: Vec<oneshot::Sender<_>> = Vec::with_capacity(batch.len());
+        let appends = batch
+            .drain(..)
+            .map(|(b, tx)| {
+                if creates_for_sure(&b) {
+                    answered.push(tx);
+                    (b, None)
+                } else {
+                    (b, Some(tx))
+                }
+            })
+            .collect();
+        // Handed over before anyone is answered, so that whatever a producer does next reaches
+        // the writer after its event.
+        if writer
+            .blocking_send(Command::Journaled(Journaled { appends, last_seq }))
+            .is_err()
+        {
+            // Only when the store is closing; the records are on disk and the next start
+            // applies them.
+            for tx in answered {
+                drop(tx.send(Err(StoreError::Closed)));
+            }
+            continue;
+        }
+        for tx in answered {
+            drop(tx.send(Ok(AppendResult::Created)));
+        }
+        if journal.lap_full() {
+            // The writer checkpoints once it has applied this file's records (they are ahead
+            // of this command on its channel).
+            let _ = writer.blocking_send(Command::Checkpoint);
+            must_cover = journal.switch();
+        }
+    }
+}
