@@ -3,7 +3,7 @@
 //! The flow of one event, and the module that owns each step:
 //!
 //! ```text
-//!  producer ─POST─▶ api::events ─▶ ingest ─▶ store (redb + ingest journal, group commit by store::writer)
+//!  producer ─POST─▶ api::events ─▶ ingest ─▶ store (ingest journal by store::journaler, then redb by store::writer)
 //!                                                 │ due-time index, per endpoint
 //!                                                 ▼
 //!  DLQ ◀─ store ◀─ outcome (retry rules) ◀─ deliver (sign, client) ◀─ scheduler (worker per endpoint)
@@ -13,10 +13,10 @@
 //! - [`model`]: the vocabulary (Event, Delivery, Attempt, statuses, scopes).
 //! - [`endpoints`]: the effective endpoints (config file + endpoint API), indexed by name and
 //!   by subscribed event type.
-//! - [`store`]: the one narrow interface to durable state; redb behind a single writer thread,
-//!   with an ingest journal that makes batches of new events durable with one sequential
-//!   write.
-//! - [`ingest`]: producer requests become an event plus deliveries, committed before the 202.
+//! - [`store`]: the one narrow interface to durable state: a journal thread makes batches of
+//!   new events durable with one sequential write and answers their producers, and a single
+//!   writer thread applies them and every other change to redb behind it.
+//! - [`ingest`]: producer requests become an event plus deliveries, on disk before the 202.
 //! - [`scheduler`]: one worker per endpoint reads due deliveries in pages and starts attempts
 //!   within `max_in_flight`, `rate_limit`, ordering and the circuit breaker.
 //! - [`deliver`]: builds, signs ([`deliver::sign`]) and sends ([`deliver::client`], with the

@@ -1,30 +1,35 @@
-//! The ingest journal: an append-only file that makes a batch of new events durable with one
+//! The ingest journal: append-only files that make a batch of new events durable with one
 //! sequential synchronous write (`O_DIRECT | O_DSYNC`, or a buffered write and `fdatasync`
-//! where the file system refuses direct I/O), so that the database commit holding them does
-//! not have to be flushed before the producers get their 202.
+//! where the file system refuses direct I/O), so that the database commits holding them do
+//! not have to be flushed (the journal thread, [`super::journaler`], writes it).
 //!
 //! Why: a durable redb commit costs two flushes (with `quick_repair`) and a `pwrite` for each
 //! of the ~20–40 copy-on-write pages it touches, whatever the number of events in it; at 64
 //! concurrent producers that fixed price was most of the writer's time (BENCHMARKS.md). The
-//! writer now commits batches made only of appends without flushing (`Durability::None`:
-//! visible to readers, kept in redb's write buffer) *after* their journal records are on
-//! disk; every other kind of write, and a full journal, is a durable commit — a checkpoint
-//! that covers every journaled record before it, after which the journal starts over.
+//! writer commits journaled events without flushing (`Durability::None`: visible to readers,
+//! kept in redb's write buffer); every other kind of write is a durable commit — a checkpoint
+//! that covers every journaled record applied before it.
+//!
+//! Two files take turns, a lap each: when the current one has taken [`LAP_BYTES`] the writer
+//! is asked for a checkpoint and the next batch goes to the start of the other file, whose
+//! older records must be covered by a checkpoint before they are written over (that one was
+//! asked for a lap earlier, so ingest rarely waits). One file would have to wait for each
+//! checkpoint before starting over.
 //!
 //! After a crash, redb comes back at its last durable commit, which stores the sequence number
-//! of the last journal record it covers; [`Journal::open`] returns the records after that one,
-//! and the store re-applies them before anything else runs. Records are only ever read back
-//! in that one place.
+//! of the last journal record it covers; [`Journal::open`] returns the records of both files
+//! after that one, in order, and the store re-applies them before anything else runs. Records
+//! are only ever read back in that one place.
 //!
 //! Format: records back to back from offset 0, each `len: u32 LE | crc32: u32 LE | seq: u64 LE |
 //! payload (len bytes)`, the checksum covering the database's journal id (a random number
 //! kept in the database), seq and payload — so that a journal left over from another database
-//! file reads as empty instead of being applied to this one. After a checkpoint the file is
-//! overwritten from offset 0 (never truncated, so later flushes have no block allocation to
-//! write), which leaves older records behind the new ones; a reader stops at the first
-//! record that is torn, fails its checksum or does not continue the sequence. Direct writes
-//! are whole 4 KiB blocks, so the rest of the block after a batch's last record is zeros until
-//! the next batch fills it.
+//! file reads as empty instead of being applied to this one. A file is written over from
+//! offset 0 (never truncated, so later flushes have no block allocation to write), which
+//! leaves older records behind the new ones; a reader stops at the first record that is torn,
+//! fails its checksum or does not continue the sequence. Direct writes are whole 4 KiB blocks,
+//! so the rest of the block after a batch's last record is zeros until the next batch fills
+//! it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -33,10 +38,10 @@ use std::path::{Path, PathBuf};
 
 use super::StoreError;
 
-/// Bytes of journal written before a checkpoint is forced. It bounds the replay after a crash
-/// (~6,000 events of 1 KiB), the file's size, and how long a checkpoint holds up ingest:
-/// the checkpoint writes the pages of every commit since the last one (measured: ~23 ms at
-/// 8 MiB, ~85 ms at 32 MiB, with the same throughput; BENCHMARKS.md).
+/// Bytes of journal written to one file before the other takes over and a checkpoint is asked
+/// for. It bounds the replay after a crash (~6,000–12,000 events of 1 KiB), the files' size,
+/// and how long a checkpoint takes (it writes the pages of every commit since the last one:
+/// ~23 ms at 8 MiB, ~85 ms at 32 MiB; BENCHMARKS.md).
 pub(crate) const LAP_BYTES: u64 = 8 << 20;
 
 const HEADER: usize = 16;

@@ -126,11 +126,12 @@ pub(crate) fn run(
             Err(e) => {
                 tracing::error!(error = %e, commands = cmds.len(), "write transaction failed");
                 // Journaled appends are on disk and mostly acknowledged: they are kept, in
-                // order, and tried again (readers wait for them); everything else fails.
+                // order, and tried again (readers wait for them), and so is a checkpoint the
+                // journal thread waits for; everything else fails.
                 let mut keep = Vec::new();
                 for cmd in cmds.drain(..) {
                     match cmd {
-                        Command::Journaled(_) => keep.push(cmd),
+                        Command::Journaled(_) | Command::Checkpoint => keep.push(cmd),
                         other => fail(other, e.clone()),
                     }
                 }
