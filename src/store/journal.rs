@@ -206,6 +206,11 @@ impl Journal {
         seq
     }
 
+    /// Bytes pushed and not yet written.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Writes the pushed records to the current file and returns once they are on disk.
     /// On failure the records may be partly on disk; they are not acknowledged, and the next
     /// batch overwrites them with the same sequence numbers, so the sequence stays unbroken

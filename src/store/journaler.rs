@@ -30,6 +30,10 @@ use super::{AppendBatch, AppendResult, Shared, StoreError};
 /// Most appends written in one batch.
 const MAX_BATCH: usize = 4096;
 
+/// A batch stops taking appends once its records reach this size, so that a file outgrows
+/// its lap by at most this (and one record): the files are written over, never truncated.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
 /// An append on its way to the journal thread.
 pub(crate) type Append = (AppendBatch, AppendReply);
 
@@ -48,15 +52,16 @@ pub(crate) fn run(
     // The database must cover this record before the next write, which goes over it.
     let mut must_cover = 0u64;
     while let Some(first) = rx.blocking_recv() {
+        journal.push(&encode(&first.0));
         batch.push(first);
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && journal.buffered() < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(a) => batch.push(a),
+                Ok(a) => {
+                    journal.push(&encode(&a.0));
+                    batch.push(a);
+                }
                 Err(_) => break,
             }
-        }
-        for (b, _) in &batch {
-            journal.push(&encode(b));
         }
         shared.wait_checkpointed(must_cover);
         if let Err(e) = journal.write() {

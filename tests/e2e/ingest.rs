@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::*;
 
@@ -350,5 +350,55 @@ async fn concurrent_ingests_share_group_commits() {
         commits < commands / 2.0,
         "200 concurrent ingests took {commits} commits: no batching"
     );
+    c.stop().await;
+}
+
+/// A 202 is answered as soon as the event is on disk in the ingest journal, a moment before
+/// the database has it: every API read made after the 202 must still find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_event_is_visible_to_the_next_request() {
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "later",
+            &format!("http://127.0.0.1:{}/", free_port()),
+            "schedule = [\"1h\"]"
+        )
+    ))
+    .await;
+    // Events of 60 KiB (the limit here is 64): the journal's files turn over every ~135 of them, and the writer's
+    // checkpoints (and the failed first attempts' outcomes) keep it busy behind the journal.
+    let filler = "x".repeat(60 * 1024);
+    for _round in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let (http, base, filler) = (c.http.clone(), c.base.clone(), filler.clone());
+            tasks.push(tokio::spawn(async move {
+                let body =
+                    json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
+                let r = http
+                    .post(format!("{base}/v1/events"))
+                    .bearer_auth(ADMIN)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 202);
+                let reply: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                let id = reply["deliveries"][0]["id"].as_str().unwrap().to_string();
+                let got = http
+                    .get(format!("{base}/v1/deliveries/{id}"))
+                    .bearer_auth(ADMIN)
+                    .send()
+                    .await
+                    .unwrap();
+                (id, got.status().as_u16())
+            }));
+        }
+        for t in tasks {
+            let (id, status) = t.await.unwrap();
+            assert_eq!(status, 200, "{id} not found right after its 202");
+        }
+    }
     c.stop().await;
 }
