@@ -63,7 +63,7 @@ pub(crate) fn run(
                 Err(_) => break,
             }
         }
-        shared.wait_checkpointed(must_cover);
+        shared.progress.wait_checkpointed(must_cover);
         if let Err(e) = journal.write() {
             tracing::error!(error = %e, appends = batch.len(), "ingest journal write failed");
             for (_, tx) in batch.drain(..) {
@@ -73,7 +73,7 @@ pub(crate) fn run(
         }
         let last_seq = journal.last_seq();
         shared.journal_writes.inc();
-        shared.set_journaled(last_seq);
+        shared.progress.set_journaled(last_seq);
         let mut answered: Vec<oneshot::Sender<_>> = Vec::with_capacity(batch.len());
         let appends = batch
             .drain(..)

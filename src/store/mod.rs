@@ -8,16 +8,16 @@
 
 mod journal;
 mod journaler;
+mod progress;
 mod tables;
 mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 pub use tables::AttemptLogEntry;
 use tables::*;
@@ -174,16 +174,8 @@ pub(crate) struct Shared {
     /// Journal records re-applied when the store was opened (after a crash).
     replayed: usize,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The last journal record on disk (set by the journal thread before it answers).
-    journaled: AtomicU64,
-    /// The last journal record committed to the database, visible to readers; the watch
-    /// wakes readers waiting for it ([`Store::settle`]).
-    applied: AtomicU64,
-    applied_watch: watch::Sender<u64>,
-    /// The last journal record the database's durable state covers; the journal thread waits
-    /// on it before writing over a file's older records.
-    checkpointed: std::sync::Mutex<u64>,
-    checkpointed_cv: std::sync::Condvar,
+    /// How far the journal and the database have got.
+    pub(crate) progress: progress::Progress,
 }
 
 /// See [`Store::commit_counters`].
@@ -223,40 +215,7 @@ impl Shared {
             journal_writes: Default::default(),
             replayed,
             writer: Default::default(),
-            journaled: AtomicU64::new(seq),
-            applied: AtomicU64::new(seq),
-            applied_watch: watch::Sender::new(seq),
-            checkpointed: std::sync::Mutex::new(seq),
-            checkpointed_cv: std::sync::Condvar::new(),
-        }
-    }
-
-    fn set_journaled(&self, seq: u64) {
-        self.journaled.store(seq, Ordering::SeqCst);
-    }
-
-    fn applied(&self) -> u64 {
-        self.applied.load(Ordering::SeqCst)
-    }
-
-    fn set_applied(&self, seq: u64) {
-        self.applied.store(seq, Ordering::SeqCst);
-        self.applied_watch.send_replace(seq);
-    }
-
-    fn set_checkpointed(&self, seq: u64) {
-        let mut c = self.checkpointed.lock().expect("checkpointed lock");
-        if seq > *c {
-            *c = seq;
-            self.checkpointed_cv.notify_all();
-        }
-    }
-
-    /// Blocks until the database's durable state covers journal record `seq`.
-    fn wait_checkpointed(&self, seq: u64) {
-        let mut c = self.checkpointed.lock().expect("checkpointed lock");
-        while *c < seq {
-            c = self.checkpointed_cv.wait(c).expect("checkpointed lock");
+            progress: progress::Progress::new(seq),
         }
     }
 
@@ -405,15 +364,11 @@ impl Store {
     /// must see what was just ingested call this first: the API before every request but the
     /// ingest routes, a delivery worker before it looks for due work.
     pub async fn settle(&self) -> Result<(), StoreError> {
-        let target = self.shared.journaled.load(Ordering::SeqCst);
-        if self.shared.applied() >= target {
-            return Ok(());
-        }
-        let mut rx = self.shared.applied_watch.subscribe();
-        match tokio::time::timeout(SETTLE_TIMEOUT, rx.wait_for(|a| *a >= target)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(StoreError::Closed),
-            Err(_) => Err(StoreError::Behind(format!(
+        use progress::Unsettled;
+        match self.shared.progress.settle(SETTLE_TIMEOUT).await {
+            Ok(()) => Ok(()),
+            Err(Unsettled::Closed) => Err(StoreError::Closed),
+            Err(Unsettled::TimedOut(target)) => Err(StoreError::Behind(format!(
                 "the database has not applied the ingest journal's records up to {target} \
                  within {SETTLE_TIMEOUT:?} (see the log for the write errors)"
             ))),

@@ -107,12 +107,12 @@ pub(crate) fn run(
                 retry_delay = RETRY_MIN;
                 shared.apply_deltas(&deltas);
                 if let Some(seq) = journaled {
-                    shared.set_applied(seq);
+                    shared.progress.set_applied(seq);
                 }
                 match durability {
                     Durability::Immediate => {
                         dirty = false;
-                        shared.set_checkpointed(shared.applied());
+                        shared.progress.set_checkpointed(shared.progress.applied());
                         shared.durable_commits.inc();
                     }
                     _ => dirty = true,

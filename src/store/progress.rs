@@ -1,0 +1,137 @@
+//! How far the write path has got, as journal sequence numbers: the last record on disk (its
+//! producer may have been answered), the last one the database shows readers, and the last one
+//! the database's durable state covers — with the waits on each.
+//!
+//! Why: the journal thread answers producers before the writer has applied their events, so
+//! readers that must see an acknowledged event wait for `applied` to reach `journaled`
+//! ([`super::Store::settle`]), and the journal thread waits for `checkpointed` before it writes
+//! over a file's older records.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub(crate) struct Progress {
+    journaled: AtomicU64,
+    applied: AtomicU64,
+    /// Wakes readers waiting for `applied`.
+    applied_watch: watch::Sender<u64>,
+    checkpointed: Mutex<u64>,
+    checkpointed_cv: Condvar,
+}
+
+/// Why [`Progress::settle`] gave up.
+pub(crate) enum Unsettled {
+    /// The writer has stopped (the store is closing).
+    Closed,
+    /// The database did not reach this record in time.
+    TimedOut(u64),
+}
+
+impl Progress {
+    /// Everything up to `seq` is on disk, in the database and covered by its durable state.
+    pub(crate) fn new(seq: u64) -> Self {
+        Progress {
+            journaled: AtomicU64::new(seq),
+            applied: AtomicU64::new(seq),
+            applied_watch: watch::Sender::new(seq),
+            checkpointed: Mutex::new(seq),
+            checkpointed_cv: Condvar::new(),
+        }
+    }
+
+    /// Records up to `seq` are on disk in the journal (called before their producers are
+    /// answered).
+    pub(crate) fn set_journaled(&self, seq: u64) {
+        self.journaled.store(seq, Ordering::SeqCst);
+    }
+
+    pub(crate) fn applied(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Records up to `seq` are committed to the database and visible to readers.
+    pub(crate) fn set_applied(&self, seq: u64) {
+        self.applied.store(seq, Ordering::SeqCst);
+        self.applied_watch.send_replace(seq);
+    }
+
+    /// Records up to `seq` are covered by a durable commit of the database.
+    pub(crate) fn set_checkpointed(&self, seq: u64) {
+        let mut c = self.checkpointed.lock().expect("checkpointed lock");
+        if seq > *c {
+            *c = seq;
+            self.checkpointed_cv.notify_all();
+        }
+    }
+
+    /// Blocks until the database's durable state covers record `seq`.
+    pub(crate) fn wait_checkpointed(&self, seq: u64) {
+        let mut c = self.checkpointed.lock().expect("checkpointed lock");
+        while *c < seq {
+            c = self.checkpointed_cv.wait(c).expect("checkpointed lock");
+        }
+    }
+
+    /// Waits until the database shows every record on disk at the time of the call, at most
+    /// `timeout`.
+    pub(crate) async fn settle(&self, timeout: Duration) -> Result<(), Unsettled> {
+        let target = self.journaled.load(Ordering::SeqCst);
+        if self.applied() >= target {
+            return Ok(());
+        }
+        let mut rx = self.applied_watch.subscribe();
+        match tokio::time::timeout(timeout, rx.wait_for(|a| *a >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Unsettled::Closed),
+            Err(_) => Err(Unsettled::TimedOut(target)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn settling_waits_for_the_database_to_reach_what_was_on_disk_at_the_call() {
+        let p = Arc::new(Progress::new(5));
+        // Nothing journaled beyond what is applied: no wait.
+        assert!(p.settle(Duration::from_secs(5)).await.is_ok());
+        p.set_journaled(9);
+        let waiter = {
+            let p = p.clone();
+            tokio::spawn(async move { p.settle(Duration::from_secs(30)).await.is_ok() })
+        };
+        p.set_applied(7);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "settled before record 9 was applied");
+        // Records journaled after the call are not waited for.
+        p.set_journaled(12);
+        p.set_applied(9);
+        assert!(waiter.await.unwrap());
+        // A database that never gets there: the caller hears so.
+        match p.settle(Duration::from_millis(20)).await {
+            Err(Unsettled::TimedOut(12)) => {}
+            _ => panic!("expected a time-out at record 12"),
+        }
+    }
+
+    #[test]
+    fn the_journal_thread_waits_for_a_checkpoint_covering_the_records_it_writes_over() {
+        let p = Arc::new(Progress::new(0));
+        p.wait_checkpointed(0);
+        let waiter = {
+            let p = p.clone();
+            std::thread::spawn(move || p.wait_checkpointed(40))
+        };
+        p.set_checkpointed(30);
+        p.set_checkpointed(20); // never goes back
+        p.set_checkpointed(41);
+        waiter.join().unwrap();
+        assert_eq!(*p.checkpointed.lock().unwrap(), 41);
+    }
+}
