@@ -1,10 +1,13 @@
 //! The store: courier's one narrow interface to durable state (append events, lease due
 //! deliveries, record an outcome, query).
 //!
-//! redb is the embedded backend. Writes go through one writer thread that group-commits
-//! ([`writer`]); reads open their own snapshot and never wait for the writer. Nothing outside
-//! this module knows about redb, so another backend (Postgres, for several nodes sharing one
-//! queue) can be added behind the same methods.
+//! redb is the embedded backend. New events are made durable by the journal thread
+//! ([`journaler`], one sequential write per batch, into the [`journal`] files) and applied to
+//! redb behind it by the one writer thread that group-commits every change ([`writer`]); how far
+//! each has got is tracked in [`progress`]. Reads open their own snapshot and never wait for
+//! the writer, except [`Store::settle`], which callers use to see every acknowledged event.
+//! Nothing outside this module knows about redb, so another backend (Postgres, for several
+//! nodes sharing one queue) can be added behind the same methods.
 
 mod journal;
 mod journaler;
