@@ -2,9 +2,9 @@
 //! deliveries, record an outcome, query).
 //!
 //! redb is the embedded backend. New events are made durable by the journal thread
-//! ([`journaler`], one sequential write per batch, into the [`journal`] files) and applied to
-//! redb behind it by the one writer thread that group-commits every change ([`writer`]); how far
-//! each has got is tracked in [`progress`]. Reads open their own snapshot and never wait for
+//! (`journaler`, one sequential write per batch, into the `journal` files) and applied to
+//! redb behind it by the one writer thread that group-commits every change (`writer`); how far
+//! each has got is tracked in `progress`. Reads open their own snapshot and never wait for
 //! the writer, except [`Store::settle`], which callers use to see every acknowledged event.
 //! Nothing outside this module knows about redb, so another backend (Postgres, for several
 //! nodes sharing one queue) can be added behind the same methods.
