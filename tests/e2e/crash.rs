@@ -215,6 +215,95 @@ async fn sigkill_during_appends_alone_keeps_every_acknowledged_event_and_key() {
     drop(p2);
 }
 
+/// Events without an idempotency key or a chosen id are answered as soon as the journal has
+/// them, before the database does. Killed mid-ingest, with events big enough that the
+/// journal's two files take several turns, courier must come back with every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_answers_from_the_journal_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[delivery]\nallow_private_networks = true\n");
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    for (path, body) in [
+        (
+            "/v1/endpoints",
+            Some(json!({"name": "app", "url": "http://127.0.0.1:9/h"})),
+        ),
+        ("/v1/endpoints/app/pause", None),
+    ] {
+        let mut r = http.post(format!("{}{path}", p.base)).bearer_auth(ADMIN);
+        if let Some(b) = body {
+            r = r.body(b.to_string());
+        }
+        let r = r.send().await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 48 KiB each: an 8 MiB lap every ~170 events.
+    let filler = "x".repeat(48 * 1024);
+    let mut producers = Vec::new();
+    for _ in 0..16 {
+        let (http, url, accepted, killed, filler) = (
+            http.clone(),
+            format!("{}/v1/events", p.base),
+            accepted.clone(),
+            killed.clone(),
+            filler.clone(),
+        );
+        producers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let body =
+                    json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
+                match http.post(&url).bearer_auth(ADMIN).body(body).send().await {
+                    Ok(r) if r.status() == 202 => {
+                        let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                        accepted.lock().unwrap().push(v);
+                    }
+                    _ if killed.load(std::sync::atomic::Ordering::SeqCst) => break,
+                    other => panic!("refused before the kill: {other:?}"),
+                }
+            }
+        }));
+    }
+    // Until the journal has gone round its two files at least once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.lock().unwrap().len() < 600 {
+        assert!(Instant::now() < deadline, "ingest too slow");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    p.kill9();
+    for t in producers {
+        t.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    let second = dir.path().join("data").join("courier.journal2");
+    assert!(
+        std::fs::metadata(&second).is_ok_and(|m| m.len() > 0),
+        "the second journal file was never written"
+    );
+
+    let p2 = Process::spawn(&cfg);
+    for first in &accepted {
+        let id = first["deliveries"][0]["id"].as_str().unwrap();
+        let (status, d) = get_json(&http, &format!("{}/v1/deliveries/{id}", p2.base)).await;
+        assert_eq!(status, 200, "acknowledged delivery {id} lost: {d}");
+        assert_eq!(d["status"], "pending", "{d}");
+        assert_eq!(d["event_id"], first["id"], "{d}");
+    }
+    // One pending delivery per event (those in flight at the kill may have been written
+    // without their producer hearing back).
+    let (_, stats) = get_json(&http, &format!("{}/v1/stats", p2.base)).await;
+    let pending = stats["counts"]["pending"].as_u64().unwrap() as usize;
+    assert!(
+        (accepted.len()..=accepted.len() + 16).contains(&pending),
+        "{pending} pending for {} accepted: {stats}",
+        accepted.len()
+    );
+    drop(p2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_in_flight_attempt_finish() {
     let dir = tempfile::tempdir().unwrap();
