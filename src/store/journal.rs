@@ -272,12 +272,6 @@ impl Journal {
         side.last_seq
     }
 
-    /// Writes the pushed records and returns once they are on disk (the name the tests use).
-    #[cfg(test)]
-    pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
-        self.write()
-    }
-
     /// Whether batches are written with direct, synchronous I/O.
     #[cfg(test)]
     pub(crate) fn is_direct(&self) -> bool {
@@ -395,7 +389,7 @@ mod tests {
             for i in 0..5u8 {
                 j.push(&[i; 100]);
             }
-            j.sync().unwrap();
+            j.write().unwrap();
             drop(j);
             let (j, pending) = open(dir, 2);
             let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
@@ -427,7 +421,7 @@ mod tests {
                 j.push(&payload);
                 expected.push(payload);
                 if [1, 2, 4, 5, 7].contains(&n) {
-                    j.sync().unwrap();
+                    j.write().unwrap();
                 }
             }
             drop(j);
@@ -442,7 +436,7 @@ mod tests {
         both(|open, dir| {
             let (mut j, _) = open(dir, 0);
             j.push(b"one");
-            j.sync().unwrap();
+            j.write().unwrap();
             // A write that cannot succeed: the second file is made read-only under the
             // journal (a full or failing disk looks the same to it).
             let second = second_path(&dir.join("j"));
@@ -455,7 +449,7 @@ mod tests {
             j.sides[1].file = good;
             j.sides[1].direct = direct;
             assert_eq!(j.push(b"two"), 2, "the failed record's number is reused");
-            j.sync().unwrap();
+            j.write().unwrap();
             drop(j);
             let (_, pending) = open(dir, 0);
             let got: Vec<&[u8]> = pending.iter().map(|(_, p)| p.as_slice()).collect();
@@ -470,7 +464,7 @@ mod tests {
             for i in 0..4u8 {
                 j.push(&[i; 64]);
             }
-            j.sync().unwrap();
+            j.write().unwrap();
             drop(j);
             let path = dir.join("j");
             let full = std::fs::read(&path).unwrap();
@@ -495,12 +489,12 @@ mod tests {
             for i in 0..6u8 {
                 j.push(&[i; 50]);
             }
-            j.sync().unwrap();
+            j.write().unwrap();
             // The first file's lap ends: the second takes records 7 and 8.
             assert_eq!(j.switch(), 0, "the second file held nothing yet");
             j.push(b"seven");
             j.push(b"eight");
-            j.sync().unwrap();
+            j.write().unwrap();
             // A crash now: the records of both files after the checkpoint, in order.
             let (_, pending) = open(dir, 4);
             let got: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
@@ -509,7 +503,7 @@ mod tests {
             // a shorter record leaves the older ones behind it, which are not read.
             assert_eq!(j.switch(), 6);
             j.push(b"nine");
-            j.sync().unwrap();
+            j.write().unwrap();
             drop(j);
             let (j, pending) = open(dir, 6);
             let got: Vec<(u64, &[u8])> = pending.iter().map(|(s, p)| (*s, p.as_slice())).collect();
@@ -531,7 +525,7 @@ mod tests {
             let (mut j, _) = open(dir, 0);
             assert!(!j.lap_full());
             j.push(&vec![7u8; LAP_BYTES as usize]);
-            j.sync().unwrap();
+            j.write().unwrap();
             assert!(j.lap_full());
             j.switch();
             assert!(!j.lap_full());
@@ -544,7 +538,7 @@ mod tests {
             let (mut j, _) = open(dir, 0);
             j.push(b"a");
             j.push(b"b");
-            j.sync().unwrap();
+            j.write().unwrap();
             drop(j);
             // The database claims to cover nothing, but the journal's records start at 1:
             // fine.
@@ -562,7 +556,7 @@ mod tests {
         both(|open, dir| {
             let (mut j, _) = open(dir, 0);
             j.push(b"someone else's event");
-            j.sync().unwrap();
+            j.write().unwrap();
             drop(j);
             let (mut j, pending) = Journal::open(&dir.join("j"), ID + 1, 0).unwrap();
             assert!(pending.is_empty());

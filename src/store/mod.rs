@@ -781,6 +781,22 @@ mod tests {
         }
     }
 
+    /// A store on `dir/live/courier.redb`.
+    fn live_store(dir: &Path) -> (std::path::PathBuf, Store) {
+        let db = dir.join("live").join("courier.redb");
+        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+        let store = Store::open(&db, true).unwrap();
+        (db, store)
+    }
+
+    /// Copies the database and its journal files next to `db` into `to`: what a power cut
+    /// leaves behind, taken while the store runs.
+    fn copy_data_files(db: &Path, to: &Path) {
+        for name in ["courier.redb", "courier.journal", "courier.journal2"] {
+            std::fs::copy(db.with_file_name(name), to.join(name)).unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn idempotency_keys_expire_by_age_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -815,9 +831,7 @@ mod tests {
     #[tokio::test]
     async fn plain_appends_are_answered_from_the_journal_and_seen_after_settling() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("live").join("courier.redb");
-        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
-        let store = Store::open(&db, true).unwrap();
+        let (db, store) = live_store(dir.path());
         let crashed = dir.path().join("crashed");
         std::fs::create_dir_all(&crashed).unwrap();
         let mut ids = Vec::new();
@@ -828,9 +842,7 @@ mod tests {
             assert_eq!(store.append(b).await.unwrap(), AppendResult::Created);
             if i == 150 {
                 // The files as a power cut would leave them right after this answer.
-                for name in ["courier.redb", "courier.journal", "courier.journal2"] {
-                    std::fs::copy(db.with_file_name(name), crashed.join(name)).unwrap();
-                }
+                copy_data_files(&db, &crashed);
             }
         }
         store.settle().await.unwrap();
@@ -853,9 +865,7 @@ mod tests {
     #[tokio::test]
     async fn the_journal_goes_round_its_files_without_losing_appends() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("live").join("courier.redb");
-        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
-        let store = Store::open(&db, true).unwrap();
+        let (db, store) = live_store(dir.path());
         let mut ids = Vec::new();
         let payload = vec![b'x'; 64 * 1024];
         // 64 KiB each: 8 MiB laps turn over every ~128 appends.
@@ -873,9 +883,7 @@ mod tests {
             }
             let crashed = dir.path().join(format!("crashed{round}"));
             std::fs::create_dir_all(&crashed).unwrap();
-            for name in ["courier.redb", "courier.journal", "courier.journal2"] {
-                std::fs::copy(db.with_file_name(name), crashed.join(name)).unwrap();
-            }
+            copy_data_files(&db, &crashed);
             let after = Store::open(&crashed.join("courier.redb"), true).unwrap();
             assert_eq!(after.pending_count("e"), ids.len() as u64, "round {round}");
             drop(after);
@@ -896,9 +904,7 @@ mod tests {
     #[tokio::test]
     async fn appends_acknowledged_through_the_journal_survive_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("live").join("courier.redb");
-        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
-        let store = Store::open(&db, true).unwrap();
+        let (db, store) = live_store(dir.path());
         let mut ids = Vec::new();
         for i in 0..50 {
             let b = batch(&format!("k{i}"), 1_000 + i);
@@ -916,9 +922,7 @@ mod tests {
         // The writer is idle now: every append above has its reply.
         let crashed = dir.path().join("crashed");
         std::fs::create_dir_all(&crashed).unwrap();
-        for name in ["courier.redb", "courier.journal", "courier.journal2"] {
-            std::fs::copy(db.with_file_name(name), crashed.join(name)).unwrap();
-        }
+        copy_data_files(&db, &crashed);
 
         let after = Store::open(&crashed.join("courier.redb"), true).unwrap();
         assert!(

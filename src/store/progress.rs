@@ -15,9 +15,8 @@ use tokio::sync::watch;
 
 pub(crate) struct Progress {
     journaled: AtomicU64,
-    applied: AtomicU64,
-    /// Wakes readers waiting for `applied`.
-    applied_watch: watch::Sender<u64>,
+    /// The last record applied; the watch also wakes readers waiting for it.
+    applied: watch::Sender<u64>,
     checkpointed: Mutex<u64>,
     checkpointed_cv: Condvar,
 }
@@ -35,8 +34,7 @@ impl Progress {
     pub(crate) fn new(seq: u64) -> Self {
         Progress {
             journaled: AtomicU64::new(seq),
-            applied: AtomicU64::new(seq),
-            applied_watch: watch::Sender::new(seq),
+            applied: watch::Sender::new(seq),
             checkpointed: Mutex::new(seq),
             checkpointed_cv: Condvar::new(),
         }
@@ -49,13 +47,12 @@ impl Progress {
     }
 
     pub(crate) fn applied(&self) -> u64 {
-        self.applied.load(Ordering::SeqCst)
+        *self.applied.borrow()
     }
 
     /// Records up to `seq` are committed to the database and visible to readers.
     pub(crate) fn set_applied(&self, seq: u64) {
-        self.applied.store(seq, Ordering::SeqCst);
-        self.applied_watch.send_replace(seq);
+        self.applied.send_replace(seq);
     }
 
     /// Records up to `seq` are covered by a durable commit of the database.
@@ -82,7 +79,7 @@ impl Progress {
         if self.applied() >= target {
             return Ok(());
         }
-        let mut rx = self.applied_watch.subscribe();
+        let mut rx = self.applied.subscribe();
         match tokio::time::timeout(timeout, rx.wait_for(|a| *a >= target)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Unsettled::Closed),

@@ -100,6 +100,37 @@ circuit_probe_interval = "100ms"
     drop(p2);
 }
 
+/// Creates the endpoint `app` (a receiver that is never reached) and pauses it, so that
+/// nothing but appends reaches the writer.
+async fn paused_endpoint(http: &reqwest::Client, base: &str) {
+    for (path, body) in [
+        (
+            "/v1/endpoints",
+            Some(json!({"name": "app", "url": "http://127.0.0.1:9/h"})),
+        ),
+        ("/v1/endpoints/app/pause", None),
+    ] {
+        let mut r = http.post(format!("{base}{path}")).bearer_auth(ADMIN);
+        if let Some(b) = body {
+            r = r.body(b.to_string());
+        }
+        let r = r.send().await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+}
+
+/// The delivery of the acknowledged event `reply` (its 202 body) is there, pending.
+async fn assert_pending(http: &reqwest::Client, base: &str, reply: &Value, what: &str) {
+    let id = reply["deliveries"][0]["id"].as_str().unwrap();
+    let (status, d) = get_json(http, &format!("{base}/v1/deliveries/{id}")).await;
+    assert_eq!(
+        status, 200,
+        "acknowledged event {what}: delivery {id} lost: {d}"
+    );
+    assert_eq!(d["status"], "pending", "{d}");
+    assert_eq!(d["event_id"], reply["id"], "{d}");
+}
+
 /// With the endpoint paused nothing but appends reaches the writer, so every acknowledged
 /// event is durable through the ingest journal alone when the process is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -108,20 +139,7 @@ async fn sigkill_during_appends_alone_keeps_every_acknowledged_event_and_key() {
     let cfg = write_config(dir.path(), "[delivery]\nallow_private_networks = true\n");
     let mut p = Process::spawn(&cfg);
     let http = reqwest::Client::new();
-    for (path, body) in [
-        (
-            "/v1/endpoints",
-            Some(json!({"name": "app", "url": "http://127.0.0.1:9/h"})),
-        ),
-        ("/v1/endpoints/app/pause", None),
-    ] {
-        let mut r = http.post(format!("{}{path}", p.base)).bearer_auth(ADMIN);
-        if let Some(b) = body {
-            r = r.body(b.to_string());
-        }
-        let r = r.send().await.unwrap();
-        assert!(r.status().is_success(), "{path}: {}", r.status());
-    }
+    paused_endpoint(&http, &p.base).await;
     let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Value)>::new()));
     let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut producers = Vec::new();
@@ -181,14 +199,7 @@ async fn sigkill_during_appends_alone_keeps_every_acknowledged_event_and_key() {
 
     let p2 = Process::spawn(&cfg);
     for (key, first) in &accepted {
-        let id = first["deliveries"][0]["id"].as_str().unwrap();
-        let (status, d) = get_json(&http, &format!("{}/v1/deliveries/{id}", p2.base)).await;
-        assert_eq!(
-            status, 200,
-            "acknowledged event {key}: delivery {id} lost: {d}"
-        );
-        assert_eq!(d["status"], "pending", "{d}");
-        assert_eq!(d["event_id"], first["id"], "{d}");
+        assert_pending(&http, &p2.base, first, key).await;
     }
     // Their idempotency keys survived with them: a producer's retry gets the first answer.
     for (key, first) in accepted.iter().rev().take(20) {
@@ -224,20 +235,7 @@ async fn sigkill_after_answers_from_the_journal_loses_nothing() {
     let cfg = write_config(dir.path(), "[delivery]\nallow_private_networks = true\n");
     let mut p = Process::spawn(&cfg);
     let http = reqwest::Client::new();
-    for (path, body) in [
-        (
-            "/v1/endpoints",
-            Some(json!({"name": "app", "url": "http://127.0.0.1:9/h"})),
-        ),
-        ("/v1/endpoints/app/pause", None),
-    ] {
-        let mut r = http.post(format!("{}{path}", p.base)).bearer_auth(ADMIN);
-        if let Some(b) = body {
-            r = r.body(b.to_string());
-        }
-        let r = r.send().await.unwrap();
-        assert!(r.status().is_success(), "{path}: {}", r.status());
-    }
+    paused_endpoint(&http, &p.base).await;
     let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
     let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // 48 KiB each: an 8 MiB lap every ~170 events.
@@ -286,11 +284,7 @@ async fn sigkill_after_answers_from_the_journal_loses_nothing() {
 
     let p2 = Process::spawn(&cfg);
     for first in &accepted {
-        let id = first["deliveries"][0]["id"].as_str().unwrap();
-        let (status, d) = get_json(&http, &format!("{}/v1/deliveries/{id}", p2.base)).await;
-        assert_eq!(status, 200, "acknowledged delivery {id} lost: {d}");
-        assert_eq!(d["status"], "pending", "{d}");
-        assert_eq!(d["event_id"], first["id"], "{d}");
+        assert_pending(&http, &p2.base, first, "without a key").await;
     }
     // One pending delivery per event (those in flight at the kill may have been written
     // without their producer hearing back).

@@ -295,9 +295,10 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} not in metrics"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_ingests_share_group_commits() {
-    let c = Courier::start(&format!(
+/// A courier whose one endpoint, `later`, subscribes to everything and is never reached (its
+/// first attempt fails, the next is an hour away): ingested events stay pending.
+async fn start_with_a_silent_endpoint() -> Courier {
+    Courier::start(&format!(
         "{DELIVERY_FAST}{}",
         endpoint(
             "later",
@@ -305,7 +306,12 @@ async fn concurrent_ingests_share_group_commits() {
             "schedule = [\"1h\"]"
         )
     ))
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ingests_share_group_commits() {
+    let c = start_with_a_silent_endpoint().await;
     let before = c.text("/metrics").await;
     let (writes0, commits0, commands0) = (
         metric(&before, "courier_store_journal_writes_total"),
@@ -357,17 +363,10 @@ async fn concurrent_ingests_share_group_commits() {
 /// the database has it: every API read made after the 202 must still find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_event_is_visible_to_the_next_request() {
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "later",
-            &format!("http://127.0.0.1:{}/", free_port()),
-            "schedule = [\"1h\"]"
-        )
-    ))
-    .await;
-    // Events of 60 KiB (the limit here is 64): the journal's files turn over every ~135 of them, and the writer's
-    // checkpoints (and the failed first attempts' outcomes) keep it busy behind the journal.
+    let c = start_with_a_silent_endpoint().await;
+    // Events of 60 KiB (the limit here is 64): the journal's files turn over every ~135 of
+    // them, and the writer's checkpoints (and the failed first attempts' outcomes) keep it
+    // busy behind the journal.
     let filler = "x".repeat(60 * 1024);
     for _round in 0..3 {
         let mut tasks = Vec::new();
