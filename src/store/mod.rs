@@ -746,7 +746,7 @@ mod tests {
     use super::*;
     use crate::model::new_id;
 
-    fn batch(key: &str, created_ms: u64) -> AppendBatch {
+    pub(super) fn batch(key: &str, created_ms: u64) -> AppendBatch {
         let id = new_id("evt");
         let d = Delivery {
             id: new_id("dlv"),
