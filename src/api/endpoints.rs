@@ -575,20 +575,10 @@ async fn stats(
     let since = time_param("since", p.since.as_deref())?
         .unwrap_or(now_ms().saturating_sub(24 * 3600 * 1000));
     let store = app.store.clone();
-    let (log, sampled) =
-        tokio::task::spawn_blocking(move || store.attempt_log(since, u64::MAX, 500_000))
-            .await
-            .map_err(ApiError::internal)??;
-    let mut durations: Vec<u64> = Vec::new();
-    let mut ok = 0u64;
-    let mut deliveries = std::collections::HashSet::new();
-    for (id, e) in log.iter().filter(|(_, e)| e.endpoint == name) {
-        durations.push(e.duration_ms);
-        ok += e.success as u64;
-        deliveries.insert(id.as_str());
-    }
-    durations.sort_unstable();
-    let n = durations.len() as u64;
+    let ep = name.clone();
+    let attempts = tokio::task::spawn_blocking(move || store.attempt_stats(since, Some(&ep)))
+        .await
+        .map_err(ApiError::internal)??;
     let h = app.scheduler.health(&name);
     let counts = app.store.counts();
     let count =
@@ -605,16 +595,12 @@ async fn stats(
         "queue_depth": count(S::Pending),
         "counts": {"pending": count(S::Pending), "delivered": delivered, "dead": dead, "dropped": count(S::Dropped)},
         "success_rate": (delivered + dead > 0).then(|| delivered as f64 / (delivered + dead) as f64),
-        "attempts": n,
-    "attempt_success_rate": (n > 0).then(|| ok as f64 / n as f64),
-        "attempts_per_delivery": (!deliveries.is_empty()).then(|| n as f64 / deliveries.len() as f64),
-        "latency_ms": {
-            "p50": super::stats::percentile(&durations, 0.50),
-            "p95": super::stats::percentile(&durations, 0.95),
-            "p99": super::stats::percentile(&durations, 0.99),
-        },
+        "attempts": attempts.attempts,
+        "attempt_success_rate": super::stats::rate(attempts.successes, attempts.attempts),
+        "attempts_per_delivery": super::stats::rate(attempts.attempts, attempts.first_attempts),
+        "latency_ms": super::stats::latency(&attempts),
         "last_attempt_at": h.last_attempt_ms.map(rfc3339),
         "last_success_at": h.last_success_ms.map(rfc3339),
-        "sampled": sampled,
+        "sampled": false,
     })))
 }

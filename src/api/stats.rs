@@ -1,7 +1,7 @@
 //! `GET /v1/stats`: counts by status, success rate, attempt latency percentiles, attempts per
 //! delivery, and endpoint health.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
@@ -12,9 +12,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, require, time_param};
 use crate::model::{DeliveryStatus, Scope, now_ms, rfc3339};
-
-/// Most attempts one stats request reads from the log.
-const STATS_CAP: usize = 500_000;
+use crate::store::Rollup;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/stats", get(stats))
@@ -27,13 +25,18 @@ struct Params {
     since: Option<String>,
 }
 
-/// The value at quantile `q` of sorted `v`.
-pub fn percentile(v: &[u64], q: f64) -> Option<u64> {
-    if v.is_empty() {
-        return None;
-    }
-    let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
-    Some(v[idx.min(v.len() - 1)])
+/// `a ÷ b`, or `None` when `b` is zero.
+pub fn rate(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| a as f64 / b as f64)
+}
+
+/// The `latency_ms` object: attempt duration percentiles (see [`Rollup::percentile`]).
+pub fn latency(r: &Rollup) -> Value {
+    json!({
+        "p50": r.percentile(0.50),
+        "p95": r.percentile(0.95),
+        "p99": r.percentile(0.99),
+    })
 }
 
 async fn stats(
@@ -61,23 +64,10 @@ async fn stats(
     let success_rate = (finished > 0).then(|| counts["delivered"] as f64 / finished as f64);
 
     let store = app.store.clone();
-    let (log, capped) =
-        tokio::task::spawn_blocking(move || store.attempt_log(since, u64::MAX, STATS_CAP))
-            .await
-            .map_err(ApiError::internal)??;
-    let mut durations = Vec::new();
-    let mut delivered_ids = HashSet::new();
-    let mut ok = 0u64;
-    for (id, entry) in &log {
-        if endpoint.as_deref().is_some_and(|e| e != entry.endpoint) {
-            continue;
-        }
-        durations.push(entry.duration_ms);
-        delivered_ids.insert(id.as_str());
-        ok += entry.success as u64;
-    }
-    durations.sort_unstable();
-    let attempts = durations.len() as u64;
+    let ep = endpoint.clone();
+    let attempts = tokio::task::spawn_blocking(move || store.attempt_stats(since, ep.as_deref()))
+        .await
+        .map_err(ApiError::internal)??;
 
     // Endpoints with something to show: the one asked for, or those with deliveries waiting
     // or attempts made (not every idle endpoint of thousands).
@@ -117,29 +107,11 @@ async fn stats(
         "endpoint": endpoint,
         "counts": counts,
         "success_rate": success_rate,
-        "attempts": attempts,
-        "attempt_success_rate": (attempts > 0).then(|| ok as f64 / attempts as f64),
-        "attempts_per_delivery": (!delivered_ids.is_empty()).then(|| attempts as f64 / delivered_ids.len() as f64),
-        "latency_ms": {
-            "p50": percentile(&durations, 0.50),
-            "p95": percentile(&durations, 0.95),
-            "p99": percentile(&durations, 0.99),
-        },
-        "sampled": capped,
+        "attempts": attempts.attempts,
+        "attempt_success_rate": rate(attempts.successes, attempts.attempts),
+        "attempts_per_delivery": rate(attempts.attempts, attempts.first_attempts),
+        "latency_ms": latency(&attempts),
+        "sampled": false,
         "endpoints": endpoints,
     })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.5), Some(51));
-        assert_eq!(percentile(&v, 0.99), Some(99));
-        assert_eq!(percentile(&[], 0.5), None);
-        assert_eq!(percentile(&[7], 0.95), Some(7));
-    }
 }

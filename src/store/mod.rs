@@ -4,7 +4,8 @@
 //! redb is the embedded backend. New events are made durable by the journal thread
 //! (`journaler`, one sequential write per batch, into the `journal` files) and applied to
 //! redb behind it by the one writer thread that group-commits every change (`writer`); how far
-//! each has got is tracked in `progress`. Reads open their own snapshot and never wait for
+//! each has got is tracked in `progress`; attempt statistics are kept as per-minute
+//! `rollup`s. Reads open their own snapshot and never wait for
 //! the writer, except [`Store::settle`], which callers use to see every acknowledged event.
 //! Nothing outside this module knows about redb, so another backend (Postgres, for several
 //! nodes sharing one queue) can be added behind the same methods.
@@ -12,6 +13,7 @@
 mod journal;
 mod journaler;
 mod progress;
+mod rollup;
 mod tables;
 mod writer;
 
@@ -22,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
-pub use tables::AttemptLogEntry;
+pub use rollup::Rollup;
 use tables::*;
 use writer::Command;
 
@@ -271,7 +273,7 @@ impl Store {
             let mut by_status = txn.open_table(BY_STATUS)?;
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEMPOTENCY_AGE)?;
-            txn.open_table(ATTEMPT_LOG)?;
+            txn.open_table(ROLLUPS)?;
             txn.open_table(CHANNELS)?;
             txn.open_table(TIMERS)?;
             txn.open_table(ENDPOINTS)?;
@@ -287,6 +289,10 @@ impl Store {
                     id
                 }
             };
+            if meta.get(ROLLUPS_BUILT)?.is_none() {
+                build_rollups(&txn)?;
+                meta.insert(ROLLUPS_BUILT, 1)?;
+            }
             if meta.get(BY_STATUS_NO_PENDING)?.is_none() {
                 let pending = DeliveryStatus::Pending.as_str();
                 by_status.retain_in((pending, "")..(pending, "\u{10ffff}"), |_, _| false)?;
@@ -682,25 +688,15 @@ impl Store {
             .unwrap_or(0)
     }
 
-    /// Attempts started in `[since_ms, until_ms)`, at most `cap` (the most recent ones are
-    /// dropped first when capped; the flag says so).
-    pub fn attempt_log(
+    /// The attempts of `endpoint` (every endpoint if `None`) from the minute of `since_ms`
+    /// on, summed from the per-minute rollups (one row read per endpoint and minute).
+    pub fn attempt_stats(
         &self,
         since_ms: u64,
-        until_ms: u64,
-        cap: usize,
-    ) -> Result<(Vec<(String, AttemptLogEntry)>, bool), StoreError> {
+        endpoint: Option<&str>,
+    ) -> Result<Rollup, StoreError> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(ATTEMPT_LOG)?;
-        let mut out = Vec::new();
-        for row in t.range((since_ms, "", 0u32)..(until_ms, "", 0u32))? {
-            if out.len() >= cap {
-                return Ok((out, true));
-            }
-            let (k, v) = row?;
-            out.push((k.value().1.to_string(), decode(v.value(), "attempt log")?));
-        }
-        Ok((out, false))
+        rollup::sum(&txn.open_table(ROLLUPS)?, endpoint, since_ms)
     }
 
     /// The time the oldest pending delivery has waited since it was created, across all
@@ -739,6 +735,37 @@ fn endpoints_with_pending(txn: &redb::ReadTransaction) -> Result<Vec<String>, St
         }
     }
     Ok(out)
+}
+
+/// Builds the attempt rollups of a database made before them from its attempt log, and
+/// deletes the log (it is written no more). Runs once, in the transaction that opens such a
+/// database.
+fn build_rollups(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut rows: BTreeMap<(String, u64), Rollup> = BTreeMap::new();
+    {
+        let log = txn.open_table(ATTEMPT_LOG)?;
+        for row in log.iter()? {
+            let (k, v) = row?;
+            let (started_ms, _, number) = k.value();
+            let e: AttemptLogEntry = decode(v.value(), "attempt log")?;
+            rows.entry((e.endpoint, rollup::minute(started_ms)))
+                .or_default()
+                .add(e.duration_ms, e.success, number == 1);
+        }
+    }
+    if !rows.is_empty() {
+        tracing::info!(
+            rows = rows.len(),
+            "attempt statistics: built per-minute rollups from the attempt log"
+        );
+    }
+    let mut t = txn.open_table(ROLLUPS)?;
+    for ((endpoint, minute), r) in &rows {
+        t.insert((endpoint.as_str(), *minute), encode(r).as_slice())?;
+    }
+    drop(t);
+    txn.delete_table(ATTEMPT_LOG)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -795,6 +822,74 @@ mod tests {
         for name in ["courier.redb", "courier.journal", "courier.journal2"] {
             std::fs::copy(db.with_file_name(name), to.join(name)).unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_database_with_an_attempt_log_gets_its_rollups_once_and_retention_drops_old_minutes()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        // A database of an earlier version: statistics in a log of attempts.
+        let minute = 60_000u64;
+        let old = 1_000 * minute; // minute 1,000
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(ATTEMPT_LOG).unwrap();
+                let entry = |endpoint: &str, duration_ms, success| {
+                    encode(&AttemptLogEntry {
+                        endpoint: endpoint.into(),
+                        duration_ms,
+                        success,
+                    })
+                };
+                // "a": two deliveries, one retried; "b": one slow attempt a minute later.
+                log.insert((old + 5, "dlv_1", 1), entry("a", 10, false).as_slice())
+                    .unwrap();
+                log.insert((old + 900, "dlv_1", 2), entry("a", 12, true).as_slice())
+                    .unwrap();
+                log.insert((old + 1_000, "dlv_2", 1), entry("a", 14, true).as_slice())
+                    .unwrap();
+                log.insert(
+                    (old + minute, "dlv_3", 1),
+                    entry("b", 2_000, false).as_slice(),
+                )
+                .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let check = |store: &Store| {
+            let a = store.attempt_stats(0, Some("a")).unwrap();
+            assert_eq!((a.attempts, a.successes, a.first_attempts), (3, 2, 2));
+            assert_eq!(a.percentile(0.5), Some(12));
+            let all = store.attempt_stats(0, None).unwrap();
+            assert_eq!((all.attempts, all.successes, all.first_attempts), (4, 2, 3));
+            let p99 = all.percentile(0.99).unwrap();
+            assert!((2_000..=2_125).contains(&p99), "{p99}");
+            // A window from the second minute on holds only "b".
+            let late = store.attempt_stats(old + minute, None).unwrap();
+            assert_eq!(late.attempts, 1);
+        };
+        let store = Store::open(&path, true).unwrap();
+        check(&store);
+        let closer = store.closer();
+        drop(store);
+        assert!(closer.wait(std::time::Duration::from_secs(10)));
+        // Opened again: built once, not twice, and the log is gone.
+        let store = Store::open(&path, true).unwrap();
+        check(&store);
+        {
+            let txn = store.db.begin_read().unwrap();
+            assert!(txn.open_table(ATTEMPT_LOG).is_err(), "the log was deleted");
+        }
+        // Retention drops the minutes wholly before its cutoff: here the first one.
+        store.purge(old + minute, 0, 100).await.unwrap();
+        assert_eq!(
+            store.attempt_stats(0, Some("a")).unwrap(),
+            Rollup::default()
+        );
+        assert_eq!(store.attempt_stats(0, None).unwrap().attempts, 1);
     }
 
     #[tokio::test]

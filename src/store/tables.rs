@@ -35,10 +35,14 @@ pub const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, &[u8])> =
 /// reads only the expired ones.
 pub const IDEMPOTENCY_AGE: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_age");
-/// (started ms, delivery id, attempt number) → postcard [`AttemptLogEntry`]: the time-ordered
-/// attempt log that statistics are computed from.
+/// (started ms, delivery id, attempt number) → postcard [`AttemptLogEntry`]: the attempt log
+/// that statistics were computed from before [`ROLLUPS`]; read once, to build the rollups of
+/// a database made before them, and then deleted.
 pub const ATTEMPT_LOG: TableDefinition<(u64, &str, u32), &[u8]> =
     TableDefinition::new("attempt_log");
+/// (endpoint, minute) → postcard [`super::rollup::Rollup`]: the attempts an endpoint made in
+/// that minute, which statistics are computed from.
+pub const ROLLUPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("attempt_rollups");
 
 /// channel id → postcard [`crate::model::Channel`]
 pub const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
@@ -56,11 +60,14 @@ pub const JOURNAL_SEQ: &str = "journal_seq";
 /// [`META`] key, set once [`BY_STATUS`] holds no pending deliveries (databases made before it
 /// stopped indexing them are cleared of them when first opened).
 pub const BY_STATUS_NO_PENDING: &str = "by_status_no_pending";
+/// [`META`] key, set once [`ROLLUPS`] holds every attempt of [`ATTEMPT_LOG`] and that log is
+/// gone.
+pub const ROLLUPS_BUILT: &str = "attempt_rollups_built";
 /// [`META`] key: a random number, made when the database is, that every journal record's
 /// checksum covers (a journal belongs to one database file).
 pub const JOURNAL_ID: &str = "journal_id";
 
-/// A compact attempt record for statistics.
+/// A record of [`ATTEMPT_LOG`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AttemptLogEntry {
     pub endpoint: String,

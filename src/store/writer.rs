@@ -15,6 +15,7 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
+use super::rollup::{Rollup, minute};
 use super::tables::*;
 use super::{
     AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, OutcomeRecord,
@@ -357,6 +358,7 @@ fn apply(
             }
         }
         t.apply_counts(deltas)?;
+        t.flush_rollups()?;
         if let Some(seq) = journaled {
             t.meta.insert(JOURNAL_SEQ, seq)?;
         }
@@ -377,7 +379,10 @@ struct Tables<'t> {
     counts: redb::Table<'t, (&'static str, &'static str), u64>,
     idempotency: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
     idempotency_age: redb::Table<'t, (u64, &'static str, &'static str), ()>,
-    attempt_log: redb::Table<'t, (u64, &'static str, u32), &'static [u8]>,
+    rollups: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    /// This transaction's attempts by (endpoint, minute), written to `rollups` once each at
+    /// the end ([`Tables::flush_rollups`]).
+    new_rollups: HashMap<(String, u64), Rollup>,
     channels: redb::Table<'t, &'static str, &'static [u8]>,
     timers: redb::Table<'t, (u64, &'static str, u8), ()>,
     endpoints: redb::Table<'t, &'static str, &'static [u8]>,
@@ -396,7 +401,8 @@ impl<'t> Tables<'t> {
             counts: txn.open_table(COUNTS)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
             idempotency_age: txn.open_table(IDEMPOTENCY_AGE)?,
-            attempt_log: txn.open_table(ATTEMPT_LOG)?,
+            rollups: txn.open_table(ROLLUPS)?,
+            new_rollups: HashMap::new(),
             channels: txn.open_table(CHANNELS)?,
             timers: txn.open_table(TIMERS)?,
             endpoints: txn.open_table(ENDPOINTS)?,
@@ -527,15 +533,14 @@ impl<'t> Tables<'t> {
                 (old.id.as_str(), attempt.number),
                 encode(&attempt).as_slice(),
             )?;
-            let entry = AttemptLogEntry {
-                endpoint: old.endpoint.clone(),
-                duration_ms: attempt.duration_ms,
-                success: rec.next == super::Next::Delivered,
-            };
-            self.attempt_log.insert(
-                (attempt.started_ms, old.id.as_str(), attempt.number),
-                encode(&entry).as_slice(),
-            )?;
+            self.new_rollups
+                .entry((old.endpoint.clone(), minute(attempt.started_ms)))
+                .or_default()
+                .add(
+                    attempt.duration_ms,
+                    rec.next == super::Next::Delivered,
+                    attempt.number == 1,
+                );
         }
         match &rec.next {
             super::Next::Delivered => {
@@ -663,8 +668,12 @@ impl<'t> Tables<'t> {
                 }
             }
         }
-        self.attempt_log
-            .retain_in((0u64, "", 0u32)..(before_ms, "", 0u32), |_, _| false)?;
+        // Attempt statistics of the minutes wholly before `before_ms`.
+        let cutoff = minute(before_ms);
+        for name in super::rollup::endpoints(&self.rollups)? {
+            self.rollups
+                .retain_in((name.as_str(), 0)..(name.as_str(), cutoff), |_, _| false)?;
+        }
         let mut stale = Vec::new();
         for row in self
             .idempotency_age
@@ -739,6 +748,20 @@ impl<'t> Tables<'t> {
             None => self.endpoints.remove(w.name.as_str())?,
         };
         Ok(true)
+    }
+
+    /// Adds this transaction's attempts to their rollup rows, one update per row.
+    fn flush_rollups(&mut self) -> Result<(), StoreError> {
+        for ((endpoint, minute), new) in std::mem::take(&mut self.new_rollups) {
+            let key = (endpoint.as_str(), minute);
+            let mut row: Rollup = match self.rollups.get(key)? {
+                Some(v) => decode(v.value(), "attempt rollup")?,
+                None => Rollup::default(),
+            };
+            row.merge(&new);
+            self.rollups.insert(key, encode(&row).as_slice())?;
+        }
+        Ok(())
     }
 
     fn apply_counts(&mut self, deltas: &Deltas) -> Result<(), StoreError> {

@@ -8,6 +8,68 @@ use crate::harness::*;
 
 const T: Duration = Duration::from_secs(15);
 
+/// Statistics count every attempt of the window, per endpoint: retries in
+/// `attempts_per_delivery`, failures in `attempt_success_rate`, and a slow endpoint's
+/// latency without the others' in its view.
+#[tokio::test]
+async fn stats_count_each_endpoints_attempts_and_its_slow_tail() {
+    let fast = Receiver::start().await;
+    let slow = Receiver::start().await;
+    slow.set_default(Reply::status(200).delay(Duration::from_millis(300)));
+    let flaky = Receiver::start().await;
+    flaky.script([Reply::status(500), Reply::status(500)]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}{}",
+        endpoint("fast", &fast.url("/"), ""),
+        endpoint("slow", &slow.url("/"), ""),
+        endpoint("flaky", &flaky.url("/"), ""),
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for (ep, n) in [("fast", 30), ("slow", 3), ("flaky", 2)] {
+        for i in 0..n {
+            let r = c
+                .send(json!({"event_type": "t", "payload": {"i": i}, "endpoint": ep}))
+                .await;
+            ids.push(r["deliveries"][0]["id"].as_str().unwrap().to_string());
+        }
+    }
+    for id in &ids {
+        c.wait_status(id, "delivered", T).await;
+    }
+
+    let (s, all) = c.get("/v1/stats").await;
+    assert_eq!(s, 200, "{all}");
+    assert_eq!(all["attempts"], 30 + 3 + 4, "{all}");
+    assert_eq!(all["sampled"], false);
+    let rate = all["attempt_success_rate"].as_f64().unwrap();
+    assert!((rate - 35.0 / 37.0).abs() < 1e-9, "{rate}");
+
+    // The slow endpoint: every attempt took 300 ms or a little more.
+    let (_, st) = c.get("/v1/stats?endpoint=slow").await;
+    assert_eq!(st["attempts"], 3, "{st}");
+    for q in ["p50", "p99"] {
+        let ms = st["latency_ms"][q].as_u64().unwrap();
+        assert!((300..400).contains(&ms), "{q} = {ms}: {st}");
+    }
+    // The fast one is not slowed down by it in its own view, nor in the endpoint's page.
+    let (_, st) = c.get("/v1/stats?endpoint=fast").await;
+    assert_eq!(st["attempts"], 30);
+    assert!(st["latency_ms"]["p99"].as_u64().unwrap() < 300, "{st}");
+    let (_, page) = c.get("/v1/endpoints/fast/stats").await;
+    assert_eq!(page["attempts"], 30, "{page}");
+    assert_eq!(page["attempts_per_delivery"], 1.0);
+    // Two deliveries, four attempts: two failed, then each succeeded.
+    let (_, page) = c.get("/v1/endpoints/flaky/stats").await;
+    assert_eq!(page["attempts"], 4, "{page}");
+    assert_eq!(page["attempts_per_delivery"], 2.0);
+    assert_eq!(page["attempt_success_rate"], 0.5);
+    // A window that starts after everything holds no attempts.
+    let (_, later) = c.get("/v1/stats?since=2999-01-01T00:00:00Z").await;
+    assert_eq!(later["attempts"], 0, "{later}");
+    assert!(later["latency_ms"]["p50"].is_null());
+}
+
 #[tokio::test]
 async fn listing_filters_and_pages() {
     let ok = Receiver::start().await;
