@@ -15,7 +15,8 @@
 //!   by subscribed event type.
 //! - [`store`]: the one narrow interface to durable state: a journal thread makes batches of
 //!   new events durable with one sequential write and answers their producers, and a single
-//!   writer thread applies them and every other change to redb behind it.
+//!   writer thread applies them and every other change to redb behind it (attempt
+//!   statistics included, as per-minute rollups per endpoint).
 //! - [`ingest`]: producer requests become an event plus deliveries, on disk before the 202.
 //! - [`scheduler`]: one worker per endpoint reads due deliveries in pages and starts attempts
 //!   within `max_in_flight`, `rate_limit`, ordering and the circuit breaker.
