@@ -326,9 +326,14 @@ impl Store {
         *shared.writer.lock().expect("writer handle") = Some(thread);
         let (jtx, jrx) = mpsc::channel(65_536);
         let (wtx, jshared) = (tx.clone(), shared.clone());
+        let answers = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (to, from) = mpsc::unbounded_channel();
+            rt.spawn(journaler::answer(from));
+            to
+        });
         std::thread::Builder::new()
             .name("courier-journal".into())
-            .spawn(move || journaler::run(jrx, wtx, jshared, journal))
+            .spawn(move || journaler::run(answers, jrx, wtx, jshared, journal))
             .map_err(|e| StoreError::Db(format!("cannot start journal thread: {e}")))?;
         Ok(Store {
             db,
