@@ -122,22 +122,14 @@ pub(crate) fn run(
             }
             continue;
         }
-        if !answered.is_empty() {
-            match &answers {
-                Some(to) => {
-                    if let Err(unsent) = to.send(answered) {
-                        // The runtime is gone (shutting down): answer from here.
-                        for tx in unsent.0 {
-                            drop(tx.send(Ok(AppendResult::Created)));
-                        }
-                    }
-                }
-                None => {
-                    for tx in answered {
-                        drop(tx.send(Ok(AppendResult::Created)));
-                    }
-                }
-            }
+        let unsent = match &answers {
+            Some(_) if answered.is_empty() => None,
+            Some(to) => to.send(answered).err().map(|e| e.0),
+            None => Some(answered),
+        };
+        // Without a runtime (or once it is gone, shutting down), answer from here.
+        for tx in unsent.into_iter().flatten() {
+            drop(tx.send(Ok(AppendResult::Created)));
         }
         if journal.lap_full() {
             // The writer checkpoints once it has applied this file's records (they are ahead

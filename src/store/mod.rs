@@ -897,6 +897,45 @@ mod tests {
         assert_eq!(store.attempt_stats(0, None).unwrap().attempts, 1);
     }
 
+    /// Plain appends are answered by a task on the runtime the store was opened in; without
+    /// one, or once it is gone, the journal thread answers them itself.
+    #[test]
+    fn appends_are_answered_with_or_without_the_runtime_the_store_was_opened_in() {
+        let plain = || AppendBatch {
+            idempotency: None,
+            reply: Vec::new(),
+            ..batch("unused", 1_000)
+        };
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let outside = Store::open(&dir.path().join("a.redb"), true).unwrap();
+        let rt = runtime();
+        assert_eq!(
+            rt.block_on(outside.append(plain())).unwrap(),
+            AppendResult::Created
+        );
+
+        let first = runtime();
+        let inside = first.block_on(async { Store::open(&dir.path().join("b.redb"), true) });
+        let inside = inside.unwrap();
+        assert_eq!(
+            first.block_on(inside.append(plain())).unwrap(),
+            AppendResult::Created
+        );
+        drop(first);
+        assert_eq!(
+            rt.block_on(inside.append(plain())).unwrap(),
+            AppendResult::Created
+        );
+        rt.block_on(inside.settle()).unwrap();
+        assert_eq!(inside.counts().values().sum::<u64>(), 2);
+    }
+
     #[tokio::test]
     async fn idempotency_keys_expire_by_age_only() {
         let dir = tempfile::tempdir().unwrap();

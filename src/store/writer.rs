@@ -168,7 +168,7 @@ const LINGER_FROM: usize = 16;
 ///
 /// Why: under sustained ingest the writer commits whatever arrived while it committed the
 /// last batch, a few dozen events at a time, and each commit opens every table and copies the
-/// paths it touched; a millisecond more per batch halves the commits and takes 10-15% off the
+/// paths it touched; a millisecond more per batch halves the commits and takes 8-14% off the
 /// writer's CPU per event, CPU the HTTP workers get instead (BENCHMARKS.md). The caller
 /// lingers only when the writer is behind — a batch was already waiting when it finished the
 /// last one, and it holds many appends — so at a moderate rate nothing waits.
