@@ -32,7 +32,17 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 /// Refreshes the gauges that are derived from stored state, then encodes everything.
+/// The longest a metrics scrape waits for the database to catch up with the journal.
+const METRICS_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    // The gauges below read the database: let it show every event acknowledged before the
+    // scrape, but never hold a scrape for long (a stuck database is when metrics matter).
+    if !app.store.settle_within(METRICS_SETTLE).await {
+        tracing::warn!(
+            "metrics: the database is behind the ingest journal; gauges may lag acknowledged events"
+        );
+    }
     let m = &app.metrics;
     let counts = app.store.counts();
     // Every endpoint keeps its series, so that a drained queue reads 0.

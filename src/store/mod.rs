@@ -389,6 +389,13 @@ impl Store {
         }
     }
 
+    /// Like [`Store::settle`], but gives up after `timeout`; says whether the database
+    /// caught up. For readers that would rather show figures a moment old than none (the
+    /// metrics scrape, which must answer while the database is in trouble).
+    pub async fn settle_within(&self, timeout: std::time::Duration) -> bool {
+        self.shared.progress.settle(timeout).await.is_ok()
+    }
+
     /// Records an attempt and the delivery's next state in one transaction.
     pub async fn record_outcome(&self, rec: OutcomeRecord) -> Result<(), StoreError> {
         self.call(|tx| Command::Outcome(rec, tx)).await

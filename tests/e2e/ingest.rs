@@ -399,5 +399,33 @@ async fn an_acknowledged_event_is_visible_to_the_next_request() {
             assert_eq!(status, 200, "{id} not found right after its 202");
         }
     }
+    // Then 400 more with nothing read in between: a metrics scrape right after the last 202
+    // counts every delivery acknowledged.
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let (http, base, filler) = (c.http.clone(), c.base.clone(), filler.clone());
+        tasks.push(tokio::spawn(async move {
+            let body =
+                json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
+            let r = http
+                .post(format!("{base}/v1/events"))
+                .bearer_auth(ADMIN)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let m = c.text("/metrics").await;
+    let deliveries: u64 = m
+        .lines()
+        .filter(|l| l.starts_with("courier_deliveries{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(deliveries, 4 * 400, "{m}");
     c.stop().await;
 }
