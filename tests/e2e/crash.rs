@@ -396,17 +396,7 @@ async fn idempotency_survives_a_restart() {
         json!({"event_type": "t", "payload": {"n": 1}, "idempotency_key": "once"}).to_string();
     let send = |base: String| {
         let (http, body) = (http.clone(), body.clone());
-        async move {
-            let r = http
-                .post(format!("{base}/v1/events"))
-                .bearer_auth(ADMIN)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
-            serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
-        }
+        async move { post_event(&http, &base, body).await }
     };
     let mut p = Process::spawn(&cfg);
     let first = send(p.base.clone()).await;

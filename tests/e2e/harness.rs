@@ -518,6 +518,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Posts a `/v1/events` body with the admin key to the server at `base`, asserts the 202 and
+/// returns its reply.
+pub async fn post_event(http: &reqwest::Client, base: &str, body: String) -> Value {
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(ADMIN)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+}
+
 pub async fn get_json(http: &reqwest::Client, url: &str) -> (u16, Value) {
     let resp = http
         .get(url)

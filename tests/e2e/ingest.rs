@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::harness::*;
 
@@ -359,6 +359,11 @@ async fn concurrent_ingests_share_group_commits() {
     c.stop().await;
 }
 
+/// An event body whose payload carries `i` and `filler`.
+fn filler_event(i: usize, filler: &str) -> String {
+    json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string()
+}
+
 /// A 202 is answered as soon as the event is on disk in the ingest journal, a moment before
 /// the database has it: every API read made after the 202 must still find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,17 +378,7 @@ async fn an_acknowledged_event_is_visible_to_the_next_request() {
         for i in 0..400 {
             let (http, base, filler) = (c.http.clone(), c.base.clone(), filler.clone());
             tasks.push(tokio::spawn(async move {
-                let body =
-                    json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
-                let r = http
-                    .post(format!("{base}/v1/events"))
-                    .bearer_auth(ADMIN)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status().as_u16(), 202);
-                let reply: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                let reply = post_event(&http, &base, filler_event(i, &filler)).await;
                 let id = reply["deliveries"][0]["id"].as_str().unwrap().to_string();
                 let got = http
                     .get(format!("{base}/v1/deliveries/{id}"))
@@ -405,16 +400,7 @@ async fn an_acknowledged_event_is_visible_to_the_next_request() {
     for i in 0..400 {
         let (http, base, filler) = (c.http.clone(), c.base.clone(), filler.clone());
         tasks.push(tokio::spawn(async move {
-            let body =
-                json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
-            let r = http
-                .post(format!("{base}/v1/events"))
-                .bearer_auth(ADMIN)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 202);
+            post_event(&http, &base, filler_event(i, &filler)).await;
         }));
     }
     for t in tasks {
