@@ -13,7 +13,6 @@
 //! (each at most 6.25% wide); a percentile reports its bucket's upper bound, so it is never
 //! lower than the true value and at most 6.25% above it.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use redb::ReadableTable;
@@ -80,11 +79,27 @@ impl Rollup {
         self.attempts += other.attempts;
         self.successes += other.successes;
         self.first_attempts += other.first_attempts;
-        let mut all: BTreeMap<u16, u64> = self.durations.iter().copied().collect();
-        for (b, n) in &other.durations {
-            *all.entry(*b).or_default() += n;
+        // Both lists are in bucket order: one pass merges them.
+        let mine = std::mem::take(&mut self.durations);
+        let (mut a, mut b) = (mine.iter().peekable(), other.durations.iter().peekable());
+        self.durations
+            .reserve(mine.len().max(other.durations.len()));
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.0 == y.0 => (x.0, x.1 + y.1),
+                (Some(x), Some(y)) if x.0 < y.0 => **x,
+                (_, Some(y)) => **y,
+                (Some(x), None) => **x,
+                (None, None) => break,
+            };
+            if a.peek().is_some_and(|x| x.0 == next.0) {
+                a.next();
+            }
+            if b.peek().is_some_and(|y| y.0 == next.0) {
+                b.next();
+            }
+            self.durations.push(next);
         }
-        self.durations = all.into_iter().collect();
     }
 
     /// The duration at quantile `q` (0–1): the upper bound of the bucket holding the attempt
