@@ -1,6 +1,7 @@
 //! Ingest: bad input is refused with the documented error and stores nothing; fan-out;
 //! idempotency; producer ids.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -318,11 +319,22 @@ async fn concurrent_ingests_share_group_commits() {
         metric(&before, "courier_store_commits_total"),
         metric(&before, "courier_store_commands_total"),
     );
+    // Open the connections first and release the producers together, so that the 200
+    // ingests arrive at once rather than spread over 200 TCP handshakes on a busy machine.
+    let warm: Vec<_> = (0..200)
+        .map(|_| c.http.get(format!("{}/healthz", c.base)).send())
+        .collect();
+    for r in futures_util::future::join_all(warm).await {
+        assert!(r.unwrap().status().is_success());
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(200));
     let mut tasks = Vec::new();
     for i in 0..200 {
         let (http, url) = (c.http.clone(), format!("{}/v1/events", c.base));
+        let go = go.clone();
         tasks.push(tokio::spawn(async move {
             let body = json!({"event_type": "t", "payload": {"i": i}}).to_string();
+            go.wait().await;
             http.post(url)
                 .bearer_auth(ADMIN)
                 .body(body)
