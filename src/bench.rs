@@ -46,6 +46,10 @@ pub struct Options {
     /// Backlog mode: the bench endpoint is paused while the events go in (a receiver that is
     /// down), then resumed; reports the drain rate.
     pub backlog: bool,
+    /// A courier binary to run the bare 202 server in a process of its own (`courier
+    /// bench-server`), as courier runs apart from the producers; `None` measures only the
+    /// in-process one.
+    pub bare_server_exe: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -74,9 +78,16 @@ pub struct Report {
     pub baseline_202_per_sec: Option<f64>,
     /// The two runs of that baseline, before and after courier's.
     pub baseline_202_runs: Option<[f64; 2]>,
+    /// The same bare server in a process of its own, like courier (the in-process one shares
+    /// the producers' threads, which no server process can): mean of a run before and after.
+    pub baseline_202_process_per_sec: Option<f64>,
+    /// The two runs of that baseline.
+    pub baseline_202_process_runs: Option<[f64; 2]>,
     /// A bare client→receiver loop: requests/s with the same concurrency.
     pub baseline_send_per_sec: Option<f64>,
     pub accepted_vs_baseline: Option<f64>,
+    /// Accepted events/s against the bare server in a process of its own.
+    pub accepted_vs_process_baseline: Option<f64>,
     pub delivered_vs_baseline: Option<f64>,
     /// Backlog mode: peak RSS once the backlog is in, and the drain rate after resuming.
     pub backlog_rss_kib: Option<u64>,
@@ -320,6 +331,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     } else {
         Some(bare_202_rate(opts.events, opts.concurrency, opts.size).await?)
     };
+    let bare_process = match (&opts.bare_server_exe, opts.no_baselines) {
+        (Some(exe), false) => Some(BareProcess::start(exe).await?),
+        _ => None,
+    };
+    let before_process = match &bare_process {
+        Some(p) => Some(rate_202(p.addr, opts.events, opts.concurrency, opts.size).await),
+        None => None,
+    };
 
     // Drive courier.
     let size = opts.size;
@@ -404,6 +423,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         let runs = [before, after];
         report.baseline_202_runs = Some(runs);
         report.baseline_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
+        if let (Some(p), Some(before)) = (&bare_process, before_process) {
+            let after = rate_202(p.addr, opts.events, opts.concurrency, size).await;
+            report.baseline_202_process_runs = Some([before, after]);
+            report.baseline_202_process_per_sec = Some((before + after) / 2.0);
+        }
+        drop(bare_process);
 
         // Baseline 2: what sending alone costs: a client loop straight to a receiver.
         let (raddr, _h) = start_receiver(false).await?;
@@ -421,6 +446,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         report.accepted_vs_baseline = report
             .baseline_202_per_sec
             .map(|b| report.accepted_per_sec / b);
+        report.accepted_vs_process_baseline = report
+            .baseline_202_process_per_sec
+            .map(|b| report.accepted_per_sec / b);
         // In backlog mode the delivery rate that matters is the drain after resuming.
         let delivered = if opts.backlog {
             report.drain_per_sec
@@ -435,16 +463,27 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// The bare server: reads each request's body and answers 202, nothing else.
+fn bare_app() -> axum::Router {
+    axum::Router::new()
+        .fallback(|_body: axum::body::Bytes| async { axum::http::StatusCode::ACCEPTED })
+}
+
 /// Requests/s that `c` producers get out of a bare HTTP server answering 202 to `n` requests
 /// with bodies of `size` bytes (the server runs in this process).
 async fn bare_202_rate(n: usize, c: usize, size: usize) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
-        let app = axum::Router::new()
-            .fallback(|_body: axum::body::Bytes| async { axum::http::StatusCode::ACCEPTED });
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(listener, bare_app()).await;
     });
+    let rate = rate_202(addr, n, c, size).await;
+    server.abort();
+    Ok(rate)
+}
+
+/// Requests/s that `c` producers get out of the bare server at `addr`.
+async fn rate_202(addr: SocketAddr, n: usize, c: usize, size: usize) -> f64 {
     let bare = client(c);
     let bare2 = bare.clone();
     let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> = Arc::new(move |i| {
@@ -453,8 +492,66 @@ async fn bare_202_rate(n: usize, c: usize, size: usize) -> anyhow::Result<f64> {
             .body(payload(size, i))
     });
     let (ok, _, took) = drive(&bare, n, c, 0, make, 202).await;
-    server.abort();
-    Ok(ok as f64 / took.as_secs_f64())
+    ok as f64 / took.as_secs_f64()
+}
+
+/// `courier bench-server`: the bare server on its own runtime (the same as `courier serve`
+/// builds), until stdin closes, so that it never outlives the bench that started it.
+pub fn serve_bare() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("listening {}", listener.local_addr()?);
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        });
+        axum::serve(listener, bare_app())
+            .with_graceful_shutdown(async {
+                let _ = stdin_closed.await;
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+/// A `courier bench-server` child process; killed when dropped.
+struct BareProcess {
+    /// Held for its `kill_on_drop`.
+    _child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl BareProcess {
+    async fn start(exe: &std::path::Path) -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("bench-server")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {} bench-server", exe.display()))?;
+        let stdout = child.stdout.take().context("bench-server stdout")?;
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::BufReader::new(stdout).read_line(&mut line),
+        )
+        .await
+        .context("bench-server did not start within 10 s")??;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("bench-server said {line:?}, not its address"))?;
+        Ok(BareProcess {
+            _child: child,
+            addr,
+        })
+    }
 }
 
 /// The human-readable report.
@@ -507,6 +604,16 @@ pub fn human(r: &Report) -> String {
                 .map(|[x, y]| format!(" (mean of {x:.0} before and {y:.0} after)"))
                 .unwrap_or_default(),
             r.accepted_vs_baseline.unwrap_or(0.0) * 100.0
+        ));
+    }
+    if let Some(b) = r.baseline_202_process_per_sec {
+        out.push_str(&format!(
+            "  baseline: the same in a process of its own {:.0} req/s{} → courier accepts at {:.0}% of it\n",
+            b,
+            r.baseline_202_process_runs
+                .map(|[x, y]| format!(" (mean of {x:.0} before and {y:.0} after)"))
+                .unwrap_or_default(),
+            r.accepted_vs_process_baseline.unwrap_or(0.0) * 100.0
         ));
     }
     if let Some(b) = r.baseline_send_per_sec {

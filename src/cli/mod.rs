@@ -124,6 +124,10 @@ enum Command {
         #[arg(long)]
         backlog: bool,
     },
+    /// The bare HTTP server `courier bench` measures in a process of its own: answers 202
+    /// to everything on 127.0.0.1, prints its address, and stops when stdin closes.
+    #[command(hide = true)]
+    BenchServer,
     /// Check a received webhook's signatures. Reads the webhook as an HTTP message (headers,
     /// an empty line, the body) from FILE or stdin.
     Verify {
@@ -255,6 +259,7 @@ pub fn main() -> ExitCode {
             println!("{}", crate::deliver::sign::generate_secret());
             Ok(())
         }
+        Command::BenchServer => crate::bench::serve_bare(),
         Command::Verify {
             secret,
             no_timestamp_check,
@@ -448,6 +453,8 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     drain_timeout: std::time::Duration::from_secs(drain_timeout),
                     no_wait,
                     backlog,
+                    // The same binary serves the bare baseline in a process of its own.
+                    bare_server_exe: std::env::current_exe().ok(),
                 };
                 let report = crate::bench::run(&opts).await?;
                 if remote.json {

@@ -354,6 +354,19 @@ async fn bench_smoke_run_delivers_every_event() {
     assert_eq!(runs.len(), 2, "{r:#}");
     let mean = r["baseline_202_per_sec"].as_f64().unwrap();
     assert!((mean - (runs[0] + runs[1]) / 2.0).abs() < 1e-6, "{r:#}");
+    // And the same bare server in a process of its own (`courier bench-server`), like courier.
+    let runs: Vec<f64> = r["baseline_202_process_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(runs.len() == 2 && runs.iter().all(|&x| x > 0.0), "{r:#}");
+    let mean = r["baseline_202_process_per_sec"].as_f64().unwrap();
+    assert!((mean - (runs[0] + runs[1]) / 2.0).abs() < 1e-6, "{r:#}");
+    let ratio = r["accepted_vs_process_baseline"].as_f64().unwrap();
+    let accepted = r["accepted_per_sec"].as_f64().unwrap();
+    assert!((ratio - accepted / mean).abs() < 1e-9, "{r:#}");
     // The temporary endpoint is gone afterwards.
     let (_, eps) = c.get("/v1/endpoints").await;
     assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
@@ -379,7 +392,8 @@ async fn bench_smoke_run_delivers_every_event() {
     assert!(
         text.contains("(200 accepted, 0 errors)")
             && text.contains("(200 delivered)")
-            && text.contains("drained at"),
+            && text.contains("drained at")
+            && !text.contains("baseline"),
         "{text}"
     );
     c.stop().await;
