@@ -596,24 +596,27 @@ pub fn human(r: &Report) -> String {
             rss as f64 / 1024.0
         ));
     }
-    if let Some(b) = r.baseline_202_per_sec {
+    let servers = [
+        (
+            "bare 202 server",
+            r.baseline_202_per_sec,
+            r.baseline_202_runs,
+            r.accepted_vs_baseline,
+        ),
+        (
+            "the same in a process of its own",
+            r.baseline_202_process_per_sec,
+            r.baseline_202_process_runs,
+            r.accepted_vs_process_baseline,
+        ),
+    ];
+    for (label, mean, runs, ratio) in servers {
+        let Some(b) = mean else { continue };
         out.push_str(&format!(
-            "  baseline: bare 202 server {:.0} req/s{} → courier accepts at {:.0}% of it\n",
-            b,
-            r.baseline_202_runs
-                .map(|[x, y]| format!(" (mean of {x:.0} before and {y:.0} after)"))
+            "  baseline: {label} {b:.0} req/s{} → courier accepts at {:.0}% of it\n",
+            runs.map(|[x, y]| format!(" (mean of {x:.0} before and {y:.0} after)"))
                 .unwrap_or_default(),
-            r.accepted_vs_baseline.unwrap_or(0.0) * 100.0
-        ));
-    }
-    if let Some(b) = r.baseline_202_process_per_sec {
-        out.push_str(&format!(
-            "  baseline: the same in a process of its own {:.0} req/s{} → courier accepts at {:.0}% of it\n",
-            b,
-            r.baseline_202_process_runs
-                .map(|[x, y]| format!(" (mean of {x:.0} before and {y:.0} after)"))
-                .unwrap_or_default(),
-            r.accepted_vs_process_baseline.unwrap_or(0.0) * 100.0
+            ratio.unwrap_or(0.0) * 100.0
         ));
     }
     if let Some(b) = r.baseline_send_per_sec {
