@@ -131,6 +131,17 @@ async fn assert_pending(http: &reqwest::Client, base: &str, reply: &Value, what:
     assert_eq!(d["event_id"], reply["id"], "{d}");
 }
 
+/// One pending delivery per acknowledged event: at least `accepted`, and at most `slack` more
+/// (those in flight at the kill may have been written without their producer hearing back).
+async fn assert_pending_count(http: &reqwest::Client, base: &str, accepted: usize, slack: usize) {
+    let (_, stats) = get_json(http, &format!("{base}/v1/stats")).await;
+    let pending = stats["counts"]["pending"].as_u64().unwrap() as usize;
+    assert!(
+        (accepted..=accepted + slack).contains(&pending),
+        "{pending} pending for {accepted} accepted: {stats}"
+    );
+}
+
 /// With the endpoint paused nothing but appends reaches the writer, so every acknowledged
 /// event is durable through the ingest journal alone when the process is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -214,15 +225,8 @@ async fn sigkill_during_appends_alone_keeps_every_acknowledged_event_and_key() {
         let again: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
         assert_eq!(&again, first, "retry of {key} after the crash");
     }
-    // And the counts agree: one pending delivery per event (those in flight at the kill may
-    // have been committed without their producer hearing back).
-    let (_, stats) = get_json(&http, &format!("{}/v1/stats", p2.base)).await;
-    let pending = stats["counts"]["pending"].as_u64().unwrap() as usize;
-    assert!(
-        (accepted.len()..=accepted.len() + 8).contains(&pending),
-        "{pending} pending for {} accepted: {stats}",
-        accepted.len()
-    );
+    // And the counts agree: one pending delivery per event.
+    assert_pending_count(&http, &p2.base, accepted.len(), 8).await;
     drop(p2);
 }
 
@@ -286,15 +290,8 @@ async fn sigkill_after_answers_from_the_journal_loses_nothing() {
     for first in &accepted {
         assert_pending(&http, &p2.base, first, "without a key").await;
     }
-    // One pending delivery per event (those in flight at the kill may have been written
-    // without their producer hearing back).
-    let (_, stats) = get_json(&http, &format!("{}/v1/stats", p2.base)).await;
-    let pending = stats["counts"]["pending"].as_u64().unwrap() as usize;
-    assert!(
-        (accepted.len()..=accepted.len() + 16).contains(&pending),
-        "{pending} pending for {} accepted: {stats}",
-        accepted.len()
-    );
+    // One pending delivery per event.
+    assert_pending_count(&http, &p2.base, accepted.len(), 16).await;
     drop(p2);
 }
 
