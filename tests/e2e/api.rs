@@ -208,14 +208,11 @@ async fn health_and_readiness() {
 #[tokio::test]
 async fn queue_depth_reports_a_backlog() {
     let port = free_port();
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "down",
-            &format!("http://127.0.0.1:{port}/"),
-            "schedule = [\"1h\"]"
-        )
-    ))
+    let c = Courier::with_endpoint(
+        "down",
+        &format!("http://127.0.0.1:{port}/"),
+        "schedule = [\"1h\"]",
+    )
     .await;
     for i in 0..10 {
         c.send(json!({"event_type": "t", "payload": {"i": i}}))

@@ -195,11 +195,7 @@ async fn operator_commands_against_a_running_server() {
 #[tokio::test]
 async fn verify_checks_a_captured_webhook() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/hook"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/hook"), "").await;
     c.send(json!({"event_type": "t", "payload": {"a": [1, 2]}}))
         .await;
     let r = &rx.wait_for(1, T).await[0];

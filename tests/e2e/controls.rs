@@ -20,14 +20,11 @@ fn ids(replies: &[Value]) -> Vec<String> {
 async fn fifo_head_failing_twice_blocks_those_behind_it() {
     let rx = Receiver::start().await;
     rx.script([Reply::status(500), Reply::status(503)]);
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "ordered",
-            &rx.url("/"),
-            "ordering = \"fifo\"\nschedule = [\"0s\", \"150ms\", \"150ms\", \"150ms\"]"
-        )
-    ))
+    let c = Courier::with_endpoint(
+        "ordered",
+        &rx.url("/"),
+        "ordering = \"fifo\"\nschedule = [\"0s\", \"150ms\", \"150ms\", \"150ms\"]",
+    )
     .await;
     let mut replies = Vec::new();
     for i in 0..6 {
@@ -57,14 +54,11 @@ async fn fifo_head_failing_twice_blocks_those_behind_it() {
 async fn fifo_dead_head_lets_the_next_proceed() {
     let rx = Receiver::start().await;
     rx.script([Reply::status(500), Reply::status(500)]);
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "ordered",
-            &rx.url("/"),
-            "ordering = \"fifo\"\nschedule = [\"0s\", \"100ms\"]"
-        )
-    ))
+    let c = Courier::with_endpoint(
+        "ordered",
+        &rx.url("/"),
+        "ordering = \"fifo\"\nschedule = [\"0s\", \"100ms\"]",
+    )
     .await;
     let a = c
         .send(json!({"event_type": "t", "payload": {"i": 0}}))
@@ -87,11 +81,7 @@ async fn fifo_dead_head_lets_the_next_proceed() {
 async fn unordered_endpoints_deliver_concurrently_up_to_max_in_flight() {
     let rx = Receiver::start().await;
     rx.set_default(Reply::status(200).delay(Duration::from_millis(400)));
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("par", &rx.url("/"), "max_in_flight = 4")
-    ))
-    .await;
+    let c = Courier::with_endpoint("par", &rx.url("/"), "max_in_flight = 4").await;
     let mut replies = Vec::new();
     for i in 0..12 {
         replies.push(
@@ -113,14 +103,11 @@ async fn unordered_endpoints_deliver_concurrently_up_to_max_in_flight() {
 #[tokio::test]
 async fn rate_limit_paces_attempts_without_consuming_the_schedule() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "slow",
-            &rx.url("/"),
-            "rate_limit = \"5/s\"\nschedule = [\"0s\"]"
-        )
-    ))
+    let c = Courier::with_endpoint(
+        "slow",
+        &rx.url("/"),
+        "rate_limit = \"5/s\"\nschedule = [\"0s\"]",
+    )
     .await;
     let mut replies = Vec::new();
     for i in 0..15 {

@@ -22,11 +22,7 @@ async fn fails_twice_then_succeeds_with_the_same_webhook_id() {
         Reply::status(502),
         Reply::status(200).body("thanks"),
     ]);
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "").await;
     let reply = c
         .send(json!({"event_type": "order.created", "payload": {"a": 1}}))
         .await;
@@ -64,14 +60,11 @@ async fn fails_twice_then_succeeds_with_the_same_webhook_id() {
 async fn exhaustion_goes_to_the_dlq_and_bulk_replay_delivers() {
     let rx = Receiver::start().await;
     rx.set_default(Reply::status(500));
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "app",
-            &rx.url("/h"),
-            "schedule = [\"0s\", \"50ms\", \"50ms\"]"
-        )
-    ))
+    let c = Courier::with_endpoint(
+        "app",
+        &rx.url("/h"),
+        "schedule = [\"0s\", \"50ms\", \"50ms\"]",
+    )
     .await;
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -121,11 +114,7 @@ async fn exhaustion_goes_to_the_dlq_and_bulk_replay_delivers() {
 #[tokio::test]
 async fn single_replay_of_a_delivered_delivery_sends_it_again() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "").await;
     let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
     c.wait_status(&id, "delivered", T).await;
     let (s, _) = c
@@ -152,11 +141,7 @@ async fn gone_and_abort_are_final_at_once() {
         Reply::status(410),
         Reply::status(500).header("webhook-delivery", "abort"),
     ]);
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "ordering = \"fifo\"")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "ordering = \"fifo\"").await;
     let a = first_delivery(&c.send(json!({"event_type": "t", "payload": 1})).await);
     let b = first_delivery(&c.send(json!({"event_type": "t", "payload": 2})).await);
     let da = c.wait_status(&a, "dead", T).await;
@@ -177,11 +162,7 @@ async fn retry_after_is_honoured() {
         Reply::status(429).header("retry-after", "2"),
         Reply::status(200),
     ]);
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "").await;
     let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
     c.wait_status(&id, "delivered", T).await;
     let got = rx.received();
@@ -201,11 +182,7 @@ async fn slow_receivers_time_out_and_are_retried() {
         Reply::status(200).delay(Duration::from_secs(3)),
         Reply::status(200),
     ]);
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "timeout = \"300ms\"")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "timeout = \"300ms\"").await;
     let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
     let d = c.wait_status(&id, "delivered", T).await;
     let attempts = d["attempts"].as_array().unwrap();
@@ -221,11 +198,7 @@ async fn slow_receivers_time_out_and_are_retried() {
 async fn redirects_are_not_followed() {
     let rx = Receiver::start().await;
     rx.set_default(Reply::status(302).header("location", &rx.url("/elsewhere")));
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "schedule = [\"0s\", \"50ms\"]")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "schedule = [\"0s\", \"50ms\"]").await;
     let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
     let d = c.wait_status(&id, "dead", T).await;
     assert_eq!(d["attempts"][0]["status_code"], 302);
@@ -239,14 +212,11 @@ async fn redirects_are_not_followed() {
 #[tokio::test]
 async fn connection_errors_are_retried_with_a_class() {
     let port = free_port();
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "app",
-            &format!("http://127.0.0.1:{port}/h"),
-            "schedule = [\"0s\", \"50ms\"]"
-        )
-    ))
+    let c = Courier::with_endpoint(
+        "app",
+        &format!("http://127.0.0.1:{port}/h"),
+        "schedule = [\"0s\", \"50ms\"]",
+    )
     .await;
     let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
     let d = c.wait_status(&id, "dead", T).await;
@@ -259,11 +229,7 @@ async fn connection_errors_are_retried_with_a_class() {
 #[tokio::test]
 async fn keep_alive_connections_are_reused() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "ordering = \"fifo\"")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "ordering = \"fifo\"").await;
     for i in 0..20 {
         c.send(json!({"event_type": "t", "payload": {"i": i}}))
             .await;
@@ -281,11 +247,7 @@ async fn keep_alive_connections_are_reused() {
 #[tokio::test]
 async fn raw_ingest_is_delivered_byte_for_byte() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/raw"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/raw"), "").await;
     let body: Vec<u8> = vec![0, 159, 146, 150, b'\n', b'x'];
     let resp = c
         .http
@@ -391,14 +353,11 @@ async fn https_goes_through_rustls_and_refuses_an_untrusted_certificate() {
     )
     .unwrap();
     assert_eq!(line.trim(), "ready");
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "tls",
-            &format!("https://localhost:{port}/h"),
-            "schedule = [\"0s\"]"
-        )
-    ))
+    let c = Courier::with_endpoint(
+        "tls",
+        &format!("https://localhost:{port}/h"),
+        "schedule = [\"0s\"]",
+    )
     .await;
     let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
     let d = c.wait_status(&id, "dead", T).await;

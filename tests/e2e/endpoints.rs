@@ -190,11 +190,7 @@ async fn the_whole_lifecycle_over_http() {
 #[tokio::test]
 async fn config_endpoints_are_read_only_and_win_clashes() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("from-config", &rx.url("/"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("from-config", &rx.url("/"), "").await;
     use reqwest::Method as M;
     for (m, path) in [
         (M::PATCH, "/v1/endpoints/from-config"),

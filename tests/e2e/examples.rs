@@ -124,21 +124,28 @@ fn courier(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     cmd.output().unwrap()
 }
 
-#[test]
-fn example_config_passes_check() {
-    let path = root().join("examples/courier.toml");
+/// `courier check` on an example config, with the environment variables it names set: it
+/// must pass.
+fn check_example(file: &str, secret_var: &str) -> std::process::Output {
+    let path = root().join(file);
     let out = courier(
         &["check", "--config", path.to_str().unwrap()],
         &[
             ("COURIER_KEY", "an-example-key-0123456789"),
-            ("APP_SECRET", SECRET),
+            (secret_var, SECRET),
         ],
     );
     assert!(
         out.status.success(),
-        "{}",
+        "{file}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+#[test]
+fn example_config_passes_check() {
+    let out = check_example("examples/courier.toml", "APP_SECRET");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -275,36 +282,12 @@ async fn workflow_walkthrough_with_the_example_upstream_and_ws_client() {
 
 #[test]
 fn workflow_example_config_passes_check() {
-    let path = root().join("examples/workflow.toml");
-    let out = courier(
-        &["check", "--config", path.to_str().unwrap()],
-        &[
-            ("COURIER_KEY", "an-example-key-0123456789"),
-            ("WEBHOOK_SECRET", SECRET),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_example("examples/workflow.toml", "WEBHOOK_SECRET");
 }
 
 #[test]
 fn deployment_example_config_passes_check() {
-    let path = root().join("examples/behind-proxy.toml");
-    let out = courier(
-        &["check", "--config", path.to_str().unwrap()],
-        &[
-            ("COURIER_KEY", "an-example-key-0123456789"),
-            ("APP_SECRET", SECRET),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_example("examples/behind-proxy.toml", "APP_SECRET");
     assert!(root().join("examples/courier.service").exists());
     assert!(root().join("examples/nginx.conf").exists());
 }

@@ -254,6 +254,12 @@ pub fn endpoint(name: &str, url: &str, extra: &str) -> String {
 }
 
 impl Courier {
+    /// A courier with the fast delivery schedule and one endpoint (see [`endpoint`]): what
+    /// most tests need.
+    pub async fn with_endpoint(name: &str, url: &str, extra: &str) -> Courier {
+        Self::start(&format!("{DELIVERY_FAST}{}", endpoint(name, url, extra))).await
+    }
+
     pub async fn start(extra: &str) -> Courier {
         let dir = tempfile::tempdir().unwrap();
         let text = base_config(&dir.path().join("data"), extra);

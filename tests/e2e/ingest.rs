@@ -25,11 +25,7 @@ async fn assert_error(
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_stores_nothing() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "event_types = [\"order.*\"]")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "event_types = [\"order.*\"]").await;
     let ok = r#"{"event_type": "order.created", "payload": {}}"#;
     assert_error(
         &c,
@@ -210,11 +206,7 @@ async fn fan_out_creates_one_delivery_per_subscribed_endpoint() {
 #[tokio::test]
 async fn idempotency_key_returns_the_first_reply_even_when_racing() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "").await;
     let body =
         json!({"event_type": "t", "payload": {"n": 1}, "idempotency_key": "order-42"}).to_string();
     let mut tasks = Vec::new();
@@ -263,11 +255,7 @@ async fn idempotency_key_returns_the_first_reply_even_when_racing() {
 #[tokio::test]
 async fn a_reused_producer_id_is_a_conflict() {
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/h"), "")
-    ))
-    .await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "").await;
     let r = c
         .send(json!({"event_type": "t", "payload": {}, "id": "msg_order_1"}))
         .await;
@@ -299,14 +287,11 @@ fn metric(text: &str, name: &str) -> f64 {
 /// A courier whose one endpoint, `later`, subscribes to everything and is never reached (its
 /// first attempt fails, the next is an hour away): ingested events stay pending.
 async fn start_with_a_silent_endpoint() -> Courier {
-    Courier::start(&format!(
-        "{DELIVERY_FAST}{}",
-        endpoint(
-            "later",
-            &format!("http://127.0.0.1:{}/", free_port()),
-            "schedule = [\"1h\"]"
-        )
-    ))
+    Courier::with_endpoint(
+        "later",
+        &format!("http://127.0.0.1:{}/", free_port()),
+        "schedule = [\"1h\"]",
+    )
     .await
 }
 
