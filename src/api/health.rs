@@ -31,10 +31,10 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Refreshes the gauges that are derived from stored state, then encodes everything.
 /// The longest a metrics scrape waits for the database to catch up with the journal.
 const METRICS_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Refreshes the gauges that are derived from stored state, then encodes everything.
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     // The gauges below read the database: let it show every event acknowledged before the
     // scrape, but never hold a scrape for long (a stuck database is when metrics matter).

@@ -81,23 +81,33 @@ impl Rollup {
         self.first_attempts += other.first_attempts;
         // Both lists are in bucket order: one pass merges them.
         let mine = std::mem::take(&mut self.durations);
-        let (mut a, mut b) = (mine.iter().peekable(), other.durations.iter().peekable());
+        let (mut a, mut b) = (
+            mine.iter().copied().peekable(),
+            other.durations.iter().copied().peekable(),
+        );
         self.durations
             .reserve(mine.len().max(other.durations.len()));
         loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x.0 == y.0 => (x.0, x.1 + y.1),
-                (Some(x), Some(y)) if x.0 < y.0 => **x,
-                (_, Some(y)) => **y,
-                (Some(x), None) => **x,
+            let next = match (a.peek().copied(), b.peek().copied()) {
+                (Some(x), Some(y)) if x.0 == y.0 => {
+                    a.next();
+                    b.next();
+                    (x.0, x.1 + y.1)
+                }
+                (Some(x), Some(y)) if x.0 < y.0 => {
+                    a.next();
+                    x
+                }
+                (_, Some(y)) => {
+                    b.next();
+                    y
+                }
+                (Some(x), None) => {
+                    a.next();
+                    x
+                }
                 (None, None) => break,
             };
-            if a.peek().is_some_and(|x| x.0 == next.0) {
-                a.next();
-            }
-            if b.peek().is_some_and(|y| y.0 == next.0) {
-                b.next();
-            }
             self.durations.push(next);
         }
     }
