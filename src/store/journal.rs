@@ -67,6 +67,10 @@ pub(crate) struct Journal {
     buf_first_seq: u64,
     /// The bytes of the last write (the tail and the records), kept to reuse its allocation.
     job: Vec<u8>,
+    /// Makes the next write report a failure after its bytes are on disk, as when the flush
+    /// that follows a write fails.
+    #[cfg(test)]
+    fail_after_write: bool,
 }
 
 /// One of the journal's two files.
@@ -84,6 +88,12 @@ struct Side {
     /// The last record written to this file in its current lap (0 if none): the database
     /// must cover it before the file is written over.
     last_seq: u64,
+    /// Where the bytes of a failed write may end (0 if none since the last write that
+    /// succeeded). A write can fail after its records reached the disk (its flush failed);
+    /// they were never acknowledged, and their numbers go to the next batch, so if that
+    /// batch were shorter a reader would take what is left of them behind it for the
+    /// journal's continuation. The next write covers them with zeros.
+    stale_to: u64,
 }
 
 impl Side {
@@ -115,6 +125,7 @@ impl Side {
             offset: 0,
             tail: Vec::new(),
             last_seq: 0,
+            stale_to: 0,
         };
         Ok((side, bytes))
     }
@@ -184,6 +195,8 @@ impl Journal {
             buf: Vec::new(),
             buf_first_seq: 0,
             job: Vec::new(),
+            #[cfg(test)]
+            fail_after_write: false,
         };
         Ok((journal, pending))
     }
@@ -213,8 +226,9 @@ impl Journal {
 
     /// Writes the pushed records to the current file and returns once they are on disk.
     /// On failure the records may be partly on disk; they are not acknowledged, and the next
-    /// batch overwrites them with the same sequence numbers, so the sequence stays unbroken
-    /// for a reader.
+    /// batch overwrites them with the same sequence numbers (and zeros over whatever of them
+    /// it does not reach), so the sequence stays unbroken for a reader and never runs on
+    /// into them.
     pub(crate) fn write(&mut self) -> Result<(), StoreError> {
         if self.buf.is_empty() {
             return Ok(());
@@ -223,7 +237,11 @@ impl Journal {
         self.job.clear();
         self.job.extend_from_slice(&side.tail);
         self.job.extend_from_slice(&self.buf);
+        let records_end = self.job.len();
         let at = side.offset - side.tail.len() as u64;
+        if let Some(stale) = side.stale_to.checked_sub(at + records_end as u64) {
+            self.job.resize(records_end + stale as usize, 0);
+        }
         let r = match &mut side.direct {
             Some(d) => d.write(at, &self.job),
             None => side
@@ -231,22 +249,33 @@ impl Journal {
                 .write_all_at(&self.job, at)
                 .and_then(|_| side.file.sync_data()),
         };
+        #[cfg(test)]
+        let r = match std::mem::take(&mut self.fail_after_write) {
+            true => r.and(Err(std::io::Error::other("injected: the flush failed"))),
+            false => r,
+        };
         let len = self.buf.len();
         self.buf.clear();
         match r {
             Ok(()) => {
                 side.offset += len as u64;
                 side.last_seq = self.next_seq - 1;
+                side.stale_to = 0;
                 if side.direct.is_some() {
                     let keep = (side.offset % BLOCK as u64) as usize;
                     side.tail.clear();
                     side.tail
-                        .extend_from_slice(&self.job[self.job.len() - keep..]);
+                        .extend_from_slice(&self.job[records_end - keep..records_end]);
                 }
                 Ok(())
             }
             Err(e) => {
                 self.next_seq = self.buf_first_seq;
+                let written = match side.direct {
+                    Some(_) => self.job.len().div_ceil(BLOCK) * BLOCK,
+                    None => self.job.len(),
+                };
+                side.stale_to = side.stale_to.max(at + written as u64);
                 Err(StoreError::Db(format!(
                     "journal {}: write: {e}",
                     side.path.display()
@@ -269,6 +298,9 @@ impl Journal {
         let side = &mut self.sides[self.cur];
         side.offset = 0;
         side.tail.clear();
+        // What a failed write left in this file's last lap is numbered below anything this
+        // lap writes, so a reader never runs on into it.
+        side.stale_to = 0;
         side.last_seq
     }
 
@@ -454,6 +486,30 @@ mod tests {
             let (_, pending) = open(dir, 0);
             let got: Vec<&[u8]> = pending.iter().map(|(_, p)| p.as_slice()).collect();
             assert_eq!(got, [&b"one"[..], &b"two"[..]]);
+        });
+    }
+
+    #[test]
+    fn records_of_a_write_that_failed_after_reaching_the_disk_never_come_back() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            j.push(&[1; 100]);
+            j.write().unwrap();
+            // Three records that reach the file, but whose write reports a failure (as when
+            // its flush fails): their producers are told it failed.
+            for _ in 0..3 {
+                j.push(&[0xee; 100]);
+            }
+            j.fail_after_write = true;
+            assert!(j.write().is_err());
+            // The next batch is shorter, with records of the same size: without the zeros
+            // behind it, the failed batch's last two records would continue its numbering.
+            assert_eq!(j.push(&[2; 100]), 2);
+            j.write().unwrap();
+            drop(j);
+            let (_, pending) = open(dir, 0);
+            let got: Vec<(u64, u8)> = pending.iter().map(|(s, p)| (*s, p[0])).collect();
+            assert_eq!(got, [(1, 1), (2, 2)]);
         });
     }
 
