@@ -45,9 +45,22 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{id}")
 }
 
-/// The smallest id with `prefix` created at or after `ms`, for time-range scans.
+/// The last millisecond an id can carry (ULIDs hold 48 bits of time: the year 10889).
+const ID_MAX_MS: u64 = u64::MAX >> 16;
+
+/// The smallest id with `prefix` created at or after `ms`, for time-range scans. A time past
+/// the last one an id can carry stands for that last one (ULIDs would silently keep only the
+/// low 48 bits and land at an arbitrary time).
 pub fn id_floor(prefix: &str, ms: u64) -> String {
-    format!("{prefix}_{}", ulid::Ulid::from_parts(ms, 0))
+    format!("{prefix}_{}", ulid::Ulid::from_parts(ms.min(ID_MAX_MS), 0))
+}
+
+/// The ids with `prefix` created from `since_ms` to `until_ms`, both inclusive and either
+/// open, as a half-open range `lo..hi` for time-range scans.
+pub fn id_range(prefix: &str, since_ms: Option<u64>, until_ms: Option<u64>) -> (String, String) {
+    let lo = id_floor(prefix, since_ms.unwrap_or(0));
+    let hi = id_floor(prefix, until_ms.map_or(ID_MAX_MS, |u| u.saturating_add(1)));
+    (lo, hi)
 }
 
 /// What a producer sent, stored once however many endpoints it fans out to.
@@ -314,6 +327,11 @@ mod tests {
         assert!(floor < later);
         let now = new_id("dlv");
         assert!(now > later);
+        // Times past what an id can carry clamp to its end, never wrap or overflow.
+        let (lo, hi) = id_range("dlv", Some(1_000), Some(u64::MAX));
+        assert_eq!(lo, floor);
+        assert!(hi > now && hi == id_range("dlv", None, None).1);
+        assert_eq!(id_range("dlv", Some(1 << 50), None).0, hi);
         let ids: Vec<String> = (0..1000).map(|_| new_id("dlv")).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "strictly increasing");
         assert_eq!(

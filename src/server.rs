@@ -17,7 +17,7 @@ use crate::deliver::client;
 use crate::model::now_ms;
 use crate::observe::Metrics;
 use crate::scheduler::Scheduler;
-use crate::store::Store;
+use crate::store::{PurgeCursor, Store};
 
 /// A running courier.
 pub struct Running {
@@ -159,8 +159,9 @@ fn load_api_endpoints(app: &App) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes delivered, dead and dropped deliveries older than `delivery.retention`, in small
-/// batches so that the writer is never held for long.
+/// Deletes delivered, dead and dropped deliveries last changed more than `delivery.retention`
+/// ago, and expired idempotency keys: a sweep every quarter of the retention (at most every
+/// minute), in small rounds so that the writer is never held for long.
 async fn retention(app: Arc<App>) {
     const BATCH: usize = 500;
     loop {
@@ -174,16 +175,23 @@ async fn retention(app: Arc<App>) {
         let before = now.saturating_sub(retention.as_millis() as u64);
         let idem_before =
             now.saturating_sub(retention.max(Duration::from_secs(24 * 3600)).as_millis() as u64);
+        let mut cursor = PurgeCursor::default();
         loop {
-            match app.store.purge(before, idem_before, BATCH).await {
-                Ok(n) => {
-                    app.metrics.purged.inc_by(n as u64);
-                    if n > 0 {
-                        tracing::debug!(purged = n, "retention purge");
+            match app.store.purge(before, idem_before, BATCH, cursor).await {
+                Ok(round) => {
+                    app.metrics.purged.inc_by(round.purged as u64);
+                    if round.purged > 0 || round.keys_expired > 0 {
+                        tracing::debug!(
+                            purged = round.purged,
+                            keys_expired = round.keys_expired,
+                            "retention purge"
+                        );
                     }
-                    if n < BATCH || app.shutdown.is_cancelled() {
+                    let done = round.cursor.finished() && round.keys_expired < BATCH;
+                    if done || app.shutdown.is_cancelled() {
                         break;
                     }
+                    cursor = round.cursor;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Err(e) => {

@@ -67,10 +67,6 @@ pub(crate) struct Journal {
     buf_first_seq: u64,
     /// The bytes of the last write (the tail and the records), kept to reuse its allocation.
     job: Vec<u8>,
-    /// Makes the next write report a failure after its bytes are on disk, as when the flush
-    /// that follows a write fails.
-    #[cfg(test)]
-    fail_after_write: bool,
 }
 
 /// One of the journal's two files.
@@ -92,11 +88,49 @@ struct Side {
     /// succeeded). A write can fail after its records reached the disk (its flush failed);
     /// they were never acknowledged, and their numbers go to the next batch, so if that
     /// batch were shorter a reader would take what is left of them behind it for the
-    /// journal's continuation. The next write covers them with zeros.
+    /// journal's continuation. The failed write is followed by one of zeros over them, and
+    /// should that fail too, the next batch's write covers them.
     stale_to: u64,
+    /// Makes this many of the next writes report a failure after their bytes are on disk,
+    /// as when the flush that follows a write fails.
+    #[cfg(test)]
+    fail_after_write: u32,
+    /// Then makes this many fail without writing anything.
+    #[cfg(test)]
+    refuse: u32,
 }
 
 impl Side {
+    /// Writes `bytes` at `at` and returns once they are on disk.
+    fn put(&mut self, bytes: &[u8], at: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_after_write == 0 && self.refuse > 0 {
+            self.refuse -= 1;
+            return Err(std::io::Error::other("injected: the write was refused"));
+        }
+        let r = match &mut self.direct {
+            Some(d) => d.write(at, bytes),
+            None => self
+                .file
+                .write_all_at(bytes, at)
+                .and_then(|_| self.file.sync_data()),
+        };
+        #[cfg(test)]
+        if self.fail_after_write > 0 {
+            self.fail_after_write -= 1;
+            return r.and(Err(std::io::Error::other("injected: the flush failed")));
+        }
+        r
+    }
+
+    /// How many bytes a write of `len` bytes may have changed on disk.
+    fn written(&self, len: usize) -> u64 {
+        match self.direct {
+            Some(_) => (len.div_ceil(BLOCK) * BLOCK) as u64,
+            None => len as u64,
+        }
+    }
+
     fn open(path: PathBuf, try_direct: bool) -> Result<(Side, Vec<u8>), StoreError> {
         let io = |what: &str, e: std::io::Error| {
             StoreError::Db(format!("journal {}: {what}: {e}", path.display()))
@@ -126,6 +160,10 @@ impl Side {
             tail: Vec::new(),
             last_seq: 0,
             stale_to: 0,
+            #[cfg(test)]
+            fail_after_write: 0,
+            #[cfg(test)]
+            refuse: 0,
         };
         Ok((side, bytes))
     }
@@ -195,8 +233,6 @@ impl Journal {
             buf: Vec::new(),
             buf_first_seq: 0,
             job: Vec::new(),
-            #[cfg(test)]
-            fail_after_write: false,
         };
         Ok((journal, pending))
     }
@@ -242,18 +278,7 @@ impl Journal {
         if let Some(stale) = side.stale_to.checked_sub(at + records_end as u64) {
             self.job.resize(records_end + stale as usize, 0);
         }
-        let r = match &mut side.direct {
-            Some(d) => d.write(at, &self.job),
-            None => side
-                .file
-                .write_all_at(&self.job, at)
-                .and_then(|_| side.file.sync_data()),
-        };
-        #[cfg(test)]
-        let r = match std::mem::take(&mut self.fail_after_write) {
-            true => r.and(Err(std::io::Error::other("injected: the flush failed"))),
-            false => r,
-        };
+        let r = side.put(&self.job, at);
         let len = self.buf.len();
         self.buf.clear();
         match r {
@@ -271,11 +296,14 @@ impl Journal {
             }
             Err(e) => {
                 self.next_seq = self.buf_first_seq;
-                let written = match side.direct {
-                    Some(_) => self.job.len().div_ceil(BLOCK) * BLOCK,
-                    None => self.job.len(),
-                };
-                side.stale_to = side.stale_to.max(at + written as u64);
+                side.stale_to = side.stale_to.max(at + side.written(self.job.len()));
+                // Zeros over what the failed write may have left, right away: nothing else
+                // may be written before the next stop.
+                self.job.truncate(side.tail.len());
+                self.job.resize((side.stale_to - at) as usize, 0);
+                if side.put(&self.job, at).is_ok() {
+                    side.stale_to = 0;
+                }
                 Err(StoreError::Db(format!(
                     "journal {}: write: {e}",
                     side.path.display()
@@ -500,16 +528,32 @@ mod tests {
             for _ in 0..3 {
                 j.push(&[0xee; 100]);
             }
-            j.fail_after_write = true;
+            j.sides[0].fail_after_write = 1;
             assert!(j.write().is_err());
-            // The next batch is shorter, with records of the same size: without the zeros
-            // behind it, the failed batch's last two records would continue its numbering.
+            // Nothing else is written before the next start: they do not come back.
+            drop(j);
+            let (j, pending) = open(dir, 0);
+            let got: Vec<(u64, u8)> = pending.iter().map(|(s, p)| (*s, p[0])).collect();
+            assert_eq!(got, [(1, 1)]);
+            drop(j);
+            let (mut j, _) = open(dir, 1);
+            // Started again once the database holds record 1 (as the store does after
+            // re-applying it): the same, but the zeros after the failed write fail too (a
+            // failing disk). The next batch is shorter, with records of the same size: without
+            // zeros behind it, the failed batch's last two records would continue its
+            // numbering.
+            for _ in 0..3 {
+                j.push(&[0xee; 100]);
+            }
+            j.sides[0].fail_after_write = 1;
+            j.sides[0].refuse = 1;
+            assert!(j.write().is_err());
             assert_eq!(j.push(&[2; 100]), 2);
             j.write().unwrap();
             drop(j);
-            let (_, pending) = open(dir, 0);
+            let (_, pending) = open(dir, 1);
             let got: Vec<(u64, u8)> = pending.iter().map(|(s, p)| (*s, p[0])).collect();
-            assert_eq!(got, [(1, 1), (2, 2)]);
+            assert_eq!(got, [(2, 2)]);
         });
     }
 

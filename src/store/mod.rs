@@ -28,7 +28,7 @@ pub use rollup::Rollup;
 use tables::*;
 use writer::Command;
 
-use crate::model::{Attempt, Channel, Delivery, DeliveryStatus, Event, TimerKind, id_floor};
+use crate::model::{Attempt, Channel, Delivery, DeliveryStatus, Event, TimerKind, id_range};
 
 /// Errors at the store boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -116,6 +116,46 @@ pub enum ReplayTarget {
     Ids(Vec<String>),
     /// Every dead delivery matching the filter.
     Dead(Filter),
+}
+
+/// Where a retention sweep goes on: the finished deliveries it has not examined yet, in the
+/// status index's order (delivered, dead, dropped; oldest first within each). A sweep starts
+/// from [`PurgeCursor::default`] and passes each round's cursor to the next.
+///
+/// Why a cursor: a delivery created before the cutoff but finished after it (a slow retry, a
+/// replay) is examined and kept; without it, every round would start over at the same kept
+/// deliveries, and enough of them would stop the sweep before anything behind them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeCursor {
+    /// Which status of [`FINISHED`] the sweep is in; past the last one, it is done.
+    pub(crate) status: usize,
+    /// The last delivery id examined in that status (empty: from the start).
+    pub(crate) after: String,
+}
+
+/// The statuses retention purges, in the order a sweep takes them.
+pub(crate) const FINISHED: [DeliveryStatus; 3] = [
+    DeliveryStatus::Delivered,
+    DeliveryStatus::Dead,
+    DeliveryStatus::Dropped,
+];
+
+impl PurgeCursor {
+    /// Whether every finished delivery has been examined.
+    pub fn finished(&self) -> bool {
+        self.status >= FINISHED.len()
+    }
+}
+
+/// What one round of a retention sweep did.
+#[derive(Debug, Clone, Default)]
+pub struct PurgeRound {
+    /// Deliveries deleted.
+    pub purged: usize,
+    /// Idempotency records deleted.
+    pub keys_expired: usize,
+    /// Where the next round goes on.
+    pub cursor: PurgeCursor,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -406,18 +446,22 @@ impl Store {
         self.call(|tx| Command::Replay(target, tx)).await
     }
 
-    /// Deletes up to `limit` finished deliveries last changed before `before_ms`, and
-    /// idempotency records created before `idempotency_before_ms`.
+    /// One round of a retention sweep: examines up to `limit` finished deliveries from
+    /// `cursor` on and deletes those last changed before `before_ms` (with their events once
+    /// no delivery of theirs remains), then up to `limit` idempotency records created before
+    /// `idempotency_before_ms`.
     pub async fn purge(
         &self,
         before_ms: u64,
         idempotency_before_ms: u64,
         limit: usize,
-    ) -> Result<usize, StoreError> {
+        cursor: PurgeCursor,
+    ) -> Result<PurgeRound, StoreError> {
         self.call(|reply| Command::Purge {
             before_ms,
             idempotency_before_ms,
             limit,
+            cursor,
             reply,
         })
         .await
@@ -588,8 +632,7 @@ impl Store {
     ) -> Result<(Vec<Delivery>, Option<String>), StoreError> {
         let txn = self.db.begin_read()?;
         let deliveries = txn.open_table(DELIVERIES)?;
-        let lo = id_floor("dlv", filter.since_ms.unwrap_or(0));
-        let mut hi = id_floor("dlv", filter.until_ms.map_or(u64::MAX >> 16, |u| u + 1));
+        let (lo, mut hi) = id_range("dlv", filter.since_ms, filter.until_ms);
         if let Some(c) = cursor
             && c < hi.as_str()
         {
@@ -896,7 +939,10 @@ mod tests {
             assert!(txn.open_table(ATTEMPT_LOG).is_err(), "the log was deleted");
         }
         // Retention drops the minutes wholly before its cutoff: here the first one.
-        store.purge(old + minute, 0, 100).await.unwrap();
+        store
+            .purge(old + minute, 0, 100, PurgeCursor::default())
+            .await
+            .unwrap();
         assert_eq!(
             store.attempt_stats(0, Some("a")).unwrap(),
             Rollup::default()
@@ -960,7 +1006,10 @@ mod tests {
             AppendResult::Replayed(b"old".to_vec())
         );
         // Expire keys created before 2,000 ms: "old" goes, "new" stays.
-        store.purge(0, 2_000, 100).await.unwrap();
+        store
+            .purge(0, 2_000, 100, PurgeCursor::default())
+            .await
+            .unwrap();
         assert_eq!(
             store.append(batch("old", 7_000)).await.unwrap(),
             AppendResult::Created
@@ -1136,6 +1185,76 @@ mod tests {
         ulid::Ulid::from_string(id.strip_prefix("dlv_").unwrap())
             .unwrap()
             .timestamp_ms()
+    }
+
+    /// Runs a whole retention sweep; returns the deliveries it deleted.
+    async fn sweep(store: &Store, before_ms: u64, limit: usize) -> usize {
+        let mut cursor = PurgeCursor::default();
+        let mut purged = 0;
+        for _ in 0..100 {
+            let round = store.purge(before_ms, 0, limit, cursor).await.unwrap();
+            purged += round.purged;
+            if round.cursor.finished() {
+                return purged;
+            }
+            cursor = round.cursor;
+        }
+        panic!("the sweep never finished");
+    }
+
+    #[tokio::test]
+    async fn retention_gets_past_old_deliveries_that_finished_after_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..4 {
+            let b = to("e", n);
+            ids.push(b.deliveries[0].id.clone());
+            store.append(b).await.unwrap();
+        }
+        let pause = || tokio::time::sleep(std::time::Duration::from_millis(5));
+        pause().await;
+        // The newest two finish before the cutoff; the oldest two (retried, say) after it, so
+        // they sort first among the candidates but are kept.
+        deliver(&store, &ids[2]).await;
+        deliver(&store, &ids[3]).await;
+        pause().await;
+        let cut = crate::model::now_ms();
+        pause().await;
+        deliver(&store, &ids[0]).await;
+        deliver(&store, &ids[1]).await;
+        // Rounds of one: the kept ones take whole rounds, and the sweep still gets past them.
+        assert_eq!(sweep(&store, cut, 1).await, 2);
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(store.delivery(id).unwrap().is_some(), n < 2, "delivery {n}");
+        }
+        // Once they are old enough too, the next sweep takes them.
+        assert_eq!(sweep(&store, crate::model::now_ms() + 1, 1).await, 2);
+        assert!(store.delivery(&ids[0]).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_time_filter_past_the_end_of_ids_is_the_open_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let b = to("e", 0);
+        let id = b.deliveries[0].id.clone();
+        store.append(b).await.unwrap();
+        store.settle().await.unwrap();
+        let filter = Filter {
+            until_ms: Some(u64::MAX),
+            ..Filter::default()
+        };
+        let (listed, _) = store.list(&filter, 10, None).unwrap();
+        assert_eq!(listed.len(), 1);
+        // Replay runs on the writer: a time it could not handle would stop every write.
+        let r = store
+            .replay(ReplayTarget::Dead(filter.clone()))
+            .await
+            .unwrap();
+        assert!(r.requeued.is_empty());
+        assert!(store.delivery(&id).unwrap().is_some());
+        store.append(to("e", 1)).await.unwrap();
     }
 
     #[tokio::test]

@@ -18,10 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::rollup::{Rollup, minute};
 use super::tables::*;
 use super::{
-    AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, OutcomeRecord,
-    ReplayResult, ReplayTarget, Shared, StoreError,
+    AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, FINISHED,
+    OutcomeRecord, PurgeCursor, PurgeRound, ReplayResult, ReplayTarget, Shared, StoreError,
 };
-use crate::model::{Channel, Delivery, DeliveryStatus, Event, id_floor, now_ms};
+use crate::model::{Channel, Delivery, DeliveryStatus, Event, id_floor, id_range, now_ms};
 
 /// Most commands folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -43,7 +43,8 @@ pub(crate) enum Command {
         before_ms: u64,
         idempotency_before_ms: u64,
         limit: usize,
-        reply: oneshot::Sender<Result<usize, StoreError>>,
+        cursor: PurgeCursor,
+        reply: oneshot::Sender<Result<PurgeRound, StoreError>>,
     },
     Channel(
         ChannelChange,
@@ -69,7 +70,7 @@ enum Reply {
     Checkpoint,
     Outcome(Result<(), StoreError>),
     Replay(Result<ReplayResult, StoreError>),
-    Purge(Result<usize, StoreError>),
+    Purge(Result<PurgeRound, StoreError>),
     Channel(Result<AdvanceResult, StoreError>),
     Endpoint(Result<bool, StoreError>),
 }
@@ -337,8 +338,15 @@ fn apply(
                     before_ms,
                     idempotency_before_ms,
                     limit,
+                    cursor,
                     ..
-                } => Reply::Purge(t.purge(*before_ms, *idempotency_before_ms, *limit, deltas)),
+                } => Reply::Purge(t.purge(
+                    *before_ms,
+                    *idempotency_before_ms,
+                    *limit,
+                    cursor,
+                    deltas,
+                )),
                 Command::Channel(change, _) => Reply::Channel(t.channel(change, deltas)),
                 Command::Endpoint(w, _) => Reply::Endpoint(t.endpoint(w)),
             });
@@ -575,8 +583,7 @@ impl<'t> Tables<'t> {
         let ids: Vec<String> = match target {
             ReplayTarget::Ids(ids) => ids.clone(),
             ReplayTarget::Dead(f) => {
-                let lo = id_floor("dlv", f.since_ms.unwrap_or(0));
-                let hi = id_floor("dlv", f.until_ms.map_or(u64::MAX >> 16, |u| u + 1));
+                let (lo, hi) = id_range("dlv", f.since_ms, f.until_ms);
                 let mut ids = Vec::new();
                 for row in self
                     .by_status
@@ -616,31 +623,47 @@ impl<'t> Tables<'t> {
         Ok(result)
     }
 
-    /// Deletes finished deliveries (and events none of whose deliveries remain) older than
-    /// `before_ms`, at most `limit` per call so the writer is never held for long.
+    /// One round of a retention sweep (see [`super::Store::purge`]): examines at most
+    /// `limit` finished deliveries after `from`, so the writer is never held for long.
     fn purge(
         &mut self,
         before_ms: u64,
         idempotency_before_ms: u64,
         limit: usize,
+        from: &PurgeCursor,
         deltas: &mut Deltas,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<PurgeRound, StoreError> {
+        use std::ops::Bound;
+        // Only deliveries created before the cutoff can have finished before it.
         let hi = id_floor("dlv", before_ms);
+        let mut cursor = from.clone();
         let mut victims = Vec::new();
-        for status in [
-            DeliveryStatus::Delivered,
-            DeliveryStatus::Dead,
-            DeliveryStatus::Dropped,
-        ] {
+        while !cursor.finished() && victims.len() < limit {
+            let status = FINISHED[cursor.status].as_str();
+            let start = match cursor.after.as_str() {
+                "" => Bound::Included((status, "")),
+                after => Bound::Excluded((status, after)),
+            };
+            let mut exhausted = true;
             for row in self
                 .by_status
-                .range((status.as_str(), "")..(status.as_str(), hi.as_str()))?
+                .range((start, Bound::Excluded((status, hi.as_str()))))?
             {
                 if victims.len() >= limit {
+                    exhausted = false;
                     break;
                 }
                 let (k, _) = row?;
                 victims.push(k.value().1.to_string());
+            }
+            match exhausted {
+                true => {
+                    cursor = PurgeCursor {
+                        status: cursor.status + 1,
+                        after: String::new(),
+                    }
+                }
+                false => cursor.after = victims.last().cloned().unwrap_or_default(),
             }
         }
         let mut purged = 0;
@@ -684,11 +707,16 @@ impl<'t> Tables<'t> {
             let (at, a, b) = k.value();
             stale.push((at, a.to_string(), b.to_string()));
         }
+        let keys_expired = stale.len();
         for (at, a, b) in stale {
             self.idempotency.remove((a.as_str(), b.as_str()))?;
             self.idempotency_age.remove((at, a.as_str(), b.as_str()))?;
         }
-        Ok(purged)
+        Ok(PurgeRound {
+            purged,
+            keys_expired,
+            cursor,
+        })
     }
 
     /// Creates or advances a channel, moving its timers with it, and appends the workflow's
