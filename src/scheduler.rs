@@ -29,6 +29,9 @@ pub struct Health {
     pub circuit_open: bool,
     pub last_attempt_ms: Option<u64>,
     pub last_success_ms: Option<u64>,
+    /// When the circuit last opened: the first probe waits a probe interval from here.
+    #[serde(skip)]
+    pub opened_ms: u64,
 }
 
 impl Health {
@@ -54,6 +57,10 @@ struct WorkerHandle {
 pub struct Scheduler {
     workers: Mutex<HashMap<String, WorkerHandle>>,
     health: Mutex<HashMap<String, Health>>,
+    /// The token buckets of endpoints with a `rate_limit` whose workers retired: the next
+    /// worker goes on with its bucket as it was, not a full one (which would let an endpoint
+    /// that goes idle between events take a whole burst each time).
+    buckets: Mutex<HashMap<String, (f64, Bucket)>>,
 }
 
 /// Sent by an attempt task to its worker once the outcome is committed.
@@ -61,6 +68,9 @@ struct Done {
     id: String,
     /// `Some(true)` for a 2xx, `Some(false)` for a failed attempt, `None` when nothing was sent.
     success: Option<bool>,
+    /// When the delivery is due again if it is still pending (a retry, or an outcome that
+    /// could not be recorded): the worker's scan may have passed that time already.
+    again_ms: Option<u64>,
 }
 
 impl Scheduler {
@@ -156,6 +166,7 @@ impl Scheduler {
             h.consecutive_failures += 1;
             if !h.circuit_open && h.consecutive_failures >= threshold {
                 h.circuit_open = true;
+                h.opened_ms = now;
                 observe::circuit(&app.metrics, endpoint, true, h.consecutive_failures);
             }
         }
@@ -218,7 +229,12 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
     } = signals;
     let mut in_flight: HashSet<String> = HashSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut bucket: Option<(f64, Bucket)> = None;
+    let mut bucket = app
+        .scheduler
+        .buckets
+        .lock()
+        .expect("buckets lock")
+        .remove(&name);
     let mut next_probe_ms = 0u64;
     // Where the last page ended. Everything before it is in flight or done; work enqueued
     // since is announced with its due time (`rewind`) and the scan moves back to it. With
@@ -244,14 +260,14 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
             // Removed (config file or API): its queue stays on disk untouched and resumes if
             // the endpoint comes back.
             if in_flight.is_empty() {
-                if retire(&app, &name, &woken) {
+                if retire(&app, &name, &woken, &mut bucket) {
                     tracing::info!(endpoint = %name, "endpoint removed; its queued deliveries wait for it");
                     break;
                 }
                 continue;
             }
             if let Some(done) = done_rx.recv().await {
-                finish(&app, &name, &mut in_flight, done);
+                finish(&app, &name, &mut in_flight, &rewind, done);
             }
             continue;
         };
@@ -263,14 +279,18 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
             } else {
                 ep.max_in_flight.saturating_sub(in_flight.len())
             };
-            if app.scheduler.health(&name).circuit_open {
-                // Failing endpoint: one probe at a time, at the probe pace.
-                if in_flight.is_empty() && now >= next_probe_ms {
+            let health = app.scheduler.health(&name);
+            if health.circuit_open {
+                // Failing endpoint: one probe at a time, at the probe pace, the first one a
+                // probe interval after the circuit opened.
+                let interval = app.config.load().delivery.circuit_probe_interval;
+                let probe_at = next_probe_ms.max(health.opened_ms + interval.as_millis() as u64);
+                if in_flight.is_empty() && now >= probe_at {
                     capacity = capacity.min(1);
                 } else {
                     capacity = 0;
                     if in_flight.is_empty() {
-                        wake = Some(next_probe_ms);
+                        wake = Some(probe_at);
                     }
                 }
             }
@@ -283,12 +303,15 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                 }
                 None => bucket = None,
             }
-            let mut token_limited = false;
+            // Whether due work may be waiting for a token: then the worker wakes when the
+            // next one is there. Only then: a worker that found less due work than it had
+            // tokens for has nothing to wait for.
+            let mut awaits_token = false;
             if let Some((_, b)) = bucket.as_mut() {
                 let avail = b.available(now);
                 if avail < capacity {
                     capacity = avail;
-                    token_limited = true;
+                    awaits_token = avail == 0;
                 }
             }
             if capacity > 0 {
@@ -311,6 +334,9 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                 };
                 match page {
                     Ok(page) => {
+                        if bucket.is_some() && page.due.len() >= capacity {
+                            awaits_token = true;
+                        }
                         if page.last.is_some() {
                             resume = page.last.clone();
                         }
@@ -331,8 +357,12 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
                             app.tasks.spawn(async move {
                                 let id = d.id.clone();
-                                let success = run_attempt(&app2, ep2, d).await;
-                                let _ = tx.send(Done { id, success });
+                                let (success, again_ms) = run_attempt(&app2, ep2, d).await;
+                                let _ = tx.send(Done {
+                                    id,
+                                    success,
+                                    again_ms,
+                                });
                             });
                         }
                         wake = min_opt(wake, page.next_due_ms);
@@ -343,7 +373,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                     }
                 }
             }
-            if token_limited && let Some((_, b)) = bucket.as_ref() {
+            if awaits_token && let Some((_, b)) = bucket.as_ref() {
                 wake = min_opt(wake, Some(b.next_token_ms()));
             }
         } else if in_flight.is_empty() {
@@ -356,7 +386,11 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
         }
         // Nothing in hand and nothing scheduled (or paused): the worker goes away until the
         // next wake-up starts a new one.
-        if !stopping && in_flight.is_empty() && wake.is_none() && retire(&app, &name, &woken) {
+        if !stopping
+            && in_flight.is_empty()
+            && wake.is_none()
+            && retire(&app, &name, &woken, &mut bucket)
+        {
             break;
         }
 
@@ -367,32 +401,41 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
         tokio::select! {
             _ = notify.notified() => {}
             Some(done) = done_rx.recv() => {
-                finish(&app, &name, &mut in_flight, done);
+                finish(&app, &name, &mut in_flight, &rewind, done);
             }
             _ = tokio::time::sleep(sleep) => {}
             _ = app.shutdown.cancelled(), if !stopping => {}
         }
         while let Ok(done) = done_rx.try_recv() {
-            finish(&app, &name, &mut in_flight, done);
+            finish(&app, &name, &mut in_flight, &rewind, done);
         }
     }
 }
 
 /// Deregisters an idle worker unless a wake-up arrived meanwhile (checked under the same
-/// lock `wake` takes, so no wake-up is lost).
-fn retire(app: &App, name: &str, woken: &AtomicBool) -> bool {
+/// lock `wake` takes, so no wake-up is lost), leaving its token bucket to the next one (under
+/// that lock too, so the next worker finds it).
+fn retire(app: &App, name: &str, woken: &AtomicBool, bucket: &mut Option<(f64, Bucket)>) -> bool {
     let mut workers = app.scheduler.workers.lock().expect("workers lock");
     if woken.swap(false, AtomicOrdering::SeqCst) {
         return false;
+    }
+    if let Some(b) = bucket.take() {
+        let mut buckets = app.scheduler.buckets.lock().expect("buckets lock");
+        buckets.insert(name.to_string(), b);
     }
     workers.remove(name);
     true
 }
 
-fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, done: Done) {
+fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, rewind: &AtomicU64, done: Done) {
     in_flight.remove(&done.id);
     if let Some(success) = done.success {
         app.scheduler.record(app, name, success);
+    }
+    // Still pending: the scan looks from its due time again, should it be behind the scan.
+    if let Some(at) = done.again_ms {
+        rewind.fetch_min(at, AtomicOrdering::SeqCst);
     }
 }
 
@@ -404,8 +447,12 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 /// Makes one attempt of `d` and records it. Returns whether the endpoint answered 2xx
-/// (`None` when nothing was sent).
-async fn run_attempt(app: &Arc<App>, ep: Arc<EndpointConfig>, d: Delivery) -> Option<bool> {
+/// (`None` when nothing was sent), and when a retry is due.
+async fn run_attempt(
+    app: &Arc<App>,
+    ep: Arc<EndpointConfig>,
+    d: Delivery,
+) -> (Option<bool>, Option<u64>) {
     let event = match app.store.event(&d.event_id) {
         Ok(Some(e)) => e,
         Ok(None) => {
@@ -413,11 +460,11 @@ async fn run_attempt(app: &Arc<App>, ep: Arc<EndpointConfig>, d: Delivery) -> Op
                 reason: format!("event {} is missing from the store", d.event_id),
             };
             record(app, &d, None, next, false).await;
-            return None;
+            return (None, None);
         }
         Err(e) => {
             tracing::error!(delivery = %d.id, error = %e, "cannot load event; will retry");
-            return None;
+            return (None, None);
         }
     };
     let delivery_cfg = app.config.load().delivery.clone();
@@ -451,7 +498,7 @@ async fn run_attempt(app: &Arc<App>, ep: Arc<EndpointConfig>, d: Delivery) -> Op
         Ok(Transformed::Drop(reason)) => {
             observe::dropped(&app.metrics, &ep.name, &d.id, &reason);
             record(app, &d, None, Next::Dropped { reason }, false).await;
-            return None;
+            return (None, None);
         }
         Err(e) => {
             // A failing plugin is an attempt error (audited, retried), not the endpoint's
@@ -466,8 +513,8 @@ async fn run_attempt(app: &Arc<App>, ep: Arc<EndpointConfig>, d: Delivery) -> Op
                 &result,
                 &next,
             );
-            record(app, &d, Some(result), next, true).await;
-            return None;
+            let again = record(app, &d, Some(result), next, true).await;
+            return (None, again);
         }
     };
     let client = app.client.load_full();
@@ -491,8 +538,8 @@ async fn run_attempt(app: &Arc<App>, ep: Arc<EndpointConfig>, d: Delivery) -> Op
         &next,
     );
     let success = result.success();
-    record(app, &d, Some(result), next, true).await;
-    Some(success)
+    let again = record(app, &d, Some(result), next, true).await;
+    (Some(success), again)
 }
 
 /// The next state after an attempt: final answers first, then the endpoint's backoff plugin
@@ -547,13 +594,14 @@ async fn decide(
     outcome::scheduled(result, d.round_attempts, &ep.schedule, jitter, now)
 }
 
+/// Records an attempt's outcome; returns when the delivery is due again if it is a retry.
 async fn record(
     app: &App,
     d: &Delivery,
     result: Option<deliver::AttemptResult>,
     next: Next,
     counts: bool,
-) {
+) -> Option<u64> {
     let outcome_label = match &next {
         Next::Delivered => "delivered",
         Next::Retry { .. } => "retry",
@@ -582,15 +630,23 @@ async fn record(
             outcome: outcome_label.into(),
         },
     };
+    let again = match &next {
+        Next::Retry { due_ms, .. } => Some(*due_ms),
+        _ => None,
+    };
     let rec = OutcomeRecord {
         delivery_id: d.id.clone(),
         attempt,
         counts_as_attempt: counts,
         next,
     };
-    if let Err(e) = app.store.record_outcome(rec).await {
-        // The delivery stays pending at its old due time, so it is attempted again.
-        tracing::error!(delivery = %d.id, error = %e, "cannot record attempt outcome; the delivery will be attempted again");
+    match app.store.record_outcome(rec).await {
+        Ok(()) => again,
+        Err(e) => {
+            // The delivery stays pending at its old due time, so it is attempted again.
+            tracing::error!(delivery = %d.id, error = %e, "cannot record attempt outcome; the delivery will be attempted again");
+            None
+        }
     }
 }
 

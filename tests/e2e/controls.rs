@@ -140,6 +140,77 @@ async fn rate_limit_paces_attempts_without_consuming_the_schedule() {
 }
 
 #[tokio::test]
+async fn a_rate_limit_holds_across_idle_moments_and_an_idle_endpoint_keeps_no_worker() {
+    let rx = Receiver::start().await;
+    let c = Courier::with_endpoint("slow", &rx.url("/"), "rate_limit = \"2/s\"").await;
+    // One event at a time, each sent once the one before is delivered: the endpoint goes
+    // idle in between, and must not get a fresh burst of tokens each time.
+    for i in 0..6 {
+        let r = c
+            .send(json!({"event_type": "t", "payload": {"i": i}}))
+            .await;
+        c.wait_status(&ids(&[r])[0], "delivered", T).await;
+    }
+    let got = rx.received();
+    assert_eq!(got.len(), 6);
+    // Two tokens at once, then one every 500 ms.
+    let span = got[5].at - got[0].at;
+    assert!(
+        span >= Duration::from_millis(1700),
+        "6 sends at 2/s took only {span:?}"
+    );
+    // With nothing left to send, the endpoint's worker goes away (it does not spin waiting
+    // for tokens it has no use for).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.app().scheduler.workers() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle endpoint kept its worker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_due_at_once_is_not_passed_over_while_the_endpoint_stays_busy() {
+    let rx = Receiver::start().await;
+    let slow = || Reply::status(200).delay(Duration::from_millis(100));
+    rx.set_default(slow());
+    // Every tenth request is refused with `Retry-After: 0`: its retry is due at once, and
+    // events keep arriving meanwhile, so the scan may pass its due time before it is stored.
+    rx.script((0..300).map(|i| match i % 10 {
+        9 => Reply::status(503).header("retry-after", "0"),
+        _ => slow(),
+    }));
+    let c = Courier::with_endpoint("busy", &rx.url("/"), "max_in_flight = 8").await;
+    // 50 events/s against room for 80/s: attempts are always in flight, and no backlog
+    // forms that a retry would rightly wait behind.
+    let sent = 150;
+    let start = Instant::now();
+    for i in 0..sent {
+        tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into()).await;
+        c.send(json!({"event_type": "t", "payload": {"i": i}}))
+            .await;
+    }
+    let got = rx.wait_for(sent + sent / 10, T).await;
+    let mut first: std::collections::HashMap<String, Instant> = Default::default();
+    let mut late = Vec::new();
+    for r in &got {
+        let id = r.header("webhook-id").to_string();
+        match first.get(&id) {
+            None => {
+                first.insert(id, r.at);
+            }
+            Some(at) if r.at - *at > Duration::from_millis(500) => late.push(r.at - *at),
+            Some(_) => {}
+        }
+    }
+    assert!(late.is_empty(), "retries that waited: {late:?}");
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_hanging_endpoint_never_delays_a_healthy_one() {
     let hang = Receiver::start().await;
     hang.set_default(Reply::status(200).delay(Duration::from_secs(20)));
@@ -192,7 +263,7 @@ jitter = 0.0
 circuit_failures = 3
 circuit_probe_interval = "600ms"
 {}"#,
-        endpoint("flaky", &rx.url("/"), "schedule = [\"0s\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\"]")
+        endpoint("flaky", &rx.url("/"), "max_in_flight = 1\nschedule = [\"0s\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\", \"10ms\"]")
     ))
     .await;
     let mut replies = Vec::new();
@@ -216,6 +287,14 @@ circuit_probe_interval = "600ms"
         c.text("/metrics")
             .await
             .contains("courier_endpoint_circuit_open{endpoint=\"flaky\"} 1")
+    );
+    // One attempt at a time: the circuit opens at the third failure, and the first probe
+    // waits a probe interval after it.
+    let got = rx.wait_for(4, T).await;
+    let first_probe = got[3].at - got[2].at;
+    assert!(
+        first_probe >= Duration::from_millis(550),
+        "first probe {first_probe:?} after the circuit opened"
     );
     // While open, the endpoint is only probed: about one attempt per 600ms, not every 10ms.
     let before = rx.received().len();
