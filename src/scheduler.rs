@@ -306,14 +306,15 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
             // Whether due work may be waiting for a token: then the worker wakes when the
             // next one is there. Only then: a worker that found less due work than it had
             // tokens for has nothing to wait for.
-            let mut awaits_token = false;
+            let mut token_limited = false;
             if let Some((_, b)) = bucket.as_mut() {
                 let avail = b.available(now);
                 if avail < capacity {
                     capacity = avail;
-                    awaits_token = avail == 0;
+                    token_limited = true;
                 }
             }
+            let mut awaits_token = token_limited && capacity == 0;
             if capacity > 0 {
                 let page = match ep.ordering {
                     Ordering::Fifo => app.store.head(&name).map(|head| {
@@ -334,7 +335,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                 };
                 match page {
                     Ok(page) => {
-                        if bucket.is_some() && page.due.len() >= capacity {
+                        if token_limited && page.due.len() >= capacity {
                             awaits_token = true;
                         }
                         if page.last.is_some() {
