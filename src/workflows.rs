@@ -200,28 +200,50 @@ async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
     let config = app.config.load_full();
     let Some(wf) = config.workflow(&ch.workflow).cloned() else {
         let msg = json!({"channel_id": ch.id, "status": "error", "error": "workflow_removed"});
-        finish(app, ch, ChannelState::Failed, msg, None).await;
+        if let Advanced::Failed(_) = finish(app, ch, ChannelState::Failed, msg, None).await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         return;
     };
-    match kind {
+    let outcome = match kind {
         TimerKind::Upstream if ch.state == ChannelState::Pending => {
             run_upstream(app, ch, &wf).await
         }
         TimerKind::CallbackTimeout if ch.state == ChannelState::AwaitingCallback => {
             tracing::warn!(channel = %ch.id, workflow = %wf.name, "no callback within callback_timeout");
             let msg = json!({"channel_id": ch.id, "status": "error", "error": "callback_timeout"});
-            finish(app, ch, ChannelState::TimedOut, msg, None).await;
+            finish(app, ch, ChannelState::TimedOut, msg, None).await
         }
-        TimerKind::Simulate if ch.state == ChannelState::AwaitingCallback => {
+        // The simulator may have been removed by a reload since the timer was set: then the
+        // timer no longer applies, and the callback timeout decides.
+        TimerKind::Simulate
+            if ch.state == ChannelState::AwaitingCallback && wf.simulate.is_some() =>
+        {
             simulate(app, ch, &wf).await
         }
         _ => {
             // A timer that no longer applies (state moved on): drop it.
             let mut next = ch.clone();
             next.timers.retain(|(_, k)| *k != kind);
-            let _ = advance(app, &ch, next, None).await;
+            advance(app, &ch, next, None).await
         }
+    };
+    if let Advanced::Failed(_) = outcome {
+        // The store could not record the change (already logged); the timer stays due, so
+        // it is tried again, but not in a tight loop against a failing store.
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// What committing a channel change came to.
+#[derive(Debug)]
+enum Advanced {
+    /// Committed (and, from `publish_change`, published).
+    Applied,
+    /// The channel moved on first (another timer, callback or simulation won the race).
+    Stale,
+    /// The store could not record it; nothing changed.
+    Failed(StoreError),
 }
 
 /// What the upstream call produced.
@@ -290,7 +312,7 @@ async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Upstrea
     }
 }
 
-async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
+async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advanced {
     let r = call_upstream(app, wf, &ch.request).await;
     let meta = json!({
         "workflow": wf.name,
@@ -311,7 +333,7 @@ async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
                 .inc();
             let msg = json!({"channel_id": ch.id, "status": "error", "data": Value::Null, "error": error, "meta": meta});
             let webhook = webhook(app, wf, &ch.id, "ai.failed", &msg);
-            finish(app, ch, ChannelState::Failed, msg, webhook).await;
+            finish(app, ch, ChannelState::Failed, msg, webhook).await
         }
         Ok(data) => {
             app.metrics
@@ -327,7 +349,7 @@ async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
                     let webhook = webhook(app, wf, &ch.id, "ai.completed", &msg);
                     let mut next = ch.clone();
                     next.ai_response = Some(data.to_string());
-                    finish(app, next, ChannelState::Succeeded, msg, webhook).await;
+                    finish(app, next, ChannelState::Succeeded, msg, webhook).await
                 }
                 Some(event) => {
                     let public = app.config.load().server.public_url.clone();
@@ -363,7 +385,7 @@ async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
                             TimerKind::Simulate,
                         ));
                     }
-                    publish_change(app, &ch, next, msg, hook).await;
+                    publish_change(app, &ch, next, msg, hook).await
                 }
             }
         }
@@ -422,11 +444,12 @@ async fn finish(
     state: ChannelState,
     msg: Value,
     hook: Option<AppendBatch>,
-) {
+) -> Advanced {
     let mut next = ch.clone();
     next.state = state;
     next.timers.clear();
-    if publish_change(app, &ch, next, msg, hook).await {
+    let done = publish_change(app, &ch, next, msg, hook).await;
+    if let Advanced::Applied = done {
         app.metrics
             .workflow_channels
             .get_or_create(&vec![
@@ -435,6 +458,7 @@ async fn finish(
             ])
             .inc();
     }
+    done
 }
 
 fn final_label(state: ChannelState) -> &'static str {
@@ -452,7 +476,7 @@ async fn publish_change(
     mut next: Channel,
     msg: Value,
     hook: Option<AppendBatch>,
-) -> bool {
+) -> Advanced {
     let text = msg.to_string();
     next.history.push(ChannelMessage {
         at_ms: now_ms(),
@@ -467,8 +491,9 @@ async fn publish_change(
     let hook_event = hook
         .as_ref()
         .map(|h| (h.event.id.clone(), h.event.event_type.clone()));
-    if !advance(app, ch, next, hook).await {
-        return false;
+    let done = advance(app, ch, next, hook).await;
+    if !matches!(done, Advanced::Applied) {
+        return done;
     }
     if let (Some(ep), Some((event_id, event_type))) = (endpoint, hook_event) {
         observe::ingested(&app.metrics, &event_id, &event_type, &[ep.as_str()]);
@@ -482,10 +507,15 @@ async fn publish_change(
             last,
         },
     );
-    true
+    done
 }
 
-async fn advance(app: &App, ch: &Channel, mut next: Channel, hook: Option<AppendBatch>) -> bool {
+async fn advance(
+    app: &App,
+    ch: &Channel,
+    mut next: Channel,
+    hook: Option<AppendBatch>,
+) -> Advanced {
     next.version = ch.version + 1;
     next.updated_ms = now_ms();
     match app
@@ -497,11 +527,11 @@ async fn advance(app: &App, ch: &Channel, mut next: Channel, hook: Option<Append
         })
         .await
     {
-        Ok(AdvanceResult::Applied) => true,
-        Ok(_) => false,
+        Ok(AdvanceResult::Applied) => Advanced::Applied,
+        Ok(_) => Advanced::Stale,
         Err(e) => {
-            tracing::error!(channel = %ch.id, error = %e, "cannot record channel change; it will be retried");
-            false
+            tracing::error!(channel = %ch.id, error = %e, "cannot record channel change");
+            Advanced::Failed(e)
         }
     }
 }
@@ -528,10 +558,13 @@ pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, 
                 return Err(WorkflowError::NotWaiting(id.to_string(), ch.state.as_str()));
             }
         }
-        if complete(app, &ch, &obj, false).await {
-            return Ok(app.store.channel(id)?.unwrap_or(ch));
+        match complete(app, &ch, &obj, false).await {
+            Advanced::Applied => return Ok(app.store.channel(id)?.unwrap_or(ch)),
+            // The store could not record it: the caller gets a 503 and may call again.
+            Advanced::Failed(e) => return Err(WorkflowError::Store(e)),
+            // Lost a race (a timeout, the simulator or another callback): look again.
+            Advanced::Stale => {}
         }
-        // Lost a race (a timeout, the simulator or another callback): look again.
     }
 }
 
@@ -541,7 +574,7 @@ async fn complete(
     ch: &Channel,
     body: &serde_json::Map<String, Value>,
     simulated: bool,
-) -> bool {
+) -> Advanced {
     let ai_response: Value = ch
         .ai_response
         .as_deref()
@@ -563,7 +596,7 @@ async fn complete(
     next.state = ChannelState::Succeeded;
     next.timers.clear();
     let done = publish_change(app, ch, next, msg, None).await;
-    if done {
+    if let Advanced::Applied = done {
         app.metrics
             .workflow_channels
             .get_or_create(&vec![
@@ -576,9 +609,9 @@ async fn complete(
     done
 }
 
-async fn simulate(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
+async fn simulate(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advanced {
     let Some(plugin) = wf.simulate.clone() else {
-        return;
+        return Advanced::Stale;
     };
     let ai_response: Value = ch
         .ai_response
@@ -603,20 +636,20 @@ async fn simulate(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) {
     .unwrap_or_else(|e| Err(crate::plugins::PluginError::NotLoaded(e.to_string())));
     match result.map(|text| serde_json::from_str::<Value>(&text)) {
         Ok(Ok(Value::Object(obj))) if obj.contains_key("data") => {
-            complete(app, &ch, &obj, true).await;
+            complete(app, &ch, &obj, true).await
         }
         Ok(Ok(other)) => {
             let mut obj = serde_json::Map::new();
             obj.insert("data".into(), other);
-            complete(app, &ch, &obj, true).await;
+            complete(app, &ch, &obj, true).await
         }
         Ok(Err(e)) => {
             let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: simulator returned invalid JSON: {e}")});
-            finish(app, ch, ChannelState::Failed, msg, None).await;
+            finish(app, ch, ChannelState::Failed, msg, None).await
         }
         Err(e) => {
             let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: {e}")});
-            finish(app, ch, ChannelState::Failed, msg, None).await;
+            finish(app, ch, ChannelState::Failed, msg, None).await
         }
     }
 }

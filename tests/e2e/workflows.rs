@@ -381,3 +381,42 @@ async fn the_callback_timer_survives_a_restart_and_fires_once() {
     );
     drop(p2);
 }
+
+#[tokio::test]
+async fn a_simulator_removed_while_a_channel_waits_leaves_it_to_the_callback_timeout() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let config = |extra: &str| {
+        format!(
+            "{DELIVERY_FAST}{}{}[[plugins]]\nname = \"inject-id\"\npath = \"{}\"\nkind = \"simulator\"\n",
+            endpoint("app", &rx.url("/"), ""),
+            workflow(
+                &upstream,
+                &format!("event_name = \"e\"\ncallback_timeout = \"4s\"\n{extra}")
+            ),
+            plugin("inject-id").display()
+        )
+    };
+    let c = Courier::start_file(&config("simulate = \"inject-id\"\nsimulate_delay = \"2s\"")).await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let mut ws = Ws::connect(&c, &id).await;
+    loop {
+        if ws.next().await["status"] == "ai_generated" {
+            break;
+        }
+    }
+    // The simulator is dropped before its timer is due; nobody calls back.
+    c.rewrite_config(&config(""));
+    c.wait_config(|st| st["version"] == 2).await;
+    let frames = ws.rest().await;
+    assert_eq!(
+        frames.last(),
+        Some(&json!({"channel_id": id, "status": "error", "error": "callback_timeout"})),
+        "{frames:?}"
+    );
+    let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
+    assert_eq!(ch["final"], true, "{ch}");
+    assert_eq!(ch["latest"]["error"], "callback_timeout", "{ch}");
+    c.stop().await;
+}
