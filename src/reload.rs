@@ -31,6 +31,14 @@ pub struct Status {
     /// The last rejected file's error, until a valid file is applied.
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<u64>,
+    /// The last rejected file's hash: the same bad content is not reported again and again.
+    #[serde(skip)]
+    pub rejected_sha256: Option<String>,
+    /// The plugin files the last rejected configuration named: they are watched too, so that
+    /// a configuration rejected because a plugin file was missing or broken is tried again
+    /// when that file is fixed.
+    #[serde(skip)]
+    pub rejected_plugins: Vec<PathBuf>,
 }
 
 fn digest(bytes: &[u8]) -> String {
@@ -139,32 +147,29 @@ pub fn reload(app: &Arc<App>, force: bool) {
         }
     };
     let sha = digest(&bytes);
-    if !force
-        && app
-            .reload_status
-            .lock()
-            .expect("status lock")
-            .sha256
-            .as_deref()
-            == Some(sha.as_str())
     {
-        return;
+        let st = app.reload_status.lock().expect("status lock");
+        let seen = |h: &Option<String>| h.as_deref() == Some(sha.as_str());
+        if !force && (seen(&st.sha256) || seen(&st.rejected_sha256)) {
+            return;
+        }
     }
+    let mut plugin_paths = Vec::new();
     let loaded = Config::load(&path).map_err(|e| match &e {
         crate::config::ConfigError::Invalid { .. } => format!("{}: {e}", path.display()),
         _ => e.to_string(),
     });
     // Plugins named by the new file must load before it is applied (all or nothing).
-    let loaded = loaded.and_then(
-        |new| match app.plugins.load_all(&new.plugins, &app.metrics) {
+    let loaded = loaded.and_then(|new| {
+        plugin_paths = new.plugins.iter().map(|p| p.path.clone()).collect();
+        match app.plugins.load_all(&new.plugins, &app.metrics) {
             Ok(()) => Ok(new),
             Err(errors) => Err(format!("{}: {}", path.display(), errors.join("; "))),
-        },
-    );
+        }
+    });
     match loaded {
         Ok(new) => {
             apply(app, new);
-            crate::plugins::rewatch(app);
             let mut st = app.reload_status.lock().expect("status lock");
             st.version += 1;
             st.loaded_at_ms = now_ms();
@@ -172,6 +177,11 @@ pub fn reload(app: &Arc<App>, force: bool) {
             st.reloads_ok += 1;
             st.last_error = None;
             st.last_error_at_ms = None;
+            st.rejected_sha256 = None;
+            st.rejected_plugins.clear();
+            drop(st);
+            crate::plugins::rewatch(app);
+            let st = app.reload_status.lock().expect("status lock");
             app.metrics
                 .config_reloads
                 .get_or_create(&vec![("result", "ok".to_string())])
@@ -183,9 +193,9 @@ pub fn reload(app: &Arc<App>, force: bool) {
             st.reloads_failed += 1;
             st.last_error = Some(message);
             st.last_error_at_ms = Some(now_ms());
-            // Remember the rejected content so the same bad file is not reported again and
-            // again; fixing it changes the hash.
-            st.sha256 = Some(sha);
+            st.rejected_sha256 = Some(sha);
+            let rewatch = st.rejected_plugins != plugin_paths;
+            st.rejected_plugins = plugin_paths;
             app.metrics
                 .config_reloads
                 .get_or_create(&vec![("result", "error".to_string())])
@@ -194,6 +204,10 @@ pub fn reload(app: &Arc<App>, force: bool) {
                 error = st.last_error.as_deref().unwrap_or_default(),
                 "invalid configuration rejected; the running configuration stays"
             );
+            drop(st);
+            if rewatch {
+                crate::plugins::rewatch(app);
+            }
         }
     }
 }

@@ -423,19 +423,41 @@ pub fn start_watching(app: &Arc<crate::app::App>) {
                 for cfg in config.plugins.iter().filter(|p| batch.contains(&p.path)) {
                     app3.plugins.reload_file(cfg, &app3.metrics);
                 }
+                // A configuration rejected because of one of these files gets another try.
+                let retry = app3
+                    .reload_status
+                    .lock()
+                    .expect("status lock")
+                    .rejected_plugins
+                    .iter()
+                    .any(|p| batch.contains(p));
+                if retry {
+                    crate::reload::reload(&app3, true);
+                }
             })
             .await;
         }
     });
 }
 
-/// Watches the files of the active configuration's plugins (after a config change).
+/// Watches the files of the active configuration's plugins, and those of the last rejected
+/// one (after a config change or rejection).
 pub fn rewatch(app: &Arc<crate::app::App>) {
     let config = app.config.load();
     if !config.server.watch {
         return;
     }
-    let paths: Vec<PathBuf> = config.plugins.iter().map(|p| p.path.clone()).collect();
+    let mut paths: Vec<PathBuf> = config.plugins.iter().map(|p| p.path.clone()).collect();
+    for p in &app
+        .reload_status
+        .lock()
+        .expect("status lock")
+        .rejected_plugins
+    {
+        if !paths.contains(p) {
+            paths.push(p.clone());
+        }
+    }
     let Some(tx) = app.plugins.watch_tx.lock().expect("watch tx").clone() else {
         return;
     };

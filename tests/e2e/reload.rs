@@ -226,3 +226,44 @@ async fn plugins_and_workflows_added_by_a_reload_take_effect() {
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_config_rejected_for_a_missing_plugin_file_applies_once_the_file_arrives() {
+    let rx = Receiver::start().await;
+    let c = Courier::start_file(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/"), "")
+    ))
+    .await;
+    let (_, first) = c.get("/v1/config/status").await;
+    let plugins = tempfile::tempdir().unwrap();
+    let wasm = plugins.path().join("redact.wasm");
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}[[plugins]]\nname = \"redact\"\npath = \"{}\"\nkind = \"transform\"\nconfig = {{ fields = \"secret\" }}\n{}",
+        wasm.display(),
+        endpoint("app", &rx.url("/"), "transforms = [\"redact\"]"),
+    ));
+    let st = c.wait_config(|st| st["reloads_failed"] == 1).await;
+    assert_eq!(st["version"], 1);
+    // The status keeps describing the configuration that runs.
+    assert_eq!(st["sha256"], first["sha256"]);
+    assert!(
+        st["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("redact.wasm"),
+        "{st}"
+    );
+    // The plugin file arrives (written aside and renamed in, as a deploy would): the same
+    // configuration file is tried again and applies.
+    let tmp = plugins.path().join(".redact.wasm.tmp");
+    std::fs::copy(plugin("redact"), &tmp).unwrap();
+    std::fs::rename(&tmp, &wasm).unwrap();
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert!(st["last_error"].is_null(), "{st}");
+    assert_ne!(st["sha256"], first["sha256"]);
+    c.send(json!({"event_type": "t", "payload": {"keep": 1, "secret": "x"}}))
+        .await;
+    assert_eq!(rx.wait_for(1, T).await[0].json(), json!({"keep": 1}));
+    c.stop().await;
+}
