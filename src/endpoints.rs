@@ -277,6 +277,26 @@ impl Registry {
         touched.into_iter().collect()
     }
 
+    /// Checks that every API endpoint is still valid under `config` (its plugins exist with
+    /// the right kind): a reload that would break one is rejected, as an invalid file is.
+    pub fn check_api(&self, config: &Config) -> Result<(), Vec<String>> {
+        let inner = self.inner.read().expect("registry");
+        let errors: Vec<String> = inner
+            .api
+            .iter()
+            .filter_map(|(name, (stored, _))| {
+                stored.build(config).err().map(|e| {
+                    format!("endpoint `{name}` (created through the API) would break: {e}")
+                })
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
     /// Adds or replaces an API endpoint (already validated and stored).
     pub fn put_api(&self, stored: StoredEndpoint, built: EndpointConfig) {
         let mut inner = self.inner.write().expect("registry");

@@ -161,6 +161,9 @@ pub fn reload(app: &Arc<App>, force: bool) {
     });
     // Plugins named by the new file must load before it is applied (all or nothing).
     let loaded = loaded.and_then(|new| {
+        app.endpoints
+            .check_api(&new)
+            .map_err(|errors| format!("{}: {}", path.display(), errors.join("; ")))?;
         plugin_paths = new.plugins.iter().map(|p| p.path.clone()).collect();
         match app.plugins.load_all(&new.plugins, &app.metrics) {
             Ok(()) => Ok(new),

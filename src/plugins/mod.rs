@@ -31,6 +31,8 @@ pub enum PluginError {
     Engine(String),
     #[error("plugin `{0}` is not loaded")]
     NotLoaded(String),
+    #[error("plugin `{plugin}` is not a {kind} plugin")]
+    WrongKind { plugin: String, kind: &'static str },
     #[error("plugin `{plugin}` failed ({class}): {detail}")]
     Call {
         plugin: String,
@@ -44,7 +46,9 @@ impl PluginError {
     /// The error class recorded in the audit trail.
     pub fn class(&self) -> &'static str {
         match self {
-            PluginError::Engine(_) | PluginError::NotLoaded(_) => "plugin_missing",
+            PluginError::Engine(_) | PluginError::NotLoaded(_) | PluginError::WrongKind { .. } => {
+                "plugin_missing"
+            }
             PluginError::Call { class, .. } => class,
         }
     }
@@ -108,6 +112,21 @@ impl Plugins {
 
     pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
         self.loaded.load().get(name).cloned()
+    }
+
+    /// The loaded plugin `name` if it is of `kind`: a plugin of another kind cannot be
+    /// called as this one, so it counts as not loaded.
+    fn get_kind(&self, name: &str, kind: PluginKind) -> Result<Arc<Loaded>, PluginError> {
+        let plugin = self
+            .get(name)
+            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
+        if plugin.kind != kind {
+            return Err(PluginError::WrongKind {
+                plugin: name.to_string(),
+                kind: kind_name(kind),
+            });
+        }
+        Ok(plugin)
     }
 
     pub fn status(&self) -> Vec<Status> {
@@ -252,9 +271,7 @@ impl Plugins {
         }
         let host = self.host()?;
         for name in names {
-            let plugin = self
-                .get(name)
-                .ok_or_else(|| PluginError::NotLoaded(name.clone()))?;
+            let plugin = self.get_kind(name, PluginKind::Transform)?;
             let req = Request {
                 endpoint: ctx.endpoint.clone(),
                 event_type: ctx.event_type.clone(),
@@ -308,9 +325,7 @@ impl Plugins {
         info: &AttemptInfo,
     ) -> Result<BackoffDecision, PluginError> {
         let host = self.host()?;
-        let plugin = self
-            .get(name)
-            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
+        let plugin = self.get_kind(name, PluginKind::Backoff)?;
         observe_call(metrics, name, || plugin.next_delay(host, info))
     }
 
@@ -322,9 +337,7 @@ impl Plugins {
         message: &str,
     ) -> Result<String, PluginError> {
         let host = self.host()?;
-        let plugin = self
-            .get(name)
-            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
+        let plugin = self.get_kind(name, PluginKind::Simulator)?;
         observe_call(metrics, name, || {
             plugin
                 .simulate(host, message)?

@@ -267,3 +267,41 @@ async fn a_config_rejected_for_a_missing_plugin_file_applies_once_the_file_arriv
     assert_eq!(rx.wait_for(1, T).await[0].json(), json!({"keep": 1}));
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_that_would_break_an_api_endpoint_is_rejected() {
+    let rx = Receiver::start().await;
+    let with_plugin = format!(
+        "{DELIVERY_FAST}[[plugins]]\nname = \"redact\"\npath = \"{}\"\nkind = \"transform\"\nconfig = {{ fields = \"secret\" }}\n",
+        plugin("redact").display()
+    );
+    let c = Courier::start_file(&with_plugin).await;
+    let (s, ep) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/endpoints",
+            Some(ADMIN),
+            Some(
+                json!({"name": "api-ep", "url": rx.url("/"), "transforms": ["redact"]})
+                    .to_string()
+                    .into(),
+            ),
+        )
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    // Dropping the plugin the API endpoint uses, or making it another kind: both rejected.
+    c.rewrite_config(DELIVERY_FAST);
+    let st = c.wait_config(|st| st["reloads_failed"] == 1).await;
+    let msg = st["last_error"]["message"].as_str().unwrap();
+    assert!(msg.contains("api-ep") && msg.contains("redact"), "{msg}");
+    c.rewrite_config(&with_plugin.replace("\"transform\"", "\"backoff\""));
+    let st = c.wait_config(|st| st["reloads_failed"] == 2).await;
+    assert_eq!(st["version"], 1);
+    // The endpoint keeps working with its transform.
+    c.send(json!({"event_type": "t", "payload": {"keep": 1, "secret": "x"}, "endpoint": "api-ep"}))
+        .await;
+    assert_eq!(rx.wait_for(1, T).await[0].json(), json!({"keep": 1}));
+    let (_, plugins) = c.get("/v1/plugins").await;
+    assert_eq!(plugins["data"][0]["kind"], "transform", "{plugins}");
+    c.stop().await;
+}
