@@ -24,6 +24,9 @@ pub struct App {
     pub client: ArcSwap<reqwest::Client>,
     /// What the config hot reload has done.
     pub reload_status: std::sync::Mutex<crate::reload::Status>,
+    /// Held for a whole reload (read, validate, load plugins, apply), so that a watch event,
+    /// `SIGHUP` and a plugin-triggered retry never interleave and apply out of order.
+    pub reloading: std::sync::Mutex<()>,
     pub scheduler: Scheduler,
     /// Every endpoint deliveries may go to (config file and endpoint API).
     pub endpoints: crate::endpoints::Registry,

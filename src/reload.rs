@@ -99,13 +99,11 @@ pub fn start(app: &Arc<App>) {
                 tokio::select! {
                     _ = hup.recv() => {
                         tracing::info!("SIGHUP: reloading the configuration and plugins");
-                        reload(&app2, true);
                         let app3 = app2.clone();
+                        // Reading files and compiling plugins is blocking work.
                         let _ = tokio::task::spawn_blocking(move || {
-                            let config = app3.config.load();
-                            for cfg in &config.plugins {
-                                app3.plugins.reload_file(cfg, &app3.metrics);
-                            }
+                            reload(&app3, true);
+                            crate::plugins::reload_files(&app3, |_| true);
                         })
                         .await;
                     }
@@ -122,13 +120,16 @@ async fn debounce(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
             batch = crate::watch::next_batch(&mut rx) => if batch.is_none() { return },
             _ = app.shutdown.cancelled() => return,
         }
-        reload(&app, false);
+        let app2 = app.clone();
+        // Reading the file and compiling plugins is blocking work.
+        let _ = tokio::task::spawn_blocking(move || reload(&app2, false)).await;
     }
 }
 
 /// Re-reads the config file and applies it if valid. `force` applies even unchanged content
-/// (SIGHUP: environment variables it refers to may have changed).
+/// (SIGHUP: environment variables it refers to may have changed). Blocking.
 pub fn reload(app: &Arc<App>, force: bool) {
+    let _one_at_a_time = app.reloading.lock().expect("reload lock");
     let Some(path) = app
         .reload_status
         .lock()
@@ -150,7 +151,10 @@ pub fn reload(app: &Arc<App>, force: bool) {
     {
         let st = app.reload_status.lock().expect("status lock");
         let seen = |h: &Option<String>| h.as_deref() == Some(sha.as_str());
-        if !force && (seen(&st.sha256) || seen(&st.rejected_sha256)) {
+        // Back to the running file after a rejected one: applied again, which clears the
+        // reported error.
+        let running = seen(&st.sha256) && st.rejected_sha256.is_none();
+        if !force && (running || seen(&st.rejected_sha256)) {
             return;
         }
     }

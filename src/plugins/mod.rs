@@ -84,6 +84,9 @@ pub struct Plugins {
     /// The file watcher, replaced when the set of plugin files changes.
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
     watch_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<PathBuf>>>,
+    /// Held while the registry changes (a configuration's plugin set, or one file's reload):
+    /// each reads the current map and stores a new one, so two at once would undo each other.
+    changes: Mutex<()>,
 }
 
 fn kind_name(kind: PluginKind) -> &'static str {
@@ -172,6 +175,7 @@ impl Plugins {
     /// fails to load, nothing changes and every failure is returned. Used at start-up and
     /// before a new configuration is applied.
     pub fn load_all(&self, configs: &[PluginConfig], metrics: &Metrics) -> Result<(), Vec<String>> {
+        let _changing = self.changes.lock().expect("plugin changes");
         let current = self.loaded.load_full();
         let mut next = HashMap::new();
         let mut errors = Vec::new();
@@ -214,6 +218,7 @@ impl Plugins {
     /// Reloads one plugin after its file changed. A file that fails to load (or is gone)
     /// leaves the previous version serving; the failure is logged, counted and reported.
     pub fn reload_file(&self, cfg: &PluginConfig, metrics: &Metrics) {
+        let _changing = self.changes.lock().expect("plugin changes");
         let current = self.get(&cfg.name);
         if current.as_ref().is_some_and(|c| Self::unchanged(c, cfg)) {
             return;
@@ -432,10 +437,7 @@ pub fn start_watching(app: &Arc<crate::app::App>) {
             let app3 = app2.clone();
             // Compilation is CPU work: keep it off the async workers.
             let _ = tokio::task::spawn_blocking(move || {
-                let config = app3.config.load();
-                for cfg in config.plugins.iter().filter(|p| batch.contains(&p.path)) {
-                    app3.plugins.reload_file(cfg, &app3.metrics);
-                }
+                reload_files(&app3, |p| batch.contains(p));
                 // A configuration rejected because of one of these files gets another try.
                 let retry = app3
                     .reload_status
@@ -451,6 +453,17 @@ pub fn start_watching(app: &Arc<crate::app::App>) {
             .await;
         }
     });
+}
+
+/// Reloads the active configuration's plugins whose path `changed` selects. Blocking. Runs
+/// under the reload lock, so the configuration cannot change between reading a plugin's
+/// entry and storing what its file compiled to.
+pub fn reload_files(app: &crate::app::App, changed: impl Fn(&std::path::Path) -> bool) {
+    let _one_at_a_time = app.reloading.lock().expect("reload lock");
+    let config = app.config.load();
+    for cfg in config.plugins.iter().filter(|p| changed(&p.path)) {
+        app.plugins.reload_file(cfg, &app.metrics);
+    }
 }
 
 /// Watches the files of the active configuration's plugins, and those of the last rejected
