@@ -566,7 +566,7 @@ impl Config {
                     &format!("{key}.upstream.retry_delay"),
                 )?
                 .unwrap_or(Duration::from_secs(1)),
-                upstream_headers: w.upstream.headers,
+                upstream_headers: upstream_headers(w.upstream.headers, &key)?,
                 endpoint: w.endpoint,
                 event_name: w.event_name,
                 callback_timeout: opt_duration(
@@ -867,6 +867,28 @@ fn resolve_value(v: &mut toml::Value, key: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Headers sent to a workflow's upstream: any valid HTTP header (the upstream is the
+/// operator's own service, so nothing is reserved); names are lowercased.
+fn upstream_headers(
+    given: BTreeMap<String, String>,
+    key: &str,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut headers = BTreeMap::new();
+    for (h, v) in given {
+        let name = h.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || reqwest::header::HeaderValue::from_str(&v).is_err()
+        {
+            return Err(ConfigError::invalid(
+                format!("{key}.upstream.headers.{h}"),
+                "is not a valid HTTP header",
+            ));
+        }
+        headers.insert(name, v);
+    }
+    Ok(headers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -953,6 +975,14 @@ mod tests {
             (
                 "[[keys]]\ntoken = \"env:COURIER_SURELY_UNSET_VAR\"\nscopes=[\"admin\"]",
                 "keys[0].token",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", headers = { \"bad name\" = \"v\" } }",
+                "workflows[0].upstream.headers.bad name",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", headers = { authorization = \"line\\nbreak\" } }",
+                "workflows[0].upstream.headers.authorization",
             ),
         ];
         for (text, key) in cases {
