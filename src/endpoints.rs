@@ -174,6 +174,10 @@ impl Inner {
 #[derive(Default)]
 pub struct Registry {
     inner: RwLock<Inner>,
+    /// Held by an API change from reading the stored endpoint to installing the result: two
+    /// changes at once (a pause and a rotation, a PATCH and a DELETE) would otherwise each
+    /// write their own copy, and the last one would silently undo the other.
+    pub changes: tokio::sync::Mutex<()>,
 }
 
 /// An endpoint as the API lists it.

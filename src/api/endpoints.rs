@@ -236,6 +236,7 @@ async fn create(
     require(&app, &headers, Scope::Admin)?;
     let obj = body_object(&app, &headers, body).await?;
     let (mut spec, tenant, description) = parse_spec(obj)?;
+    let _one_change_at_a_time = app.endpoints.changes.lock().await;
     if app.endpoints.source(&spec.name) == Some(Source::Config) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -318,8 +319,9 @@ async fn patch(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
-    let current = api_endpoint(&app, &name)?;
     let changes = body_object(&app, &headers, body).await?;
+    let _one_change_at_a_time = app.endpoints.changes.lock().await;
+    let current = api_endpoint(&app, &name)?;
     if changes
         .get("name")
         .is_some_and(|n| n.as_str() != Some(name.as_str()))
@@ -382,6 +384,7 @@ async fn delete(
     // A stored API endpoint can be deleted even while a config endpoint of the same name
     // shadows it (that is how the clash is cleared from the API side; the config endpoint
     // stays). Without one, say why: read-only config endpoint, or no such endpoint.
+    let _one_change_at_a_time = app.endpoints.changes.lock().await;
     if app.endpoints.stored(&name).is_none() {
         api_endpoint(&app, &name)?;
     }
@@ -410,6 +413,7 @@ async fn set_paused(
     paused: bool,
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
+    let _one_change_at_a_time = app.endpoints.changes.lock().await;
     let mut stored = api_endpoint(&app, &name)?;
     stored.paused = paused;
     stored.updated_ms = now_ms();
@@ -443,8 +447,9 @@ async fn rotate(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
-    let mut stored = api_endpoint(&app, &name)?;
     let opts = body_object(&app, &headers, body).await?;
+    let _one_change_at_a_time = app.endpoints.changes.lock().await;
+    let mut stored = api_endpoint(&app, &name)?;
     let grace = match opts.get("grace") {
         None | Some(Value::Null) => DEFAULT_GRACE,
         Some(Value::String(g)) => crate::config::parse_duration(g)
@@ -475,8 +480,15 @@ async fn rotate(
         }
     };
     let now = now_ms();
-    let until = now + grace.as_millis() as u64;
-    stored.retiring.retain(|(_, u)| *u > now);
+    let until = now.saturating_add(grace.as_millis().try_into().unwrap_or(u64::MAX));
+    // Every secret signed with before now retires by `until` at the latest: a zero grace
+    // (the step after a leak) drops them all at once, earlier rotations' overlaps included.
+    stored
+        .retiring
+        .retain(|(_, u)| *u > now && !grace.is_zero());
+    for (_, u) in &mut stored.retiring {
+        *u = (*u).min(until);
+    }
     for old in std::mem::replace(&mut stored.spec.secrets, vec![secret.clone()]) {
         if !grace.is_zero() {
             stored.retiring.push((old, until));

@@ -534,3 +534,101 @@ async fn ten_thousand_endpoints_with_traffic_spread_across_them() {
     );
     c.stop().await;
 }
+
+/// The fingerprint the endpoint view shows for a secret.
+fn fingerprint(secret: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(secret.as_bytes())[..6])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_to_one_endpoint_all_take_effect() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    use reqwest::Method as M;
+    let (s, _) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "e", "url": rx.url("/")})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    for round in 0..15 {
+        let paused = round % 2 == 0;
+        let action = format!(
+            "/v1/endpoints/e/{}",
+            if paused { "pause" } else { "resume" }
+        );
+        let ((s1, _), (s2, r), (s3, _)) = tokio::join!(
+            req(&c, M::POST, &action, None),
+            req(
+                &c,
+                M::POST,
+                "/v1/endpoints/e/secret/rotate",
+                Some(json!({"grace": "0s"}))
+            ),
+            req(
+                &c,
+                M::PATCH,
+                "/v1/endpoints/e",
+                Some(json!({"description": format!("round {round}")}))
+            ),
+        );
+        assert_eq!((s1, s2, s3), (200, 200, 200), "{r}");
+        let secret = r["secret"].as_str().unwrap();
+        let (_, shown) = req(&c, M::GET, "/v1/endpoints/e", None).await;
+        assert_eq!(shown["paused"], paused, "round {round}: {shown}");
+        assert_eq!(shown["description"], format!("round {round}"), "{shown}");
+        let fingerprints: Vec<&str> = shown["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["fingerprint"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            fingerprints,
+            [fingerprint(secret).as_str()],
+            "round {round}: the rotated secret is the only one"
+        );
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn rotating_with_no_grace_retires_every_earlier_secret_at_once() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    use reqwest::Method as M;
+    let (_, ep) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "e", "url": rx.url("/")})),
+    )
+    .await;
+    let first = ep["secret"].as_str().unwrap().to_string();
+    // A normal rotation (the first secret overlaps for a day), then the leak response.
+    let (_, r) = req(&c, M::POST, "/v1/endpoints/e/secret/rotate", None).await;
+    let second = r["secret"].as_str().unwrap().to_string();
+    let (_, r) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints/e/secret/rotate",
+        Some(json!({"grace": "0s"})),
+    )
+    .await;
+    let third = r["secret"].as_str().unwrap().to_string();
+    assert!(r["previous_secrets_expire_at"].is_null(), "{r}");
+    let (_, shown) = req(&c, M::GET, "/v1/endpoints/e", None).await;
+    assert_eq!(shown["secrets"].as_array().unwrap().len(), 1, "{shown}");
+    let (s, t) = req(&c, M::POST, "/v1/endpoints/e/test", None).await;
+    assert_eq!(s, 200, "{t}");
+    let got = rx.wait_for(1, T).await[0].clone();
+    assert_eq!(sig_count(&got), 1);
+    sign::verify_mr(&third, &got.body, got.header("mr-signature")).unwrap();
+    for old in [&first, &second] {
+        assert!(sign::verify_mr(old, &got.body, got.header("mr-signature")).is_err());
+    }
+    c.stop().await;
+}
