@@ -234,10 +234,16 @@ pub fn limit_param(limit: Option<usize>, default: usize) -> Result<usize, ApiErr
     }
 }
 
-/// Parses query parameters into `T`, naming the bad parameter in a 400.
+/// Parses query parameters into `T`, naming the bad parameter in a 400. An empty parameter
+/// (`?cursor=&limit=`, as a form or URL template leaves it) counts as absent.
 pub fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or(""))
-        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
+    let given: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    let pairs = given.into_iter().filter(|(_, v)| !v.is_empty());
+    serde_urlencoded::from_str(
+        &serde_urlencoded::to_string(pairs.collect::<Vec<_>>()).unwrap_or_default(),
+    )
+    .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
 }
 
 /// Parses an optional RFC 3339 time parameter.

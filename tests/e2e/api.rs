@@ -139,6 +139,15 @@ async fn listing_filters_and_pages() {
         ))
         .await;
     assert_eq!(all2["data"].as_array().unwrap().len(), 6);
+    // Empty parameters, as a URL template leaves them, are absent ones.
+    let (s, blank) = c
+        .get("/v1/deliveries?status=&endpoint=&since=&until=&limit=&cursor=")
+        .await;
+    assert_eq!(s, 200, "{blank}");
+    assert_eq!(blank["data"].as_array().unwrap().len(), 6);
+    let (s, blank) = c.get("/v1/dlq?endpoint=&limit=&cursor=").await;
+    assert_eq!(s, 200, "{blank}");
+    assert_eq!(blank["data"].as_array().unwrap().len(), 1);
     let (s, e) = c.get("/v1/deliveries?since=yesterday").await;
     assert_eq!(s, 400);
     assert!(e["error"]["message"].as_str().unwrap().contains("since"));
