@@ -792,9 +792,20 @@ fn parse_http_url(text: &str, key: &str) -> Result<url::Url, ConfigError> {
 
 /// Parses a duration such as "500ms", "5s", "2m", "1h".
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration like \"500ms\", \"5s\", \"2m\" ({e})"))
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like \"500ms\", \"5s\", \"2m\" ({e})"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is longer than the longest allowed, 10 years"
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration any setting accepts: far beyond any sensible timeout, delay or
+/// retention, and small enough that adding it to a clock or a millisecond timestamp (and
+/// jittering it) can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 fn opt_duration(v: Option<String>, key: &str) -> Result<Option<Duration>, ConfigError> {
     v.map(|s| parse_duration(&s).map_err(|m| ConfigError::invalid(key, m)))
@@ -959,6 +970,14 @@ mod tests {
                 "keys[0].scopes[0]",
             ),
             ("[server]\nlisten = \"here\"", "server.listen"),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\ntimeout = \"300000000000y\"",
+                "endpoints[0].timeout",
+            ),
+            (
+                "[delivery]\nschedule = [\"0s\", \"11y\"]",
+                "delivery.schedule[1]",
+            ),
             (
                 "[server]\nmax_body_bytes = 2147483648",
                 "server.max_body_bytes",

@@ -355,6 +355,16 @@ async fn invalid_endpoints_are_refused_with_the_field_named_and_nothing_written(
         ),
         (json!({"name": "bad name!", "url": url}), 422, "name"),
         (
+            json!({"name": "x", "url": url, "timeout": "300000000000y"}),
+            422,
+            "timeout",
+        ),
+        (
+            json!({"name": "x", "url": url, "schedule": ["0s", "584000000000y"]}),
+            422,
+            "schedule",
+        ),
+        (
             json!({"name": "x", "url": url, "colour": "blue"}),
             400,
             "colour",
