@@ -116,23 +116,62 @@ async fn ws(
 ) -> Result<Response, ApiError> {
     require_any(&app, &headers, q.token.as_deref(), CHANNEL_SCOPES)?;
     // Subscribe before reading the stored state, so nothing published in between is missed.
-    let rx = app.hub.subscribe(&id);
+    let sub = Subscription {
+        rx: Some(app.hub.subscribe(&id)),
+        app: app.clone(),
+        id: id.clone(),
+    };
     let Some(ch) = app.store.channel(&id)? else {
-        drop(rx);
-        app.hub.release(&id);
         return Err(ApiError::not_found(format!("no channel `{id}`")));
     };
-    Ok(upgrade.on_upgrade(move |socket| stream(app, id, ch, rx, socket)))
+    // If the upgrade fails the closure is dropped, and the subscription with it.
+    Ok(upgrade.on_upgrade(move |socket| stream(sub, ch, socket)))
 }
 
-/// Sends the latest state, then every later message; closes after the final one.
-async fn stream(
+/// A socket's subscription to a channel; dropping it frees the hub's entry once nobody
+/// listens any more (on every path: a finished stream, a failed upgrade, an unknown channel).
+struct Subscription {
     app: AppState,
     id: String,
-    ch: crate::model::Channel,
-    mut rx: tokio::sync::broadcast::Receiver<crate::hub::Published>,
-    mut socket: WebSocket,
-) {
+    rx: Option<tokio::sync::broadcast::Receiver<crate::hub::Published>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // The receiver goes first: the hub keeps an entry while it has receivers.
+        drop(self.rx.take());
+        self.app.hub.release(&self.id);
+    }
+}
+
+/// Sends `history[from..]` of the stored channel; returns the next index and whether the
+/// channel is final, or `None` if the socket or the store failed.
+async fn catch_up(
+    app: &AppState,
+    id: &str,
+    socket: &mut WebSocket,
+    from: usize,
+) -> Option<(usize, bool)> {
+    let Ok(Some(ch)) = app.store.channel(id) else {
+        return None;
+    };
+    for m in ch.history.iter().skip(from) {
+        if socket
+            .send(Message::Text(m.message.clone().into()))
+            .await
+            .is_err()
+        {
+            return None;
+        }
+    }
+    Some((ch.history.len().max(from), ch.state.is_final()))
+}
+
+/// Sends the latest state, then every later message in order; closes after the final one.
+async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: WebSocket) {
+    let app = sub.app.clone();
+    let id = sub.id.clone();
+    let Some(rx) = sub.rx.as_mut() else { return };
     let mut next = ch.history.len();
     let mut done = ch.state.is_final();
     if let Some(latest) = ch.history.last()
@@ -141,35 +180,29 @@ async fn stream(
             .await
             .is_err()
     {
-        app.hub.release(&id);
         return;
     }
     while !done {
         tokio::select! {
             msg = rx.recv() => match msg {
-                Ok(p) => {
-                    if p.seq < next {
-                        continue;
-                    }
+                Ok(p) if p.seq < next => {}
+                Ok(p) if p.seq == next => {
                     next = p.seq + 1;
                     done = p.last;
                     if socket.send(Message::Text(p.text.to_string().into())).await.is_err() {
                         break;
                     }
                 }
-                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
-                    // Catch up from the durable history.
-                    let Ok(Some(ch)) = app.store.channel(&id) else { break };
-                    let mut failed = false;
-                    for m in ch.history.iter().skip(next) {
-                        if socket.send(Message::Text(m.message.clone().into())).await.is_err() {
-                            failed = true;
-                            break;
-                        }
-                    }
-                    next = ch.history.len();
-                    done = ch.state.is_final();
-                    if failed || (!done && matches!(msg, Err(RecvError::Closed))) {
+                // A later message was published before an earlier one (their publishers
+                // committed in order but ran out of order), or this receiver lagged: the
+                // durable history has everything, in order.
+                Ok(_) | Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
+                    let Some((n, d)) = catch_up(&app, &id, &mut socket, next).await else {
+                        break;
+                    };
+                    next = n;
+                    done = d;
+                    if !done && matches!(msg, Err(RecvError::Closed)) {
                         break;
                     }
                 }
@@ -184,6 +217,4 @@ async fn stream(
     if done {
         let _ = socket.send(Message::Close(None)).await;
     }
-    drop(rx);
-    app.hub.release(&id);
 }
