@@ -39,6 +39,11 @@ async fn list(
     Ok(Json(listing(&app, &filter, &p)?))
 }
 
+/// Dead-letter entries one replay command examines.
+const REPLAY_PAGE: usize = 500;
+/// Requeued ids listed in a bulk replay's reply (the count covers all of them).
+const SHOWN_IDS: usize = 1000;
+
 /// The bulk-replay filter; given as query parameters or as a JSON body.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -70,23 +75,45 @@ async fn replay(
         since_ms: time_param("since", f.since.as_deref())?,
         until_ms: time_param("until", f.until.as_deref())?,
     };
-    let result = app.store.replay(ReplayTarget::Dead(filter)).await?;
-    let n = result.requeued.len();
-    app.metrics.replays.inc_by(n as u64);
-    let endpoints: BTreeSet<&str> = result
-        .requeued
-        .iter()
-        .map(|d| d.endpoint.as_str())
-        .collect();
-    for e in &endpoints {
-        Scheduler::wake(&app, e);
+    // Page by page: each page is one short writer command, so ingest, outcomes and other
+    // admin calls go on between pages however large the dead-letter queue is.
+    let mut after = String::new();
+    let started = crate::model::now_ms();
+    let mut n = 0usize;
+    let mut shown: Vec<String> = Vec::new();
+    loop {
+        let page = app
+            .store
+            .replay(ReplayTarget::Dead {
+                filter: filter.clone(),
+                after,
+                limit: REPLAY_PAGE,
+                dead_before_ms: started + 1,
+            })
+            .await?;
+        n += page.requeued.len();
+        app.metrics.replays.inc_by(page.requeued.len() as u64);
+        let endpoints: BTreeSet<&str> = page.requeued.iter().map(|d| d.endpoint.as_str()).collect();
+        for e in &endpoints {
+            Scheduler::wake(&app, e);
+        }
+        for d in &page.requeued {
+            if shown.len() < SHOWN_IDS {
+                shown.push(d.id.clone());
+            }
+        }
+        match page.next {
+            Some(next) => after = next,
+            None => break,
+        }
     }
     tracing::info!(requeued = n, "DLQ bulk replay");
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
             "requeued": n,
-            "deliveries": result.requeued.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            "deliveries": shown,
+            "deliveries_truncated": n > shown.len(),
         })),
     ))
 }

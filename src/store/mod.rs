@@ -114,8 +114,17 @@ pub struct Filter {
 #[derive(Debug, Clone)]
 pub enum ReplayTarget {
     Ids(Vec<String>),
-    /// Every dead delivery matching the filter.
-    Dead(Filter),
+    /// Dead deliveries matching the filter: at most `limit` of the dead index's entries after
+    /// `after` (an id; empty to start) are examined, so one command never holds the writer
+    /// for long; [`ReplayResult::next`] says where the next page starts.
+    Dead {
+        filter: Filter,
+        after: String,
+        limit: usize,
+        /// Only deliveries dead since before this time: one that a page requeued and that
+        /// died again meanwhile is not replayed twice by the same bulk replay.
+        dead_before_ms: u64,
+    },
 }
 
 /// Where a retention sweep goes on: the finished deliveries it has not examined yet, in the
@@ -163,6 +172,8 @@ pub struct ReplayResult {
     pub requeued: Vec<Delivery>,
     pub already_pending: Vec<String>,
     pub not_found: Vec<String>,
+    /// For a page of dead deliveries: the last id examined, if more may follow.
+    pub next: Option<String>,
 }
 
 /// A channel to create (`expect_version: None`) or to advance from `expect_version`, with the
@@ -1181,6 +1192,93 @@ mod tests {
             .unwrap();
     }
 
+    async fn kill(store: &Store, id: &str) {
+        let attempt = Attempt {
+            number: 1,
+            started_ms: crate::model::now_ms(),
+            duration_ms: 1,
+            status_code: Some(500),
+            error: None,
+            error_detail: None,
+            response_body: String::new(),
+            outcome: "dead".into(),
+        };
+        store
+            .record_outcome(OutcomeRecord {
+                delivery_id: id.into(),
+                attempt,
+                counts_as_attempt: true,
+                next: Next::Dead {
+                    reason: "http_500".into(),
+                },
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bulk_replay_goes_page_by_page_and_never_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..7 {
+            let b = to(if n % 3 == 0 { "other" } else { "e" }, n);
+            ids.push((b.deliveries[0].endpoint.clone(), b.deliveries[0].id.clone()));
+            store.append(b).await.unwrap();
+        }
+        store.settle().await.unwrap();
+        for (_, id) in &ids {
+            kill(&store, id).await;
+        }
+        let started = crate::model::now_ms();
+        let filter = Filter {
+            endpoint: Some("e".into()),
+            ..Filter::default()
+        };
+        let page = |after: String, dead_before_ms: u64| ReplayTarget::Dead {
+            filter: filter.clone(),
+            after,
+            limit: 2,
+            dead_before_ms,
+        };
+        let mut requeued = Vec::new();
+        let mut after = String::new();
+        let mut pages = 0;
+        loop {
+            let r = store.replay(page(after, started + 1)).await.unwrap();
+            pages += 1;
+            assert!(r.requeued.len() <= 2);
+            for d in &r.requeued {
+                // One requeued delivery dies again while the replay goes on.
+                kill(&store, &d.id).await;
+                requeued.push(d.id.clone());
+            }
+            match r.next {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        let expected: Vec<String> = ids
+            .iter()
+            .filter(|(e, _)| e == "e")
+            .map(|(_, id)| id.clone())
+            .collect();
+        assert_eq!(
+            requeued, expected,
+            "each of `e`'s dead deliveries once, in order"
+        );
+        assert_eq!(pages, 4, "7 dead entries, 2 examined per page");
+        // The other endpoint's stayed dead.
+        for (e, id) in &ids {
+            if e == "other" {
+                assert_eq!(
+                    store.delivery(id).unwrap().unwrap().status,
+                    DeliveryStatus::Dead
+                );
+            }
+        }
+    }
+
     fn ulid_ms(id: &str) -> u64 {
         ulid::Ulid::from_string(id.strip_prefix("dlv_").unwrap())
             .unwrap()
@@ -1249,7 +1347,12 @@ mod tests {
         assert_eq!(listed.len(), 1);
         // Replay runs on the writer: a time it could not handle would stop every write.
         let r = store
-            .replay(ReplayTarget::Dead(filter.clone()))
+            .replay(ReplayTarget::Dead {
+                filter: filter.clone(),
+                after: String::new(),
+                limit: 100,
+                dead_before_ms: u64::MAX,
+            })
             .await
             .unwrap();
         assert!(r.requeued.is_empty());

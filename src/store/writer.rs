@@ -580,15 +580,31 @@ impl<'t> Tables<'t> {
         target: &ReplayTarget,
         deltas: &mut Deltas,
     ) -> Result<ReplayResult, StoreError> {
+        use std::ops::Bound;
+        let mut result = ReplayResult::default();
         let ids: Vec<String> = match target {
             ReplayTarget::Ids(ids) => ids.clone(),
-            ReplayTarget::Dead(f) => {
-                let (lo, hi) = id_range("dlv", f.since_ms, f.until_ms);
+            ReplayTarget::Dead {
+                filter,
+                after,
+                limit,
+                ..
+            } => {
+                let (lo, hi) = id_range("dlv", filter.since_ms, filter.until_ms);
+                let start = if after.as_str() >= lo.as_str() {
+                    Bound::Excluded(("dead", after.as_str()))
+                } else {
+                    Bound::Included(("dead", lo.as_str()))
+                };
                 let mut ids = Vec::new();
                 for row in self
                     .by_status
-                    .range(("dead", lo.as_str())..("dead", hi.as_str()))?
+                    .range((start, Bound::Excluded(("dead", hi.as_str()))))?
                 {
+                    if ids.len() >= *limit {
+                        result.next = ids.last().cloned();
+                        break;
+                    }
                     let (k, _) = row?;
                     ids.push(k.value().1.to_string());
                 }
@@ -596,14 +612,21 @@ impl<'t> Tables<'t> {
             }
         };
         let now = now_ms();
-        let mut result = ReplayResult::default();
         for id in ids {
             let Some(old) = self.load(&id)? else {
                 result.not_found.push(id);
                 continue;
             };
-            if let ReplayTarget::Dead(f) = target
-                && f.endpoint.as_deref().is_some_and(|e| e != old.endpoint)
+            if let ReplayTarget::Dead {
+                filter,
+                dead_before_ms,
+                ..
+            } = target
+                && (filter
+                    .endpoint
+                    .as_deref()
+                    .is_some_and(|e| e != old.endpoint)
+                    || old.updated_ms >= *dead_before_ms)
             {
                 continue;
             }
