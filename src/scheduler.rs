@@ -61,6 +61,10 @@ pub struct Scheduler {
     /// worker goes on with its bucket as it was, not a full one (which would let an endpoint
     /// that goes idle between events take a whole burst each time).
     buckets: Mutex<HashMap<String, (f64, Bucket)>>,
+    /// Outcomes in a row the store could not record (or events it could not read): each
+    /// such delivery is held back for a pause that doubles with this count, so that a store
+    /// in trouble does not turn into the same webhook sent again and again.
+    store_failures: std::sync::atomic::AtomicU32,
 }
 
 /// Sent by an attempt task to its worker once the outcome is committed.
@@ -465,7 +469,7 @@ async fn run_attempt(
         }
         Err(e) => {
             tracing::error!(delivery = %d.id, error = %e, "cannot load event; will retry");
-            return (None, None);
+            return (None, Some(hold_back(app, &d).await));
         }
     };
     let delivery_cfg = app.config.load().delivery.clone();
@@ -538,9 +542,15 @@ async fn run_attempt(
         &result,
         &next,
     );
-    let success = result.success();
+    // A deliberate "never retry this one" (410, `webhook-delivery: abort`) comes from a
+    // receiver that works, and a refused address never reached it: neither says anything
+    // about the endpoint's health, so neither counts for its circuit.
+    let health = match outcome::final_answer(&result) {
+        Some(Next::Dead { .. }) => None,
+        _ => Some(result.success()),
+    };
     let again = record(app, &d, Some(result), next, true).await;
-    (Some(success), again)
+    (health, again)
 }
 
 /// The next state after an attempt: final answers first, then the endpoint's backoff plugin
@@ -642,18 +652,118 @@ async fn record(
         next,
     };
     match app.store.record_outcome(rec).await {
-        Ok(()) => again,
+        Ok(()) => {
+            app.scheduler
+                .store_failures
+                .store(0, AtomicOrdering::Relaxed);
+            again
+        }
         Err(e) => {
             // The delivery stays pending at its old due time, so it is attempted again.
-            tracing::error!(delivery = %d.id, error = %e, "cannot record attempt outcome; the delivery will be attempted again");
-            None
+            tracing::error!(delivery = %d.id, error = %e, "cannot record attempt outcome; the delivery will be attempted again after a pause");
+            Some(hold_back(app, d).await)
         }
     }
+}
+
+/// Holds a delivery whose attempt could not be recorded (or whose event could not be read)
+/// in flight for a pause: 1 s, doubling with each such failure in a row up to a minute, cut
+/// short by shutdown. Returns its due time, to which the worker's scan goes back.
+async fn hold_back(app: &App, d: &Delivery) -> u64 {
+    let streak = app
+        .scheduler
+        .store_failures
+        .fetch_add(1, AtomicOrdering::Relaxed)
+        .min(6);
+    let pause = Duration::from_secs(1u64 << streak).min(Duration::from_secs(60));
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => {}
+        _ = app.shutdown.cancelled() => {}
+    }
+    d.next_due_ms.unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receiver that answers 200 and notes when each request came.
+    async fn receiver() -> (String, Arc<Mutex<Vec<std::time::Instant>>>) {
+        let seen: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+        let seen2 = seen.clone();
+        let app = axum::Router::new().fallback(move || {
+            let seen = seen2.clone();
+            async move {
+                seen.lock().unwrap().push(std::time::Instant::now());
+                "ok"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, seen)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outcome_the_store_cannot_record_holds_the_delivery_back_instead_of_resending_at_once()
+     {
+        let (url, seen) = receiver().await;
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[keys]]\ntoken = \"test-token-0123456789\"\nscopes = [\"ingest\", \"admin\"]\n[delivery]\nallow_private_networks = true\n[[endpoints]]\nname = \"app\"\nurl = \"{url}\"\n",
+            dir.path().join("data").display()
+        );
+        let config = crate::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
+        let running = crate::server::start(config).await.unwrap();
+        // The first two outcomes fail as on a full disk; the third is recorded.
+        running.app.store.fail_next_outcomes(2);
+        let body = reqwest::Client::new()
+            .post(format!("http://{}/v1/events", running.addr))
+            .bearer_auth("test-token-0123456789")
+            .header("content-type", "application/json")
+            .body(r#"{"event_type": "t", "payload": {}}"#)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let id = reply["deliveries"][0]["id"].as_str().unwrap().to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            running.app.store.settle().await.unwrap();
+            let d = running.app.store.delivery(&id).unwrap().expect("stored");
+            if d.status == crate::model::DeliveryStatus::Delivered {
+                assert_eq!(
+                    d.attempts, 1,
+                    "only the recorded attempt is in the audit trail"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never delivered: {d:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let times = seen.lock().unwrap().clone();
+        assert_eq!(
+            times.len(),
+            3,
+            "sent once per failed record, then once more"
+        );
+        // Held back 1 s, then 2 s: not resent in a tight loop.
+        assert!(
+            times[1] - times[0] >= Duration::from_millis(900),
+            "{times:?}"
+        );
+        assert!(
+            times[2] - times[1] >= Duration::from_millis(1900),
+            "{times:?}"
+        );
+        running.shutdown().await;
+    }
 
     #[test]
     fn bucket_paces_tokens() {

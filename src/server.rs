@@ -112,13 +112,15 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         }
         // In-flight attempts finish or hit their own timeout; bound the wait anyway.
         app2.tasks.close();
+        // Every endpoint counts, those made through the API included.
         let config = app2.config.load();
-        let longest = config
-            .endpoints
+        let (all, _) = app2.endpoints.list(None, None, usize::MAX);
+        let longest = all
             .iter()
-            .map(|e| e.timeout)
+            .map(|l| l.endpoint.timeout)
             .max()
-            .unwrap_or(config.delivery.timeout);
+            .unwrap_or(config.delivery.timeout)
+            .max(config.delivery.timeout);
         if tokio::time::timeout(longest + Duration::from_secs(5), app2.tasks.wait())
             .await
             .is_err()

@@ -232,6 +232,9 @@ pub(crate) struct Shared {
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// How far the journal and the database have got.
     pub(crate) progress: progress::Progress,
+    /// Test-only fault injection: the next this many outcomes fail as a full disk would.
+    #[cfg(test)]
+    pub(crate) fail_outcomes: std::sync::atomic::AtomicU32,
 }
 
 /// See [`Store::commit_counters`].
@@ -272,6 +275,8 @@ impl Shared {
             replayed,
             writer: Default::default(),
             progress: progress::Progress::new(seq),
+            #[cfg(test)]
+            fail_outcomes: Default::default(),
         }
     }
 
@@ -449,7 +454,26 @@ impl Store {
 
     /// Records an attempt and the delivery's next state in one transaction.
     pub async fn record_outcome(&self, rec: OutcomeRecord) -> Result<(), StoreError> {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering;
+            let fail = &self.shared.fail_outcomes;
+            if fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StoreError::Db("injected: no space left on device".into()));
+            }
+        }
         self.call(|tx| Command::Outcome(rec, tx)).await
+    }
+
+    /// Test-only: makes the next `n` outcomes fail.
+    #[cfg(test)]
+    pub(crate) fn fail_next_outcomes(&self, n: u32) {
+        self.shared
+            .fail_outcomes
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Starts a new round of attempts for finished deliveries.

@@ -364,3 +364,44 @@ async fn retention_purges_finished_deliveries() {
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn deliberate_never_retry_answers_do_not_open_the_circuit() {
+    let rx = Receiver::start().await;
+    rx.script([
+        Reply::status(410),
+        Reply::status(503).header("webhook-delivery", "abort"),
+        Reply::status(410),
+        Reply::status(410),
+    ]);
+    let c = Courier::start(&format!(
+        r#"
+[delivery]
+allow_private_networks = true
+jitter = 0.0
+circuit_failures = 3
+circuit_probe_interval = "60s"
+{}"#,
+        endpoint("app", &rx.url("/"), "max_in_flight = 1")
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = c
+            .send(json!({"event_type": "t", "payload": {"i": i}}))
+            .await;
+        ids.push(r["deliveries"][0]["id"].as_str().unwrap().to_string());
+    }
+    // Four answered "never retry" (dead at once); the fifth goes through without waiting a
+    // probe interval, because the endpoint never failed.
+    assert_eq!(
+        c.wait_status(&ids[4], "delivered", T).await["attempt_count"],
+        1
+    );
+    for id in &ids[..4] {
+        c.wait_status(id, "dead", T).await;
+    }
+    let (_, st) = c.get("/v1/stats?endpoint=app").await;
+    assert_eq!(st["endpoints"][0]["circuit"], "closed", "{st}");
+    c.stop().await;
+}
