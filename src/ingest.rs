@@ -89,6 +89,17 @@ pub async fn ingest(
     check_token("event_type", &req.event_type)?;
     if let Some(id) = &req.id {
         check_token("id", id)?;
+        // courier's own ids are unique without a lookup; a producer id in their form could
+        // take one a later event is given.
+        if id
+            .strip_prefix("evt_")
+            .is_some_and(|u| ulid::Ulid::from_string(u).is_ok())
+        {
+            return Err(IngestError::Invalid {
+                field: "id",
+                message: "ids of the form evt_<ULID> are reserved for ids courier generates".into(),
+            });
+        }
     }
     if let Some(k) = &req.idempotency_key {
         check_token("idempotency_key", k)?;

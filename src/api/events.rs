@@ -148,7 +148,11 @@ async fn respond(
             if let IngestError::Store(s) = &e {
                 tracing::error!(error = %s, "ingest could not be committed");
             }
-            Err(ApiError::new(status, code, e.to_string()))
+            let err = ApiError::new(status, code, e.to_string());
+            Err(match &e {
+                IngestError::Invalid { field, .. } => err.with_field(*field),
+                _ => err,
+            })
         }
     }
 }

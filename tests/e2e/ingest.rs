@@ -272,6 +272,14 @@ async fn a_reused_producer_id_is_a_conflict() {
     assert_eq!(got[0].header("webhook-id"), "msg_order_1");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(rx.received().len(), 1);
+    // An id in the form courier generates could be taken by a later event: refused.
+    let (s, v) = c
+        .post_json(
+            "/v1/events",
+            &json!({"event_type": "t", "payload": {}, "id": "evt_01M8GV5GSH1YE8J0QWQCM9MNZX"}),
+        )
+        .await;
+    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("id")), "{v}");
     c.stop().await;
 }
 
