@@ -237,6 +237,14 @@ impl Journal {
         Ok((journal, pending))
     }
 
+    /// Drops the records pushed since the last write, unwritten (their numbers are reused).
+    pub(crate) fn discard(&mut self) {
+        if !self.buf.is_empty() {
+            self.next_seq = self.buf_first_seq;
+            self.buf.clear();
+        }
+    }
+
     /// Frames `payload` as the next record (written by [`Journal::write`]); returns its
     /// sequence number.
     pub(crate) fn push(&mut self, payload: &[u8]) -> u64 {

@@ -34,6 +34,16 @@ const MAX_BATCH: usize = 4096;
 /// its lap by at most this (and one record): the files are written over, never truncated.
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
+/// How long a batch waits for the database to checkpoint the journal file it is about to
+/// write over. Past it the batch is refused (503): the database cannot keep up or cannot
+/// write (see the writer's log), and producers get an answer instead of waiting without end.
+#[cfg(not(test))]
+const CHECKPOINT_WAIT: std::time::Duration = super::SETTLE_TIMEOUT;
+#[cfg(test)]
+const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Once a wait has run out, later batches wait this long only, until a checkpoint lands.
+const CHECKPOINT_WAIT_STALLED: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// An append on its way to the journal thread.
 pub(crate) type Append = (AppendBatch, AppendReply);
 
@@ -74,6 +84,7 @@ pub(crate) fn run(
     let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
     // The database must cover this record before the next write, which goes over it.
     let mut must_cover = 0u64;
+    let mut stalled = false;
     while let Some(first) = rx.blocking_recv() {
         journal.push(&encode(&first.0));
         batch.push(first);
@@ -86,7 +97,26 @@ pub(crate) fn run(
                 Err(_) => break,
             }
         }
-        shared.progress.wait_checkpointed(must_cover);
+        let wait = if stalled {
+            CHECKPOINT_WAIT_STALLED
+        } else {
+            CHECKPOINT_WAIT
+        };
+        stalled = !shared.progress.wait_checkpointed(must_cover, wait);
+        if stalled {
+            journal.discard();
+            tracing::error!(
+                appends = batch.len(),
+                "the database has not checkpointed the ingest journal in time; refusing appends until it does"
+            );
+            let e = StoreError::Behind(format!(
+                "the database is behind the ingest journal (it did not checkpoint within {CHECKPOINT_WAIT:?}; see the log for write errors); not accepted"
+            ));
+            for (_, tx) in batch.drain(..) {
+                drop(tx.send(Err(e.clone())));
+            }
+            continue;
+        }
         if let Err(e) = journal.write() {
             tracing::error!(error = %e, appends = batch.len(), "ingest journal write failed");
             for (_, tx) in batch.drain(..) {

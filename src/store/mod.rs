@@ -235,6 +235,9 @@ pub(crate) struct Shared {
     /// Test-only fault injection: the next this many outcomes fail as a full disk would.
     #[cfg(test)]
     pub(crate) fail_outcomes: std::sync::atomic::AtomicU32,
+    /// Test-only fault injection: every write transaction fails while this is set.
+    #[cfg(test)]
+    pub(crate) fail_applies: std::sync::atomic::AtomicBool,
 }
 
 /// See [`Store::commit_counters`].
@@ -277,6 +280,8 @@ impl Shared {
             progress: progress::Progress::new(seq),
             #[cfg(test)]
             fail_outcomes: Default::default(),
+            #[cfg(test)]
+            fail_applies: Default::default(),
         }
     }
 
@@ -302,7 +307,7 @@ pub struct Store {
 
 /// How long [`Store::settle`] waits for the database to catch up with the journal before it
 /// reports the store unavailable.
-const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest number of rows a listing examines before handing back a cursor.
 const SCAN_CAP: usize = 100_000;
@@ -1214,6 +1219,60 @@ mod tests {
             })
             .await
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ingest_is_refused_not_left_hanging_when_the_database_cannot_checkpoint() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        store.shared.fail_applies.store(true, Ordering::SeqCst);
+        let event = |n: u64| {
+            let mut b = to("e", n);
+            b.idempotency = None;
+            b.reply.clear();
+            b.event.payload = vec![b'7'; 64 << 10];
+            b
+        };
+        // Two laps of the journal are accepted; then the journal would write over records
+        // the database has not checkpointed, and appends are refused.
+        let mut accepted = Vec::new();
+        let mut refused = None;
+        for n in 0..400 {
+            let b = event(n);
+            let id = b.event.id.clone();
+            let r = tokio::time::timeout(std::time::Duration::from_secs(15), store.append(b))
+                .await
+                .expect("an append is answered, not left waiting");
+            match r {
+                Ok(AppendResult::Created) => accepted.push(id),
+                Err(StoreError::Behind(msg)) => {
+                    refused = Some(msg);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let msg = refused.expect("refused once two laps are full");
+        assert!(msg.contains("not accepted"), "{msg}");
+        assert!(accepted.len() * (64 << 10) >= 2 * journal::LAP_BYTES as usize - (1 << 20));
+        // Once the database can write again, appends are accepted and nothing acknowledged
+        // is missing.
+        store.shared.fail_applies.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match store.append(event(1_000)).await {
+                Ok(_) => break,
+                Err(StoreError::Behind(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        store.settle().await.unwrap();
+        for id in &accepted {
+            assert!(store.event(id).unwrap().is_some(), "{id} was acknowledged");
+        }
     }
 
     async fn kill(store: &Store, id: &str) {

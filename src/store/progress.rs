@@ -64,12 +64,15 @@ impl Progress {
         }
     }
 
-    /// Blocks until the database's durable state covers record `seq`.
-    pub(crate) fn wait_checkpointed(&self, seq: u64) {
-        let mut c = self.checkpointed.lock().expect("checkpointed lock");
-        while *c < seq {
-            c = self.checkpointed_cv.wait(c).expect("checkpointed lock");
-        }
+    /// Blocks until the database's durable state covers record `seq`, at most `timeout`;
+    /// returns whether it does.
+    pub(crate) fn wait_checkpointed(&self, seq: u64, timeout: std::time::Duration) -> bool {
+        let c = self.checkpointed.lock().expect("checkpointed lock");
+        let (c, _) = self
+            .checkpointed_cv
+            .wait_timeout_while(c, timeout, |c| *c < seq)
+            .expect("checkpointed lock");
+        *c >= seq
     }
 
     /// Waits until the database shows every record on disk at the time of the call, at most
@@ -120,15 +123,18 @@ mod tests {
     #[test]
     fn the_journal_thread_waits_for_a_checkpoint_covering_the_records_it_writes_over() {
         let p = Arc::new(Progress::new(0));
-        p.wait_checkpointed(0);
+        let long = Duration::from_secs(60);
+        assert!(p.wait_checkpointed(0, long));
         let waiter = {
             let p = p.clone();
-            std::thread::spawn(move || p.wait_checkpointed(40))
+            std::thread::spawn(move || p.wait_checkpointed(40, long))
         };
         p.set_checkpointed(30);
         p.set_checkpointed(20); // never goes back
         p.set_checkpointed(41);
-        waiter.join().unwrap();
+        assert!(waiter.join().unwrap());
         assert_eq!(*p.checkpointed.lock().unwrap(), 41);
+        // Not covered in time: the caller is told so.
+        assert!(!p.wait_checkpointed(50, Duration::from_millis(10)));
     }
 }

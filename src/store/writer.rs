@@ -101,7 +101,18 @@ pub(crate) fn run(
             closed |= drain(&mut rx, &mut cmds);
         }
         let mut deltas = Deltas::new();
-        match apply(&db, &cmds, &mut deltas, quick_repair) {
+        #[cfg(test)]
+        let result = if shared
+            .fail_applies
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            Err(StoreError::Db("injected: no space left on device".into()))
+        } else {
+            apply(&db, &cmds, &mut deltas, quick_repair)
+        };
+        #[cfg(not(test))]
+        let result = apply(&db, &cmds, &mut deltas, quick_repair);
+        match result {
             Ok((replies, durability, journaled)) => {
                 retry_delay = RETRY_MIN;
                 shared.apply_deltas(&deltas);
