@@ -307,6 +307,18 @@ impl RateLimit {
     }
 }
 
+impl std::fmt::Display for RateLimit {
+    /// The canonical form (`100/s`, `600/m`, `1000/h`), which [`RateLimit::parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +330,10 @@ mod tests {
         assert!(RateLimit::parse("0/s").is_err());
         assert!(RateLimit::parse("fast").is_err());
         assert!(RateLimit::parse("10/d").is_err());
+        for text in ["100/s", "600/m", "1000/h"] {
+            assert_eq!(RateLimit::parse(text).unwrap().to_string(), text);
+        }
+        assert_eq!(RateLimit::parse("5 / minute").unwrap().to_string(), "5/m");
     }
 
     #[test]

@@ -68,7 +68,7 @@ fn view(l: &Listed) -> Value {
         "event_types": ep.event_types,
         "ordering": match ep.ordering { crate::config::Ordering::Fifo => "fifo", crate::config::Ordering::Unordered => "unordered" },
         "max_in_flight": ep.max_in_flight,
-        "rate_limit": l.stored.as_ref().and_then(|s| s.spec.rate_limit.clone()),
+        "rate_limit": ep.rate_limit.map(|r| r.to_string()),
         "timeout_ms": ep.timeout.as_millis() as u64,
         "schedule_ms": ep.schedule.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
         "headers": ep.headers,

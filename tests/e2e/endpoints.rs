@@ -190,8 +190,12 @@ async fn the_whole_lifecycle_over_http() {
 #[tokio::test]
 async fn config_endpoints_are_read_only_and_win_clashes() {
     let rx = Receiver::start().await;
-    let c = Courier::with_endpoint("from-config", &rx.url("/"), "").await;
+    let c =
+        Courier::with_endpoint("from-config", &rx.url("/"), "rate_limit = \"600/minute\"").await;
     use reqwest::Method as M;
+    // The view shows a config endpoint's settings as they apply.
+    let (_, shown) = req(&c, M::GET, "/v1/endpoints/from-config", None).await;
+    assert_eq!(shown["rate_limit"], "600/m", "{shown}");
     for (m, path) in [
         (M::PATCH, "/v1/endpoints/from-config"),
         (M::DELETE, "/v1/endpoints/from-config"),
