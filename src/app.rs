@@ -27,6 +27,8 @@ pub struct App {
     /// Held for a whole reload (read, validate, load plugins, apply), so that a watch event,
     /// `SIGHUP` and a plugin-triggered retry never interleave and apply out of order.
     pub reloading: std::sync::Mutex<()>,
+    /// The address the listener is bound to (the port chosen when `listen` asked for 0).
+    pub addr: std::net::SocketAddr,
     pub scheduler: Scheduler,
     /// Every endpoint deliveries may go to (config file and endpoint API).
     pub endpoints: crate::endpoints::Registry,

@@ -376,9 +376,7 @@ impl Config {
         let public_url = s
             .public_url
             .unwrap_or_else(|| format!("http://{listen_text}"));
-        url::Url::parse(&public_url).map_err(|e| {
-            ConfigError::invalid("server.public_url", format!("`{public_url}`: {e}"))
-        })?;
+        parse_http_url(&public_url, "server.public_url")?;
         let max_body_bytes = s.max_body_bytes.unwrap_or(1024 * 1024);
         // A body is held in memory and framed in the ingest journal with a 32-bit length.
         if max_body_bytes == 0 || max_body_bytes > MAX_BODY_LIMIT {
@@ -447,8 +445,15 @@ impl Config {
             schedule,
             jitter,
             allow_private_networks: d.allow_private_networks.unwrap_or(false),
-            retention: opt_duration(d.retention, "delivery.retention")?
-                .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+            retention: match opt_duration(d.retention, "delivery.retention")? {
+                Some(r) if r.is_zero() => {
+                    return Err(ConfigError::invalid(
+                        "delivery.retention",
+                        "must be greater than 0 (finished deliveries and the DLQ are kept this long)",
+                    ));
+                }
+                r => r.unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+            },
             circuit_failures: d.circuit_failures.unwrap_or(10).max(1),
             circuit_probe_interval: opt_duration(
                 d.circuit_probe_interval,
@@ -503,11 +508,30 @@ impl Config {
                 path: relative_to(base, &p.path),
                 kind,
                 config,
-                fuel: p.limits.fuel,
+                fuel: match p.limits.fuel {
+                    Some(0) => {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.limits.fuel"),
+                            "must be greater than 0 (every call would run out at once)",
+                        ));
+                    }
+                    f => f,
+                },
                 memory_bytes: p
                     .limits
                     .memory
-                    .map(|m| parse_bytes(&m, &format!("{key}.limits.memory")))
+                    .map(|m| {
+                        let k = format!("{key}.limits.memory");
+                        let n = parse_bytes(&m, &k)?;
+                        let max = crate::plugins::host::MAX_MEMORY;
+                        if n == 0 || n > max {
+                            return Err(ConfigError::invalid(
+                                k,
+                                format!("`{m}` is not between 1 byte and 256MiB"),
+                            ));
+                        }
+                        Ok(n)
+                    })
                     .transpose()?,
                 timeout: opt_duration(p.limits.timeout, &format!("{key}.limits.timeout"))?,
             });
@@ -590,6 +614,15 @@ impl Config {
             workflows,
             source,
         })
+    }
+
+    /// With no `public_url` set and `listen` on port 0, callback URLs would name port 0: the
+    /// default becomes the address actually bound.
+    pub fn resolve_public_url(&mut self, bound: SocketAddr) {
+        let s = &mut self.server;
+        if s.listen.port() == 0 && s.public_url == format!("http://{}", s.listen) {
+            s.public_url = format!("http://{bound}");
+        }
     }
 
     pub fn endpoint(&self, name: &str) -> Option<&EndpointConfig> {
@@ -842,7 +875,8 @@ pub fn parse_bytes(text: &str, key: &str) -> Result<u64, ConfigError> {
             ));
         }
     };
-    Ok(n * mult)
+    n.checked_mul(mult)
+        .ok_or_else(|| ConfigError::invalid(key, format!("`{text}` is too large")))
 }
 
 /// Replaces every string value of the form `env:NAME` with the variable's value.
@@ -977,6 +1011,23 @@ mod tests {
             (
                 "[delivery]\nschedule = [\"0s\", \"11y\"]",
                 "delivery.schedule[1]",
+            ),
+            ("[delivery]\nretention = \"0s\"", "delivery.retention"),
+            (
+                "[server]\npublic_url = \"hooks.example.com:8443\"",
+                "server.public_url",
+            ),
+            (
+                "[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\nkind = \"transform\"\nlimits = { memory = \"17179869184G\" }",
+                "plugins[0].limits.memory",
+            ),
+            (
+                "[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\nkind = \"transform\"\nlimits = { memory = \"1GiB\" }",
+                "plugins[0].limits.memory",
+            ),
+            (
+                "[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\nkind = \"transform\"\nlimits = { fuel = 0 }",
+                "plugins[0].limits.fuel",
             ),
             (
                 "[server]\nmax_body_bytes = 2147483648",

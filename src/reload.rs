@@ -227,6 +227,7 @@ fn apply(app: &Arc<App>, mut new: Config) {
         tracing::warn!(running = %old.server.listen, configured = %new.server.listen, "server.listen cannot change while running; restart to apply it");
         new.server.listen = old.server.listen;
     }
+    new.resolve_public_url(app.addr);
     if new.server.data_dir != old.server.data_dir {
         tracing::warn!(running = %old.server.data_dir.display(), configured = %new.server.data_dir.display(), "server.data_dir cannot change while running; restart to apply it");
         new.server.data_dir = old.server.data_dir.clone();

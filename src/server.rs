@@ -77,10 +77,17 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
+    config.resolve_public_url(addr);
+    if config.server.listen.ip().is_unspecified()
+        && config.server.public_url == format!("http://{}", config.server.listen)
+    {
+        tracing::warn!(public_url = %config.server.public_url, "server.public_url is not set and courier listens on every address: callback URLs will not reach it; set public_url");
+    }
     let app = Arc::new(App {
         client: ArcSwap::from_pointee(client::build(config.delivery.allow_private_networks)),
         reload_status: std::sync::Mutex::new(crate::reload::initial_status(&config)),
         reloading: std::sync::Mutex::new(()),
+        addr,
         config: ArcSwap::from_pointee(config),
         store,
         metrics,
