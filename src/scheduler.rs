@@ -361,8 +361,22 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                             in_flight.insert(d.id.clone());
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
                             app.tasks.spawn(async move {
+                                use futures_util::FutureExt;
                                 let id = d.id.clone();
-                                let (success, again_ms) = run_attempt(&app2, ep2, d).await;
+                                let due = d.next_due_ms;
+                                // A panic must not leave the delivery in flight for good: it
+                                // is logged and the delivery held back, then tried again.
+                                let attempt =
+                                    std::panic::AssertUnwindSafe(run_attempt(&app2, ep2, d))
+                                        .catch_unwind()
+                                        .await;
+                                let (success, again_ms) = match attempt {
+                                    Ok(r) => r,
+                                    Err(_) => {
+                                        tracing::error!(delivery = %id, "the attempt panicked; the delivery will be attempted again after a pause");
+                                        (None, Some(hold_back(&app2, due).await))
+                                    }
+                                };
                                 let _ = tx.send(Done {
                                     id,
                                     success,
@@ -469,7 +483,7 @@ async fn run_attempt(
         }
         Err(e) => {
             tracing::error!(delivery = %d.id, error = %e, "cannot load event; will retry");
-            return (None, Some(hold_back(app, &d).await));
+            return (None, Some(hold_back(app, d.next_due_ms).await));
         }
     };
     let delivery_cfg = app.config.load().delivery.clone();
@@ -661,7 +675,7 @@ async fn record(
         Err(e) => {
             // The delivery stays pending at its old due time, so it is attempted again.
             tracing::error!(delivery = %d.id, error = %e, "cannot record attempt outcome; the delivery will be attempted again after a pause");
-            Some(hold_back(app, d).await)
+            Some(hold_back(app, d.next_due_ms).await)
         }
     }
 }
@@ -669,7 +683,7 @@ async fn record(
 /// Holds a delivery whose attempt could not be recorded (or whose event could not be read)
 /// in flight for a pause: 1 s, doubling with each such failure in a row up to a minute, cut
 /// short by shutdown. Returns its due time, to which the worker's scan goes back.
-async fn hold_back(app: &App, d: &Delivery) -> u64 {
+async fn hold_back(app: &App, due: Option<u64>) -> u64 {
     let streak = app
         .scheduler
         .store_failures
@@ -680,7 +694,7 @@ async fn hold_back(app: &App, d: &Delivery) -> u64 {
         _ = tokio::time::sleep(pause) => {}
         _ = app.shutdown.cancelled() => {}
     }
-    d.next_due_ms.unwrap_or(0)
+    due.unwrap_or(0)
 }
 
 #[cfg(test)]

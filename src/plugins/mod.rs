@@ -300,6 +300,12 @@ impl Plugins {
                         class: "plugin_error",
                         detail,
                     })
+                    .and_then(|o| {
+                        if let TransformOutcome::Send(r) = &o {
+                            check_headers(name, &r.headers)?;
+                        }
+                        Ok(o)
+                    })
             })?;
             match outcome {
                 TransformOutcome::Send(r) => {
@@ -353,6 +359,36 @@ impl Plugins {
                 })
         })
     }
+}
+
+/// Most headers a transform may return.
+const MAX_TRANSFORM_HEADERS: usize = 100;
+
+/// A transform's headers must be valid HTTP and few: anything else fails the call (audited
+/// and retried as a `plugin_error`) rather than being dropped silently or sent at all.
+fn check_headers(plugin: &str, headers: &[Header]) -> Result<(), PluginError> {
+    let fail = |detail: String| PluginError::Call {
+        plugin: plugin.to_string(),
+        class: "plugin_error",
+        detail,
+    };
+    if headers.len() > MAX_TRANSFORM_HEADERS {
+        return Err(fail(format!(
+            "returned {} headers; at most {MAX_TRANSFORM_HEADERS} are allowed",
+            headers.len()
+        )));
+    }
+    for h in headers {
+        if reqwest::header::HeaderName::from_bytes(h.name.as_bytes()).is_err()
+            || reqwest::header::HeaderValue::from_str(&h.value).is_err()
+        {
+            return Err(fail(format!(
+                "returned the header `{}`, which is not valid HTTP",
+                h.name.escape_debug()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What a transform sees besides the request itself.

@@ -172,7 +172,29 @@ async fn a_transform_can_drop_a_delivery() {
 async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
     let (bad, good) = (Receiver::start().await, Receiver::start().await);
     let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}{}{}{}{}{}{}{}{}{}",
+        "{DELIVERY_FAST}{}{}{}{}{}{}{}{}{}{}{}{}{}{}{}",
+        plugin_entry(
+            "many",
+            "misbehave",
+            "transform",
+            "config = { mode = \"headers\" }"
+        ),
+        plugin_entry(
+            "badhdr",
+            "misbehave",
+            "transform",
+            "config = { mode = \"badheader\" }"
+        ),
+        endpoint(
+            "many",
+            &bad.url("/"),
+            "transforms = [\"many\"]\nschedule = [\"0s\"]"
+        ),
+        endpoint(
+            "badhdr",
+            &bad.url("/"),
+            "transforms = [\"badhdr\"]\nschedule = [\"0s\"]"
+        ),
         plugin_entry(
             "trap",
             "misbehave",
@@ -237,6 +259,9 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
         ("burn", "plugin_fuel"),
         ("hog", "plugin_memory"),
         ("fail", "plugin_error"),
+        // Headers a transform returns must be few and valid HTTP.
+        ("many", "plugin_error"),
+        ("badhdr", "plugin_error"),
     ];
     let mut ids = Vec::new();
     for (ep, _) in cases {
@@ -263,7 +288,7 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
     assert_eq!(fail["attempts"].as_array().unwrap().len(), 2);
     // Nothing was sent by the failing chains; the healthy endpoint got everything.
     assert!(bad.received().is_empty());
-    assert_eq!(good.wait_for(5, T).await.len(), 5);
+    assert_eq!(good.wait_for(cases.len(), T).await.len(), cases.len());
     let m = c.text("/metrics").await;
     for (ep, _) in cases {
         assert!(

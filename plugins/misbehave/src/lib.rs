@@ -1,11 +1,13 @@
 //! `misbehave`: a transform that fails on purpose, for testing courier's sandbox. Config
 //! `mode`: `trap` (panics), `loop` (never returns), `hog` (allocates without bound),
-//! `error` (returns an error), `drop` (drops the delivery); anything else passes the request
-//! through.
+//! `error` (returns an error), `drop` (drops the delivery), `headers` (returns 25,000
+//! headers), `badheader` (returns a header name HTTP does not allow); anything else passes
+//! the request through.
 
 wit_bindgen::generate!({ path: "../../wit", world: "transformer" });
 
 use courier::plugin::host::config_get;
+use courier::plugin::types::Header;
 
 struct Misbehave;
 
@@ -30,6 +32,24 @@ impl Guest for Misbehave {
             Some("drop") => Ok(TransformOutcome::Drop(
                 "misbehave: not for this endpoint".into(),
             )),
+            Some("headers") => {
+                let mut req = req;
+                for i in 0..25_000 {
+                    req.headers.push(Header {
+                        name: format!("x-n{i}"),
+                        value: "1".into(),
+                    });
+                }
+                Ok(TransformOutcome::Send(req))
+            }
+            Some("badheader") => {
+                let mut req = req;
+                req.headers.push(Header {
+                    name: "bad name".into(),
+                    value: "1".into(),
+                });
+                Ok(TransformOutcome::Send(req))
+            }
             _ => Ok(TransformOutcome::Send(req)),
         }
     }
