@@ -251,6 +251,9 @@ impl Registry {
     /// Installs a configuration's endpoints and rebuilds the API endpoints against its
     /// defaults and plugins. Returns the names whose definition changed.
     pub fn set_config(&self, config: &Config) -> Vec<String> {
+        for e in config.endpoints.iter().filter(|e| e.secrets.is_empty()) {
+            tracing::warn!(endpoint = %e.name, "endpoint has no secrets: its deliveries are sent unsigned; add a whsec_ secret");
+        }
         let mut inner = self.inner.write().expect("registry");
         let mut touched: BTreeSet<String> = inner.config.keys().cloned().collect();
         inner.config = config

@@ -179,6 +179,20 @@ fn check_names_the_bad_key() {
             "{text}: stderr does not name {key}: {err}"
         );
     }
+    // An endpoint without secrets is valid but sends unsigned webhooks: a warning says so.
+    let path = dir.path().join("courier.toml");
+    std::fs::write(
+        &path,
+        "[[endpoints]]\nname = \"bare\"\nurl = \"https://example.com/h\"\n",
+    )
+    .unwrap();
+    let out = courier(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("endpoints[0].secrets") && err.contains("unsigned"),
+        "{err}"
+    );
     let out = courier(&["check", "--config", "/nonexistent/courier.toml"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/courier.toml"));
