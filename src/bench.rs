@@ -110,6 +110,23 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// How many of the bench endpoint's deliveries are dead (0 when courier cannot say).
+async fn dead_count(http: &reqwest::Client, base: &str, token: &str, name: &str) -> u64 {
+    let Ok(r) = http
+        .get(format!("{base}/v1/endpoints/{name}/stats"))
+        .bearer_auth(token)
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let Ok(bytes) = r.bytes().await else { return 0 };
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["counts"]["dead"].as_u64())
+        .unwrap_or(0)
+}
+
 /// Starts the built-in receiver; returns its address.
 pub async fn start_receiver(record: bool) -> anyhow::Result<(SocketAddr, Arc<ReceiverHandle>)> {
     let state = Arc::new(ReceiverHandle {
@@ -381,8 +398,23 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         && !opts.no_wait
     {
         let deadline = Instant::now() + opts.drain_timeout;
+        let mut polls = 0u32;
         while h.count() < ok && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            polls += 1;
+            // Now and then, ask courier how many went dead: those will never arrive, and
+            // if all of them do, the receiver is unreachable from courier.
+            if polls.is_multiple_of(25) {
+                let dead = dead_count(&http, &base, &opts.token, &name).await;
+                if dead > 0 && h.count() == 0 && dead as usize >= ok {
+                    bail!(
+                        "every delivery to the bench receiver went dead: courier refuses loopback destinations unless [delivery] allow_private_networks = true (see GET {base}/v1/endpoints/{name}/stats)"
+                    );
+                }
+                if h.count() + dead as usize >= ok {
+                    break;
+                }
+            }
         }
         report.delivered = h.count();
         let last = h.got.last_us.load(Ordering::Relaxed);
@@ -408,7 +440,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         }
     }
     report.peak_rss_kib = peak_rss_kib(opts.pid);
-    if !opts.no_wait {
+    // Deleted only once its deliveries are done: with an outside receiver (nothing to wait
+    // on) or --no-wait it stays, so queued deliveries are not stranded without an endpoint.
+    if opts.receiver.is_some() || opts.no_wait {
+        eprintln!(
+            "the bench endpoint `{name}` stays; delete it with DELETE /v1/endpoints/{name} once its deliveries are done"
+        );
+    } else {
         let _ = http
             .delete(format!("{base}/v1/endpoints/{name}"))
             .bearer_auth(&opts.token)

@@ -401,3 +401,30 @@ async fn bench_smoke_run_delivers_every_event() {
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_against_a_courier_that_refuses_loopback_says_why_at_once() {
+    // The default delivery settings: private and loopback destinations are refused.
+    let c = Courier::start("").await;
+    let env = vec![
+        ("COURIER_URL", c.base.clone()),
+        ("COURIER_KEY", ADMIN.to_string()),
+    ];
+    let started = std::time::Instant::now();
+    let o = run(
+        args(&["bench", "-n", "5", "-c", "2", "--no-baselines"]),
+        env,
+        None,
+    )
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("allow_private_networks"), "{err}");
+    // Not the default drain timeout of 300 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    c.stop().await;
+}
