@@ -601,6 +601,13 @@ async fn decide(
         });
         match decision {
             Ok(BackoffDecision::RetryAfterMs(ms)) => {
+                // A 429/503's Retry-After is the receiver's word: a plugin may wait longer,
+                // never less.
+                let floor = match (result.status, result.retry_after) {
+                    (Some(429 | 503), Some(after)) => after.as_millis() as u64,
+                    _ => 0,
+                };
+                let ms = ms.max(floor);
                 return Next::Retry {
                     due_ms: now + ms.min(outcome::MAX_RETRY_AFTER.as_millis() as u64),
                     error: Some(outcome::describe_failure(result)),

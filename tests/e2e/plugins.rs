@@ -461,3 +461,31 @@ async fn the_readme_walkthrough_plugin_adds_a_header_and_a_field() {
     sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_backoff_plugin_never_retries_sooner_than_retry_after() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(429).header("retry-after", "2")]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry(
+            "fixed",
+            "fixed-backoff",
+            "backoff",
+            "config = { delay_ms = 10, max_attempts = 5 }"
+        ),
+        endpoint("app", &rx.url("/"), "backoff = \"fixed\""),
+    ))
+    .await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    c.wait_status(r["deliveries"][0]["id"].as_str().unwrap(), "delivered", T)
+        .await;
+    let got = rx.received();
+    assert_eq!(got.len(), 2);
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "Retry-After: 2 honoured, got {gap:?}"
+    );
+    c.stop().await;
+}
