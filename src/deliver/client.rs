@@ -133,6 +133,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || (o[0] == 100 && (o[1] & 0xc0) == 64)       // 100.64.0.0/10 shared (CGNAT)
         || (o[0] == 192 && o[1] == 0 && o[2] == 0)    // 192.0.0.0/24 protocol assignments
         || (o[0] == 198 && (o[1] & 0xfe) == 18)       // 198.18.0.0/15 benchmarking
+        || (o[0] == 192 && o[1] == 88 && o[2] == 99)  // 192.88.99.0/24 6to4 relay (deprecated)
         || o[0] >= 240) // 240.0.0.0/4 reserved
 }
 
@@ -143,6 +144,11 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
     // NAT64 well-known prefix 64:ff9b::/96 embeds an IPv4 address.
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+        return is_public_v4(v4);
+    }
+    // IPv4-translated ::ffff:0:0/96 (SIIT) embeds one in its last 32 bits too.
+    if s[0..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
         let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
         return is_public_v4(v4);
     }
@@ -159,6 +165,7 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xffc0) == 0xfec0              // fec0::/10 site-local (deprecated)
         || (s[0] == 0x2001 && s[1] == 0x0db8)     // 2001:db8::/32 documentation
         || (s[0] == 0x2001 && s[1] == 0)          // 2001::/32 Teredo
+        || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // 64:ff9b:1::/48 local-use NAT64
         || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // 100::/64 discard
         || s[0..6] == [0, 0, 0, 0, 0, 0]) // ::/96 IPv4-compatible (deprecated)
 }
@@ -230,6 +237,9 @@ mod tests {
             "64:ff9b::7f00:1",
             "2002:7f00:1::",
             "2001:db8::1",
+            "64:ff9b:1::a00:1",
+            "192.88.99.1",
+            "::ffff:0:7f00:1",
         ] {
             assert!(!is_public(bad.parse().unwrap()), "{bad} should be refused");
         }
