@@ -174,6 +174,11 @@ test("the console works end to end without JavaScript errors", async () => {
   await shot("dlq");
   flakyStatus = 200;
   const before = received.filter((r) => r.path === "/flaky").length;
+  // Replay acts on the filter of the list shown, not on an edit that was never applied.
+  await page.getByLabel("DLQ endpoint filter", { exact: true }).fill("flaky");
+  await page.locator("#dlq-filter").getByRole("button", { name: "Apply" }).click();
+  await page.waitForFunction(() => document.querySelectorAll("#dlq-rows td.mono").length === 2);
+  await page.getByLabel("DLQ endpoint filter", { exact: true }).fill("someone-else");
   await page.getByRole("button", { name: /Replay all 2/ }).click();
   assert.match(await page.locator("#dlq-confirm-text").textContent(), /Requeue 2 dead deliveries/);
   await page.locator("#dlq-confirm-ok").click();
