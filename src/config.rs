@@ -590,7 +590,11 @@ impl Config {
                     &format!("{key}.upstream.retry_delay"),
                 )?
                 .unwrap_or(Duration::from_secs(1)),
-                upstream_headers: upstream_headers(w.upstream.headers, &key)?,
+                // The upstream is the operator's own service: nothing is reserved.
+                upstream_headers: http_headers(
+                    w.upstream.headers,
+                    &format!("{key}.upstream.headers"),
+                )?,
                 endpoint: w.endpoint,
                 event_name: w.event_name,
                 callback_timeout: opt_duration(
@@ -702,25 +706,15 @@ pub fn build_endpoint(
         Some(list) => parse_schedule(&list, &format!("{pre}schedule"))?,
         None => delivery.schedule.clone(),
     };
-    let mut headers = BTreeMap::new();
-    for (h, v) in e.headers {
-        let name = h.to_ascii_lowercase();
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-            || reqwest::header::HeaderValue::from_str(&v).is_err()
-        {
-            return Err(ConfigError::invalid(
-                format!("{pre}headers.{h}"),
-                "is not a valid HTTP header",
-            ));
-        }
-        if RESERVED_HEADERS.contains(&name.as_str()) {
+    for h in e.headers.keys() {
+        if RESERVED_HEADERS.contains(&h.to_ascii_lowercase().as_str()) {
             return Err(ConfigError::invalid(
                 format!("{pre}headers.{h}"),
                 "is set by courier and cannot be overridden",
             ));
         }
-        headers.insert(name, v);
     }
+    let headers = http_headers(e.headers, &format!("{pre}headers"))?;
     for (j, t) in e.transforms.iter().enumerate() {
         if plugin_kind(t) != Some(PluginKind::Transform) {
             return Err(ConfigError::invalid(
@@ -912,20 +906,23 @@ fn resolve_value(v: &mut toml::Value, key: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Headers sent to a workflow's upstream: any valid HTTP header (the upstream is the
-/// operator's own service, so nothing is reserved); names are lowercased.
-fn upstream_headers(
+/// Whether `name: value` can be sent as an HTTP header.
+pub fn valid_header(name: &str, value: &str) -> bool {
+    reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+        && reqwest::header::HeaderValue::from_str(value).is_ok()
+}
+
+/// A configured header table (`{key}.NAME`), validated, with names lowercased.
+fn http_headers(
     given: BTreeMap<String, String>,
     key: &str,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut headers = BTreeMap::new();
     for (h, v) in given {
         let name = h.to_ascii_lowercase();
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-            || reqwest::header::HeaderValue::from_str(&v).is_err()
-        {
+        if !valid_header(&name, &v) {
             return Err(ConfigError::invalid(
-                format!("{key}.upstream.headers.{h}"),
+                format!("{key}.{h}"),
                 "is not a valid HTTP header",
             ));
         }

@@ -379,9 +379,7 @@ fn check_headers(plugin: &str, headers: &[Header]) -> Result<(), PluginError> {
         )));
     }
     for h in headers {
-        if reqwest::header::HeaderName::from_bytes(h.name.as_bytes()).is_err()
-            || reqwest::header::HeaderValue::from_str(&h.value).is_err()
-        {
+        if !crate::config::valid_header(&h.name, &h.value) {
             return Err(fail(format!(
                 "returned the header `{}`, which is not valid HTTP",
                 h.name.escape_debug()

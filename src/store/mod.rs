@@ -1199,26 +1199,36 @@ mod tests {
         b
     }
 
-    async fn deliver(store: &Store, id: &str) {
+    /// Records one attempt answered `status`, with `next` as its outcome.
+    async fn attempted(store: &Store, id: &str, status: u16, next: Next) {
         let attempt = Attempt {
             number: 1,
             started_ms: crate::model::now_ms(),
             duration_ms: 1,
-            status_code: Some(200),
+            status_code: Some(status),
             error: None,
             error_detail: None,
             response_body: String::new(),
-            outcome: "delivered".into(),
+            outcome: if next == Next::Delivered {
+                "delivered"
+            } else {
+                "dead"
+            }
+            .into(),
         };
         store
             .record_outcome(OutcomeRecord {
                 delivery_id: id.into(),
                 attempt,
                 counts_as_attempt: true,
-                next: Next::Delivered,
+                next,
             })
             .await
             .unwrap();
+    }
+
+    async fn deliver(store: &Store, id: &str) {
+        attempted(store, id, 200, Next::Delivered).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1276,27 +1286,8 @@ mod tests {
     }
 
     async fn kill(store: &Store, id: &str) {
-        let attempt = Attempt {
-            number: 1,
-            started_ms: crate::model::now_ms(),
-            duration_ms: 1,
-            status_code: Some(500),
-            error: None,
-            error_detail: None,
-            response_body: String::new(),
-            outcome: "dead".into(),
-        };
-        store
-            .record_outcome(OutcomeRecord {
-                delivery_id: id.into(),
-                attempt,
-                counts_as_attempt: true,
-                next: Next::Dead {
-                    reason: "http_500".into(),
-                },
-            })
-            .await
-            .unwrap();
+        let reason = "http_500".to_string();
+        attempted(store, id, 500, Next::Dead { reason }).await;
     }
 
     #[tokio::test]
