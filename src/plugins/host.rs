@@ -6,11 +6,13 @@
 //! away anyway, and plugins are meant to be stateless; with the pooling allocator and
 //! `InstancePre` an instantiation costs tens of microseconds, so isolation is cheap.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasData, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::{DynPollable, Pollable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::PluginError;
@@ -54,14 +56,33 @@ pub const DEFAULT_MEMORY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_FUEL: u64 = 1_000_000_000;
 /// The largest memory any plugin may be given (the pool's slot size).
 pub const MAX_MEMORY: u64 = 256 * 1024 * 1024;
+/// Most table elements one call may hold, over all its tables.
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+/// Most core instances, memories and tables one call may create: a component that needs
+/// more is refused instead of draining the pool every plugin shares.
+const MAX_INSTANCES: usize = 64;
+const MAX_MEMORIES: usize = 16;
+const MAX_TABLES: usize = 64;
+/// Most log lines one call may write, and the longest line kept: a plugin cannot flood
+/// courier's log.
+const MAX_LOG_LINES: u32 = 100;
+const MAX_LOG_BYTES: usize = 4096;
 
 /// Per-call state of a store.
 pub(crate) struct State {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// `limits.memory`, for all the linear memories of the call together.
     memory_cap: usize,
+    memory_used: usize,
+    table_elements: usize,
     /// Set when the cap refused a memory growth, to tell a memory trap from others.
     memory_refused: bool,
+    /// When `limits.timeout` runs out; sleeps on the WASI clock end here at the latest.
+    deadline: Instant,
+    /// Set when a sleep was cut short at the deadline: the call ran out of time.
+    overslept: bool,
+    log_lines: u32,
     plugin: Arc<str>,
     config: Arc<Vec<(String, String)>>,
 }
@@ -76,32 +97,133 @@ impl WasiView for State {
 }
 
 impl wasmtime::ResourceLimiter for State {
+    /// Also called with `current == 0` when a memory is created, so `memory_used` is the
+    /// sum over every memory of every core instance of the call.
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_cap;
-        if !ok {
+        let used = self.memory_used - current.min(self.memory_used) + desired;
+        if used > self.memory_cap {
             self.memory_refused = true;
+            return Ok(false);
         }
-        Ok(ok)
+        self.memory_used = used;
+        Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        let used = self.table_elements - current.min(self.table_elements) + desired;
+        if used > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.table_elements = used;
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+}
+
+/// The WASI monotonic clock as plugins see it. WASI's own would let a plugin sleep (or
+/// block in `poll`) past its deadline: the epoch interrupt only fires while WebAssembly
+/// runs, not while the host waits on the plugin's behalf, so a plugin sleeping for an hour
+/// would hold a thread for an hour. Here every sleep ends at the call's deadline at the
+/// latest, after which the epoch interrupt ends the call.
+struct DeadlineClock<'a> {
+    table: &'a mut ResourceTable,
+    deadline: Instant,
+    overslept: &'a mut bool,
+}
+
+struct HasDeadlineClock;
+
+impl HasData for HasDeadlineClock {
+    type Data<'a> = DeadlineClock<'a>;
+}
+
+/// The origin of plugins' monotonic clock.
+static CLOCK_ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+impl monotonic_clock::Host for DeadlineClock<'_> {
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(u64::try_from(CLOCK_ORIGIN.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<u64> {
+        Ok(1)
+    }
+
+    fn subscribe_instant(&mut self, when: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        let now = self.now()?;
+        self.subscribe_duration(when.saturating_sub(now))
+    }
+
+    fn subscribe_duration(&mut self, nanos: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        let until = match Instant::now().checked_add(Duration::from_nanos(nanos)) {
+            Some(until) if until <= self.deadline => until,
+            _ => {
+                *self.overslept = true;
+                self.deadline
+            }
+        };
+        let sleep = self.table.push(Sleep {
+            until: tokio::time::Instant::from_std(until),
+            yielded: false,
+        })?;
+        wasmtime_wasi::p2::subscribe(self.table, sleep)
+    }
+}
+
+/// A sleep on the plugin clock. One that is already due still yields once, as WASI's own
+/// does, so that a plugin polling in a loop cannot starve the runtime's I/O.
+struct Sleep {
+    until: tokio::time::Instant,
+    yielded: bool,
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Sleep {
+    async fn ready(&mut self) {
+        if self.until > tokio::time::Instant::now() {
+            tokio::time::sleep_until(self.until).await;
+        } else if !self.yielded {
+            self.yielded = true;
+            tokio::task::yield_now().await;
+        }
     }
 }
 
 impl bindings::transformer::courier::plugin::host::Host for State {
     fn log(&mut self, level: Level, message: String) {
         let plugin = &*self.plugin;
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            if self.log_lines == MAX_LOG_LINES + 1 {
+                tracing::warn!(
+                    plugin,
+                    "plugin wrote more than {MAX_LOG_LINES} log lines in one call; the rest of this call's are dropped"
+                );
+            }
+            return;
+        }
+        let message = log_line(&message);
         match level {
             Level::Trace => tracing::trace!(plugin, "{message}"),
             Level::Debug => tracing::debug!(plugin, "{message}"),
@@ -124,6 +246,24 @@ impl bindings::transformer::courier::plugin::host::Host for State {
 }
 
 impl bindings::transformer::courier::plugin::types::Host for State {}
+
+/// A plugin's log message as courier writes it: control characters escaped (a plugin
+/// cannot forge log lines) and at most `MAX_LOG_BYTES` long.
+fn log_line(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_LOG_BYTES));
+    for (i, c) in message.char_indices() {
+        if out.len() >= MAX_LOG_BYTES {
+            out.push_str(&format!("… ({} more bytes)", message.len() - i));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// A compiled plugin, ready to instantiate.
 pub(crate) enum Template {
@@ -178,6 +318,15 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        // WASI's monotonic clock, replaced by one whose sleeps respect the deadline.
+        linker.allow_shadowing(true);
+        monotonic_clock::add_to_linker::<State, HasDeadlineClock>(&mut linker, |s| DeadlineClock {
+            table: &mut s.table,
+            deadline: s.deadline,
+            overslept: &mut s.overslept,
+        })
+        .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        linker.allow_shadowing(false);
         bindings::transformer::courier::plugin::host::add_to_linker::<State, HasSelf<State>>(
             &mut linker,
             |s| s,
@@ -247,16 +396,29 @@ impl Host {
     ) -> Store<State> {
         let state = State {
             // No preopens, no environment, no network: an empty, capability-less context.
-            wasi: WasiCtx::builder().build(),
+            wasi: WasiCtx::builder()
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build(),
             table: ResourceTable::new(),
             memory_cap: limits.memory as usize,
+            memory_used: 0,
+            table_elements: 0,
             memory_refused: false,
+            deadline: Instant::now() + limits.timeout,
+            overslept: false,
+            log_lines: 0,
             plugin,
             config,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
         let _ = store.set_fuel(limits.fuel);
+        // What a plugin hands back (a transform's headers and body, a log line) is copied
+        // into courier's memory. Strings that alias one another could make that copy far
+        // larger than the plugin's own memory; it may not exceed the memory cap.
+        store.set_hostcall_fuel(limits.memory as usize);
         let ticks = (limits.timeout.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
@@ -271,7 +433,11 @@ impl Host {
     ) -> Result<R, PluginError> {
         let mut store = self.store(plugin.name.clone(), plugin.config.clone(), plugin.limits);
         let started = Instant::now();
-        let result = f(&mut store, &plugin.template);
+        let mut result = f(&mut store, &plugin.template);
+        if result.is_ok() && store.data().overslept {
+            // It returned, but only because its sleep was cut short at the deadline.
+            result = Err(wasmtime::Error::from(Trap::Interrupt));
+        }
         result.map_err(|e| {
             let class = if store.data().memory_refused {
                 "plugin_memory"
@@ -341,5 +507,50 @@ impl Loaded {
                 .call_simulate(&mut *store, message),
             _ => unreachable!("kind checked by the caller"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_cap_counts_every_memory_of_a_call() {
+        let host = Host::new().unwrap();
+        let limits = Limits {
+            fuel: DEFAULT_FUEL,
+            memory: 16 << 20,
+            timeout: DEFAULT_TIMEOUT,
+        };
+        // Two core instances with a memory each: 2 × 6 MiB fits a 16 MiB cap; 2 × 10 MiB
+        // does not, although either memory alone would.
+        for (pages, fits) in [(96, true), (160, false)] {
+            let wat = format!(
+                "(component (core module $a (memory {pages})) (core module $b (memory {pages}))
+                  (core instance (instantiate $a)) (core instance (instantiate $b)))"
+            );
+            let component = Component::new(&host.engine, wat).unwrap();
+            let mut store = host.store("t".into(), Arc::new(Vec::new()), limits);
+            let result = host.linker.instantiate(&mut store, &component);
+            assert_eq!(result.is_ok(), fits, "{pages} pages: {:?}", result.err());
+            assert_eq!(store.data().memory_refused, !fits);
+        }
+    }
+
+    #[test]
+    fn plugin_log_lines_are_escaped_and_bounded() {
+        assert_eq!(log_line("plain ünïcode"), "plain ünïcode");
+        assert_eq!(
+            log_line("a\nlevel=error forged\r\u{1b}[31m"),
+            "a\\nlevel=error forged\\r\\u{1b}[31m"
+        );
+        let long = "é".repeat(MAX_LOG_BYTES);
+        let line = log_line(&long);
+        assert!(line.len() < MAX_LOG_BYTES + 40, "{}", line.len());
+        assert!(
+            line.ends_with(&format!("… ({} more bytes)", MAX_LOG_BYTES)),
+            "{}",
+            &line[line.len() - 40..]
+        );
     }
 }

@@ -172,7 +172,7 @@ async fn a_transform_can_drop_a_delivery() {
 async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
     let (bad, good) = (Receiver::start().await, Receiver::start().await);
     let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}{}{}{}{}{}{}{}{}{}{}{}{}{}",
+        "{DELIVERY_FAST}{}{}{}{}{}{}{}{}{}{}{}{}{}{}{}{}{}",
         plugin_entry(
             "many",
             "misbehave",
@@ -205,7 +205,18 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
             "loop",
             "misbehave",
             "transform",
-            "config = { mode = \"loop\" }\nlimits = { timeout = \"50ms\" }"
+            "config = { mode = \"loop\" }\nlimits = { timeout = \"50ms\", fuel = 1000000000000 }"
+        ),
+        plugin_entry(
+            "sleep",
+            "misbehave",
+            "transform",
+            "config = { mode = \"sleep\" }\nlimits = { timeout = \"50ms\" }"
+        ),
+        endpoint(
+            "sleep",
+            &bad.url("/"),
+            "transforms = [\"sleep\"]\nschedule = [\"0s\"]"
         ),
         plugin_entry(
             "burn",
@@ -256,6 +267,8 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
     let cases = [
         ("trap", "plugin_trap"),
         ("loop", "plugin_timeout"),
+        // Sleeping on the WASI clock does not outlast the deadline either.
+        ("sleep", "plugin_timeout"),
         ("burn", "plugin_fuel"),
         ("hog", "plugin_memory"),
         ("fail", "plugin_error"),
@@ -278,13 +291,19 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
         let attempts = d["attempts"].as_array().unwrap();
         assert_eq!(attempts[0]["error"], *class, "{ep}: {d:#}");
         assert!(attempts[0]["status_code"].is_null());
+        // Every failure, the sleeping plugin's included, ends the call within its limits.
+        assert!(
+            attempts[0]["duration_ms"].as_u64().unwrap() < 2_000,
+            "{ep}: {d:#}"
+        );
         assert!(
             attempts[0]["error_detail"].as_str().unwrap().contains(ep),
             "{d:#}"
         );
     }
     // The plugin that returned an error was retried on the schedule.
-    let (_, fail) = c.get(&format!("/v1/deliveries/{}", ids[4])).await;
+    let fail = &ids[cases.iter().position(|(ep, _)| *ep == "fail").unwrap()];
+    let (_, fail) = c.get(&format!("/v1/deliveries/{fail}")).await;
     assert_eq!(fail["attempts"].as_array().unwrap().len(), 2);
     // Nothing was sent by the failing chains; the healthy endpoint got everything.
     assert!(bad.received().is_empty());

@@ -1,5 +1,6 @@
 //! `misbehave`: a transform that fails on purpose, for testing courier's sandbox. Config
-//! `mode`: `trap` (panics), `loop` (never returns), `hog` (allocates without bound),
+//! `mode`: `trap` (panics), `loop` (never returns), `sleep` (sleeps for an hour on the WASI
+//! clock), `hog` (allocates without bound),
 //! `error` (returns an error), `drop` (drops the delivery), `headers` (returns 25,000
 //! headers), `badheader` (returns a header name HTTP does not allow); anything else passes
 //! the request through.
@@ -20,6 +21,10 @@ impl Guest for Misbehave {
                 loop {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
+            }
+            Some("sleep") => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(TransformOutcome::Send(req))
             }
             Some("hog") => {
                 let mut chunks: Vec<Vec<u8>> = Vec::new();
