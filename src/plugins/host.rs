@@ -538,6 +538,53 @@ mod tests {
     }
 
     #[test]
+    fn what_a_plugin_returns_is_bounded_by_its_memory_even_when_aliased() {
+        let host = Host::new().unwrap();
+        // Returns a list of 1,000 strings that all point at the same 32 KiB of its one
+        // 64 KiB page: 32 MiB for the host to copy.
+        let wat = r#"(component
+          (core module $m
+            (memory (export "memory") 1)
+            (func (export "f") (result i32) (local $i i32)
+              (loop $fill
+                (i32.store (i32.add (i32.const 1024) (i32.mul (local.get $i) (i32.const 8)))
+                           (i32.const 16384))
+                (i32.store (i32.add (i32.const 1028) (i32.mul (local.get $i) (i32.const 8)))
+                           (i32.const 32768))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $fill (i32.lt_u (local.get $i) (i32.const 1000))))
+              (i32.store (i32.const 16) (i32.const 1024))
+              (i32.store (i32.const 20) (i32.const 1000))
+              (i32.const 16)))
+          (core instance $i (instantiate $m))
+          (func (export "f") (result (list string))
+            (canon lift (core func $i "f") (memory (core memory $i "memory")))))"#;
+        let component = Component::new(&host.engine, wat).unwrap();
+        for (memory, copied) in [(16 << 20, false), (64 << 20, true)] {
+            let limits = Limits {
+                fuel: DEFAULT_FUEL,
+                memory,
+                timeout: DEFAULT_TIMEOUT,
+            };
+            let mut store = host.store("t".into(), Arc::new(Vec::new()), limits);
+            let instance = host.linker.instantiate(&mut store, &component).unwrap();
+            let f = instance
+                .get_typed_func::<(), (Vec<String>,)>(&mut store, "f")
+                .unwrap();
+            match f.call(&mut store, ()) {
+                Ok((list,)) => {
+                    assert!(copied, "{memory}: copied 32 MiB");
+                    assert_eq!(list.len(), 1000);
+                }
+                Err(e) => {
+                    assert!(!copied, "{memory}: {e:#}");
+                    assert!(format!("{e:#}").contains("too much data"), "{e:#}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn plugin_log_lines_are_escaped_and_bounded() {
         assert_eq!(log_line("plain ünïcode"), "plain ünïcode");
         assert_eq!(
