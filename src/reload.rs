@@ -177,6 +177,7 @@ pub fn reload(app: &Arc<App>, force: bool) {
     match loaded {
         Ok(new) => {
             apply(app, new);
+            app.plugins.retire_unconfigured(&app.config.load().plugins);
             let mut st = app.reload_status.lock().expect("status lock");
             st.version += 1;
             st.loaded_at_ms = now_ms();

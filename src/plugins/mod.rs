@@ -174,6 +174,10 @@ impl Plugins {
     /// Loads the plugin set of a configuration, all or nothing: if any new or changed plugin
     /// fails to load, nothing changes and every failure is returned. Used at start-up and
     /// before a new configuration is applied.
+    ///
+    /// Plugins the new set no longer names stay loaded: the running configuration may still
+    /// call them until the new one is in place, when [`Plugins::retire_unconfigured`]
+    /// removes them. (Unloading them first would fail those calls as `plugin_missing`.)
     pub fn load_all(&self, configs: &[PluginConfig], metrics: &Metrics) -> Result<(), Vec<String>> {
         let _changing = self.changes.lock().expect("plugin changes");
         let current = self.loaded.load_full();
@@ -204,15 +208,38 @@ impl Plugins {
             return Err(errors);
         }
         let mut status = self.status.lock().expect("plugin status");
-        status.retain(|name, _| next.contains_key(name));
         for name in fresh {
             let l = &next[&name];
             let cfg = configs.iter().find(|c| c.name == name).expect("configured");
             record_success(&mut status, cfg, l, metrics);
         }
         drop(status);
+        for (name, old) in current.iter() {
+            next.entry(name.clone()).or_insert_with(|| old.clone());
+        }
         self.loaded.store(Arc::new(next));
         Ok(())
+    }
+
+    /// Unloads the plugins `configs` does not name, once the configuration that dropped
+    /// them is the running one.
+    pub fn retire_unconfigured(&self, configs: &[PluginConfig]) {
+        let _changing = self.changes.lock().expect("plugin changes");
+        let named = |name: &str| configs.iter().any(|c| c.name == name);
+        let current = self.loaded.load_full();
+        if current.keys().all(|n| named(n)) {
+            return;
+        }
+        let next = current
+            .iter()
+            .filter(|(n, _)| named(n))
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect();
+        self.loaded.store(Arc::new(next));
+        self.status
+            .lock()
+            .expect("plugin status")
+            .retain(|name, _| named(name));
     }
 
     /// Reloads one plugin after its file changed. A file that fails to load (or is gone)

@@ -508,3 +508,31 @@ async fn a_backoff_plugin_never_retries_sooner_than_retry_after() {
     );
     c.stop().await;
 }
+
+#[test]
+fn plugins_a_new_configuration_drops_stay_callable_until_it_is_live() {
+    use courier::config::{PluginConfig, PluginKind};
+    let entry = |name: &str, file: &str| PluginConfig {
+        name: name.into(),
+        path: plugin(file),
+        kind: PluginKind::Transform,
+        config: Default::default(),
+        fuel: None,
+        memory_bytes: None,
+        timeout: None,
+    };
+    let metrics = courier::observe::Metrics::new();
+    let plugins = courier::plugins::Plugins::default();
+    let old = [entry("a", "redact")];
+    let new = [entry("b", "envelope")];
+    plugins.load_all(&old, &metrics).unwrap();
+    // Loading the new set (before the new configuration is swapped in) keeps "a", which
+    // the running configuration's endpoints still call.
+    plugins.load_all(&new, &metrics).unwrap();
+    assert!(plugins.get("a").is_some() && plugins.get("b").is_some());
+    // Once the new configuration is live, "a" is unloaded and no longer reported.
+    plugins.retire_unconfigured(&new);
+    assert!(plugins.get("a").is_none() && plugins.get("b").is_some());
+    let names: Vec<String> = plugins.status().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["b"]);
+}
