@@ -332,6 +332,7 @@ impl Store {
             txn.open_table(QUEUE)?;
             txn.open_table(PENDING)?;
             let mut by_status = txn.open_table(BY_STATUS)?;
+            txn.open_table(DEAD_BY_ENDPOINT)?;
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEMPOTENCY_AGE)?;
             txn.open_table(ROLLUPS)?;
@@ -353,6 +354,10 @@ impl Store {
             if meta.get(ROLLUPS_BUILT)?.is_none() {
                 build_rollups(&txn)?;
                 meta.insert(ROLLUPS_BUILT, 1)?;
+            }
+            if meta.get(DEAD_BY_ENDPOINT_BUILT)?.is_none() {
+                build_dead_by_endpoint(&txn, &by_status)?;
+                meta.insert(DEAD_BY_ENDPOINT_BUILT, 1)?;
             }
             if meta.get(BY_STATUS_NO_PENDING)?.is_none() {
                 let pending = DeliveryStatus::Pending.as_str();
@@ -725,6 +730,21 @@ impl Store {
                     heads.push((row?.0.value().1.to_string(), i));
                 }
             }
+        } else if let (Some(DeliveryStatus::Dead), Some(endpoint)) =
+            (filter.status, filter.endpoint.as_deref())
+        {
+            // One endpoint's dead-letter queue has an index of its own.
+            let idx = txn.open_table(DEAD_BY_ENDPOINT)?;
+            for row in idx
+                .range((endpoint, lo.as_str())..(endpoint, hi.as_str()))?
+                .rev()
+            {
+                let (k, _) = row?;
+                if consider(k.value().1, &mut out)? {
+                    exhausted = false;
+                    break;
+                }
+            }
         } else if let Some(status) = filter.status {
             let idx = txn.open_table(BY_STATUS)?;
             for row in idx
@@ -860,6 +880,26 @@ fn build_rollups(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     }
     drop(t);
     txn.delete_table(ATTEMPT_LOG)?;
+    Ok(())
+}
+
+/// Builds the per-endpoint dead index of a database made before it, from the status index.
+/// Runs once, in the transaction that opens such a database.
+fn build_dead_by_endpoint(
+    txn: &redb::WriteTransaction,
+    by_status: &redb::Table<(&str, &str), ()>,
+) -> Result<(), StoreError> {
+    let deliveries = txn.open_table(DELIVERIES)?;
+    let mut index = txn.open_table(DEAD_BY_ENDPOINT)?;
+    let dead = DeliveryStatus::Dead.as_str();
+    for row in by_status.range((dead, "")..(dead, "\u{10ffff}"))? {
+        let (k, _) = row?;
+        let id = k.value().1;
+        if let Some(v) = deliveries.get(id)? {
+            let d: Delivery = decode(v.value(), "delivery")?;
+            index.insert((d.endpoint.as_str(), id), ())?;
+        }
+    }
     Ok(())
 }
 
@@ -1341,7 +1381,10 @@ mod tests {
             requeued, expected,
             "each of `e`'s dead deliveries once, in order"
         );
-        assert_eq!(pages, 4, "7 dead entries, 2 examined per page");
+        assert_eq!(
+            pages, 2,
+            "`e`'s 4 dead entries, 2 per page; the other endpoint's are not even examined"
+        );
         // The other endpoint's stayed dead.
         for (e, id) in &ids {
             if e == "other" {
@@ -1351,6 +1394,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// One endpoint's dead-letter queue is read from its own index, which a database made
+    /// before that index gets built when opened.
+    #[tokio::test]
+    async fn one_endpoints_dead_letters_are_listed_from_its_own_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..6 {
+            let b = to(if n % 3 == 0 { "b" } else { "a" }, n);
+            ids.push((b.deliveries[0].endpoint.clone(), b.deliveries[0].id.clone()));
+            store.append(b).await.unwrap();
+        }
+        store.settle().await.unwrap();
+        for (_, id) in &ids[..5] {
+            kill(&store, id).await;
+        }
+        let dead_of = |store: &Store, endpoint: &str| -> Vec<String> {
+            let filter = Filter {
+                status: Some(DeliveryStatus::Dead),
+                endpoint: Some(endpoint.into()),
+                ..Filter::default()
+            };
+            let (page, next) = store.list(&filter, 10, None).unwrap();
+            assert_eq!(next, None);
+            page.into_iter().map(|d| d.id).collect()
+        };
+        let expected = |endpoint: &str| -> Vec<String> {
+            let mut v: Vec<String> = ids[..5]
+                .iter()
+                .filter(|(e, _)| e == endpoint)
+                .map(|(_, id)| id.clone())
+                .collect();
+            v.reverse();
+            v
+        };
+        assert_eq!(dead_of(&store, "b"), expected("b"), "newest first");
+        assert_eq!(dead_of(&store, "a"), expected("a"));
+        // A replayed delivery leaves its endpoint's dead-letter queue.
+        store
+            .replay(ReplayTarget::Ids(vec![ids[3].1.clone()]))
+            .await
+            .unwrap();
+        assert_eq!(dead_of(&store, "b"), vec![ids[0].1.clone()]);
+        let closer = store.closer();
+        drop(store);
+        assert!(closer.wait(std::time::Duration::from_secs(10)));
+        {
+            // What an older version left: no per-endpoint dead index.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(DEAD_BY_ENDPOINT).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .remove(DEAD_BY_ENDPOINT_BUILT)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        assert_eq!(dead_of(&store, "b"), vec![ids[0].1.clone()]);
+        assert_eq!(dead_of(&store, "a"), expected("a"));
     }
 
     fn ulid_ms(id: &str) -> u64 {

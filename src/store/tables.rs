@@ -26,6 +26,11 @@ pub const PENDING: TableDefinition<(&str, &str), u64> = TableDefinition::new("pe
 /// endpoint; a listing of all of them merges the endpoints), which spares every ingest and
 /// every first successful attempt one index update each.
 pub const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("by_status");
+/// (endpoint, delivery id) for every dead delivery: one endpoint's dead-letter queue (list,
+/// bulk replay) without reading every other endpoint's. Only the dead are indexed per
+/// endpoint: deliveries seldom die, so it costs the hot path nothing.
+pub const DEAD_BY_ENDPOINT: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("dead_by_endpoint");
 /// (endpoint, status) → number of deliveries, kept exact by the writer.
 pub const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
 /// (key id, idempotency key) → (created ms, stored reply)
@@ -57,6 +62,9 @@ pub const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoi
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// [`META`] key: the sequence number of the last ingest-journal record the database holds.
 pub const JOURNAL_SEQ: &str = "journal_seq";
+/// [`META`] key, set once [`DEAD_BY_ENDPOINT`] holds every dead delivery (databases made
+/// before it get it built when opened).
+pub const DEAD_BY_ENDPOINT_BUILT: &str = "dead_by_endpoint_built";
 /// [`META`] key, set once [`BY_STATUS`] holds no pending deliveries (databases made before it
 /// stopped indexing them are cleared of them when first opened).
 pub const BY_STATUS_NO_PENDING: &str = "by_status_no_pending";

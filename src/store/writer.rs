@@ -395,6 +395,7 @@ struct Tables<'t> {
     queue: redb::Table<'t, (&'static str, u64, &'static str), ()>,
     pending: redb::Table<'t, (&'static str, &'static str), u64>,
     by_status: redb::Table<'t, (&'static str, &'static str), ()>,
+    dead_by_endpoint: redb::Table<'t, (&'static str, &'static str), ()>,
     counts: redb::Table<'t, (&'static str, &'static str), u64>,
     idempotency: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
     idempotency_age: redb::Table<'t, (u64, &'static str, &'static str), ()>,
@@ -417,6 +418,7 @@ impl<'t> Tables<'t> {
             queue: txn.open_table(QUEUE)?,
             pending: txn.open_table(PENDING)?,
             by_status: txn.open_table(BY_STATUS)?,
+            dead_by_endpoint: txn.open_table(DEAD_BY_ENDPOINT)?,
             counts: txn.open_table(COUNTS)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
             idempotency_age: txn.open_table(IDEMPOTENCY_AGE)?,
@@ -474,6 +476,10 @@ impl<'t> Tables<'t> {
         } else {
             self.by_status
                 .insert((d.status.as_str(), d.id.as_str()), ())?;
+            if d.status == DeliveryStatus::Dead {
+                self.dead_by_endpoint
+                    .insert((d.endpoint.as_str(), d.id.as_str()), ())?;
+            }
         }
         Ok(())
     }
@@ -488,6 +494,10 @@ impl<'t> Tables<'t> {
             self.pending.remove((d.endpoint.as_str(), d.id.as_str()))?;
         } else {
             self.by_status.remove((d.status.as_str(), d.id.as_str()))?;
+            if d.status == DeliveryStatus::Dead {
+                self.dead_by_endpoint
+                    .remove((d.endpoint.as_str(), d.id.as_str()))?;
+            }
         }
         Ok(())
     }
@@ -602,16 +612,19 @@ impl<'t> Tables<'t> {
                 ..
             } => {
                 let (lo, hi) = id_range("dlv", filter.since_ms, filter.until_ms);
+                // One endpoint's dead letters from its own index, all of them from the
+                // status index: both are keyed (prefix, delivery id).
+                let (index, prefix) = match filter.endpoint.as_deref() {
+                    Some(endpoint) => (&self.dead_by_endpoint, endpoint),
+                    None => (&self.by_status, DeliveryStatus::Dead.as_str()),
+                };
                 let start = if after.as_str() >= lo.as_str() {
-                    Bound::Excluded(("dead", after.as_str()))
+                    Bound::Excluded((prefix, after.as_str()))
                 } else {
-                    Bound::Included(("dead", lo.as_str()))
+                    Bound::Included((prefix, lo.as_str()))
                 };
                 let mut ids = Vec::new();
-                for row in self
-                    .by_status
-                    .range((start, Bound::Excluded(("dead", hi.as_str()))))?
-                {
+                for row in index.range((start, Bound::Excluded((prefix, hi.as_str()))))? {
                     if ids.len() >= *limit {
                         result.next = ids.last().cloned();
                         break;
