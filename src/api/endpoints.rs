@@ -375,12 +375,33 @@ async fn patch(
     )))
 }
 
+/// `DELETE /v1/endpoints/{name}?pending=drop|keep`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    pending: Option<String>,
+}
+
+/// Pending deliveries one store command drops.
+const DROP_PAGE: usize = 1000;
+
 async fn delete(
     State(app): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
+    let params: DeleteParams = super::query(q.as_deref())?;
+    let drop_pending = match params.pending.as_deref() {
+        None | Some("drop") => true,
+        Some("keep") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "pending: `{other}` is neither `drop` nor `keep`"
+            )));
+        }
+    };
     // A stored API endpoint can be deleted even while a config endpoint of the same name
     // shadows it (that is how the clash is cleared from the API side; the config endpoint
     // stays). Without one, say why: read-only config endpoint, or no such endpoint.
@@ -400,10 +421,23 @@ async fn delete(
         return Err(not_found(&name));
     }
     app.endpoints.remove_api(&name);
-    // Its worker stops; queued deliveries stay, shown as endpoint_missing.
+    // Its worker stops. What was queued for it is dropped (an endpoint made later under the
+    // same name, perhaps for someone else, must not receive it) unless the caller keeps it,
+    // or a config endpoint of that name still serves it.
     app.scheduler.notify_all();
-    tracing::info!(endpoint = %name, "endpoint deleted through the API");
-    Ok(StatusCode::NO_CONTENT)
+    let mut dropped = 0;
+    if drop_pending && app.endpoints.get(&name).is_none() {
+        let reason = format!("endpoint `{name}` was deleted");
+        loop {
+            let n = app.store.drop_pending(&name, &reason, DROP_PAGE).await?;
+            dropped += n;
+            if n < DROP_PAGE {
+                break;
+            }
+        }
+    }
+    tracing::info!(endpoint = %name, pending_dropped = dropped, "endpoint deleted through the API");
+    Ok(Json(json!({"deleted": name, "pending_dropped": dropped})))
 }
 
 async fn set_paused(

@@ -522,6 +522,24 @@ impl Store {
         self.call(|tx| Command::Endpoint(w, tx)).await
     }
 
+    /// Drops up to `limit` of `endpoint`'s pending deliveries, with `reason`; returns how
+    /// many it dropped (fewer than `limit`: none are left). In pages, so that a large backlog
+    /// never holds the writer for long.
+    pub async fn drop_pending(
+        &self,
+        endpoint: &str,
+        reason: &str,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.call(|reply| Command::DropPending {
+            endpoint: endpoint.to_string(),
+            reason: reason.to_string(),
+            limit,
+            reply,
+        })
+        .await
+    }
+
     /// Every stored API endpoint (name, JSON).
     pub fn endpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -1394,6 +1412,41 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A deleted endpoint's pending deliveries are dropped in pages; an attempt that was in
+    /// flight meanwhile is recorded, and only a success changes the dropped status.
+    #[tokio::test]
+    async fn dropping_an_endpoints_queue_goes_in_pages_and_in_flight_outcomes_do_not_revive_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            let b = to(if n == 4 { "kept" } else { "gone" }, n);
+            ids.push(b.deliveries[0].id.clone());
+            store.append(b).await.unwrap();
+        }
+        store.settle().await.unwrap();
+        assert_eq!(store.drop_pending("gone", "deleted", 3).await.unwrap(), 3);
+        assert_eq!(store.drop_pending("gone", "deleted", 3).await.unwrap(), 1);
+        assert_eq!(store.drop_pending("gone", "deleted", 3).await.unwrap(), 0);
+        let status = |id: &str| store.delivery(id).unwrap().unwrap().status;
+        for id in &ids[..4] {
+            assert_eq!(status(id), DeliveryStatus::Dropped);
+        }
+        assert_eq!(status(&ids[4]), DeliveryStatus::Pending);
+        assert_eq!(store.pending_count("gone"), 0);
+        assert_eq!(store.pending_count("kept"), 1);
+        let retry = Next::Retry {
+            due_ms: 0,
+            error: None,
+        };
+        attempted(&store, &ids[0], 500, retry).await;
+        assert_eq!(status(&ids[0]), DeliveryStatus::Dropped);
+        assert_eq!(store.attempts(&ids[0]).unwrap().len(), 1);
+        attempted(&store, &ids[1], 200, Next::Delivered).await;
+        assert_eq!(status(&ids[1]), DeliveryStatus::Delivered);
+        assert_eq!(store.pending_count("gone"), 0);
     }
 
     /// One endpoint's dead-letter queue is read from its own index, which a database made

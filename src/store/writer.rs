@@ -51,6 +51,13 @@ pub(crate) enum Command {
         oneshot::Sender<Result<AdvanceResult, StoreError>>,
     ),
     Endpoint(EndpointWrite, oneshot::Sender<Result<bool, StoreError>>),
+    /// Drops up to `limit` of an endpoint's pending deliveries (it was deleted).
+    DropPending {
+        endpoint: String,
+        reason: String,
+        limit: usize,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
 }
 
 /// A batch of appends the journal thread wrote, in journal order.
@@ -73,6 +80,7 @@ enum Reply {
     Purge(Result<PurgeRound, StoreError>),
     Channel(Result<AdvanceResult, StoreError>),
     Endpoint(Result<bool, StoreError>),
+    DropPending(Result<usize, StoreError>),
 }
 
 pub(crate) fn run(
@@ -289,6 +297,7 @@ fn send(cmd: Command, reply: Reply) {
         (Command::Purge { reply, .. }, Reply::Purge(r)) => drop(reply.send(r)),
         (Command::Channel(_, tx), Reply::Channel(r)) => drop(tx.send(r)),
         (Command::Endpoint(_, tx), Reply::Endpoint(r)) => drop(tx.send(r)),
+        (Command::DropPending { reply, .. }, Reply::DropPending(r)) => drop(reply.send(r)),
         _ => unreachable!("replies are produced in command order"),
     }
 }
@@ -308,6 +317,7 @@ fn fail(cmd: Command, e: StoreError) {
         Command::Purge { reply, .. } => drop(reply.send(Err(e))),
         Command::Channel(_, tx) => drop(tx.send(Err(e))),
         Command::Endpoint(_, tx) => drop(tx.send(Err(e))),
+        Command::DropPending { reply, .. } => drop(reply.send(Err(e))),
     }
 }
 
@@ -345,6 +355,12 @@ fn apply(
                 Command::Checkpoint => Reply::Checkpoint,
                 Command::Outcome(rec, _) => Reply::Outcome(t.outcome(rec, deltas)),
                 Command::Replay(target, _) => Reply::Replay(t.replay(target, deltas)),
+                Command::DropPending {
+                    endpoint,
+                    reason,
+                    limit,
+                    ..
+                } => Reply::DropPending(t.drop_pending(endpoint, reason, *limit, deltas)),
                 Command::Purge {
                     before_ms,
                     idempotency_before_ms,
@@ -547,8 +563,10 @@ impl<'t> Tables<'t> {
         let Some(old) = self.load(&rec.delivery_id)? else {
             return Err(StoreError::NotFound(rec.delivery_id.clone()));
         };
-        if old.status != DeliveryStatus::Pending {
-            // Replayed or purged meanwhile; the attempt is still part of the audit trail.
+        // Dropped while its attempt was in flight (its endpoint was deleted): the attempt is
+        // still part of the audit trail, but only a success changes what became of it.
+        let settled = old.status != DeliveryStatus::Pending;
+        if settled && old.status != DeliveryStatus::Dropped {
             tracing::warn!(delivery = %old.id, status = old.status.as_str(), "outcome for a delivery that is no longer pending");
         }
         let mut new = old.clone();
@@ -572,6 +590,7 @@ impl<'t> Tables<'t> {
                 );
         }
         match &rec.next {
+            _ if settled && rec.next != super::Next::Delivered => {}
             super::Next::Delivered => {
                 new.status = DeliveryStatus::Delivered;
                 new.next_due_ms = None;
@@ -594,6 +613,36 @@ impl<'t> Tables<'t> {
             }
         }
         self.put(Some(&old), &new, deltas)
+    }
+
+    fn drop_pending(
+        &mut self,
+        endpoint: &str,
+        reason: &str,
+        limit: usize,
+        deltas: &mut Deltas,
+    ) -> Result<usize, StoreError> {
+        let mut ids = Vec::new();
+        for row in self
+            .pending
+            .range((endpoint, "")..(endpoint, "\u{10ffff}"))?
+        {
+            if ids.len() >= limit {
+                break;
+            }
+            ids.push(row?.0.value().1.to_string());
+        }
+        let now = now_ms();
+        for id in &ids {
+            let Some(old) = self.load(id)? else { continue };
+            let mut new = old.clone();
+            new.status = DeliveryStatus::Dropped;
+            new.next_due_ms = None;
+            new.last_error = Some(reason.to_string());
+            new.updated_ms = now;
+            self.put(Some(&old), &new, deltas)?;
+        }
+        Ok(ids.len())
     }
 
     fn replay(

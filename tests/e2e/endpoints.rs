@@ -155,12 +155,13 @@ async fn the_whole_lifecycle_over_http() {
     assert_eq!(st["success_rate"], 1.0);
     assert!(st["latency_ms"]["p50"].is_u64() && st["last_attempt_at"].is_string());
 
-    // Delete with deliveries queued: they are kept as endpoint_missing and resume when it
-    // comes back.
+    // Delete with deliveries queued, keeping them: they are kept as endpoint_missing and
+    // resume when it comes back.
     req(&c, M::POST, "/v1/endpoints/acme/pause", None).await;
     let waiting = send_to(&c, "acme", 30).await;
-    let (s, _) = req(&c, M::DELETE, "/v1/endpoints/acme", None).await;
-    assert_eq!(s, 204);
+    let (s, r) = req(&c, M::DELETE, "/v1/endpoints/acme?pending=keep", None).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["pending_dropped"], 0);
     let (s, _) = req(&c, M::GET, "/v1/endpoints/acme", None).await;
     assert_eq!(s, 404);
     let d = c
@@ -184,6 +185,47 @@ async fn the_whole_lifecycle_over_http() {
     assert_eq!(s, 201);
     c.wait_status(&waiting, "delivered", T).await;
     assert_eq!(rx1.wait_for(2, T).await[1].path, "/back");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_an_endpoint_drops_what_was_queued_for_it() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    use reqwest::Method as M;
+    let create = || {
+        req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": "gone", "url": rx.url("/"), "secrets": [SECRET]})),
+        )
+    };
+    assert_eq!(create().await.0, 201);
+    req(&c, M::POST, "/v1/endpoints/gone/pause", None).await;
+    let mut queued = Vec::new();
+    for n in 0..5 {
+        queued.push(send_to(&c, "gone", n).await);
+    }
+    let (s, e) = req(&c, M::DELETE, "/v1/endpoints/gone?pending=later", None).await;
+    assert_eq!(s, 400, "{e}");
+    let (s, r) = req(&c, M::DELETE, "/v1/endpoints/gone", None).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["pending_dropped"], 5);
+    for id in &queued {
+        let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
+        assert_eq!(d["status"], "dropped", "{d}");
+        assert!(d["last_error"].as_str().unwrap().contains("deleted"), "{d}");
+    }
+    let (_, st) = c.get("/v1/stats").await;
+    assert_eq!(st["counts"]["pending"], 0, "{st}");
+    // An endpoint made later under the same name gets only what is sent to it.
+    assert_eq!(create().await.0, 201);
+    send_to(&c, "gone", 99).await;
+    let got = rx.wait_for(1, T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1);
+    assert_eq!(got[0].json()["n"], 99);
     c.stop().await;
 }
 
@@ -313,7 +355,11 @@ async fn an_api_endpoint_shadowed_by_the_config_file_is_listed_and_can_be_delete
     assert_eq!(rx.wait_for(1, T).await[0].path, "/config");
     // Deleting removes the inert API record; the config endpoint stays and keeps delivering.
     let (s, e) = req(&c, M::DELETE, "/v1/endpoints/clash", None).await;
-    assert_eq!(s, 204, "{e}");
+    assert_eq!(s, 200, "{e}");
+    assert_eq!(
+        e["pending_dropped"], 0,
+        "the config endpoint still serves them"
+    );
     let (_, all) = req(&c, M::GET, "/v1/endpoints", None).await;
     assert_eq!(rows(&all), [("clash".into(), "config".into(), false)]);
     send_to(&c, "clash", 2).await;
