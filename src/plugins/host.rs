@@ -400,6 +400,9 @@ impl Host {
                 .allow_tcp(false)
                 .allow_udp(false)
                 .allow_ip_name_lookup(false)
+                // Random bytes are made by the host: one request may not ask for 64 MiB
+                // (WASI's default) and hold the thread past the deadline.
+                .max_random_size(64 << 10)
                 .build(),
             table: ResourceTable::new(),
             memory_cap: limits.memory as usize,
