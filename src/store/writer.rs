@@ -187,9 +187,10 @@ pub(crate) const WRITER_NICE: i32 = 10;
 /// HTTP workers, and under sustained ingest the cores then sit idle whenever every producer
 /// waits for the same journal write — while the writer could have done its catching up right
 /// then. At a lower priority it yields to the request path and soaks up those idle moments.
-/// Interleaved runs put durable ingest 8-16% higher and left the delivered rate and the
-/// latency at a moderate rate unchanged (BENCHMARKS.md). It cannot starve: a writer that
-/// falls a journal lap behind stops ingest until it checkpoints, and then it has the cores.
+/// In interleaved runs durable ingest was a few per cent to 18% faster (more, the more
+/// contended the cores), and the delivered rate and the latency at a moderate rate did not
+/// change (BENCHMARKS.md). It cannot fall behind without bound: a writer a journal lap behind
+/// holds ingest until it checkpoints, and then it has the cores.
 /// On Linux a nice value belongs to the thread; under a service manager it competes only
 /// within courier's own cgroup. Raising one's own nice value needs no privilege; where it
 /// fails the writer runs as it is.
