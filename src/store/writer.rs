@@ -177,7 +177,7 @@ pub(crate) fn run(
 
 /// How much lower than the rest of courier the writer's CPU priority is (a nice value, added
 /// to the process's).
-pub(crate) const WRITER_NICE: i32 = 10;
+const WRITER_NICE: i32 = 10;
 
 /// Lowers this thread's CPU priority by [`WRITER_NICE`].
 ///
@@ -197,16 +197,15 @@ pub(crate) const WRITER_NICE: i32 = 10;
 #[cfg(target_os = "linux")]
 fn yield_cpu_to_the_front() {
     // SAFETY: plain system calls about the calling thread (`who` = 0); no pointers involved.
-    unsafe {
+    let lowered = unsafe {
+        // getpriority may return -1 as a value: only errno tells a failure.
         *libc::__errno_location() = 0;
         let current = libc::getpriority(libc::PRIO_PROCESS, 0);
-        if current == -1 && *libc::__errno_location() != 0 {
-            return;
-        }
-        let target = (current + WRITER_NICE).min(19);
-        if libc::setpriority(libc::PRIO_PROCESS, 0, target) != 0 {
-            tracing::debug!("could not lower the writer thread's CPU priority");
-        }
+        (current != -1 || *libc::__errno_location() == 0)
+            && libc::setpriority(libc::PRIO_PROCESS, 0, (current + WRITER_NICE).min(19)) == 0
+    };
+    if !lowered {
+        tracing::debug!("could not lower the writer thread's CPU priority");
     }
 }
 
@@ -961,9 +960,7 @@ mod tests {
     /// This thread's nice value, as the kernel reports it.
     #[cfg(target_os = "linux")]
     fn own_nice() -> i64 {
-        // SAFETY: gettid takes no arguments.
-        let tid = unsafe { libc::gettid() };
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
         // Fields after the command name (which may hold spaces): state is the 3rd, nice the 19th.
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         rest.split(' ').nth(19 - 3).unwrap().parse().unwrap()
