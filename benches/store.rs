@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 // The allocator courier's binary uses.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use courier::model::{Delivery, DeliveryStatus, Event, new_id, now_ms};
 use courier::store::{AppendBatch, Store};
