@@ -188,6 +188,11 @@ impl Metrics {
             c.journal_writes,
         );
         r.register(
+            "courier_store_journal_stalled_seconds",
+            "Seconds new events waited for the database to checkpoint the journal file about to be written over (ingest stood still: the database is behind)",
+            c.journal_stalled,
+        );
+        r.register(
             "courier_store_commits",
             "Write transactions committed (journaled events applied without a flush; everything else flushed by the database)",
             c.commits,

@@ -102,7 +102,16 @@ pub(crate) fn run(
         } else {
             CHECKPOINT_WAIT
         };
-        stalled = !shared.progress.wait_checkpointed(must_cover, wait);
+        stalled = if shared.progress.checkpointed_covers(must_cover) {
+            false
+        } else {
+            let waited = std::time::Instant::now();
+            let covered = shared.progress.wait_checkpointed(must_cover, wait);
+            shared
+                .journal_stalled
+                .inc_by(waited.elapsed().as_secs_f64());
+            !covered
+        };
         if stalled {
             journal.discard();
             tracing::error!(

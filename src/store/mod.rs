@@ -227,6 +227,9 @@ pub(crate) struct Shared {
     pub(crate) durable_commits: prometheus_client::metrics::counter::Counter,
     /// Writes to the ingest journal, each making a batch of new events durable.
     pub(crate) journal_writes: prometheus_client::metrics::counter::Counter,
+    /// Seconds the journal thread held new events because the database had not yet
+    /// checkpointed the journal file it was about to write over (ingest stood still).
+    pub(crate) journal_stalled: prometheus_client::metrics::counter::Counter<f64>,
     /// Journal records re-applied when the store was opened (after a crash).
     replayed: usize,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -246,6 +249,7 @@ pub struct CommitCounters {
     pub commands: prometheus_client::metrics::counter::Counter,
     pub durable: prometheus_client::metrics::counter::Counter,
     pub journal_writes: prometheus_client::metrics::counter::Counter,
+    pub journal_stalled: prometheus_client::metrics::counter::Counter<f64>,
 }
 
 /// See [`Store::closer`].
@@ -275,6 +279,7 @@ impl Shared {
             commands: Default::default(),
             durable_commits: Default::default(),
             journal_writes: Default::default(),
+            journal_stalled: Default::default(),
             replayed,
             writer: Default::default(),
             progress: progress::Progress::new(seq),
@@ -796,6 +801,7 @@ impl Store {
             commands: self.shared.commands.clone(),
             durable: self.shared.durable_commits.clone(),
             journal_writes: self.shared.journal_writes.clone(),
+            journal_stalled: self.shared.journal_stalled.clone(),
         }
     }
 
@@ -1324,6 +1330,9 @@ mod tests {
         let msg = refused.expect("refused once two laps are full");
         assert!(msg.contains("not accepted"), "{msg}");
         assert!(accepted.len() * (64 << 10) >= 2 * journal::LAP_BYTES as usize - (1 << 20));
+        // The wait shows in the metric operators read (the refused batch waited a second).
+        let stalled = store.commit_counters().journal_stalled.get();
+        assert!(stalled >= 0.5, "stalled {stalled} s");
         // Once the database can write again, appends are accepted and nothing acknowledged
         // is missing.
         store.shared.fail_applies.store(false, Ordering::SeqCst);

@@ -64,6 +64,11 @@ impl Progress {
         }
     }
 
+    /// Whether the database's durable state covers record `seq`.
+    pub(crate) fn checkpointed_covers(&self, seq: u64) -> bool {
+        *self.checkpointed.lock().expect("checkpointed lock") >= seq
+    }
+
     /// Blocks until the database's durable state covers record `seq`, at most `timeout`;
     /// returns whether it does.
     pub(crate) fn wait_checkpointed(&self, seq: u64, timeout: std::time::Duration) -> bool {
