@@ -111,6 +111,11 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let app2 = app.clone();
     let join = tokio::spawn(async move {
         let stop = app2.shutdown.clone();
+        // Replies go out as soon as they are written, not held back for the producer's
+        // acknowledgement of the last one (Nagle's algorithm).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serve = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await });
         if let Err(e) = serve.await {
