@@ -102,16 +102,11 @@ pub(crate) fn run(
         } else {
             CHECKPOINT_WAIT
         };
-        stalled = if shared.progress.checkpointed_covers(must_cover) {
-            false
-        } else {
-            let waited = std::time::Instant::now();
-            let covered = shared.progress.wait_checkpointed(must_cover, wait);
-            shared
-                .journal_stalled
-                .inc_by(waited.elapsed().as_secs_f64());
-            !covered
-        };
+        let (covered, waited) = shared.progress.wait_checkpointed(must_cover, wait);
+        if !waited.is_zero() {
+            shared.journal_stalled.inc_by(waited.as_secs_f64());
+        }
+        stalled = !covered;
         if stalled {
             journal.discard();
             tracing::error!(

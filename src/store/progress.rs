@@ -64,20 +64,23 @@ impl Progress {
         }
     }
 
-    /// Whether the database's durable state covers record `seq`.
-    pub(crate) fn checkpointed_covers(&self, seq: u64) -> bool {
-        *self.checkpointed.lock().expect("checkpointed lock") >= seq
-    }
-
     /// Blocks until the database's durable state covers record `seq`, at most `timeout`;
-    /// returns whether it does.
-    pub(crate) fn wait_checkpointed(&self, seq: u64, timeout: std::time::Duration) -> bool {
+    /// returns whether it does, and how long it blocked (zero when it already did).
+    pub(crate) fn wait_checkpointed(
+        &self,
+        seq: u64,
+        timeout: std::time::Duration,
+    ) -> (bool, std::time::Duration) {
         let c = self.checkpointed.lock().expect("checkpointed lock");
+        if *c >= seq {
+            return (true, std::time::Duration::ZERO);
+        }
+        let started = std::time::Instant::now();
         let (c, _) = self
             .checkpointed_cv
             .wait_timeout_while(c, timeout, |c| *c < seq)
             .expect("checkpointed lock");
-        *c >= seq
+        (*c >= seq, started.elapsed())
     }
 
     /// Waits until the database shows every record on disk at the time of the call, at most
@@ -129,10 +132,10 @@ mod tests {
     fn the_journal_thread_waits_for_a_checkpoint_covering_the_records_it_writes_over() {
         let p = Arc::new(Progress::new(0));
         let long = Duration::from_secs(60);
-        assert!(p.wait_checkpointed(0, long));
+        assert!(p.wait_checkpointed(0, long).0);
         let waiter = {
             let p = p.clone();
-            std::thread::spawn(move || p.wait_checkpointed(40, long))
+            std::thread::spawn(move || p.wait_checkpointed(40, long).0)
         };
         p.set_checkpointed(30);
         p.set_checkpointed(20); // never goes back
@@ -140,6 +143,6 @@ mod tests {
         assert!(waiter.join().unwrap());
         assert_eq!(*p.checkpointed.lock().unwrap(), 41);
         // Not covered in time: the caller is told so.
-        assert!(!p.wait_checkpointed(50, Duration::from_millis(10)));
+        assert!(!p.wait_checkpointed(50, Duration::from_millis(10)).0);
     }
 }
