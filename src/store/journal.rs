@@ -247,19 +247,34 @@ impl Journal {
 
     /// Frames `payload` as the next record (written by [`Journal::write`]); returns its
     /// sequence number.
+    #[cfg(test)]
     pub(crate) fn push(&mut self, payload: &[u8]) -> u64 {
+        self.push_with(|buf| buf.extend_from_slice(payload))
+    }
+
+    /// Frames the bytes `put` appends to the buffer as the next record; returns its sequence
+    /// number.
+    ///
+    /// Why in place: the journal thread is on every producer's round trip, and encoding each
+    /// append into a `Vec` of its own first cost a growing allocation and a copy per event
+    /// (a tenth of that thread's time, mostly in the allocator).
+    pub(crate) fn push_with(&mut self, put: impl FnOnce(&mut Vec<u8>)) -> u64 {
         let seq = self.next_seq;
         if self.buf.is_empty() {
             self.buf_first_seq = seq;
         }
         self.next_seq += 1;
+        let at = self.buf.len();
+        self.buf.resize(at + HEADER, 0);
+        put(&mut self.buf);
+        let payload = &self.buf[at + HEADER..];
         let len = u32::try_from(payload.len())
             .expect("a record is under 4 GiB (server.max_body_bytes is at most 1 GiB)");
         let crc = checksum(self.id, seq, payload);
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(&crc.to_le_bytes());
-        self.buf.extend_from_slice(&seq.to_le_bytes());
-        self.buf.extend_from_slice(payload);
+        let header = &mut self.buf[at..at + HEADER];
+        header[..4].copy_from_slice(&len.to_le_bytes());
+        header[4..8].copy_from_slice(&crc.to_le_bytes());
+        header[8..].copy_from_slice(&seq.to_le_bytes());
         seq
     }
 

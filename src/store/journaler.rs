@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::journal::Journal;
-use super::tables::encode;
+use super::tables::encode_onto;
 use super::writer::{AppendReply, Command, Journaled};
 use super::{AppendBatch, AppendResult, Shared, StoreError};
 
@@ -86,12 +86,12 @@ pub(crate) fn run(
     let mut must_cover = 0u64;
     let mut stalled = false;
     while let Some(first) = rx.blocking_recv() {
-        journal.push(&encode(&first.0));
+        journal.push_with(|buf| encode_onto(&first.0, buf));
         batch.push(first);
         while batch.len() < MAX_BATCH && journal.buffered() < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(a) => {
-                    journal.push(&encode(&a.0));
+                    journal.push_with(|buf| encode_onto(&a.0, buf));
                     batch.push(a);
                 }
                 Err(_) => break,

@@ -87,6 +87,21 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("records always serialize")
 }
 
+/// Appends the encoding of `value` to `buf` (no allocation of its own when `buf` has room).
+pub fn encode_onto<T: Serialize>(value: &T, buf: &mut Vec<u8>) {
+    postcard::to_extend(value, std::mem::take(buf))
+        .map(|v| *buf = v)
+        .expect("records always serialize")
+}
+
+/// The encoding of `value`, in `scratch` (cleared first): for the writer, which inserts a
+/// record and is done with its bytes, so one buffer serves every insert.
+pub fn encode_in<'b, T: Serialize>(value: &T, scratch: &'b mut Vec<u8>) -> &'b [u8] {
+    scratch.clear();
+    encode_onto(value, scratch);
+    scratch
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }

@@ -461,6 +461,9 @@ struct Tables<'t> {
     timers: redb::Table<'t, (u64, &'static str, u8), ()>,
     endpoints: redb::Table<'t, &'static str, &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
+    /// The bytes of the record being inserted: one buffer for every insert of the
+    /// transaction instead of a growing allocation per record.
+    scratch: Vec<u8>,
 }
 
 impl<'t> Tables<'t> {
@@ -482,6 +485,7 @@ impl<'t> Tables<'t> {
             timers: txn.open_table(TIMERS)?,
             endpoints: txn.open_table(ENDPOINTS)?,
             meta: txn.open_table(META)?,
+            scratch: Vec::new(),
         })
     }
 
@@ -514,7 +518,7 @@ impl<'t> Tables<'t> {
                 .or_default() += 1;
         }
         self.deliveries
-            .insert(new.id.as_str(), encode(new).as_slice())?;
+            .insert(new.id.as_str(), encode_in(new, &mut self.scratch))?;
         Ok(())
     }
 
@@ -580,7 +584,7 @@ impl<'t> Tables<'t> {
             return Ok(AppendResult::IdConflict);
         }
         self.events
-            .insert(b.event.id.as_str(), encode(&b.event).as_slice())?;
+            .insert(b.event.id.as_str(), encode_in(&b.event, &mut self.scratch))?;
         for d in &b.deliveries {
             self.put(None, d, deltas)?;
         }
@@ -616,7 +620,7 @@ impl<'t> Tables<'t> {
             attempt.number = new.attempts;
             self.attempts.insert(
                 (old.id.as_str(), attempt.number),
-                encode(&attempt).as_slice(),
+                encode_in(&attempt, &mut self.scratch),
             )?;
             self.new_rollups
                 .entry((old.endpoint.clone(), minute(attempt.started_ms)))
@@ -884,7 +888,7 @@ impl<'t> Tables<'t> {
                 .insert((*due, new.id.as_str(), kind.code()), ())?;
         }
         self.channels
-            .insert(new.id.as_str(), encode(new).as_slice())?;
+            .insert(new.id.as_str(), encode_in(new, &mut self.scratch))?;
         if let Some(batch) = &change.append {
             match self.append(batch, deltas)? {
                 AppendResult::Created => {}
@@ -921,7 +925,8 @@ impl<'t> Tables<'t> {
                 None => Rollup::default(),
             };
             row.merge(&new);
-            self.rollups.insert(key, encode(&row).as_slice())?;
+            self.rollups
+                .insert(key, encode_in(&row, &mut self.scratch))?;
         }
         Ok(())
     }
