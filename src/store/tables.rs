@@ -89,9 +89,7 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Appends the encoding of `value` to `buf` (no allocation of its own when `buf` has room).
 pub fn encode_onto<T: Serialize>(value: &T, buf: &mut Vec<u8>) {
-    postcard::to_extend(value, std::mem::take(buf))
-        .map(|v| *buf = v)
-        .expect("records always serialize")
+    postcard::to_io(value, buf).expect("records always serialize");
 }
 
 /// The encoding of `value`, in `scratch` (cleared first): for the writer, which inserts a
