@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Where each ingested event's CPU goes: courier's threads, the load tool, and the bare server.
+#   cargo build --release && bash benches/cpu_per_event.sh [EVENTS]
+#
+# Method (BENCHMARKS.md, "The CPU budget of one event"): a release courier on 127.0.0.1:18091
+# with a fresh data dir; 20,000 events warm it up; then `courier bench` sends EVENTS more
+# (default 100,000; 64 producers, 1 KiB, deliveries held back, no baselines, no waiting for
+# deliveries) while this script reads every courier thread's CPU time from /proc before and
+# after, and the load tool's own CPU time from its exit. The idle share is the machine's
+# (/proc/stat). Then a second `courier bench` with its baselines runs against the same
+# courier, and the bare server process it starts (`courier bench-server`) is sampled until it
+# exits: its CPU over the requests it answered (its two runs of EVENTS each) is what HTTP alone
+# costs a server process here. Everything stays on loopback and stops by itself.
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN="$ROOT/target/release/courier"
+N=${1:-100000}
+WORK=$(mktemp -d)
+PORT=18091
+TOKEN=bench-token-0123456789
+cat > "$WORK/courier.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PORT"
+data_dir = "data"
+[[keys]]
+token = "$TOKEN"
+scopes = ["ingest", "admin"]
+[delivery]
+allow_private_networks = true
+TOML
+cd "$WORK"
+RUST_LOG=error "$BIN" serve --config courier.toml > out.log 2> err.log & PID=$!
+until curl -sf "127.0.0.1:$PORT/readyz" > /dev/null; do sleep 0.01; done
+B="$BIN bench --url http://127.0.0.1:$PORT --token $TOKEN -c 64 -s 1024 --backlog"
+TICK=$(getconf CLK_TCK)
+
+# Per thread name: CPU ticks (user + system) summed over courier's threads.
+threads() {
+  for t in /proc/$PID/task/*; do
+    echo "$(cat "$t/comm" | tr ' ' '_') $(awk '{print $14 + $15}' "$t/stat")"
+  done | awk '{c[$1] += $2} END {for (k in c) print k, c[k]}' | sort
+}
+idle_total() { head -1 /proc/stat | awk '{t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}'; }
+
+$B -n 20000 --no-baselines > /dev/null 2>&1
+threads > before.txt; read -r i0 t0 < <(idle_total)
+/usr/bin/time -f "%U %S" -o tool.txt $B -n "$N" --no-baselines --no-wait > run.txt 2>&1
+threads > after.txt; read -r i1 t1 < <(idle_total)
+grep -i "accepted" run.txt
+echo "CPU per event, µs (over $N events):"
+join before.txt after.txt | awk -v n="$N" -v hz="$TICK" \
+  '{us = ($3 - $2) * 1e6 / hz / n; if (us >= 0.05) printf "  courier %-16s %6.1f\n", $1, us; s += us} END {printf "  courier total            %6.1f\n", s}'
+awk -v n="$N" '{printf "  courier bench (the tool) %6.1f\n", ($1 + $2) * 1e6 / n}' tool.txt
+awk -v a="$i0" -v b="$i1" -v c="$t0" -v d="$t1" 'BEGIN {printf "  cores idle               %5.1f%%\n", 100 * (b - a) / (d - c)}'
+
+# The bare server in a process of its own, sampled until the tool that started it is done.
+$B -n "$N" --json > base.json 2> /dev/null & BP=$!
+last=0
+while kill -0 "$BP" 2> /dev/null; do
+  C=$(pgrep -f "$BIN bench-server" | head -1)
+  if [ -n "$C" ]; then v=$(awk '{print $14 + $15}' "/proc/$C/stat" 2> /dev/null); [ -n "$v" ] && last=$v; fi
+  sleep 0.05
+done
+awk -v t="$last" -v n="$N" -v hz="$TICK" 'BEGIN {printf "  bare server process      %6.1f per request (its two runs of %d)\n", t * 1e6 / hz / (2 * n), n}'
+python3 -c "
+import json; d = json.load(open('base.json'))
+print('  (that run: courier %.0f events/s; bare server %.0f req/s in the tool, %.0f in its own process)' % (
+    d['accepted_per_sec'], d['baseline_202_per_sec'], d['baseline_202_process_per_sec']))"
+kill -TERM "$PID"; while kill -0 "$PID" 2> /dev/null; do sleep 0.02; done
+rm -rf "$WORK"
