@@ -7,10 +7,10 @@
 # (default 100,000; 64 producers, 1 KiB, deliveries held back, no baselines, no waiting for
 # deliveries) while this script reads every courier thread's CPU time from /proc before and
 # after, and the load tool's own CPU time from its exit. The idle share is the machine's
-# (/proc/stat). Then a second `courier bench` with its baselines runs against the same
-# courier, and the bare server process it starts (`courier bench-server`) is sampled until it
-# exits: its CPU over the requests it answered (its two runs of EVENTS each) is what HTTP alone
-# costs a server process here. Everything stays on loopback and stops by itself.
+# (/proc/stat). Then a second `courier bench` with its baselines and `--pid` runs against the
+# same courier and reports the same figures itself, with the CPU the bare server process it
+# starts (`courier bench-server`) spent per request: what HTTP alone costs a server process
+# here. Everything stays on loopback and stops by itself.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN="$ROOT/target/release/courier"
@@ -53,18 +53,16 @@ join before.txt after.txt | awk -v n="$N" -v hz="$TICK" \
 awk -v n="$N" '{printf "  courier bench (the tool) %6.1f\n", ($1 + $2) * 1e6 / n}' tool.txt
 awk -v a="$i0" -v b="$i1" -v c="$t0" -v d="$t1" 'BEGIN {printf "  cores idle               %5.1f%%\n", 100 * (b - a) / (d - c)}'
 
-# The bare server in a process of its own, sampled until the tool that started it is done.
-$B -n "$N" --json > base.json 2> /dev/null & BP=$!
-last=0
-while kill -0 "$BP" 2> /dev/null; do
-  C=$(pgrep -f "$BIN bench-server" | head -1)
-  if [ -n "$C" ]; then v=$(awk '{print $14 + $15}' "/proc/$C/stat" 2> /dev/null); [ -n "$v" ] && last=$v; fi
-  sleep 0.05
-done
-awk -v t="$last" -v n="$N" -v hz="$TICK" 'BEGIN {printf "  bare server process      %6.1f per request (its two runs of %d)\n", t * 1e6 / hz / (2 * n), n}'
+# The same run as the tool measures it (`--pid`): courier's CPU per event until the database
+# holds every event, the tool's own, and the bare server process's per request answered.
+$B -n "$N" --pid "$PID" --json > base.json 2> /dev/null
 python3 -c "
 import json; d = json.load(open('base.json'))
-print('  (that run: courier %.0f events/s; bare server %.0f req/s in the tool, %.0f in its own process)' % (
+print('as courier bench --pid reports it, in a second run of %d:' % d['events'])
+print('  courier                  %6.1f' % d['courier_cpu_us_per_event'])
+print('  courier bench (the tool) %6.1f' % d['tool_cpu_us_per_event'])
+print('  bare server process      %6.1f per request' % d['baseline_202_process_cpu_us_per_request'])
+print('  (courier %.0f events/s; bare server %.0f req/s in the tool, %.0f in its own process)' % (
     d['accepted_per_sec'], d['baseline_202_per_sec'], d['baseline_202_process_per_sec']))"
 kill -TERM "$PID"; while kill -0 "$PID" 2> /dev/null; do sleep 0.02; done
 rm -rf "$WORK"

@@ -63,6 +63,8 @@ pub struct Latency {
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
+    /// Backlog mode (deliveries held back while the events went in).
+    pub backlog: bool,
     pub events: usize,
     pub concurrency: usize,
     pub size_bytes: usize,
@@ -93,6 +95,20 @@ pub struct Report {
     /// Backlog mode: peak RSS once the backlog is in, and the drain rate after resuming.
     pub backlog_rss_kib: Option<u64>,
     pub drain_per_sec: Option<f64>,
+    /// The courier process's CPU time (user and system, all threads) per accepted event, over
+    /// its part of the run: in backlog mode, the ingest until the database holds every event;
+    /// otherwise until the last delivery arrived (with `--no-wait` or an outside receiver,
+    /// until the last 202). Needs `--pid`; /proc's clock-tick resolution (10 ms).
+    pub courier_cpu_us_per_event: Option<f64>,
+    /// Backlog mode: the courier process's CPU time per event drained, from the resume to the
+    /// last delivery.
+    pub drain_cpu_us_per_event: Option<f64>,
+    /// This tool's own CPU time per accepted event while it drove courier (its producers, and
+    /// unless in backlog mode its receiver): what the load generator took from the machine.
+    pub tool_cpu_us_per_event: Option<f64>,
+    /// The bare server in a process of its own: its CPU time per request answered, what HTTP
+    /// alone costs a server process here (compare `courier_cpu_us_per_event` in backlog mode).
+    pub baseline_202_process_cpu_us_per_request: Option<f64>,
 }
 
 /// The receiver: counts requests and records each one's latency from the payload's send time.
@@ -278,6 +294,34 @@ fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// The CPU time (user and system, every thread, living or exited) a process has used, from
+/// `/proc/<pid>/stat` (this process's without a pid); `None` where there is no /proc.
+pub fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    // The command name (the second field) may hold spaces and parentheses: the fields go on
+    // after its closing parenthesis, the state (field 3) first; utime and stime are 14 and 15.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Microseconds of CPU per unit of work between two readings of [`cpu_time`].
+fn cpu_us_per(before: Option<Duration>, after: Option<Duration>, units: usize) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if units > 0 => {
+            Some(a.saturating_sub(b).as_secs_f64() * 1e6 / units as f64)
+        }
+        _ => None,
+    }
+}
+
 /// Current RSS of a process, in KiB.
 pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
     proc_status_kib(pid, "VmRSS")
@@ -293,6 +337,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let base = opts.url.trim_end_matches('/').to_string();
     let http = client(opts.concurrency);
     let mut report = Report {
+        backlog: opts.backlog,
         events: opts.events,
         concurrency: opts.concurrency,
         size_bytes: opts.size,
@@ -353,6 +398,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         (Some(exe), false) => Some(BareProcess::start(exe).await?),
         _ => None,
     };
+    // The bare server process idles between its two runs, so its CPU from here to the end
+    // of the second is what answering them cost.
+    let bare_cpu_before = bare_process.as_ref().and_then(|p| cpu_time(p.pid));
     let before_process = match &bare_process {
         Some(p) => Some(rate_202(p.addr, opts.events, opts.concurrency, opts.size).await),
         None => None,
@@ -372,15 +420,33 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .bearer_auth(&tok)
             .body(body)
     });
+    // Courier's CPU is read only with a pid (never this process's by mistake).
+    let courier_cpu = || opts.pid.and_then(|p| cpu_time(Some(p)));
+    let courier_cpu_before = courier_cpu();
+    let tool_cpu_before = cpu_time(None);
     let first_send = now_us();
     let (ok, errors, took) =
         drive(&http, opts.events, opts.concurrency, opts.rate, make, 202).await;
     report.accepted = ok;
     report.errors = errors;
     report.accepted_per_sec = ok as f64 / took.as_secs_f64();
+    if opts.backlog || opts.no_wait || handle.is_none() {
+        report.tool_cpu_us_per_event = cpu_us_per(tool_cpu_before, cpu_time(None), ok);
+    }
 
     let mut drain_start = None;
+    let mut drain_cpu_before = None;
     if opts.backlog {
+        // Any request the API answers only once the database holds every acknowledged event
+        // (see `Store::settle`): the writer's share of the ingest is then counted in full.
+        if opts.pid.is_some() {
+            let _ = http
+                .get(format!("{base}/v1/endpoints/{name}"))
+                .bearer_auth(&opts.token)
+                .send()
+                .await;
+            report.courier_cpu_us_per_event = cpu_us_per(courier_cpu_before, courier_cpu(), ok);
+        }
         report.backlog_rss_kib = rss_kib(opts.pid);
         drain_start = Some((now_us(), handle.as_ref().map_or(0, |h| h.count())));
         let r = http
@@ -391,6 +457,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         if !r.status().is_success() {
             bail!("cannot resume the bench endpoint: {}", r.status());
         }
+        drain_cpu_before = courier_cpu();
     }
 
     // Wait for the deliveries.
@@ -417,6 +484,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             }
         }
         report.delivered = h.count();
+        if opts.backlog {
+            let drained = drain_start.map_or(0, |(_, before)| report.delivered - before);
+            report.drain_cpu_us_per_event = cpu_us_per(drain_cpu_before, courier_cpu(), drained);
+        } else {
+            report.courier_cpu_us_per_event = cpu_us_per(courier_cpu_before, courier_cpu(), ok);
+            report.tool_cpu_us_per_event = cpu_us_per(tool_cpu_before, cpu_time(None), ok);
+        }
         let last = h.got.last_us.load(Ordering::Relaxed);
         if let Some((start, before)) = drain_start
             && last > start
@@ -438,6 +512,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 max_ms: *lat.last().expect("non-empty") as f64 / 1000.0,
             });
         }
+    }
+    if !opts.backlog && (opts.no_wait || handle.is_none()) {
+        report.courier_cpu_us_per_event = cpu_us_per(courier_cpu_before, courier_cpu(), ok);
     }
     report.peak_rss_kib = peak_rss_kib(opts.pid);
     // Deleted only once its deliveries are done: with an outside receiver (nothing to wait
@@ -466,6 +543,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             let after = rate_202(p.addr, opts.events, opts.concurrency, size).await;
             report.baseline_202_process_runs = Some([before, after]);
             report.baseline_202_process_per_sec = Some((before + after) / 2.0);
+            report.baseline_202_process_cpu_us_per_request =
+                cpu_us_per(bare_cpu_before, cpu_time(p.pid), 2 * opts.events);
         }
         drop(bare_process);
 
@@ -561,6 +640,8 @@ struct BareProcess {
     /// Held for its `kill_on_drop`.
     _child: tokio::process::Child,
     addr: SocketAddr,
+    /// For its CPU time.
+    pid: Option<u32>,
 }
 
 impl BareProcess {
@@ -587,6 +668,7 @@ impl BareProcess {
             .and_then(|a| a.parse().ok())
             .with_context(|| format!("bench-server said {line:?}, not its address"))?;
         Ok(BareProcess {
+            pid: child.id(),
             _child: child,
             addr,
         })
@@ -635,27 +717,47 @@ pub fn human(r: &Report) -> String {
             rss as f64 / 1024.0
         ));
     }
+    if let Some(c) = r.courier_cpu_us_per_event {
+        out.push_str(&format!(
+            "  courier CPU         {c:>10.1} µs per event{}\n",
+            // Only the ingest compares with a server that only answers.
+            r.baseline_202_process_cpu_us_per_request
+                .filter(|&b| b > 0.0 && r.backlog)
+                .map(|b| format!(" ({:.1}× the bare server process's per request)", c / b))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(c) = r.drain_cpu_us_per_event {
+        out.push_str(&format!("  courier CPU, drain  {c:>10.1} µs per event\n"));
+    }
+    if let Some(c) = r.tool_cpu_us_per_event {
+        out.push_str(&format!("  load tool CPU       {c:>10.1} µs per event\n"));
+    }
     let servers = [
         (
             "bare 202 server",
             r.baseline_202_per_sec,
             r.baseline_202_runs,
             r.accepted_vs_baseline,
+            None,
         ),
         (
             "the same in a process of its own",
             r.baseline_202_process_per_sec,
             r.baseline_202_process_runs,
             r.accepted_vs_process_baseline,
+            r.baseline_202_process_cpu_us_per_request,
         ),
     ];
-    for (label, mean, runs, ratio) in servers {
+    for (label, mean, runs, ratio, cpu) in servers {
         let Some(b) = mean else { continue };
         out.push_str(&format!(
-            "  baseline: {label} {b:.0} req/s{} → courier accepts at {:.0}% of it\n",
+            "  baseline: {label} {b:.0} req/s{} → courier accepts at {:.0}% of it{}\n",
             runs.map(|[x, y]| format!(" (mean of {x:.0} before and {y:.0} after)"))
                 .unwrap_or_default(),
-            ratio.unwrap_or(0.0) * 100.0
+            ratio.unwrap_or(0.0) * 100.0,
+            cpu.map(|c| format!("; it used {c:.1} µs of CPU per request"))
+                .unwrap_or_default()
         ));
     }
     if let Some(b) = r.baseline_send_per_sec {
@@ -683,6 +785,35 @@ mod tests {
     fn reads_memory_figures() {
         let rss = rss_kib(None).unwrap();
         assert!(rss > 0 && peak_rss_kib(None).unwrap() >= rss);
+    }
+
+    #[test]
+    fn reads_cpu_time_that_grows_with_work() {
+        // /proc counts in clock ticks: spin until one more has passed (bounded).
+        let before = cpu_time(None).unwrap();
+        let started = Instant::now();
+        let (mut x, mut after) = (0u64, before);
+        while after <= before && started.elapsed() < Duration::from_secs(10) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            after = cpu_time(None).unwrap();
+        }
+        assert!(after > before, "{before:?} -> {after:?}");
+        assert_eq!(cpu_time(Some(u32::MAX)), None, "no such process");
+        assert_eq!(
+            cpu_us_per(
+                Some(Duration::from_millis(1)),
+                Some(Duration::from_millis(3)),
+                4
+            ),
+            Some(500.0)
+        );
+        assert_eq!(cpu_us_per(None, Some(Duration::from_millis(3)), 4), None);
+        assert_eq!(
+            cpu_us_per(Some(Duration::ZERO), Some(Duration::ZERO), 0),
+            None
+        );
     }
 
     #[test]

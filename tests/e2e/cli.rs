@@ -340,6 +340,18 @@ async fn bench_smoke_run_delivers_every_event() {
             && r["baseline_send_per_sec"].as_f64().unwrap() > 0.0
     );
     assert!(r["accepted_vs_baseline"].as_f64().unwrap() > 0.0);
+    // CPU figures: the tool's own always; courier's only for a process given with --pid
+    // (none here); the bare server process's per request it answered.
+    assert!(r["tool_cpu_us_per_event"].as_f64().unwrap() >= 0.0, "{r:#}");
+    assert!(r["courier_cpu_us_per_event"].is_null(), "{r:#}");
+    assert!(
+        r["baseline_202_process_cpu_us_per_request"]
+            .as_f64()
+            .unwrap()
+            >= 0.0,
+        "{r:#}"
+    );
+    assert_eq!(r["backlog"], false);
     // Each 202 baseline — in the tool's process, and in a process of its own
     // (`courier bench-server`) like courier — is the mean of a run before and a run after
     // courier's, and courier's ratio is taken against that mean.
@@ -376,7 +388,9 @@ async fn bench_smoke_run_delivers_every_event() {
     let (_, st) = c.get("/v1/stats").await;
     assert_eq!(st["counts"]["delivered"], 300);
 
-    // Backlog mode: held, then drained; human output.
+    // Backlog mode: held, then drained; human output, with the CPU of the process given
+    // (courier runs in this test's process).
+    let pid = std::process::id().to_string();
     let o = run(
         args(&[
             "bench",
@@ -386,6 +400,8 @@ async fn bench_smoke_run_delivers_every_event() {
             "8",
             "--backlog",
             "--no-baselines",
+            "--pid",
+            &pid,
         ]),
         env,
         None,
@@ -396,6 +412,9 @@ async fn bench_smoke_run_delivers_every_event() {
         text.contains("(200 accepted, 0 errors)")
             && text.contains("(200 delivered)")
             && text.contains("drained at")
+            && text.contains("courier CPU ")
+            && text.contains("courier CPU, drain")
+            && text.contains("load tool CPU")
             && !text.contains("baseline"),
         "{text}"
     );
