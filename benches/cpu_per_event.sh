@@ -60,6 +60,8 @@ python3 -c "
 import json; d = json.load(open('base.json'))
 print('as courier bench --pid reports it, in a second run of %d:' % d['events'])
 print('  courier                  %6.1f' % d['courier_cpu_us_per_event'])
+for name, us in sorted(d['courier_cpu_by_thread_us_per_event'].items(), key=lambda x: -x[1]):
+    print('    %-22s %6.1f' % (name, us))
 print('  courier bench (the tool) %6.1f' % d['tool_cpu_us_per_event'])
 print('  bare server process      %6.1f per request' % d['baseline_202_process_cpu_us_per_request'])
 print('  (courier %.0f events/s; bare server %.0f req/s in the tool, %.0f in its own process)' % (

@@ -10,6 +10,7 @@
 //! bare client→receiver loop — so every courier figure also comes as a ratio to what HTTP
 //! alone costs here.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,6 +101,10 @@ pub struct Report {
     /// otherwise until the last delivery arrived (with `--no-wait` or an outside receiver,
     /// until the last 202). Needs `--pid`; /proc's clock-tick resolution (10 ms).
     pub courier_cpu_us_per_event: Option<f64>,
+    /// That CPU time by thread name (`tokio-rt-worker` are the HTTP workers and the delivery
+    /// tasks, `courier-writer` applies changes to the database, `courier-journal` makes new
+    /// events durable), over the threads alive at the end.
+    pub courier_cpu_by_thread_us_per_event: Option<BTreeMap<String, f64>>,
     /// Backlog mode: the courier process's CPU time per event drained, from the resume to the
     /// last delivery.
     pub drain_cpu_us_per_event: Option<f64>,
@@ -301,15 +306,47 @@ pub fn cpu_time(pid: Option<u32>) -> Option<Duration> {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".into(),
     };
-    let text = std::fs::read_to_string(path).ok()?;
-    // The command name (the second field) may hold spaces and parentheses: the fields go on
-    // after its closing parenthesis, the state (field 3) first; utime and stime are 14 and 15.
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    parse_stat(&std::fs::read_to_string(path).ok()?).map(|(_, cpu)| cpu)
+}
+
+/// The name and CPU time (user and system) in a `/proc/…/stat` line.
+fn parse_stat(text: &str) -> Option<(String, Duration)> {
+    // The name (the second field) is in parentheses and may hold spaces and parentheses
+    // itself: the fields go on after the last closing one, the state (field 3) first; utime
+    // and stime are fields 14 and 15.
+    let (open, close) = (text.find('(')?, text.rfind(')')?);
+    let name = text.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf only reads a system constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+    (hz > 0).then(|| (name, Duration::from_secs_f64(ticks as f64 / hz as f64)))
+}
+
+/// A process's CPU time, in all and per thread name (summed over the threads alive at the
+/// reading that bear it), so that a run can say which of courier's threads took the CPU.
+#[derive(Debug, Clone)]
+struct CpuReading {
+    total: Duration,
+    by_thread: BTreeMap<String, Duration>,
+}
+
+fn read_cpu(pid: u32) -> Option<CpuReading> {
+    let total = cpu_time(Some(pid))?;
+    let mut by_thread: BTreeMap<String, Duration> = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        // A thread may end between the listing and the read.
+        if let Some((name, cpu)) = std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|t| parse_stat(&t))
+        {
+            *by_thread.entry(name).or_default() += cpu;
+        }
+    }
+    Some(CpuReading { total, by_thread })
 }
 
 /// Microseconds of CPU per unit of work between two readings of [`cpu_time`].
@@ -320,6 +357,29 @@ fn cpu_us_per(before: Option<Duration>, after: Option<Duration>, units: usize) -
         }
         _ => None,
     }
+}
+
+/// Courier's CPU per event between two readings, in all and per thread name (names that
+/// took less than 0.05 µs per event are left out).
+fn courier_cpu_per(
+    before: &Option<CpuReading>,
+    after: &Option<CpuReading>,
+    units: usize,
+) -> (Option<f64>, Option<BTreeMap<String, f64>>) {
+    let (Some(b), Some(a)) = (before, after) else {
+        return (None, None);
+    };
+    let total = cpu_us_per(Some(b.total), Some(a.total), units);
+    let by_thread = a
+        .by_thread
+        .iter()
+        .filter_map(|(name, cpu)| {
+            let was = b.by_thread.get(name).copied().unwrap_or_default();
+            let us = cpu_us_per(Some(was), Some(*cpu), units)?;
+            (us >= 0.05).then(|| (name.clone(), us))
+        })
+        .collect();
+    (total, total.map(|_| by_thread))
 }
 
 /// Current RSS of a process, in KiB.
@@ -421,7 +481,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .body(body)
     });
     // Courier's CPU is read only with a pid (never this process's by mistake).
-    let courier_cpu = || opts.pid.and_then(|p| cpu_time(Some(p)));
+    let courier_cpu = || opts.pid.and_then(read_cpu);
     let courier_cpu_before = courier_cpu();
     let tool_cpu_before = cpu_time(None);
     let first_send = now_us();
@@ -445,7 +505,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 .bearer_auth(&opts.token)
                 .send()
                 .await;
-            report.courier_cpu_us_per_event = cpu_us_per(courier_cpu_before, courier_cpu(), ok);
+            (
+                report.courier_cpu_us_per_event,
+                report.courier_cpu_by_thread_us_per_event,
+            ) = courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok);
         }
         report.backlog_rss_kib = rss_kib(opts.pid);
         drain_start = Some((now_us(), handle.as_ref().map_or(0, |h| h.count())));
@@ -486,9 +549,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         report.delivered = h.count();
         if opts.backlog {
             let drained = drain_start.map_or(0, |(_, before)| report.delivered - before);
-            report.drain_cpu_us_per_event = cpu_us_per(drain_cpu_before, courier_cpu(), drained);
+            report.drain_cpu_us_per_event =
+                courier_cpu_per(&drain_cpu_before, &courier_cpu(), drained).0;
         } else {
-            report.courier_cpu_us_per_event = cpu_us_per(courier_cpu_before, courier_cpu(), ok);
+            (
+                report.courier_cpu_us_per_event,
+                report.courier_cpu_by_thread_us_per_event,
+            ) = courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok);
             report.tool_cpu_us_per_event = cpu_us_per(tool_cpu_before, cpu_time(None), ok);
         }
         let last = h.got.last_us.load(Ordering::Relaxed);
@@ -514,7 +581,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         }
     }
     if !opts.backlog && (opts.no_wait || handle.is_none()) {
-        report.courier_cpu_us_per_event = cpu_us_per(courier_cpu_before, courier_cpu(), ok);
+        (
+            report.courier_cpu_us_per_event,
+            report.courier_cpu_by_thread_us_per_event,
+        ) = courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok);
     }
     report.peak_rss_kib = peak_rss_kib(opts.pid);
     // Deleted only once its deliveries are done: with an outside receiver (nothing to wait
@@ -727,6 +797,16 @@ pub fn human(r: &Report) -> String {
                 .unwrap_or_default()
         ));
     }
+    if let Some(threads) = r
+        .courier_cpu_by_thread_us_per_event
+        .as_ref()
+        .filter(|t| !t.is_empty())
+    {
+        let mut by: Vec<(&String, &f64)> = threads.iter().collect();
+        by.sort_by(|a, b| b.1.total_cmp(a.1));
+        let list: Vec<String> = by.iter().map(|(n, us)| format!("{n} {us:.1}")).collect();
+        out.push_str(&format!("    by thread: {}\n", list.join(", ")));
+    }
     if let Some(c) = r.drain_cpu_us_per_event {
         out.push_str(&format!("  courier CPU, drain  {c:>10.1} µs per event\n"));
     }
@@ -801,6 +881,14 @@ mod tests {
         }
         assert!(after > before, "{before:?} -> {after:?}");
         assert_eq!(cpu_time(Some(u32::MAX)), None, "no such process");
+        // A thread name with spaces and parentheses does not shift the fields.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let (name, cpu) =
+            parse_stat("42 (a (b) c) S 1 1 1 0 -1 0 0 0 0 0 30 12 0 0 20 0 1 0").unwrap();
+        assert_eq!(name, "a (b) c");
+        assert!((cpu.as_secs_f64() - 42.0 / hz).abs() < 1e-9, "{cpu:?}");
+        let me = read_cpu(std::process::id()).unwrap();
+        assert!(!me.by_thread.is_empty() && me.total >= Duration::ZERO);
         assert_eq!(
             cpu_us_per(
                 Some(Duration::from_millis(1)),

@@ -343,7 +343,11 @@ async fn bench_smoke_run_delivers_every_event() {
     // CPU figures: the tool's own always; courier's only for a process given with --pid
     // (none here); the bare server process's per request it answered.
     assert!(r["tool_cpu_us_per_event"].as_f64().unwrap() >= 0.0, "{r:#}");
-    assert!(r["courier_cpu_us_per_event"].is_null(), "{r:#}");
+    assert!(
+        r["courier_cpu_us_per_event"].is_null()
+            && r["courier_cpu_by_thread_us_per_event"].is_null(),
+        "{r:#}"
+    );
     assert!(
         r["baseline_202_process_cpu_us_per_request"]
             .as_f64()
