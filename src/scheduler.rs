@@ -666,11 +666,17 @@ async fn record(
         Next::Retry { due_ms, .. } => Some(*due_ms),
         _ => None,
     };
+    // A FIFO endpoint's next delivery waits for this outcome; any other's does not.
+    let may_wait = app
+        .endpoints
+        .get(&d.endpoint)
+        .is_some_and(|ep| ep.ordering != Ordering::Fifo);
     let rec = OutcomeRecord {
         delivery_id: d.id.clone(),
         attempt,
         counts_as_attempt: counts,
         next,
+        may_wait,
     };
     match app.store.record_outcome(rec).await {
         Ok(()) => {

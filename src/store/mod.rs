@@ -100,7 +100,15 @@ pub struct OutcomeRecord {
     /// False for a decision made without sending (a transform dropped the delivery).
     pub counts_as_attempt: bool,
     pub next: Next,
+    /// Whether the commit may wait a moment (at most [`OUTCOME_HOLD`]) for other outcomes to
+    /// share its flush: true when nothing but this delivery's own worker waits for it — not
+    /// when a FIFO endpoint's next delivery waits for this one to be recorded.
+    pub may_wait: bool,
 }
+
+/// How long the writer holds an outcome that may wait, so that the outcomes of a moderate
+/// rate share a durable commit instead of flushing one each (see the writer's `hold`).
+pub(crate) const OUTCOME_HOLD: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Filter for listing and bulk replay.
 #[derive(Debug, Clone, Default)]
@@ -1286,6 +1294,7 @@ mod tests {
                 attempt,
                 counts_as_attempt: true,
                 next,
+                may_wait: false,
             })
             .await
             .unwrap();
