@@ -100,7 +100,7 @@ pub struct OutcomeRecord {
     /// False for a decision made without sending (a transform dropped the delivery).
     pub counts_as_attempt: bool,
     pub next: Next,
-    /// Whether the commit may wait a moment (at most [`OUTCOME_HOLD`]) for other outcomes to
+    /// Whether the commit may wait a moment (at most 2 ms, `OUTCOME_HOLD`) for other outcomes to
     /// share its flush: true when nothing but this delivery's own worker waits for it — not
     /// when a FIFO endpoint's next delivery waits for this one to be recorded.
     pub may_wait: bool,
