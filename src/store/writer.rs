@@ -279,8 +279,8 @@ const OUTCOME_HOLD_ENOUGH: usize = 64;
 /// Outcomes waiting to share a durable commit, and since when the first of them waits.
 ///
 /// Why: every outcome is a durable commit (two flushes, the allocator state, the tables
-/// opened), and at a moderate rate each one arrives alone: at 1,000 events/s that was ~two
-/// thirds of the writer's CPU per event, and two thirds of a core in all (BENCHMARKS.md).
+/// opened), and at a moderate rate each one arrives alone: at 1,000 events/s commits took
+/// ~70% of the writer's CPU, and courier as a whole two thirds of a core (BENCHMARKS.md).
 /// Held for at most [`OUTCOME_HOLD`], the outcomes of a few deliveries share one. New events
 /// are not held back meanwhile (their deliveries wait for them to be applied): they are
 /// applied without a flush as they come, ahead of the held outcomes — which is safe, as an
