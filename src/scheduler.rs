@@ -359,6 +359,12 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                         .as_millis() as u64;
                             }
                             in_flight.insert(d.id.clone());
+                            // Whether the attempt's outcome may wait a moment to share a
+                            // durable commit: not when this worker's next attempts wait for
+                            // it — a FIFO endpoint's next delivery, or the slots of an
+                            // endpoint running near its in-flight cap.
+                            let may_wait = ep.ordering != Ordering::Fifo
+                                && in_flight.len() * 2 <= ep.max_in_flight;
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
                             app.tasks.spawn(async move {
                                 use futures_util::FutureExt;
@@ -367,7 +373,9 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                 // A panic must not leave the delivery in flight for good: it
                                 // is logged and the delivery held back, then tried again.
                                 let attempt =
-                                    std::panic::AssertUnwindSafe(run_attempt(&app2, ep2, d))
+                                    std::panic::AssertUnwindSafe(run_attempt(
+                                        &app2, ep2, d, may_wait,
+                                    ))
                                         .catch_unwind()
                                         .await;
                                 let (success, again_ms) = match attempt {
@@ -471,6 +479,7 @@ async fn run_attempt(
     app: &Arc<App>,
     ep: Arc<EndpointConfig>,
     d: Delivery,
+    may_wait: bool,
 ) -> (Option<bool>, Option<u64>) {
     let event = match app.store.event(&d.event_id) {
         Ok(Some(e)) => e,
@@ -478,7 +487,7 @@ async fn run_attempt(
             let next = Next::Dead {
                 reason: format!("event {} is missing from the store", d.event_id),
             };
-            record(app, &d, None, next, false).await;
+            record(app, &d, None, next, false, may_wait).await;
             return (None, None);
         }
         Err(e) => {
@@ -516,7 +525,7 @@ async fn run_attempt(
         Ok(Transformed::Send(out)) => out,
         Ok(Transformed::Drop(reason)) => {
             observe::dropped(&app.metrics, &ep.name, &d.id, &reason);
-            record(app, &d, None, Next::Dropped { reason }, false).await;
+            record(app, &d, None, Next::Dropped { reason }, false, may_wait).await;
             return (None, None);
         }
         Err(e) => {
@@ -532,7 +541,7 @@ async fn run_attempt(
                 &result,
                 &next,
             );
-            let again = record(app, &d, Some(result), next, true).await;
+            let again = record(app, &d, Some(result), next, true, may_wait).await;
             return (None, again);
         }
     };
@@ -563,7 +572,7 @@ async fn run_attempt(
         Some(Next::Dead { .. }) => None,
         _ => Some(result.success()),
     };
-    let again = record(app, &d, Some(result), next, true).await;
+    let again = record(app, &d, Some(result), next, true, may_wait).await;
     (health, again)
 }
 
@@ -633,6 +642,7 @@ async fn record(
     result: Option<deliver::AttemptResult>,
     next: Next,
     counts: bool,
+    may_wait: bool,
 ) -> Option<u64> {
     let outcome_label = match &next {
         Next::Delivered => "delivered",
@@ -666,11 +676,6 @@ async fn record(
         Next::Retry { due_ms, .. } => Some(*due_ms),
         _ => None,
     };
-    // A FIFO endpoint's next delivery waits for this outcome; any other's does not.
-    let may_wait = app
-        .endpoints
-        .get(&d.endpoint)
-        .is_some_and(|ep| ep.ordering != Ordering::Fifo);
     let rec = OutcomeRecord {
         delivery_id: d.id.clone(),
         attempt,

@@ -102,7 +102,8 @@ pub struct OutcomeRecord {
     pub next: Next,
     /// Whether the commit may wait a moment (at most 2 ms, `OUTCOME_HOLD`) for other outcomes to
     /// share its flush: true when nothing but this delivery's own worker waits for it — not
-    /// when a FIFO endpoint's next delivery waits for this one to be recorded.
+    /// when a FIFO endpoint's next delivery waits for this one to be recorded, nor when its
+    /// endpoint runs near its in-flight cap (the next attempts wait for the slot).
     pub may_wait: bool,
 }
 

@@ -286,7 +286,8 @@ const OUTCOME_HOLD_ENOUGH: usize = 64;
 /// applied without a flush as they come, ahead of the held outcomes — which is safe, as an
 /// appended event only adds rows and never touches an existing delivery. Any other command
 /// takes the held outcomes with it, in their order before its own; and an outcome that may
-/// not wait (a FIFO endpoint's) is committed at once, with the held ones.
+/// not wait (a FIFO endpoint's, or one of an endpoint near its in-flight cap, whose next
+/// attempts wait for the slot) is committed at once, with the held ones.
 #[derive(Default)]
 struct Held {
     outcomes: Vec<Command>,
