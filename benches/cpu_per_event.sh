@@ -12,26 +12,11 @@
 # starts (`courier bench-server`) spent per request: what HTTP alone costs a server process
 # here. Everything stays on loopback and stops by itself.
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN="$ROOT/target/release/courier"
 N=${1:-100000}
-WORK=$(mktemp -d)
 PORT=18091
-TOKEN=bench-token-0123456789
-cat > "$WORK/courier.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-data_dir = "data"
-[[keys]]
-token = "$TOKEN"
-scopes = ["ingest", "admin"]
-[delivery]
-allow_private_networks = true
-TOML
-cd "$WORK"
-RUST_LOG=error "$BIN" serve --config courier.toml > out.log 2> err.log & PID=$!
-until curl -sf "127.0.0.1:$PORT/readyz" > /dev/null; do sleep 0.01; done
-B="$BIN bench --url http://127.0.0.1:$PORT --token $TOKEN -c 64 -s 1024 --backlog"
+. "$(dirname "$0")/common.sh"
+start
+B="$B -c 64 -s 1024 --backlog"
 TICK=$(getconf CLK_TCK)
 
 # Per thread name: CPU ticks (user + system) summed over courier's threads.
@@ -66,5 +51,5 @@ print('  courier bench (the tool) %6.1f' % d['tool_cpu_us_per_event'])
 print('  bare server process      %6.1f per request' % d['baseline_202_process_cpu_us_per_request'])
 print('  (courier %.0f events/s; bare server %.0f req/s in the tool, %.0f in its own process)' % (
     d['accepted_per_sec'], d['baseline_202_per_sec'], d['baseline_202_process_per_sec']))"
-kill -TERM "$PID"; while kill -0 "$PID" 2> /dev/null; do sleep 0.02; done
+stop
 rm -rf "$WORK"

@@ -5,26 +5,8 @@
 # directory, drives it with `courier bench`, and prints the raw results. Everything runs on
 # loopback and stops by itself (about 9 minutes on a 2-core machine).
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN="$ROOT/target/release/courier"
-WORK=$(mktemp -d)
 PORT=18090
-TOKEN=bench-token-0123456789
-cat > "$WORK/courier.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-data_dir = "data"
-[[keys]]
-token = "$TOKEN"
-scopes = ["ingest", "admin"]
-[delivery]
-allow_private_networks = true
-TOML
-cd "$WORK"
-start() { RUST_LOG=error "$BIN" serve --config courier.toml > out.log 2> err.log & PID=$!
-          until curl -sf "127.0.0.1:$PORT/readyz" > /dev/null; do sleep 0.01; done; }
-stop() { kill -TERM "$PID"; while kill -0 "$PID" 2>/dev/null; do sleep 0.02; done; }
-B="$BIN bench --url http://127.0.0.1:$PORT --token $TOKEN"
+. "$(dirname "$0")/common.sh"
 
 start
 for i in 1 2 3; do echo "== ingest-only (backlog mode) run $i"; $B -n 50000 -c 64 -s 1024 --backlog --pid "$PID"; done
