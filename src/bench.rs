@@ -116,6 +116,13 @@ pub struct Report {
     pub baseline_202_process_cpu_us_per_request: Option<f64>,
 }
 
+impl Report {
+    fn set_courier_cpu(&mut self, (total, by_thread): CourierCpu) {
+        self.courier_cpu_us_per_event = total;
+        self.courier_cpu_by_thread_us_per_event = by_thread;
+    }
+}
+
 /// The receiver: counts requests and records each one's latency from the payload's send time.
 #[derive(Default)]
 struct Received {
@@ -281,13 +288,15 @@ fn pct(sorted: &[u64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
 }
 
+/// A file of a process's `/proc` directory (this process's without a pid).
+fn proc_file(pid: Option<u32>, file: &str) -> Option<String> {
+    let dir = pid.map_or_else(|| "self".to_string(), |p| p.to_string());
+    std::fs::read_to_string(format!("/proc/{dir}/{file}")).ok()
+}
+
 /// A memory figure (`VmRSS`, `VmHWM`, …) of a process's `/proc/<pid>/status`, in KiB.
 fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/status"),
-        None => "/proc/self/status".into(),
-    };
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = proc_file(pid, "status")?;
     let line = text.lines().find(|l| l.starts_with(field))?;
     line[field.len()..]
         .trim()
@@ -302,11 +311,7 @@ fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
 /// The CPU time (user and system, every thread, living or exited) a process has used, from
 /// `/proc/<pid>/stat` (this process's without a pid); `None` where there is no /proc.
 pub fn cpu_time(pid: Option<u32>) -> Option<Duration> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".into(),
-    };
-    parse_stat(&std::fs::read_to_string(path).ok()?).map(|(_, cpu)| cpu)
+    parse_stat(&proc_file(pid, "stat")?).map(|(_, cpu)| cpu)
 }
 
 /// The name and CPU time (user and system) in a `/proc/…/stat` line.
@@ -359,13 +364,16 @@ fn cpu_us_per(before: Option<Duration>, after: Option<Duration>, units: usize) -
     }
 }
 
-/// Courier's CPU per event between two readings, in all and per thread name (names that
-/// took less than 0.05 µs per event are left out).
+/// Courier's CPU per event: in all, and per thread name.
+type CourierCpu = (Option<f64>, Option<BTreeMap<String, f64>>);
+
+/// Courier's CPU per event between two readings (thread names that took less than 0.05 µs
+/// per event are left out).
 fn courier_cpu_per(
     before: &Option<CpuReading>,
     after: &Option<CpuReading>,
     units: usize,
-) -> (Option<f64>, Option<BTreeMap<String, f64>>) {
+) -> CourierCpu {
     let (Some(b), Some(a)) = (before, after) else {
         return (None, None);
     };
@@ -505,10 +513,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 .bearer_auth(&opts.token)
                 .send()
                 .await;
-            (
-                report.courier_cpu_us_per_event,
-                report.courier_cpu_by_thread_us_per_event,
-            ) = courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok);
+            report.set_courier_cpu(courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok));
         }
         report.backlog_rss_kib = rss_kib(opts.pid);
         drain_start = Some((now_us(), handle.as_ref().map_or(0, |h| h.count())));
@@ -552,10 +557,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             report.drain_cpu_us_per_event =
                 courier_cpu_per(&drain_cpu_before, &courier_cpu(), drained).0;
         } else {
-            (
-                report.courier_cpu_us_per_event,
-                report.courier_cpu_by_thread_us_per_event,
-            ) = courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok);
+            report.set_courier_cpu(courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok));
             report.tool_cpu_us_per_event = cpu_us_per(tool_cpu_before, cpu_time(None), ok);
         }
         let last = h.got.last_us.load(Ordering::Relaxed);
@@ -581,10 +583,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         }
     }
     if !opts.backlog && (opts.no_wait || handle.is_none()) {
-        (
-            report.courier_cpu_us_per_event,
-            report.courier_cpu_by_thread_us_per_event,
-        ) = courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok);
+        report.set_courier_cpu(courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok));
     }
     report.peak_rss_kib = peak_rss_kib(opts.pid);
     // Deleted only once its deliveries are done: with an outside receiver (nothing to wait
