@@ -309,15 +309,15 @@ impl Held {
             Command::Outcome(rec, _) => rec.may_wait,
             _ => false,
         };
+        let is_outcome = |c: &Command| matches!(c, Command::Outcome(..));
         if !now && cmds.iter().all(may_wait) {
-            let mut appends = Vec::with_capacity(cmds.len());
-            for c in cmds.drain(..) {
-                match c {
-                    Command::Outcome(..) => self.outcomes.push(c),
-                    other => appends.push(other),
-                }
+            // A batch of new events alone (full-load ingest) goes through untouched.
+            if cmds.iter().any(is_outcome) {
+                let (outcomes, appends): (Vec<_>, Vec<_>) =
+                    std::mem::take(cmds).into_iter().partition(is_outcome);
+                self.outcomes.extend(outcomes);
+                *cmds = appends;
             }
-            *cmds = appends;
             if self.outcomes.is_empty() {
                 return;
             }
