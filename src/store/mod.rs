@@ -100,7 +100,7 @@ pub struct OutcomeRecord {
     /// False for a decision made without sending (a transform dropped the delivery).
     pub counts_as_attempt: bool,
     pub next: Next,
-    /// Whether the commit may wait a moment (at most 2 ms, `OUTCOME_HOLD`) for other outcomes to
+    /// Whether the commit may wait a moment (at most 5 ms, `OUTCOME_HOLD`) for other outcomes to
     /// share its flush: true when nothing but this delivery's own worker waits for it — not
     /// when a FIFO endpoint's next delivery waits for this one to be recorded, nor when its
     /// endpoint runs near its in-flight cap (the next attempts wait for the slot).
@@ -109,7 +109,7 @@ pub struct OutcomeRecord {
 
 /// How long the writer holds an outcome that may wait, so that the outcomes of a moderate
 /// rate share a durable commit instead of flushing one each (see the writer's `hold`).
-pub(crate) const OUTCOME_HOLD: std::time::Duration = std::time::Duration::from_millis(2);
+pub(crate) const OUTCOME_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Filter for listing and bulk replay.
 #[derive(Debug, Clone, Default)]
