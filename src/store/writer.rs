@@ -387,13 +387,13 @@ pub(crate) fn replay_journal(
     txn.set_quick_repair(quick_repair);
     let mut applied = 0;
     {
-        let mut t = Tables::open(&txn)?;
+        let mut t = Tables::open(&txn);
         let mut deltas = Deltas::new();
         for (seq, payload) in records {
             let batch: AppendBatch = decode(payload, &format!("journal record {seq}"))?;
             // Every commit that applies records notes the last one, so none of these can be
             // in the database already; should one be, it is not counted twice.
-            if t.events.get(batch.event.id.as_str())?.is_some() {
+            if t.events.open()?.get(batch.event.id.as_str())?.is_some() {
                 continue;
             }
             // The record was applied once, in this order, against this state: an idempotent
@@ -403,7 +403,7 @@ pub(crate) fn replay_journal(
             }
         }
         t.apply_counts(&deltas)?;
-        t.meta.insert(JOURNAL_SEQ, *last)?;
+        t.meta.open()?.insert(JOURNAL_SEQ, *last)?;
     }
     txn.commit()?;
     Ok(applied)
@@ -476,7 +476,7 @@ fn apply(
         Durability::Immediate
     };
     {
-        let mut t = Tables::open(&txn)?;
+        let mut t = Tables::open(&txn);
         for cmd in cmds {
             replies.push(match cmd {
                 Command::Journaled(j) => {
@@ -526,7 +526,7 @@ fn apply(
         t.apply_counts(deltas)?;
         t.flush_rollups()?;
         if let Some(seq) = journaled {
-            t.meta.insert(JOURNAL_SEQ, seq)?;
+            t.meta.open()?.insert(JOURNAL_SEQ, seq)?;
         }
     }
     txn.set_durability(durability)?;
@@ -534,56 +534,88 @@ fn apply(
     Ok((replies, durability, journaled))
 }
 
-/// Every table, opened once per transaction.
+/// A table of a write transaction, opened the first time it is used.
+///
+/// Why: opening a table looks it up in the table tree, and closing it writes its root back.
+/// At a moderate rate a commit carries one event or a few outcomes and uses 6 to 9 of the
+/// tables; opening all of them for every commit took ~10% of the writer's CPU at 1,000
+/// events/s (BENCHMARKS.md).
+struct Lazy<'t, K: redb::Key + 'static, V: redb::Value + 'static> {
+    txn: &'t redb::WriteTransaction,
+    definition: redb::TableDefinition<'static, K, V>,
+    table: Option<redb::Table<'t, K, V>>,
+}
+
+impl<'t, K: redb::Key + 'static, V: redb::Value + 'static> Lazy<'t, K, V> {
+    fn new(
+        txn: &'t redb::WriteTransaction,
+        definition: redb::TableDefinition<'static, K, V>,
+    ) -> Self {
+        Lazy {
+            txn,
+            definition,
+            table: None,
+        }
+    }
+
+    fn open(&mut self) -> Result<&mut redb::Table<'t, K, V>, StoreError> {
+        if self.table.is_none() {
+            self.table = Some(self.txn.open_table(self.definition)?);
+        }
+        Ok(self.table.as_mut().expect("opened above"))
+    }
+}
+
+/// Every table of a write transaction, each opened the first time a command uses it.
 struct Tables<'t> {
-    events: redb::Table<'t, &'static str, &'static [u8]>,
-    deliveries: redb::Table<'t, &'static str, &'static [u8]>,
-    attempts: redb::Table<'t, (&'static str, u32), &'static [u8]>,
-    queue: redb::Table<'t, (&'static str, u64, &'static str), ()>,
-    pending: redb::Table<'t, (&'static str, &'static str), u64>,
-    by_status: redb::Table<'t, (&'static str, &'static str), ()>,
-    dead_by_endpoint: redb::Table<'t, (&'static str, &'static str), ()>,
-    counts: redb::Table<'t, (&'static str, &'static str), u64>,
-    idempotency: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
-    idempotency_age: redb::Table<'t, (u64, &'static str, &'static str), ()>,
-    rollups: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    events: Lazy<'t, &'static str, &'static [u8]>,
+    deliveries: Lazy<'t, &'static str, &'static [u8]>,
+    attempts: Lazy<'t, (&'static str, u32), &'static [u8]>,
+    queue: Lazy<'t, (&'static str, u64, &'static str), ()>,
+    pending: Lazy<'t, (&'static str, &'static str), u64>,
+    by_status: Lazy<'t, (&'static str, &'static str), ()>,
+    dead_by_endpoint: Lazy<'t, (&'static str, &'static str), ()>,
+    counts: Lazy<'t, (&'static str, &'static str), u64>,
+    idempotency: Lazy<'t, (&'static str, &'static str), (u64, &'static [u8])>,
+    idempotency_age: Lazy<'t, (u64, &'static str, &'static str), ()>,
+    rollups: Lazy<'t, (&'static str, u64), &'static [u8]>,
     /// This transaction's attempts by (endpoint, minute), written to `rollups` once each at
     /// the end ([`Tables::flush_rollups`]).
     new_rollups: HashMap<(String, u64), Rollup>,
-    channels: redb::Table<'t, &'static str, &'static [u8]>,
-    timers: redb::Table<'t, (u64, &'static str, u8), ()>,
-    endpoints: redb::Table<'t, &'static str, &'static [u8]>,
-    meta: redb::Table<'t, &'static str, u64>,
+    channels: Lazy<'t, &'static str, &'static [u8]>,
+    timers: Lazy<'t, (u64, &'static str, u8), ()>,
+    endpoints: Lazy<'t, &'static str, &'static [u8]>,
+    meta: Lazy<'t, &'static str, u64>,
     /// The bytes of the record being inserted: one buffer for every insert of the
     /// transaction instead of a growing allocation per record.
     scratch: Vec<u8>,
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Tables {
-            events: txn.open_table(EVENTS)?,
-            deliveries: txn.open_table(DELIVERIES)?,
-            attempts: txn.open_table(ATTEMPTS)?,
-            queue: txn.open_table(QUEUE)?,
-            pending: txn.open_table(PENDING)?,
-            by_status: txn.open_table(BY_STATUS)?,
-            dead_by_endpoint: txn.open_table(DEAD_BY_ENDPOINT)?,
-            counts: txn.open_table(COUNTS)?,
-            idempotency: txn.open_table(IDEMPOTENCY)?,
-            idempotency_age: txn.open_table(IDEMPOTENCY_AGE)?,
-            rollups: txn.open_table(ROLLUPS)?,
+    fn open(txn: &'t redb::WriteTransaction) -> Self {
+        Tables {
+            events: Lazy::new(txn, EVENTS),
+            deliveries: Lazy::new(txn, DELIVERIES),
+            attempts: Lazy::new(txn, ATTEMPTS),
+            queue: Lazy::new(txn, QUEUE),
+            pending: Lazy::new(txn, PENDING),
+            by_status: Lazy::new(txn, BY_STATUS),
+            dead_by_endpoint: Lazy::new(txn, DEAD_BY_ENDPOINT),
+            counts: Lazy::new(txn, COUNTS),
+            idempotency: Lazy::new(txn, IDEMPOTENCY),
+            idempotency_age: Lazy::new(txn, IDEMPOTENCY_AGE),
+            rollups: Lazy::new(txn, ROLLUPS),
             new_rollups: HashMap::new(),
-            channels: txn.open_table(CHANNELS)?,
-            timers: txn.open_table(TIMERS)?,
-            endpoints: txn.open_table(ENDPOINTS)?,
-            meta: txn.open_table(META)?,
+            channels: Lazy::new(txn, CHANNELS),
+            timers: Lazy::new(txn, TIMERS),
+            endpoints: Lazy::new(txn, ENDPOINTS),
+            meta: Lazy::new(txn, META),
             scratch: Vec::new(),
-        })
+        }
     }
 
-    fn load(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
-        match self.deliveries.get(id)? {
+    fn load(&mut self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        match self.deliveries.open()?.get(id)? {
             Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
             None => Ok(None),
         }
@@ -611,6 +643,7 @@ impl<'t> Tables<'t> {
                 .or_default() += 1;
         }
         self.deliveries
+            .open()?
             .insert(new.id.as_str(), encode_in(new, &mut self.scratch))?;
         Ok(())
     }
@@ -621,14 +654,18 @@ impl<'t> Tables<'t> {
         if d.status == DeliveryStatus::Pending {
             let due = d.next_due_ms.unwrap_or(0);
             self.queue
+                .open()?
                 .insert((d.endpoint.as_str(), due, d.id.as_str()), ())?;
             self.pending
+                .open()?
                 .insert((d.endpoint.as_str(), d.id.as_str()), due)?;
         } else {
             self.by_status
+                .open()?
                 .insert((d.status.as_str(), d.id.as_str()), ())?;
             if d.status == DeliveryStatus::Dead {
                 self.dead_by_endpoint
+                    .open()?
                     .insert((d.endpoint.as_str(), d.id.as_str()), ())?;
             }
         }
@@ -640,13 +677,19 @@ impl<'t> Tables<'t> {
         if d.status == DeliveryStatus::Pending {
             if let Some(due) = d.next_due_ms {
                 self.queue
+                    .open()?
                     .remove((d.endpoint.as_str(), due, d.id.as_str()))?;
             }
-            self.pending.remove((d.endpoint.as_str(), d.id.as_str()))?;
+            self.pending
+                .open()?
+                .remove((d.endpoint.as_str(), d.id.as_str()))?;
         } else {
-            self.by_status.remove((d.status.as_str(), d.id.as_str()))?;
+            self.by_status
+                .open()?
+                .remove((d.status.as_str(), d.id.as_str()))?;
             if d.status == DeliveryStatus::Dead {
                 self.dead_by_endpoint
+                    .open()?
                     .remove((d.endpoint.as_str(), d.id.as_str()))?;
             }
         }
@@ -656,8 +699,9 @@ impl<'t> Tables<'t> {
     fn remove_delivery(&mut self, d: &Delivery, deltas: &mut Deltas) -> Result<(), StoreError> {
         self.unindex(d)?;
         *deltas.entry((d.endpoint.clone(), d.status)).or_default() -= 1;
-        self.deliveries.remove(d.id.as_str())?;
+        self.deliveries.open()?.remove(d.id.as_str())?;
         self.attempts
+            .open()?
             .retain_in((d.id.as_str(), 0u32)..=(d.id.as_str(), u32::MAX), |_, _| {
                 false
             })?;
@@ -668,25 +712,27 @@ impl<'t> Tables<'t> {
         if let Some(idem) = &b.idempotency
             && let Some(found) = self
                 .idempotency
+                .open()?
                 .get((idem.key_id.as_str(), idem.key.as_str()))?
         {
             let (_, reply) = found.value();
             return Ok(AppendResult::Replayed(reply.to_vec()));
         }
-        if b.id_supplied && self.events.get(b.event.id.as_str())?.is_some() {
+        if b.id_supplied && self.events.open()?.get(b.event.id.as_str())?.is_some() {
             return Ok(AppendResult::IdConflict);
         }
         self.events
+            .open()?
             .insert(b.event.id.as_str(), encode_in(&b.event, &mut self.scratch))?;
         for d in &b.deliveries {
             self.put(None, d, deltas)?;
         }
         if let Some(idem) = &b.idempotency {
-            self.idempotency.insert(
+            self.idempotency.open()?.insert(
                 (idem.key_id.as_str(), idem.key.as_str()),
                 (b.event.created_ms, b.reply.as_slice()),
             )?;
-            self.idempotency_age.insert(
+            self.idempotency_age.open()?.insert(
                 (b.event.created_ms, idem.key_id.as_str(), idem.key.as_str()),
                 (),
             )?;
@@ -711,7 +757,7 @@ impl<'t> Tables<'t> {
             new.round_attempts += 1;
             let mut attempt = rec.attempt.clone();
             attempt.number = new.attempts;
-            self.attempts.insert(
+            self.attempts.open()?.insert(
                 (old.id.as_str(), attempt.number),
                 encode_in(&attempt, &mut self.scratch),
             )?;
@@ -760,6 +806,7 @@ impl<'t> Tables<'t> {
         let mut ids = Vec::new();
         for row in self
             .pending
+            .open()?
             .range((endpoint, "")..(endpoint, "\u{10ffff}"))?
         {
             if ids.len() >= limit {
@@ -799,8 +846,8 @@ impl<'t> Tables<'t> {
                 // One endpoint's dead letters from its own index, all of them from the
                 // status index: both are keyed (prefix, delivery id).
                 let (index, prefix) = match filter.endpoint.as_deref() {
-                    Some(endpoint) => (&self.dead_by_endpoint, endpoint),
-                    None => (&self.by_status, DeliveryStatus::Dead.as_str()),
+                    Some(endpoint) => (self.dead_by_endpoint.open()?, endpoint),
+                    None => (self.by_status.open()?, DeliveryStatus::Dead.as_str()),
                 };
                 let start = if after.as_str() >= lo.as_str() {
                     Bound::Excluded((prefix, after.as_str()))
@@ -878,6 +925,7 @@ impl<'t> Tables<'t> {
             let mut exhausted = true;
             for row in self
                 .by_status
+                .open()?
                 .range((start, Bound::Excluded((status, hi.as_str()))))?
             {
                 if victims.len() >= limit {
@@ -905,32 +953,34 @@ impl<'t> Tables<'t> {
             }
             self.remove_delivery(&d, deltas)?;
             purged += 1;
-            let event: Option<Event> = match self.events.get(d.event_id.as_str())? {
+            let event: Option<Event> = match self.events.open()?.get(d.event_id.as_str())? {
                 Some(v) => Some(decode(v.value(), "event")?),
                 None => None,
             };
             if let Some(event) = event {
                 let mut remaining = false;
                 for other in &event.delivery_ids {
-                    if self.deliveries.get(other.as_str())?.is_some() {
+                    if self.deliveries.open()?.get(other.as_str())?.is_some() {
                         remaining = true;
                         break;
                     }
                 }
                 if !remaining {
-                    self.events.remove(event.id.as_str())?;
+                    self.events.open()?.remove(event.id.as_str())?;
                 }
             }
         }
         // Attempt statistics of the minutes wholly before `before_ms`.
         let cutoff = minute(before_ms);
-        for name in super::rollup::endpoints(&self.rollups)? {
+        for name in super::rollup::endpoints(self.rollups.open()?)? {
             self.rollups
+                .open()?
                 .retain_in((name.as_str(), 0)..(name.as_str(), cutoff), |_, _| false)?;
         }
         let mut stale = Vec::new();
         for row in self
             .idempotency_age
+            .open()?
             .range((0u64, "", "")..(idempotency_before_ms, "", ""))?
             .take(limit)
         {
@@ -940,8 +990,10 @@ impl<'t> Tables<'t> {
         }
         let keys_expired = stale.len();
         for (at, a, b) in stale {
-            self.idempotency.remove((a.as_str(), b.as_str()))?;
-            self.idempotency_age.remove((at, a.as_str(), b.as_str()))?;
+            self.idempotency.open()?.remove((a.as_str(), b.as_str()))?;
+            self.idempotency_age
+                .open()?
+                .remove((at, a.as_str(), b.as_str()))?;
         }
         Ok(PurgeRound {
             purged,
@@ -958,10 +1010,11 @@ impl<'t> Tables<'t> {
         change: &ChannelChange,
         deltas: &mut Deltas,
     ) -> Result<AdvanceResult, StoreError> {
-        let current: Option<Channel> = match self.channels.get(change.channel.id.as_str())? {
-            Some(v) => Some(decode(v.value(), "channel")?),
-            None => None,
-        };
+        let current: Option<Channel> =
+            match self.channels.open()?.get(change.channel.id.as_str())? {
+                Some(v) => Some(decode(v.value(), "channel")?),
+                None => None,
+            };
         match (&current, change.expect_version) {
             (Some(_), None) => return Ok(AdvanceResult::Stale(current.expect("present"))),
             (None, Some(_)) => return Ok(AdvanceResult::NotFound),
@@ -972,15 +1025,19 @@ impl<'t> Tables<'t> {
         }
         if let Some(cur) = &current {
             for (due, kind) in &cur.timers {
-                self.timers.remove((*due, cur.id.as_str(), kind.code()))?;
+                self.timers
+                    .open()?
+                    .remove((*due, cur.id.as_str(), kind.code()))?;
             }
         }
         let new = &change.channel;
         for (due, kind) in &new.timers {
             self.timers
+                .open()?
                 .insert((*due, new.id.as_str(), kind.code()), ())?;
         }
         self.channels
+            .open()?
             .insert(new.id.as_str(), encode_in(new, &mut self.scratch))?;
         if let Some(batch) = &change.append {
             match self.append(batch, deltas)? {
@@ -998,13 +1055,16 @@ impl<'t> Tables<'t> {
     /// Creates, replaces or deletes an API endpoint; `false` when the name is taken (create)
     /// or absent (replace, delete).
     fn endpoint(&mut self, w: &EndpointWrite) -> Result<bool, StoreError> {
-        let exists = self.endpoints.get(w.name.as_str())?.is_some();
+        let exists = self.endpoints.open()?.get(w.name.as_str())?.is_some();
         if exists == w.create {
             return Ok(false);
         }
         match &w.value {
-            Some(v) => self.endpoints.insert(w.name.as_str(), v.as_slice())?,
-            None => self.endpoints.remove(w.name.as_str())?,
+            Some(v) => self
+                .endpoints
+                .open()?
+                .insert(w.name.as_str(), v.as_slice())?,
+            None => self.endpoints.open()?.remove(w.name.as_str())?,
         };
         Ok(true)
     }
@@ -1013,12 +1073,13 @@ impl<'t> Tables<'t> {
     fn flush_rollups(&mut self) -> Result<(), StoreError> {
         for ((endpoint, minute), new) in std::mem::take(&mut self.new_rollups) {
             let key = (endpoint.as_str(), minute);
-            let mut row: Rollup = match self.rollups.get(key)? {
+            let mut row: Rollup = match self.rollups.open()?.get(key)? {
                 Some(v) => decode(v.value(), "attempt rollup")?,
                 None => Rollup::default(),
             };
             row.merge(&new);
             self.rollups
+                .open()?
                 .insert(key, encode_in(&row, &mut self.scratch))?;
         }
         Ok(())
@@ -1030,12 +1091,17 @@ impl<'t> Tables<'t> {
                 continue;
             }
             let key = (endpoint.as_str(), status.as_str());
-            let current = self.counts.get(key)?.map(|v| v.value()).unwrap_or(0);
+            let current = self
+                .counts
+                .open()?
+                .get(key)?
+                .map(|v| v.value())
+                .unwrap_or(0);
             let next = (current as i64 + delta).max(0) as u64;
             if next == 0 {
-                self.counts.remove(key)?;
+                self.counts.open()?.remove(key)?;
             } else {
-                self.counts.insert(key, next)?;
+                self.counts.open()?.insert(key, next)?;
             }
         }
         Ok(())
