@@ -387,7 +387,7 @@ pub(crate) fn replay_journal(
     txn.set_quick_repair(quick_repair);
     let mut applied = 0;
     {
-        let mut t = Tables::open(&txn);
+        let mut t = Tables::new(&txn);
         let mut deltas = Deltas::new();
         for (seq, payload) in records {
             let batch: AppendBatch = decode(payload, &format!("journal record {seq}"))?;
@@ -476,7 +476,7 @@ fn apply(
         Durability::Immediate
     };
     {
-        let mut t = Tables::open(&txn);
+        let mut t = Tables::new(&txn);
         for cmd in cmds {
             replies.push(match cmd {
                 Command::Journaled(j) => {
@@ -592,7 +592,7 @@ struct Tables<'t> {
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Self {
+    fn new(txn: &'t redb::WriteTransaction) -> Self {
         Tables {
             events: Lazy::new(txn, EVENTS),
             deliveries: Lazy::new(txn, DELIVERIES),
