@@ -3,7 +3,7 @@
 #   cargo build --release && bash benches/suite.sh
 # It starts a release courier on 127.0.0.1:18090 with a fresh data dir under a temporary
 # directory, drives it with `courier bench`, and prints the raw results. Everything runs on
-# loopback and stops by itself (about 17 minutes on a 2-core machine).
+# loopback and stops by itself (8 to 17 minutes on a 2-core machine, as fast as it is).
 set -u
 PORT=18090
 . "$(dirname "$0")/common.sh"
