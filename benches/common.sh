@@ -19,4 +19,5 @@ cd "$WORK"
 start() { RUST_LOG=error "$BIN" serve --config courier.toml > out.log 2> err.log & PID=$!
           until curl -sf "127.0.0.1:$PORT/readyz" > /dev/null; do sleep 0.01; done; }
 stop() { kill -TERM "$PID"; while kill -0 "$PID" 2>/dev/null; do sleep 0.02; done; }
-B="$BIN bench --url http://127.0.0.1:$PORT --token $TOKEN"
+# The durable baseline keeps its journal next to the data dir, on the same disk.
+B="$BIN bench --url http://127.0.0.1:$PORT --token $TOKEN --durable-dir $WORK"

@@ -123,11 +123,23 @@ enum Command {
         /// the events go in, then release them and report the drain rate.
         #[arg(long)]
         backlog: bool,
+        /// Where the durable baseline server keeps its journal (in a temporary directory it
+        /// makes and removes): a directory on the disk courier's data dir is on. Default: the
+        /// system's temporary directory.
+        #[arg(long, value_name = "DIR")]
+        durable_dir: Option<PathBuf>,
     },
     /// The bare HTTP server `courier bench` measures in a process of its own: answers 202
     /// to everything on 127.0.0.1, prints its address, and stops when stdin closes.
     #[command(hide = true)]
-    BenchServer,
+    BenchServer {
+        /// Put each request's body on disk before answering (the durable baseline).
+        #[arg(long)]
+        durable: bool,
+        /// Where the durable server's journal goes (a temporary directory under it).
+        #[arg(long, requires = "durable")]
+        dir: Option<PathBuf>,
+    },
     /// Check a received webhook's signatures. Reads the webhook as an HTTP message (headers,
     /// an empty line, the body) from FILE or stdin.
     Verify {
@@ -259,7 +271,7 @@ pub fn main() -> ExitCode {
             println!("{}", crate::deliver::sign::generate_secret());
             Ok(())
         }
-        Command::BenchServer => crate::bench::serve_bare(),
+        Command::BenchServer { durable, dir } => crate::bench::serve_bare(durable, dir.as_deref()),
         Command::Verify {
             secret,
             no_timestamp_check,
@@ -434,6 +446,7 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 drain_timeout,
                 no_wait,
                 backlog,
+                durable_dir,
             } => {
                 let token = remote.token.clone().ok_or_else(|| {
                     anyhow::anyhow!(
@@ -455,6 +468,7 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     backlog,
                     // The same binary serves the bare baseline in a process of its own.
                     bare_server_exe: std::env::current_exe().ok(),
+                    durable_dir,
                 };
                 let report = crate::bench::run(&opts).await?;
                 if remote.json {

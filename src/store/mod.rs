@@ -10,7 +10,7 @@
 //! Nothing outside this module knows about redb, so another backend (Postgres, for several
 //! nodes sharing one queue) can be added behind the same methods.
 
-mod journal;
+pub(crate) mod journal;
 mod journaler;
 mod progress;
 mod rollup;

@@ -322,8 +322,20 @@ async fn bench_smoke_run_delivers_every_event() {
         ("COURIER_URL", c.base.clone()),
         ("COURIER_KEY", ADMIN.to_string()),
     ];
+    let durable_dir = tempfile::tempdir().unwrap();
     let o = run(
-        args(&["bench", "--json", "-n", "300", "-c", "8", "-s", "512"]),
+        args(&[
+            "bench",
+            "--json",
+            "-n",
+            "300",
+            "-c",
+            "8",
+            "-s",
+            "512",
+            "--durable-dir",
+            durable_dir.path().to_str().unwrap(),
+        ]),
         env.clone(),
         None,
     )
@@ -355,9 +367,18 @@ async fn bench_smoke_run_delivers_every_event() {
             >= 0.0,
         "{r:#}"
     );
+    assert!(
+        r["baseline_durable_202_cpu_us_per_request"]
+            .as_f64()
+            .unwrap()
+            >= 0.0,
+        "{r:#}"
+    );
+    // The durable baseline kept its journal under --durable-dir, and removed it when done.
+    assert_eq!(std::fs::read_dir(durable_dir.path()).unwrap().count(), 0);
     assert_eq!(r["backlog"], false);
-    // Each 202 baseline — in the tool's process, and in a process of its own
-    // (`courier bench-server`) like courier — is the mean of a run before and a run after
+    // Each 202 baseline — in the tool's process, in a process of its own
+    // (`courier bench-server`) like courier, and that process made durable — is the mean of a run before and a run after
     // courier's, and courier's ratio is taken against that mean.
     let accepted = r["accepted_per_sec"].as_f64().unwrap();
     for (runs, mean, ratio) in [
@@ -370,6 +391,11 @@ async fn bench_smoke_run_delivers_every_event() {
             "baseline_202_process_runs",
             "baseline_202_process_per_sec",
             "accepted_vs_process_baseline",
+        ),
+        (
+            "baseline_durable_202_runs",
+            "baseline_durable_202_per_sec",
+            "accepted_vs_durable_baseline",
         ),
     ] {
         let runs: Vec<f64> = r[runs]
@@ -422,6 +448,40 @@ async fn bench_smoke_run_delivers_every_event() {
             && !text.contains("baseline"),
         "{text}"
     );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_with_a_durable_dir_that_is_not_a_directory_stops_before_sending() {
+    let c = Courier::start(DELIVERY_FAST).await;
+    let env = vec![
+        ("COURIER_URL", c.base.clone()),
+        ("COURIER_KEY", ADMIN.to_string()),
+    ];
+    let missing = tempfile::tempdir().unwrap().path().join("nowhere");
+    let o = run(
+        args(&[
+            "bench",
+            "-n",
+            "5",
+            "--durable-dir",
+            missing.to_str().unwrap(),
+        ]),
+        env,
+        None,
+    )
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--durable-dir") && err.contains("not a directory"),
+        "{err}"
+    );
+    // Nothing was made on courier: no bench endpoint, no event.
+    let (_, eps) = c.get("/v1/endpoints").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
+    let (_, st) = c.get("/v1/stats").await;
+    assert_eq!(st["counts"]["pending"], 0, "{st}");
     c.stop().await;
 }
 

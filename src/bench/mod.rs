@@ -10,6 +10,8 @@
 //! bare client→receiver loop — so every courier figure also comes as a ratio to what HTTP
 //! alone costs here.
 
+mod durable;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -52,6 +54,10 @@ pub struct Options {
     /// bench-server`), as courier runs apart from the producers; `None` measures only the
     /// in-process one.
     pub bare_server_exe: Option<std::path::PathBuf>,
+    /// Where the durable bare server keeps its journal (a temporary directory is made under
+    /// it): on the disk courier's data dir is on, for a fair comparison. `None`: the
+    /// system's temporary directory.
+    pub durable_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -114,6 +120,18 @@ pub struct Report {
     /// The bare server in a process of its own: its CPU time per request answered, what HTTP
     /// alone costs a server process here (compare `courier_cpu_us_per_event` in backlog mode).
     pub baseline_202_process_cpu_us_per_request: Option<f64>,
+    /// The durable bare server, in a process of its own: like the bare server, but each
+    /// request's body is on disk (courier's ingest journal, one synchronous write per batch)
+    /// before its 202 — what durable acknowledgement alone costs on this machine's disk.
+    /// Mean of a run before and a run after courier's.
+    pub baseline_durable_202_per_sec: Option<f64>,
+    /// The two runs of that baseline.
+    pub baseline_durable_202_runs: Option<[f64; 2]>,
+    /// Accepted events/s against the durable bare server: how close courier comes to the
+    /// cheapest durable server on the same disk.
+    pub accepted_vs_durable_baseline: Option<f64>,
+    /// The durable bare server process's CPU time per request answered.
+    pub baseline_durable_202_cpu_us_per_request: Option<f64>,
 }
 
 impl Report {
@@ -419,6 +437,10 @@ pub fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
 
 /// Runs the benchmark against a running courier.
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+    // Checked before anything is made on courier.
+    if let Some(dir) = opts.durable_dir.as_ref().filter(|d| !d.is_dir()) {
+        bail!("--durable-dir {}: not a directory", dir.display());
+    }
     let base = opts.url.trim_end_matches('/').to_string();
     let http = client(opts.concurrency);
     let mut report = Report {
@@ -479,17 +501,18 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     } else {
         Some(bare_202_rate(opts.events, opts.concurrency, opts.size).await?)
     };
-    let bare_process = match (&opts.bare_server_exe, opts.no_baselines) {
-        (Some(exe), false) => Some(BareProcess::start(exe).await?),
-        _ => None,
-    };
-    // The bare server process idles between its two runs, so its CPU from here to the end
-    // of the second is what answering them cost.
-    let bare_cpu_before = bare_process.as_ref().and_then(|p| cpu_time(p.pid));
-    let before_process = match &bare_process {
-        Some(p) => Some(rate_202(p.addr, opts.events, opts.concurrency, opts.size).await),
-        None => None,
-    };
+    // The bare server processes, plain and durable, measured before courier's run.
+    let mut processes = Vec::new();
+    if let (Some(exe), false) = (&opts.bare_server_exe, opts.no_baselines) {
+        let mut durable: Vec<std::ffi::OsString> = vec!["--durable".into()];
+        if let Some(dir) = &opts.durable_dir {
+            durable.extend(["--dir".into(), dir.into()]);
+        }
+        for args in [vec![], durable] {
+            let p = BareProcess::start(exe, &args).await?;
+            processes.push(Measured::before(p, opts.events, opts.concurrency, opts.size).await);
+        }
+    }
 
     // Drive courier.
     let size = opts.size;
@@ -633,14 +656,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         let runs = [before, after];
         report.baseline_202_runs = Some(runs);
         report.baseline_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
-        if let (Some(p), Some(before)) = (&bare_process, before_process) {
-            let after = rate_202(p.addr, opts.events, opts.concurrency, size).await;
-            report.baseline_202_process_runs = Some([before, after]);
-            report.baseline_202_process_per_sec = Some((before + after) / 2.0);
-            report.baseline_202_process_cpu_us_per_request =
-                cpu_us_per(bare_cpu_before, cpu_time(p.pid), 2 * opts.events);
+        let mut processes = processes.into_iter();
+        if let Some(plain) = processes.next() {
+            let (runs, cpu) = plain.after(opts.events, opts.concurrency, size).await;
+            report.baseline_202_process_runs = Some(runs);
+            report.baseline_202_process_per_sec = Some((runs[0] + runs[1]) / 2.0);
+            report.baseline_202_process_cpu_us_per_request = cpu;
         }
-        drop(bare_process);
+        if let Some(durable) = processes.next() {
+            let (runs, cpu) = durable.after(opts.events, opts.concurrency, size).await;
+            report.baseline_durable_202_runs = Some(runs);
+            report.baseline_durable_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
+            report.baseline_durable_202_cpu_us_per_request = cpu;
+        }
 
         // Baseline 2: what sending alone costs: a client loop straight to a receiver.
         let (raddr, _h) = start_receiver(false).await?;
@@ -657,6 +685,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .map(|b| report.accepted_per_sec / b);
         report.accepted_vs_process_baseline = report
             .baseline_202_process_per_sec
+            .map(|b| report.accepted_per_sec / b);
+        report.accepted_vs_durable_baseline = report
+            .baseline_durable_202_per_sec
             .map(|b| report.accepted_per_sec / b);
         // In backlog mode the delivery rate that matters is the drain after resuming.
         let delivered = if opts.backlog {
@@ -708,19 +739,27 @@ async fn rate_202(addr: SocketAddr, n: usize, c: usize, size: usize) -> f64 {
 }
 
 /// `courier bench-server`: the bare server on its own runtime (the same as `courier serve`
-/// builds), until stdin closes, so that it never outlives the bench that started it.
-pub fn serve_bare() -> anyhow::Result<()> {
+/// builds), until stdin closes, so that it never outlives the bench that started it. With
+/// `durable`, the durable bare server ([`durable`]), its journal in a temporary directory
+/// under `dir` (the system's temporary directory if `None`).
+pub fn serve_bare(durable: bool, dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async {
+        let (app, _journal) = if durable {
+            let (app, journal) = durable::app(dir)?;
+            (app, Some(journal))
+        } else {
+            (bare_app(), None)
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listening {}", listener.local_addr()?);
         let stdin_closed = tokio::task::spawn_blocking(|| {
             let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         });
-        axum::serve(listener, bare_app())
+        axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = stdin_closed.await;
             })
@@ -731,18 +770,20 @@ pub fn serve_bare() -> anyhow::Result<()> {
 
 /// A `courier bench-server` child process; killed when dropped.
 struct BareProcess {
-    /// Held for its `kill_on_drop`.
-    _child: tokio::process::Child,
+    /// Killed when dropped, unless [`BareProcess::stop`] got it to stop by itself.
+    child: tokio::process::Child,
     addr: SocketAddr,
     /// For its CPU time.
     pid: Option<u32>,
 }
 
 impl BareProcess {
-    async fn start(exe: &std::path::Path) -> anyhow::Result<Self> {
+    /// Starts `exe bench-server` with `args` (`--durable` and its directory, or none).
+    async fn start(exe: &std::path::Path, args: &[std::ffi::OsString]) -> anyhow::Result<Self> {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(exe)
             .arg("bench-server")
+            .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -763,9 +804,45 @@ impl BareProcess {
             .with_context(|| format!("bench-server said {line:?}, not its address"))?;
         Ok(BareProcess {
             pid: child.id(),
-            _child: child,
+            child,
             addr,
         })
+    }
+
+    /// Closes its stdin and waits (up to 5 s) for it to stop by itself, so that the durable
+    /// server removes its journal; killed if it does not.
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+/// A bare server process, measured before courier's run and again after it.
+struct Measured {
+    process: BareProcess,
+    /// Its CPU time before its first run: it idles between its two runs, so its CPU from
+    /// there to the end of the second is what answering them cost.
+    cpu_before: Option<Duration>,
+    before: f64,
+}
+
+impl Measured {
+    async fn before(process: BareProcess, n: usize, c: usize, size: usize) -> Self {
+        let cpu_before = cpu_time(process.pid);
+        let before = rate_202(process.addr, n, c, size).await;
+        Measured {
+            process,
+            cpu_before,
+            before,
+        }
+    }
+
+    /// The second run: both rates, and the CPU per request over the two. Stops the process.
+    async fn after(self, n: usize, c: usize, size: usize) -> ([f64; 2], Option<f64>) {
+        let after = rate_202(self.process.addr, n, c, size).await;
+        let cpu = cpu_us_per(self.cpu_before, cpu_time(self.process.pid), 2 * n);
+        self.process.stop().await;
+        ([self.before, after], cpu)
     }
 }
 
@@ -851,6 +928,13 @@ pub fn human(r: &Report) -> String {
             r.baseline_202_process_runs,
             r.accepted_vs_process_baseline,
             r.baseline_202_process_cpu_us_per_request,
+        ),
+        (
+            "durable 202 server (each body on disk first), in a process of its own",
+            r.baseline_durable_202_per_sec,
+            r.baseline_durable_202_runs,
+            r.accepted_vs_durable_baseline,
+            r.baseline_durable_202_cpu_us_per_request,
         ),
     ];
     for (label, mean, runs, ratio, cpu) in servers {
