@@ -5,10 +5,11 @@
 //! producers over keep-alive connections, and measures what a user asks: events accepted per
 //! second (durably: every 202 means committed), events delivered per second, and the
 //! ingest→delivery latency, taken from the send time carried in each payload. In the same run
-//! it measures two baselines on this machine — a bare HTTP server that only answers 202 (in
-//! this process, and in a process of its own as courier is: `courier bench-server`), and a
-//! bare client→receiver loop — so every courier figure also comes as a ratio to what HTTP
-//! alone costs here.
+//! it measures baselines on this machine — a bare HTTP server that only answers 202 (in this
+//! process, and in a process of its own as courier is: `courier bench-server`), the same
+//! server made durable ([`durable`]: each body on disk before its 202), and a bare
+//! client→receiver loop — so every courier figure also comes as a ratio to what HTTP alone,
+//! and HTTP with durable acknowledgement, cost here.
 
 mod durable;
 
