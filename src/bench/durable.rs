@@ -84,6 +84,25 @@ pub(super) fn app(parent: Option<&Path>) -> anyhow::Result<(axum::Router, Durabl
     Ok((router, Durable { _dir: dir }))
 }
 
+/// Whether `dir` is in memory (`tmpfs` or `ramfs`, as `/tmp` is on many systems), where a
+/// synchronous write never waits for a disk: a durable baseline measured there is not what
+/// durability costs.
+pub(super) fn in_memory(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `statfs` only writes the struct it is given, which outlives the call; the path
+    // is a NUL-terminated string.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
+        return false;
+    }
+    /// `ramfs`'s magic number (linux/magic.h; not in the libc crate).
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    fs.f_type == libc::TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC
+}
+
 /// Writes each batch of waiting bodies with one synchronous write, then hands its waiters to
 /// the answering task. A failed write drops them (their producers get a 500).
 fn journal_thread(
@@ -120,6 +139,15 @@ fn journal_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_memory_file_systems_from_others() {
+        if Path::new("/dev/shm").is_dir() {
+            assert!(in_memory(Path::new("/dev/shm")));
+        }
+        assert!(!in_memory(Path::new("/proc")));
+        assert!(!in_memory(Path::new("/no/such/dir")));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_body_is_in_the_journal_when_its_202_comes() {

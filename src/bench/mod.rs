@@ -133,6 +133,9 @@ pub struct Report {
     pub accepted_vs_durable_baseline: Option<f64>,
     /// The durable bare server process's CPU time per request answered.
     pub baseline_durable_202_cpu_us_per_request: Option<f64>,
+    /// Whether the durable bare server's directory was in memory (`tmpfs`): then its rate is
+    /// not what durability costs on a disk (see `--durable-dir`).
+    pub baseline_durable_202_in_memory: Option<bool>,
 }
 
 impl Report {
@@ -669,6 +672,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             report.baseline_durable_202_runs = Some(runs);
             report.baseline_durable_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
             report.baseline_durable_202_cpu_us_per_request = cpu;
+            let dir = opts.durable_dir.clone().unwrap_or_else(std::env::temp_dir);
+            report.baseline_durable_202_in_memory = Some(durable::in_memory(&dir));
         }
 
         // Baseline 2: what sending alone costs: a client loop straight to a receiver.
@@ -948,6 +953,12 @@ pub fn human(r: &Report) -> String {
             cpu.map(|c| format!("; it used {c:.1} µs of CPU per request"))
                 .unwrap_or_default()
         ));
+    }
+    if r.baseline_durable_202_in_memory == Some(true) {
+        out.push_str(
+            "  note: the durable server's directory is in memory (tmpfs), not on a disk: its rate \
+             is not what durability costs there; give --durable-dir on the disk of courier's data dir\n",
+        );
     }
     if let Some(b) = r.baseline_send_per_sec {
         out.push_str(&format!(

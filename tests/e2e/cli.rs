@@ -418,6 +418,21 @@ async fn bench_smoke_run_delivers_every_event() {
     let (_, st) = c.get("/v1/stats").await;
     assert_eq!(st["counts"]["delivered"], 300);
 
+    // A durable baseline kept in memory is not what durability costs on a disk: said so.
+    if std::path::Path::new("/dev/shm").is_dir() {
+        let o = run(
+            args(&["bench", "-n", "50", "-c", "4", "--durable-dir", "/dev/shm"]),
+            env.clone(),
+            None,
+        )
+        .await;
+        let text = out(&o);
+        assert!(
+            text.contains("durable 202 server") && text.contains("is in memory (tmpfs)"),
+            "{text}"
+        );
+    }
+
     // Backlog mode: held, then drained; human output, with the CPU of the process given
     // (courier runs in this test's process).
     let pid = std::process::id().to_string();
