@@ -753,7 +753,7 @@ pub fn serve_bare(durable: bool, dir: Option<&std::path::Path>) -> anyhow::Resul
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    let served = rt.block_on(async {
         let (app, _journal) = if durable {
             let (app, journal) = durable::app(dir)?;
             (app, Some(journal))
@@ -765,18 +765,28 @@ pub fn serve_bare(durable: bool, dir: Option<&std::path::Path>) -> anyhow::Resul
         let stdin_closed = tokio::task::spawn_blocking(|| {
             let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         });
+        // Ctrl-C at the terminal reaches this child too: it stops the same way, so that the
+        // durable server still removes its journal.
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
-                let _ = stdin_closed.await;
+                tokio::select! {
+                    _ = stdin_closed => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
             })
             .await?;
         Ok(())
-    })
+    });
+    // Not waiting for the thread still reading stdin (when stopped by Ctrl-C).
+    rt.shutdown_background();
+    served
 }
 
 /// A `courier bench-server` child process; killed when dropped.
 struct BareProcess {
-    /// Killed when dropped, unless [`BareProcess::stop`] got it to stop by itself.
+    /// Not killed when dropped: dropping it closes its stdin, and it stops by itself once
+    /// this process's connections to it are gone — so that the durable server removes its
+    /// journal even when a run ends in an error.
     child: tokio::process::Child,
     addr: SocketAddr,
     /// For its CPU time.
@@ -792,7 +802,6 @@ impl BareProcess {
             .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {} bench-server", exe.display()))?;
         let stdout = child.stdout.take().context("bench-server stdout")?;
@@ -819,7 +828,12 @@ impl BareProcess {
     /// server removes its journal; killed if it does not.
     async fn stop(mut self) {
         drop(self.child.stdin.take());
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
     }
 }
 
