@@ -21,11 +21,8 @@ use axum::http::StatusCode;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::journal::Journal;
-
-/// Most bodies written in one batch (as courier's journal thread).
-const MAX_BATCH: usize = 4096;
-/// A batch stops taking bodies once its records reach this size.
-const MAX_BATCH_BYTES: usize = 4 << 20;
+// Batches as courier's journal thread makes them, so that the two compare.
+use crate::store::journaler::{MAX_BATCH, MAX_BATCH_BYTES};
 
 type Waiter = oneshot::Sender<()>;
 

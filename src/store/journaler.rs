@@ -28,11 +28,11 @@ use super::writer::{AppendReply, Command, Journaled};
 use super::{AppendBatch, AppendResult, Shared, StoreError};
 
 /// Most appends written in one batch.
-const MAX_BATCH: usize = 4096;
+pub(crate) const MAX_BATCH: usize = 4096;
 
 /// A batch stops taking appends once its records reach this size, so that a file outgrows
 /// its lap by at most this (and one record): the files are written over, never truncated.
-const MAX_BATCH_BYTES: usize = 4 << 20;
+pub(crate) const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// How long a batch waits for the database to checkpoint the journal file it is about to
 /// write over. Past it the batch is refused (503): the database cannot keep up or cannot

@@ -11,7 +11,7 @@
 //! nodes sharing one queue) can be added behind the same methods.
 
 pub(crate) mod journal;
-mod journaler;
+pub(crate) mod journaler;
 mod progress;
 mod rollup;
 mod tables;
