@@ -335,7 +335,11 @@ fn proc_file(pid: Option<u32>, file: &str) -> Option<String> {
 
 /// A memory figure (`VmRSS`, `VmHWM`, …) of a process's `/proc/<pid>/status`, in KiB.
 fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
-    let text = proc_file(pid, "status")?;
+    status_field_kib(&proc_file(pid, "status")?, field)
+}
+
+/// One `Field:   123 kB` figure out of a `/proc/…/status` text.
+fn status_field_kib(text: &str, field: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(field))?;
     line[field.len()..]
         .trim()
@@ -997,8 +1001,19 @@ mod tests {
 
     #[test]
     fn reads_memory_figures() {
-        let rss = rss_kib(None).unwrap();
-        assert!(rss > 0 && peak_rss_kib(None).unwrap() >= rss);
+        // Both figures from one snapshot: the kernel reports the peak as at least the RSS of
+        // the same moment, but between two reads other test threads may free memory in ways
+        // that leave the recorded peak below the earlier RSS.
+        let text = proc_file(None, "status").unwrap();
+        let rss = status_field_kib(&text, "VmRSS").unwrap();
+        let peak = status_field_kib(&text, "VmHWM").unwrap();
+        assert!(rss > 0 && peak >= rss, "VmRSS {rss} kB, VmHWM {peak} kB");
+        assert!(rss_kib(None).unwrap() > 0 && peak_rss_kib(None).unwrap() > 0);
+        assert_eq!(
+            status_field_kib("VmPeak:\t  9 kB\nVmHWM:\t   2048 kB\n", "VmHWM"),
+            Some(2048)
+        );
+        assert_eq!(status_field_kib("VmRSS:\t 1 kB\n", "VmHWM"), None);
     }
 
     #[test]
