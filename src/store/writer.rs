@@ -157,19 +157,23 @@ pub(crate) fn run(
             Ok((replies, durability, journaled)) => {
                 retry_delay = RETRY_MIN;
                 shared.apply_deltas(&deltas);
+                // Counted before the commit is published: whoever waits for it (the API
+                // settling on the journal) then also sees it in the metrics.
+                shared.commits.inc();
+                shared.commands.inc_by(changes(&cmds));
+                let immediate = matches!(durability, Durability::Immediate);
+                if immediate {
+                    shared.durable_commits.inc();
+                }
                 if let Some(seq) = journaled {
                     shared.progress.set_applied(seq);
                 }
-                match durability {
-                    Durability::Immediate => {
-                        dirty = false;
-                        shared.progress.set_checkpointed(shared.progress.applied());
-                        shared.durable_commits.inc();
-                    }
-                    _ => dirty = true,
+                if immediate {
+                    dirty = false;
+                    shared.progress.set_checkpointed(shared.progress.applied());
+                } else {
+                    dirty = true;
                 }
-                shared.commits.inc();
-                shared.commands.inc_by(changes(&cmds));
                 for (cmd, reply) in cmds.drain(..).zip(replies) {
                     send(cmd, reply);
                 }
