@@ -260,7 +260,6 @@ fn push_payload(out: &mut String, size: usize, seq: usize) {
 /// Sends `n` requests with `c` producers (optionally at `rate`/s overall); returns the
 /// number of successes, errors and the elapsed time.
 async fn drive(
-    client: &reqwest::Client,
     n: usize,
     c: usize,
     rate: u64,
@@ -274,7 +273,6 @@ async fn drive(
     let mut tasks = Vec::new();
     for _ in 0..c.max(1) {
         let (next, ok, err, make) = (next.clone(), ok.clone(), err.clone(), make.clone());
-        let _ = client;
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -318,6 +316,11 @@ fn client(c: usize) -> reqwest::Client {
         .no_proxy()
         .build()
         .expect("client")
+}
+
+/// The mean of a baseline's run before and run after courier's.
+fn mean([before, after]: [f64; 2]) -> f64 {
+    (before + after) / 2.0
 }
 
 fn pct(sorted: &[u64], q: f64) -> f64 {
@@ -549,8 +552,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let courier_cpu_before = courier_cpu();
     let tool_cpu_before = cpu_time(None);
     let first_send = now_us();
-    let (ok, errors, took) =
-        drive(&http, opts.events, opts.concurrency, opts.rate, make, 202).await;
+    let (ok, errors, took) = drive(opts.events, opts.concurrency, opts.rate, make, 202).await;
     report.accepted = ok;
     report.errors = errors;
     report.accepted_per_sec = ok as f64 / took.as_secs_f64();
@@ -663,18 +665,18 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         let after = bare_202_rate(opts.events, opts.concurrency, size).await?;
         let runs = [before, after];
         report.baseline_202_runs = Some(runs);
-        report.baseline_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
+        report.baseline_202_per_sec = Some(mean(runs));
         let mut processes = processes.into_iter();
         if let Some(plain) = processes.next() {
             let (runs, cpu) = plain.after(opts.events, opts.concurrency, size).await;
             report.baseline_202_process_runs = Some(runs);
-            report.baseline_202_process_per_sec = Some((runs[0] + runs[1]) / 2.0);
+            report.baseline_202_process_per_sec = Some(mean(runs));
             report.baseline_202_process_cpu_us_per_request = cpu;
         }
         if let Some(durable) = processes.next() {
             let (runs, cpu) = durable.after(opts.events, opts.concurrency, size).await;
             report.baseline_durable_202_runs = Some(runs);
-            report.baseline_durable_202_per_sec = Some((runs[0] + runs[1]) / 2.0);
+            report.baseline_durable_202_per_sec = Some(mean(runs));
             report.baseline_durable_202_cpu_us_per_request = cpu;
             let dir = opts.durable_dir.clone().unwrap_or_else(std::env::temp_dir);
             report.baseline_durable_202_in_memory = Some(durable::in_memory(&dir));
@@ -683,12 +685,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         // Baseline 2: what sending alone costs: a client loop straight to a receiver.
         let (raddr, _h) = start_receiver(false).await?;
         let send = client(opts.concurrency);
-        let send2 = send.clone();
         let url = local_url(raddr, "/bench");
         let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> =
-            Arc::new(move |i| send2.post(url.clone()).body(payload(size, i)));
-        let (ok, _, took) =
-            drive(&send, opts.events, opts.concurrency.min(256), 0, make, 204).await;
+            Arc::new(move |i| send.post(url.clone()).body(payload(size, i)));
+        let (ok, _, took) = drive(opts.events, opts.concurrency.min(256), 0, make, 204).await;
         report.baseline_send_per_sec = Some(ok as f64 / took.as_secs_f64());
         report.accepted_vs_baseline = report
             .baseline_202_per_sec
@@ -740,11 +740,10 @@ fn local_url(addr: SocketAddr, path: &str) -> reqwest::Url {
 /// Requests/s that `c` producers get out of the bare server at `addr`.
 async fn rate_202(addr: SocketAddr, n: usize, c: usize, size: usize) -> f64 {
     let bare = client(c);
-    let bare2 = bare.clone();
     let url = local_url(addr, "/v1/events");
     let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> =
-        Arc::new(move |i| bare2.post(url.clone()).body(payload(size, i)));
-    let (ok, _, took) = drive(&bare, n, c, 0, make, 202).await;
+        Arc::new(move |i| bare.post(url.clone()).body(payload(size, i)));
+    let (ok, _, took) = drive(n, c, 0, make, 202).await;
     ok as f64 / took.as_secs_f64()
 }
 

@@ -168,11 +168,9 @@ pub(crate) fn run(
                 if let Some(seq) = journaled {
                     shared.progress.set_applied(seq);
                 }
+                dirty = !immediate;
                 if immediate {
-                    dirty = false;
                     shared.progress.set_checkpointed(shared.progress.applied());
-                } else {
-                    dirty = true;
                 }
                 for (cmd, reply) in cmds.drain(..).zip(replies) {
                     send(cmd, reply);

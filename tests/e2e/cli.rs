@@ -378,8 +378,8 @@ async fn bench_smoke_run_delivers_every_event() {
     assert_eq!(std::fs::read_dir(durable_dir.path()).unwrap().count(), 0);
     assert_eq!(r["backlog"], false);
     // Each 202 baseline — in the tool's process, in a process of its own
-    // (`courier bench-server`) like courier, and that process made durable — is the mean of a run before and a run after
-    // courier's, and courier's ratio is taken against that mean.
+    // (`courier bench-server`) like courier, and that process made durable — is the mean of
+    // a run before and a run after courier's, and courier's ratio is taken against that mean.
     let accepted = r["accepted_per_sec"].as_f64().unwrap();
     for (runs, mean, ratio) in [
         (
