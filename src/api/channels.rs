@@ -31,10 +31,11 @@ impl From<WorkflowError> for ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "unknown_workflow")
             }
             WorkflowError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            WorkflowError::AlreadyCompleted(_) | WorkflowError::NotWaiting(..) => {
-                (StatusCode::CONFLICT, "conflict")
-            }
-            WorkflowError::TimedOut(_) => (StatusCode::GONE, "gone"),
+            // A channel that timed out has had its final message, as one that completed has:
+            // a callback after either is a conflict (DESIGN.md: "a second callback gets 409").
+            WorkflowError::AlreadyCompleted(_)
+            | WorkflowError::NotWaiting(..)
+            | WorkflowError::TimedOut(_) => (StatusCode::CONFLICT, "conflict"),
             WorkflowError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             WorkflowError::Store(s) => return ApiError::from(s.clone()),
         };

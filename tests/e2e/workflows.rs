@@ -277,7 +277,14 @@ async fn no_callback_in_time_ends_with_callback_timeout() {
     let (s, e) = c
         .post_json(&format!("/v1/callback/{id}"), &json!({"data": {}}))
         .await;
-    assert_eq!((s, e["error"]["code"].as_str()), (410, Some("gone")));
+    // Too late: the channel's final message was the timeout, so this is a second answer.
+    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("conflict")));
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("timed out"), "{msg}");
+    // And it changed nothing: the channel still ends with the timeout.
+    let (s, ch) = c.get(&format!("/v1/channels/{id}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(ch["latest"]["error"], "callback_timeout", "{ch}");
     c.stop().await;
 }
 
