@@ -18,7 +18,12 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
-    match app.store.delivery("dlv_readiness_probe") {
+    // A store whose writer failed still reads, but takes nothing: not ready.
+    match app
+        .store
+        .check()
+        .and_then(|()| app.store.delivery("dlv_readiness_probe"))
+    {
         Ok(_) if !app.shutdown.is_cancelled() => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Ok(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -68,7 +68,7 @@ pub(crate) async fn answer(mut batches: tokio::sync::mpsc::UnboundedReceiver<Vec
 }
 
 /// Whether the answer to `b` is known before the database sees it (see the module docs).
-fn creates_for_sure(b: &AppendBatch) -> bool {
+pub(crate) fn creates_for_sure(b: &AppendBatch) -> bool {
     b.idempotency.is_none() && !b.id_supplied
 }
 
@@ -149,12 +149,21 @@ pub(crate) fn run(
             .blocking_send(Command::Journaled(Journaled { appends, last_seq }))
             .is_err()
         {
-            // Only when the store is closing; the records are on disk and the next start
-            // applies them.
+            // The writer is gone while this thread still holds a sender to it: it died (a
+            // panic). These records are on disk and the next start applies them, so their
+            // producers are told the truth, that their events are accepted (the others, whose
+            // answer needs the database, get `Closed` as their replies are dropped). Nothing
+            // more is taken: with no writer to checkpoint, the journal would run on into
+            // records the database does not hold, and producers would be told of failures
+            // for events the next start then delivers.
+            tracing::error!(
+                appends = answered.len(),
+                "the database writer has stopped; the ingest journal refuses new events until courier restarts"
+            );
             for tx in answered {
-                drop(tx.send(Err(StoreError::Closed)));
+                drop(tx.send(Ok(AppendResult::Created)));
             }
-            continue;
+            return;
         }
         let unsent = match &answers {
             Some(_) if answered.is_empty() => None,

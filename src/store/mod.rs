@@ -250,6 +250,9 @@ pub(crate) struct Shared {
     /// Test-only fault injection: every write transaction fails while this is set.
     #[cfg(test)]
     pub(crate) fail_applies: std::sync::atomic::AtomicBool,
+    /// Test-only fault injection: the writer thread panics at its next transaction.
+    #[cfg(test)]
+    pub(crate) panic_applies: std::sync::atomic::AtomicBool,
 }
 
 /// See [`Store::commit_counters`].
@@ -296,6 +299,8 @@ impl Shared {
             fail_outcomes: Default::default(),
             #[cfg(test)]
             fail_applies: Default::default(),
+            #[cfg(test)]
+            panic_applies: Default::default(),
         }
     }
 
@@ -319,9 +324,21 @@ pub struct Store {
     shared: Arc<Shared>,
 }
 
+/// Why the store refuses changes after its writer thread failed.
+const WRITER_STOPPED: &str = "the database writer has stopped (see the log); events \
+     acknowledged before are kept in the ingest journal and applied when courier restarts";
+
 /// How long [`Store::settle`] waits for the database to catch up with the journal before it
 /// reports the store unavailable.
 pub(crate) const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long an append the writer must answer (one with an idempotency key or a chosen id)
+/// waits for it: the journal's own bound (a checkpoint it may wait for) and then the
+/// database's, as readers wait in [`Store::settle`].
+#[cfg(not(test))]
+const APPLY_WAIT: std::time::Duration = SETTLE_TIMEOUT.saturating_mul(2);
+#[cfg(test)]
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Largest number of rows a listing examines before handing back a cursor.
 const SCAN_CAP: usize = 100_000;
@@ -430,27 +447,70 @@ impl Store {
         Closer(self.shared.writer.lock().expect("writer handle").take())
     }
 
+    /// Whether the store can take changes: `Err` once its writer thread has stopped while the
+    /// store is open (it failed; see the log), which only a restart mends — the journal
+    /// then applies every event acknowledged before. Readiness reports it.
+    pub fn check(&self) -> Result<(), StoreError> {
+        if self.writer_stopped() {
+            return Err(StoreError::Db(WRITER_STOPPED.into()));
+        }
+        Ok(())
+    }
+
+    fn writer_stopped(&self) -> bool {
+        // The handle is taken by [`Store::closer`] when courier shuts down.
+        self.shared
+            .writer
+            .lock()
+            .expect("writer handle")
+            .as_ref()
+            .is_some_and(|h| h.is_finished())
+    }
+
+    /// What a caller is told when the writer or the journal thread is no longer there.
+    fn gone(&self) -> StoreError {
+        match self.check() {
+            Ok(()) => StoreError::Closed,
+            Err(e) => e,
+        }
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.tx.send(make(tx)).await.map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// Commits an event with its deliveries; returns once it is on disk (in the ingest
     /// journal; the database may apply it a moment later: see [`Store::settle`]).
+    ///
+    /// An append with an idempotency key or a chosen id is answered by the writer once the
+    /// database has it (its answer depends on what the database holds). While the database
+    /// cannot commit (a full disk), the writer keeps retrying, and such a caller gets
+    /// [`StoreError::Behind`] after [`APPLY_WAIT`] instead of waiting without end; its event
+    /// may still be accepted, and asking again with the same key or id tells.
     pub async fn append(&self, batch: AppendBatch) -> Result<AppendResult, StoreError> {
+        let needs_writer = !journaler::creates_for_sure(&batch);
         let (tx, rx) = oneshot::channel();
         self.journal
             .send((batch, tx))
             .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+            .map_err(|_| self.gone())?;
+        if !needs_writer {
+            // The journal thread answers within its own bound (a checkpoint it waits for).
+            return rx.await.map_err(|_| self.gone())?;
+        }
+        match tokio::time::timeout(APPLY_WAIT, rx).await {
+            Ok(answer) => answer.map_err(|_| self.gone())?,
+            Err(_) => Err(StoreError::Behind(format!(
+                "the database has not applied this event within {APPLY_WAIT:?} (see the log \
+                 for its write errors); it may still be accepted: send it again with the same \
+                 idempotency key or id to learn its outcome"
+            ))),
+        }
     }
 
     /// Waits until the database shows every event acknowledged before this call (the writer
@@ -1360,6 +1420,101 @@ mod tests {
         for id in &accepted {
             assert!(store.event(id).unwrap().is_some(), "{id} was acknowledged");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_keyed_append_gets_an_answer_while_the_database_cannot_commit() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        store.shared.fail_applies.store(true, Ordering::SeqCst);
+        // Its answer needs the database, which keeps failing: the caller is told so in
+        // bounded time instead of waiting for it without end.
+        let b = batch("key-1", 1_000);
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(APPLY_WAIT * 3, store.append(b.clone()))
+            .await
+            .expect("answered, not left waiting");
+        match r {
+            Err(StoreError::Behind(msg)) => {
+                assert!(msg.contains("same idempotency key"), "{msg}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() >= APPLY_WAIT);
+        // It was journaled, so once the database can write it is applied, and asking again
+        // with the same key returns the first answer: one event, not two.
+        store.shared.fail_applies.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.settle().await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "never applied");
+        }
+        assert!(store.event(&b.event.id).unwrap().is_some());
+        let mut again = batch("key-1", 2_000);
+        again.reply = b"second".to_vec();
+        match store.append(again.clone()).await.unwrap() {
+            AppendResult::Replayed(reply) => assert_eq!(reply, b"key-1"),
+            other => panic!("{other:?}"),
+        }
+        assert!(store.event(&again.event.id).unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_writer_stops_ingest_and_every_acknowledged_event_survives() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        store.append(to("e", 0)).await.unwrap();
+        store.settle().await.unwrap();
+        store.shared.panic_applies.store(true, Ordering::SeqCst);
+        // Plain appends are answered by the journal thread: accepted while the writer lives
+        // (and as the batch that finds it gone, which is on disk), then refused.
+        let mut accepted = vec![];
+        let mut refused = None;
+        for n in 1..200 {
+            let mut b = to("e", n);
+            b.idempotency = None;
+            let id = b.event.id.clone();
+            let r = tokio::time::timeout(std::time::Duration::from_secs(10), store.append(b))
+                .await
+                .expect("answered, not left waiting");
+            match r {
+                Ok(AppendResult::Created) => accepted.push(id),
+                Err(StoreError::Closed | StoreError::Db(_)) => {
+                    refused = Some(id);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let refused = refused.expect("ingest stops once the writer is gone");
+        assert!(!accepted.is_empty());
+        // Readiness says why, and so does every later change.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.check().is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer is reported"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let mut b = to("e", 300);
+        b.idempotency = None;
+        match store.append(b).await {
+            Err(StoreError::Db(msg)) => assert!(msg.contains("writer has stopped"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        drop(store);
+        // The next start applies every acknowledged event from the journal, and nothing it
+        // refused.
+        let store = Store::open(&path, true).unwrap();
+        store.settle().await.unwrap();
+        for id in &accepted {
+            assert!(store.event(id).unwrap().is_some(), "{id} was acknowledged");
+        }
+        assert!(store.event(&refused).unwrap().is_none());
+        store.append(to("e", 500)).await.unwrap();
     }
 
     async fn kill(store: &Store, id: &str) {

@@ -143,6 +143,13 @@ pub(crate) fn run(
         }
         let mut deltas = Deltas::new();
         #[cfg(test)]
+        if shared
+            .panic_applies
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected: the writer failed");
+        }
+        #[cfg(test)]
         let result = if shared
             .fail_applies
             .load(std::sync::atomic::Ordering::SeqCst)
