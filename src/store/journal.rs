@@ -98,6 +98,9 @@ struct Side {
     /// Then makes this many fail without writing anything.
     #[cfg(test)]
     refuse: u32,
+    /// Makes every direct write fail as a file system refusing its alignment would.
+    #[cfg(test)]
+    refuse_direct: bool,
 }
 
 impl Side {
@@ -107,6 +110,10 @@ impl Side {
         if self.fail_after_write == 0 && self.refuse > 0 {
             self.refuse -= 1;
             return Err(std::io::Error::other("injected: the write was refused"));
+        }
+        #[cfg(test)]
+        if self.direct.is_some() && self.refuse_direct {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
         let r = match &mut self.direct {
             Some(d) => d.write(at, bytes),
@@ -164,8 +171,28 @@ impl Side {
             fail_after_write: 0,
             #[cfg(test)]
             refuse: 0,
+            #[cfg(test)]
+            refuse_direct: false,
         };
         Ok((side, bytes))
+    }
+}
+
+/// Makes the names of the files in `file`'s directory durable (the journal's two files and
+/// the database's, which is created first).
+///
+/// Why: a file's own flushes make its contents durable, but on a power cut a file system may
+/// lose the directory entry of a file created just before. Losing a journal file would lose
+/// acknowledged events without a trace (a journal that starts empty looks like one with
+/// nothing to replay). Once per start; where a file system does not sync directories the
+/// journal goes on, with a warning.
+fn sync_dir(file: &Path) {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot sync the data directory; the journal's files may not survive a power cut if just created");
     }
 }
 
@@ -197,6 +224,7 @@ impl Journal {
     ) -> Result<(Journal, Vec<Record>), StoreError> {
         let (mut a, a_bytes) = Side::open(path.to_path_buf(), try_direct)?;
         let (mut b, b_bytes) = Side::open(second_path(path), try_direct)?;
+        sync_dir(path);
         let (a_records, b_records) = (scan(&a_bytes, id), scan(&b_bytes, id));
         a.last_seq = a_records.last().map_or(0, |(seq, _)| *seq);
         b.last_seq = b_records.last().map_or(0, |(seq, _)| *seq);
@@ -292,7 +320,8 @@ impl Journal {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let side = &mut self.sides[self.cur];
+        let cur = self.cur;
+        let side = &mut self.sides[cur];
         self.job.clear();
         self.job.extend_from_slice(&side.tail);
         self.job.extend_from_slice(&self.buf);
@@ -301,7 +330,21 @@ impl Journal {
         if let Some(stale) = side.stale_to.checked_sub(at + records_end as u64) {
             self.job.resize(records_end + stale as usize, 0);
         }
-        let r = side.put(&self.job, at);
+        let mut r = side.put(&self.job, at);
+        if side.direct.is_some()
+            && let Err(e) = &r
+            && e.raw_os_error() == Some(libc::EINVAL)
+        {
+            // The file system refused the direct write's alignment (where the kernel could
+            // not say what it needs up front): the same bytes again, buffered, and from now
+            // on both files buffered. What is on disk is unchanged by a refused write.
+            tracing::warn!(path = %side.path.display(), error = %e, "the file system refused a direct write; the ingest journal goes on with buffered writes and fdatasync");
+            for s in &mut self.sides {
+                s.direct = None;
+            }
+            r = self.sides[cur].put(&self.job, at);
+        }
+        let side = &mut self.sides[cur];
         let len = self.buf.len();
         self.buf.clear();
         match r {
@@ -309,9 +352,9 @@ impl Journal {
                 side.offset += len as u64;
                 side.last_seq = self.next_seq - 1;
                 side.stale_to = 0;
+                side.tail.clear();
                 if side.direct.is_some() {
                     let keep = (side.offset % BLOCK as u64) as usize;
-                    side.tail.clear();
                     side.tail
                         .extend_from_slice(&self.job[records_end - keep..records_end]);
                 }
@@ -386,6 +429,14 @@ impl Direct {
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
             .open(path)?;
+        if let Some((memory, offset)) = dio_alignment(&file)
+            && !fits_blocks(memory, offset)
+        {
+            return Err(std::io::Error::other(format!(
+                "direct I/O here needs buffers aligned to {memory} bytes and offsets to \
+                 {offset}, and the journal writes whole {BLOCK}-byte blocks"
+            )));
+        }
         Ok(Direct {
             file,
             scratch: Vec::new(),
@@ -408,6 +459,39 @@ impl Direct {
         out[len..].fill(0);
         self.file.write_all_at(out, at)
     }
+}
+
+/// What the file system asks of direct I/O on `file`: the alignment of buffers and of file
+/// offsets and lengths, in bytes (`Some((0, 0))` if it does not support it); `None` where the
+/// kernel does not say (before Linux 6.1), in which case direct I/O is tried as it is.
+fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `statx` fills the buffer it is given, which is a whole `statx` struct; an empty
+    // path with `AT_EMPTY_PATH` asks about the open file itself.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised, and filled by the successful call.
+    let stx = unsafe { stx.assume_init() };
+    (stx.stx_mask & libc::STATX_DIOALIGN != 0)
+        .then_some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+/// Whether writes of whole [`BLOCK`]s from a [`BLOCK`]-aligned buffer at [`BLOCK`] offsets meet
+/// these alignments (0: no direct I/O at all).
+fn fits_blocks(memory: u32, offset: u32) -> bool {
+    let fits = |a: u32| a != 0 && BLOCK.is_multiple_of(a as usize);
+    fits(memory) && fits(offset)
 }
 
 fn checksum(id: u64, seq: u64, payload: &[u8]) -> u32 {
@@ -693,14 +777,64 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let (j, _) = Journal::open(&path, ID, 0).unwrap();
-        // Whether this file system takes O_DIRECT, asked directly.
+        // Whether this file system takes O_DIRECT with whole blocks, asked directly.
         let supported = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(&path)
-            .is_ok();
+            .is_ok_and(|f| dio_alignment(&f).is_none_or(|(m, o)| fits_blocks(m, o)));
         assert_eq!(j.is_direct(), supported);
         let (j, _) = Journal::open_with(&path, ID, 0, false).unwrap();
         assert!(!j.is_direct());
+    }
+
+    #[test]
+    fn whole_aligned_blocks_fit_any_alignment_that_divides_them() {
+        assert!(fits_blocks(512, 512));
+        assert!(fits_blocks(4, 4096));
+        assert!(fits_blocks(4096, 4096));
+        // No direct I/O on this file, or alignments larger than the journal's blocks.
+        assert!(!fits_blocks(0, 0));
+        assert!(!fits_blocks(512, 0));
+        assert!(!fits_blocks(512, 16_384));
+        assert!(!fits_blocks(8192, 512));
+        assert!(!fits_blocks(512, 3000));
+    }
+
+    #[test]
+    fn a_refused_direct_write_goes_on_buffered_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (mut j, _) = Journal::open(&path, ID, 0).unwrap();
+        assert!(
+            j.is_direct(),
+            "this test needs a file system with direct I/O for its temporary directory"
+        );
+        let mut expected = Vec::new();
+        // A record that ends inside a block, written directly: its block's bytes are kept
+        // for the next direct write.
+        expected.push(vec![1u8; 1000]);
+        j.push(&expected[0]);
+        j.write().unwrap();
+        // Now the file system refuses direct writes: the batch goes out buffered.
+        j.sides[j.cur].refuse_direct = true;
+        for n in 2..5u8 {
+            expected.push(vec![n; 3000]);
+            j.push(expected.last().unwrap());
+        }
+        j.write().unwrap();
+        assert!(!j.is_direct(), "both files go on buffered");
+        // And later batches, in this file and after a switch to the other.
+        expected.push(vec![9u8; 10]);
+        j.push(expected.last().unwrap());
+        j.write().unwrap();
+        j.switch();
+        expected.push(vec![10u8; 5000]);
+        j.push(expected.last().unwrap());
+        j.write().unwrap();
+        drop(j);
+        let (_, pending) = Journal::open(&path, ID, 0).unwrap();
+        let got: Vec<Vec<u8>> = pending.into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, expected);
     }
 }
