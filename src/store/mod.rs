@@ -1469,10 +1469,18 @@ mod tests {
         store.settle().await.unwrap();
         store.shared.panic_applies.store(true, Ordering::SeqCst);
         // Plain appends are answered by the journal thread: accepted while the writer lives
-        // (and as the batch that finds it gone, which is on disk), then refused.
+        // (and as the batch that finds it gone, which is on disk), then refused. The writer
+        // lets go of its end only after its panic is reported (a backtrace may take seconds).
         let mut accepted = vec![];
         let mut refused = None;
-        for n in 1..200 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for n in 1.. {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            if n > 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
             let mut b = to("e", n);
             b.idempotency = None;
             let id = b.event.id.clone();
