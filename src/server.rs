@@ -175,7 +175,7 @@ fn load_api_endpoints(app: &App) -> anyhow::Result<()> {
 }
 
 /// Deletes delivered, dead and dropped deliveries last changed more than `delivery.retention`
-/// ago, and expired idempotency keys: a sweep every quarter of the retention (at most every
+/// ago, workflow channels that finished that long ago, and expired idempotency keys: a sweep every quarter of the retention (at most every
 /// minute), in small rounds so that the writer is never held for long.
 async fn retention(app: Arc<App>) {
     const BATCH: usize = 500;
@@ -195,14 +195,17 @@ async fn retention(app: Arc<App>) {
             match app.store.purge(before, idem_before, BATCH, cursor).await {
                 Ok(round) => {
                     app.metrics.purged.inc_by(round.purged as u64);
-                    if round.purged > 0 || round.keys_expired > 0 {
+                    if round.purged > 0 || round.keys_expired > 0 || round.channels_purged > 0 {
                         tracing::debug!(
                             purged = round.purged,
                             keys_expired = round.keys_expired,
+                            channels = round.channels_purged,
                             "retention purge"
                         );
                     }
-                    let done = round.cursor.finished() && round.keys_expired < BATCH;
+                    let done = round.cursor.finished()
+                        && round.keys_expired < BATCH
+                        && round.channels_purged < BATCH;
                     if done || app.shutdown.is_cancelled() {
                         break;
                     }

@@ -186,7 +186,9 @@ async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
         Ok(Some(ch)) => ch,
         Ok(None) => return,
         Err(e) => {
-            tracing::error!(channel = id, error = %e, "cannot load channel");
+            tracing::error!(channel = id, error = %e, "cannot load channel; retrying in 1s");
+            // Its timer stays due: without a pause the loop would read it again at once.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             return;
         }
     };
@@ -210,9 +212,7 @@ async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
             run_upstream(app, ch, &wf).await
         }
         TimerKind::CallbackTimeout if ch.state == ChannelState::AwaitingCallback => {
-            tracing::warn!(channel = %ch.id, workflow = %wf.name, "no callback within callback_timeout");
-            let msg = json!({"channel_id": ch.id, "status": "error", "error": "callback_timeout"});
-            finish(app, ch, ChannelState::TimedOut, msg, None).await
+            time_out(app, ch).await
         }
         // The simulator may have been removed by a reload since the timer was set: then the
         // timer no longer applies, and the callback timeout decides.
@@ -536,6 +536,13 @@ async fn advance(
     }
 }
 
+/// Ends a channel that waited for its callback past `callback_timeout`.
+async fn time_out(app: &Arc<App>, ch: Channel) -> Advanced {
+    tracing::warn!(channel = %ch.id, workflow = %ch.workflow, "no callback within callback_timeout");
+    let msg = json!({"channel_id": ch.id, "status": "error", "error": "callback_timeout"});
+    finish(app, ch, ChannelState::TimedOut, msg, None).await
+}
+
 /// The backend's callback: completes a channel that waits for one.
 pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, WorkflowError> {
     let Value::Object(obj) = body else {
@@ -549,6 +556,21 @@ pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, 
             .channel(id)?
             .ok_or_else(|| WorkflowError::NotFound(id.to_string()))?;
         match ch.state {
+            // Past its deadline the channel has timed out, whether or not its timer has run
+            // yet (it may be due this very moment, or courier was down when it fell due): the
+            // timeout is recorded now and the callback is too late.
+            ChannelState::AwaitingCallback
+                if ch
+                    .timers
+                    .iter()
+                    .any(|(at, k)| *k == TimerKind::CallbackTimeout && *at <= now_ms()) =>
+            {
+                match time_out(app, ch).await {
+                    Advanced::Applied => return Err(WorkflowError::TimedOut(id.to_string())),
+                    Advanced::Failed(e) => return Err(WorkflowError::Store(e)),
+                    Advanced::Stale => continue,
+                }
+            }
             ChannelState::AwaitingCallback => {}
             ChannelState::TimedOut => return Err(WorkflowError::TimedOut(id.to_string())),
             ChannelState::Succeeded | ChannelState::Failed => {

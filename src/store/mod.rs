@@ -172,6 +172,8 @@ pub struct PurgeRound {
     pub purged: usize,
     /// Idempotency records deleted.
     pub keys_expired: usize,
+    /// Finished workflow channels deleted.
+    pub channels_purged: usize,
     /// Where the next round goes on.
     pub cursor: PurgeCursor,
 }
@@ -367,7 +369,7 @@ impl Store {
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEMPOTENCY_AGE)?;
             txn.open_table(ROLLUPS)?;
-            txn.open_table(CHANNELS)?;
+            let channels = txn.open_table(CHANNELS)?;
             txn.open_table(TIMERS)?;
             txn.open_table(ENDPOINTS)?;
             txn.open_table(COUNTS)?;
@@ -389,6 +391,17 @@ impl Store {
             if meta.get(DEAD_BY_ENDPOINT_BUILT)?.is_none() {
                 build_dead_by_endpoint(&txn, &by_status)?;
                 meta.insert(DEAD_BY_ENDPOINT_BUILT, 1)?;
+            }
+            if meta.get(CHANNELS_DONE_BUILT)?.is_none() {
+                let mut done = txn.open_table(CHANNELS_DONE)?;
+                for row in channels.iter()? {
+                    let (_, v) = row?;
+                    let ch: Channel = decode(v.value(), "channel")?;
+                    if ch.state.is_final() {
+                        done.insert((ch.updated_ms, ch.id.as_str()), ())?;
+                    }
+                }
+                meta.insert(CHANNELS_DONE_BUILT, 1)?;
             }
             if meta.get(BY_STATUS_NO_PENDING)?.is_none() {
                 let pending = DeliveryStatus::Pending.as_str();
@@ -1523,6 +1536,97 @@ mod tests {
         }
         assert!(store.event(&refused).unwrap().is_none());
         store.append(to("e", 500)).await.unwrap();
+    }
+
+    fn channel(id: &str, state: crate::model::ChannelState, version: u64, at: u64) -> Channel {
+        Channel {
+            id: id.into(),
+            workflow: "w".into(),
+            state,
+            version,
+            request: "{}".into(),
+            ai_response: None,
+            history: Vec::new(),
+            timers: Vec::new(),
+            created_ms: 1_000,
+            updated_ms: at,
+            delivery_ids: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_the_channels_that_finished_before_its_cutoff() {
+        use crate::model::ChannelState::*;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let put = |ch: Channel, expect_version: Option<u64>| {
+            let store = store.clone();
+            async move {
+                let change = ChannelChange {
+                    channel: ch,
+                    expect_version,
+                    append: None,
+                };
+                let r = store.channel_change(change).await.unwrap();
+                assert!(matches!(r, AdvanceResult::Applied), "{r:?}");
+            }
+        };
+        put(channel("old-done", Succeeded, 1, 1_000), None).await;
+        put(channel("old-timeout", TimedOut, 1, 1_500), None).await;
+        put(channel("new-failed", Failed, 1, 5_000), None).await;
+        put(channel("old-waiting", AwaitingCallback, 1, 1_000), None).await;
+        // Opened long ago, finished recently: it counts from when it finished.
+        put(channel("late", Pending, 1, 1_000), None).await;
+        put(channel("late", Succeeded, 2, 6_000), Some(1)).await;
+        let round = store
+            .purge(2_000, 0, 100, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.channels_purged, 2);
+        let kept = |id: &str| store.channel(id).unwrap().is_some();
+        assert!(!kept("old-done") && !kept("old-timeout"));
+        assert!(kept("new-failed") && kept("late"));
+        assert!(
+            kept("old-waiting"),
+            "a channel still waiting is never purged"
+        );
+        // A round takes at most its limit; the next goes on.
+        let round = store
+            .purge(7_000, 0, 1, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.channels_purged, 1);
+        let round = store
+            .purge(7_000, 0, 1, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.channels_purged, 1);
+        assert!(!kept("new-failed") && !kept("late") && kept("old-waiting"));
+
+        // A database made before the index: it is built when the store is opened.
+        put(channel("before", Failed, 1, 3_000), None).await;
+        let closer = store.closer();
+        drop(store);
+        assert!(closer.wait(std::time::Duration::from_secs(10)));
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(CHANNELS_DONE).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .remove(CHANNELS_DONE_BUILT)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        let round = store
+            .purge(7_000, 0, 100, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.channels_purged, 1);
+        assert!(store.channel("before").unwrap().is_none());
+        assert!(store.channel("old-waiting").unwrap().is_some());
     }
 
     async fn kill(store: &Store, id: &str) {

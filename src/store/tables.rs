@@ -51,6 +51,9 @@ pub const ROLLUPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("a
 
 /// channel id → postcard [`crate::model::Channel`]
 pub const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
+/// (finished ms, channel id) for every channel in a final state: retention deletes the old
+/// ones without reading the others (channel ids are random, so [`CHANNELS`] is no time index).
+pub const CHANNELS_DONE: TableDefinition<(u64, &str), ()> = TableDefinition::new("channels_done");
 /// Workflow timers: (due ms, channel id, kind code). Durable, so a restart neither loses nor
 /// double-fires them (a fired timer is removed in the same transaction as its effect).
 pub const TIMERS: TableDefinition<(u64, &str, u8), ()> = TableDefinition::new("timers");
@@ -65,6 +68,9 @@ pub const JOURNAL_SEQ: &str = "journal_seq";
 /// [`META`] key, set once [`DEAD_BY_ENDPOINT`] holds every dead delivery (databases made
 /// before it get it built when opened).
 pub const DEAD_BY_ENDPOINT_BUILT: &str = "dead_by_endpoint_built";
+/// [`META`] key, set once [`CHANNELS_DONE`] holds every finished channel (databases made
+/// before it get it built when opened).
+pub const CHANNELS_DONE_BUILT: &str = "channels_done_built";
 /// [`META`] key, set once [`BY_STATUS`] holds no pending deliveries (databases made before it
 /// stopped indexing them are cleared of them when first opened).
 pub const BY_STATUS_NO_PENDING: &str = "by_status_no_pending";

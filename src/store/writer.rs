@@ -592,6 +592,7 @@ struct Tables<'t> {
     /// the end ([`Tables::flush_rollups`]).
     new_rollups: HashMap<(String, u64), Rollup>,
     channels: Lazy<'t, &'static str, &'static [u8]>,
+    channels_done: Lazy<'t, (u64, &'static str), ()>,
     timers: Lazy<'t, (u64, &'static str, u8), ()>,
     endpoints: Lazy<'t, &'static str, &'static [u8]>,
     meta: Lazy<'t, &'static str, u64>,
@@ -616,6 +617,7 @@ impl<'t> Tables<'t> {
             rollups: Lazy::new(txn, ROLLUPS),
             new_rollups: HashMap::new(),
             channels: Lazy::new(txn, CHANNELS),
+            channels_done: Lazy::new(txn, CHANNELS_DONE),
             timers: Lazy::new(txn, TIMERS),
             endpoints: Lazy::new(txn, ENDPOINTS),
             meta: Lazy::new(txn, META),
@@ -1004,9 +1006,28 @@ impl<'t> Tables<'t> {
                 .open()?
                 .remove((at, a.as_str(), b.as_str()))?;
         }
+        // Workflow channels that finished before the cutoff (a finished channel has no
+        // timers left; its webhook deliveries go their own way above).
+        let mut done = Vec::new();
+        for row in self
+            .channels_done
+            .open()?
+            .range((0u64, "")..(before_ms, ""))?
+            .take(limit)
+        {
+            let (k, _) = row?;
+            let (at, id) = k.value();
+            done.push((at, id.to_string()));
+        }
+        let channels_purged = done.len();
+        for (at, id) in done {
+            self.channels_done.open()?.remove((at, id.as_str()))?;
+            self.channels.open()?.remove(id.as_str())?;
+        }
         Ok(PurgeRound {
             purged,
             keys_expired,
+            channels_purged,
             cursor,
         })
     }
@@ -1040,6 +1061,16 @@ impl<'t> Tables<'t> {
             }
         }
         let new = &change.channel;
+        if let Some(cur) = current.as_ref().filter(|c| c.state.is_final()) {
+            self.channels_done
+                .open()?
+                .remove((cur.updated_ms, cur.id.as_str()))?;
+        }
+        if new.state.is_final() {
+            self.channels_done
+                .open()?
+                .insert((new.updated_ms, new.id.as_str()), ())?;
+        }
         for (due, kind) in &new.timers {
             self.timers
                 .open()?

@@ -327,6 +327,77 @@ async fn simulation_plays_the_backend_with_inject_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_past_the_deadline_is_too_late_even_before_the_timer_has_run() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "{DELIVERY_FAST}{}{}",
+            endpoint("app", &rx.url("/"), ""),
+            workflow(&upstream, "event_name = \"e\"\ncallback_timeout = \"1s\"")
+        ),
+    );
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    // Many channels, so that after the restart their overdue timers take a while to run:
+    // the last one opened has the latest deadline and its timer runs last.
+    const N: usize = 300;
+    let mut id = String::new();
+    for _ in 0..N {
+        let r = http
+            .post(format!("{}/v1/ai/async", p.base))
+            .bearer_auth(ADMIN)
+            .body(json!({"workflow": "movie_suggestion"}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        id = serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()["channel_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    }
+    rx.wait_for(N, T).await; // every ai_generated webhook went out: the deadlines are set
+    // courier is down when the deadlines pass; the backend calls back the moment it is up
+    // again, racing the timers that are now overdue.
+    p.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let p2 = Process::spawn(&cfg);
+    let r = http
+        .post(format!("{}/v1/callback/{id}", p2.base))
+        .bearer_auth(ADMIN)
+        .body(json!({"data": {"late": true}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    let e: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{e}"
+    );
+    let (_, ch) = get_json(&http, &format!("{}/v1/channels/{id}", p2.base)).await;
+    assert_eq!(ch["final"], true, "{ch}");
+    assert_eq!(ch["latest"]["error"], "callback_timeout", "{ch}");
+    let statuses: Vec<&str> = ch["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["message"]["status"].as_str().unwrap())
+        .collect();
+    assert!(!statuses.contains(&"success"), "{ch:#}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "error").count(),
+        1,
+        "{ch:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callback_timer_survives_a_restart_and_fires_once() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(AI));
