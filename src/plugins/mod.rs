@@ -302,6 +302,14 @@ impl Plugins {
             return Ok(Transformed::Send(out));
         }
         let host = self.host()?;
+        // Headers courier owns that are already set (a workflow delivery's `mr-channel-id`):
+        // a plugin sees them but cannot change or remove them.
+        let owned: Vec<(String, String)> = out
+            .headers
+            .iter()
+            .filter(|(n, _)| is_owned(n))
+            .cloned()
+            .collect();
         for name in names {
             let plugin = self.get_kind(name, PluginKind::Transform)?;
             let req = Request {
@@ -341,10 +349,8 @@ impl Plugins {
                         .headers
                         .into_iter()
                         .map(|h| (h.name.to_ascii_lowercase(), h.value))
-                        .filter(|(n, _)| {
-                            !crate::config::RESERVED_HEADERS.contains(&n.as_str())
-                                || n == "content-type"
-                        })
+                        .filter(|(n, _)| !is_owned(n))
+                        .chain(owned.iter().cloned())
                         .collect();
                 }
                 TransformOutcome::Drop(reason) => {
@@ -560,4 +566,10 @@ pub fn rewatch(app: &Arc<crate::app::App>) {
         }
     };
     *app.plugins.watcher.lock().expect("watcher") = watcher;
+}
+
+/// Whether courier sets header `name` itself, so that a transform's value for it is ignored
+/// (all the reserved headers but `content-type`, which a transform may change with the body).
+fn is_owned(name: &str) -> bool {
+    name != "content-type" && crate::config::RESERVED_HEADERS.contains(&name)
 }

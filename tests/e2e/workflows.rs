@@ -87,6 +87,29 @@ fn is_uuid(s: &str) -> bool {
 }
 
 #[tokio::test]
+async fn a_transform_on_the_workflow_endpoint_keeps_the_channel_header() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}[[plugins]]\nname = \"redact\"\npath = \"{}\"\nkind = \"transform\"\nconfig = {{ fields = \"meta\" }}\n{}{}",
+        plugin("redact").display(),
+        endpoint("app", &rx.url("/hook"), "transforms = [\"redact\"]"),
+        workflow(&upstream, "")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let got = rx.wait_for(1, T).await;
+    // The plugin ran (it removed `meta`), and the header courier owns is still there.
+    let body = got[0].json();
+    assert_eq!(body["channel_id"], id.as_str(), "{body}");
+    assert!(body.get("meta").is_none(), "{body}");
+    assert_eq!(got[0].header("mr-channel-id"), id);
+    courier::deliver::sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn plain_async_success_reaches_the_endpoint_and_the_socket() {
     let upstream = Receiver::start().await;
     upstream.set_default(
