@@ -134,6 +134,13 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
+    /// Forgets an endpoint's health (its circuit and failure streak): it was deleted, and an
+    /// endpoint made later under the same name — perhaps another URL, for someone else —
+    /// starts afresh.
+    pub fn forget(&self, endpoint: &str) {
+        self.health.lock().expect("health lock").remove(endpoint);
+    }
+
     /// Endpoints that have made attempts, with their health.
     pub fn all_health(&self) -> Vec<(String, Health)> {
         self.health
@@ -487,8 +494,10 @@ async fn run_attempt(
             let next = Next::Dead {
                 reason: format!("event {} is missing from the store", d.event_id),
             };
-            record(app, &d, None, next, false, may_wait).await;
-            return (None, None);
+            // If the outcome cannot be recorded, the delivery is still pending at its due time
+            // and the worker must look for it again.
+            let again = record(app, &d, None, next, false, may_wait).await;
+            return (None, again);
         }
         Err(e) => {
             tracing::error!(delivery = %d.id, error = %e, "cannot load event; will retry");
@@ -525,8 +534,8 @@ async fn run_attempt(
         Ok(Transformed::Send(out)) => out,
         Ok(Transformed::Drop(reason)) => {
             observe::dropped(&app.metrics, &ep.name, &d.id, &reason);
-            record(app, &d, None, Next::Dropped { reason }, false, may_wait).await;
-            return (None, None);
+            let again = record(app, &d, None, Next::Dropped { reason }, false, may_wait).await;
+            return (None, again);
         }
         Err(e) => {
             // A failing plugin is an attempt error (audited, retried), not the endpoint's

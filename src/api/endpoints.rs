@@ -426,6 +426,9 @@ async fn delete(
     // or a config endpoint of that name still serves it.
     app.scheduler.notify_all();
     let mut dropped = 0;
+    if app.endpoints.get(&name).is_none() {
+        app.scheduler.forget(&name);
+    }
     if drop_pending && app.endpoints.get(&name).is_none() {
         let reason = format!("endpoint `{name}` was deleted");
         loop {

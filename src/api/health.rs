@@ -57,10 +57,13 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             .get_or_create(&vec![("endpoint", ep)])
             .set(depth);
     }
-    for (ep, h) in app.scheduler.all_health() {
+    // Every endpoint, from its health now (one made again under a deleted name starts
+    // closed, whatever the old one's series last read).
+    for ep in app.endpoints.names() {
+        let open = app.scheduler.health(&ep).circuit_open;
         m.circuit_open
             .get_or_create(&vec![("endpoint", ep)])
-            .set(h.circuit_open as i64);
+            .set(open as i64);
     }
     for ((ep, status), n) in counts {
         m.deliveries

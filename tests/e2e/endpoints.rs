@@ -692,3 +692,51 @@ async fn rotating_with_no_grace_retires_every_earlier_secret_at_once() {
     }
     c.stop().await;
 }
+
+#[tokio::test]
+async fn an_endpoint_made_again_under_a_deleted_name_starts_with_a_closed_circuit() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{}circuit_failures = 2\ncircuit_probe_interval = \"60s\"\n",
+        DELIVERY_FAST
+    ))
+    .await;
+    use reqwest::Method as M;
+    let create = |url: String| {
+        req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": "shared", "url": url, "secrets": [SECRET]})),
+        )
+    };
+    // Nothing listens there: every attempt fails and the circuit opens.
+    let down = format!("http://127.0.0.1:{}/", free_port());
+    assert_eq!(create(down).await.0, 201);
+    send_to(&c, "shared", 1).await;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
+        if st["circuit"] == "open" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never opened: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, r) = req(&c, M::DELETE, "/v1/endpoints/shared", None).await;
+    assert_eq!(s, 200, "{r}");
+    // Made again, elsewhere: none of the old endpoint's failures hold it back.
+    assert_eq!(create(rx.url("/")).await.0, 201);
+    let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
+    assert_eq!(st["circuit"], "closed", "{st}");
+    assert!(
+        c.text("/metrics")
+            .await
+            .contains("courier_endpoint_circuit_open{endpoint=\"shared\"} 0")
+    );
+    for n in 0..3 {
+        send_to(&c, "shared", 10 + n).await;
+    }
+    rx.wait_for(3, T).await;
+    c.stop().await;
+}
