@@ -268,9 +268,20 @@ async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Upstrea
         for (k, v) in &wf.upstream_headers {
             req = req.header(k, v);
         }
+        let mut wait = wf.upstream_retry_delay;
         let (retryable, result, status) = match req.send().await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                // A rate-limited or overloaded upstream says when to come back: no sooner
+                // than that (within reason), never sooner than `retry_delay`.
+                if let Some(after) = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::deliver::parse_retry_after)
+                {
+                    wait = wait.max(after.min(MAX_UPSTREAM_RETRY_AFTER));
+                }
                 match resp.bytes().await {
                     Ok(bytes) if (200..300).contains(&status) => {
                         let data = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
@@ -282,7 +293,7 @@ async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Upstrea
                         let excerpt: String =
                             String::from_utf8_lossy(&bytes).chars().take(512).collect();
                         (
-                            status >= 500,
+                            status >= 500 || status == 429,
                             Err(format!("upstream answered {status}: {excerpt}")),
                             Some(status),
                         )
@@ -308,9 +319,12 @@ async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Upstrea
                 tries,
             };
         }
-        tokio::time::sleep(wf.upstream_retry_delay).await;
+        tokio::time::sleep(wait).await;
     }
 }
+
+/// The longest an upstream's `Retry-After` holds a channel before its next try.
+const MAX_UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advanced {
     let r = call_upstream(app, wf, &ch.request).await;

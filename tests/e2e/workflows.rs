@@ -195,6 +195,31 @@ async fn a_failing_upstream_ends_in_an_error_message() {
 }
 
 #[tokio::test]
+async fn a_rate_limited_upstream_is_tried_again_after_its_retry_after() {
+    let upstream = Receiver::start().await;
+    upstream.script([Reply::status(429)
+        .header("retry-after", "1")
+        .body("slow down")]);
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "")
+    ))
+    .await;
+    open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let body = rx.wait_for(1, T).await[0].json();
+    assert_eq!(body["status"], "success", "{body}");
+    assert_eq!(body["meta"]["attempts"], 2, "{body}");
+    // The second try waited for the upstream's Retry-After, not the 50 ms retry_delay.
+    let took = body["meta"]["duration_ms"].as_u64().unwrap();
+    assert!(took >= 950, "{body}");
+    assert_eq!(upstream.received().len(), 2);
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn event_driven_flow_completes_with_the_callback() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(AI));
