@@ -176,7 +176,9 @@ pub struct Registry {
     inner: RwLock<Inner>,
     /// Held by an API change from reading the stored endpoint to installing the result: two
     /// changes at once (a pause and a rotation, a PATCH and a DELETE) would otherwise each
-    /// write their own copy, and the last one would silently undo the other.
+    /// write their own copy, and the last one would silently undo the other. A config
+    /// reload holds it too, so that an endpoint is never built against one configuration and
+    /// installed under the next.
     pub changes: tokio::sync::Mutex<()>,
 }
 

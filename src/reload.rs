@@ -130,6 +130,10 @@ async fn debounce(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
 /// (SIGHUP: environment variables it refers to may have changed). Blocking.
 pub fn reload(app: &Arc<App>, force: bool) {
     let _one_at_a_time = app.reloading.lock().expect("reload lock");
+    // No API endpoint is made or changed meanwhile: the new configuration is checked against
+    // the API endpoints (their transforms must still exist), and one built against the old
+    // configuration but installed after that check would escape it.
+    let _no_endpoint_changes = app.endpoints.changes.blocking_lock();
     let Some(path) = app
         .reload_status
         .lock()
