@@ -104,6 +104,8 @@ pub async fn ingest(
     if let Some(k) = &req.idempotency_key {
         check_token("idempotency_key", k)?;
     }
+    // Until the event is in the store (see `Registry::ingest_gate`).
+    let gate = app.endpoints.ingest_gate.read().await;
     let targets = match &req.endpoint {
         Some(name) => vec![
             app.endpoints
@@ -174,7 +176,9 @@ pub async fn ingest(
         },
         id_supplied: req.id.is_some(),
     };
-    match app.store.append(batch).await? {
+    let appended = app.store.append(batch).await;
+    drop(gate);
+    match appended? {
         AppendResult::Created => {
             let names: Vec<&str> = endpoints.iter().map(|(e, _)| e.as_str()).collect();
             observe::ingested(&app.metrics, &event_id, &req.event_type, &names);

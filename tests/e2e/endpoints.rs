@@ -740,3 +740,62 @@ async fn an_endpoint_made_again_under_a_deleted_name_starts_with_a_closed_circui
     rx.wait_for(3, T).await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_flight_when_an_endpoint_is_deleted_never_reach_one_made_again_under_its_name() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let rx = Receiver::start().await;
+    let c = Arc::new(Courier::start(DELIVERY_FAST).await);
+    use reqwest::Method as M;
+    // The generation of `x` an event may have been ingested for: set once its create has
+    // returned, cleared (-1) only once its delete has returned.
+    let live = Arc::new(AtomicI64::new(-1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut producers = Vec::new();
+    for p in 0..6i64 {
+        let (c, live, stop) = (c.clone(), live.clone(), stop.clone());
+        producers.push(tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(Ordering::SeqCst) {
+                let seen = live.load(Ordering::SeqCst);
+                let body = json!({"event_type": "t", "endpoint": "x",
+                    "payload": {"seen": seen, "p": p, "n": n}});
+                let (s, _) = c.post_json("/v1/events", &body).await;
+                assert!(s == 202 || s == 422, "{s}");
+                n += 1;
+            }
+        }));
+    }
+    for generation in 0..8i64 {
+        let (s, e) = req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": "x", "url": rx.url(&format!("/g{generation}")), "secrets": [SECRET]})),
+        )
+        .await;
+        assert_eq!(s, 201, "{e}");
+        live.store(generation, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (s, e) = req(&c, M::DELETE, "/v1/endpoints/x", None).await;
+        assert_eq!(s, 200, "{e}");
+        live.store(-1, Ordering::SeqCst);
+        // A request that started before the delete returned has long been handled by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for p in producers {
+        p.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = rx.received();
+    assert!(!got.is_empty());
+    for r in &got {
+        let seen = r.json()["seen"].as_i64().unwrap();
+        // Sent while generation `seen` was live: it may reach that one only.
+        if seen >= 0 {
+            assert_eq!(r.path, format!("/g{seen}"), "{}", r.json());
+        }
+    }
+}
