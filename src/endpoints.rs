@@ -180,12 +180,11 @@ pub struct Registry {
     /// reload holds it too, so that an endpoint is never built against one configuration and
     /// installed under the next.
     pub changes: tokio::sync::Mutex<()>,
-    /// Held shared by every ingest from looking up its endpoints until its event is handed
-    /// to the store, and taken alone by an API delete once the endpoint is gone from here:
-    /// then every event that found the old endpoint is in the store's queue ahead of the
-    /// delete's drop of its pending deliveries, and none reaches an endpoint made later
-    /// under the same name (perhaps for someone else).
-    pub ingest_gate: tokio::sync::RwLock<()>,
+    /// Passed by every ingest from looking up its endpoints until its event is handed to the
+    /// store, and waited out by an API delete once the endpoint is gone from here: then every
+    /// event that found the old endpoint is in the store's queue ahead of the delete's drop
+    /// of its pending deliveries (see [`crate::gate`]).
+    pub ingest_gate: crate::gate::IngestGate,
 }
 
 /// An endpoint as the API lists it.

@@ -105,7 +105,7 @@ pub async fn ingest(
         check_token("idempotency_key", k)?;
     }
     // Until the event is in the store (see `Registry::ingest_gate`).
-    let gate = app.endpoints.ingest_gate.read().await;
+    let pass = app.endpoints.ingest_gate.pass();
     let targets = match &req.endpoint {
         Some(name) => vec![
             app.endpoints
@@ -177,7 +177,7 @@ pub async fn ingest(
         id_supplied: req.id.is_some(),
     };
     let appended = app.store.append(batch).await;
-    drop(gate);
+    drop(pass);
     match appended? {
         AppendResult::Created => {
             let names: Vec<&str> = endpoints.iter().map(|(e, _)| e.as_str()).collect();

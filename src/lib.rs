@@ -18,6 +18,7 @@
 //!   writer thread applies them and every other change to redb behind it (attempt
 //!   statistics included, as per-minute rollups per endpoint).
 //! - [`ingest`]: producer requests become an event plus deliveries, on disk before the 202.
+//! - [`gate`]: lets an endpoint's delete wait out the ingests that may have found it.
 //! - [`scheduler`]: one worker per endpoint reads due deliveries in pages and starts attempts
 //!   within `max_in_flight`, `rate_limit`, ordering and the circuit breaker.
 //! - [`deliver`]: builds, signs ([`deliver::sign`]) and sends ([`deliver::client`], with the
@@ -44,6 +45,7 @@ pub mod cli;
 pub mod config;
 pub mod deliver;
 pub mod endpoints;
+pub mod gate;
 pub mod hub;
 pub mod ingest;
 pub mod model;

@@ -421,9 +421,9 @@ async fn delete(
         return Err(not_found(&name));
     }
     app.endpoints.remove_api(&name);
-    // Events that found it before it went are in the store's queue once no ingest holds the
-    // gate; the drop below comes after them.
-    drop(app.endpoints.ingest_gate.write().await);
+    // Events that found it before it went are in the store's queue once their ingests have
+    // given back their passes; the drop below comes after them.
+    app.endpoints.ingest_gate.wait_out().await;
     // Its worker stops. What was queued for it is dropped (an endpoint made later under the
     // same name, perhaps for someone else, must not receive it) unless the caller keeps it,
     // or a config endpoint of that name still serves it.
