@@ -97,11 +97,12 @@ mod tests {
     #[tokio::test]
     async fn a_wait_outlasts_the_passes_taken_before_it_and_no_later_ones() {
         let gate = Arc::new(IngestGate::default());
-        let early = gate.pass();
-        let waiting = {
+        let wait = || {
             let gate = gate.clone();
             tokio::spawn(async move { gate.wait_out().await })
         };
+        let early = gate.pass();
+        let waiting = wait();
         tokio::time::sleep(Duration::from_millis(20)).await;
         // A pass taken after the wait began does not hold it.
         let late = gate.pass();
@@ -112,10 +113,7 @@ mod tests {
             .expect("the wait ends once the early pass is back")
             .unwrap();
         // The next wait waits for the late pass, taken on the side it empties.
-        let again = {
-            let gate = gate.clone();
-            tokio::spawn(async move { gate.wait_out().await })
-        };
+        let again = wait();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!again.is_finished(), "the late pass is still held");
         drop(late);

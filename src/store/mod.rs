@@ -1538,6 +1538,27 @@ mod tests {
         store.append(to("e", 500)).await.unwrap();
     }
 
+    /// Closes `store`, takes out of its file what `forget` deletes and the [`META`] `flag`
+    /// saying it was built (as a version from before it left the file), and opens it again.
+    fn reopen_as_before(
+        store: Store,
+        path: &Path,
+        flag: &str,
+        forget: impl FnOnce(&redb::WriteTransaction),
+    ) -> Store {
+        let closer = store.closer();
+        drop(store);
+        assert!(closer.wait(std::time::Duration::from_secs(10)));
+        {
+            let db = Database::create(path).unwrap();
+            let txn = db.begin_write().unwrap();
+            forget(&txn);
+            txn.open_table(META).unwrap().remove(flag).unwrap();
+            txn.commit().unwrap();
+        }
+        Store::open(path, true).unwrap()
+    }
+
     fn channel(id: &str, state: crate::model::ChannelState, version: u64, at: u64) -> Channel {
         Channel {
             id: id.into(),
@@ -1606,20 +1627,9 @@ mod tests {
 
         // A database made before the index: it is built when the store is opened.
         put(channel("before", Failed, 1, 3_000), None).await;
-        let closer = store.closer();
-        drop(store);
-        assert!(closer.wait(std::time::Duration::from_secs(10)));
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
+        let store = reopen_as_before(store, &path, CHANNELS_DONE_BUILT, |txn| {
             txn.delete_table(CHANNELS_DONE).unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .remove(CHANNELS_DONE_BUILT)
-                .unwrap();
-            txn.commit().unwrap();
-        }
-        let store = Store::open(&path, true).unwrap();
+        });
         let round = store
             .purge(7_000, 0, 100, PurgeCursor::default())
             .await
@@ -1779,21 +1789,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(dead_of(&store, "b"), vec![ids[0].1.clone()]);
-        let closer = store.closer();
-        drop(store);
-        assert!(closer.wait(std::time::Duration::from_secs(10)));
-        {
-            // What an older version left: no per-endpoint dead index.
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
+        // What an older version left: no per-endpoint dead index.
+        let store = reopen_as_before(store, &path, DEAD_BY_ENDPOINT_BUILT, |txn| {
             txn.delete_table(DEAD_BY_ENDPOINT).unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .remove(DEAD_BY_ENDPOINT_BUILT)
-                .unwrap();
-            txn.commit().unwrap();
-        }
-        let store = Store::open(&path, true).unwrap();
+        });
         assert_eq!(dead_of(&store, "b"), vec![ids[0].1.clone()]);
         assert_eq!(dead_of(&store, "a"), expected("a"));
     }

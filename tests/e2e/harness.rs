@@ -549,6 +549,18 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> (u16, Value) {
     (status, resp.json_value().await)
 }
 
+pub async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let resp = http
+        .post(url)
+        .bearer_auth(ADMIN)
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json_value().await)
+}
+
 /// The JSON body of a response (`Null` when it is not JSON).
 pub trait JsonValue {
     async fn json_value(self) -> Value;

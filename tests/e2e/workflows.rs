@@ -71,6 +71,39 @@ impl Ws {
     }
 }
 
+/// A config file in `dir` for a courier run as a process of its own (to be killed and
+/// restarted): the endpoint `app` on `rx` and the workflow with a callback timeout.
+fn restartable(
+    dir: &std::path::Path,
+    upstream: &Receiver,
+    rx: &Receiver,
+    timeout: &str,
+) -> std::path::PathBuf {
+    write_config(
+        dir,
+        &format!(
+            "{DELIVERY_FAST}{}{}",
+            endpoint("app", &rx.url("/"), ""),
+            workflow(
+                upstream,
+                &format!("event_name = \"e\"\ncallback_timeout = \"{timeout}\"")
+            )
+        ),
+    )
+}
+
+/// Opens an async request on the courier process at `base`; its channel id.
+async fn open_at(http: &reqwest::Client, base: &str) -> String {
+    let (s, r) = post_json(
+        http,
+        &format!("{base}/v1/ai/async"),
+        &json!({"workflow": "movie_suggestion"}),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    r["channel_id"].as_str().unwrap().to_string()
+}
+
 async fn open(c: &Courier, body: Value) -> String {
     let (s, r) = c.post_json("/v1/ai/async", &body).await;
     assert_eq!(s, 202, "{r}");
@@ -380,14 +413,7 @@ async fn a_callback_past_the_deadline_is_too_late_even_before_the_timer_has_run(
     upstream.set_default(Reply::status(200).body(AI));
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "{DELIVERY_FAST}{}{}",
-            endpoint("app", &rx.url("/"), ""),
-            workflow(&upstream, "event_name = \"e\"\ncallback_timeout = \"1s\"")
-        ),
-    );
+    let cfg = restartable(dir.path(), &upstream, &rx, "1s");
     let mut p = Process::spawn(&cfg);
     let http = reqwest::Client::new();
     // Many channels, so that after the restart their overdue timers take a while to run:
@@ -395,18 +421,7 @@ async fn a_callback_past_the_deadline_is_too_late_even_before_the_timer_has_run(
     const N: usize = 300;
     let mut id = String::new();
     for _ in 0..N {
-        let r = http
-            .post(format!("{}/v1/ai/async", p.base))
-            .bearer_auth(ADMIN)
-            .body(json!({"workflow": "movie_suggestion"}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        id = serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()["channel_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        id = open_at(&http, &p.base).await;
     }
     rx.wait_for(N, T).await; // every ai_generated webhook went out: the deadlines are set
     // courier is down when the deadlines pass; the backend calls back the moment it is up
@@ -414,15 +429,12 @@ async fn a_callback_past_the_deadline_is_too_late_even_before_the_timer_has_run(
     p.kill9();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let p2 = Process::spawn(&cfg);
-    let r = http
-        .post(format!("{}/v1/callback/{id}", p2.base))
-        .bearer_auth(ADMIN)
-        .body(json!({"data": {"late": true}}).to_string())
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    let e: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let (s, e) = post_json(
+        &http,
+        &format!("{}/v1/callback/{id}", p2.base),
+        &json!({"data": {"late": true}}),
+    )
+    .await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
         (409, Some("conflict")),
@@ -451,28 +463,10 @@ async fn the_callback_timer_survives_a_restart_and_fires_once() {
     upstream.set_default(Reply::status(200).body(AI));
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "{DELIVERY_FAST}{}{}",
-            endpoint("app", &rx.url("/"), ""),
-            workflow(&upstream, "event_name = \"e\"\ncallback_timeout = \"2s\"")
-        ),
-    );
+    let cfg = restartable(dir.path(), &upstream, &rx, "2s");
     let mut p = Process::spawn(&cfg);
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{}/v1/ai/async", p.base))
-        .bearer_auth(ADMIN)
-        .body(json!({"workflow": "movie_suggestion"}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()["channel_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = open_at(&http, &p.base).await;
     rx.wait_for(1, T).await; // the ai_generated webhook went out: the timer is armed
     p.kill9();
     let p2 = Process::spawn(&cfg);
