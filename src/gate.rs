@@ -10,10 +10,10 @@
 //!
 //! Why not a read-write lock: every ingest takes a pass, and an async lock's release takes a
 //! mutex that both HTTP workers contend for — in interleaved runs that cost durable ingest
-//! about a tenth of its rate. A pass is one atomic increment and one decrement, on a counter
-//! of the CPU it is taken on; the rare delete does the waiting, over every counter. Passes are counted on two sides: a delete moves new passes to the
-//! other side and waits for its side to empty, so a steady stream of ingests cannot hold it
-//! off.
+//! over a tenth of its rate. A pass is one atomic increment and one decrement, on a counter
+//! of the CPU it is taken on; the rare delete does the waiting, over every counter. Passes
+//! are counted on two sides: a delete moves new passes to the other side and waits for its
+//! side to empty, so a steady stream of ingests cannot hold it off.
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;

@@ -175,8 +175,9 @@ fn load_api_endpoints(app: &App) -> anyhow::Result<()> {
 }
 
 /// Deletes delivered, dead and dropped deliveries last changed more than `delivery.retention`
-/// ago, workflow channels that finished that long ago, and expired idempotency keys: a sweep every quarter of the retention (at most every
-/// minute), in small rounds so that the writer is never held for long.
+/// ago, workflow channels that finished that long ago, and expired idempotency keys: a sweep
+/// every quarter of the retention (at most every minute), in small rounds so that the writer
+/// is never held for long.
 async fn retention(app: Arc<App>) {
     const BATCH: usize = 500;
     loop {

@@ -192,11 +192,7 @@ async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
             return;
         }
     };
-    if !ch
-        .timers
-        .iter()
-        .any(|(at, k)| *k == kind && *at <= now_ms())
-    {
+    if !is_due(&ch, kind) {
         return;
     }
     let config = app.config.load_full();
@@ -550,6 +546,12 @@ async fn advance(
     }
 }
 
+/// Whether `ch` has a timer of `kind` whose time has come.
+fn is_due(ch: &Channel, kind: TimerKind) -> bool {
+    let now = now_ms();
+    ch.timers.iter().any(|(at, k)| *k == kind && *at <= now)
+}
+
 /// Ends a channel that waited for its callback past `callback_timeout`.
 async fn time_out(app: &Arc<App>, ch: Channel) -> Advanced {
     tracing::warn!(channel = %ch.id, workflow = %ch.workflow, "no callback within callback_timeout");
@@ -573,12 +575,7 @@ pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, 
             // Past its deadline the channel has timed out, whether or not its timer has run
             // yet (it may be due this very moment, or courier was down when it fell due): the
             // timeout is recorded now and the callback is too late.
-            ChannelState::AwaitingCallback
-                if ch
-                    .timers
-                    .iter()
-                    .any(|(at, k)| *k == TimerKind::CallbackTimeout && *at <= now_ms()) =>
-            {
+            ChannelState::AwaitingCallback if is_due(&ch, TimerKind::CallbackTimeout) => {
                 match time_out(app, ch).await {
                     Advanced::Applied => return Err(WorkflowError::TimedOut(id.to_string())),
                     Advanced::Failed(e) => return Err(WorkflowError::Store(e)),

@@ -429,10 +429,11 @@ async fn delete(
     // or a config endpoint of that name still serves it.
     app.scheduler.notify_all();
     let mut dropped = 0;
-    if app.endpoints.get(&name).is_none() {
+    let gone = app.endpoints.get(&name).is_none();
+    if gone {
         app.scheduler.forget(&name);
     }
-    if drop_pending && app.endpoints.get(&name).is_none() {
+    if drop_pending && gone {
         let reason = format!("endpoint `{name}` was deleted");
         loop {
             let n = app.store.drop_pending(&name, &reason, DROP_PAGE).await?;
