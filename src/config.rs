@@ -179,6 +179,12 @@ pub struct WorkflowConfig {
     pub upstream_retry_delay: Duration,
     /// Extra headers for the upstream request (e.g. an API key).
     pub upstream_headers: BTreeMap<String, String>,
+    /// Upstream calls of this workflow running at once; the rest wait their turn, so a burst
+    /// of requests (or a restart with many pending channels) does not flood the upstream.
+    pub upstream_max_in_flight: usize,
+    /// The largest upstream answer read; a larger one fails the channel rather than being
+    /// held in memory, stored and delivered.
+    pub upstream_max_response: u64,
     pub endpoint: String,
     pub event_name: Option<String>,
     pub callback_timeout: Duration,
@@ -310,6 +316,8 @@ struct RawUpstream {
     retry_delay: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    max_in_flight: Option<i64>,
+    max_response: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,6 +603,30 @@ impl Config {
                     w.upstream.headers,
                     &format!("{key}.upstream.headers"),
                 )?,
+                upstream_max_in_flight: match w.upstream.max_in_flight {
+                    None => 32,
+                    Some(n) if (1..=10_000).contains(&n) => n as usize,
+                    Some(n) => {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.upstream.max_in_flight"),
+                            format!("{n} is not between 1 and 10000"),
+                        ));
+                    }
+                },
+                upstream_max_response: match &w.upstream.max_response {
+                    None => 4 * 1024 * 1024,
+                    Some(m) => {
+                        let k = format!("{key}.upstream.max_response");
+                        let n = parse_bytes(m, &k)?;
+                        if n == 0 || n > MAX_UPSTREAM_RESPONSE {
+                            return Err(ConfigError::invalid(
+                                k,
+                                format!("`{m}` is not between 1 byte and 64MiB"),
+                            ));
+                        }
+                        n
+                    }
+                },
                 endpoint: w.endpoint,
                 event_name: w.event_name,
                 callback_timeout: opt_duration(
@@ -849,6 +881,10 @@ fn parse_schedule(list: &[String], key: &str) -> Result<Vec<Duration>, ConfigErr
         .collect()
 }
 
+/// The most `upstream.max_response` may allow: the answer is held in memory, stored with
+/// its channel and delivered as one webhook.
+pub const MAX_UPSTREAM_RESPONSE: u64 = 64 * 1024 * 1024;
+
 /// Parses sizes such as "16MiB", "512KiB", "1GiB", "4096".
 pub fn parse_bytes(text: &str, key: &str) -> Result<u64, ConfigError> {
     let t = text.trim();
@@ -1050,6 +1086,18 @@ mod tests {
             (
                 "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", headers = { authorization = \"line\\nbreak\" } }",
                 "workflows[0].upstream.headers.authorization",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", max_in_flight = 0 }",
+                "workflows[0].upstream.max_in_flight",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", max_response = \"65MiB\" }",
+                "workflows[0].upstream.max_response",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", max_response = \"lots\" }",
+                "workflows[0].upstream.max_response",
             ),
         ];
         for (text, key) in cases {

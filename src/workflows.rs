@@ -9,12 +9,12 @@
 //! fired timer never fires twice. Every change is made against the channel version that was
 //! read, so a callback and a timeout racing each other cannot both win.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::app::App;
 use crate::config::WorkflowConfig;
@@ -45,14 +45,24 @@ pub enum WorkflowError {
     Store(#[from] StoreError),
 }
 
-/// The workflow engine's in-memory part: the timer loop's wake-up and the channels whose
-/// timers are being handled right now.
+/// The workflow engine's in-memory part: the timer loop's wake-up, the channels whose
+/// timers are being handled right now and each workflow's upstream slots.
 #[derive(Default)]
 pub struct Workflows {
     wake: Notify,
     busy: Mutex<HashSet<String>>,
     upstream: std::sync::OnceLock<reqwest::Client>,
+    /// Per workflow: the `upstream.max_in_flight` its semaphore was made for, and the
+    /// semaphore. A reload that changes the limit makes a new one; calls holding slots of
+    /// the old one finish on it.
+    slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
+
+/// The most timers handled at once. An upstream call waiting for its workflow's slot counts,
+/// so a burst or a restart with many pending channels neither spawns a task per channel nor
+/// makes every scan of the timers skip past thousands of busy ones. Timers are taken in due
+/// order, so the earliest due go first.
+const MAX_FIRING: usize = 1024;
 
 impl Workflows {
     fn upstream_client(&self) -> &reqwest::Client {
@@ -65,6 +75,29 @@ impl Workflows {
                 .build()
                 .expect("upstream client")
         })
+    }
+
+    /// Waits for one of `wf`'s upstream slots; `None` if courier is shutting down first.
+    async fn upstream_slot(
+        &self,
+        wf: &WorkflowConfig,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        let sem = {
+            let mut slots = self.slots.lock().expect("slots");
+            match slots.get(&wf.name) {
+                Some((n, sem)) if *n == wf.upstream_max_in_flight => sem.clone(),
+                _ => {
+                    let sem = Arc::new(Semaphore::new(wf.upstream_max_in_flight));
+                    slots.insert(wf.name.clone(), (wf.upstream_max_in_flight, sem.clone()));
+                    sem
+                }
+            }
+        };
+        tokio::select! {
+            permit = sem.acquire_owned() => Some(permit.expect("slots are never closed")),
+            _ = shutdown.cancelled() => None,
+        }
     }
 }
 
@@ -80,8 +113,17 @@ async fn timer_loop(app: Arc<App>) {
             return;
         }
         let skip = app.workflows.busy.lock().expect("busy").clone();
+        let room = MAX_FIRING.saturating_sub(skip.len()).min(64);
+        if room == 0 {
+            // At the cap: a finishing timer wakes the loop.
+            tokio::select! {
+                _ = app.workflows.wake.notified() => {}
+                _ = app.shutdown.cancelled() => return,
+            }
+            continue;
+        }
         let now = now_ms();
-        let (due, next) = match app.store.due_timers(now, 64, &skip) {
+        let (due, next) = match app.store.due_timers(now, room, &skip) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read workflow timers; retrying in 1s");
@@ -195,6 +237,19 @@ async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
     if !is_due(&ch, kind) {
         return;
     }
+    // An upstream call first waits for a slot of its workflow's, before the config is read:
+    // one that waited a long time runs with the workflow as it is then.
+    let waits = kind == TimerKind::Upstream && ch.state == ChannelState::Pending;
+    let _slot = match waits
+        .then(|| app.config.load().workflow(&ch.workflow).cloned())
+        .flatten()
+    {
+        Some(wf) => match app.workflows.upstream_slot(&wf, &app.shutdown).await {
+            Some(slot) => Some(slot),
+            None => return,
+        },
+        None => None,
+    };
     let config = app.config.load_full();
     let Some(wf) = config.workflow(&ch.workflow).cloned() else {
         let msg = json!({"channel_id": ch.id, "status": "error", "error": "workflow_removed"});
@@ -278,7 +333,16 @@ async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Upstrea
                 {
                     wait = wait.max(after.min(MAX_UPSTREAM_RETRY_AFTER));
                 }
-                match resp.bytes().await {
+                match read_capped(resp, wf.upstream_max_response).await {
+                    // Asking again would get the same answer: the channel fails now.
+                    Err(Body::TooLarge) => (
+                        false,
+                        Err(format!(
+                            "upstream answered {status} with a body over upstream.max_response ({} bytes)",
+                            wf.upstream_max_response
+                        )),
+                        Some(status),
+                    ),
                     Ok(bytes) if (200..300).contains(&status) => {
                         let data = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
                             Value::String(String::from_utf8_lossy(&bytes).into_owned())
@@ -294,7 +358,7 @@ async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Upstrea
                             Some(status),
                         )
                     }
-                    Err(e) => (true, Err(format!("upstream body: {e}")), Some(status)),
+                    Err(Body::Read(e)) => (true, Err(format!("upstream body: {e}")), Some(status)),
                 }
             }
             Err(e) => (
@@ -317,6 +381,29 @@ async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Upstrea
         }
         tokio::time::sleep(wait).await;
     }
+}
+
+/// Why an upstream answer's body was not read.
+enum Body {
+    TooLarge,
+    Read(reqwest::Error),
+}
+
+/// Reads a body of at most `cap` bytes. It stops at the first chunk past the cap, whether
+/// or not a `content-length` said so beforehand, so an endless answer costs no more memory
+/// than an allowed one.
+async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, Body> {
+    if resp.content_length().is_some_and(|n| n > cap) {
+        return Err(Body::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Body::Read)? {
+        if (body.len() + chunk.len()) as u64 > cap {
+            return Err(Body::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The longest an upstream's `Retry-After` holds a channel before its next try.

@@ -538,3 +538,159 @@ async fn a_simulator_removed_while_a_channel_waits_leaves_it_to_the_callback_tim
     assert_eq!(ch["latest"]["error"], "callback_timeout", "{ch}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_calls_wait_for_one_of_the_workflows_slots() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(
+        Reply::status(200)
+            .body(AI)
+            .delay(Duration::from_millis(200)),
+    );
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_in_flight = 2 }}\nendpoint = \"app\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        upstream.url("/v1/chat/completions"),
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(open(&c, json!({"workflow": "movie_suggestion"})).await);
+    }
+    // Every request is answered, two at a time.
+    let got = rx.wait_for(8, T).await;
+    assert!(got.iter().all(|r| r.json()["status"] == "success"));
+    assert_eq!(upstream.received().len(), 8);
+    assert_eq!(upstream.max_concurrent(), 2);
+    for id in ids {
+        let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
+        assert_eq!(ch["status"], "success", "{ch}");
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_due_upstream_calls_than_courier_runs_at_once_all_complete() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI).delay(Duration::from_millis(50)));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_in_flight = 8 }}\nendpoint = \"app\"\n",
+        endpoint("app", &rx.url("/"), "max_in_flight = 64"),
+        upstream.url("/v1/chat/completions"),
+    ))
+    .await;
+    // More than the timers courier handles at once (1024), opened faster than the
+    // upstream calls finish (8 at a time, 50 ms each), so the timer loop reaches its cap
+    // and has to come back.
+    const N: usize = 1500;
+    let http = c.http.clone();
+    let base = c.base.clone();
+    let opened: Vec<String> = futures_util::stream::iter(0..N)
+        .map(|_| open_at(&http, &base))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert_eq!(opened.len(), N);
+    let got = rx.wait_for(N, Duration::from_secs(120)).await;
+    let mut done: Vec<&str> = got
+        .iter()
+        .map(|r| r.header("mr-channel-id"))
+        .collect::<Vec<_>>();
+    done.sort_unstable();
+    done.dedup();
+    assert_eq!(done.len(), N, "each channel's result delivered once");
+    assert_eq!(upstream.received().len(), N);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_answer_over_max_response_fails_the_channel_without_a_retry() {
+    let upstream = Receiver::start().await;
+    let big = format!("{{\"text\": \"{}\"}}", "x".repeat(2000));
+    upstream.script([Reply::status(200).body(&big)]);
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_response = \"1KiB\", retries = 2, retry_delay = \"50ms\" }}\nendpoint = \"app\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        upstream.url("/v1/chat/completions"),
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let body = rx.wait_for(1, T).await[0].json();
+    assert_eq!(body["channel_id"], id.as_str());
+    assert_eq!(body["status"], "error", "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("upstream.max_response (1024 bytes)"),
+        "{error}"
+    );
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "the same answer is not asked for again"
+    );
+    // An answer within the limit still gets through.
+    open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let body = rx.wait_for(2, T).await[1].json();
+    assert_eq!(body["status"], "success", "{body}");
+    c.stop().await;
+}
+
+/// An upstream that answers 200 with a chunked body (no `content-length`) of `total` bytes,
+/// sent 4 KiB at a time, to every request.
+async fn chunked_upstream(total: usize) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/v1/chat/completions",
+        listener.local_addr().unwrap()
+    );
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = sock.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("1000\r\n{}\r\n", "y".repeat(4096));
+                for _ in 0..total / 4096 {
+                    if sock.write_all(chunk.as_bytes()).await.is_err() {
+                        return; // courier hung up: what the test wants
+                    }
+                }
+                let _ = sock.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn a_chunked_upstream_answer_is_cut_off_at_max_response() {
+    // 256 MiB if it were read to the end; courier stops after the first 64 KiB.
+    let (url, task) = chunked_upstream(256 * 1024 * 1024).await;
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{url}\", max_response = \"64KiB\" }}\nendpoint = \"app\"\n",
+        endpoint("app", &rx.url("/"), ""),
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let body = rx.wait_for(1, T).await[0].json();
+    assert_eq!(body["channel_id"], id.as_str());
+    assert_eq!(body["status"], "error", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("upstream.max_response (65536 bytes)"),
+        "{body}"
+    );
+    task.abort();
+    c.stop().await;
+}
