@@ -132,6 +132,12 @@ impl From<crate::store::StoreError> for ApiError {
                 "unavailable",
                 e.to_string(),
             ),
+            // The database could not read or write (a full or failing disk, a stopped
+            // writer): the request changed nothing and may be sent again later.
+            e @ crate::store::StoreError::Db(_) => {
+                tracing::error!(error = %e, "request refused: the database failed");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+            }
             other => ApiError::internal(other),
         }
     }
@@ -253,5 +259,59 @@ pub fn time_param(name: &str, value: Option<&str>) -> Result<Option<u64>, ApiErr
         Some(v) => crate::model::parse_time(v)
             .map(Some)
             .ok_or_else(|| ApiError::bad_request(format!("{name}: `{v}` is not an RFC 3339 time"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    const TOKEN: &str = "admin-token-for-api-tests-0001";
+
+    async fn start(dir: &std::path::Path) -> crate::server::Running {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[keys]]\ntoken = \"{TOKEN}\"\nscopes = [\"ingest\", \"admin\", \"callback\"]\n",
+            dir.display()
+        );
+        let config = crate::config::Config::parse(&text, dir, None, "test.toml").unwrap();
+        crate::server::start(config).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_the_database_refuses_is_a_503_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = start(dir.path()).await;
+        let base = format!("http://{}", running.addr);
+        let http = reqwest::Client::new();
+        let create = || {
+            http.post(format!("{base}/v1/endpoints"))
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body(json!({"name": "app", "url": "https://example.com/hook"}).to_string())
+                .send()
+        };
+        running.app.store.fail_writes(true);
+        let r = create().await.unwrap();
+        assert_eq!(r.status(), 503);
+        let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no space left on device"),
+            "{body}"
+        );
+        let shown = http
+            .get(format!("{base}/v1/endpoints/app"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(shown.status(), 404, "nothing was half made");
+        // Once the disk has room again, the same request goes through.
+        running.app.store.fail_writes(false);
+        assert_eq!(create().await.unwrap().status(), 201);
+        running.shutdown().await;
     }
 }

@@ -565,6 +565,14 @@ impl Store {
         self.call(|tx| Command::Outcome(rec, tx)).await
     }
 
+    /// Test-only: every write transaction fails (as on a full disk) while `on`.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self, on: bool) {
+        self.shared
+            .fail_applies
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Test-only: makes the next `n` outcomes fail.
     #[cfg(test)]
     pub(crate) fn fail_next_outcomes(&self, n: u32) {
