@@ -410,6 +410,13 @@ impl Config {
                     "must be at least 16 characters",
                 ));
             }
+            if let Some(j) = keys.iter().position(|o: &KeyConfig| o.token == k.token) {
+                // Two entries with one token: only one's scopes could ever apply.
+                return Err(ConfigError::invalid(
+                    format!("keys[{i}].token"),
+                    format!("is the same token as keys[{j}]; give each key its own token"),
+                ));
+            }
             if k.scopes.is_empty() {
                 return Err(ConfigError::invalid(
                     format!("keys[{i}].scopes"),
@@ -1078,6 +1085,10 @@ mod tests {
             (
                 "[[keys]]\ntoken = \"env:COURIER_SURELY_UNSET_VAR\"\nscopes=[\"admin\"]",
                 "keys[0].token",
+            ),
+            (
+                "[[keys]]\ntoken = \"0123456789abcdef\"\nscopes=[\"admin\"]\n[[keys]]\ntoken = \"0123456789abcdef\"\nscopes=[\"ingest\"]",
+                "keys[1].token: is the same token as keys[0]",
             ),
             (
                 "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", headers = { \"bad name\" = \"v\" } }",

@@ -107,17 +107,40 @@ pub async fn ingest(
     // Until the event is in the store (see `Registry::ingest_gate`).
     let pass = app.endpoints.ingest_gate.pass();
     let targets = match &req.endpoint {
-        Some(name) => vec![
-            app.endpoints
-                .get(name)
-                .ok_or_else(|| IngestError::UnknownEndpoint(name.clone()))?,
-        ],
+        Some(name) => app
+            .endpoints
+            .get(name)
+            .map(|e| vec![e])
+            .ok_or_else(|| IngestError::UnknownEndpoint(name.clone())),
         None => {
             let t = app.endpoints.subscribers(&req.event_type);
             if t.is_empty() {
-                return Err(IngestError::NoSubscriber(req.event_type.clone()));
+                Err(IngestError::NoSubscriber(req.event_type.clone()))
+            } else {
+                Ok(t)
             }
-            t
+        }
+    };
+    let targets = match targets {
+        Ok(t) => t,
+        Err(no_target) => {
+            // A producer retrying a request that was accepted gets its first answer even
+            // if the endpoint has gone since: otherwise it could not learn the event's fate.
+            let key = req.idempotency_key.map(|key| IdempotencyKey {
+                key_id: caller.key_id.clone(),
+                key,
+            });
+            if let Some(body) = key
+                .map(|k| app.store.idempotent_reply(&k))
+                .transpose()?
+                .flatten()
+            {
+                return Ok(Accepted {
+                    body,
+                    repeated: true,
+                });
+            }
+            return Err(no_target);
         }
     };
     let now = now_ms();

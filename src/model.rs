@@ -21,11 +21,9 @@ pub fn rfc3339(ms: u64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Parses RFC 3339 (or plain unix milliseconds) into milliseconds since the epoch.
+/// Parses RFC 3339 into milliseconds since the epoch. Bare numbers are refused: seconds
+/// taken for milliseconds (or the reverse) would filter silently by the wrong time.
 pub fn parse_time(text: &str) -> Option<u64> {
-    if let Ok(ms) = text.parse::<u64>() {
-        return Some(ms);
-    }
     chrono::DateTime::parse_from_rfc3339(text)
         .ok()
         .map(|t| t.timestamp_millis().max(0) as u64)
@@ -354,5 +352,10 @@ mod tests {
             parse_time(&rfc3339(1_700_000_000_123)),
             Some(1_700_000_000_123)
         );
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20+01:00"),
+            Some(1_699_996_400_000)
+        );
+        assert_eq!(parse_time("1700000000"), None);
     }
 }

@@ -2,6 +2,8 @@
 //! (`GET /v1/channels/{id}`) and live updates (`GET /v1/channels/{id}/ws`).
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -112,10 +114,21 @@ async fn ws(
     State(app): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<TokenQuery>,
-    upgrade: WebSocketUpgrade,
+    q: Result<Query<TokenQuery>, QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    require_any(&app, &headers, q.token.as_deref(), CHANNEL_SCOPES)?;
+    // Who is asking comes first: a request without a valid token learns nothing else.
+    let token = q.as_ref().ok().and_then(|Query(q)| q.token.as_deref());
+    require_any(&app, &headers, token, CHANNEL_SCOPES)?;
+    if let Err(e) = q {
+        return Err(ApiError::bad_request(e.body_text()));
+    }
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::bad_request(format!(
+            "this route is a WebSocket: connect with an upgrade request ({})",
+            e.body_text()
+        ))
+    })?;
     // Subscribe before reading the stored state, so nothing published in between is missed.
     let sub = Subscription {
         rx: Some(app.hub.subscribe(&id)),

@@ -52,11 +52,28 @@ impl ListParams {
     pub fn limit(&self) -> Result<usize, ApiError> {
         super::limit_param(self.limit, 50)
     }
+
+    /// The `next_cursor` of an earlier page: a delivery id. Anything else is refused, since
+    /// the listing would otherwise start at an arbitrary place and look like a real page.
+    pub fn cursor(&self) -> Result<Option<&str>, ApiError> {
+        match self.cursor.as_deref() {
+            None | Some("") => Ok(None),
+            Some(c)
+                if c.strip_prefix("dlv_")
+                    .is_some_and(|u| ulid::Ulid::from_string(u).is_ok()) =>
+            {
+                Ok(Some(c))
+            }
+            Some(c) => Err(ApiError::bad_request(format!(
+                "cursor: `{c}` is not a next_cursor this listing gave"
+            ))),
+        }
+    }
 }
 
 /// Lists deliveries for a filter, marking those whose endpoint is not configured.
 pub fn listing(app: &AppState, filter: &Filter, p: &ListParams) -> Result<Value, ApiError> {
-    let (items, next) = app.store.list(filter, p.limit()?, p.cursor.as_deref())?;
+    let (items, next) = app.store.list(filter, p.limit()?, p.cursor()?)?;
     let data: Vec<Value> = items
         .iter()
         .map(|d| views::delivery(d, app.endpoints.get(&d.endpoint).is_none()))

@@ -48,7 +48,53 @@ pub fn router(app: AppState) -> Router {
         .merge(health::router())
         .merge(settled)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(app)
+}
+
+/// Gives the errors the framework answers by itself (a wrong method, a path or query that
+/// does not parse) the JSON shape of every other error, so clients need one error parser.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        _ if status.is_server_error() => "internal",
+        _ => "error",
+    };
+    let message = if !text.is_empty() {
+        text
+    } else if status == StatusCode::METHOD_NOT_ALLOWED {
+        format!("this route does not take {method}")
+    } else {
+        status.canonical_reason().unwrap_or("error").to_string()
+    };
+    let body = serde_json::to_vec(&json!({"error": {"code": code, "message": message}}))
+        .expect("error body serializes");
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
 }
 
 async fn settle(
@@ -136,7 +182,11 @@ impl From<crate::store::StoreError> for ApiError {
             // writer): the request changed nothing and may be sent again later.
             e @ crate::store::StoreError::Db(_) => {
                 tracing::error!(error = %e, "request refused: the database failed");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                )
             }
             other => ApiError::internal(other),
         }
@@ -144,13 +194,12 @@ impl From<crate::store::StoreError> for ApiError {
 }
 
 /// The bearer token of a request, from `Authorization: Bearer …` or, where given, `?token=`.
+/// The scheme's name is case-insensitive (RFC 9110 §11.1): `bearer x` is as good as
+/// `Bearer x`.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Authenticates with a token from the `Authorization` header or, where browsers cannot set
@@ -275,6 +324,21 @@ mod tests {
         );
         let config = crate::config::Config::parse(&text, dir, None, "test.toml").unwrap();
         crate::server::start(config).await.unwrap()
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |v: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, v.parse().unwrap());
+            super::bearer(&h).map(str::to_string)
+        };
+        for v in ["Bearer tok", "bearer tok", "BEARER  tok "] {
+            assert_eq!(with(v).as_deref(), Some("tok"), "{v:?}");
+        }
+        for v in ["Basic tok", "Bearertok", "tok"] {
+            assert_eq!(with(v), None, "{v:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,6 +198,11 @@ pub fn delivery_detail(d: &Value) -> String {
             "\nrequest body ({}):\n{body}\n",
             s(&d["request"]["content_type"])
         ));
+    } else if let Some(b64) = d["request"]["body_base64"].as_str() {
+        out.push_str(&format!(
+            "\nrequest body ({}, not text, in base64):\n{b64}\n",
+            s(&d["request"]["content_type"])
+        ));
     }
     out
 }
@@ -287,4 +292,22 @@ pub fn event_body(
         id,
         idempotency_key,
     })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_request_body_that_is_not_text_is_shown_in_base64() {
+        let d = json!({
+            "id": "dlv_1", "status": "delivered", "endpoint": "app", "attempts": [],
+            "request": {"content_type": "application/octet-stream", "body_base64": "AP8="},
+        });
+        let text = super::delivery_detail(&d);
+        assert!(
+            text.contains("request body (application/octet-stream, not text, in base64):\nAP8="),
+            "{text}"
+        );
+    }
 }

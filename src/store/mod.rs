@@ -759,6 +759,15 @@ impl Store {
         }
     }
 
+    /// The reply first given to an ingest with this idempotency key, if any. A keyed append
+    /// is answered only once the database has it, so this sees every key already answered.
+    pub fn idempotent_reply(&self, key: &IdempotencyKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(IDEMPOTENCY)?;
+        Ok(t.get((key.key_id.as_str(), key.key.as_str()))?
+            .map(|v| v.value().1.to_vec()))
+    }
+
     pub fn event(&self, id: &str) -> Result<Option<Event>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(EVENTS)?;

@@ -151,6 +151,16 @@ async fn listing_filters_and_pages() {
     let (s, e) = c.get("/v1/deliveries?since=yesterday").await;
     assert_eq!(s, 400);
     assert!(e["error"]["message"].as_str().unwrap().contains("since"));
+    // Unix seconds are not taken for milliseconds (or anything else).
+    let (s, e) = c.get("/v1/deliveries?until=1700000000").await;
+    assert_eq!(s, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("until"));
+    // A cursor no page gave would start the listing at an arbitrary place.
+    for bad in ["abc", "zzz", "dlv_nope"] {
+        let (s, e) = c.get(&format!("/v1/deliveries?cursor={bad}")).await;
+        assert_eq!(s, 400, "{bad}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("cursor"));
+    }
     let (s, _) = c.get("/v1/deliveries?status=lost").await;
     assert_eq!(s, 400);
     let (s, _) = c.get("/v1/deliveries/dlv_missing").await;
@@ -282,5 +292,43 @@ async fn the_console_page_and_the_workflow_list_are_served() {
     assert_eq!(w["data"][0]["event_name"], "e");
     let (s, _) = c.get_as("/v1/workflows", None).await;
     assert_eq!(s, 401);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn errors_the_framework_answers_have_the_json_shape_too() {
+    let c = Courier::start("").await;
+    let shape = |what: &str, s: u16, v: &serde_json::Value, status: u16, code: &str| {
+        assert_eq!(s, status, "{what}: {v}");
+        assert_eq!(v["error"]["code"], code, "{what}: {v}");
+        assert!(
+            !v["error"]["message"].as_str().unwrap().is_empty(),
+            "{what}: {v}"
+        );
+    };
+    let (s, v) = c
+        .call(reqwest::Method::PUT, "/v1/endpoints/app", Some(ADMIN), None)
+        .await;
+    shape("wrong method", s, &v, 405, "method_not_allowed");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("PUT"),
+        "{v}"
+    );
+    let (s, v) = c.get("/v1/deliveries/%FF").await;
+    shape("a path that is not UTF-8", s, &v, 400, "bad_request");
+    // A WebSocket route asked without a token is refused for the token, whatever else.
+    let (s, v) = c.get_as("/v1/channels/x/ws", None).await;
+    shape("ws without token", s, &v, 401, "unauthorized");
+    let (s, v) = c.get("/v1/channels/x/ws").await;
+    shape("ws without upgrade", s, &v, 400, "bad_request");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("WebSocket"),
+        "{v}"
+    );
+    let (s, v) = c.get("/v1/channels/x/ws?token=a&token=b").await;
+    shape("ws with two tokens", s, &v, 400, "bad_request");
     c.stop().await;
 }

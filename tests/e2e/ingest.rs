@@ -253,6 +253,59 @@ async fn idempotency_key_returns_the_first_reply_even_when_racing() {
 }
 
 #[tokio::test]
+async fn a_retry_after_its_endpoint_was_deleted_still_gets_the_first_reply() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, e) = c
+        .post_json(
+            "/v1/endpoints",
+            &json!({"name": "shop", "url": rx.url("/h")}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let body =
+        json!({"event_type": "t", "payload": {}, "endpoint": "shop", "idempotency_key": "k1"})
+            .to_string();
+    let send = || {
+        c.http
+            .post(format!("{}/v1/events", c.base))
+            .bearer_auth(ADMIN)
+            .body(body.clone())
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first = first.json_value().await;
+    let (s, _) = c
+        .call(
+            reqwest::Method::DELETE,
+            "/v1/endpoints/shop",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    // The producer's retry (its first answer was lost, say) learns the event was accepted.
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json_value().await, first);
+    // A new key for the deleted endpoint is still refused.
+    let (s, e) = c
+        .post_json(
+            "/v1/events",
+            &json!({"event_type": "t", "payload": {}, "endpoint": "shop", "idempotency_key": "k2"}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("unknown_endpoint")),
+        "{e}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_reused_producer_id_is_a_conflict() {
     let rx = Receiver::start().await;
     let c = Courier::with_endpoint("app", &rx.url("/h"), "").await;
