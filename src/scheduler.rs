@@ -77,6 +77,10 @@ struct Done {
     again_ms: Option<u64>,
 }
 
+/// How often idle endpoints with pending deliveries are looked for ([`Scheduler::start_sweeper`]):
+/// the most a delivery whose announcement went missing waits beyond its due time.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 impl Scheduler {
     /// Wakes the worker of `endpoint` (new or requeued work, or a changed definition),
     /// starting one if there is none.
@@ -158,6 +162,43 @@ impl Scheduler {
                 Self::wake(app, &endpoint);
             }
         }
+    }
+
+    /// Every [`SWEEP_INTERVAL`], wakes each endpoint that has pending deliveries but no
+    /// worker. Work is announced by whoever queues it, after its commit; an announcement
+    /// can still go missing — a producer that hangs up while its event is being committed
+    /// cancels the request before it wakes anyone, and a worker that looked while the
+    /// database was behind the journal may have retired without seeing it. The sweep reads
+    /// only the in-memory counts, so it costs nothing with thousands of endpoints.
+    pub fn start_sweeper(app: &Arc<App>) {
+        let app2 = app.clone();
+        app.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+                    _ = app2.shutdown.cancelled() => return,
+                }
+                for ((endpoint, status), n) in app2.store.counts() {
+                    if status != crate::model::DeliveryStatus::Pending || n == 0 {
+                        continue;
+                    }
+                    // A removed endpoint's queue waits for it; a paused one's waits too.
+                    if app2.endpoints.get(&endpoint).is_none_or(|ep| ep.paused) {
+                        continue;
+                    }
+                    let idle = !app2
+                        .scheduler
+                        .workers
+                        .lock()
+                        .expect("workers lock")
+                        .contains_key(&endpoint);
+                    if idle {
+                        tracing::debug!(endpoint = %endpoint, pending = n, "sweep: waking an idle endpoint with pending deliveries");
+                        Self::wake(&app2, &endpoint);
+                    }
+                }
+            }
+        });
     }
 
     fn record(&self, app: &App, endpoint: &str, success: bool) {
@@ -803,6 +844,62 @@ mod tests {
             times[2] - times[1] >= Duration::from_millis(1900),
             "{times:?}"
         );
+        running.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pending_delivery_nobody_announced_is_found_by_the_sweep() {
+        use crate::model::{DeliveryStatus, Event, new_id};
+        let (url, seen) = receiver().await;
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[keys]]\ntoken = \"test-token-0123456789\"\nscopes = [\"ingest\", \"admin\"]\n[delivery]\nallow_private_networks = true\n[[endpoints]]\nname = \"app\"\nurl = \"{url}\"\n",
+            dir.path().join("data").display()
+        );
+        let config = crate::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
+        let running = crate::server::start(config).await.unwrap();
+        // What an ingest whose producer hung up mid-commit leaves: the event is stored, and
+        // nobody told the endpoint's (idle) worker.
+        let now = now_ms();
+        let event_id = new_id("evt");
+        let delivery = Delivery {
+            id: new_id("dlv"),
+            event_id: event_id.clone(),
+            endpoint: "app".into(),
+            event_type: "t".into(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            round_attempts: 0,
+            next_due_ms: Some(now),
+            created_ms: now,
+            updated_ms: now,
+            last_error: None,
+        };
+        let batch = crate::store::AppendBatch {
+            event: Event {
+                id: event_id,
+                event_type: "t".into(),
+                content_type: "application/json".into(),
+                payload: b"{}".to_vec(),
+                created_ms: now,
+                delivery_ids: vec![delivery.id.clone()],
+                headers: Vec::new(),
+            },
+            deliveries: vec![delivery],
+            idempotency: None,
+            reply: Vec::new(),
+            id_supplied: false,
+        };
+        running.app.store.append(batch).await.unwrap();
+        assert_eq!(running.app.scheduler.workers(), 0, "no worker was started");
+        let started = std::time::Instant::now();
+        while seen.lock().unwrap().is_empty() {
+            assert!(
+                started.elapsed() < SWEEP_INTERVAL * 4,
+                "the delivery was never attempted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         running.shutdown().await;
     }
 

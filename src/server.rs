@@ -102,6 +102,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     app.endpoints.set_config(&app.config.load());
     load_api_endpoints(&app)?;
     Scheduler::start_workers(&app);
+    Scheduler::start_sweeper(&app);
     app.tasks.spawn(retention(app.clone()));
     crate::reload::start(&app);
     crate::plugins::start_watching(&app);
