@@ -118,10 +118,20 @@ async fn replay(
     require(&app, &headers, Scope::Admin)?;
     let result = app
         .store
-        .replay(ReplayTarget::Ids(vec![id.clone()]))
+        .replay(ReplayTarget::Ids(vec![id.clone()]), app.endpoints.births())
         .await?;
     if !result.not_found.is_empty() {
         return Err(ApiError::not_found(format!("no delivery `{id}`")));
+    }
+    if !result.earlier_endpoint.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "delivery `{id}` went to an endpoint that was deleted; the endpoint made since under \
+                 the same name is not its destination, so it is not replayed"
+            ),
+        ));
     }
     if !result.already_pending.is_empty() {
         return Err(ApiError::new(

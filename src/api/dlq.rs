@@ -80,18 +80,24 @@ async fn replay(
     let mut after = String::new();
     let started = crate::model::now_ms();
     let mut n = 0usize;
+    let mut skipped = 0usize;
     let mut shown: Vec<String> = Vec::new();
+    let births = app.endpoints.births();
     loop {
         let page = app
             .store
-            .replay(ReplayTarget::Dead {
-                filter: filter.clone(),
-                after,
-                limit: REPLAY_PAGE,
-                dead_before_ms: started + 1,
-            })
+            .replay(
+                ReplayTarget::Dead {
+                    filter: filter.clone(),
+                    after,
+                    limit: REPLAY_PAGE,
+                    dead_before_ms: started + 1,
+                },
+                births.clone(),
+            )
             .await?;
         n += page.requeued.len();
+        skipped += page.earlier_endpoint.len();
         app.metrics.replays.inc_by(page.requeued.len() as u64);
         let endpoints: BTreeSet<&str> = page.requeued.iter().map(|d| d.endpoint.as_str()).collect();
         for e in &endpoints {
@@ -107,13 +113,18 @@ async fn replay(
             None => break,
         }
     }
-    tracing::info!(requeued = n, "DLQ bulk replay");
+    tracing::info!(
+        requeued = n,
+        skipped_deleted_endpoint = skipped,
+        "DLQ bulk replay"
+    );
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
             "requeued": n,
             "deliveries": shown,
             "deliveries_truncated": n > shown.len(),
+            "skipped_deleted_endpoint": skipped,
         })),
     ))
 }

@@ -136,6 +136,12 @@ pub enum ReplayTarget {
     },
 }
 
+/// When each endpoint made through the API was created, by name. Deliveries name their
+/// endpoint and nothing more, so after a delete and a create under the same name — perhaps
+/// for someone else — a delivery that finished before the new endpoint existed is the old
+/// one's, and a replay must not send it to the new one (signed with the new one's secret).
+pub type Births = std::sync::Arc<std::collections::HashMap<String, u64>>;
+
 /// Where a retention sweep goes on: the finished deliveries it has not examined yet, in the
 /// status index's order (delivered, dead, dropped; oldest first within each). A sweep starts
 /// from [`PurgeCursor::default`] and passes each round's cursor to the next.
@@ -183,6 +189,8 @@ pub struct ReplayResult {
     pub requeued: Vec<Delivery>,
     pub already_pending: Vec<String>,
     pub not_found: Vec<String>,
+    /// Finished before their endpoint was made (see [`Births`]): not replayed.
+    pub earlier_endpoint: Vec<String>,
     /// For a page of dead deliveries: the last id examined, if more may follow.
     pub next: Option<String>,
 }
@@ -581,9 +589,14 @@ impl Store {
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Starts a new round of attempts for finished deliveries.
-    pub async fn replay(&self, target: ReplayTarget) -> Result<ReplayResult, StoreError> {
-        self.call(|tx| Command::Replay(target, tx)).await
+    /// Starts a new round of attempts for finished deliveries, except those that finished
+    /// before their endpoint of that name was made (`births`).
+    pub async fn replay(
+        &self,
+        target: ReplayTarget,
+        births: Births,
+    ) -> Result<ReplayResult, StoreError> {
+        self.call(|tx| Command::Replay(target, births, tx)).await
     }
 
     /// One round of a retention sweep: examines up to `limit` finished deliveries from
@@ -1690,7 +1703,10 @@ mod tests {
         let mut after = String::new();
         let mut pages = 0;
         loop {
-            let r = store.replay(page(after, started + 1)).await.unwrap();
+            let r = store
+                .replay(page(after, started + 1), Births::default())
+                .await
+                .unwrap();
             pages += 1;
             assert!(r.requeued.len() <= 2);
             for d in &r.requeued {
@@ -1802,7 +1818,7 @@ mod tests {
         assert_eq!(dead_of(&store, "a"), expected("a"));
         // A replayed delivery leaves its endpoint's dead-letter queue.
         store
-            .replay(ReplayTarget::Ids(vec![ids[3].1.clone()]))
+            .replay(ReplayTarget::Ids(vec![ids[3].1.clone()]), Births::default())
             .await
             .unwrap();
         assert_eq!(dead_of(&store, "b"), vec![ids[0].1.clone()]);
@@ -1882,12 +1898,15 @@ mod tests {
         assert_eq!(listed.len(), 1);
         // Replay runs on the writer: a time it could not handle would stop every write.
         let r = store
-            .replay(ReplayTarget::Dead {
-                filter: filter.clone(),
-                after: String::new(),
-                limit: 100,
-                dead_before_ms: u64::MAX,
-            })
+            .replay(
+                ReplayTarget::Dead {
+                    filter: filter.clone(),
+                    after: String::new(),
+                    limit: 100,
+                    dead_before_ms: u64::MAX,
+                },
+                Births::default(),
+            )
             .await
             .unwrap();
         assert!(r.requeued.is_empty());

@@ -38,6 +38,7 @@ pub(crate) enum Command {
     Outcome(OutcomeRecord, oneshot::Sender<Result<(), StoreError>>),
     Replay(
         ReplayTarget,
+        super::Births,
         oneshot::Sender<Result<ReplayResult, StoreError>>,
     ),
     Purge {
@@ -433,7 +434,7 @@ fn send(cmd: Command, reply: Reply) {
         }
         (Command::Checkpoint, Reply::Checkpoint) => {}
         (Command::Outcome(_, tx), Reply::Outcome(r)) => drop(tx.send(r)),
-        (Command::Replay(_, tx), Reply::Replay(r)) => drop(tx.send(r)),
+        (Command::Replay(_, _, tx), Reply::Replay(r)) => drop(tx.send(r)),
         (Command::Purge { reply, .. }, Reply::Purge(r)) => drop(reply.send(r)),
         (Command::Channel(_, tx), Reply::Channel(r)) => drop(tx.send(r)),
         (Command::Endpoint(_, tx), Reply::Endpoint(r)) => drop(tx.send(r)),
@@ -453,7 +454,7 @@ fn fail(cmd: Command, e: StoreError) {
         }
         Command::Checkpoint => {}
         Command::Outcome(_, tx) => drop(tx.send(Err(e))),
-        Command::Replay(_, tx) => drop(tx.send(Err(e))),
+        Command::Replay(_, _, tx) => drop(tx.send(Err(e))),
         Command::Purge { reply, .. } => drop(reply.send(Err(e))),
         Command::Channel(_, tx) => drop(tx.send(Err(e))),
         Command::Endpoint(_, tx) => drop(tx.send(Err(e))),
@@ -494,7 +495,9 @@ fn apply(
                 }
                 Command::Checkpoint => Reply::Checkpoint,
                 Command::Outcome(rec, _) => Reply::Outcome(t.outcome(rec, deltas)),
-                Command::Replay(target, _) => Reply::Replay(t.replay(target, deltas)),
+                Command::Replay(target, births, _) => {
+                    Reply::Replay(t.replay(target, births, deltas))
+                }
                 Command::DropPending {
                     endpoint,
                     reason,
@@ -841,6 +844,7 @@ impl<'t> Tables<'t> {
     fn replay(
         &mut self,
         target: &ReplayTarget,
+        births: &super::Births,
         deltas: &mut Deltas,
     ) -> Result<ReplayResult, StoreError> {
         use std::ops::Bound;
@@ -898,6 +902,13 @@ impl<'t> Tables<'t> {
             }
             if old.status == DeliveryStatus::Pending {
                 result.already_pending.push(id);
+                continue;
+            }
+            if births
+                .get(&old.endpoint)
+                .is_some_and(|born| old.updated_ms <= *born)
+            {
+                result.earlier_endpoint.push(id);
                 continue;
             }
             let mut new = old.clone();

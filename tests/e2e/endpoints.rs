@@ -799,3 +799,54 @@ async fn events_in_flight_when_an_endpoint_is_deleted_never_reach_one_made_again
         }
     }
 }
+
+#[tokio::test]
+async fn what_a_deleted_endpoint_left_is_not_replayed_to_one_made_again_under_its_name() {
+    use reqwest::Method as M;
+    let (old_rx, new_rx) = (Receiver::start().await, Receiver::start().await);
+    old_rx.set_default(Reply::status(500));
+    new_rx.set_default(Reply::status(500));
+    let c = Courier::start(DELIVERY_FAST).await;
+    let make = |url: String| {
+        let c = &c;
+        async move {
+            let (s, e) = req(
+                c,
+                M::POST,
+                "/v1/endpoints",
+                Some(json!({"name": "app", "url": url, "schedule": ["0s"]})),
+            )
+            .await;
+            assert_eq!(s, 201, "{e}");
+        }
+    };
+    make(old_rx.url("/old")).await;
+    let old_dead = send_to(&c, "app", 1).await;
+    c.wait_status(&old_dead, "dead", T).await;
+    let (s, _) = req(&c, M::DELETE, "/v1/endpoints/app", None).await;
+    assert_eq!(s, 200);
+    // Someone else's endpoint, under the same name.
+    make(new_rx.url("/new")).await;
+    let (s, e) = req(&c, M::POST, &format!("/v1/deliveries/{old_dead}/replay"), None).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("conflict")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("deleted"), "{e}");
+    // The new endpoint's own dead letters replay; the old one's are skipped and counted.
+    let new_dead = send_to(&c, "app", 2).await;
+    c.wait_status(&new_dead, "dead", T).await;
+    new_rx.set_default(Reply::status(200));
+    let (s, r) = req(&c, M::POST, "/v1/dlq/replay", None).await;
+    assert_eq!(s, 202, "{r}");
+    assert_eq!(r["requeued"], 1, "{r}");
+    assert_eq!(r["skipped_deleted_endpoint"], 1, "{r}");
+    assert_eq!(r["deliveries"], json!([new_dead]));
+    c.wait_status(&new_dead, "delivered", T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = new_rx.received();
+    assert!(
+        got.iter().all(|r| r.json()["n"] == 2),
+        "only the new endpoint's own event: {:?}",
+        got.iter().map(|r| r.json()).collect::<Vec<_>>()
+    );
+    assert_eq!(c.get(&format!("/v1/deliveries/{old_dead}")).await.1["status"], "dead");
+    c.stop().await;
+}
