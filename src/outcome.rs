@@ -83,6 +83,32 @@ pub fn scheduled(
     }
 }
 
+/// The retry when an endpoint's backoff plugin could not be asked (it failed or timed out):
+/// the schedule's, while the round is within it; past it, the schedule's last delay (at
+/// least 1 s), not dead. The round is the plugin's to end, and a plugin that fails for a
+/// moment must not end a long round it was running; one that keeps failing keeps the
+/// delivery pending at that pace, every failure logged and counted.
+pub fn fallback(
+    result: &AttemptResult,
+    done_before: u32,
+    schedule: &[Duration],
+    jitter: f64,
+    now_ms: u64,
+) -> Next {
+    if (done_before as usize + 1) < schedule.len() {
+        return scheduled(result, done_before, schedule, jitter, now_ms);
+    }
+    let last = schedule.last().copied().unwrap_or_default();
+    let delay = match (result.status, result.retry_after) {
+        (Some(429 | 503), Some(after)) => after.min(MAX_RETRY_AFTER),
+        _ => jittered(last.max(Duration::from_secs(1)), jitter),
+    };
+    Next::Retry {
+        due_ms: now_ms + delay.as_millis() as u64,
+        error: Some(describe_failure(result)),
+    }
+}
+
 /// The delay before the first attempt (never jittered).
 pub fn first_delay(schedule: &[Duration]) -> Duration {
     schedule.first().copied().unwrap_or_default()
@@ -161,6 +187,35 @@ mod tests {
             decide(&result(Some(500), None), 2, &sched, 0.0, 0),
             Next::Dead { .. }
         ));
+    }
+
+    #[test]
+    fn a_failed_backoff_plugin_falls_back_to_the_schedule_but_never_to_dead() {
+        let sched = secs(&[0, 5, 30]);
+        let r = result(Some(500), None);
+        // Within the schedule: as the schedule says.
+        assert_eq!(
+            fallback(&r, 0, &sched, 0.0, 1000),
+            scheduled(&r, 0, &sched, 0.0, 1000)
+        );
+        // Past it (a round the plugin was running): the last delay, again and again.
+        for done in [2, 3, 50] {
+            assert_eq!(
+                fallback(&r, done, &sched, 0.0, 1000),
+                Next::Retry {
+                    due_ms: 31_000,
+                    error: Some("HTTP 500".into())
+                }
+            );
+        }
+        // A schedule ending in 0s still waits a second.
+        assert_eq!(
+            fallback(&r, 5, &secs(&[0]), 0.0, 1000),
+            Next::Retry {
+                due_ms: 2000,
+                error: Some("HTTP 500".into())
+            }
+        );
     }
 
     #[test]

@@ -679,6 +679,7 @@ async fn decide(
             }
             Err(e) => {
                 tracing::warn!(endpoint = %ep.name, error = %e, "backoff plugin failed; using the schedule");
+                return outcome::fallback(result, d.round_attempts, &ep.schedule, jitter, now);
             }
         }
     }

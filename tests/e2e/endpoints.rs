@@ -827,9 +827,22 @@ async fn what_a_deleted_endpoint_left_is_not_replayed_to_one_made_again_under_it
     assert_eq!(s, 200);
     // Someone else's endpoint, under the same name.
     make(new_rx.url("/new")).await;
-    let (s, e) = req(&c, M::POST, &format!("/v1/deliveries/{old_dead}/replay"), None).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("conflict")), "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("deleted"), "{e}");
+    let (s, e) = req(
+        &c,
+        M::POST,
+        &format!("/v1/deliveries/{old_dead}/replay"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("deleted"),
+        "{e}"
+    );
     // The new endpoint's own dead letters replay; the old one's are skipped and counted.
     let new_dead = send_to(&c, "app", 2).await;
     c.wait_status(&new_dead, "dead", T).await;
@@ -847,6 +860,9 @@ async fn what_a_deleted_endpoint_left_is_not_replayed_to_one_made_again_under_it
         "only the new endpoint's own event: {:?}",
         got.iter().map(|r| r.json()).collect::<Vec<_>>()
     );
-    assert_eq!(c.get(&format!("/v1/deliveries/{old_dead}")).await.1["status"], "dead");
+    assert_eq!(
+        c.get(&format!("/v1/deliveries/{old_dead}")).await.1["status"],
+        "dead"
+    );
     c.stop().await;
 }

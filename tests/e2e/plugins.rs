@@ -136,6 +136,109 @@ async fn a_backoff_plugin_replaces_the_schedule() {
     c.stop().await;
 }
 
+/// The least fuel with which the backoff plugin `file` still loads (each call instantiates
+/// it afresh within its fuel, so a call with this much runs out), checked by calling it.
+fn just_enough_fuel_to_load(file: &str) -> u64 {
+    use courier::config::{PluginConfig, PluginKind};
+    let metrics = courier::observe::Metrics::new();
+    let with = |fuel: u64| {
+        let plugins = courier::plugins::Plugins::default();
+        let cfg = PluginConfig {
+            name: "p".into(),
+            path: plugin(file),
+            kind: PluginKind::Backoff,
+            config: Default::default(),
+            fuel: Some(fuel),
+            memory_bytes: None,
+            timeout: None,
+        };
+        plugins.load_all(&[cfg], &metrics).ok().map(|()| plugins)
+    };
+    let (mut lo, mut hi) = (1u64, 1u64 << 32); // fails at lo, loads at hi
+    assert!(with(lo).is_none() && with(hi).is_some());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if with(mid).is_some() {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let info = courier::plugins::AttemptInfo {
+        endpoint: "app".into(),
+        event_type: "t".into(),
+        attempt: 1,
+        status: Some(500),
+        error: None,
+        retry_after_ms: None,
+    };
+    let plugins = with(hi).unwrap();
+    assert!(
+        plugins.next_delay(&metrics, "p", &info).is_err(),
+        "a call needs more fuel than loading"
+    );
+    hi
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backoff_plugin_failing_past_the_schedule_does_not_end_its_round() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::status(500));
+    let config = |limits: &str| {
+        format!(
+            "{DELIVERY_FAST}{}{}",
+            plugin_entry(
+                "fixed",
+                "fixed-backoff",
+                "backoff",
+                &format!("config = {{ delay_ms = 100, max_attempts = 1000 }}\n{limits}")
+            ),
+            endpoint(
+                "app",
+                &rx.url("/"),
+                "backoff = \"fixed\"\nschedule = [\"0s\", \"1ms\"]"
+            ),
+        )
+    };
+    let starved = just_enough_fuel_to_load("fixed-backoff");
+    let c = Courier::start_file(&config("")).await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap().to_string();
+    // The plugin runs the round past the schedule's two attempts...
+    c.wait_delivery(&id, T, |d| d["attempt_count"].as_u64().unwrap() >= 4)
+        .await;
+    // ...and then fails on every call: it loads, but runs out of fuel when asked.
+    c.rewrite_config(&config(&format!("limits = {{ fuel = {starved} }}")));
+    c.wait_config(|st| st["version"] == 2).await;
+    let failed_calls = || async {
+        let m = c.text("/metrics").await;
+        m.lines()
+            .find(|l| {
+                l.starts_with("courier_plugin_calls_total{plugin=\"fixed\",result=\"error\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Asked twice more, failing both times: the delivery is still pending after each.
+    let deadline = std::time::Instant::now() + T;
+    while failed_calls().await < 2 {
+        let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
+        assert_eq!(d["status"], "pending", "{d:#}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plugin never failed twice"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
+    assert_eq!(d["status"], "pending", "{d:#}");
+    // Once the receiver is back, the delivery goes through.
+    rx.set_default(Reply::status(200));
+    let d = c.wait_status(&id, "delivered", T).await;
+    assert!(d["attempt_count"].as_u64().unwrap() >= 6, "{d}");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn a_transform_can_drop_a_delivery() {
     let rx = Receiver::start().await;
