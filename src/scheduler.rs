@@ -57,6 +57,9 @@ struct WorkerHandle {
 pub struct Scheduler {
     workers: Mutex<HashMap<String, WorkerHandle>>,
     health: Mutex<HashMap<String, Health>>,
+    /// When each deleted endpoint's health was forgotten: attempts it started before then
+    /// may still finish, and their results are the old endpoint's, not the new one's.
+    forgotten: Mutex<HashMap<String, u64>>,
     /// The token buckets of endpoints with a `rate_limit` whose workers retired: the next
     /// worker goes on with its bucket as it was, not a full one (which would let an endpoint
     /// that goes idle between events take a whole burst each time).
@@ -72,6 +75,8 @@ struct Done {
     id: String,
     /// `Some(true)` for a 2xx, `Some(false)` for a failed attempt, `None` when nothing was sent.
     success: Option<bool>,
+    /// When the attempt was started (for [`Scheduler::forget`]).
+    started_ms: u64,
     /// When the delivery is due again if it is still pending (a retry, or an outcome that
     /// could not be recorded): the worker's scan may have passed that time already.
     again_ms: Option<u64>,
@@ -142,7 +147,12 @@ impl Scheduler {
     /// endpoint made later under the same name — perhaps another URL, for someone else —
     /// starts afresh.
     pub fn forget(&self, endpoint: &str) {
-        self.health.lock().expect("health lock").remove(endpoint);
+        let mut health = self.health.lock().expect("health lock");
+        health.remove(endpoint);
+        self.forgotten
+            .lock()
+            .expect("forgotten lock")
+            .insert(endpoint.to_string(), now_ms());
     }
 
     /// Endpoints that have made attempts, with their health.
@@ -201,9 +211,20 @@ impl Scheduler {
         });
     }
 
-    fn record(&self, app: &App, endpoint: &str, success: bool) {
+    fn record(&self, app: &App, endpoint: &str, success: bool, started_ms: u64) {
         let threshold = app.config.load().delivery.circuit_failures;
         let mut all = self.health.lock().expect("health lock");
+        // Under the health lock, as `forget` takes it: a result is the old endpoint's or the
+        // new one's, never counted for the new after it was forgotten.
+        let forgotten = self
+            .forgotten
+            .lock()
+            .expect("forgotten lock")
+            .get(endpoint)
+            .copied();
+        if forgotten.is_some_and(|at| started_ms <= at) {
+            return;
+        }
         let h = all.entry(endpoint.to_string()).or_default();
         let now = now_ms();
         h.last_attempt_ms = Some(now);
@@ -414,6 +435,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                             let may_wait = ep.ordering != Ordering::Fifo
                                 && in_flight.len() * 2 <= ep.max_in_flight;
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
+                            let started_ms = now_ms();
                             app.tasks.spawn(async move {
                                 use futures_util::FutureExt;
                                 let id = d.id.clone();
@@ -436,6 +458,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                 let _ = tx.send(Done {
                                     id,
                                     success,
+                                    started_ms,
                                     again_ms,
                                 });
                             });
@@ -506,7 +529,7 @@ fn retire(app: &App, name: &str, woken: &AtomicBool, bucket: &mut Option<(f64, B
 fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, rewind: &AtomicU64, done: Done) {
     in_flight.remove(&done.id);
     if let Some(success) = done.success {
-        app.scheduler.record(app, name, success);
+        app.scheduler.record(app, name, success, done.started_ms);
     }
     // Still pending: the scan looks from its due time again, should it be behind the scan.
     if let Some(at) = done.again_ms {

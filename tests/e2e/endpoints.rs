@@ -866,3 +866,47 @@ async fn what_a_deleted_endpoint_left_is_not_replayed_to_one_made_again_under_it
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_a_deleted_endpoint_had_in_flight_do_not_count_against_one_made_again() {
+    let (old_rx, new_rx) = (Receiver::start().await, Receiver::start().await);
+    old_rx.set_default(Reply::status(500).delay(Duration::from_millis(1000)));
+    let c = Courier::start(&format!(
+        "{}circuit_failures = 3\ncircuit_probe_interval = \"60s\"\n",
+        DELIVERY_FAST
+    ))
+    .await;
+    use reqwest::Method as M;
+    let create = |url: String| {
+        req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": "shared", "url": url, "secrets": [SECRET]})),
+        )
+    };
+    assert_eq!(create(old_rx.url("/")).await.0, 201);
+    let mut old = Vec::new();
+    for n in 0..4 {
+        old.push(send_to(&c, "shared", n).await);
+    }
+    old_rx.wait_for(4, T).await; // all four in flight, each to fail in a second
+    let (s, r) = req(&c, M::DELETE, "/v1/endpoints/shared", None).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(create(new_rx.url("/")).await.0, 201);
+    // The old attempts finish now, failing, after the new endpoint was made.
+    for id in &old {
+        c.wait_delivery(id, T, |d| d["attempt_count"] == 1).await;
+    }
+    let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
+    assert_eq!(st["circuit"], "closed", "{st}");
+    let started = std::time::Instant::now();
+    send_to(&c, "shared", 10).await;
+    let got = new_rx.wait_for(1, T).await;
+    assert_eq!(got[0].json()["n"], 10);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not held by an open circuit"
+    );
+    c.stop().await;
+}
