@@ -164,10 +164,11 @@ pub async fn send(
         .get("webhook-delivery")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("abort"));
-    // Read at most the excerpt, within the same timeout; a slow body does not fail an
-    // attempt whose status already arrived.
+    // Read at most the excerpt, within the same timeout and at most BODY_GRACE after the
+    // status: a slow body does not fail an attempt whose status already arrived, nor hold
+    // it (and a FIFO endpoint's queue behind it) until the timeout.
     let mut excerpt = Vec::new();
-    let deadline = started + timeout;
+    let deadline = (started + timeout).min(Instant::now() + BODY_GRACE);
     while excerpt.len() < RESPONSE_EXCERPT {
         match tokio::time::timeout_at(deadline.into(), response.chunk()).await {
             Ok(Ok(Some(chunk))) => {
@@ -188,6 +189,9 @@ pub async fn send(
         body_excerpt: String::from_utf8_lossy(&excerpt).into_owned(),
     }
 }
+
+/// How long the response body excerpt is waited for once the status is in.
+const BODY_GRACE: Duration = Duration::from_secs(1);
 
 /// `Retry-After` as delay-seconds or an HTTP date.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {

@@ -374,3 +374,51 @@ async fn https_goes_through_rustls_and_refuses_an_untrusted_certificate() {
     let _ = server.wait();
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_receiver_that_stalls_after_its_status_does_not_hold_the_attempt_until_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers 200 with the start of a body it never finishes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nthanks, and")
+                .await;
+            held.push(sock); // open, silent
+        }
+    });
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &url, "timeout = \"20s\"\nordering = \"fifo\"")
+    ))
+    .await;
+    let first = first_delivery(
+        &c.send(json!({"event_type": "t", "payload": {"n": 1}}))
+            .await,
+    );
+    let second = first_delivery(
+        &c.send(json!({"event_type": "t", "payload": {"n": 2}}))
+            .await,
+    );
+    let started = std::time::Instant::now();
+    let d = c.wait_status(&second, "delivered", T).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the FIFO queue was held: {:?}",
+        started.elapsed()
+    );
+    let first = c.wait_status(&first, "delivered", T).await;
+    for d in [&first, &d] {
+        let a = &d["attempts"][0];
+        assert_eq!(a["status_code"], 200, "{d}");
+        assert!(a["duration_ms"].as_u64().unwrap() < 5000, "{d}");
+        assert_eq!(a["response_body"], "thanks, and", "{d}");
+    }
+    server.abort();
+    c.stop().await;
+}
