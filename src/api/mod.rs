@@ -102,7 +102,21 @@ async fn settle(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
-    app.store.settle().await?;
+    // A request without a valid token is refused by its handler at once: it does not wait
+    // for the database first (nor learn, from a 503, that the database is in trouble).
+    let query_token = req.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    });
+    let token = bearer(req.headers()).map(str::to_string).or(query_token);
+    let known = !matches!(
+        crate::app::authorize(&app.config.load().keys, token.as_deref(), Scope::Admin),
+        Err(AuthError::Missing | AuthError::Invalid)
+    );
+    if known {
+        app.store.settle().await?;
+    }
     Ok(next.run(req).await)
 }
 
@@ -376,6 +390,55 @@ mod tests {
         // Once the disk has room again, the same request goes through.
         running.app.store.fail_writes(false);
         assert_eq!(create().await.unwrap().status(), 201);
+        running.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_without_a_valid_token_is_refused_without_waiting_for_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = start(dir.path()).await;
+        let base = format!("http://{}", running.addr);
+        let http = reqwest::Client::new();
+        // An event is acknowledged from the journal, and the database cannot apply it: reads
+        // wait for it (then answer 503).
+        let made = http
+            .post(format!("{base}/v1/endpoints"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(json!({"name": "app", "url": "https://example.com/hook"}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(made.status(), 201);
+        running.app.store.fail_writes(true);
+        let r = http
+            .post(format!("{base}/v1/ingest/app"))
+            .bearer_auth(TOKEN)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let started = std::time::Instant::now();
+        for token in [None, Some("not-a-token-0000000000")] {
+            let mut req = http.get(format!("{base}/v1/deliveries"));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            assert_eq!(req.send().await.unwrap().status(), 401);
+        }
+        let ws = http
+            .get(format!("{base}/v1/channels/x/ws?token=nope"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ws.status(), 401);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "answered at once, not after the database: {:?}",
+            started.elapsed()
+        );
+        running.app.store.fail_writes(false);
         running.shutdown().await;
     }
 }
