@@ -810,10 +810,8 @@ mod tests {
         (url, seen)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_outcome_the_store_cannot_record_holds_the_delivery_back_instead_of_resending_at_once()
-     {
-        let (url, seen) = receiver().await;
+    /// courier on a temporary data dir with one endpoint, `app`, at `url`.
+    async fn start_with_app(url: &str) -> (tempfile::TempDir, crate::server::Running) {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[keys]]\ntoken = \"test-token-0123456789\"\nscopes = [\"ingest\", \"admin\"]\n[delivery]\nallow_private_networks = true\n[[endpoints]]\nname = \"app\"\nurl = \"{url}\"\n",
@@ -821,6 +819,14 @@ mod tests {
         );
         let config = crate::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
         let running = crate::server::start(config).await.unwrap();
+        (dir, running)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outcome_the_store_cannot_record_holds_the_delivery_back_instead_of_resending_at_once()
+     {
+        let (url, seen) = receiver().await;
+        let (_dir, running) = start_with_app(&url).await;
         // The first two outcomes fail as on a full disk; the third is recorded.
         running.app.store.fail_next_outcomes(2);
         let body = reqwest::Client::new()
@@ -873,47 +879,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pending_delivery_nobody_announced_is_found_by_the_sweep() {
-        use crate::model::{DeliveryStatus, Event, new_id};
         let (url, seen) = receiver().await;
-        let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[keys]]\ntoken = \"test-token-0123456789\"\nscopes = [\"ingest\", \"admin\"]\n[delivery]\nallow_private_networks = true\n[[endpoints]]\nname = \"app\"\nurl = \"{url}\"\n",
-            dir.path().join("data").display()
-        );
-        let config = crate::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
-        let running = crate::server::start(config).await.unwrap();
+        let (_dir, running) = start_with_app(&url).await;
         // What an ingest whose producer hung up mid-commit leaves: the event is stored, and
         // nobody told the endpoint's (idle) worker.
-        let now = now_ms();
-        let event_id = new_id("evt");
-        let delivery = Delivery {
-            id: new_id("dlv"),
-            event_id: event_id.clone(),
-            endpoint: "app".into(),
-            event_type: "t".into(),
-            status: DeliveryStatus::Pending,
-            attempts: 0,
-            round_attempts: 0,
-            next_due_ms: Some(now),
-            created_ms: now,
-            updated_ms: now,
-            last_error: None,
-        };
-        let batch = crate::store::AppendBatch {
-            event: Event {
-                id: event_id,
-                event_type: "t".into(),
-                content_type: "application/json".into(),
-                payload: b"{}".to_vec(),
-                created_ms: now,
-                delivery_ids: vec![delivery.id.clone()],
-                headers: Vec::new(),
-            },
-            deliveries: vec![delivery],
-            idempotency: None,
-            reply: Vec::new(),
-            id_supplied: false,
-        };
+        let mut batch = crate::store::tests::batch("k", now_ms());
+        batch.deliveries[0].endpoint = "app".into();
+        batch.idempotency = None;
         running.app.store.append(batch).await.unwrap();
         assert_eq!(running.app.scheduler.workers(), 0, "no worker was started");
         let started = std::time::Instant::now();

@@ -1040,11 +1040,11 @@ fn build_dead_by_endpoint(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::new_id;
 
-    pub(super) fn batch(key: &str, created_ms: u64) -> AppendBatch {
+    pub(crate) fn batch(key: &str, created_ms: u64) -> AppendBatch {
         let id = new_id("evt");
         let d = Delivery {
             id: new_id("dlv"),

@@ -31,6 +31,17 @@ async fn send_to(c: &Courier, endpoint: &str, n: i64) -> String {
     r["deliveries"][0]["id"].as_str().unwrap().to_string()
 }
 
+/// Makes the API endpoint `shared` at `url`; the status.
+async fn create_shared(c: &Courier, url: String) -> (u16, Value) {
+    req(
+        c,
+        reqwest::Method::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "shared", "url": url, "secrets": [SECRET]})),
+    )
+    .await
+}
+
 fn sig_count(r: &Received) -> usize {
     r.header("webhook-signature").split(' ').count()
 }
@@ -702,14 +713,7 @@ async fn an_endpoint_made_again_under_a_deleted_name_starts_with_a_closed_circui
     ))
     .await;
     use reqwest::Method as M;
-    let create = |url: String| {
-        req(
-            &c,
-            M::POST,
-            "/v1/endpoints",
-            Some(json!({"name": "shared", "url": url, "secrets": [SECRET]})),
-        )
-    };
+    let create = |url: String| create_shared(&c, url);
     // Nothing listens there: every attempt fails and the circuit opens.
     let down = format!("http://127.0.0.1:{}/", free_port());
     assert_eq!(create(down).await.0, 201);
@@ -877,14 +881,7 @@ async fn attempts_a_deleted_endpoint_had_in_flight_do_not_count_against_one_made
     ))
     .await;
     use reqwest::Method as M;
-    let create = |url: String| {
-        req(
-            &c,
-            M::POST,
-            "/v1/endpoints",
-            Some(json!({"name": "shared", "url": url, "secrets": [SECRET]})),
-        )
-    };
+    let create = |url: String| create_shared(&c, url);
     assert_eq!(create(old_rx.url("/")).await.0, 201);
     let mut old = Vec::new();
     for n in 0..4 {
