@@ -27,6 +27,11 @@ pub fn watch_files(
     let dirs: BTreeSet<PathBuf> = watched.iter().map(|(d, _, _)| d.clone()).collect();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
+        // Opening or reading a file changes nothing, and courier reads the files it watches
+        // when they change: a read reported as a change would reload them again and again.
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
         for p in &event.paths {
             let (Some(name), Some(dir)) = (p.file_name(), p.parent()) else {
                 continue;

@@ -248,6 +248,17 @@ impl Plugins {
         let _changing = self.changes.lock().expect("plugin changes");
         let current = self.get(&cfg.name);
         if current.as_ref().is_some_and(|c| Self::unchanged(c, cfg)) {
+            // The file is back to the version that serves (a bad file replaced by the good
+            // one again): an error reported meanwhile no longer applies.
+            if let Some(st) = self
+                .status
+                .lock()
+                .expect("plugin status")
+                .get_mut(&cfg.name)
+                && st.last_error.take().is_some()
+            {
+                tracing::info!(plugin = %cfg.name, "plugin file restored to the version serving");
+            }
             return;
         }
         let version = current.as_ref().map_or(0, |c| c.version) + 1;
