@@ -74,7 +74,7 @@ pub fn start(app: &Arc<App>) {
         Err(notify::Error::generic("disabled by server.watch = false"))
     };
     match watched {
-        Ok(watcher) => {
+        Ok((watcher, _)) => {
             let app2 = app.clone();
             app.tasks.spawn(async move {
                 // The watcher lives as long as this task.

@@ -14,10 +14,13 @@ use tokio::sync::mpsc;
 pub const QUIET: Duration = Duration::from_millis(250);
 
 /// Watches the directories of `files` and sends each watched file that an event touches.
+/// A directory that does not exist (yet) cannot be watched: the files in it are returned,
+/// and the caller looks for the directory from time to time ([`appeared`]) instead of giving
+/// up on every other file.
 pub fn watch_files(
     files: &[PathBuf],
     tx: mpsc::UnboundedSender<PathBuf>,
-) -> notify::Result<notify::RecommendedWatcher> {
+) -> notify::Result<(notify::RecommendedWatcher, Vec<PathBuf>)> {
     use notify::Watcher;
     // (canonical directory, file name) → the path as configured.
     let watched: Vec<(PathBuf, std::ffi::OsString, PathBuf)> = files
@@ -43,10 +46,27 @@ pub fn watch_files(
             }
         }
     })?;
+    let mut unwatched = Vec::new();
     for d in dirs {
+        if !d.is_dir() {
+            unwatched.extend(files.iter().filter(|f| canonical_dir(f) == d).cloned());
+            continue;
+        }
         watcher.watch(&d, notify::RecursiveMode::NonRecursive)?;
     }
-    Ok(watcher)
+    Ok((watcher, unwatched))
+}
+
+/// How often directories that did not exist are looked for.
+pub const MISSING_DIR_POLL: Duration = Duration::from_secs(1);
+
+/// Those of `files` whose directory exists now.
+pub fn appeared(files: &[PathBuf]) -> Vec<PathBuf> {
+    files
+        .iter()
+        .filter(|f| canonical_dir(f).is_dir())
+        .cloned()
+        .collect()
 }
 
 fn canonical(p: &Path) -> PathBuf {

@@ -83,6 +83,8 @@ pub struct Plugins {
     status: Mutex<BTreeMap<String, Status>>,
     /// The file watcher, replaced when the set of plugin files changes.
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    /// Plugin files whose directory did not exist when the watcher was made.
+    unwatched: Mutex<Vec<PathBuf>>,
     watch_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<PathBuf>>>,
     /// Held while the registry changes (a configuration's plugin set, or one file's reload):
     /// each reads the current map and stores a new one, so two at once would undo each other.
@@ -503,8 +505,28 @@ pub fn check(configs: &[PluginConfig]) -> Result<(), Vec<String>> {
 /// Starts the task that reloads plugins whose files change, and the first watcher.
 pub fn start_watching(app: &Arc<crate::app::App>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
-    *app.plugins.watch_tx.lock().expect("watch tx") = Some(tx);
+    *app.plugins.watch_tx.lock().expect("watch tx") = Some(tx.clone());
     rewatch(app);
+    // A directory named before it exists (a config deployed ahead of its plugins) is looked
+    // for until it appears; then it is watched and its files are taken as changed.
+    let poller = app.clone();
+    app.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(crate::watch::MISSING_DIR_POLL) => {}
+                _ = poller.shutdown.cancelled() => return,
+            }
+            let waiting = poller.plugins.unwatched.lock().expect("unwatched").clone();
+            let found = crate::watch::appeared(&waiting);
+            if found.is_empty() {
+                continue;
+            }
+            rewatch(&poller);
+            for f in found {
+                let _ = tx.send(f);
+            }
+        }
+    });
     let app2 = app.clone();
     app.tasks.spawn(async move {
         loop {
@@ -565,18 +587,24 @@ pub fn rewatch(app: &Arc<crate::app::App>) {
     let Some(tx) = app.plugins.watch_tx.lock().expect("watch tx").clone() else {
         return;
     };
-    let watcher = if paths.is_empty() {
-        None
+    let (watcher, unwatched) = if paths.is_empty() {
+        (None, Vec::new())
     } else {
         match crate::watch::watch_files(&paths, tx) {
-            Ok(w) => Some(w),
+            Ok((w, unwatched)) => {
+                for f in &unwatched {
+                    tracing::warn!(path = %f.display(), "the plugin file's directory does not exist; it is watched once it does");
+                }
+                (Some(w), unwatched)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch plugin files; they will not hot-reload");
-                None
+                (None, Vec::new())
             }
         }
     };
     *app.plugins.watcher.lock().expect("watcher") = watcher;
+    *app.plugins.unwatched.lock().expect("unwatched") = unwatched;
 }
 
 /// Whether courier sets header `name` itself, so that a transform's value for it is ignored

@@ -269,6 +269,36 @@ async fn a_config_rejected_for_a_missing_plugin_file_applies_once_the_file_arriv
 }
 
 #[tokio::test]
+async fn a_config_naming_a_plugin_in_a_directory_not_made_yet_applies_once_it_is() {
+    let rx = Receiver::start().await;
+    let c = Courier::start_file(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("app", &rx.url("/"), "")
+    ))
+    .await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("v2");
+    let wasm = dir.join("redact.wasm");
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}[[plugins]]\nname = \"redact\"\npath = \"{}\"\nkind = \"transform\"\nconfig = {{ fields = \"secret\" }}\n{}",
+        wasm.display(),
+        endpoint("app", &rx.url("/"), "transforms = [\"redact\"]"),
+    ));
+    c.wait_config(|st| st["reloads_failed"] == 1).await;
+    // The release directory arrives with its plugin.
+    let staging = root.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::copy(plugin("redact"), staging.join("redact.wasm")).unwrap();
+    std::fs::rename(&staging, &dir).unwrap();
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert!(st["last_error"].is_null(), "{st}");
+    c.send(json!({"event_type": "t", "payload": {"keep": 1, "secret": "x"}}))
+        .await;
+    assert_eq!(rx.wait_for(1, T).await[0].json(), json!({"keep": 1}));
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_reload_that_would_break_an_api_endpoint_is_rejected() {
     let rx = Receiver::start().await;
     let with_plugin = format!(
