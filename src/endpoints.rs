@@ -229,16 +229,20 @@ impl Registry {
         self.inner.read().expect("registry").effective.len()
     }
 
-    /// When each endpoint made through the API (and in effect: not shadowed by a config
-    /// endpoint) was created. A delivery that finished before then belonged to an earlier
-    /// endpoint of that name, deleted since; see [`crate::store::Births`].
+    /// Every endpoint in effect, with when it was created if it was made through the API
+    /// (0 for a config endpoint, whose name is its identity); see [`crate::store::Births`].
     pub fn births(&self) -> crate::store::Births {
         let inner = self.inner.read().expect("registry");
         let births = inner
             .effective
             .iter()
-            .filter(|(_, (source, _))| *source == Source::Api)
-            .filter_map(|(name, _)| Some((name.clone(), inner.api.get(name)?.0.created_ms)))
+            .map(|(name, (source, _))| {
+                let born = match source {
+                    Source::Api => inner.api.get(name).map_or(0, |(s, _)| s.created_ms),
+                    Source::Config => 0,
+                };
+                (name.clone(), born)
+            })
             .collect();
         std::sync::Arc::new(births)
     }

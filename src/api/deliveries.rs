@@ -128,8 +128,9 @@ async fn replay(
             StatusCode::CONFLICT,
             "conflict",
             format!(
-                "delivery `{id}` went to an endpoint that was deleted; the endpoint made since under \
-                 the same name is not its destination, so it is not replayed"
+                "delivery `{id}` went to an endpoint that was deleted (or is no longer \
+                 configured); any endpoint made since under its name is not its destination, so \
+                 it is not replayed"
             ),
         ));
     }

@@ -136,10 +136,12 @@ pub enum ReplayTarget {
     },
 }
 
-/// When each endpoint made through the API was created, by name. Deliveries name their
-/// endpoint and nothing more, so after a delete and a create under the same name — perhaps
-/// for someone else — a delivery that finished before the new endpoint existed is the old
-/// one's, and a replay must not send it to the new one (signed with the new one's secret).
+/// Every endpoint that exists, by name, with when it was made through the API (0 for one
+/// from the config file). Deliveries name their endpoint and nothing more, so after a delete
+/// and a create under the same name — perhaps for someone else — a delivery that finished
+/// before the new endpoint existed is the old one's, and a replay must not send it to the
+/// new one (signed with the new one's secret). Nor is a delivery replayed for a name no
+/// endpoint has: it would wait, pending, for whoever takes the name next.
 pub type Births = std::sync::Arc<std::collections::HashMap<String, u64>>;
 
 /// Where a retention sweep goes on: the finished deliveries it has not examined yet, in the
@@ -189,7 +191,8 @@ pub struct ReplayResult {
     pub requeued: Vec<Delivery>,
     pub already_pending: Vec<String>,
     pub not_found: Vec<String>,
-    /// Finished before their endpoint was made (see [`Births`]): not replayed.
+    /// Finished before their endpoint was made, or their endpoint is gone (see [`Births`]):
+    /// not replayed.
     pub earlier_endpoint: Vec<String>,
     /// For a page of dead deliveries: the last id examined, if more may follow.
     pub next: Option<String>,
@@ -1375,6 +1378,11 @@ pub(crate) mod tests {
         b
     }
 
+    /// Endpoints from the config file by these names (so replays may go to them).
+    fn config_endpoints(names: &[&str]) -> Births {
+        std::sync::Arc::new(names.iter().map(|n| (n.to_string(), 0)).collect())
+    }
+
     /// Records one attempt answered `status`, with `next` as its outcome.
     async fn attempted(store: &Store, id: &str, status: u16, next: Next) {
         let attempt = Attempt {
@@ -1704,7 +1712,7 @@ pub(crate) mod tests {
         let mut pages = 0;
         loop {
             let r = store
-                .replay(page(after, started + 1), Births::default())
+                .replay(page(after, started + 1), config_endpoints(&["a", "b", "e"]))
                 .await
                 .unwrap();
             pages += 1;
@@ -1818,7 +1826,10 @@ pub(crate) mod tests {
         assert_eq!(dead_of(&store, "a"), expected("a"));
         // A replayed delivery leaves its endpoint's dead-letter queue.
         store
-            .replay(ReplayTarget::Ids(vec![ids[3].1.clone()]), Births::default())
+            .replay(
+                ReplayTarget::Ids(vec![ids[3].1.clone()]),
+                config_endpoints(&["a", "b", "e"]),
+            )
             .await
             .unwrap();
         assert_eq!(dead_of(&store, "b"), vec![ids[0].1.clone()]);
@@ -1905,7 +1916,7 @@ pub(crate) mod tests {
                     limit: 100,
                     dead_before_ms: u64::MAX,
                 },
-                Births::default(),
+                config_endpoints(&["a", "b", "e"]),
             )
             .await
             .unwrap();

@@ -906,7 +906,7 @@ impl<'t> Tables<'t> {
             }
             if births
                 .get(&old.endpoint)
-                .is_some_and(|born| old.updated_ms <= *born)
+                .is_none_or(|born| old.updated_ms <= *born)
             {
                 result.earlier_endpoint.push(id);
                 continue;

@@ -829,6 +829,25 @@ async fn what_a_deleted_endpoint_left_is_not_replayed_to_one_made_again_under_it
     c.wait_status(&old_dead, "dead", T).await;
     let (s, _) = req(&c, M::DELETE, "/v1/endpoints/app", None).await;
     assert_eq!(s, 200);
+    // Replayed now, it would wait for whoever takes the name next.
+    let (s, e) = req(
+        &c,
+        M::POST,
+        &format!("/v1/deliveries/{old_dead}/replay"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{e}"
+    );
+    let (s, r) = req(&c, M::POST, "/v1/dlq/replay", None).await;
+    assert_eq!(
+        (s, &r["requeued"], &r["skipped_deleted_endpoint"]),
+        (202, &json!(0), &json!(1)),
+        "{r}"
+    );
     // Someone else's endpoint, under the same name.
     make(new_rx.url("/new")).await;
     let (s, e) = req(
