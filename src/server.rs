@@ -101,6 +101,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     });
     app.endpoints.set_config(&app.config.load());
     load_api_endpoints(&app)?;
+    let app2 = app.clone();
+    app.tasks
+        .spawn(async move { crate::api::endpoints::finish_unfinished_drops(&app2).await });
     Scheduler::start_workers(&app);
     Scheduler::start_sweeper(&app);
     app.tasks.spawn(retention(app.clone()));

@@ -208,6 +208,7 @@ async fn save(
             name: name.clone(),
             value: Some(serde_json::to_vec(&stored).expect("json")),
             create,
+            drop_pending: false,
         })
         .await?;
     if !written {
@@ -266,6 +267,11 @@ async fn create(
         updated_ms: now,
     };
     let name = stored.spec.name.clone();
+    // A delete of this name whose drop did not finish: what it left must not go to the new
+    // endpoint.
+    if app.store.unfinished_drops()?.contains(&name) {
+        finish_drop(&app, &name).await?;
+    }
     save(&app, stored, true).await?;
     tracing::info!(endpoint = %name, "endpoint created through the API");
     let mut v = view(&listed(&app, &name).ok_or_else(|| not_found(&name))?);
@@ -385,6 +391,52 @@ struct DeleteParams {
 /// Pending deliveries one store command drops.
 const DROP_PAGE: usize = 1000;
 
+/// Drops every pending delivery of the deleted endpoint `name`, page by page, keeping the
+/// delete's promise (see [`EndpointWrite::drop_pending`]); how many it dropped.
+async fn finish_drop(app: &AppState, name: &str) -> Result<usize, ApiError> {
+    let reason = format!("endpoint `{name}` was deleted");
+    let mut dropped = 0;
+    loop {
+        let n = app.store.drop_pending(name, &reason, DROP_PAGE).await?;
+        dropped += n;
+        if n < DROP_PAGE {
+            return Ok(dropped);
+        }
+    }
+}
+
+/// At start-up: finishes the drops of deletes that courier stopped (or failed) in the
+/// middle of. A name a config endpoint serves now keeps its queue, as a delete would have.
+pub async fn finish_unfinished_drops(app: &AppState) {
+    let names = match app.store.unfinished_drops() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the unfinished endpoint deletes");
+            return;
+        }
+    };
+    for name in names {
+        let _one_change_at_a_time = app.endpoints.changes.lock().await;
+        let result = if app.endpoints.get(&name).is_some() {
+            let reason = String::new();
+            app.store
+                .drop_pending(&name, &reason, 0)
+                .await
+                .map_err(ApiError::from)
+        } else {
+            finish_drop(app, &name).await
+        };
+        match result {
+            Ok(n) => {
+                tracing::info!(endpoint = %name, pending_dropped = n, "finished an interrupted endpoint delete")
+            }
+            Err(e) => {
+                tracing::error!(endpoint = %name, error = %e.message, "cannot finish an interrupted endpoint delete; it is tried again at the next start or when the name is made again")
+            }
+        }
+    }
+}
+
 async fn delete(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -409,12 +461,14 @@ async fn delete(
     if app.endpoints.stored(&name).is_none() {
         api_endpoint(&app, &name)?;
     }
+    let config_stays = app.endpoints.source(&name) == Some(Source::Config);
     if !app
         .store
         .write_endpoint(EndpointWrite {
             name: name.clone(),
             value: None,
             create: false,
+            drop_pending: drop_pending && !config_stays,
         })
         .await?
     {
@@ -434,14 +488,7 @@ async fn delete(
         app.scheduler.forget(&name);
     }
     if drop_pending && gone {
-        let reason = format!("endpoint `{name}` was deleted");
-        loop {
-            let n = app.store.drop_pending(&name, &reason, DROP_PAGE).await?;
-            dropped += n;
-            if n < DROP_PAGE {
-                break;
-            }
-        }
+        dropped = finish_drop(&app, &name).await?;
     }
     tracing::info!(endpoint = %name, pending_dropped = dropped, "endpoint deleted through the API");
     Ok(Json(json!({"deleted": name, "pending_dropped": dropped})))

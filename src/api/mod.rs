@@ -6,7 +6,7 @@ mod config;
 mod console;
 mod deliveries;
 mod dlq;
-mod endpoints;
+pub(crate) mod endpoints;
 mod events;
 mod health;
 mod plugins;

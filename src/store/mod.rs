@@ -222,6 +222,11 @@ pub struct EndpointWrite {
     pub name: String,
     pub value: Option<Vec<u8>>,
     pub create: bool,
+    /// With a delete: its pending deliveries are to be dropped. The promise is stored with
+    /// the delete, and kept until [`Store::drop_pending`] has dropped the last of them, so
+    /// that a crash (or a failed page) between the two does not leave them queued for the
+    /// next endpoint of that name; see [`Store::unfinished_drops`].
+    pub drop_pending: bool,
 }
 
 /// Due workflow timers as (due ms, channel id, kind), and the next due time beyond them.
@@ -633,9 +638,25 @@ impl Store {
         self.call(|tx| Command::Endpoint(w, tx)).await
     }
 
+    /// Endpoints deleted with their pending deliveries to drop whose drop has not finished
+    /// (courier stopped, or a page failed, in between).
+    pub fn unfinished_drops(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let mut names = Vec::new();
+        for row in meta.range(DROPPING..)? {
+            let (k, _) = row?;
+            match k.value().strip_prefix(DROPPING) {
+                Some(name) => names.push(name.to_string()),
+                None => break,
+            }
+        }
+        Ok(names)
+    }
+
     /// Drops up to `limit` of `endpoint`'s pending deliveries, with `reason`; returns how
-    /// many it dropped (fewer than `limit`: none are left). In pages, so that a large backlog
-    /// never holds the writer for long.
+    /// many it dropped (fewer than `limit`: none are left, and a delete's promise to drop
+    /// them is kept). In pages, so that a large backlog never holds the writer for long.
     pub async fn drop_pending(
         &self,
         endpoint: &str,

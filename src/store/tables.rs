@@ -63,6 +63,9 @@ pub const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoi
 
 /// Store bookkeeping: name → number.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// [`META`] key prefix: `dropping:NAME` (→ when it was deleted) while endpoint NAME's pending
+/// deliveries are still to be dropped after its delete.
+pub const DROPPING: &str = "dropping:";
 /// [`META`] key: the sequence number of the last ingest-journal record the database holds.
 pub const JOURNAL_SEQ: &str = "journal_seq";
 /// [`META`] key, set once [`DEAD_BY_ENDPOINT`] holds every dead delivery (databases made

@@ -838,6 +838,10 @@ impl<'t> Tables<'t> {
             new.updated_ms = now;
             self.put(Some(&old), &new, deltas)?;
         }
+        if ids.len() < limit {
+            let key = format!("{DROPPING}{endpoint}");
+            self.meta.open()?.remove(key.as_str())?;
+        }
         Ok(ids.len())
     }
 
@@ -1117,6 +1121,10 @@ impl<'t> Tables<'t> {
                 .insert(w.name.as_str(), v.as_slice())?,
             None => self.endpoints.open()?.remove(w.name.as_str())?,
         };
+        if w.value.is_none() && w.drop_pending {
+            let key = format!("{DROPPING}{}", w.name);
+            self.meta.open()?.insert(key.as_str(), now_ms())?;
+        }
         Ok(true)
     }
 
@@ -1215,6 +1223,7 @@ mod tests {
                     name: "e".into(),
                     value: None,
                     create: false,
+                    drop_pending: false,
                 },
                 tx
             )

@@ -926,3 +926,72 @@ async fn attempts_a_deleted_endpoint_had_in_flight_do_not_count_against_one_made
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_interrupted_before_its_drop_finishes_it_at_the_next_start() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let mut c = Courier::start_file(DELIVERY_FAST).await;
+    assert_eq!(create_shared(&c, rx.url("/")).await.0, 201);
+    req(&c, M::POST, "/v1/endpoints/shared/pause", None).await;
+    let mut left = Vec::new();
+    for n in 0..3 {
+        left.push(send_to(&c, "shared", n).await);
+    }
+    // The delete is committed, with its promise to drop what is queued; courier stops
+    // before the drop.
+    let written = c
+        .app()
+        .store
+        .write_endpoint(courier::store::EndpointWrite {
+            name: "shared".into(),
+            value: None,
+            create: false,
+            drop_pending: true,
+        })
+        .await
+        .unwrap();
+    assert!(written);
+    c.running.take().unwrap().shutdown().await;
+    let config = courier::config::Config::load(&c.dir.path().join("courier.toml")).unwrap();
+    let running = courier::server::start(config).await.unwrap();
+    c.base = format!("http://{}", running.addr);
+    c.running = Some(running);
+    for id in &left {
+        let d = c.wait_status(id, "dropped", T).await;
+        assert!(d["last_error"].as_str().unwrap().contains("deleted"), "{d}");
+    }
+    // Someone else's endpoint under the name gets none of it.
+    assert_eq!(create_shared(&c, rx.url("/")).await.0, 201);
+    send_to(&c, "shared", 9).await;
+    let got = rx.wait_for(1, T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1);
+    assert_eq!(got[0].json()["n"], 9);
+    // A delete whose drop failed (courier still running): making the name again finishes
+    // the drop first.
+    req(&c, M::POST, "/v1/endpoints/shared/pause", None).await;
+    let stranded = send_to(&c, "shared", 10).await;
+    c.app()
+        .store
+        .write_endpoint(courier::store::EndpointWrite {
+            name: "shared".into(),
+            value: None,
+            create: false,
+            drop_pending: true,
+        })
+        .await
+        .unwrap();
+    c.app().endpoints.remove_api("shared");
+    assert_eq!(create_shared(&c, rx.url("/")).await.0, 201);
+    assert_eq!(
+        c.get(&format!("/v1/deliveries/{stranded}")).await.1["status"],
+        "dropped"
+    );
+    send_to(&c, "shared", 11).await;
+    let got = rx.wait_for(2, T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 2);
+    assert_eq!(got[1].json()["n"], 11);
+    c.stop().await;
+}
