@@ -44,11 +44,20 @@ pub enum StoreError {
     /// The database has not caught up with the ingest journal in time ([`Store::settle`]).
     #[error("{0}")]
     Behind(String),
+    /// The database file had an I/O error (a full or failing disk): redb then refuses every
+    /// operation until the database is opened again, which only a restart does.
+    #[error(
+        "the database file had an I/O error (see the log) and refuses every change until courier restarts; acknowledged events are safe in the ingest journal and applied at the next start: fix the disk, then restart courier"
+    )]
+    Broken,
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
     fn from(e: E) -> Self {
-        StoreError::Db(e.into().to_string())
+        match e.into() {
+            redb::Error::PreviousIo => StoreError::Broken,
+            e => StoreError::Db(e.to_string()),
+        }
     }
 }
 
@@ -260,6 +269,8 @@ pub(crate) struct Shared {
     /// Journal records re-applied when the store was opened (after a crash).
     replayed: usize,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set once the database reports its file failed ([`StoreError::Broken`]).
+    pub(crate) broken: std::sync::atomic::AtomicBool,
     /// How far the journal and the database have got.
     pub(crate) progress: progress::Progress,
     /// Test-only fault injection: the next this many outcomes fail as a full disk would.
@@ -268,6 +279,10 @@ pub(crate) struct Shared {
     /// Test-only fault injection: every write transaction fails while this is set.
     #[cfg(test)]
     pub(crate) fail_applies: std::sync::atomic::AtomicBool,
+    /// Test-only fault injection: the database file's writes and syncs fail while set, as on
+    /// a full disk (redb itself sees the errors).
+    #[cfg(test)]
+    pub(crate) fail_io: Arc<std::sync::atomic::AtomicBool>,
     /// Test-only fault injection: the writer thread panics at its next transaction.
     #[cfg(test)]
     pub(crate) panic_applies: std::sync::atomic::AtomicBool,
@@ -312,11 +327,14 @@ impl Shared {
             journal_stalled: Default::default(),
             replayed,
             writer: Default::default(),
+            broken: Default::default(),
             progress: progress::Progress::new(seq),
             #[cfg(test)]
             fail_outcomes: Default::default(),
             #[cfg(test)]
             fail_applies: Default::default(),
+            #[cfg(test)]
+            fail_io: Default::default(),
             #[cfg(test)]
             panic_applies: Default::default(),
         }
@@ -368,9 +386,24 @@ impl Store {
     /// the allocator state so that a crash is recovered from in milliseconds (commits cost
     /// more).
     pub fn open(path: &Path, quick_repair: bool) -> Result<Store, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(64 * 1024 * 1024)
-            .create(path)?;
+        let mut builder = Database::builder();
+        builder.set_cache_size(64 * 1024 * 1024);
+        #[cfg(not(test))]
+        let db = builder.create(path)?;
+        // Tests get the same file behind a switch that makes its writes fail like a full disk.
+        #[cfg(test)]
+        let (db, fail_io) = {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| StoreError::Db(e.to_string()))?;
+            let backend = failing::FailingFile::new(file)?;
+            let fail_io = backend.fail.clone();
+            (builder.create_with_backend(backend)?, fail_io)
+        };
         // Create every table up front so that readers never meet a missing table.
         let txn = db.begin_write()?;
         let (checkpoint_seq, journal_id);
@@ -442,7 +475,13 @@ impl Store {
         }
         let db = Arc::new(db);
         let seq = journal.last_seq();
-        let shared = Arc::new(Shared::new(counts, replayed, seq));
+        #[allow(unused_mut)]
+        let mut shared = Shared::new(counts, replayed, seq);
+        #[cfg(test)]
+        {
+            shared.fail_io = fail_io;
+        }
+        let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(65_536);
         let (wdb, wshared) = (db.clone(), shared.clone());
         let thread = std::thread::Builder::new()
@@ -483,6 +522,9 @@ impl Store {
         if self.writer_stopped() {
             return Err(StoreError::Db(WRITER_STOPPED.into()));
         }
+        if self.shared.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Broken);
+        }
         Ok(())
     }
 
@@ -522,6 +564,11 @@ impl Store {
     /// [`StoreError::Behind`] after [`APPLY_WAIT`] instead of waiting without end; its event
     /// may still be accepted, and asking again with the same key or id tells.
     pub async fn append(&self, batch: AppendBatch) -> Result<AppendResult, StoreError> {
+        // The journal could take more, but nothing would apply it before a restart: the
+        // producer is better told now than after the journal fills.
+        if self.shared.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Broken);
+        }
         let needs_writer = !journaler::creates_for_sure(&batch);
         let (tx, rx) = oneshot::channel();
         self.journal
@@ -1063,6 +1110,88 @@ fn build_dead_by_endpoint(
     Ok(())
 }
 
+/// A database file whose writes can be made to fail, for tests of a failing disk.
+#[cfg(test)]
+mod failing {
+    use std::ops::Bound;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, StorageBackend};
+
+    // What the backend's I/O methods return without redb's experimental API.
+    type BackendIoError = std::io::Error;
+
+    #[derive(Debug)]
+    pub struct FailingFile {
+        inner: FileBackend,
+        pub fail: Arc<AtomicBool>,
+    }
+
+    impl FailingFile {
+        pub fn new(file: std::fs::File) -> Result<Self, redb::DatabaseError> {
+            Ok(FailingFile {
+                inner: FileBackend::new(file)?,
+                fail: Arc::default(),
+            })
+        }
+
+        fn check(&self) -> Result<(), BackendIoError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for FailingFile {
+        fn len(&self) -> Result<u64, BackendIoError> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendIoError> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), BackendIoError> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), BackendIoError> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendIoError> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> Result<(), BackendIoError> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1595,6 +1724,60 @@ pub(crate) mod tests {
         }
         assert!(store.event(&refused).unwrap().is_none());
         store.append(to("e", 500)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_file_that_fails_a_write_is_reported_until_a_restart_applies_the_journal() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let mut first = to("e", 0);
+        first.idempotency = None;
+        let first_id = first.event.id.clone();
+        store.append(first).await.unwrap();
+        store.settle().await.unwrap();
+        // The disk fills up: the next commit to the database file fails, and redb refuses
+        // everything after that.
+        store.shared.fail_io.store(true, Ordering::SeqCst);
+        let mut second = to("e", 1);
+        second.idempotency = None;
+        let second_id = second.event.id.clone();
+        store.append(second).await.unwrap(); // on disk in the journal: acknowledged
+        let r = store
+            .write_endpoint(EndpointWrite {
+                name: "x".into(),
+                value: Some(b"{}".to_vec()),
+                create: true,
+                drop_pending: false,
+            })
+            .await;
+        assert!(r.is_err(), "{r:?}");
+        // The disk has room again; the database file still refuses until it is reopened.
+        store.shared.fail_io.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.check().is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the failed database is reported"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(store.check().unwrap_err().to_string().contains("restart"));
+        let mut third = to("e", 2);
+        third.idempotency = None;
+        assert!(matches!(store.append(third).await, Err(StoreError::Broken)));
+        let closer = store.closer();
+        drop(store);
+        closer.wait(std::time::Duration::from_secs(10));
+        // The restart applies the acknowledged event from the journal.
+        let store = Store::open(&path, true).unwrap();
+        store.settle().await.unwrap();
+        assert!(store.check().is_ok());
+        for id in [&first_id, &second_id] {
+            assert!(store.event(id).unwrap().is_some(), "{id} was acknowledged");
+        }
+        store.append(to("e", 3)).await.unwrap();
     }
 
     /// Closes `store`, takes out of its file what `forget` deletes and the [`META`] `flag`

@@ -186,6 +186,11 @@ pub(crate) fn run(
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = cmds.len(), "write transaction failed");
+                if matches!(e, StoreError::Broken) {
+                    shared
+                        .broken
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 // Journaled appends are on disk and mostly acknowledged: they are kept, in
                 // order, and tried again (readers wait for them), and so is a checkpoint the
                 // journal thread waits for; everything else fails.
