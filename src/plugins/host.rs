@@ -290,10 +290,33 @@ impl Limits {
     }
 }
 
+/// Component instances the pool holds: every call and every trial instantiation at load
+/// takes one.
+const POOL_INSTANCES: u32 = 256;
+
+/// Plugin calls running at once; the rest wait for a slot. Below the pool's size so that
+/// loading a plugin (which instantiates it once) always finds room, and so that a burst of
+/// calls waits its turn instead of failing for want of an instance.
+pub const MAX_CONCURRENT_CALLS: usize = 192;
+
 /// The engine and linker every plugin shares.
 pub struct Host {
     engine: Engine,
     linker: Linker<State>,
+    /// Calls running now, against [`MAX_CONCURRENT_CALLS`]; calls run on blocking threads,
+    /// so they wait on a condition variable.
+    running: std::sync::Mutex<usize>,
+    finished: std::sync::Condvar,
+}
+
+/// A call slot; given back when dropped.
+struct CallSlot<'a>(&'a Host);
+
+impl Drop for CallSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.running.lock().expect("call slots") -= 1;
+        self.0.finished.notify_one();
+    }
 }
 
 impl Host {
@@ -303,7 +326,7 @@ impl Host {
         cfg.consume_fuel(true);
         cfg.epoch_interruption(true);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(256)
+        pool.total_component_instances(POOL_INSTANCES)
             .total_core_instances(1024)
             .total_memories(512)
             .total_tables(1024)
@@ -344,7 +367,12 @@ impl Host {
                 }
             })
             .map_err(|e| PluginError::Engine(e.to_string()))?;
-        Ok(Host { engine, linker })
+        Ok(Host {
+            engine,
+            linker,
+            running: std::sync::Mutex::new(0),
+            finished: std::sync::Condvar::new(),
+        })
     }
 
     /// Compiles `bytes` (a component binary, or WAT text) and checks that it is a `kind`
@@ -428,12 +456,24 @@ impl Host {
         store
     }
 
+    /// Waits for a call slot.
+    fn slot(&self) -> CallSlot<'_> {
+        let mut running = self.running.lock().expect("call slots");
+        while *running >= MAX_CONCURRENT_CALLS {
+            running = self.finished.wait(running).expect("call slots");
+        }
+        *running += 1;
+        CallSlot(self)
+    }
+
     /// Runs `f` against a fresh instance of `template` and classifies any failure.
     pub(crate) fn call<R>(
         &self,
         plugin: &Loaded,
         f: impl FnOnce(&mut Store<State>, &Template) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
+        let _slot = self.slot();
+        // The time limit starts once the call has its slot.
         let mut store = self.store(plugin.name.clone(), plugin.config.clone(), plugin.limits);
         let started = Instant::now();
         let mut result = f(&mut store, &plugin.template);

@@ -626,6 +626,51 @@ async fn a_backoff_plugin_never_retries_sooner_than_retry_after() {
 }
 
 #[test]
+fn more_calls_at_once_than_the_instance_pool_holds_wait_their_turn() {
+    use courier::config::{PluginConfig, PluginKind};
+    let metrics = std::sync::Arc::new(courier::observe::Metrics::new());
+    let plugins = std::sync::Arc::new(courier::plugins::Plugins::default());
+    let cfg = PluginConfig {
+        name: "slow".into(),
+        path: plugin("misbehave"),
+        kind: PluginKind::Transform,
+        config: [("mode".to_string(), "sleep".to_string())].into(),
+        fuel: None,
+        memory_bytes: None,
+        timeout: Some(Duration::from_millis(300)),
+    };
+    plugins.load_all(&[cfg], &metrics).unwrap();
+    // Each call sleeps until its time limit; 300 of them at once are more than the 256
+    // instances the pool has.
+    let calls: Vec<_> = (0..300)
+        .map(|n| {
+            let (plugins, metrics) = (plugins.clone(), metrics.clone());
+            std::thread::spawn(move || {
+                let out = courier::deliver::Outgoing {
+                    url: "http://127.0.0.1/".parse().unwrap(),
+                    headers: vec![],
+                    body: b"{}".to_vec(),
+                };
+                let ctx = courier::plugins::TransformContext {
+                    endpoint: "app".into(),
+                    event_type: "t".into(),
+                    event_id: format!("evt_{n}"),
+                    timestamp: "0".into(),
+                };
+                plugins
+                    .run_transforms(&metrics, &["slow".to_string()], out, &ctx)
+                    .map(|_| ())
+                    .map_err(|e| format!("{}: {e}", e.class()))
+            })
+        })
+        .collect();
+    for c in calls {
+        let err = c.join().unwrap().unwrap_err();
+        assert!(err.starts_with("plugin_timeout"), "{err}");
+    }
+}
+
+#[test]
 fn plugins_a_new_configuration_drops_stay_callable_until_it_is_live() {
     use courier::config::{PluginConfig, PluginKind};
     let entry = |name: &str, file: &str| PluginConfig {
