@@ -23,6 +23,8 @@ use crate::scheduler::Scheduler;
 pub struct Status {
     /// Increases by one with every configuration applied (1 = the one loaded at start).
     pub version: u64,
+    /// Keys the applied file changed that only a restart applies (the running values stay).
+    pub restart_needed: Vec<String>,
     pub loaded_at_ms: u64,
     pub source: Option<PathBuf>,
     pub sha256: Option<String>,
@@ -180,9 +182,10 @@ pub fn reload(app: &Arc<App>, force: bool) {
     });
     match loaded {
         Ok(new) => {
-            apply(app, new);
+            let restart_needed = apply(app, new);
             app.plugins.retire_unconfigured(&app.config.load().plugins);
             let mut st = app.reload_status.lock().expect("status lock");
+            st.restart_needed = restart_needed;
             st.version += 1;
             st.loaded_at_ms = now_ms();
             st.sha256 = Some(sha);
@@ -226,16 +229,53 @@ pub fn reload(app: &Arc<App>, force: bool) {
 
 /// Swaps in a validated configuration. Endpoints, keys, schedules, limits, headers and
 /// secrets take effect for the next attempt; in-flight attempts finish with what they had.
-fn apply(app: &Arc<App>, mut new: Config) {
+/// Returns the keys that changed but only apply at the next start (their running values
+/// are kept, and each is logged).
+fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
     let old = app.config.load_full();
+    let mut restart_needed = Vec::new();
+    let mut fixed = |key: &str, running: String, configured: String| {
+        tracing::warn!(
+            key,
+            running,
+            configured,
+            "this setting cannot change while running; restart to apply it"
+        );
+        restart_needed.push(key.to_string());
+    };
     if new.server.listen != old.server.listen {
-        tracing::warn!(running = %old.server.listen, configured = %new.server.listen, "server.listen cannot change while running; restart to apply it");
+        fixed(
+            "server.listen",
+            old.server.listen.to_string(),
+            new.server.listen.to_string(),
+        );
         new.server.listen = old.server.listen;
     }
     new.resolve_public_url(app.addr);
     if new.server.data_dir != old.server.data_dir {
-        tracing::warn!(running = %old.server.data_dir.display(), configured = %new.server.data_dir.display(), "server.data_dir cannot change while running; restart to apply it");
+        fixed(
+            "server.data_dir",
+            old.server.data_dir.display().to_string(),
+            new.server.data_dir.display().to_string(),
+        );
         new.server.data_dir = old.server.data_dir.clone();
+    }
+    // Fixed when the store was opened, and when the watchers were started.
+    if new.server.quick_repair != old.server.quick_repair {
+        fixed(
+            "server.quick_repair",
+            old.server.quick_repair.to_string(),
+            new.server.quick_repair.to_string(),
+        );
+        new.server.quick_repair = old.server.quick_repair;
+    }
+    if new.server.watch != old.server.watch {
+        fixed(
+            "server.watch",
+            old.server.watch.to_string(),
+            new.server.watch.to_string(),
+        );
+        new.server.watch = old.server.watch;
     }
     if new.keys.is_empty()
         && let Err(e) = app::ensure_key(&mut new, &old.server.data_dir)
@@ -257,4 +297,5 @@ fn apply(app: &Arc<App>, mut new: Config) {
             Scheduler::wake(app, &name);
         }
     }
+    restart_needed
 }

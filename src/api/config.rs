@@ -19,6 +19,7 @@ async fn status(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<
     let config = app.config.load();
     Ok(Json(json!({
         "version": st.version,
+        "restart_needed": st.restart_needed,
         "loaded_at": rfc3339(st.loaded_at_ms),
         "source": st.source.map(|p| p.display().to_string()),
         "sha256": st.sha256,

@@ -335,3 +335,26 @@ async fn a_reload_that_would_break_an_api_endpoint_is_rejected() {
     assert_eq!(plugins["data"][0]["kind"], "transform", "{plugins}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn settings_only_a_restart_applies_are_kept_and_reported() {
+    let rx = Receiver::start().await;
+    let extra = format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/"), ""));
+    let c = Courier::start_file(&extra).await;
+    let text = base_config(&c.dir.path().join("data"), &extra);
+    c.rewrite_config_text(&text.replace(
+        "max_body_bytes = 65536",
+        "max_body_bytes = 65536\nquick_repair = false\nwatch = false",
+    ));
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert_eq!(
+        st["restart_needed"],
+        json!(["server.quick_repair", "server.watch"]),
+        "{st}"
+    );
+    // Still watching (the running value): the next edit is applied too.
+    c.rewrite_config_text(&text);
+    let st = c.wait_config(|st| st["version"] == 3).await;
+    assert_eq!(st["restart_needed"], json!([]), "{st}");
+    c.stop().await;
+}
