@@ -65,6 +65,8 @@ pub fn initial_status(config: &Config) -> Status {
 
 /// Starts watching the config file (if courier was started from one) and SIGHUP.
 pub fn start(app: &Arc<App>) {
+    // Installed in any case: without a handler, SIGHUP would end the process.
+    on_sighup(app);
     let Some(path) = app.config.load().source.clone() else {
         return;
     };
@@ -89,6 +91,11 @@ pub fn start(app: &Arc<App>) {
             tracing::warn!(path = %path.display(), error = %e, "cannot watch the config file; reload with SIGHUP")
         }
     }
+}
+
+/// SIGHUP reloads the config file and every plugin file; with no config file (embedded
+/// defaults) it is logged as having nothing to reload.
+fn on_sighup(app: &Arc<App>) {
     #[cfg(unix)]
     {
         let app2 = app.clone();
@@ -100,6 +107,10 @@ pub fn start(app: &Arc<App>) {
             loop {
                 tokio::select! {
                     _ = hup.recv() => {
+                        if app2.config.load().source.is_none() {
+                            tracing::info!("SIGHUP: courier runs on its embedded defaults (no config file): nothing to reload");
+                            continue;
+                        }
                         tracing::info!("SIGHUP: reloading the configuration and plugins");
                         let app3 = app2.clone();
                         // Reading files and compiling plugins is blocking work.
@@ -114,6 +125,8 @@ pub fn start(app: &Arc<App>) {
             }
         });
     }
+    #[cfg(not(unix))]
+    let _ = app;
 }
 
 async fn debounce(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<PathBuf>) {

@@ -526,3 +526,34 @@ async fn bench_against_a_courier_that_refuses_loopback_says_why_at_once() {
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn serve_on_its_embedded_defaults_takes_sighup_without_ending() {
+    assert!(
+        std::net::TcpListener::bind("127.0.0.1:8080").is_ok(),
+        "port 8080 is in use: this test runs courier on its embedded defaults, which listen there"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::spawn_defaults(dir.path());
+    assert_eq!(p.base, "http://127.0.0.1:8080");
+    assert!(dir.path().join("courier-data").is_dir());
+    let http = reqwest::Client::new();
+    let ready = || async {
+        http.get(format!("{}/readyz", p.base))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(ready().await, 200);
+    // There is no config file to reload; the signal must not end the process either.
+    p.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended courier"
+    );
+    assert_eq!(ready().await, 200);
+    p.signal("TERM");
+    assert!(p.wait_exit(Duration::from_secs(20)).success());
+}

@@ -421,10 +421,22 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(config: &Path) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        cmd.args(["serve", "--config"]).arg(config);
+        Self::start(cmd)
+    }
+
+    /// `courier serve` on its embedded defaults, in `dir` (its data goes to
+    /// `dir/courier-data`).
+    pub fn spawn_defaults(dir: &Path) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        cmd.arg("serve").current_dir(dir);
+        Self::start(cmd)
+    }
+
+    fn start(mut cmd: Command) -> Process {
         use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(["serve", "--config"])
-            .arg(config)
+        let mut child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(if std::env::var_os("COURIER_TEST_LOGS").is_some() {
