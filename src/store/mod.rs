@@ -2097,6 +2097,35 @@ pub(crate) mod tests {
         assert!(store.delivery(&ids[0]).unwrap().is_none());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_gets_past_a_record_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let b = to("e", n);
+            ids.push(b.deliveries[0].id.clone());
+            store.append(b).await.unwrap();
+        }
+        for id in &ids {
+            deliver(&store, id).await;
+        }
+        // The oldest one's record is damaged.
+        let store = reopen_as_before(store, &path, "no such flag", |txn| {
+            txn.open_table(DELIVERIES)
+                .unwrap()
+                .insert(ids[0].as_str(), b"\xffnot a delivery".as_slice())
+                .unwrap();
+        });
+        assert!(store.delivery(&ids[0]).is_err());
+        assert_eq!(sweep(&store, crate::model::now_ms() + 1, 10).await, 2);
+        assert!(store.delivery(&ids[1]).unwrap().is_none());
+        assert!(store.delivery(&ids[2]).unwrap().is_none());
+        // The store goes on taking changes.
+        store.append(to("e", 9)).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_time_filter_past_the_end_of_ids_is_the_open_end() {
         let dir = tempfile::tempdir().unwrap();

@@ -533,10 +533,11 @@ fn apply(
                 Reply::Journaled(rs) => rs.iter().find_map(|r| r.as_ref().err()),
                 Reply::Outcome(Err(e)) => Some(e),
                 Reply::Replay(Err(e)) | Reply::Purge(Err(e)) | Reply::Channel(Err(e)) => Some(e),
-                Reply::Endpoint(Err(e)) => Some(e),
+                Reply::Endpoint(Err(e)) | Reply::DropPending(Err(e)) => Some(e),
                 _ => None,
             };
-            if let Some(e @ (StoreError::Db(_) | StoreError::Corrupt(_))) = err {
+            if let Some(e @ (StoreError::Db(_) | StoreError::Corrupt(_) | StoreError::Broken)) = err
+            {
                 return Err(e.clone());
             }
         }
@@ -978,14 +979,31 @@ impl<'t> Tables<'t> {
         }
         let mut purged = 0;
         for id in victims {
-            let Some(d) = self.load(&id)? else { continue };
+            // A record that cannot be read is left where it is (and reported): failing the
+            // sweep would fail every change committed with it, and every later sweep would
+            // stop at the same record, so nothing after it would ever be purged.
+            let d = match self.load(&id) {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(StoreError::Corrupt(e)) => {
+                    tracing::error!(delivery = %id, error = %e, "retention skips a delivery it cannot read");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if d.updated_ms >= before_ms {
                 continue;
             }
             self.remove_delivery(&d, deltas)?;
             purged += 1;
             let event: Option<Event> = match self.events.open()?.get(d.event_id.as_str())? {
-                Some(v) => Some(decode(v.value(), "event")?),
+                Some(v) => match decode(v.value(), "event") {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::error!(event = %d.event_id, error = %e, "retention keeps an event it cannot read");
+                        None
+                    }
+                },
                 None => None,
             };
             if let Some(event) = event {
