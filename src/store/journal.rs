@@ -358,6 +358,8 @@ impl Journal {
                     side.tail
                         .extend_from_slice(&self.job[records_end - keep..records_end]);
                 }
+                trim(&mut self.buf);
+                trim(&mut self.job);
                 Ok(())
             }
             Err(e) => {
@@ -457,7 +459,23 @@ impl Direct {
         let out = &mut self.scratch[start..start + padded];
         out[..len].copy_from_slice(bytes);
         out[len..].fill(0);
-        self.file.write_all_at(out, at)
+        let r = self.file.write_all_at(out, at);
+        if self.scratch.len() > KEEP_CAPACITY {
+            self.scratch = Vec::new();
+        }
+        r
+    }
+}
+
+/// The most a journal buffer keeps between writes. A batch holding a large event (up to
+/// `server.max_body_bytes`) grows the buffers to its size; they give that memory back
+/// after the write instead of holding it for the life of the process.
+const KEEP_CAPACITY: usize = 4 << 20;
+
+fn trim(buf: &mut Vec<u8>) {
+    if buf.capacity() > KEEP_CAPACITY {
+        buf.truncate(KEEP_CAPACITY);
+        buf.shrink_to(KEEP_CAPACITY);
     }
 }
 
@@ -595,6 +613,28 @@ mod tests {
             let (_, pending) = open(dir, 0);
             let got: Vec<Vec<u8>> = pending.into_iter().map(|(_, p)| p).collect();
             assert_eq!(got, expected);
+        });
+    }
+
+    #[test]
+    fn buffers_give_back_what_a_large_event_took() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            j.push(&vec![7u8; 16 << 20]);
+            j.write().unwrap();
+            j.push(b"small");
+            j.write().unwrap();
+            assert!(j.buf.capacity() <= KEEP_CAPACITY, "{}", j.buf.capacity());
+            assert!(j.job.capacity() <= KEEP_CAPACITY, "{}", j.job.capacity());
+            for side in &j.sides {
+                if let Some(d) = &side.direct {
+                    assert!(d.scratch.capacity() <= KEEP_CAPACITY + BLOCK);
+                }
+            }
+            drop(j);
+            let (_, pending) = open(dir, 0);
+            assert_eq!(pending.len(), 2);
+            assert_eq!(pending[0].1.len(), 16 << 20);
         });
     }
 
