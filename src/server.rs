@@ -120,11 +120,20 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
+        let drain = stop.clone();
         let serve = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
-            app2.shutdown.cancel();
+        // Requests under way when shutdown starts may finish, for a while: a client that
+        // stops sending halfway through its body would otherwise hold courier up for good.
+        tokio::select! {
+            r = serve.into_future() => if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+                app2.shutdown.cancel();
+            },
+            _ = async move {
+                drain.cancelled().await;
+                tokio::time::sleep(HTTP_DRAIN).await;
+            } => tracing::warn!("requests still under way {HTTP_DRAIN:?} after shutdown began are cut off"),
         }
         // In-flight attempts finish or hit their own timeout; bound the wait anyway.
         app2.tasks.close();
@@ -155,6 +164,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         join,
     })
 }
+
+/// How long requests under way at shutdown may take to finish.
+const HTTP_DRAIN: Duration = Duration::from_secs(10);
 
 /// Loads the endpoints made through the API (an invalid one is reported and skipped; it stays
 /// stored and can be fixed with PATCH).

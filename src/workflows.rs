@@ -305,7 +305,16 @@ struct UpstreamResult {
     tries: u32,
 }
 
-async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> UpstreamResult {
+/// Calls the upstream (with its retries); `None` if courier began shutting down first: the
+/// call is given up, and its timer, still due, makes it again after the restart.
+async fn call_upstream(app: &App, wf: &WorkflowConfig, request: &str) -> Option<UpstreamResult> {
+    tokio::select! {
+        r = call_upstream_tries(app, wf, request) => Some(r),
+        _ = app.shutdown.cancelled() => None,
+    }
+}
+
+async fn call_upstream_tries(app: &App, wf: &WorkflowConfig, request: &str) -> UpstreamResult {
     let started = Instant::now();
     let client = app.workflows.upstream_client();
     let mut tries = 0;
@@ -410,7 +419,10 @@ async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, B
 const MAX_UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advanced {
-    let r = call_upstream(app, wf, &ch.request).await;
+    let Some(r) = call_upstream(app, wf, &ch.request).await else {
+        tracing::info!(channel = %ch.id, "upstream call given up for shutdown; it is made again after the restart");
+        return Advanced::Stale;
+    };
     let meta = json!({
         "workflow": wf.name,
         "duration_ms": r.duration_ms,

@@ -558,6 +558,13 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             stopped.await;
             tracing::info!("shutdown requested: finishing in-flight attempts");
             stop.cancel();
+            // A second signal means now: what was acknowledged is in the journal, and an
+            // attempt cut short is made again after the restart.
+            if let Ok(again) = stop_signal() {
+                again.await;
+                tracing::warn!("second shutdown signal: exiting at once");
+                std::process::exit(130);
+            }
         });
         running.wait().await;
         Ok(())

@@ -422,3 +422,36 @@ async fn idempotency_survives_a_restart() {
     assert_eq!(rx.received().len(), 1);
     drop(p2);
 }
+
+/// Opens a request to `base` that stops halfway through its body, and keeps it open.
+fn stalled_request(base: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"event_type\""
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_stalls_does_not_hold_shutdown_and_a_second_signal_ends_it_at_once() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut patient = Process::spawn(&write_config(d1.path(), DELIVERY_FAST));
+    let mut hurried = Process::spawn(&write_config(d2.path(), DELIVERY_FAST));
+    let _s1 = stalled_request(&patient.base);
+    let _s2 = stalled_request(&hurried.base);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    patient.signal("TERM");
+    hurried.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hurried.signal("TERM");
+    hurried.wait_exit(Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // One signal: the stalled request is given a while, then cut off.
+    patient.wait_exit(Duration::from_secs(45));
+}

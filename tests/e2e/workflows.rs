@@ -694,3 +694,39 @@ async fn a_chunked_upstream_answer_is_cut_off_at_max_response() {
     task.abort();
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_call_under_way_at_shutdown_is_given_up_and_made_after_the_restart() {
+    let upstream = Receiver::start().await;
+    upstream.script([Reply::status(200).body(AI).delay(Duration::from_secs(60))]);
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let mut c = Courier::start_file(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", timeout = \"120s\" }}\nendpoint = \"app\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        upstream.url("/v1/chat/completions"),
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    upstream.wait_for(1, T).await; // the call is under way
+    let started = std::time::Instant::now();
+    c.running.take().unwrap().shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "shutdown waited for the upstream: {:?}",
+        started.elapsed()
+    );
+    let config = courier::config::Config::load(&c.dir.path().join("courier.toml")).unwrap();
+    let running = courier::server::start(config).await.unwrap();
+    c.base = format!("http://{}", running.addr);
+    c.running = Some(running);
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].json()["status"], "success");
+    assert_eq!(got[0].json()["channel_id"], id.as_str());
+    assert_eq!(
+        upstream.received().len(),
+        2,
+        "asked again after the restart"
+    );
+    c.stop().await;
+}
