@@ -37,6 +37,9 @@ pub struct Metrics {
     pub workflow_requests: Family<Labels, Counter>,
     pub workflow_upstream: Family<Labels, Counter>,
     pub workflow_channels: Family<Labels, Counter>,
+    /// Endpoints the per-endpoint gauges had series for at the last scrape: a deleted
+    /// endpoint's series are removed, not left reading their last value for good.
+    pub gauged_endpoints: Mutex<std::collections::HashSet<String>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -69,6 +72,7 @@ impl Metrics {
             deliveries: Family::default(),
             oldest_pending_age: Gauge::default(),
             circuit_open: Family::default(),
+            gauged_endpoints: Default::default(),
             config_reloads: Family::default(),
             plugin_calls: Family::default(),
             plugin_call_duration: Family::new_with_constructor(plugin_histogram),
@@ -331,6 +335,10 @@ pub fn circuit(m: &Metrics, endpoint: &str, open: bool, failures: u32) {
     m.circuit_open
         .get_or_create(&vec![("endpoint", endpoint.to_string())])
         .set(open as i64);
+    m.gauged_endpoints
+        .lock()
+        .expect("gauged endpoints")
+        .insert(endpoint.to_string());
     if open {
         tracing::warn!(
             endpoint,

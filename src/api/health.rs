@@ -50,6 +50,26 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     }
     let m = &app.metrics;
     let counts = app.store.counts();
+    // Series for every endpoint that exists, and for a gone one's deliveries still waiting;
+    // an endpoint gone since the last scrape with nothing waiting loses its series.
+    let names: std::collections::HashSet<String> = app.endpoints.names().into_iter().collect();
+    let mut gauged: std::collections::HashSet<String> = names.clone();
+    gauged.extend(
+        counts
+            .iter()
+            .filter(|((_, s), n)| *s == crate::model::DeliveryStatus::Pending && **n > 0)
+            .map(|((ep, _), _)| ep.clone()),
+    );
+    {
+        let mut before = m.gauged_endpoints.lock().expect("gauged endpoints");
+        for gone in before.difference(&gauged) {
+            m.queue_depth.remove(&vec![("endpoint", gone.clone())]);
+        }
+        for gone in before.difference(&names) {
+            m.circuit_open.remove(&vec![("endpoint", gone.clone())]);
+        }
+        *before = gauged;
+    }
     // Every endpoint keeps its series, so that a drained queue reads 0.
     for ep in app.endpoints.names() {
         let depth = app.store.pending_count(&ep) as i64;
@@ -72,7 +92,10 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
                 ("status", status.as_str().to_string()),
             ])
             .set(n as i64);
-        if status == crate::model::DeliveryStatus::Pending && app.endpoints.get(&ep).is_none() {
+        if status == crate::model::DeliveryStatus::Pending
+            && n > 0
+            && app.endpoints.get(&ep).is_none()
+        {
             m.queue_depth
                 .get_or_create(&vec![("endpoint", ep.clone())])
                 .set(n as i64);

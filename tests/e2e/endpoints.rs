@@ -729,6 +729,13 @@ async fn an_endpoint_made_again_under_a_deleted_name_starts_with_a_closed_circui
     }
     let (s, r) = req(&c, M::DELETE, "/v1/endpoints/shared", None).await;
     assert_eq!(s, 200, "{r}");
+    // Its gauges go with it (an open circuit must not read 1 for good).
+    let metrics = c.text("/metrics").await;
+    assert!(
+        !metrics.contains("courier_endpoint_circuit_open{endpoint=\"shared\"}")
+            && !metrics.contains("courier_queue_depth{endpoint=\"shared\"}"),
+        "{metrics}"
+    );
     // Made again, elsewhere: none of the old endpoint's failures hold it back.
     assert_eq!(create(rx.url("/")).await.0, 201);
     let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
