@@ -252,8 +252,29 @@ async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
     };
     let config = app.config.load_full();
     let Some(wf) = config.workflow(&ch.workflow).cloned() else {
-        let msg = json!({"channel_id": ch.id, "status": "error", "error": "workflow_removed"});
-        if let Advanced::Failed(_) = finish(app, ch, ChannelState::Failed, msg, None).await {
+        // The workflow is gone from the configuration (a reload, perhaps one step of a
+        // rename): its channels are not failed for it, as an endpoint's queue is not. A
+        // callback's deadline still holds; a simulation no longer applies; an upstream call
+        // waits for the workflow to come back.
+        let outcome = match kind {
+            TimerKind::CallbackTimeout if ch.state == ChannelState::AwaitingCallback => {
+                time_out(app, ch).await
+            }
+            TimerKind::Upstream if ch.state == ChannelState::Pending => {
+                tracing::warn!(channel = %ch.id, workflow = %ch.workflow, "the channel's workflow is not configured; its upstream call waits for it");
+                let mut next = ch.clone();
+                for t in next.timers.iter_mut().filter(|(_, k)| *k == kind) {
+                    t.0 = now_ms() + WORKFLOW_GONE_RETRY.as_millis() as u64;
+                }
+                advance(app, &ch, next, None).await
+            }
+            _ => {
+                let mut next = ch.clone();
+                next.timers.retain(|(_, k)| *k != kind);
+                advance(app, &ch, next, None).await
+            }
+        };
+        if let Advanced::Failed(_) = outcome {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         return;
@@ -414,6 +435,9 @@ async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, B
     }
     Ok(body)
 }
+
+/// How often a channel whose workflow is not configured looks for it again.
+const WORKFLOW_GONE_RETRY: Duration = Duration::from_secs(10);
 
 /// The longest an upstream's `Retry-After` holds a channel before its next try.
 const MAX_UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(60);

@@ -113,6 +113,22 @@ async fn open(c: &Courier, body: Value) -> String {
     id
 }
 
+/// Waits until channel `id` matches `pred` (or panics after `T`).
+async fn wait_channel(c: &Courier, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
+        if pred(&ch) {
+            return ch;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "channel never matched: {ch:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn is_uuid(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
@@ -728,5 +744,50 @@ async fn an_upstream_call_under_way_at_shutdown_is_given_up_and_made_after_the_r
         2,
         "asked again after the restart"
     );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_outlive_a_reload_that_removes_their_workflow() {
+    let upstream = Receiver::start().await;
+    upstream.script([
+        Reply::status(200).body(AI),
+        Reply::status(200).body(AI).delay(Duration::from_secs(2)),
+    ]);
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let with = format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_in_flight = 1 }}\nendpoint = \"app\"\nevent_name = \"e\"\ncallback_timeout = \"3s\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        upstream.url("/v1/chat/completions"),
+    );
+    let without = format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/"), ""));
+    let c = Courier::start_file(&with).await;
+    let body = json!({"workflow": "movie_suggestion"});
+    let waits = open(&c, body.clone()).await; // will get no callback
+    rx.wait_for(1, T).await;
+    let answered = open(&c, body.clone()).await; // its upstream call takes 2 s
+    let queued = open(&c, body.clone()).await; // waits for the upstream slot
+    c.rewrite_config(&without);
+    c.wait_config(|st| st["version"] == 2).await;
+    // The deadline still holds, and says so.
+    let ch = wait_channel(&c, &waits, |ch| ch["final"] == true).await;
+    assert_eq!(ch["latest"]["error"], "callback_timeout", "{ch}");
+    // A backend holding a callback_url can still use it.
+    rx.wait_for(2, T).await;
+    let (s, r) = c
+        .post_json(
+            &format!("/v1/callback/{answered}"),
+            &json!({"data": {"ok": 1}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    // The upstream call still to make waits for the workflow to come back, and then is made.
+    let (_, ch) = c.get(&format!("/v1/channels/{queued}")).await;
+    assert_eq!(ch["status"], "pending", "{ch}");
+    c.rewrite_config(&with);
+    c.wait_config(|st| st["version"] == 3).await;
+    let ch = wait_channel(&c, &queued, |ch| ch["status"] == "ai_generated").await;
+    assert_eq!(ch["latest"]["status"], "ai_generated", "{ch}");
     c.stop().await;
 }
