@@ -682,6 +682,37 @@ async fn time_out(app: &Arc<App>, ch: Channel) -> Advanced {
     finish(app, ch, ChannelState::TimedOut, msg, None).await
 }
 
+/// A callback body is `{"data", "task_id"?, "metadata"?}`. Anything else is refused before
+/// it can complete the channel: a mistaken body (`{"result": ...}`) would otherwise end it
+/// for good with `data: null`, and the corrected one would find it completed.
+fn check_callback(obj: &serde_json::Map<String, Value>) -> Result<(), WorkflowError> {
+    let invalid = |m: String| Err(WorkflowError::Invalid(m));
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "data" | "task_id" | "metadata"))
+    {
+        return invalid(format!(
+            "unknown field `{k}`: a callback body has `data`, and optionally `task_id` and `metadata`"
+        ));
+    }
+    if !obj.contains_key("data") {
+        return invalid("a callback body needs `data` (it may be null)".into());
+    }
+    if obj
+        .get("task_id")
+        .is_some_and(|t| !(t.is_string() || t.is_number() || t.is_null()))
+    {
+        return invalid("`task_id` must be a string or a number".into());
+    }
+    if obj
+        .get("metadata")
+        .is_some_and(|m| !(m.is_object() || m.is_null()))
+    {
+        return invalid("`metadata` must be an object".into());
+    }
+    Ok(())
+}
+
 /// The backend's callback: completes a channel that waits for one.
 pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, WorkflowError> {
     let Value::Object(obj) = body else {
@@ -689,6 +720,7 @@ pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, 
             "the callback body must be a JSON object".into(),
         ));
     };
+    check_callback(&obj)?;
     loop {
         let ch = app
             .store

@@ -314,6 +314,27 @@ async fn event_driven_flow_completes_with_the_callback() {
         )
         .await;
     assert_eq!(s, 403, "the callback needs the callback scope");
+    // A body that is not a callback's is refused, and the channel goes on waiting.
+    for (bad, says) in [
+        (
+            json!({"result": {"movie": "Arrival"}}),
+            "unknown field `result`",
+        ),
+        (json!({"task_id": "task-1"}), "needs `data`"),
+        (json!({"data": 1, "metadata": "by backend"}), "`metadata`"),
+        (json!({"data": 1, "task_id": {"n": 1}}), "`task_id`"),
+    ] {
+        let (s, e) = c.post_json(&format!("/v1/callback/{id}"), &bad).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}: {e}"
+        );
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{e}"
+        );
+    }
     let (s, r) = c.post_json(&format!("/v1/callback/{id}"), &cb).await;
     assert_eq!(s, 200, "{r}");
     let done = ws.next().await;
