@@ -24,7 +24,7 @@ async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Va
             json!({
                 "name": w.name,
                 "endpoint": w.endpoint,
-                "upstream": w.upstream_url.as_str(),
+                "upstream": shown_url(&w.upstream_url),
                 "event_name": w.event_name,
                 "callback_timeout_ms": w.callback_timeout.as_millis() as u64,
                 "simulate": w.simulate,
@@ -33,4 +33,30 @@ async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Va
         })
         .collect();
     Ok(Json(json!({"data": data})))
+}
+
+/// The upstream URL without what may be a credential (user info, query string): ingest keys
+/// can read this list, and they are often in producers' and browsers' hands.
+fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    if shown.query().is_some() {
+        shown.set_query(Some("…"));
+    }
+    shown.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_in_the_upstream_url_are_not_shown() {
+        let url = url::Url::parse("https://user:pw@ai.example.com/v1/chat?key=sk-123").unwrap();
+        let shown = super::shown_url(&url);
+        assert!(!shown.contains("pw") && !shown.contains("user") && !shown.contains("sk-123"));
+        assert!(
+            shown.starts_with("https://ai.example.com/v1/chat?"),
+            "{shown}"
+        );
+    }
 }
