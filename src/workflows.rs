@@ -156,13 +156,12 @@ async fn timer_loop(app: Arc<App>) {
 pub async fn open(
     app: &Arc<App>,
     workflow: &str,
-    mut body: serde_json::Map<String, Value>,
+    request: String,
 ) -> Result<Channel, WorkflowError> {
     let config = app.config.load();
     let wf = config
         .workflow(workflow)
         .ok_or_else(|| WorkflowError::UnknownWorkflow(workflow.to_string()))?;
-    body.remove("workflow");
     let now = now_ms();
     let id = uuid_v4();
     let pending = json!({"channel_id": id, "status": "pending", "workflow": wf.name});
@@ -171,7 +170,7 @@ pub async fn open(
         workflow: wf.name.clone(),
         state: ChannelState::Pending,
         version: 1,
-        request: Value::Object(body).to_string(),
+        request,
         ai_response: None,
         history: vec![ChannelMessage {
             at_ms: now,
@@ -205,6 +204,64 @@ pub async fn open(
     tracing::info!(channel = %id, workflow = %wf.name, "async request accepted");
     app.workflows.wake.notify_one();
     Ok(channel)
+}
+
+/// A JSON object's members in the order written, each value exactly as written.
+struct Members(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = m.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Splits an async request into its `workflow` and the body the upstream receives: the
+/// request minus `workflow`, everything else as the client wrote it — members in their
+/// order, numbers to the last digit (a round trip through a JSON value would sort the keys
+/// and round large numbers).
+pub fn split_request(bytes: &[u8]) -> Result<(String, String), WorkflowError> {
+    let Members(members) = serde_json::from_slice(bytes).map_err(|e| {
+        WorkflowError::Invalid(format!(
+            "the request must be a JSON object with a `workflow`: {e}"
+        ))
+    })?;
+    let mut workflow = None;
+    let mut request = String::with_capacity(bytes.len());
+    request.push('{');
+    for (k, v) in &members {
+        if k == "workflow" {
+            workflow = serde_json::from_str::<String>(v.get()).ok();
+            continue;
+        }
+        if request.len() > 1 {
+            request.push(',');
+        }
+        request.push_str(&serde_json::to_string(k).expect("a string serializes"));
+        request.push(':');
+        request.push_str(v.get());
+    }
+    request.push('}');
+    let workflow = workflow.ok_or_else(|| {
+        WorkflowError::Invalid("workflow: required (a [[workflows]] name)".into())
+    })?;
+    Ok((workflow, request))
 }
 
 /// A random (version 4) UUID, as the channel id.

@@ -51,17 +51,10 @@ async fn open(
     body: Body,
 ) -> Result<Response, ApiError> {
     require(&app, &headers, Scope::Ingest)?;
-    let Some(Value::Object(obj)) = read_json(&app, &headers, body).await? else {
-        return Err(ApiError::bad_request(
-            "the request must be a JSON object with a `workflow`",
-        ));
-    };
-    let workflow = obj
-        .get("workflow")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad_request("workflow: required (a [[workflows]] name)"))?
-        .to_string();
-    let ch = workflows::open(&app, &workflow, obj).await?;
+    let limit = app.config.load().server.max_body_bytes;
+    let bytes = super::read_body(body, &headers, limit).await?;
+    let (workflow, request) = workflows::split_request(&bytes)?;
+    let ch = workflows::open(&app, &workflow, request).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

@@ -210,6 +210,42 @@ async fn plain_async_success_reaches_the_endpoint_and_the_socket() {
 }
 
 #[tokio::test]
+async fn the_upstream_gets_the_request_as_written_minus_workflow() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "")
+    ))
+    .await;
+    // Members out of alphabetical order, a number no 64-bit type holds, an exponent.
+    let raw = r#"{"zeta": 1, "workflow": "movie_suggestion", "seed": 123456789012345678901234567890, "alpha": [1e2, {"b": 2, "a": 1}]}"#;
+    let (s, r) = c.post("/v1/ai/async", Some(ADMIN), raw.to_string()).await;
+    assert_eq!(s, 202, "{r}");
+    let got = upstream.wait_for(1, T).await;
+    assert_eq!(
+        String::from_utf8_lossy(&got[0].body),
+        r#"{"zeta":1,"seed":123456789012345678901234567890,"alpha":[1e2, {"b": 2, "a": 1}]}"#
+    );
+    for (bad, says) in [
+        ("[1]", "JSON object"),
+        (r#"{"messages": []}"#, "workflow: required"),
+        (r#"{"workflow": 7}"#, "workflow: required"),
+        ("{", "JSON object"),
+    ] {
+        let (s, e) = c.post("/v1/ai/async", Some(ADMIN), bad.to_string()).await;
+        assert_eq!(s, 400, "{bad}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{bad}: {e}"
+        );
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_failing_upstream_ends_in_an_error_message() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(502).body("bad gateway"));
