@@ -151,6 +151,22 @@ impl Drop for Subscription {
     }
 }
 
+/// How often an idle socket is pinged: proxies (nginx, load balancers) close connections
+/// that carry nothing for a minute or so, and a channel may wait minutes for its callback.
+pub const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long one frame may take to go out: a subscriber that stops reading is dropped rather
+/// than holding its task, its socket and its subscription for good.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends one frame within [`SEND_TIMEOUT`]; `false` if it did not go out.
+async fn send(socket: &mut WebSocket, msg: Message) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Sends `history[from..]` of the stored channel; returns the next index and whether the
 /// channel is final, or `None` if the socket or the store failed.
 async fn catch_up(
@@ -163,11 +179,7 @@ async fn catch_up(
         return None;
     };
     for m in ch.history.iter().skip(from) {
-        if socket
-            .send(Message::Text(m.message.clone().into()))
-            .await
-            .is_err()
-        {
+        if !send(socket, Message::Text(m.message.clone().into())).await {
             return None;
         }
     }
@@ -182,13 +194,12 @@ async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: We
     let mut next = ch.history.len();
     let mut done = ch.state.is_final();
     if let Some(latest) = ch.history.last()
-        && socket
-            .send(Message::Text(latest.message.clone().into()))
-            .await
-            .is_err()
+        && !send(&mut socket, Message::Text(latest.message.clone().into())).await
     {
         return;
     }
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.reset(); // the first tick a whole interval from now
     while !done {
         tokio::select! {
             msg = rx.recv() => match msg {
@@ -196,7 +207,7 @@ async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: We
                 Ok(p) if p.seq == next => {
                     next = p.seq + 1;
                     done = p.last;
-                    if socket.send(Message::Text(p.text.to_string().into())).await.is_err() {
+                    if !send(&mut socket, Message::Text(p.text.to_string().into())).await {
                         break;
                     }
                 }
@@ -218,10 +229,13 @@ async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: We
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 _ => {}
             },
+            _ = ping.tick() => if !send(&mut socket, Message::Ping(Default::default())).await {
+                break;
+            },
             _ = app.shutdown.cancelled() => break,
         }
     }
     if done {
-        let _ = socket.send(Message::Close(None)).await;
+        let _ = send(&mut socket, Message::Close(None)).await;
     }
 }

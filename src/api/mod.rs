@@ -27,6 +27,8 @@ use crate::model::Scope;
 
 pub type AppState = Arc<App>;
 
+pub use channels::PING_EVERY;
+
 /// Every route of the API.
 pub fn router(app: AppState) -> Router {
     // Every route that reads or changes what was ingested first waits until the database

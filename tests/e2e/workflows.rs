@@ -848,3 +848,35 @@ async fn channels_outlive_a_reload_that_removes_their_workflow() {
     assert_eq!(ch["latest"]["status"], "ai_generated", "{ch}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_channel_socket_is_pinged_so_proxies_keep_it_open() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI).delay(Duration::from_secs(60)));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "").replace("timeout = \"5s\"", "timeout = \"120s\"")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let url = format!(
+        "{}/v1/channels/{id}/ws?token={ADMIN}",
+        c.base.replace("http://", "ws://")
+    );
+    let (stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (_, mut read) = stream.split();
+    let started = std::time::Instant::now();
+    let limit = courier::api::PING_EVERY + Duration::from_secs(5);
+    let mut pinged = false;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(limit, read.next()).await {
+        if let Message::Ping(_) = frame {
+            pinged = true;
+            break;
+        }
+    }
+    assert!(pinged, "no ping within {limit:?}");
+    assert!(started.elapsed() >= courier::api::PING_EVERY - Duration::from_secs(1));
+    c.stop().await;
+}
