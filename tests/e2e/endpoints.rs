@@ -31,6 +31,18 @@ async fn send_to(c: &Courier, endpoint: &str, n: i64) -> String {
     r["deliveries"][0]["id"].as_str().unwrap().to_string()
 }
 
+/// Replays delivery `id`, which must be refused with a 409; the error.
+async fn replay_refused(c: &Courier, id: &str) -> Value {
+    let path = format!("/v1/deliveries/{id}/replay");
+    let (s, e) = req(c, reqwest::Method::POST, &path, None).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{e}"
+    );
+    e
+}
+
 /// Makes the API endpoint `shared` at `url`; the status.
 async fn create_shared(c: &Courier, url: String) -> (u16, Value) {
     req(
@@ -837,18 +849,7 @@ async fn what_a_deleted_endpoint_left_is_not_replayed_to_one_made_again_under_it
     let (s, _) = req(&c, M::DELETE, "/v1/endpoints/app", None).await;
     assert_eq!(s, 200);
     // Replayed now, it would wait for whoever takes the name next.
-    let (s, e) = req(
-        &c,
-        M::POST,
-        &format!("/v1/deliveries/{old_dead}/replay"),
-        None,
-    )
-    .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (409, Some("conflict")),
-        "{e}"
-    );
+    replay_refused(&c, &old_dead).await;
     let (s, r) = req(&c, M::POST, "/v1/dlq/replay", None).await;
     assert_eq!(
         (s, &r["requeued"], &r["skipped_deleted_endpoint"]),
@@ -857,18 +858,7 @@ async fn what_a_deleted_endpoint_left_is_not_replayed_to_one_made_again_under_it
     );
     // Someone else's endpoint, under the same name.
     make(new_rx.url("/new")).await;
-    let (s, e) = req(
-        &c,
-        M::POST,
-        &format!("/v1/deliveries/{old_dead}/replay"),
-        None,
-    )
-    .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (409, Some("conflict")),
-        "{e}"
-    );
+    let e = replay_refused(&c, &old_dead).await;
     assert!(
         e["error"]["message"].as_str().unwrap().contains("deleted"),
         "{e}"

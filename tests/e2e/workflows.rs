@@ -18,6 +18,15 @@ fn workflow(upstream: &Receiver, extra: &str) -> String {
     )
 }
 
+/// Courier's config with the endpoint `app` on `rx` and the workflow `movie_suggestion`
+/// whose upstream is `upstream_url` with `settings` (more `upstream` keys), then `extra`.
+fn with_workflow(rx: &Receiver, upstream_url: &str, settings: &str, extra: &str) -> String {
+    format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{upstream_url}\", {settings} }}\nendpoint = \"app\"\n{extra}\n",
+        endpoint("app", &rx.url("/"), ""),
+    )
+}
+
 const AI: &str = r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "model": "fake-1"}"#;
 
 /// A WebSocket subscriber collecting frames until the server closes (or `T` passes).
@@ -621,10 +630,11 @@ async fn upstream_calls_wait_for_one_of_the_workflows_slots() {
             .delay(Duration::from_millis(200)),
     );
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_in_flight = 2 }}\nendpoint = \"app\"\n",
-        endpoint("app", &rx.url("/"), ""),
-        upstream.url("/v1/chat/completions"),
+    let c = Courier::start(&with_workflow(
+        &rx,
+        &upstream.url("/"),
+        "max_in_flight = 2",
+        "",
     ))
     .await;
     let mut ids = Vec::new();
@@ -648,10 +658,11 @@ async fn more_due_upstream_calls_than_courier_runs_at_once_all_complete() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(AI).delay(Duration::from_millis(50)));
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_in_flight = 8 }}\nendpoint = \"app\"\n",
-        endpoint("app", &rx.url("/"), "max_in_flight = 64"),
-        upstream.url("/v1/chat/completions"),
+    let c = Courier::start(&with_workflow(
+        &rx,
+        &upstream.url("/"),
+        "max_in_flight = 8",
+        "",
     ))
     .await;
     // More than the timers courier handles at once (1024), opened faster than the
@@ -685,10 +696,11 @@ async fn an_upstream_answer_over_max_response_fails_the_channel_without_a_retry(
     upstream.script([Reply::status(200).body(&big)]);
     upstream.set_default(Reply::status(200).body(AI));
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_response = \"1KiB\", retries = 2, retry_delay = \"50ms\" }}\nendpoint = \"app\"\n",
-        endpoint("app", &rx.url("/"), ""),
-        upstream.url("/v1/chat/completions"),
+    let c = Courier::start(&with_workflow(
+        &rx,
+        &upstream.url("/"),
+        "max_response = \"1KiB\", retries = 2, retry_delay = \"50ms\"",
+        "",
     ))
     .await;
     let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
@@ -748,11 +760,7 @@ async fn a_chunked_upstream_answer_is_cut_off_at_max_response() {
     // 256 MiB if it were read to the end; courier stops after the first 64 KiB.
     let (url, task) = chunked_upstream(256 * 1024 * 1024).await;
     let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{url}\", max_response = \"64KiB\" }}\nendpoint = \"app\"\n",
-        endpoint("app", &rx.url("/"), ""),
-    ))
-    .await;
+    let c = Courier::start(&with_workflow(&rx, &url, "max_response = \"64KiB\"", "")).await;
     let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
     let body = rx.wait_for(1, T).await[0].json();
     assert_eq!(body["channel_id"], id.as_str());
@@ -774,10 +782,11 @@ async fn an_upstream_call_under_way_at_shutdown_is_given_up_and_made_after_the_r
     upstream.script([Reply::status(200).body(AI).delay(Duration::from_secs(60))]);
     upstream.set_default(Reply::status(200).body(AI));
     let rx = Receiver::start().await;
-    let mut c = Courier::start_file(&format!(
-        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", timeout = \"120s\" }}\nendpoint = \"app\"\n",
-        endpoint("app", &rx.url("/"), ""),
-        upstream.url("/v1/chat/completions"),
+    let mut c = Courier::start_file(&with_workflow(
+        &rx,
+        &upstream.url("/"),
+        "timeout = \"120s\"",
+        "",
     ))
     .await;
     let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
@@ -813,10 +822,11 @@ async fn channels_outlive_a_reload_that_removes_their_workflow() {
     ]);
     upstream.set_default(Reply::status(200).body(AI));
     let rx = Receiver::start().await;
-    let with = format!(
-        "{DELIVERY_FAST}{}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", max_in_flight = 1 }}\nendpoint = \"app\"\nevent_name = \"e\"\ncallback_timeout = \"3s\"\n",
-        endpoint("app", &rx.url("/"), ""),
-        upstream.url("/v1/chat/completions"),
+    let with = with_workflow(
+        &rx,
+        &upstream.url("/"),
+        "max_in_flight = 1",
+        "event_name = \"e\"\ncallback_timeout = \"3s\"",
     );
     let without = format!("{DELIVERY_FAST}{}", endpoint("app", &rx.url("/"), ""));
     let c = Courier::start_file(&with).await;
