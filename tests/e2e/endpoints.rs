@@ -43,6 +43,21 @@ async fn replay_refused(c: &Courier, id: &str) -> Value {
     e
 }
 
+/// Commits the delete of `shared` with its promise to drop what is queued, and nothing
+/// more (as a delete interrupted before its drop leaves it); whether it was there.
+async fn delete_without_drop(c: &Courier) -> bool {
+    c.app()
+        .store
+        .write_endpoint(courier::store::EndpointWrite {
+            name: "shared".into(),
+            value: None,
+            create: false,
+            drop_pending: true,
+        })
+        .await
+        .unwrap()
+}
+
 /// Makes the API endpoint `shared` at `url`; the status.
 async fn create_shared(c: &Courier, url: String) -> (u16, Value) {
     req(
@@ -937,18 +952,7 @@ async fn a_delete_interrupted_before_its_drop_finishes_it_at_the_next_start() {
     }
     // The delete is committed, with its promise to drop what is queued; courier stops
     // before the drop.
-    let written = c
-        .app()
-        .store
-        .write_endpoint(courier::store::EndpointWrite {
-            name: "shared".into(),
-            value: None,
-            create: false,
-            drop_pending: true,
-        })
-        .await
-        .unwrap();
-    assert!(written);
+    assert!(delete_without_drop(&c).await);
     c.running.take().unwrap().shutdown().await;
     let config = courier::config::Config::load(&c.dir.path().join("courier.toml")).unwrap();
     let running = courier::server::start(config).await.unwrap();
@@ -969,16 +973,7 @@ async fn a_delete_interrupted_before_its_drop_finishes_it_at_the_next_start() {
     // the drop first.
     req(&c, M::POST, "/v1/endpoints/shared/pause", None).await;
     let stranded = send_to(&c, "shared", 10).await;
-    c.app()
-        .store
-        .write_endpoint(courier::store::EndpointWrite {
-            name: "shared".into(),
-            value: None,
-            create: false,
-            drop_pending: true,
-        })
-        .await
-        .unwrap();
+    delete_without_drop(&c).await;
     c.app().endpoints.remove_api("shared");
     assert_eq!(create_shared(&c, rx.url("/")).await.0, 201);
     assert_eq!(

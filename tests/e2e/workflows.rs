@@ -18,6 +18,21 @@ fn workflow(upstream: &Receiver, extra: &str) -> String {
     )
 }
 
+/// An upstream answering `AI` at once, a receiver, and courier with the endpoint `app` on
+/// that receiver and the workflow (with `extra`).
+async fn started(extra: &str) -> (Receiver, Receiver, Courier) {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, extra)
+    ))
+    .await;
+    (upstream, rx, c)
+}
+
 /// Courier's config with the endpoint `app` on `rx` and the workflow `movie_suggestion`
 /// whose upstream is `upstream_url` with `settings` (more `upstream` keys), then `extra`.
 fn with_workflow(rx: &Receiver, upstream_url: &str, settings: &str, extra: &str) -> String {
@@ -220,15 +235,7 @@ async fn plain_async_success_reaches_the_endpoint_and_the_socket() {
 
 #[tokio::test]
 async fn the_upstream_gets_the_request_as_written_minus_workflow() {
-    let upstream = Receiver::start().await;
-    upstream.set_default(Reply::status(200).body(AI));
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(&upstream, "")
-    ))
-    .await;
+    let (upstream, _rx, c) = started("").await;
     // Members out of alphabetical order, a number no 64-bit type holds, an exponent.
     let raw = r#"{"zeta": 1, "workflow": "movie_suggestion", "seed": 123456789012345678901234567890, "alpha": [1e2, {"b": 2, "a": 1}]}"#;
     let (s, r) = c.post("/v1/ai/async", Some(ADMIN), raw.to_string()).await;
@@ -315,15 +322,7 @@ async fn a_rate_limited_upstream_is_tried_again_after_its_retry_after() {
 
 #[tokio::test]
 async fn event_driven_flow_completes_with_the_callback() {
-    let upstream = Receiver::start().await;
-    upstream.set_default(Reply::status(200).body(AI));
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(&upstream, "event_name = \"new_movie_suggestion\"")
-    ))
-    .await;
+    let (_upstream, rx, c) = started("event_name = \"new_movie_suggestion\"").await;
     let id = open(&c, json!({"workflow": "movie_suggestion", "messages": []})).await;
     let mut ws = Ws::connect(&c, &id).await;
     let mut first = ws.next().await;
