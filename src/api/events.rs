@@ -38,12 +38,7 @@ async fn post_event(
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = require(&app, &headers, Scope::Ingest)?;
-    let limit = app.config.load().server.max_body_bytes;
-    let bytes = read_body(body, &headers, limit).await.inspect_err(|e| {
-        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-            observe::ingest_rejected(&app.metrics, "too_large");
-        }
-    })?;
+    let bytes = read_ingest(&app, &headers, body).await?;
     let parsed: EventBody = serde_json::from_slice(&bytes).map_err(|e| {
         observe::ingest_rejected(&app.metrics, "malformed");
         ApiError::bad_request(format!("malformed event: {e}"))
@@ -77,8 +72,7 @@ async fn post_raw(
 ) -> Result<Response, ApiError> {
     let caller = require(&app, &headers, Scope::Ingest)?;
     let params: RawParams = super::query(q.as_deref())?;
-    let limit = app.config.load().server.max_body_bytes;
-    let bytes = read_body(body, &headers, limit).await?;
+    let bytes = read_ingest(&app, &headers, body).await?;
     let req = IngestRequest {
         event_type: params
             .event_type
@@ -92,6 +86,20 @@ async fn post_raw(
         idempotency_key: header_str(&headers, "idempotency-key"),
     };
     respond(&app, &caller, req).await
+}
+
+/// An ingest body, within `max_body_bytes` (a larger one is counted as rejected).
+async fn read_ingest(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
+    let limit = app.config.load().server.max_body_bytes;
+    read_body(body, headers, limit).await.inspect_err(|e| {
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            observe::ingest_rejected(&app.metrics, "too_large");
+        }
+    })
 }
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {

@@ -138,6 +138,13 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
         metrics.contains("courier_events_ingested_total 0"),
         "{metrics}"
     );
+    // Both oversized bodies (JSON and raw ingest) are counted.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "courier_ingest_rejected_total{reason=\"too_large\"} 2"),
+        "{metrics}"
+    );
 
     // The valid request still works after all that.
     let (s, _) = c
