@@ -304,24 +304,22 @@ pub fn attempt(
             tracing::info!(endpoint, delivery, reason, "delivery dropped")
         }
     }
-    if !matches!(next, Next::Retry { .. }) {
-        m.deliveries_final
-            .get_or_create(&vec![
-                ("endpoint", endpoint.to_string()),
-                ("state", outcome.to_string()),
-            ])
-            .inc();
-    }
 }
 
-/// A transform plugin dropped a delivery.
-pub fn dropped(m: &Metrics, endpoint: &str, delivery: &str, reason: &str) {
+/// `n` deliveries of `endpoint` reached a final state (`delivered`, `dead`, `dropped`) and
+/// that is on disk: counted here, and only here, so that an outcome the store could not
+/// record (the delivery is attempted again) is not counted twice.
+pub fn finished(m: &Metrics, endpoint: &str, state: &'static str, n: u64) {
     m.deliveries_final
         .get_or_create(&vec![
             ("endpoint", endpoint.to_string()),
-            ("state", "dropped".to_string()),
+            ("state", state.to_string()),
         ])
-        .inc();
+        .inc_by(n);
+}
+
+/// A transform plugin dropped a delivery.
+pub fn dropped(endpoint: &str, delivery: &str, reason: &str) {
     tracing::info!(
         endpoint,
         delivery,

@@ -597,7 +597,7 @@ async fn run_attempt(
     let out = match transformed {
         Ok(Transformed::Send(out)) => out,
         Ok(Transformed::Drop(reason)) => {
-            observe::dropped(&app.metrics, &ep.name, &d.id, &reason);
+            observe::dropped(&ep.name, &d.id, &reason);
             let again = record(app, &d, None, Next::Dropped { reason }, false, may_wait).await;
             return (None, again);
         }
@@ -762,6 +762,9 @@ async fn record(
             app.scheduler
                 .store_failures
                 .store(0, AtomicOrdering::Relaxed);
+            if outcome_label != "retry" {
+                observe::finished(&app.metrics, &d.endpoint, outcome_label, 1);
+            }
             again
         }
         Err(e) => {
@@ -873,6 +876,15 @@ mod tests {
         assert!(
             times[2] - times[1] >= Duration::from_millis(1900),
             "{times:?}"
+        );
+        // Delivered once, as the metrics say too (the unrecorded outcomes are not counted).
+        let metrics = running.app.metrics.encode();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l
+                    == "courier_deliveries_final_total{endpoint=\"app\",state=\"delivered\"} 1"),
+            "{metrics}"
         );
         running.shutdown().await;
     }

@@ -398,6 +398,7 @@ async fn finish_drop(app: &AppState, name: &str) -> Result<usize, ApiError> {
     let mut dropped = 0;
     loop {
         let n = app.store.drop_pending(name, &reason, DROP_PAGE).await?;
+        crate::observe::finished(&app.metrics, name, "dropped", n as u64);
         dropped += n;
         if n < DROP_PAGE {
             return Ok(dropped);

@@ -985,5 +985,13 @@ async fn a_delete_interrupted_before_its_drop_finishes_it_at_the_next_start() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.received().len(), 2);
     assert_eq!(got[1].json()["n"], 11);
+    // Since the restart: 3 dropped at the start, 1 when the name was made again.
+    let metrics = c.text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "courier_deliveries_final_total{endpoint=\"shared\",state=\"dropped\"} 4"),
+        "{metrics}"
+    );
     c.stop().await;
 }
