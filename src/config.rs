@@ -380,11 +380,22 @@ impl Config {
                 format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
             )
         })?;
+        if s.data_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(ConfigError::invalid("server.data_dir", "must not be empty"));
+        }
         let data_dir = relative_to(base, &s.data_dir.unwrap_or_else(|| "./courier-data".into()));
         let public_url = s
             .public_url
             .unwrap_or_else(|| format!("http://{listen_text}"));
-        parse_http_url(&public_url, "server.public_url")?;
+        let parsed = parse_http_url(&public_url, "server.public_url")?;
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            // Callback URLs are this plus `/v1/callback/<id>`.
+            return Err(ConfigError::invalid(
+                "server.public_url",
+                format!("`{public_url}` must not have a query or a fragment"),
+            ));
+        }
+
         let max_body_bytes = s.max_body_bytes.unwrap_or(1024 * 1024);
         // A body is held in memory and framed in the ingest journal with a 32-bit length.
         if max_body_bytes == 0 || max_body_bytes > MAX_BODY_LIMIT {
@@ -404,6 +415,14 @@ impl Config {
 
         let mut keys = Vec::new();
         for (i, k) in raw.keys.into_iter().enumerate() {
+            if k.token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                // A header cannot carry it as written (a trailing newline from a secret file,
+                // say): the key would pass here and never authenticate.
+                return Err(ConfigError::invalid(
+                    format!("keys[{i}].token"),
+                    "contains whitespace or control characters (a trailing newline from a secret file?)",
+                ));
+            }
             if k.token.len() < 16 {
                 return Err(ConfigError::invalid(
                     format!("keys[{i}].token"),
@@ -469,8 +488,16 @@ impl Config {
                 }
                 r => r.unwrap_or(Duration::from_secs(30 * 24 * 3600)),
             },
-            circuit_failures: d.circuit_failures.unwrap_or(10).max(1),
-            circuit_probe_interval: opt_duration(
+            circuit_failures: match d.circuit_failures {
+                Some(0) => {
+                    return Err(ConfigError::invalid(
+                        "delivery.circuit_failures",
+                        "must be at least 1",
+                    ));
+                }
+                n => n.unwrap_or(10),
+            },
+            circuit_probe_interval: positive_duration(
                 d.circuit_probe_interval,
                 "delivery.circuit_probe_interval",
             )?
@@ -548,7 +575,7 @@ impl Config {
                         Ok(n)
                     })
                     .transpose()?,
-                timeout: opt_duration(p.limits.timeout, &format!("{key}.limits.timeout"))?,
+                timeout: positive_duration(p.limits.timeout, &format!("{key}.limits.timeout"))?,
             });
         }
         let plugin_kind = |name: &str| plugins.iter().find(|p| p.name == name).map(|p| p.kind);
@@ -594,12 +621,20 @@ impl Config {
             workflows.push(WorkflowConfig {
                 name: w.name,
                 upstream_url: parse_http_url(&w.upstream.url, &format!("{key}.upstream.url"))?,
-                upstream_timeout: opt_duration(
+                upstream_timeout: positive_duration(
                     w.upstream.timeout,
                     &format!("{key}.upstream.timeout"),
                 )?
                 .unwrap_or(Duration::from_secs(60)),
-                upstream_retries: w.upstream.retries.unwrap_or(2).min(10),
+                upstream_retries: match w.upstream.retries {
+                    Some(n) if n > 10 => {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.upstream.retries"),
+                            format!("{n} is more than 10"),
+                        ));
+                    }
+                    n => n.unwrap_or(2),
+                },
                 upstream_retry_delay: opt_duration(
                     w.upstream.retry_delay,
                     &format!("{key}.upstream.retry_delay"),
@@ -636,7 +671,7 @@ impl Config {
                 },
                 endpoint: w.endpoint,
                 event_name: w.event_name,
-                callback_timeout: opt_duration(
+                callback_timeout: positive_duration(
                     w.callback_timeout,
                     &format!("{key}.callback_timeout"),
                 )?
@@ -845,12 +880,13 @@ fn check_name(name: &str, key: &str) -> Result<(), ConfigError> {
 }
 
 fn parse_http_url(text: &str, key: &str) -> Result<url::Url, ConfigError> {
+    let shown = without_password(text);
     let url = url::Url::parse(text)
-        .map_err(|e| ConfigError::invalid(key, format!("`{text}` is not a URL: {e}")))?;
+        .map_err(|e| ConfigError::invalid(key, format!("`{shown}` is not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(ConfigError::invalid(
             key,
-            format!("`{text}` must be an http:// or https:// URL with a host"),
+            format!("`{shown}` must be an http:// or https:// URL with a host"),
         ));
     }
     Ok(url)
@@ -871,11 +907,33 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// The longest duration any setting accepts: far beyond any sensible timeout, delay or
 /// retention, and small enough that adding it to a clock or a millisecond timestamp (and
 /// jittering it) can never overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000); // 10 × 365.25 days, as "10y" reads
 
 fn opt_duration(v: Option<String>, key: &str) -> Result<Option<Duration>, ConfigError> {
     v.map(|s| parse_duration(&s).map_err(|m| ConfigError::invalid(key, m)))
         .transpose()
+}
+
+/// A duration that must not be zero (a zero timeout or interval would fail or spin).
+fn positive_duration(v: Option<String>, key: &str) -> Result<Option<Duration>, ConfigError> {
+    match opt_duration(v, key)? {
+        Some(d) if d.is_zero() => Err(ConfigError::invalid(key, "must be greater than 0")),
+        d => Ok(d),
+    }
+}
+
+/// `text` with the password of a URL in it replaced, for error messages.
+fn without_password(text: &str) -> String {
+    match (text.find("://"), text.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &text[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:…{}", &text[..scheme + 3], &text[at..]),
+                None => text.to_string(),
+            }
+        }
+        _ => text.to_string(),
+    }
 }
 
 fn parse_schedule(list: &[String], key: &str) -> Result<Vec<Duration>, ConfigError> {
@@ -1091,6 +1149,35 @@ mod tests {
                 "keys[1].token: is the same token as keys[0]",
             ),
             (
+                "[[keys]]\ntoken = \"0123456789abcdef\\n\"\nscopes=[\"admin\"]",
+                "keys[0].token: contains whitespace",
+            ),
+            (
+                "[delivery]\ncircuit_failures = 0",
+                "delivery.circuit_failures",
+            ),
+            (
+                "[delivery]\ncircuit_probe_interval = \"0s\"",
+                "delivery.circuit_probe_interval: must be greater than 0",
+            ),
+            (
+                "[server]\npublic_url = \"http://h.example/base?x=1\"",
+                "server.public_url",
+            ),
+            ("[server]\ndata_dir = \" \"", "server.data_dir"),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", timeout = \"0s\" }",
+                "workflows[0].upstream.timeout: must be greater than 0",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", retries = 11 }",
+                "workflows[0].upstream.retries",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\" }\ncallback_timeout = \"0s\"",
+                "workflows[0].callback_timeout",
+            ),
+            (
                 "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", headers = { \"bad name\" = \"v\" } }",
                 "workflows[0].upstream.headers.bad name",
             ),
@@ -1115,6 +1202,17 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.starts_with(key), "{text:?}: {err}");
         }
+        // A password in a URL is not repeated in the error.
+        let err =
+            parse("[[endpoints]]\nname = \"a\"\nurl = \"https://user:hunter2@exa mple.com/h\"")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.starts_with("endpoints[0].url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        // Ten years, as written with a year unit, is within the limit.
+        assert!(parse("[delivery]\nretention = \"10y\"").is_ok());
         let err = parse("[delivery]\ntimout = \"1s\"")
             .unwrap_err()
             .to_string();
