@@ -590,7 +590,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     if let Some(h) = &handle
         && !opts.no_wait
     {
-        let deadline = Instant::now() + opts.drain_timeout;
+        let deadline = Instant::now()
+            .checked_add(opts.drain_timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
         let mut polls = 0u32;
         while h.count() < ok && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -20,6 +20,8 @@ impl Api {
             token,
             http: reqwest::Client::builder()
                 .user_agent(concat!("courier-cli/", env!("CARGO_PKG_VERSION")))
+                // A redirect (to a login page, say) is not courier's answer.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("http client"),
         }
@@ -54,6 +56,17 @@ impl Api {
         let bytes = resp.bytes().await?;
         let value: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        if status.is_success() && value.is_string() {
+            bail!(
+                "{status} but not courier's JSON answer (is --url pointing at courier?): {}",
+                value
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            );
+        }
         if !status.is_success() {
             let msg = value["error"]["message"]
                 .as_str()

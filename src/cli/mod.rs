@@ -359,7 +359,13 @@ fn operator(command: Command) -> anyhow::Result<()> {
             } => {
                 let v = remote
                     .api()
-                    .get(&format!("/v1/deliveries/{id}"), &[])
+                    .get(
+                        &format!(
+                            "/v1/deliveries/{}",
+                            url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
+                        ),
+                        &[],
+                    )
                     .await?;
                 show(&remote, &v, client::delivery_detail);
             }
@@ -382,6 +388,13 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 let mut body = json!({});
                 for (k, v) in filter.pairs() {
                     if let Some(v) = v {
+                        // An empty filter would widen the replay to everything (an unset
+                        // shell variable, say): refuse it.
+                        if v.trim().is_empty() {
+                            anyhow::bail!(
+                                "--{k} is empty; leave it out to replay every dead delivery"
+                            );
+                        }
                         body[k] = v.into();
                     }
                 }

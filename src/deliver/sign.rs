@@ -104,10 +104,11 @@ pub fn verify_standard(
     header: &str,
     now: Option<i64>,
 ) -> Result<(), VerifyError> {
-    if let Some(now) = now
-        && (now - timestamp).abs() > 300
-    {
-        return Err(VerifyError::Stale(now - timestamp));
+    if let Some(now) = now {
+        let skew = now.saturating_sub(timestamp);
+        if skew.saturating_abs() > 300 {
+            return Err(VerifyError::Stale(skew));
+        }
     }
     let key = decode_secret(secret)?;
     let expected = standard_signature(&key, id, timestamp, body);
@@ -137,6 +138,18 @@ mod tests {
         let s = generate_secret();
         assert_eq!(decode_secret(&s).unwrap().len(), 24);
         assert_ne!(s, generate_secret());
+    }
+
+    #[test]
+    fn a_timestamp_at_the_ends_of_the_range_is_stale_not_a_crash() {
+        let s = generate_secret();
+        let sigs = sign_all(std::slice::from_ref(&s), "msg_1", i64::MIN, b"{}");
+        for (ts, now) in [(i64::MIN, 1_700_000_000), (i64::MAX, -5)] {
+            assert!(matches!(
+                verify_standard(&s, "msg_1", ts, b"{}", &sigs.webhook_signature, Some(now)),
+                Err(VerifyError::Stale(_))
+            ));
+        }
     }
 
     #[test]

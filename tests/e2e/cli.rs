@@ -557,3 +557,24 @@ async fn serve_on_its_embedded_defaults_takes_sighup_without_ending() {
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[tokio::test]
+async fn client_commands_refuse_an_empty_filter_and_an_answer_that_is_not_courier_s() {
+    // Not courier: a web server that answers 200 with a page.
+    let other = Receiver::start().await;
+    other.set_default(Reply::status(200).body("<html>login</html>"));
+    let env = vec![
+        ("COURIER_URL", other.url("")),
+        ("COURIER_KEY", ADMIN.to_string()),
+    ];
+    let o = run(args(&["deliveries", "list"]), env.clone(), None).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not courier's JSON answer"), "{err}");
+    // An unset variable must not widen a replay to every dead delivery.
+    let o = run(args(&["dlq", "replay", "--endpoint", ""]), env, None).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--endpoint is empty"), "{err}");
+    assert!(other.received().len() == 1, "the replay was never sent");
+}
