@@ -356,13 +356,15 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
-            message: one_line(&e.to_string()),
+            message: syntax_error(text, &e),
         })?;
         resolve_env(&mut value, "")?;
         let raw: RawConfig =
-            RawConfig::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError::Parse {
-                path: origin.to_string(),
-                message: one_line(&e.to_string()),
+            RawConfig::deserialize(toml::Value::Table(value.clone())).map_err(|e| {
+                entry_at_fault(&value).unwrap_or_else(|| ConfigError::Parse {
+                    path: origin.to_string(),
+                    message: one_line(&e.to_string()),
+                })
             })?;
         Self::from_raw(raw, base, source)
     }
@@ -855,6 +857,41 @@ fn relative_to(base: &Path, path: &str) -> PathBuf {
     }
 }
 
+/// A TOML syntax error as "line L, column C: what", without the quoted source line (which
+/// may hold a token or a secret).
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let message = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// Which entry of an array of tables a structural error (a missing or unknown field, a value
+/// of the wrong type) is in: serde's message names the table (`endpoints`), not the entry.
+fn entry_at_fault(value: &toml::Table) -> Option<ConfigError> {
+    fn check<T: serde::de::DeserializeOwned>(
+        value: &toml::Table,
+        key: &str,
+    ) -> Option<ConfigError> {
+        let list = value.get(key)?.as_array()?;
+        list.iter().enumerate().find_map(|(i, entry)| {
+            T::deserialize(entry.clone())
+                .err()
+                .map(|e| ConfigError::invalid(format!("{key}[{i}]"), one_line(&e.to_string())))
+        })
+    }
+    check::<RawKey>(value, "keys")
+        .or_else(|| check::<RawEndpoint>(value, "endpoints"))
+        .or_else(|| check::<RawPlugin>(value, "plugins"))
+        .or_else(|| check::<RawWorkflow>(value, "workflows"))
+}
+
 fn one_line(s: &str) -> String {
     s.lines()
         .map(str::trim)
@@ -1202,6 +1239,22 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.starts_with(key), "{text:?}: {err}");
         }
+        // A structural error names the entry, not just the table.
+        let err = parse("[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[endpoints]]\nname = \"b\"\nrate_limt = \"1/s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("endpoints[1]") && err.contains("rate_limt"),
+            "{err}"
+        );
+        // A syntax error says where, without quoting the line (it may hold a secret).
+        let err = parse("[[keys]]\ntoken = \"supersecrettoken-123456\nscopes = []")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && !err.contains("supersecret"),
+            "{err}"
+        );
         // A password in a URL is not repeated in the error.
         let err =
             parse("[[endpoints]]\nname = \"a\"\nurl = \"https://user:hunter2@exa mple.com/h\"")
