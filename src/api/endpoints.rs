@@ -64,7 +64,7 @@ fn view(l: &Listed) -> Value {
     let mut v = json!({
         "name": ep.name,
         "source": match l.source { Source::Config => "config", Source::Api => "api" },
-        "url": ep.url.as_str(),
+        "url": shown_url(&ep.url),
         "event_types": ep.event_types,
         "ordering": match ep.ordering { crate::config::Ordering::Fifo => "fifo", crate::config::Ordering::Unordered => "unordered" },
         "max_in_flight": ep.max_in_flight,
@@ -86,6 +86,19 @@ fn view(l: &Listed) -> Value {
         v["shadowed_by"] = "config".into();
     }
     v
+}
+
+/// What an endpoint URL's password is shown as.
+const REDACTED: &str = "redacted";
+
+/// An endpoint URL with its password (sent as Basic auth) replaced: shown, like a secret's
+/// fingerprint, without giving the credential away.
+fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some(REDACTED));
+    }
+    shown.to_string()
 }
 
 fn listed(app: &AppState, name: &str) -> Option<Listed> {
@@ -358,6 +371,17 @@ async fn patch(
         } else {
             merged.insert(k, v);
         }
+    }
+    // A URL sent back as it was shown (its password redacted) keeps the password it has.
+    if let Some(Value::String(new)) = merged.get("url")
+        && let (Ok(mut new_url), Ok(old_url)) =
+            (url::Url::parse(new), url::Url::parse(&current.spec.url))
+        && new_url.password() == Some(REDACTED)
+        && new_url.username() == old_url.username()
+        && old_url.password().is_some()
+    {
+        let _ = new_url.set_password(old_url.password());
+        merged.insert("url".into(), Value::String(new_url.to_string()));
     }
     let (spec, tenant, description) = parse_spec(merged)?;
     let secrets_changed = spec.secrets != current.spec.secrets;

@@ -995,3 +995,32 @@ async fn a_delete_interrupted_before_its_drop_finishes_it_at_the_next_start() {
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn an_endpoint_url_password_is_not_shown() {
+    use reqwest::Method as M;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, e) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "basic", "url": "https://user:hunter2@example.com/h"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{e}");
+    assert_eq!(e["url"], "https://user:redacted@example.com/h");
+    let (_, list) = req(&c, M::GET, "/v1/endpoints", None).await;
+    assert!(!list.to_string().contains("hunter2"), "{list}");
+    // Sent back as shown (an edit form that changed the path only), the password stays.
+    let (s, p) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/basic",
+        Some(json!({"url": "https://user:redacted@example.com/h2"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    let stored = c.app().endpoints.get("basic").unwrap();
+    assert_eq!(stored.url.as_str(), "https://user:hunter2@example.com/h2");
+    c.stop().await;
+}
