@@ -65,12 +65,13 @@ struct RawParams {
 
 async fn post_raw(
     State(app): State<AppState>,
-    Path(endpoint): Path<String>,
+    endpoint: Result<Path<String>, axum::extract::rejection::PathRejection>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = require(&app, &headers, Scope::Ingest)?;
+    let Path(endpoint) = endpoint.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let params: RawParams = super::query(q.as_deref())?;
     let bytes = read_ingest(&app, &headers, body).await?;
     let req = IngestRequest {

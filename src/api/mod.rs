@@ -45,12 +45,23 @@ pub fn router(app: AppState) -> Router {
         .merge(workflows_list::router())
         .merge(console::router())
         .layer(axum::middleware::from_fn_with_state(app.clone(), settle));
-    Router::new()
-        .merge(events::router())
+    // The ingest routes, on every producer's round trip, answer every error themselves in
+    // the JSON shape and skip the layer that fixes up the framework's own answers.
+    let framework_errors_fixed = Router::new()
         .merge(health::router())
         .merge(settled)
+        .layer(axum::middleware::from_fn(json_errors));
+    Router::new()
+        .merge(events::router())
+        .merge(framework_errors_fixed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .layer(axum::middleware::from_fn(json_errors))
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this route does not take {method}"),
+            )
+        })
         .with_state(app)
 }
 

@@ -316,6 +316,17 @@ async fn errors_the_framework_answers_have_the_json_shape_too() {
     );
     let (s, v) = c.get("/v1/deliveries/%FF").await;
     shape("a path that is not UTF-8", s, &v, 400, "bad_request");
+    // The ingest routes too.
+    let (s, v) = c.get("/v1/events").await;
+    shape("GET on the ingest route", s, &v, 405, "method_not_allowed");
+    let (s, v) = c.post("/v1/ingest/%FF", Some(ADMIN), "x".to_string()).await;
+    shape(
+        "an ingest path that is not UTF-8",
+        s,
+        &v,
+        400,
+        "bad_request",
+    );
     // A WebSocket route asked without a token is refused for the token, whatever else.
     let (s, v) = c.get_as("/v1/channels/x/ws", None).await;
     shape("ws without token", s, &v, 401, "unauthorized");
