@@ -18,16 +18,47 @@ pub fn router() -> Router<AppState> {
     )
 }
 
-async fn page() -> impl IntoResponse {
+/// The `sha256-…` source of the page's one inline script, for its Content-Security-Policy:
+/// that script runs, no other inline script or handler would.
+fn script_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        use base64::Engine;
+        use sha2::Digest;
+        let start = PAGE.find("<script>").expect("the page has its script") + "<script>".len();
+        let end = PAGE[start..].find("</script>").expect("closed") + start;
+        let digest = sha2::Sha256::digest(&PAGE.as_bytes()[start..end]);
+        format!(
+            "'sha256-{}'",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        )
+    })
+}
+
+async fn page(headers: axum::http::HeaderMap) -> impl IntoResponse {
+    // WebSockets to this host only (`'self'` does not cover ws: in every browser).
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        })
+        .map(|h| format!(" ws://{h} wss://{h}"))
+        .unwrap_or_default();
+    let csp = format!(
+        "default-src 'self'; script-src {}; style-src 'unsafe-inline'; connect-src 'self'{host}; \
+         img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        script_hash()
+    );
     (
         [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            // Everything the page needs is inline or same-origin.
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src 'self' data:",
-            ),
-            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
+            (header::CONTENT_SECURITY_POLICY, csp),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::X_FRAME_OPTIONS, "DENY".to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+            (header::REFERRER_POLICY, "no-referrer".to_string()),
         ],
         PAGE,
     )

@@ -273,12 +273,19 @@ async fn the_console_page_and_the_workflow_list_are_served() {
             .unwrap()
             .starts_with("text/html")
     );
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(
-        resp.headers()["content-security-policy"]
-            .to_str()
-            .unwrap()
-            .contains("default-src 'self'")
+        csp.contains("default-src 'self'")
+            && csp.contains("script-src 'sha256-")
+            && !csp.contains("script-src 'unsafe-inline'")
+            && csp.contains("frame-ancestors 'none'")
+            && !csp.contains(" ws: "),
+        "{csp}"
     );
+    assert_eq!(resp.headers()["x-frame-options"], "DENY");
     let html = resp.text().await.unwrap();
     assert!(
         html.contains("<title>courier console</title>")
