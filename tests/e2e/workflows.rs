@@ -18,6 +18,13 @@ fn workflow(upstream: &Receiver, extra: &str) -> String {
     )
 }
 
+/// An upstream answering `AI` after `delay`.
+async fn answering_after(delay: Duration) -> Receiver {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI).delay(delay));
+    upstream
+}
+
 /// An upstream answering `AI` at once, a receiver, and courier with the endpoint `app` on
 /// that receiver and the workflow (with `extra`).
 async fn started(extra: &str) -> (Receiver, Receiver, Courier) {
@@ -184,12 +191,7 @@ async fn a_transform_on_the_workflow_endpoint_keeps_the_channel_header() {
 
 #[tokio::test]
 async fn plain_async_success_reaches_the_endpoint_and_the_socket() {
-    let upstream = Receiver::start().await;
-    upstream.set_default(
-        Reply::status(200)
-            .body(AI)
-            .delay(Duration::from_millis(300)),
-    );
+    let upstream = answering_after(Duration::from_millis(300)).await;
     let rx = Receiver::start().await;
     let c = Courier::start(&format!(
         "{DELIVERY_FAST}{}{}",
@@ -622,12 +624,7 @@ async fn a_simulator_removed_while_a_channel_waits_leaves_it_to_the_callback_tim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_calls_wait_for_one_of_the_workflows_slots() {
-    let upstream = Receiver::start().await;
-    upstream.set_default(
-        Reply::status(200)
-            .body(AI)
-            .delay(Duration::from_millis(200)),
-    );
+    let upstream = answering_after(Duration::from_millis(200)).await;
     let rx = Receiver::start().await;
     let c = Courier::start(&with_workflow(
         &rx,
@@ -654,8 +651,7 @@ async fn upstream_calls_wait_for_one_of_the_workflows_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_due_upstream_calls_than_courier_runs_at_once_all_complete() {
-    let upstream = Receiver::start().await;
-    upstream.set_default(Reply::status(200).body(AI).delay(Duration::from_millis(50)));
+    let upstream = answering_after(Duration::from_millis(50)).await;
     let rx = Receiver::start().await;
     let c = Courier::start(&with_workflow(
         &rx,
@@ -860,8 +856,7 @@ async fn channels_outlive_a_reload_that_removes_their_workflow() {
 
 #[tokio::test]
 async fn an_idle_channel_socket_is_pinged_so_proxies_keep_it_open() {
-    let upstream = Receiver::start().await;
-    upstream.set_default(Reply::status(200).body(AI).delay(Duration::from_secs(60)));
+    let upstream = answering_after(Duration::from_secs(60)).await;
     let rx = Receiver::start().await;
     let c = Courier::start(&format!(
         "{DELIVERY_FAST}{}{}",
