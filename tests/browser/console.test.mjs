@@ -242,12 +242,24 @@ test("the console works end to end without JavaScript errors", async () => {
   // Playground: a simulated event-driven workflow, watched over WebSocket to the end.
   await page.getByRole("tab", { name: "Playground" }).click();
   await page.getByLabel("Workflow", { exact: true }).selectOption("movies");
+  // A request courier refuses is shown, not swallowed.
+  const requestBody = page.getByLabel("Async request body");
+  const goodBody = await requestBody.inputValue();
+  await requestBody.fill("[]");
+  await page.getByRole("button", { name: "Send async request" }).click();
+  await page.locator("#pg-status", { hasText: "JSON object" }).waitFor();
+  // The browser logs the refused request itself; that one is expected.
+  const badRequest = errors.findIndex((e) => /status of 400/.test(e));
+  assert.ok(badRequest >= 0, errors.join(" | "));
+  errors.splice(badRequest, 1);
+  await requestBody.fill(goodBody);
   await page.getByRole("button", { name: "Send async request" }).click();
   await page.locator("#pg-steps li", { hasText: "success" }).waitFor({ timeout: 15000 });
   const steps = await page.locator("#pg-steps li").allTextContents();
   assert.ok(steps.some((s) => s.includes("AI generated")), steps.join(" | "));
   assert.match(await page.getByLabel("Result data", { exact: true }).textContent(), /"id": "sim_/);
   assert.match(await page.getByLabel("AI response", { exact: true }).textContent(), /"title": "Arrival"/);
+  assert.ok(await page.locator("#pg-callback").isHidden(), "no manual callback for a simulated workflow");
   await shot("playground");
 
   assert.deepEqual(errors, [], "no JavaScript errors");
