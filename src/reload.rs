@@ -240,6 +240,26 @@ pub fn reload(app: &Arc<App>, force: bool) {
     }
 }
 
+/// Keeps the running value of a setting only a restart applies, logging and listing `key`
+/// if the file changed it.
+fn keep_running<T: PartialEq + Clone + std::fmt::Debug>(
+    key: &str,
+    configured: &mut T,
+    running: &T,
+    restart_needed: &mut Vec<String>,
+) {
+    if configured != running {
+        tracing::warn!(
+            key,
+            ?running,
+            ?configured,
+            "this setting cannot change while running; restart to apply it"
+        );
+        *configured = running.clone();
+        restart_needed.push(key.to_string());
+    }
+}
+
 /// Swaps in a validated configuration. Endpoints, keys, schedules, limits, headers and
 /// secrets take effect for the next attempt; in-flight attempts finish with what they had.
 /// Returns the keys that changed but only apply at the next start (their running values
@@ -247,49 +267,28 @@ pub fn reload(app: &Arc<App>, force: bool) {
 fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
     let old = app.config.load_full();
     let mut restart_needed = Vec::new();
-    let mut fixed = |key: &str, running: String, configured: String| {
-        tracing::warn!(
-            key,
-            running,
-            configured,
-            "this setting cannot change while running; restart to apply it"
-        );
-        restart_needed.push(key.to_string());
-    };
-    if new.server.listen != old.server.listen {
-        fixed(
-            "server.listen",
-            old.server.listen.to_string(),
-            new.server.listen.to_string(),
-        );
-        new.server.listen = old.server.listen;
-    }
+    // The listener, the store and the watchers were set up with these at start.
+    let (n, o) = (&mut new.server, &old.server);
+    keep_running(
+        "server.listen",
+        &mut n.listen,
+        &o.listen,
+        &mut restart_needed,
+    );
+    keep_running(
+        "server.data_dir",
+        &mut n.data_dir,
+        &o.data_dir,
+        &mut restart_needed,
+    );
+    keep_running(
+        "server.quick_repair",
+        &mut n.quick_repair,
+        &o.quick_repair,
+        &mut restart_needed,
+    );
+    keep_running("server.watch", &mut n.watch, &o.watch, &mut restart_needed);
     new.resolve_public_url(app.addr);
-    if new.server.data_dir != old.server.data_dir {
-        fixed(
-            "server.data_dir",
-            old.server.data_dir.display().to_string(),
-            new.server.data_dir.display().to_string(),
-        );
-        new.server.data_dir = old.server.data_dir.clone();
-    }
-    // Fixed when the store was opened, and when the watchers were started.
-    if new.server.quick_repair != old.server.quick_repair {
-        fixed(
-            "server.quick_repair",
-            old.server.quick_repair.to_string(),
-            new.server.quick_repair.to_string(),
-        );
-        new.server.quick_repair = old.server.quick_repair;
-    }
-    if new.server.watch != old.server.watch {
-        fixed(
-            "server.watch",
-            old.server.watch.to_string(),
-            new.server.watch.to_string(),
-        );
-        new.server.watch = old.server.watch;
-    }
     if new.keys.is_empty()
         && let Err(e) = app::ensure_key(&mut new, &old.server.data_dir)
     {

@@ -70,17 +70,15 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         }
         *before = gauged;
     }
-    // Every endpoint keeps its series, so that a drained queue reads 0.
-    for ep in app.endpoints.names() {
+    // Every endpoint keeps its series, so that a drained queue reads 0; its circuit is read
+    // from its health now (one made again under a deleted name starts closed, whatever the
+    // old one's series last read).
+    for ep in names {
         let depth = app.store.pending_count(&ep) as i64;
-        m.queue_depth
-            .get_or_create(&vec![("endpoint", ep)])
-            .set(depth);
-    }
-    // Every endpoint, from its health now (one made again under a deleted name starts
-    // closed, whatever the old one's series last read).
-    for ep in app.endpoints.names() {
         let open = app.scheduler.health(&ep).circuit_open;
+        m.queue_depth
+            .get_or_create(&vec![("endpoint", ep.clone())])
+            .set(depth);
         m.circuit_open
             .get_or_create(&vec![("endpoint", ep)])
             .set(open as i64);

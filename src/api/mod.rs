@@ -115,6 +115,9 @@ async fn settle(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
+    if app.store.is_settled() {
+        return Ok(next.run(req).await);
+    }
     // A request without a valid token is refused by its handler at once: it does not wait
     // for the database first (nor learn, from a 503, that the database is in trouble).
     let query_token = req.uri().query().and_then(|q| {
@@ -353,6 +356,16 @@ mod tests {
         crate::server::start(config).await.unwrap()
     }
 
+    /// `POST /v1/endpoints` making the endpoint `app`.
+    async fn create_app(http: &reqwest::Client, base: &str) -> reqwest::Result<reqwest::Response> {
+        http.post(format!("{base}/v1/endpoints"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(json!({"name": "app", "url": "https://example.com/hook"}).to_string())
+            .send()
+            .await
+    }
+
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
         let with = |v: &str| {
@@ -374,13 +387,7 @@ mod tests {
         let running = start(dir.path()).await;
         let base = format!("http://{}", running.addr);
         let http = reqwest::Client::new();
-        let create = || {
-            http.post(format!("{base}/v1/endpoints"))
-                .bearer_auth(TOKEN)
-                .header("content-type", "application/json")
-                .body(json!({"name": "app", "url": "https://example.com/hook"}).to_string())
-                .send()
-        };
+        let create = || create_app(&http, &base);
         running.app.store.fail_writes(true);
         let r = create().await.unwrap();
         assert_eq!(r.status(), 503);
@@ -414,15 +421,7 @@ mod tests {
         let http = reqwest::Client::new();
         // An event is acknowledged from the journal, and the database cannot apply it: reads
         // wait for it (then answer 503).
-        let made = http
-            .post(format!("{base}/v1/endpoints"))
-            .bearer_auth(TOKEN)
-            .header("content-type", "application/json")
-            .body(json!({"name": "app", "url": "https://example.com/hook"}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(made.status(), 201);
+        assert_eq!(create_app(&http, &base).await.unwrap().status(), 201);
         running.app.store.fail_writes(true);
         let r = http
             .post(format!("{base}/v1/ingest/app"))

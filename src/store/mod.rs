@@ -608,6 +608,12 @@ impl Store {
     /// Like [`Store::settle`], but gives up after `timeout`; says whether the database
     /// caught up. For readers that would rather show figures a moment old than none (the
     /// metrics scrape, which must answer while the database is in trouble).
+    /// Whether the database already shows every acknowledged event ([`Store::settle`]
+    /// would return at once).
+    pub fn is_settled(&self) -> bool {
+        self.shared.progress.settled()
+    }
+
     pub async fn settle_within(&self, timeout: std::time::Duration) -> bool {
         self.shared.progress.settle(timeout).await.is_ok()
     }
@@ -1533,6 +1539,17 @@ pub(crate) mod tests {
         std::sync::Arc::new(names.iter().map(|n| (n.to_string(), 0)).collect())
     }
 
+    /// Appends `n` events for `endpoint`; their delivery ids.
+    async fn appended(store: &Store, endpoint: &str, n: u64) -> Vec<String> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let b = to(endpoint, i);
+            ids.push(b.deliveries[0].id.clone());
+            store.append(b).await.unwrap();
+        }
+        ids
+    }
+
     /// Records one attempt answered `status`, with `next` as its outcome.
     async fn attempted(store: &Store, id: &str, status: u16, next: Next) {
         let attempt = Attempt {
@@ -2070,12 +2087,7 @@ pub(crate) mod tests {
     async fn retention_gets_past_old_deliveries_that_finished_after_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
-        let mut ids = Vec::new();
-        for n in 0..4 {
-            let b = to("e", n);
-            ids.push(b.deliveries[0].id.clone());
-            store.append(b).await.unwrap();
-        }
+        let ids = appended(&store, "e", 4).await;
         let pause = || tokio::time::sleep(std::time::Duration::from_millis(5));
         pause().await;
         // The newest two finish before the cutoff; the oldest two (retried, say) after it, so
@@ -2102,12 +2114,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
         let store = Store::open(&path, true).unwrap();
-        let mut ids = Vec::new();
-        for n in 0..3 {
-            let b = to("e", n);
-            ids.push(b.deliveries[0].id.clone());
-            store.append(b).await.unwrap();
-        }
+        let ids = appended(&store, "e", 3).await;
         for id in &ids {
             deliver(&store, id).await;
         }
@@ -2230,12 +2237,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
         let store = Store::open(&path, true).unwrap();
-        let mut ids = Vec::new();
-        for n in 0..3 {
-            let b = to("a", n);
-            ids.push(b.deliveries[0].id.clone());
-            store.append(b).await.unwrap();
-        }
+        let ids = appended(&store, "a", 3).await;
         deliver(&store, &ids[0]).await;
         let closer = store.closer();
         drop(store);

@@ -85,6 +85,11 @@ impl Progress {
 
     /// Waits until the database shows every record on disk at the time of the call, at most
     /// `timeout`.
+    /// Whether the database holds everything acknowledged so far.
+    pub(crate) fn settled(&self) -> bool {
+        self.applied() >= self.journaled.load(Ordering::SeqCst)
+    }
+
     pub(crate) async fn settle(&self, timeout: Duration) -> Result<(), Unsettled> {
         let target = self.journaled.load(Ordering::SeqCst);
         if self.applied() >= target {
