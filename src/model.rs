@@ -2,7 +2,9 @@
 //!
 //! An **event** is what a producer sent; a **delivery** is one event bound for one endpoint,
 //! with a status; an **attempt** is one HTTP try of a delivery. These types are what the store
-//! persists, so they change only with care (postcard encoding, fields appended at the end).
+//! persists, so they change only with care: postcard is not self-describing, so any change to
+//! a stored type raises the store's record format ([`crate::store`]'s `FORMAT_VERSION`) and
+//! migrates older data dirs.
 
 use serde::{Deserialize, Serialize};
 

@@ -41,6 +41,12 @@ pub enum StoreError {
     NotFound(String),
     #[error("the store is shutting down")]
     Closed,
+    /// The data dir was written by a newer courier, in a record format this build cannot
+    /// read: opening it would misread (and could overwrite) what it holds.
+    #[error(
+        "the data dir was written by a newer courier (record format {found}; this build reads format {supported} and older); run that version or a newer one, or restore a backup taken before the upgrade"
+    )]
+    NewerFormat { found: u64, supported: u64 },
     /// The database has not caught up with the ingest journal in time ([`Store::settle`]).
     #[error("{0}")]
     Behind(String),
@@ -408,6 +414,25 @@ impl Store {
         let txn = db.begin_write()?;
         let (checkpoint_seq, journal_id);
         {
+            // Before anything else touches the file (the migrations below, the journal's
+            // replay): a newer format is left as it is. A database made before the format
+            // was recorded holds format 1 records.
+            {
+                let mut meta = txn.open_table(META)?;
+                let found = meta.get(FORMAT)?.map(|v| v.value());
+                match found {
+                    Some(found) if found > FORMAT_VERSION => {
+                        return Err(StoreError::NewerFormat {
+                            found,
+                            supported: FORMAT_VERSION,
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        meta.insert(FORMAT, FORMAT_VERSION)?;
+                    }
+                }
+            }
             txn.open_table(EVENTS)?;
             txn.open_table(DELIVERIES)?;
             txn.open_table(ATTEMPTS)?;
@@ -1252,6 +1277,91 @@ pub(crate) mod tests {
         for name in ["courier.redb", "courier.journal", "courier.journal2"] {
             std::fs::copy(db.with_file_name(name), to.join(name)).unwrap();
         }
+    }
+
+    /// The format recorded in the database at `path` (the store must be closed).
+    fn recorded_format(path: &Path) -> Option<u64> {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get(FORMAT).unwrap().map(|v| v.value())
+    }
+
+    fn closed(store: Store) {
+        let closer = store.closer();
+        drop(store);
+        assert!(closer.wait(std::time::Duration::from_secs(10)));
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_of_a_newer_format_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("courier.redb");
+        let store = Store::open(&path, true).unwrap();
+        let b = batch("k", 1_000);
+        let event_id = b.event.id.clone();
+        store.append(b).await.unwrap();
+        closed(store);
+        assert_eq!(recorded_format(&path), Some(FORMAT_VERSION));
+
+        // A later courier moved the data dir on to the next format.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(FORMAT, FORMAT_VERSION + 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = match Store::open(&path, true) {
+            Err(e) => e,
+            Ok(_) => panic!("a newer format was opened"),
+        };
+        assert!(
+            matches!(err, StoreError::NewerFormat { found, supported }
+                if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("newer courier"), "{text}");
+        assert_eq!(recorded_format(&path), Some(FORMAT_VERSION + 1));
+
+        // Back at this build's format (as a downgrade migration would leave it), it opens
+        // and holds what it held.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(FORMAT, FORMAT_VERSION)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        assert!(store.event(&event_id).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_format_was_recorded_is_format_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("courier.redb");
+        let store = Store::open(&path, true).unwrap();
+        let b = batch("k", 1_000);
+        let event_id = b.event.id.clone();
+        store.append(b).await.unwrap();
+        closed(store);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove(FORMAT).unwrap();
+            txn.commit().unwrap();
+        }
+        assert_eq!(recorded_format(&path), None);
+        let store = Store::open(&path, true).unwrap();
+        assert!(store.event(&event_id).unwrap().is_some());
+        closed(store);
+        assert_eq!(recorded_format(&path), Some(1));
     }
 
     #[tokio::test]

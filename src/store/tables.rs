@@ -80,6 +80,15 @@ pub const BY_STATUS_NO_PENDING: &str = "by_status_no_pending";
 /// [`META`] key, set once [`ROLLUPS`] holds every attempt of [`ATTEMPT_LOG`] and that log is
 /// gone.
 pub const ROLLUPS_BUILT: &str = "attempt_rollups_built";
+/// [`META`] key: the format the database's records and its ingest journal's records are in
+/// ([`FORMAT_VERSION`] when this build wrote them).
+pub const FORMAT: &str = "format";
+/// The record format this build reads and writes. Records are postcard (not self-describing:
+/// a field added to a record type changes its encoding), so any change to a stored type, a
+/// table's key or value, or the journal record raises this number and comes with a migration
+/// in [`super::Store::open`]; a build meeting a higher number refuses the data dir instead of
+/// misreading it, and a database made before the number existed is format 1.
+pub const FORMAT_VERSION: u64 = 1;
 /// [`META`] key: a random number, made when the database is, that every journal record's
 /// checksum covers (a journal belongs to one database file).
 pub const JOURNAL_ID: &str = "journal_id";

@@ -455,3 +455,74 @@ async fn a_request_that_stalls_does_not_hold_shutdown_and_a_second_signal_ends_i
     // One signal: the stalled request is given a while, then cut off.
     patient.wait_exit(Duration::from_secs(45));
 }
+
+/// The database's record format, as courier keeps it (`meta` table, key `format`).
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+
+fn set_format(db: &std::path::Path, format: Option<u64>) -> Option<u64> {
+    use redb::ReadableTable;
+    let db = redb::Database::create(db).unwrap();
+    let txn = db.begin_write().unwrap();
+    let before;
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        before = meta.get("format").unwrap().map(|v| v.value());
+        if let Some(f) = format {
+            meta.insert("format", f).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_from_a_newer_courier_is_refused_at_start_and_left_as_it_was() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let mut p = Process::spawn(&cfg);
+    p.signal("TERM");
+    assert!(p.wait_exit(Duration::from_secs(30)).success());
+    let db = dir.path().join("data").join("courier.redb");
+    let current = set_format(&db, None).expect("a new data dir records its format");
+    // A later courier moved the data dir on to the next format.
+    set_format(&db, Some(current + 1));
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("courier started on a data dir of a newer format");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("written by a newer courier")
+            && stderr.contains(&format!("record format {}", current + 1))
+            && stderr.contains(&db.display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(
+        set_format(&db, None),
+        Some(current + 1),
+        "the format was changed"
+    );
+}
