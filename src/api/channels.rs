@@ -111,10 +111,22 @@ async fn ws(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Who is asking comes first: a request without a valid token learns nothing else.
-    let token = q.as_ref().ok().and_then(|Query(q)| q.token.as_deref());
+    let offered = OfferedProtocols::of(&headers);
+    let token = q
+        .as_ref()
+        .ok()
+        .and_then(|Query(q)| q.token.as_deref())
+        .or(offered.token.as_deref());
     require_any(&app, &headers, token, CHANNEL_SCOPES)?;
     if let Err(e) = q {
         return Err(ApiError::bad_request(e.body_text()));
+    }
+    if offered.token.is_some() && !offered.courier {
+        // A browser fails a connection whose answer names none of the protocols it offered,
+        // and the one holding the token is never named back.
+        return Err(ApiError::bad_request(format!(
+            "a token sent as a WebSocket protocol needs `{PROTOCOL}` offered with it"
+        )));
     }
     let upgrade = upgrade.map_err(|e| {
         ApiError::bad_request(format!(
@@ -122,6 +134,8 @@ async fn ws(
             e.body_text()
         ))
     })?;
+    // Answers `courier.v1` when it was offered (browsers require one of theirs back).
+    let upgrade = upgrade.protocols([PROTOCOL]);
     // Subscribe before reading the stored state, so nothing published in between is missed.
     let sub = Subscription {
         rx: Some(app.hub.subscribe(&id)),
@@ -133,6 +147,49 @@ async fn ws(
     };
     // If the upgrade fails the closure is dropped, and the subscription with it.
     Ok(upgrade.on_upgrade(move |socket| stream(sub, ch, socket)))
+}
+
+/// The WebSocket protocol a channel's socket speaks, named back to a client that offers it.
+pub const PROTOCOL: &str = "courier.v1";
+
+/// Offered with [`PROTOCOL`], `courier.bearer.` followed by the token in unpadded base64url
+/// carries the token for a browser, which cannot set headers on a WebSocket: unlike
+/// `?token=`, it stays out of URLs, and so out of proxies' access logs and browser history.
+pub const BEARER_PROTOCOL_PREFIX: &str = "courier.bearer.";
+
+/// What a WebSocket request offers in `Sec-WebSocket-Protocol`.
+pub(super) struct OfferedProtocols {
+    /// Whether [`PROTOCOL`] is among them.
+    courier: bool,
+    /// The token of a `courier.bearer.…` protocol, decoded (none if it does not decode).
+    pub(super) token: Option<String>,
+}
+
+impl OfferedProtocols {
+    pub(super) fn of(headers: &HeaderMap) -> OfferedProtocols {
+        use base64::Engine;
+        let mut offered = OfferedProtocols {
+            courier: false,
+            token: None,
+        };
+        let values = headers.get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL);
+        for p in values
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            if p == PROTOCOL {
+                offered.courier = true;
+            } else if let Some(encoded) = p.strip_prefix(BEARER_PROTOCOL_PREFIX) {
+                offered.token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(encoded)
+                    .ok()
+                    .and_then(|t| String::from_utf8(t).ok());
+            }
+        }
+        offered
+    }
 }
 
 /// A socket's subscription to a channel; dropping it frees the hub's entry once nobody

@@ -27,7 +27,7 @@ use crate::model::Scope;
 
 pub type AppState = Arc<App>;
 
-pub use channels::PING_EVERY;
+pub use channels::{BEARER_PROTOCOL_PREFIX, PING_EVERY, PROTOCOL as WS_PROTOCOL};
 
 /// Every route of the API.
 pub fn router(app: AppState) -> Router {
@@ -125,7 +125,10 @@ async fn settle(
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.into_owned())
     });
-    let token = bearer(req.headers()).map(str::to_string).or(query_token);
+    let token = bearer(req.headers())
+        .map(str::to_string)
+        .or(query_token)
+        .or_else(|| channels::OfferedProtocols::of(req.headers()).token);
     let known = !matches!(
         crate::app::authorize(&app.config.load().keys, token.as_deref(), Scope::Admin),
         Err(AuthError::Missing | AuthError::Invalid)

@@ -135,6 +135,8 @@ test("the console works end to end without JavaScript errors", async () => {
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+  const sockets = [];
+  page.on("websocket", (ws) => sockets.push(ws.url()));
   const shot = (name) => page.screenshot({ path: join(artifacts, name + ".png"), fullPage: true });
 
   // Sign in once; the token is kept for the tab.
@@ -260,6 +262,9 @@ test("the console works end to end without JavaScript errors", async () => {
   assert.match(await page.getByLabel("Result data", { exact: true }).textContent(), /"id": "sim_/);
   assert.match(await page.getByLabel("AI response", { exact: true }).textContent(), /"title": "Arrival"/);
   assert.ok(await page.locator("#pg-callback").isHidden(), "no manual callback for a simulated workflow");
+  // The channel was watched over a socket whose URL carries no token (it goes as a protocol).
+  assert.ok(sockets.length > 0, "no WebSocket was opened");
+  for (const u of sockets) assert.ok(!u.includes(TOKEN) && !u.includes("token="), u);
   await shot("playground");
 
   assert.deepEqual(errors, [], "no JavaScript errors");

@@ -884,3 +884,112 @@ async fn an_idle_channel_socket_is_pinged_so_proxies_keep_it_open() {
     assert!(started.elapsed() >= courier::api::PING_EVERY - Duration::from_secs(1));
     c.stop().await;
 }
+
+/// A socket request for channel `id` offering `protocols` (none: no header).
+fn ws_request(
+    c: &Courier,
+    id: &str,
+    protocols: &[String],
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v1/channels/{id}/ws", c.base.replace("http://", "ws://"));
+    let mut req = url.into_client_request().unwrap();
+    if !protocols.is_empty() {
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            protocols.join(", ").parse().unwrap(),
+        );
+    }
+    req
+}
+
+fn bearer_protocol(token: &str) -> String {
+    use base64::Engine;
+    format!(
+        "{}{}",
+        courier::api::BEARER_PROTOCOL_PREFIX,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
+    )
+}
+
+/// The HTTP status a refused socket request got.
+async fn refused(req: tokio_tungstenite::tungstenite::handshake::client::Request) -> u16 {
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+        Err(e) => panic!("not an HTTP refusal: {e}"),
+        Ok(_) => panic!("the socket was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn a_browser_can_send_the_token_as_a_websocket_protocol_instead_of_in_the_url() {
+    let (_upstream, _rx, c) = started("").await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    wait_channel(&c, &id, |ch| ch["status"] == "success").await;
+    let proto = courier::api::WS_PROTOCOL.to_string();
+
+    let req = ws_request(&c, &id, &[proto.clone(), bearer_protocol(INGEST_ONLY)]);
+    let (stream, answer) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("the socket is accepted");
+    // The protocol named back is courier's, never the one holding the token.
+    assert_eq!(
+        answer.headers()["sec-websocket-protocol"],
+        courier::api::WS_PROTOCOL
+    );
+    let (_, mut read) = stream.split();
+    let first = tokio::time::timeout(T, read.next())
+        .await
+        .expect("a frame in time")
+        .expect("socket open")
+        .unwrap();
+    let Message::Text(text) = first else {
+        panic!("{first:?}")
+    };
+    let latest: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(latest["status"], "success", "{latest}");
+
+    // A wrong token, a token that is not base64url, no token at all: refused.
+    assert_eq!(
+        refused(ws_request(
+            &c,
+            &id,
+            &[proto.clone(), bearer_protocol("nope")]
+        ))
+        .await,
+        401
+    );
+    let garbled = format!("{}!!", courier::api::BEARER_PROTOCOL_PREFIX);
+    assert_eq!(
+        refused(ws_request(&c, &id, &[proto.clone(), garbled])).await,
+        401
+    );
+    assert_eq!(
+        refused(ws_request(&c, &id, std::slice::from_ref(&proto))).await,
+        401
+    );
+    // A token protocol offered alone: a browser would fail the answer, so it is refused
+    // with a message saying what to offer.
+    let resp = c
+        .http
+        .get(format!("{}/v1/channels/{id}/ws", c.base))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-protocol", bearer_protocol(ADMIN))
+        .send()
+        .await
+        .unwrap();
+    let s = resp.status().as_u16();
+    let body: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(courier::api::WS_PROTOCOL),
+        "{body}"
+    );
+    c.stop().await;
+}
