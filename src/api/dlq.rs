@@ -69,9 +69,34 @@ async fn replay(
         f.since = b.since.or(f.since);
         f.until = b.until.or(f.until);
     }
+    // An empty value is what a script sends with an unset variable (`?endpoint=$EP`,
+    // `"endpoint": "$EP"`): read as absent, as other routes read an empty query parameter,
+    // it would requeue the whole dead-letter queue, so it is refused. Only leaving the key
+    // out means "all".
+    let given = url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), Some(v.into_owned())))
+        .collect::<Vec<_>>();
+    let from_body = [
+        ("endpoint", f.endpoint.clone()),
+        ("since", f.since.clone()),
+        ("until", f.until.clone()),
+    ];
+    for (name, value) in given
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .chain(from_body.iter().map(|(k, v)| (*k, v)))
+    {
+        let filter = matches!(name, "endpoint" | "since" | "until");
+        if filter && value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(ApiError::bad_request(format!(
+                "`{name}` is empty: a bulk replay refuses an empty filter value rather than replay every dead delivery; leave `{name}` out to mean all"
+            ))
+            .with_field(name));
+        }
+    }
     let filter = Filter {
         status: Some(DeliveryStatus::Dead),
-        endpoint: f.endpoint.filter(|e| !e.is_empty()),
+        endpoint: f.endpoint,
         since_ms: time_param("since", f.since.as_deref())?,
         until_ms: time_param("until", f.until.as_deref())?,
     };

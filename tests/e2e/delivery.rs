@@ -90,6 +90,26 @@ async fn exhaustion_goes_to_the_dlq_and_bulk_replay_delivers() {
 
     // The receiver recovers; replay everything dead for the endpoint.
     rx.set_default(Reply::status(204));
+    // An empty filter value (a script's unset variable) is refused, not read as "all".
+    for (path, body) in [
+        ("/v1/dlq/replay", json!({"endpoint": ""})),
+        ("/v1/dlq/replay", json!({"since": " "})),
+        ("/v1/dlq/replay?endpoint=", json!({})),
+        ("/v1/dlq/replay?until=&endpoint=app", json!({})),
+    ] {
+        let (s, r) = c.post_json(path, &body).await;
+        assert_eq!(s, 400, "{path} {body}: {r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("empty"),
+            "{r}"
+        );
+    }
+    let (_, dlq) = c.get("/v1/dlq?endpoint=app").await;
+    assert_eq!(
+        dlq["data"].as_array().unwrap().len(),
+        3,
+        "nothing was requeued"
+    );
     let (s, r) = c
         .post_json("/v1/dlq/replay", &json!({"endpoint": "app"}))
         .await;
