@@ -384,6 +384,14 @@ async fn patch(
         merged.insert("url".into(), Value::String(new_url.to_string()));
     }
     let (spec, tenant, description) = parse_spec(merged)?;
+    // Every endpoint made through the API signs what it sends: a PATCH may replace the
+    // secrets, not remove them (unsigned webhooks could not be told from forged ones).
+    if spec.secrets.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "secrets: an endpoint made through the API always has a signing secret; send new ones to replace it, or use POST /v1/endpoints/{name}/secret/rotate"
+        ))
+        .with_field("secrets"));
+    }
     let secrets_changed = spec.secrets != current.spec.secrets;
     let stored = StoredEndpoint {
         spec,

@@ -1024,3 +1024,24 @@ async fn an_endpoint_url_password_is_not_shown() {
     assert_eq!(stored.url.as_str(), "https://user:hunter2@example.com/h2");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_patch_cannot_leave_an_api_endpoint_without_a_signing_secret() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, made) = create_shared(&c, rx.url("/h")).await;
+    assert_eq!(s, 201, "{made}");
+    for removal in [json!({"secrets": null}), json!({"secrets": []})] {
+        let (s, e) = req(&c, M::PATCH, "/v1/endpoints/shared", Some(removal.clone())).await;
+        assert_eq!(s, 400, "{removal}: {e}");
+        assert_eq!(e["error"]["field"], "secrets", "{e}");
+    }
+    let (_, now) = req(&c, M::GET, "/v1/endpoints/shared", None).await;
+    assert_eq!(now["secrets"], made["secrets"], "the secret is kept");
+    // What it sends is still signed with it.
+    send_to(&c, "shared", 1).await;
+    let got = rx.wait_for(1, T).await;
+    sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
+    c.stop().await;
+}
