@@ -168,10 +168,13 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
 /// How long requests under way at shutdown may take to finish.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
 
-/// Loads the endpoints made through the API (an invalid one is reported and skipped; it stays
-/// stored and can be fixed with PATCH).
+/// Loads the endpoints made through the API. A configuration that breaks one (it lacks a
+/// plugin the endpoint uses, say) stops the start, naming the endpoint, as it is rejected by
+/// a reload: skipped, the endpoint could be neither delivered to, nor changed, nor deleted
+/// (those need a loaded endpoint, and its name would stay taken).
 fn load_api_endpoints(app: &App) -> anyhow::Result<()> {
     let config = app.config.load();
+    let mut broken = Vec::new();
     for (name, json) in app.store.endpoints()? {
         let stored: crate::endpoints::StoredEndpoint = match serde_json::from_slice(&json) {
             Ok(s) => s,
@@ -182,10 +185,16 @@ fn load_api_endpoints(app: &App) -> anyhow::Result<()> {
         };
         match stored.build(&config) {
             Ok(built) => app.endpoints.put_api(stored, built),
-            Err(e) => {
-                tracing::error!(endpoint = %name, error = %e, "stored endpoint is not valid under this configuration; skipped")
-            }
+            Err(e) => broken.push(format!(
+                "endpoint `{name}` (created through the API) is not valid under this configuration: {e}"
+            )),
         }
+    }
+    if !broken.is_empty() {
+        anyhow::bail!(
+            "{}\nstart with the configuration the endpoint was made under (with the plugin it uses, say), then change or delete the endpoint through the API",
+            broken.join("\n")
+        );
     }
     Ok(())
 }

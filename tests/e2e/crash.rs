@@ -475,34 +475,25 @@ fn set_format(db: &std::path::Path, format: Option<u64>) -> Option<u64> {
     before
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_dir_from_a_newer_courier_is_refused_at_start_and_left_as_it_was() {
+/// Runs `courier serve` on `cfg`, which must exit with a failure before it serves; its
+/// standard error.
+fn refused_start(cfg: &std::path::Path) -> String {
     use std::io::Read;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "");
-    let mut p = Process::spawn(&cfg);
-    p.signal("TERM");
-    assert!(p.wait_exit(Duration::from_secs(30)).success());
-    let db = dir.path().join("data").join("courier.redb");
-    let current = set_format(&db, None).expect("a new data dir records its format");
-    // A later courier moved the data dir on to the next format.
-    set_format(&db, Some(current + 1));
-
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
         .args(["serve", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("courier started on a data dir of a newer format");
+            panic!("courier started");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -514,6 +505,22 @@ async fn a_data_dir_from_a_newer_courier_is_refused_at_start_and_left_as_it_was(
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(!status.success(), "{stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_from_a_newer_courier_is_refused_at_start_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let mut p = Process::spawn(&cfg);
+    p.signal("TERM");
+    assert!(p.wait_exit(Duration::from_secs(30)).success());
+    let db = dir.path().join("data").join("courier.redb");
+    let current = set_format(&db, None).expect("a new data dir records its format");
+    // A later courier moved the data dir on to the next format.
+    set_format(&db, Some(current + 1));
+
+    let stderr = refused_start(&cfg);
     assert!(
         stderr.contains("written by a newer courier")
             && stderr.contains(&format!("record format {}", current + 1))
@@ -525,4 +532,52 @@ async fn a_data_dir_from_a_newer_courier_is_refused_at_start_and_left_as_it_was(
         Some(current + 1),
         "the format was changed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_breaks_an_api_endpoint_stops_the_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    let with_plugin = format!(
+        "{DELIVERY_FAST}[[plugins]]\nname = \"redact\"\npath = \"{}\"\nkind = \"transform\"\nconfig = {{ fields = \"secret\" }}\n",
+        plugin("redact").display()
+    );
+    let cfg = write_config(dir.path(), &with_plugin);
+    let http = reqwest::Client::new();
+    let p = Process::spawn(&cfg);
+    let made = http
+        .post(format!("{}/v1/endpoints", p.base))
+        .bearer_auth(ADMIN)
+        .body(json!({"name": "api-ep", "url": rx.url("/"), "transforms": ["redact"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201);
+    p.signal("TERM");
+    let mut p = p;
+    assert!(p.wait_exit(Duration::from_secs(30)).success());
+
+    // The plugin is gone from the file while courier was stopped.
+    write_config(dir.path(), DELIVERY_FAST);
+    let stderr = refused_start(&cfg);
+    assert!(
+        stderr.contains("api-ep") && stderr.contains("redact"),
+        "{stderr}"
+    );
+
+    // Back with the plugin, it starts, and the endpoint delivers through its transform.
+    write_config(dir.path(), &with_plugin);
+    let p = Process::spawn(&cfg);
+    post_event(
+        &http,
+        &p.base,
+        json!({"event_type": "t", "payload": {"keep": 1, "secret": "x"}, "endpoint": "api-ep"})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(
+        rx.wait_for(1, Duration::from_secs(20)).await[0].json(),
+        json!({"keep": 1})
+    );
+    drop(p);
 }
