@@ -612,6 +612,14 @@ impl Config {
                     format!("`{}` is not an [[endpoints]] entry", w.endpoint),
                 ));
             }
+            // The simulator plays the backend's callback, which only the event-driven flow
+            // waits for: without `event_name` it would never run.
+            if w.simulate.is_some() && w.event_name.is_none() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.simulate"),
+                    "a simulator plays the callback of the event-driven flow: set `event_name` too",
+                ));
+            }
             if let Some(s) = &w.simulate
                 && plugin_kind(s) != Some(PluginKind::Simulator)
             {
@@ -1233,6 +1241,10 @@ mod tests {
             (
                 "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\", max_response = \"lots\" }",
                 "workflows[0].upstream.max_response",
+            ),
+            (
+                "[[plugins]]\nname = \"sim\"\npath = \"s.wasm\"\nkind = \"simulator\"\n[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\" }\nsimulate = \"sim\"",
+                "workflows[0].simulate",
             ),
         ];
         for (text, key) in cases {
