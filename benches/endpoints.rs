@@ -3,7 +3,8 @@
 //!
 //!     cargo bench --bench endpoints
 //!
-//! The server runs in this process; RSS is read from /proc/self/status.
+//! The server runs in this process; RSS is read from /proc/self/status. Run by `cargo test`
+//! (no `--bench` argument) it makes a short run of 200 endpoints as a smoke test.
 
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ const TOKEN: &str = "bench-admin-token-000001";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    const N: usize = 10_000;
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let n: usize = if smoke { 200 } else { 10_000 };
     let dir = tempfile::tempdir().unwrap();
     // A receiver that answers 204 to everything.
     let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -60,7 +62,7 @@ async fn main() {
             assert_eq!(r.status(), 201);
         }
     };
-    for i in N..N + 100 {
+    for i in n..n + 100 {
         create(i).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -70,7 +72,7 @@ async fn main() {
     for chunk in 0..32 {
         let create = create.clone();
         tasks.push(tokio::spawn(async move {
-            for i in (chunk..N).step_by(32) {
+            for i in (chunk..n).step_by(32) {
                 create(i).await;
             }
         }));
@@ -82,7 +84,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kib();
     // One delivery to each endpoint; then wait for the queues to drain.
-    for i in 0..N {
+    for i in 0..n {
         let body = serde_json::json!({"event_type": "direct", "payload": {"i": i}, "endpoint": format!("ep-{i:05}")});
         let r = http
             .post(format!("{base}/v1/events"))
@@ -93,7 +95,12 @@ async fn main() {
             .unwrap();
         assert_eq!(r.status(), 202);
     }
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deliveries did not drain in 10 minutes"
+        );
         let st: serde_json::Value = http
             .get(format!("{base}/v1/stats"))
             .bearer_auth(TOKEN)
@@ -102,7 +109,7 @@ async fn main() {
             .unwrap()
             .json_value()
             .await;
-        if st["counts"]["pending"] == 0 && st["counts"]["delivered"] == N as u64 {
+        if st["counts"]["pending"] == 0 && st["counts"]["delivered"] == n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -110,17 +117,17 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let used = rss_kib();
     println!(
-        "created {N} endpoints through the API in {:.2} s ({:.0}/s)",
+        "created {n} endpoints through the API in {:.2} s ({:.0}/s)",
         took.as_secs_f64(),
-        N as f64 / took.as_secs_f64()
+        n as f64 / took.as_secs_f64()
     );
     println!(
         "RSS before: {before} KiB, after creating: {idle} KiB, after one delivery each: {used} KiB"
     );
     println!(
         "per idle endpoint: {:.2} KiB; per endpoint after traffic: {:.2} KiB",
-        (idle.saturating_sub(before)) as f64 / N as f64,
-        (used.saturating_sub(before)) as f64 / N as f64
+        (idle.saturating_sub(before)) as f64 / n as f64,
+        (used.saturating_sub(before)) as f64 / n as f64
     );
     running.shutdown().await;
 }

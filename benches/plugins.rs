@@ -4,6 +4,7 @@
 //!     cargo bench --bench plugins
 //!
 //! Prints median, p90, p99 per case and writes nothing; results go into BENCHMARKS.md by hand.
+//! Run by `cargo test` (no `--bench` argument) it makes a short run as a smoke test.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -68,6 +69,8 @@ fn run(plugins: &Plugins, metrics: &Metrics, chain: &[String], body: &[u8], n: u
 }
 
 fn main() {
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let (warm, n) = if smoke { (10, 50) } else { (500, 5000) };
     let dir = build_plugins();
     let metrics = Metrics::new();
     let plugins = Plugins::default();
@@ -95,9 +98,9 @@ fn main() {
         .expect("load plugins");
     let body = body_1k();
     println!(
-        "body: {} bytes of JSON; {} iterations per case after 500 warm-up calls",
+        "body: {} bytes of JSON; {n} iterations per case after {warm} warm-up calls{}",
         body.len(),
-        5000
+        if smoke { " (smoke run)" } else { "" }
     );
     println!(
         "{:<22} {:>10} {:>10} {:>10}",
@@ -113,8 +116,8 @@ fn main() {
             vec!["redact".to_string(), "envelope".to_string()],
         ),
     ] {
-        run(&plugins, &metrics, &chain, &body, 500);
-        let s = run(&plugins, &metrics, &chain, &body, 5000);
+        run(&plugins, &metrics, &chain, &body, warm);
+        let s = run(&plugins, &metrics, &chain, &body, n);
         println!(
             "{:<22} {:>10.1} {:>10.1} {:>10.1}",
             label,
