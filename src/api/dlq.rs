@@ -73,26 +73,25 @@ async fn replay(
     // `"endpoint": "$EP"`): read as absent, as other routes read an empty query parameter,
     // it would requeue the whole dead-letter queue, so it is refused. Only leaving the key
     // out means "all".
-    let given = url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
-        .map(|(k, v)| (k.into_owned(), Some(v.into_owned())))
-        .collect::<Vec<_>>();
-    let from_body = [
-        ("endpoint", f.endpoint.clone()),
-        ("since", f.since.clone()),
-        ("until", f.until.clone()),
-    ];
-    for (name, value) in given
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .chain(from_body.iter().map(|(k, v)| (*k, v)))
+    let in_query = url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
+        .filter(|(_, v)| v.trim().is_empty())
+        .map(|(k, _)| k.into_owned());
+    let in_filter = [
+        ("endpoint", &f.endpoint),
+        ("since", &f.since),
+        ("until", &f.until),
+    ]
+    .into_iter()
+    .filter(|(_, v)| v.as_deref().is_some_and(|v| v.trim().is_empty()))
+    .map(|(k, _)| k.to_string());
+    if let Some(name) = in_query
+        .chain(in_filter)
+        .find(|k| matches!(k.as_str(), "endpoint" | "since" | "until"))
     {
-        let filter = matches!(name, "endpoint" | "since" | "until");
-        if filter && value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-            return Err(ApiError::bad_request(format!(
-                "`{name}` is empty: a bulk replay refuses an empty filter value rather than replay every dead delivery; leave `{name}` out to mean all"
-            ))
-            .with_field(name));
-        }
+        return Err(ApiError::bad_request(format!(
+            "`{name}` is empty: a bulk replay refuses an empty filter value rather than replay every dead delivery; leave `{name}` out to mean all"
+        ))
+        .with_field(name));
     }
     let filter = Filter {
         status: Some(DeliveryStatus::Dead),
