@@ -196,7 +196,16 @@ pub fn reload(app: &Arc<App>, force: bool) {
     match loaded {
         Ok(new) => {
             let restart_needed = apply(app, new);
-            app.plugins.retire_unconfigured(&app.config.load().plugins);
+            app.plugins.forget_unconfigured(&app.config.load().plugins);
+            // Unloaded a little later, against the configuration running then (a plugin
+            // named again meanwhile stays).
+            let later = app.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::plugins::Plugins::RETIRE_GRACE).await;
+                later
+                    .plugins
+                    .retire_unconfigured(&later.config.load().plugins);
+            });
             let mut st = app.reload_status.lock().expect("status lock");
             st.restart_needed = restart_needed;
             st.version += 1;

@@ -178,8 +178,9 @@ impl Plugins {
     /// before a new configuration is applied.
     ///
     /// Plugins the new set no longer names stay loaded: the running configuration may still
-    /// call them until the new one is in place, when [`Plugins::retire_unconfigured`]
-    /// removes them. (Unloading them first would fail those calls as `plugin_missing`.)
+    /// call them until the new one is in place, and attempts begun under it a moment longer
+    /// ([`Plugins::RETIRE_GRACE`]), after which [`Plugins::retire_unconfigured`] removes
+    /// them. (Unloading them first would fail those calls as `plugin_missing`.)
     pub fn load_all(&self, configs: &[PluginConfig], metrics: &Metrics) -> Result<(), Vec<String>> {
         let _changing = self.changes.lock().expect("plugin changes");
         let current = self.loaded.load_full();
@@ -223,9 +224,25 @@ impl Plugins {
         Ok(())
     }
 
-    /// Unloads the plugins `configs` does not name, once the configuration that dropped
-    /// them is the running one.
+    /// How long a plugin the running configuration no longer names stays loaded: an attempt
+    /// that took its endpoint's definition just before a reload may still call it (its
+    /// transforms run right after), and should not fail as `plugin_missing` for it.
+    pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// Stops reporting the plugins `configs` does not name, once the configuration that
+    /// dropped them is the running one; they stay callable until
+    /// [`Plugins::retire_unconfigured`] (see [`Plugins::RETIRE_GRACE`]).
+    pub fn forget_unconfigured(&self, configs: &[PluginConfig]) {
+        let _changing = self.changes.lock().expect("plugin changes");
+        self.status
+            .lock()
+            .expect("plugin status")
+            .retain(|name, _| configs.iter().any(|c| c.name == *name));
+    }
+
+    /// Unloads the plugins `configs` does not name (and stops reporting them).
     pub fn retire_unconfigured(&self, configs: &[PluginConfig]) {
+        self.forget_unconfigured(configs);
         let _changing = self.changes.lock().expect("plugin changes");
         let named = |name: &str| configs.iter().any(|c| c.name == name);
         let current = self.loaded.load_full();
@@ -238,10 +255,6 @@ impl Plugins {
             .map(|(n, l)| (n.clone(), l.clone()))
             .collect();
         self.loaded.store(Arc::new(next));
-        self.status
-            .lock()
-            .expect("plugin status")
-            .retain(|name, _| named(name));
     }
 
     /// Reloads one plugin after its file changed. A file that fails to load (or is gone)
