@@ -14,3 +14,11 @@ mod plugins;
 mod reload;
 mod signing;
 mod workflows;
+
+mod channel_socket_auth;
+mod dlq_time_filters;
+mod endpoint_headers;
+mod idempotency_headers;
+mod keys_reload;
+mod retry_after_date;
+mod workflow_outcomes;

@@ -1,0 +1,154 @@
+//! An endpoint's configured `headers` cannot override courier's own headers: a config (at
+//! `courier check`, at start, on reload) or an API endpoint that tries is refused, naming the
+//! key; headers of its own go out as configured.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Courier's own headers, spelt as an operator might.
+const RESERVED: &[&str] = &[
+    "webhook-id",
+    "Webhook-Timestamp",
+    "WEBHOOK-SIGNATURE",
+    "mr-signature",
+    "mr-timestamp",
+    "mr-channel-id",
+    "Content-Type",
+    "user-agent",
+];
+
+fn with_headers(rx: &Receiver, headers: &str) -> String {
+    format!(
+        "{DELIVERY_FAST}{}",
+        endpoint(
+            "app",
+            &rx.url("/hook"),
+            &format!("headers = {{ {headers} }}")
+        )
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_check_refuses_a_reserved_header_naming_the_key() {
+    let rx = Receiver::start().await;
+    for name in RESERVED {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            dir.path(),
+            &with_headers(
+                &rx,
+                &format!("\"x-tenant\" = \"t1\", \"{name}\" = \"mine\""),
+            ),
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{name}: accepted: {text}");
+        assert!(
+            text.contains(&format!("endpoints[0].headers.{name}")),
+            "{name}: {text}"
+        );
+        assert!(text.contains("cannot be overridden"), "{name}: {text}");
+    }
+    // The same file without the reserved header passes.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &with_headers(&rx, "\"x-tenant\" = \"t1\""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_reserved_header_is_rejected_and_the_wire_keeps_couriers_headers() {
+    let rx = Receiver::start().await;
+    let c = Courier::start_file(&with_headers(&rx, "\"X-Tenant\" = \"t1\"")).await;
+    let first = c
+        .send(json!({"event_type": "t", "payload": {"n": 1}}))
+        .await;
+    let got = rx.wait_for(1, T).await;
+    // A header of the endpoint's own goes out (its name in lower case, as HTTP/1 allows).
+    assert_eq!(got[0].header("x-tenant"), "t1");
+    assert_eq!(got[0].header("webhook-id"), first["id"].as_str().unwrap());
+
+    c.rewrite_config(&with_headers(
+        &rx,
+        "\"X-Tenant\" = \"t2\", \"webhook-id\" = \"forged\", \"user-agent\" = \"evil/1\"",
+    ));
+    let st = c.wait_config(|st| st["reloads_failed"] == 1).await;
+    assert_eq!(st["version"], 1, "the invalid file changed nothing: {st:#}");
+    let msg = st["last_error"]["message"].as_str().unwrap();
+    assert!(msg.contains("endpoints[0].headers."), "{msg}");
+    assert!(msg.contains("cannot be overridden"), "{msg}");
+
+    // Deliveries go on under the file that runs: courier's own headers, the old x-tenant.
+    let second = c
+        .send(json!({"event_type": "t", "payload": {"n": 2}}))
+        .await;
+    let got = rx.wait_for(2, T).await;
+    let r = got.iter().find(|r| r.json()["n"] == 2).unwrap();
+    assert_eq!(r.header("webhook-id"), second["id"].as_str().unwrap());
+    assert!(r.header("user-agent").starts_with("courier/"), "{r:?}");
+    assert_eq!(r.header("x-tenant"), "t1");
+    courier::deliver::sign::verify_mr(SECRET, &r.body, r.header("mr-signature")).unwrap();
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_api_endpoint_with_a_reserved_header_is_refused_naming_the_field() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    for name in ["webhook-signature", "Mr-Signature", "content-type"] {
+        let (s, e) = c
+            .post_json(
+                "/v1/endpoints",
+                &json!({"name": "shop", "url": rx.url("/h"), "headers": {name: "mine"}}),
+            )
+            .await;
+        assert_eq!(s, 422, "{name}: {e}");
+        assert_eq!(e["error"]["field"], "headers", "{name}: {e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("headers.{name}")) && msg.contains("cannot be overridden"),
+            "{name}: {msg}"
+        );
+        // Nothing was written.
+        assert_eq!(c.get("/v1/endpoints/shop").await.0, 404);
+    }
+    // A header of its own is fine, and goes out with the deliveries.
+    let (s, e) = c
+        .post_json(
+            "/v1/endpoints",
+            &json!({"name": "shop", "url": rx.url("/h"), "headers": {"x-tenant": "acme"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    c.send(json!({"event_type": "t", "payload": {}, "endpoint": "shop"}))
+        .await;
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].header("x-tenant"), "acme");
+    assert!(got[0].header("user-agent").starts_with("courier/"));
+    c.stop().await;
+}
