@@ -563,45 +563,62 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             );
         }
         // Handlers first: whoever saw the line below may send SIGTERM at once.
-        let stopped = stop_signal().context("cannot handle SIGTERM/SIGINT")?;
+        let mut signals = StopSignals::install().context("cannot handle SIGTERM/SIGINT")?;
         println!("courier listening on http://{}", running.addr);
         let _ = std::io::stdout().flush();
         let stop = running.app.shutdown.clone();
         tokio::spawn(async move {
-            stopped.await;
+            signals.next().await;
             tracing::info!("shutdown requested: finishing in-flight attempts");
             stop.cancel();
             // A second signal means now: what was acknowledged is in the journal, and an
-            // attempt cut short is made again after the restart.
-            if let Ok(again) = stop_signal() {
-                again.await;
-                tracing::warn!("second shutdown signal: exiting at once");
-                std::process::exit(130);
-            }
+            // attempt cut short is made again after the restart. The same handlers take it,
+            // so one that comes while the first is being handled is not lost.
+            signals.next().await;
+            tracing::warn!("second shutdown signal: exiting at once");
+            std::process::exit(130);
         });
         running.wait().await;
         Ok(())
     })
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; the future completes on either signal.
-fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// The SIGTERM and SIGINT handlers, installed once for the process's whole life.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        Ok(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        })
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(StopSignals {})
+        }
     }
-    #[cfg(not(unix))]
-    {
-        Ok(async {
+
+    /// Completes on the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
             let _ = tokio::signal::ctrl_c().await;
-        })
+        }
     }
 }

@@ -30,13 +30,15 @@ circuit_probe_interval = "100ms"
 
     // Producers keep sending while the process is killed; only 202s count as accepted.
     let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_at = Instant::now() + Duration::from_millis(700);
     let mut producers = Vec::new();
     for w in 0..8 {
-        let (http, url, accepted) = (
+        let (http, url, accepted, killed) = (
             http.clone(),
             format!("{}/v1/events", p.base),
             accepted.clone(),
+            killed.clone(),
         );
         producers.push(tokio::spawn(async move {
             let mut i = 0;
@@ -51,16 +53,14 @@ circuit_probe_interval = "100ms"
                             .unwrap()
                             .push(v["id"].as_str().unwrap().to_string());
                     }
-                    Ok(_) | Err(_) => {
-                        if Instant::now() > stop_at {
-                            break;
-                        }
-                    }
+                    _ if killed.load(std::sync::atomic::Ordering::SeqCst) => break,
+                    other => panic!("refused before the kill: {other:?}"),
                 }
             }
         }));
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
     p.kill9();
     for t in producers {
         t.await.unwrap();
@@ -423,17 +423,29 @@ async fn idempotency_survives_a_restart() {
     drop(p2);
 }
 
-/// Opens a request to `base` that stops halfway through its body, and keeps it open.
+/// Opens a request to `base` that stops halfway through its body, and keeps it open; returns
+/// once courier is reading that body (it answers the `expect: 100-continue` then), so that
+/// the request is under way, however slowly this machine runs.
 fn stalled_request(base: &str) -> std::net::TcpStream {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
     s.write_all(
         format!(
-            "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"event_type\""
+            "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\nexpect: 100-continue\r\n\r\n{{\"event_type\""
         )
         .as_bytes(),
     )
     .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("courier answers 100 Continue");
+        assert!(n > 0, "courier closed the stalled request");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got);
+    assert!(head.starts_with("HTTP/1.1 100"), "{head}");
     s
 }
 
@@ -444,16 +456,28 @@ async fn a_request_that_stalls_does_not_hold_shutdown_and_a_second_signal_ends_i
     let mut hurried = Process::spawn(&write_config(d2.path(), DELIVERY_FAST));
     let _s1 = stalled_request(&patient.base);
     let _s2 = stalled_request(&hurried.base);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     patient.signal("TERM");
     hurried.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second signal ends it at once, with 130 (README). Sent once courier has taken the
+    // first (it no longer accepts connections), so the two cannot be merged into one.
+    let addr = hurried.base.trim_start_matches("http://").to_string();
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "courier still accepts connections after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     hurried.signal("TERM");
-    hurried.wait_exit(Duration::from_secs(5));
-    assert!(started.elapsed() < Duration::from_secs(5));
-    // One signal: the stalled request is given a while, then cut off.
-    patient.wait_exit(Duration::from_secs(45));
+    // The stalled request alone would hold it for its 10 s.
+    let status = hurried.wait_exit(Duration::from_secs(8));
+    assert_eq!(status.code(), Some(130), "second signal: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // One signal: the stalled request is given a while, then cut off, and courier exits as
+    // a graceful stop does.
+    let status = patient.wait_exit(Duration::from_secs(45));
+    assert!(status.success(), "graceful exit: {status:?}");
 }
 
 /// The database's record format, as courier keeps it (`meta` table, key `format`).
