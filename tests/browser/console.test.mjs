@@ -106,7 +106,7 @@ upstream = { url = "http://127.0.0.1:${upstream.address().port}/v1/chat" }
 endpoint = "shop"
 event_name = "new_movie_suggestion"
 simulate = "inject-id"
-simulate_delay = "300ms"
+simulate_delay = "3s"
 `);
   courier = spawn(bin, ["serve", "--config", join(dir, "courier.toml")], { stdio: ["ignore", "pipe", "ignore"], env: { ...process.env, RUST_LOG: "warn" } });
   const lines = createInterface({ input: courier.stdout });
@@ -256,7 +256,9 @@ test("the console works end to end without JavaScript errors", async () => {
   errors.splice(badRequest, 1);
   await requestBody.fill(goodBody);
   await page.getByRole("button", { name: "Send async request" }).click();
-  await page.locator("#pg-steps li", { hasText: "success" }).waitFor({ timeout: 15000 });
+  // The simulated backend answers 3 s after "AI generated": time for the socket, however
+  // late it opens, to see that step before the last.
+  await page.locator("#pg-steps li", { hasText: "success" }).waitFor({ timeout: 30000 });
   const steps = await page.locator("#pg-steps li").allTextContents();
   assert.ok(steps.some((s) => s.includes("AI generated")), steps.join(" | "));
   assert.match(await page.getByLabel("Result data", { exact: true }).textContent(), /"id": "sim_/);

@@ -80,15 +80,14 @@ async fn fifo_dead_head_lets_the_next_proceed() {
 #[tokio::test]
 async fn unordered_endpoints_deliver_concurrently_up_to_max_in_flight() {
     let rx = Receiver::start().await;
-    rx.set_default(Reply::status(200).delay(Duration::from_millis(400)));
+    // Each attempt takes 2 s, and the events are sent at once: however slowly this machine
+    // sends and schedules, attempts overlap unless courier keeps them apart.
+    rx.set_default(Reply::status(200).delay(Duration::from_secs(2)));
     let c = Courier::with_endpoint("par", &rx.url("/"), "max_in_flight = 4").await;
-    let mut replies = Vec::new();
-    for i in 0..12 {
-        replies.push(
-            c.send(json!({"event_type": "t", "payload": {"i": i}}))
-                .await,
-        );
-    }
+    let replies = futures_util::future::join_all(
+        (0..12).map(|i| c.send(json!({"event_type": "t", "payload": {"i": i}}))),
+    )
+    .await;
     for id in ids(&replies) {
         c.wait_status(&id, "delivered", T).await;
     }
@@ -123,13 +122,14 @@ async fn rate_limit_paces_attempts_without_consuming_the_schedule() {
         span >= Duration::from_millis(1700),
         "15 sends at 5/s took only {span:?}"
     );
-    // After the initial burst of 5, no second holds more than 5 + 1 sends.
+    // After the initial burst of 5, no second holds more than a bucket refilled meanwhile
+    // (a worker held up by a loaded machine finds it full again) and the second's own 5.
     for (i, r) in got.iter().enumerate().skip(5) {
         let in_window = got[i..]
             .iter()
             .filter(|o| o.at - r.at < Duration::from_secs(1))
             .count();
-        assert!(in_window <= 6, "{in_window} sends within one second");
+        assert!(in_window <= 10, "{in_window} sends within one second");
     }
     // Waiting for a token is not an attempt: every delivery succeeded on its only attempt.
     for id in ids(&replies) {
@@ -172,41 +172,55 @@ async fn a_rate_limit_holds_across_idle_moments_and_an_idle_endpoint_keeps_no_wo
     c.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_due_at_once_is_not_passed_over_while_the_endpoint_stays_busy() {
     let rx = Receiver::start().await;
     let slow = || Reply::status(200).delay(Duration::from_millis(100));
     rx.set_default(slow());
     // Every tenth request is refused with `Retry-After: 0`: its retry is due at once, and
     // events keep arriving meanwhile, so the scan may pass its due time before it is stored.
-    rx.script((0..300).map(|i| match i % 10 {
+    rx.script((0..1000).map(|i| match i % 10 {
         9 => Reply::status(503).header("retry-after", "0"),
         _ => slow(),
     }));
     let c = Courier::with_endpoint("busy", &rx.url("/"), "max_in_flight = 8").await;
-    // 50 events/s against room for 80/s: attempts are always in flight, and no backlog
-    // forms that a retry would rightly wait behind.
-    let sent = 150;
+    // 50 events/s against room for 80/s: attempts are always in flight, for 10 s.
+    let sent = 500;
     let start = Instant::now();
+    let mut sent_at = Vec::with_capacity(sent);
     for i in 0..sent {
         tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into()).await;
+        sent_at.push(Instant::now());
         c.send(json!({"event_type": "t", "payload": {"i": i}}))
             .await;
     }
     let got = rx.wait_for(sent + sent / 10, T).await;
-    let mut first: std::collections::HashMap<String, Instant> = Default::default();
-    let mut late = Vec::new();
-    for r in &got {
-        let id = r.header("webhook-id").to_string();
-        match first.get(&id) {
-            None => {
-                first.insert(id, r.at);
+    // A retry is due once its refusal is recorded, moments after the refusal; events sent
+    // 3 s after that were made later, so due later, and are attempted after it. A retry the
+    // scan passed over is attempted only once nothing is in flight — after everything sent
+    // meanwhile. (Its wait alone says nothing: on a loaded machine a backlog forms, which
+    // the retry rightly waits behind.)
+    let events: Vec<usize> = got
+        .iter()
+        .map(|r| r.json()["i"].as_u64().unwrap() as usize)
+        .collect();
+    let mut previous: std::collections::HashMap<String, Instant> = Default::default();
+    let mut overtaken = Vec::new();
+    for (n, r) in got.iter().enumerate() {
+        if let Some(refused) = previous.insert(r.header("webhook-id").to_string(), r.at) {
+            let newer = events[..n]
+                .iter()
+                .filter(|&&i| sent_at[i] >= refused + Duration::from_secs(3))
+                .count();
+            if newer > 0 {
+                overtaken.push((events[n], r.at - refused, newer));
             }
-            Some(at) if r.at - *at > Duration::from_millis(500) => late.push(r.at - *at),
-            Some(_) => {}
         }
     }
-    assert!(late.is_empty(), "retries that waited: {late:?}");
+    assert!(
+        overtaken.is_empty(),
+        "retries (event, wait, attempts of events sent 3 s after it was due) passed over: {overtaken:?}"
+    );
     c.stop().await;
 }
 
@@ -235,8 +249,9 @@ async fn a_hanging_endpoint_never_delays_a_healthy_one() {
         c.send(json!({"event_type": "t", "payload": {"i": i}, "endpoint": "ok"}))
             .await;
     }
-    ok.wait_for(20, Duration::from_secs(5)).await;
-    assert!(start.elapsed() < Duration::from_secs(5));
+    // Held behind the hanging endpoint, they would wait its 20 s.
+    ok.wait_for(20, Duration::from_secs(10)).await;
+    assert!(start.elapsed() < Duration::from_secs(10));
     assert_eq!(
         hang.received().len(),
         2,

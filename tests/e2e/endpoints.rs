@@ -136,7 +136,8 @@ async fn the_whole_lifecycle_over_http() {
     assert_eq!(s, 409, "a paused endpoint refuses a test send");
 
     // Resume: all arrive, in order, each on its first attempt.
-    req(&c, M::POST, "/v1/endpoints/acme/resume", None).await;
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/acme/resume", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(false)), "{p}");
     let got = rx2.wait_for(6, T).await;
     let order: Vec<i64> = got[1..]
         .iter()
@@ -152,20 +153,38 @@ async fn the_whole_lifecycle_over_http() {
         &c,
         M::POST,
         "/v1/endpoints/acme/secret/rotate",
-        Some(json!({"grace": "1500ms"})),
+        Some(json!({"grace": "5s"})),
     )
     .await;
     assert_eq!(s, 200, "{r}");
     let new_secret = r["secret"].as_str().unwrap().to_string();
     assert_ne!(new_secret, secret);
+    // When the old secret stops signing, on this clock (courier's is the same).
+    let expires_ms = courier::model::parse_time(r["previous_secrets_expire_at"].as_str().unwrap())
+        .expect("an RFC 3339 expiry");
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let expires = Instant::now() + Duration::from_millis(expires_ms.saturating_sub(unix_ms()));
     let (_, shown) = req(&c, M::GET, "/v1/endpoints/acme", None).await;
     assert_eq!(shown["secrets"].as_array().unwrap().len(), 2);
     send_to(&c, "acme", 20).await;
     let during = rx2.wait_for(7, T).await[6].clone();
+    // Signed before it arrived: within the grace if it arrived within it.
+    assert!(
+        during.at < expires,
+        "the delivery sent during the 5 s grace arrived only after it"
+    );
     assert_eq!(sig_count(&during), 2);
     sign::verify_mr(&secret, &during.body, during.header("mr-signature")).unwrap();
     sign::verify_mr(&new_secret, &during.body, during.header("mr-signature")).unwrap();
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // Sent once the grace is over.
+    while unix_ms() <= expires_ms {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     send_to(&c, "acme", 21).await;
     let after = rx2.wait_for(8, T).await[7].clone();
     assert_eq!(
@@ -195,7 +214,8 @@ async fn the_whole_lifecycle_over_http() {
 
     // Delete with deliveries queued, keeping them: they are kept as endpoint_missing and
     // resume when it comes back.
-    req(&c, M::POST, "/v1/endpoints/acme/pause", None).await;
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/acme/pause", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(true)), "{p}");
     let waiting = send_to(&c, "acme", 30).await;
     let (s, r) = req(&c, M::DELETE, "/v1/endpoints/acme?pending=keep", None).await;
     assert_eq!(s, 200, "{r}");
@@ -240,7 +260,8 @@ async fn deleting_an_endpoint_drops_what_was_queued_for_it() {
         )
     };
     assert_eq!(create().await.0, 201);
-    req(&c, M::POST, "/v1/endpoints/gone/pause", None).await;
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/gone/pause", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(true)), "{p}");
     let mut queued = Vec::new();
     for n in 0..5 {
         queued.push(send_to(&c, "gone", n).await);
@@ -930,10 +951,11 @@ async fn attempts_a_deleted_endpoint_had_in_flight_do_not_count_against_one_made
     assert_eq!(st["circuit"], "closed", "{st}");
     let started = std::time::Instant::now();
     send_to(&c, "shared", 10).await;
-    let got = new_rx.wait_for(1, T).await;
+    // An open circuit would hold it for its 60 s probe interval.
+    let got = new_rx.wait_for(1, Duration::from_secs(40)).await;
     assert_eq!(got[0].json()["n"], 10);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(30),
         "not held by an open circuit"
     );
     c.stop().await;
@@ -945,7 +967,8 @@ async fn a_delete_interrupted_before_its_drop_finishes_it_at_the_next_start() {
     let rx = Receiver::start().await;
     let mut c = Courier::start_file(DELIVERY_FAST).await;
     assert_eq!(create_shared(&c, rx.url("/")).await.0, 201);
-    req(&c, M::POST, "/v1/endpoints/shared/pause", None).await;
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/shared/pause", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(true)), "{p}");
     let mut left = Vec::new();
     for n in 0..3 {
         left.push(send_to(&c, "shared", n).await);
@@ -971,7 +994,8 @@ async fn a_delete_interrupted_before_its_drop_finishes_it_at_the_next_start() {
     assert_eq!(got[0].json()["n"], 9);
     // A delete whose drop failed (courier still running): making the name again finishes
     // the drop first.
-    req(&c, M::POST, "/v1/endpoints/shared/pause", None).await;
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/shared/pause", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(true)), "{p}");
     let stranded = send_to(&c, "shared", 10).await;
     delete_without_drop(&c).await;
     c.app().endpoints.remove_api("shared");

@@ -447,17 +447,35 @@ impl Process {
             .spawn()
             .expect("spawn courier");
         let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .expect("courier exited before listening")
-                .expect("read stdout");
-            if let Some(url) = line.strip_prefix("courier listening on ") {
-                break url.trim().to_string();
+        // Read on a thread of its own (which then drains the rest): a courier that never
+        // prints its listening line fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("courier listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(base) => base,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => {
+                        panic!("courier did not print its listening line within 60 s")
+                    }
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        panic!("courier exited before listening")
+                    }
+                }
             }
         };
-        std::thread::spawn(move || for _ in lines {});
         Process { child, base }
     }
 

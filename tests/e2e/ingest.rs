@@ -429,6 +429,35 @@ fn filler_event(i: usize, filler: &str) -> String {
     json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string()
 }
 
+/// Posts an event body to `/v1/events` until it is accepted; its 202 reply. A 503 means the
+/// event was not accepted (the database fell further behind the journal than the journal
+/// waits for, as it may on a loaded machine): it is sent again, for up to 30 s.
+async fn post_until_accepted(
+    http: &reqwest::Client,
+    base: &str,
+    body: String,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(ADMIN)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let reply = r.json_value().await;
+        match status {
+            202 => return reply,
+            503 if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            _ => panic!("ingest answered {status}: {reply}"),
+        }
+    }
+}
+
 /// A 202 is answered as soon as the event is on disk in the ingest journal, a moment before
 /// the database has it: every API read made after the 202 must still find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,15 +472,25 @@ async fn an_acknowledged_event_is_visible_to_the_next_request() {
         for i in 0..400 {
             let (http, base, filler) = (c.http.clone(), c.base.clone(), filler.clone());
             tasks.push(tokio::spawn(async move {
-                let reply = post_event(&http, &base, filler_event(i, &filler)).await;
+                let reply = post_until_accepted(&http, &base, filler_event(i, &filler)).await;
                 let id = reply["deliveries"][0]["id"].as_str().unwrap().to_string();
-                let got = http
-                    .get(format!("{base}/v1/deliveries/{id}"))
-                    .bearer_auth(ADMIN)
-                    .send()
-                    .await
-                    .unwrap();
-                (id, got.status().as_u16())
+                // A 503 says the database is still behind after the read's wait (a loaded
+                // machine), not that the event is missing: asked again. A 404 fails.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let status = loop {
+                    let got = http
+                        .get(format!("{base}/v1/deliveries/{id}"))
+                        .bearer_auth(ADMIN)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = got.status().as_u16();
+                    if status != 503 || std::time::Instant::now() > deadline {
+                        break status;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                };
+                (id, status)
             }));
         }
         for t in tasks {
@@ -460,23 +499,41 @@ async fn an_acknowledged_event_is_visible_to_the_next_request() {
         }
     }
     // Then 400 more with nothing read in between: a metrics scrape right after the last 202
-    // counts every delivery acknowledged.
+    // waits for the database to count every delivery acknowledged. It waits a second at most
+    // (a stuck database is when metrics matter), which a loaded machine may need more than:
+    // a scrape that came back short must have waited that second, and is asked again.
     let mut tasks = Vec::new();
     for i in 0..400 {
         let (http, base, filler) = (c.http.clone(), c.base.clone(), filler.clone());
         tasks.push(tokio::spawn(async move {
-            post_event(&http, &base, filler_event(i, &filler)).await;
+            post_until_accepted(&http, &base, filler_event(i, &filler)).await;
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-    let m = c.text("/metrics").await;
-    let deliveries: u64 = m
-        .lines()
-        .filter(|l| l.starts_with("courier_deliveries{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum();
-    assert_eq!(deliveries, 4 * 400, "{m}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let scraped = std::time::Instant::now();
+        let m = c.text("/metrics").await;
+        let took = scraped.elapsed();
+        let deliveries: u64 = m
+            .lines()
+            .filter(|l| l.starts_with("courier_deliveries{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        if deliveries == 4 * 400 {
+            break;
+        }
+        assert!(
+            took >= Duration::from_millis(900),
+            "a scrape answered in {took:?} without waiting for the database: {deliveries} deliveries\n{m}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{deliveries} deliveries of {}\n{m}",
+            4 * 400
+        );
+    }
     c.stop().await;
 }

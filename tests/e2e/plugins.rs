@@ -281,13 +281,13 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
             "many",
             "misbehave",
             "transform",
-            "config = { mode = \"headers\" }"
+            "config = { mode = \"headers\" }\nlimits = { timeout = \"5s\" }"
         ),
         plugin_entry(
             "badhdr",
             "misbehave",
             "transform",
-            "config = { mode = \"badheader\" }"
+            "config = { mode = \"badheader\" }\nlimits = { timeout = \"5s\" }"
         ),
         endpoint(
             "many",
@@ -303,7 +303,7 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
             "trap",
             "misbehave",
             "transform",
-            "config = { mode = \"trap\" }"
+            "config = { mode = \"trap\" }\nlimits = { timeout = \"5s\" }"
         ),
         plugin_entry(
             "loop",
@@ -338,7 +338,7 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
             "fail",
             "misbehave",
             "transform",
-            "config = { mode = \"error\" }"
+            "config = { mode = \"error\" }\nlimits = { timeout = \"5s\" }"
         ),
         endpoint(
             "trap",
@@ -368,20 +368,22 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
         endpoint("ok", &good.url("/"), ""),
     ))
     .await;
+    // Each with its time limit: 5 s for those whose failure is not a timeout, so that a
+    // call held up by a loaded machine still fails its own way.
     let cases = [
-        ("trap", "plugin_trap"),
-        ("loop", "plugin_timeout"),
+        ("trap", "plugin_trap", 5_000),
+        ("loop", "plugin_timeout", 50),
         // Sleeping on the WASI clock does not outlast the deadline either.
-        ("sleep", "plugin_timeout"),
-        ("burn", "plugin_fuel"),
-        ("hog", "plugin_memory"),
-        ("fail", "plugin_error"),
+        ("sleep", "plugin_timeout", 50),
+        ("burn", "plugin_fuel", 5_000),
+        ("hog", "plugin_memory", 5_000),
+        ("fail", "plugin_error", 5_000),
         // Headers a transform returns must be few and valid HTTP.
-        ("many", "plugin_error"),
-        ("badhdr", "plugin_error"),
+        ("many", "plugin_error", 5_000),
+        ("badhdr", "plugin_error", 5_000),
     ];
     let mut ids = Vec::new();
-    for (ep, _) in cases {
+    for (ep, _, _) in cases {
         // A healthy endpoint's delivery goes through meanwhile.
         c.send(json!({"event_type": "t", "payload": {"during": ep}, "endpoint": "ok"}))
             .await;
@@ -390,14 +392,16 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
             .await;
         ids.push(r["deliveries"][0]["id"].as_str().unwrap().to_string());
     }
-    for ((ep, class), id) in cases.iter().zip(&ids) {
+    for ((ep, class, limit_ms), id) in cases.iter().zip(&ids) {
         let d = c.wait_status(id, "dead", T).await;
         let attempts = d["attempts"].as_array().unwrap();
         assert_eq!(attempts[0]["error"], *class, "{ep}: {d:#}");
         assert!(attempts[0]["status_code"].is_null());
-        // Every failure, the sleeping plugin's included, ends the call within its limits.
+        // Every failure, the sleeping plugin's included, ends the call within its limits
+        // (with room for a loaded machine: the looping and sleeping plugins would run for
+        // ever and for an hour).
         assert!(
-            attempts[0]["duration_ms"].as_u64().unwrap() < 2_000,
+            attempts[0]["duration_ms"].as_u64().unwrap() < limit_ms + 5_000,
             "{ep}: {d:#}"
         );
         assert!(
@@ -406,14 +410,14 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
         );
     }
     // The plugin that returned an error was retried on the schedule.
-    let fail = &ids[cases.iter().position(|(ep, _)| *ep == "fail").unwrap()];
+    let fail = &ids[cases.iter().position(|(ep, _, _)| *ep == "fail").unwrap()];
     let (_, fail) = c.get(&format!("/v1/deliveries/{fail}")).await;
     assert_eq!(fail["attempts"].as_array().unwrap().len(), 2);
     // Nothing was sent by the failing chains; the healthy endpoint got everything.
     assert!(bad.received().is_empty());
     assert_eq!(good.wait_for(cases.len(), T).await.len(), cases.len());
     let m = c.text("/metrics").await;
-    for (ep, _) in cases {
+    for (ep, _, _) in cases {
         assert!(
             m.contains(&format!(
                 "courier_plugin_calls_total{{plugin=\"{ep}\",result=\"error\"}}"
@@ -692,7 +696,13 @@ fn plugins_a_new_configuration_drops_stay_callable_until_it_is_live() {
     // the running configuration's endpoints still call.
     plugins.load_all(&new, &metrics).unwrap();
     assert!(plugins.get("a").is_some() && plugins.get("b").is_some());
-    // Once the new configuration is live, "a" is unloaded and no longer reported.
+    // Once the new configuration is live, "a" is no longer reported, but an attempt begun
+    // under the old one may still call it for a while.
+    plugins.forget_unconfigured(&new);
+    let names: Vec<String> = plugins.status().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["b"]);
+    assert!(plugins.get("a").is_some() && plugins.get("b").is_some());
+    // Then it is unloaded.
     plugins.retire_unconfigured(&new);
     assert!(plugins.get("a").is_none() && plugins.get("b").is_some());
     let names: Vec<String> = plugins.status().into_iter().map(|s| s.name).collect();

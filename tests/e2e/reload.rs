@@ -42,10 +42,13 @@ async fn adding_an_endpoint_delivers_to_it_without_restart() {
 #[tokio::test]
 async fn a_replaced_secret_signs_the_next_attempt() {
     let rx = Receiver::start().await;
-    rx.script([Reply::status(500)]);
+    // Every attempt fails, retried every 3 s: the reload normally lands before the first
+    // retry, and on a slow machine before a later one.
+    rx.set_default(Reply::status(500));
+    let schedule = "schedule = [\"0s\", \"3s\", \"3s\", \"3s\", \"3s\", \"3s\"]";
     let c = Courier::start_file(&format!(
         "{DELIVERY_FAST}{}",
-        endpoint("app", &rx.url("/"), "schedule = [\"0s\", \"1500ms\"]")
+        endpoint("app", &rx.url("/"), schedule)
     ))
     .await;
     c.send(json!({"event_type": "t", "payload": {"n": 1}}))
@@ -55,12 +58,23 @@ async fn a_replaced_secret_signs_the_next_attempt() {
     // Rotate: the retry already scheduled is signed with the new secret only.
     let new_secret = sign::generate_secret();
     c.rewrite_config(&format!(
-        "{DELIVERY_FAST}[[endpoints]]\nname = \"app\"\nurl = \"{}\"\nsecrets = [\"{new_secret}\"]\nschedule = [\"0s\", \"1500ms\"]\n",
+        "{DELIVERY_FAST}[[endpoints]]\nname = \"app\"\nurl = \"{}\"\nsecrets = [\"{new_secret}\"]\n{schedule}\n",
         rx.url("/")
     ));
     c.wait_config(|st| st["version"] == 2).await;
-    let got = rx.wait_for(2, T).await;
-    let retry = &got[1];
+    // The first attempt to arrive once the new config is in force.
+    let applied = std::time::Instant::now();
+    let deadline = applied + Duration::from_secs(20);
+    let retry = loop {
+        if let Some(r) = rx.received().into_iter().find(|r| r.at > applied) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retry after the reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(retry.header("webhook-id"), first[0].header("webhook-id"));
     sign::verify_mr(&new_secret, &retry.body, retry.header("mr-signature")).unwrap();
     assert!(sign::verify_mr(SECRET, &retry.body, retry.header("mr-signature")).is_err());
