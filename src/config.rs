@@ -140,16 +140,37 @@ impl EndpointConfig {
 
 /// `*` matches everything, `order.*` matches `order.` followed by anything, and any other
 /// pattern matches exactly. `*` may appear anywhere as a wildcard for any run of characters.
+///
+/// Linear in the two lengths whatever the pattern (the greedy two-pointer match, which only
+/// ever returns to the last `*`): a pattern such as `**…**x` is set by an admin client and
+/// runs on every ingest's fan-out, so a backtracking matcher there would let one endpoint
+/// stall ingest for hours.
 pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some((b'*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
-            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    // The last `*` seen, and where in `name` the run it matches would end next.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            // Let that `*` take one more character, and match the rest after it again.
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
         }
     }
-    go(pattern.as_bytes(), name.as_bytes())
+    p[pi..].iter().all(|&c| c == b'*')
 }
+
+/// The longest `event_types` pattern: event types themselves are at most 256 characters.
+const MAX_PATTERN: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PluginKind {
@@ -751,6 +772,12 @@ pub fn build_endpoint(
                     format!("`{t}` is not a valid event type pattern"),
                 ));
             }
+            if t.len() > MAX_PATTERN {
+                return Err(ConfigError::invalid(
+                    format!("{pre}event_types[{j}]"),
+                    format!("a pattern is at most {MAX_PATTERN} characters"),
+                ));
+            }
         }
     }
     let ordering = match e.ordering.as_deref() {
@@ -1291,5 +1318,64 @@ mod tests {
         assert!(!pattern_matches("order.*", "orders"));
         assert!(pattern_matches("order.created", "order.created"));
         assert!(!pattern_matches("order.created", "order.created.v2"));
+        assert!(pattern_matches("order.*.v2", "order.created.v2"));
+        assert!(!pattern_matches("order.*.v2", "order.created.v3"));
+        assert!(pattern_matches("*.created", "order.created"));
+        assert!(pattern_matches("a*b*c", "abc") && pattern_matches("a*b*c", "axxbyyc"));
+        assert!(!pattern_matches("a*b*c", "axxbyy"));
+    }
+
+    /// Every pattern over `a`, `b`, `*` up to 6 long against every name over `a`, `b` up to
+    /// 6 long, checked against a plain dynamic-programming matcher.
+    #[test]
+    fn patterns_match_as_a_reference_matcher_does() {
+        fn reference(p: &[u8], n: &[u8]) -> bool {
+            // m[i][j]: p[..i] matches n[..j].
+            let mut m = vec![vec![false; n.len() + 1]; p.len() + 1];
+            m[0][0] = true;
+            for i in 1..=p.len() {
+                for j in 0..=n.len() {
+                    m[i][j] = if p[i - 1] == b'*' {
+                        m[i - 1][j] || (j > 0 && m[i][j - 1])
+                    } else {
+                        j > 0 && m[i - 1][j - 1] && p[i - 1] == n[j - 1]
+                    };
+                }
+            }
+            m[p.len()][n.len()]
+        }
+        fn all(alphabet: &[u8], max: usize) -> Vec<String> {
+            let mut out = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..max {
+                last = last
+                    .iter()
+                    .flat_map(|s| alphabet.iter().map(move |&c| format!("{s}{}", c as char)))
+                    .collect();
+                out.extend(last.iter().cloned());
+            }
+            out
+        }
+        let (patterns, names) = (all(b"ab*", 6), all(b"ab", 6));
+        for p in &patterns {
+            for n in &names {
+                assert_eq!(
+                    pattern_matches(p, n),
+                    reference(p.as_bytes(), n.as_bytes()),
+                    "{p:?} against {n:?}"
+                );
+            }
+        }
+        // A pattern that makes a backtracking matcher take ~10^12 steps.
+        let stars = format!("{}x", "*".repeat(40));
+        assert!(!pattern_matches(&stars, "order.created"));
+        assert!(pattern_matches(&stars, "order.createx"));
+        // Patterns are bounded like event types.
+        let long = format!(
+            "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\nevent_types = [\"{}\"]",
+            "a".repeat(257)
+        );
+        let err = parse(&long).unwrap_err().to_string();
+        assert!(err.starts_with("endpoints[0].event_types[0]"), "{err}");
     }
 }
