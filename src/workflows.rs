@@ -445,15 +445,21 @@ async fn call_upstream_tries(app: &App, wf: &WorkflowConfig, request: &str) -> U
                             Some(status),
                         )
                     }
-                    Err(Body::Read(e)) => (true, Err(format!("upstream body: {e}")), Some(status)),
+                    Err(Body::Read(e)) => (
+                        true,
+                        Err(format!("upstream body: {}", e.without_url())),
+                        Some(status),
+                    ),
                 }
             }
+            // Without the URL: the error goes to the channel's subscribers (ingest clients)
+            // and the customer's endpoint, and the upstream URL's query may hold a key.
             Err(e) => (
                 e.is_connect() || e.is_timeout() || e.is_request(),
                 Err(format!(
                     "upstream {}: {}",
                     crate::deliver::client::classify(&e),
-                    crate::deliver::client::describe(&e)
+                    crate::deliver::client::describe(&e.without_url())
                 )),
                 None,
             ),

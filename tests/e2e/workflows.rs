@@ -1033,3 +1033,30 @@ async fn a_browser_can_send_the_token_as_a_websocket_protocol_instead_of_in_the_
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_failed_upstream_call_does_not_show_the_upstream_url_or_its_key() {
+    let rx = Receiver::start().await;
+    // Nothing listens there: the call fails to connect.
+    let upstream = format!(
+        "http://127.0.0.1:{}/v1/chat?key=sk-upstream-secret",
+        free_port()
+    );
+    let c = Courier::start(&with_workflow(
+        &rx,
+        &upstream,
+        "retries = 0, timeout = \"5s\"",
+        "",
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let ch = wait_channel(&c, &id, |ch| ch["final"] == true).await;
+    let error = ch["latest"]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("upstream connect"), "{ch:#}");
+    assert!(!ch.to_string().contains("sk-upstream-secret"), "{ch:#}");
+    let hook = rx.wait_for(1, T).await;
+    let body = String::from_utf8_lossy(&hook[0].body).into_owned();
+    assert!(body.contains("upstream connect"), "{body}");
+    assert!(!body.contains("sk-upstream-secret"), "{body}");
+    c.stop().await;
+}
