@@ -2,6 +2,7 @@
 //! the retention sweeper, and shut down gracefully.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +55,11 @@ impl Running {
 /// usable at once (port 0 picks a free port).
 pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let data_dir = config.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
+    // Made for courier's user only (an existing directory keeps its mode).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let created_key = app::ensure_key(&mut config, &data_dir)
         .with_context(|| format!("cannot write the admin key into {}", data_dir.display()))?;

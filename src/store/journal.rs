@@ -147,6 +147,8 @@ impl Side {
             .write(true)
             .create(true)
             .truncate(false)
+            // Payloads and idempotency replies: for courier's user only.
+            .mode(0o600)
             .open(&path)
             .map_err(|e| io("open", e))?;
         let mut bytes = Vec::new();

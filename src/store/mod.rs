@@ -394,6 +394,21 @@ impl Store {
     pub fn open(path: &Path, quick_repair: bool) -> Result<Store, StoreError> {
         let mut builder = Database::builder();
         builder.set_cache_size(64 * 1024 * 1024);
+        // The database holds secrets, payloads and URL passwords: a new file is made for
+        // courier's user only (an existing one keeps the mode it was given).
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::Db(format!("{}: {e}", path.display()))),
+            }
+        }
         #[cfg(not(test))]
         let db = builder.create(path)?;
         // Tests get the same file behind a switch that makes its writes fail like a full disk.

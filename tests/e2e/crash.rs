@@ -369,6 +369,26 @@ async fn first_start_without_keys_creates_and_prints_one_key() {
         first.iter().any(|l| l.contains(key.trim())),
         "first start prints the key: {first:?}"
     );
+    // The data dir and what courier keeps in it are for courier's user only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("data"), 0o700);
+        for f in [
+            "data/admin.key",
+            "data/courier.redb",
+            "data/courier.journal",
+            "data/courier.journal2",
+        ] {
+            assert_eq!(mode(f), 0o600, "{f}");
+        }
+    }
     let second = run(&cfg);
     assert!(
         !second.iter().any(|l| l.contains(key.trim())),
