@@ -372,7 +372,9 @@ async fn patch(
             merged.insert(k, v);
         }
     }
-    // A URL sent back as it was shown (its password redacted) keeps the password it has.
+    // A URL sent back as it was shown (its password redacted) keeps the password it has —
+    // for the same server only: moved elsewhere, the password would go to a host its owner
+    // never gave it to, on the word of someone who was only shown it redacted.
     if let Some(Value::String(new)) = merged.get("url")
         && let (Ok(mut new_url), Ok(old_url)) =
             (url::Url::parse(new), url::Url::parse(&current.spec.url))
@@ -380,6 +382,15 @@ async fn patch(
         && new_url.username() == old_url.username()
         && old_url.password().is_some()
     {
+        let same_server = new_url.scheme() == old_url.scheme()
+            && new_url.host() == old_url.host()
+            && new_url.port_or_known_default() == old_url.port_or_known_default();
+        if !same_server {
+            return Err(ApiError::bad_request(
+                "url: the password is shown redacted and is kept only for the same scheme, host and port; give it again to use it elsewhere",
+            )
+            .with_field("url"));
+        }
         let _ = new_url.set_password(old_url.password());
         merged.insert("url".into(), Value::String(new_url.to_string()));
     }

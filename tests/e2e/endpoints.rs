@@ -1046,6 +1046,28 @@ async fn an_endpoint_url_password_is_not_shown() {
     assert_eq!(s, 200, "{p}");
     let stored = c.app().endpoints.get("basic").unwrap();
     assert_eq!(stored.url.as_str(), "https://user:hunter2@example.com/h2");
+    // Not to another host, nor another port or scheme: the password would go where its
+    // owner never sent it.
+    for elsewhere in [
+        "https://user:redacted@attacker.example/h",
+        "https://user:redacted@example.com:8443/h",
+        "http://user:redacted@example.com/h",
+    ] {
+        let (s, e) = req(
+            &c,
+            M::PATCH,
+            "/v1/endpoints/basic",
+            Some(json!({"url": elsewhere})),
+        )
+        .await;
+        assert_eq!(
+            (s, &e["error"]["field"]),
+            (400, &json!("url")),
+            "{elsewhere}: {e}"
+        );
+    }
+    let stored = c.app().endpoints.get("basic").unwrap();
+    assert_eq!(stored.url.as_str(), "https://user:hunter2@example.com/h2");
     c.stop().await;
 }
 
