@@ -135,7 +135,12 @@ async fn ws(
         ))
     })?;
     // Answers `courier.v1` when it was offered (browsers require one of theirs back).
-    let upgrade = upgrade.protocols([PROTOCOL]);
+    // Subscribers have nothing to say but pongs and a close: a larger message ends the
+    // socket instead of being buffered (the library's default would take 64 MiB).
+    let upgrade = upgrade
+        .protocols([PROTOCOL])
+        .max_message_size(MAX_INCOMING)
+        .max_frame_size(MAX_INCOMING);
     // Subscribe before reading the stored state, so nothing published in between is missed.
     let sub = Subscription {
         rx: Some(app.hub.subscribe(&id)),
@@ -148,6 +153,9 @@ async fn ws(
     // If the upgrade fails the closure is dropped, and the subscription with it.
     Ok(upgrade.on_upgrade(move |socket| stream(sub, ch, socket)))
 }
+
+/// The largest message a subscriber may send (it is read and ignored).
+const MAX_INCOMING: usize = 4096;
 
 /// The WebSocket protocol a channel's socket speaks, named back to a client that offers it.
 pub const PROTOCOL: &str = "courier.v1";

@@ -1060,3 +1060,44 @@ async fn a_failed_upstream_call_does_not_show_the_upstream_url_or_its_key() {
     assert!(!body.contains("sk-upstream-secret"), "{body}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscriber_that_sends_a_large_message_is_disconnected() {
+    use futures_util::SinkExt;
+    let upstream = answering_after(Duration::from_secs(60)).await;
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "").replace("timeout = \"5s\"", "timeout = \"120s\"")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let url = format!(
+        "{}/v1/channels/{id}/ws?token={ADMIN}",
+        c.base.replace("http://", "ws://")
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = tokio::time::timeout(T, socket.next()).await.unwrap();
+    assert!(matches!(first, Some(Ok(Message::Text(_)))), "{first:?}");
+    // A small message is read and ignored: the socket still answers a ping.
+    socket.send(Message::Text("hello".into())).await.unwrap();
+    socket
+        .send(Message::Ping(b"p".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(T, socket.next()).await.unwrap();
+    assert!(matches!(pong, Some(Ok(Message::Pong(_)))), "{pong:?}");
+    // A large one ends it.
+    let big = "x".repeat(1 << 20);
+    let _ = socket.send(Message::Text(big.into())).await;
+    let ended = loop {
+        match tokio::time::timeout(T, socket.next()).await {
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break true,
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(ended, "the socket stayed open after a 1 MiB message");
+    c.stop().await;
+}
