@@ -12,14 +12,15 @@ use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-/// Why a destination was refused.
+/// Why a destination was refused. The message leaves the addresses out: it is shown to
+/// whoever can read deliveries or test an endpoint (a tenant, perhaps), and a refused name's
+/// addresses would map the private network for them; courier's log has them.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "destination {host} resolves only to non-public addresses ({addrs}); set delivery.allow_private_networks = true to allow it"
+    "destination {host} is not a public address (or resolves only to non-public ones); set delivery.allow_private_networks = true to allow it"
 )]
 pub struct SsrfBlocked {
     pub host: String,
-    pub addrs: String,
 }
 
 /// A hostname that did not resolve.
@@ -65,9 +66,8 @@ impl Resolve for GuardedResolver {
                     .map(|a| a.ip().to_string())
                     .collect::<Vec<_>>()
                     .join(", ");
-                return Err(
-                    Box::new(SsrfBlocked { host, addrs: list }) as Box<dyn StdError + Send + Sync>
-                );
+                tracing::warn!(%host, addresses = %list, "delivery refused: the destination resolves only to non-public addresses");
+                return Err(Box::new(SsrfBlocked { host }) as Box<dyn StdError + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
@@ -105,7 +105,6 @@ pub fn check_literal(url: &url::Url, allow_private: bool) -> Result<(), SsrfBloc
     } else {
         Err(SsrfBlocked {
             host: url.host_str().unwrap_or_default().to_string(),
-            addrs: ip.to_string(),
         })
     }
 }

@@ -316,11 +316,21 @@ async fn ssrf_guard_refuses_private_destinations_permanently() {
         &c.send(json!({"event_type": "t", "payload": {}, "endpoint": "named"}))
             .await,
     );
-    for id in [a, b] {
+    for (id, named) in [(a, false), (b, true)] {
         let d = c.wait_status(&id, "dead", T).await;
         let attempts = d["attempts"].as_array().unwrap();
         assert_eq!(attempts.len(), 1, "refusals are permanent: {d:#}");
         assert_eq!(attempts[0]["error"], "ssrf_blocked");
+        // The detail says why, without the addresses a name resolved to.
+        let detail = attempts[0]["error_detail"].as_str().unwrap();
+        assert!(detail.contains("not a public address"), "{detail}");
+        if named {
+            assert!(detail.contains("localhost"), "{detail}");
+            assert!(
+                !detail.contains("127.0.0.1") && !detail.contains("::1"),
+                "{detail}"
+            );
+        }
     }
     assert!(rx.received().is_empty());
     c.stop().await;
