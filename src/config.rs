@@ -61,6 +61,11 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub public_url: String,
     pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's headers (and stay idle between
+    /// requests): see [`crate::listener`].
+    pub header_timeout: std::time::Duration,
+    /// Connections served at once (see [`crate::listener`]); read at start only.
+    pub max_connections: usize,
     /// Watch the config and plugin files for changes (SIGHUP reloads either way).
     pub watch: bool,
     /// Save the database allocator state with every commit: commits cost more, but opening
@@ -243,6 +248,8 @@ struct RawServer {
     data_dir: Option<String>,
     public_url: Option<String>,
     max_body_bytes: Option<u64>,
+    header_timeout: Option<String>,
+    max_connections: Option<u64>,
     watch: Option<bool>,
     quick_repair: Option<bool>,
 }
@@ -432,6 +439,18 @@ impl Config {
             data_dir,
             public_url: public_url.trim_end_matches('/').to_string(),
             max_body_bytes: max_body_bytes as usize,
+            header_timeout: positive_duration(s.header_timeout, "server.header_timeout")?
+                .unwrap_or(crate::listener::HEADER_TIMEOUT),
+            max_connections: match s.max_connections {
+                None => crate::listener::MAX_CONNECTIONS,
+                Some(n @ 1..=1_000_000) => n as usize,
+                Some(_) => {
+                    return Err(ConfigError::invalid(
+                        "server.max_connections",
+                        "must be between 1 and 1000000",
+                    ));
+                }
+            },
             watch: s.watch.unwrap_or(true),
             quick_repair: s.quick_repair.unwrap_or(true),
         };

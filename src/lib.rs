@@ -35,6 +35,8 @@
 //! - [`app`]: the shared application state and bearer-token authentication.
 //! - [`reload`]: configuration hot reload (file watch and SIGHUP), validated, swapped atomically.
 //! - [`server`]: start-up, the retention sweeper and graceful shutdown.
+//! - [`listener`]: the HTTP accept loop, with a limit on connections and on the time to send
+//!   a request's headers.
 //! - [`cli`]: the `courier` command line.
 //! - [`bench`]: `courier bench`, the load tool with its own receiver and baselines.
 
@@ -48,6 +50,7 @@ pub mod endpoints;
 pub mod gate;
 pub mod hub;
 pub mod ingest;
+pub mod listener;
 pub mod model;
 pub mod observe;
 pub mod outcome;

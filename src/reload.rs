@@ -297,6 +297,12 @@ fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
         &mut restart_needed,
     );
     keep_running("server.watch", &mut n.watch, &o.watch, &mut restart_needed);
+    keep_running(
+        "server.max_connections",
+        &mut n.max_connections,
+        &o.max_connections,
+        &mut restart_needed,
+    );
     new.resolve_public_url(app.addr);
     if new.keys.is_empty()
         && let Err(e) = app::ensure_key(&mut new, &old.server.data_dir)

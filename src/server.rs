@@ -120,21 +120,15 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let app2 = app.clone();
     let join = tokio::spawn(async move {
         let stop = app2.shutdown.clone();
-        // Replies go out as soon as they are written, not held back for the producer's
-        // acknowledgement of the last one (Nagle's algorithm).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
         let drain = stop.clone();
-        let serve = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await });
+        let app3 = app2.clone();
+        let max_connections = app2.config.load().server.max_connections;
         // Requests under way when shutdown starts may finish, for a while: a client that
         // stops sending halfway through its body would otherwise hold courier up for good.
         tokio::select! {
-            r = serve.into_future() => if let Err(e) = r {
-                tracing::error!(error = %e, "HTTP server failed");
-                app2.shutdown.cancel();
-            },
+            _ = crate::listener::serve(listener, router, stop, max_connections, || {
+                app3.config.load().server.header_timeout
+            }) => {},
             _ = async move {
                 drain.cancelled().await;
                 tokio::time::sleep(HTTP_DRAIN).await;

@@ -16,6 +16,7 @@ mod signing;
 mod workflows;
 
 mod channel_socket_auth;
+mod connections;
 mod dlq_time_filters;
 mod endpoint_headers;
 mod idempotency_headers;

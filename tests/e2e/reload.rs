@@ -358,12 +358,16 @@ async fn settings_only_a_restart_applies_are_kept_and_reported() {
     let text = base_config(&c.dir.path().join("data"), &extra);
     c.rewrite_config_text(&text.replace(
         "max_body_bytes = 65536",
-        "max_body_bytes = 65536\nquick_repair = false\nwatch = false",
+        "max_body_bytes = 65536\nquick_repair = false\nwatch = false\nmax_connections = 5",
     ));
     let st = c.wait_config(|st| st["version"] == 2).await;
     assert_eq!(
         st["restart_needed"],
-        json!(["server.quick_repair", "server.watch"]),
+        json!([
+            "server.quick_repair",
+            "server.watch",
+            "server.max_connections"
+        ]),
         "{st}"
     );
     // Still watching (the running value): the next edit is applied too.

@@ -1,0 +1,97 @@
+//! The API's HTTP listener: the accept loop, the limits every connection lives under, and the
+//! graceful stop.
+//!
+//! Why not `axum::serve`: it gives hyper no timer, which silently turns off hyper's timeout
+//! for reading a request's headers, and it accepts connections without limit. Anyone who can
+//! reach the port could then hold connections open for ever (a few header bytes now and
+//! then), each with up to ~400 KiB of buffered headers, until courier runs out of file
+//! descriptors — and with them the sockets its deliveries need.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a connection may take to send a request's headers, counted from when it is
+/// ready for one, by default (`server.header_timeout`): it bounds both a client that
+/// trickles its headers and a keep-alive connection left idle (longer than the idle timeout
+/// of common clients' pools, so that courier is rarely the side that closes a pooled
+/// connection).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connections served at once by default (`server.max_connections`); the next waits in the
+/// kernel's accept queue until one closes.
+/// Well under the file descriptors a deployment allows (the example unit: 65,536), so that
+/// deliveries and the database always have theirs.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// The most a connection's read buffer holds, which bounds a request's headers (a larger
+/// head is answered `431`); bodies stream through it whatever their size.
+const MAX_READ_BUFFER: usize = 64 * 1024;
+
+/// Serves `router` on `listener` until `stop` is cancelled; then stops accepting, lets every
+/// connection finish the request it is serving, and returns once they have closed. At most
+/// `max_connections` are open at once. Each new
+/// connection gets the header timeout `header_timeout` gives at that moment (so a reload
+/// applies to the next connections).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    max_connections: usize,
+    header_timeout: impl Fn() -> Duration,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let connections = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stop.cancelled() => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: waiting lets some close, where retrying at
+                    // once would spin.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        // Replies go out as soon as they are written, not held back for the producer's
+        // acknowledgement of the last one (Nagle's algorithm).
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let stop = stop.clone();
+        let timeout = header_timeout();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(MAX_READ_BUFFER);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}

@@ -1,0 +1,115 @@
+//! The limits every API connection lives under: the time to send a request's headers (and to
+//! stay idle between requests), the size of those headers, and how many connections are
+//! served at once.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Courier with `server` settings added to the test config's `[server]` table.
+async fn with_server(settings: &str) -> (tempfile::TempDir, courier::server::Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = base_config(&dir.path().join("data"), "").replace(
+        "max_body_bytes = 65536",
+        &format!("max_body_bytes = 65536\n{settings}"),
+    );
+    let config = courier::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
+    (dir, courier::server::start(config).await.unwrap())
+}
+
+/// Reads from `s` until the server closes it (or `limit` passes); what was read, and
+/// whether it closed.
+fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, bool) {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), true),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_slow_to_send_its_headers_or_idle_too_long_is_closed() {
+    let (_dir, running) = with_server("header_timeout = \"1s\"").await;
+    let addr = running.addr;
+    tokio::task::spawn_blocking(move || {
+        // Headers begun and never finished.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        let opened = Instant::now();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+        let (_, closed) = read_until_closed(&mut slow, Duration::from_secs(20));
+        assert!(closed, "a connection trickling its headers was kept open");
+        assert!(opened.elapsed() >= Duration::from_millis(900));
+
+        // A keep-alive connection: answered, then closed once idle for the timeout.
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let (got, closed) = read_until_closed(&mut idle, Duration::from_secs(20));
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(closed, "an idle connection was kept open");
+
+        // Headers larger than the read buffer are refused.
+        let mut big = TcpStream::connect(addr).unwrap();
+        let filler = "a".repeat(100 * 1024);
+        let _ = big.write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {filler}\r\n\r\n").as_bytes(),
+        );
+        let (got, _) = read_until_closed(&mut big, Duration::from_secs(20));
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    })
+    .await
+    .unwrap();
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_wait_for_one_to_close() {
+    let (_dir, running) = with_server("max_connections = 2").await;
+    let addr = running.addr;
+    tokio::task::spawn_blocking(move || {
+        let ask = |s: &mut TcpStream| {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+        };
+        let answered = |s: &mut TcpStream, within: Duration| {
+            s.set_read_timeout(Some(within)).unwrap();
+            let mut buf = [0u8; 64];
+            matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+        };
+        // Two connections, each answered and kept open.
+        let mut first = TcpStream::connect(addr).unwrap();
+        let mut second = TcpStream::connect(addr).unwrap();
+        for s in [&mut first, &mut second] {
+            ask(s);
+            assert!(answered(s, Duration::from_secs(20)));
+        }
+        // A third is queued by the kernel, not served...
+        let mut third = TcpStream::connect(addr).unwrap();
+        ask(&mut third);
+        assert!(
+            !answered(&mut third, Duration::from_secs(1)),
+            "a connection past the limit was served"
+        );
+        // ...until one of the two closes.
+        drop(first);
+        assert!(answered(&mut third, Duration::from_secs(20)));
+    })
+    .await
+    .unwrap();
+    running.shutdown().await;
+}
