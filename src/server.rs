@@ -139,12 +139,15 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         // Every endpoint counts, those made through the API included.
         let config = app2.config.load();
         let (all, _) = app2.endpoints.list(None, None, usize::MAX);
+        // At most a minute: an endpoint's timeout may be set far longer (by a tenant, through
+        // the endpoint API), and an attempt cut short is made again after the restart.
         let longest = all
             .iter()
             .map(|l| l.endpoint.timeout)
             .max()
             .unwrap_or(config.delivery.timeout)
-            .max(config.delivery.timeout);
+            .max(config.delivery.timeout)
+            .min(ATTEMPTS_DRAIN);
         if tokio::time::timeout(longest + Duration::from_secs(5), app2.tasks.wait())
             .await
             .is_err()
@@ -166,6 +169,10 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
 
 /// How long requests under way at shutdown may take to finish.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
+
+/// The longest shutdown waits for attempts in flight (beyond which they are retried after
+/// the restart), whatever the endpoints' timeouts.
+const ATTEMPTS_DRAIN: Duration = Duration::from_secs(60);
 
 /// Loads the endpoints made through the API. A configuration that breaks one (it lacks a
 /// plugin the endpoint uses, say) stops the start, naming the endpoint, as it is rejected by
