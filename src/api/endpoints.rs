@@ -71,7 +71,7 @@ fn view(l: &Listed) -> Value {
         "rate_limit": ep.rate_limit.map(|r| r.to_string()),
         "timeout_ms": ep.timeout.as_millis() as u64,
         "schedule_ms": ep.schedule.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
-        "headers": ep.headers,
+        "headers": shown_headers(&ep.headers),
         "transforms": ep.transforms,
         "backoff": ep.backoff,
         "paused": ep.paused,
@@ -99,6 +99,37 @@ fn shown_url(url: &url::Url) -> String {
         let _ = shown.set_password(Some(REDACTED));
     }
     shown.to_string()
+}
+
+/// Whether an extra header's value is a credential (by its name), shown as [`REDACTED`].
+fn sensitive_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "authorization" | "proxy-authorization" | "cookie"
+    ) || [
+        "token",
+        "secret",
+        "key",
+        "auth",
+        "password",
+        "session",
+        "signature",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// An endpoint's extra headers with the credentials among them redacted.
+fn shown_headers(headers: &std::collections::BTreeMap<String, String>) -> Value {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            let v = if sensitive_header(k) { REDACTED } else { v };
+            (k.clone(), Value::String(v.to_string()))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn listed(app: &AppState, name: &str) -> Option<Listed> {
@@ -393,6 +424,17 @@ async fn patch(
         }
         let _ = new_url.set_password(old_url.password());
         merged.insert("url".into(), Value::String(new_url.to_string()));
+    }
+    // Headers sent back as shown keep the credentials that were shown redacted.
+    if let Some(Value::Object(sent)) = merged.get_mut("headers") {
+        for (k, v) in sent.iter_mut() {
+            if v.as_str() == Some(REDACTED)
+                && sensitive_header(k)
+                && let Some(stored) = current.spec.headers.get(k)
+            {
+                *v = Value::String(stored.clone());
+            }
+        }
     }
     let (spec, tenant, description) = parse_spec(merged)?;
     // Every endpoint made through the API signs what it sends: a PATCH may replace the

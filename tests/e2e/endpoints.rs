@@ -1091,3 +1091,44 @@ async fn a_patch_cannot_leave_an_api_endpoint_without_a_signing_secret() {
     sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
     c.stop().await;
 }
+
+#[tokio::test]
+async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, made) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({
+            "name": "partner", "url": rx.url("/h"), "secrets": [SECRET],
+            "headers": {"authorization": "Bearer partner-secret-1", "x-api-key": "k-123", "x-tenant": "acme"},
+        })),
+    )
+    .await;
+    assert_eq!(s, 201, "{made}");
+    let shown = json!({"authorization": "redacted", "x-api-key": "redacted", "x-tenant": "acme"});
+    assert_eq!(made["headers"], shown);
+    let (_, got) = req(&c, M::GET, "/v1/endpoints/partner", None).await;
+    assert_eq!(got["headers"], shown);
+    let (_, list) = req(&c, M::GET, "/v1/endpoints", None).await;
+    assert!(!list.to_string().contains("partner-secret-1"), "{list}");
+    // An edit that sends the headers back as shown, with one changed: the credentials stay.
+    let mut edited = shown.clone();
+    edited["x-tenant"] = json!("acme-eu");
+    let (s, p) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/partner",
+        Some(json!({"headers": edited})),
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    send_to(&c, "partner", 1).await;
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].header("authorization"), "Bearer partner-secret-1");
+    assert_eq!(got[0].header("x-api-key"), "k-123");
+    assert_eq!(got[0].header("x-tenant"), "acme-eu");
+    c.stop().await;
+}
