@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -33,7 +33,8 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// The most a connection's read buffer holds, which bounds a request's headers (a larger
-/// head is answered `431`); bodies stream through it whatever their size.
+/// head is answered `431`; what one read brings in may go somewhat past it, so the bound
+/// is on memory rather than exact); bodies stream through it whatever their size.
 const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// Serves `router` on `listener` until `stop` is cancelled; then stops accepting, lets every
@@ -76,13 +77,16 @@ pub async fn serve(
         let timeout = header_timeout();
         connections.spawn(async move {
             let _permit = permit;
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
+            // HTTP/1 only: its header timer runs from the connection's first poll, before
+            // any byte comes. (Detecting HTTP/2 first would wait for bytes without a limit,
+            // and HTTP/2 has no header timeout: either would let a silent client hold its
+            // connection for good.) Producers, operators and browsers all speak HTTP/1.1.
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout)
-                .max_buf_size(MAX_READ_BUFFER);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                .max_buf_size(MAX_READ_BUFFER)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,

@@ -46,6 +46,14 @@ async fn a_connection_slow_to_send_its_headers_or_idle_too_long_is_closed() {
     let (_dir, running) = with_server("header_timeout = \"1s\"").await;
     let addr = running.addr;
     tokio::task::spawn_blocking(move || {
+        // A connection that never sends a byte, and one that stops after the first byte of
+        // an HTTP/2 preface.
+        for first in [&b""[..], &b"P"[..]] {
+            let mut silent = TcpStream::connect(addr).unwrap();
+            silent.write_all(first).unwrap();
+            let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(20));
+            assert!(closed, "a connection that sent {first:?} was kept open");
+        }
         // Headers begun and never finished.
         let mut slow = TcpStream::connect(addr).unwrap();
         let opened = Instant::now();
@@ -63,9 +71,10 @@ async fn a_connection_slow_to_send_its_headers_or_idle_too_long_is_closed() {
         assert!(got.starts_with("HTTP/1.1 200"), "{got}");
         assert!(closed, "an idle connection was kept open");
 
-        // Headers larger than the read buffer are refused.
+        // Headers far larger than the read buffer (64 KiB; what one read brings in may go
+        // somewhat past it) are refused.
         let mut big = TcpStream::connect(addr).unwrap();
-        let filler = "a".repeat(100 * 1024);
+        let filler = "a".repeat(1024 * 1024);
         let _ = big.write_all(
             format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {filler}\r\n\r\n").as_bytes(),
         );
