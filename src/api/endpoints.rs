@@ -396,6 +396,11 @@ async fn patch(
             .clone()
             .map_or(Value::Null, Value::String),
     );
+    let given_headers = changes
+        .get("headers")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     for (k, v) in changes {
         if v.is_null() {
             merged.remove(&k);
@@ -403,19 +408,28 @@ async fn patch(
             merged.insert(k, v);
         }
     }
-    // A URL sent back as it was shown (its password redacted) keeps the password it has —
-    // for the same server only: moved elsewhere, the password would go to a host its owner
-    // never gave it to, on the word of someone who was only shown it redacted.
-    if let Some(Value::String(new)) = merged.get("url")
-        && let (Ok(mut new_url), Ok(old_url)) =
-            (url::Url::parse(new), url::Url::parse(&current.spec.url))
+    // Credentials kept from before (a URL password, credential headers: shown redacted) go
+    // on to the same server only: moved elsewhere, they would reach a host their owner never
+    // gave them to, on the word of someone who was only shown them redacted.
+    let old_url = url::Url::parse(&current.spec.url).ok();
+    let new_url = merged
+        .get("url")
+        .and_then(Value::as_str)
+        .and_then(|u| url::Url::parse(u).ok());
+    let same_server = match (&new_url, &old_url) {
+        (Some(n), Some(o)) => {
+            n.scheme() == o.scheme()
+                && n.host() == o.host()
+                && n.port_or_known_default() == o.port_or_known_default()
+        }
+        _ => false,
+    };
+    // A URL sent back as it was shown (its password redacted) keeps the password it has.
+    if let (Some(mut new_url), Some(old_url)) = (new_url, old_url)
         && new_url.password() == Some(REDACTED)
         && new_url.username() == old_url.username()
         && old_url.password().is_some()
     {
-        let same_server = new_url.scheme() == old_url.scheme()
-            && new_url.host() == old_url.host()
-            && new_url.port_or_known_default() == old_url.port_or_known_default();
         if !same_server {
             return Err(ApiError::bad_request(
                 "url: the password is shown redacted and is kept only for the same scheme, host and port; give it again to use it elsewhere",
@@ -425,14 +439,37 @@ async fn patch(
         let _ = new_url.set_password(old_url.password());
         merged.insert("url".into(), Value::String(new_url.to_string()));
     }
-    // Headers sent back as shown keep the credentials that were shown redacted.
+    // Credential headers sent back as shown, or not sent, keep their values — for the same
+    // server only. (Names are matched in any case: they are shown lowercased.)
     if let Some(Value::Object(sent)) = merged.get_mut("headers") {
         for (k, v) in sent.iter_mut() {
-            if v.as_str() == Some(REDACTED)
-                && sensitive_header(k)
-                && let Some(stored) = current.spec.headers.get(k)
-            {
-                *v = Value::String(stored.clone());
+            let redacted = v.as_str() == Some(REDACTED);
+            let given_again = !redacted && given_headers.contains_key(k);
+            if !sensitive_header(k) || given_again {
+                continue;
+            }
+            if !same_server {
+                return Err(ApiError::bad_request(format!(
+                    "headers.{k}: a credential header is kept only for the same scheme, host and port; give it again (or remove it) to point the endpoint elsewhere"
+                ))
+                .with_field("headers"));
+            }
+            if redacted {
+                let stored = current
+                    .spec
+                    .headers
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(k))
+                    .map(|(_, value)| value.clone());
+                match stored {
+                    Some(value) => *v = Value::String(value),
+                    None => {
+                        return Err(ApiError::bad_request(format!(
+                            "headers.{k}: `{REDACTED}` stands for the value the endpoint has, and it has none; give the value"
+                        ))
+                        .with_field("headers"));
+                    }
+                }
             }
         }
     }

@@ -1103,7 +1103,7 @@ async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
         "/v1/endpoints",
         Some(json!({
             "name": "partner", "url": rx.url("/h"), "secrets": [SECRET],
-            "headers": {"authorization": "Bearer partner-secret-1", "x-api-key": "k-123", "x-tenant": "acme"},
+            "headers": {"Authorization": "Bearer partner-secret-1", "x-api-key": "k-123", "x-tenant": "acme"},
         })),
     )
     .await;
@@ -1130,5 +1130,41 @@ async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
     assert_eq!(got[0].header("authorization"), "Bearer partner-secret-1");
     assert_eq!(got[0].header("x-api-key"), "k-123");
     assert_eq!(got[0].header("x-tenant"), "acme-eu");
+    // `redacted` for a credential the endpoint does not have is refused, not stored.
+    let mut unknown = edited.clone();
+    unknown["x-session"] = json!("redacted");
+    let (s, e) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/partner",
+        Some(json!({"headers": unknown})),
+    )
+    .await;
+    assert_eq!((s, &e["error"]["field"]), (400, &json!("headers")), "{e}");
+    // Pointed at another server, the kept credentials must be given again (or removed).
+    let elsewhere = rx.url("/h").replace("127.0.0.1", "localhost");
+    for body in [
+        json!({"url": elsewhere}),
+        json!({"url": elsewhere, "headers": edited}),
+    ] {
+        let (s, e) = req(&c, M::PATCH, "/v1/endpoints/partner", Some(body.clone())).await;
+        assert_eq!(
+            (s, &e["error"]["field"]),
+            (400, &json!("headers")),
+            "{body}: {e}"
+        );
+    }
+    let given = json!({"authorization": "Bearer for-the-new-host", "x-tenant": "acme-eu"});
+    let (s, p) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/partner",
+        Some(json!({"url": elsewhere, "headers": given})),
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    let stored = c.app().endpoints.get("partner").unwrap();
+    assert_eq!(stored.headers["authorization"], "Bearer for-the-new-host");
+    assert!(!stored.headers.contains_key("x-api-key"));
     c.stop().await;
 }
