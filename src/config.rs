@@ -146,10 +146,11 @@ impl EndpointConfig {
 /// `*` matches everything, `order.*` matches `order.` followed by anything, and any other
 /// pattern matches exactly. `*` may appear anywhere as a wildcard for any run of characters.
 ///
-/// Linear in the two lengths whatever the pattern (the greedy two-pointer match, which only
-/// ever returns to the last `*`): a pattern such as `**…**x` is set by an admin client and
-/// runs on every ingest's fan-out, so a backtracking matcher there would let one endpoint
-/// stall ingest for hours.
+/// At most the product of the two lengths whatever the pattern (the greedy two-pointer
+/// match, which only ever returns to the last `*`; both are at most 256 characters): a
+/// pattern such as `**…**x` is set by an admin client and runs on every ingest's fan-out, so
+/// a backtracking matcher, exponential in the stars, would let one endpoint stall ingest for
+/// hours.
 pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     let (p, n) = (pattern.as_bytes(), name.as_bytes());
     let (mut pi, mut ni) = (0, 0);
@@ -176,6 +177,26 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 
 /// The longest `event_types` pattern: event types themselves are at most 256 characters.
 const MAX_PATTERN: usize = 256;
+
+/// Refuses an `event_types` pattern over [`MAX_PATTERN`] characters. Checked where an
+/// endpoint is defined (the config file, the endpoint API), not when a stored one is loaded:
+/// one made before the limit keeps working.
+pub fn check_pattern_lengths(e: &RawEndpoint, key: &str) -> Result<(), ConfigError> {
+    let pre = if key.is_empty() {
+        String::new()
+    } else {
+        format!("{key}.")
+    };
+    for (j, t) in e.event_types.iter().flatten().enumerate() {
+        if t.len() > MAX_PATTERN {
+            return Err(ConfigError::invalid(
+                format!("{pre}event_types[{j}]"),
+                format!("a pattern is at most {MAX_PATTERN} characters"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PluginKind {
@@ -632,6 +653,7 @@ impl Config {
                     format!("duplicate endpoint name `{}`", e.name),
                 ));
             }
+            check_pattern_lengths(&e, &key)?;
             endpoints.push(build_endpoint(e, &key, &delivery, &plugins)?);
         }
 
@@ -789,12 +811,6 @@ pub fn build_endpoint(
                 return Err(ConfigError::invalid(
                     format!("{pre}event_types[{j}]"),
                     format!("`{t}` is not a valid event type pattern"),
-                ));
-            }
-            if t.len() > MAX_PATTERN {
-                return Err(ConfigError::invalid(
-                    format!("{pre}event_types[{j}]"),
-                    format!("a pattern is at most {MAX_PATTERN} characters"),
                 ));
             }
         }

@@ -421,6 +421,30 @@ mod tests {
         c
     }
 
+    /// An endpoint stored before patterns were limited to 256 characters still loads (the
+    /// limit applies where endpoints are defined).
+    #[test]
+    fn a_stored_endpoint_with_a_longer_pattern_still_builds() {
+        let config = Config::parse("", std::path::Path::new("."), None, "t").unwrap();
+        let long = format!("order.{}", "x".repeat(300));
+        let spec: RawEndpoint = serde_json::from_value(serde_json::json!({
+            "name": "old", "url": "https://example.com/", "event_types": [long.clone()],
+        }))
+        .unwrap();
+        assert!(crate::config::check_pattern_lengths(&spec, "").is_err());
+        let stored = StoredEndpoint {
+            spec,
+            tenant: None,
+            description: None,
+            paused: false,
+            retiring: Vec::new(),
+            created_ms: 0,
+            updated_ms: 0,
+        };
+        let built = stored.build(&config).unwrap();
+        assert!(built.subscribes(&long));
+    }
+
     #[test]
     fn subscription_index_matches_like_the_patterns() {
         let mut s = Subscriptions::default();

@@ -202,9 +202,15 @@ pub fn reload(app: &Arc<App>, force: bool) {
             let later = app.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(crate::plugins::Plugins::RETIRE_GRACE).await;
-                later
-                    .plugins
-                    .retire_unconfigured(&later.config.load().plugins);
+                // Between reloads: one under way may have loaded plugins its configuration
+                // names that the running one does not, and is about to make it live.
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _one_at_a_time = later.reloading.lock().expect("reload lock");
+                    later
+                        .plugins
+                        .retire_unconfigured(&later.config.load().plugins);
+                })
+                .await;
             });
             let mut st = app.reload_status.lock().expect("status lock");
             st.restart_needed = restart_needed;

@@ -223,6 +223,7 @@ fn parse_spec(
             err.with_field(field)
         }
     })?;
+    crate::config::check_pattern_lengths(&spec, "").map_err(invalid)?;
     Ok((spec, tenant, description))
 }
 

@@ -81,6 +81,10 @@ pub struct Plugins {
     host: OnceLock<Result<Host, PluginError>>,
     loaded: ArcSwap<HashMap<String, Arc<Loaded>>>,
     status: Mutex<BTreeMap<String, Status>>,
+    /// The status of plugins no longer listed but still loaded (see
+    /// [`Plugins::forget_unconfigured`]), listed again if a configuration names them before
+    /// they are unloaded.
+    forgotten: Mutex<BTreeMap<String, Status>>,
     /// The file watcher, replaced when the set of plugin files changes.
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
     /// Plugin files whose directory did not exist when the watcher was made.
@@ -211,6 +215,14 @@ impl Plugins {
             return Err(errors);
         }
         let mut status = self.status.lock().expect("plugin status");
+        let mut forgotten = self.forgotten.lock().expect("plugin status");
+        for cfg in configs {
+            // Named again while still loaded: listed again as it was.
+            if let Some(st) = forgotten.remove(&cfg.name) {
+                status.entry(cfg.name.clone()).or_insert(st);
+            }
+        }
+        drop(forgotten);
         for name in fresh {
             let l = &next[&name];
             let cfg = configs.iter().find(|c| c.name == name).expect("configured");
@@ -234,10 +246,18 @@ impl Plugins {
     /// [`Plugins::retire_unconfigured`] (see [`Plugins::RETIRE_GRACE`]).
     pub fn forget_unconfigured(&self, configs: &[PluginConfig]) {
         let _changing = self.changes.lock().expect("plugin changes");
-        self.status
-            .lock()
-            .expect("plugin status")
-            .retain(|name, _| configs.iter().any(|c| c.name == *name));
+        let mut status = self.status.lock().expect("plugin status");
+        let gone: Vec<String> = status
+            .keys()
+            .filter(|name| !configs.iter().any(|c| c.name == **name))
+            .cloned()
+            .collect();
+        let mut forgotten = self.forgotten.lock().expect("plugin status");
+        for name in gone {
+            if let Some(st) = status.remove(&name) {
+                forgotten.insert(name, st);
+            }
+        }
     }
 
     /// Unloads the plugins `configs` does not name (and stops reporting them).
@@ -245,6 +265,10 @@ impl Plugins {
         self.forget_unconfigured(configs);
         let _changing = self.changes.lock().expect("plugin changes");
         let named = |name: &str| configs.iter().any(|c| c.name == name);
+        self.forgotten
+            .lock()
+            .expect("plugin status")
+            .retain(|name, _| named(name));
         let current = self.loaded.load_full();
         if current.keys().all(|n| named(n)) {
             return;

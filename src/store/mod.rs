@@ -443,8 +443,12 @@ impl Store {
                         });
                     }
                     Some(_) => {}
+                    // A new database is in this build's format; one from before the format
+                    // was recorded (it has a journal id) is in format 1, and migrations
+                    // below raise it.
                     None => {
-                        meta.insert(FORMAT, FORMAT_VERSION)?;
+                        let existing = meta.get(JOURNAL_ID)?.is_some();
+                        meta.insert(FORMAT, if existing { 1 } else { FORMAT_VERSION })?;
                     }
                 }
             }

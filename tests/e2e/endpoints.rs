@@ -1168,3 +1168,25 @@ async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
     assert!(!stored.headers.contains_key("x-api-key"));
     c.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_type_pattern_over_256_characters_is_refused() {
+    use reqwest::Method as M;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let long = format!("order.{}", "*".repeat(251));
+    let (s, e) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "long", "url": "https://example.com/h", "event_types": [long]})),
+    )
+    .await;
+    assert_eq!(
+        (s, &e["error"]["field"]),
+        (422, &json!("event_types")),
+        "{e}"
+    );
+    let (s, _) = req(&c, M::GET, "/v1/endpoints/long", None).await;
+    assert_eq!(s, 404);
+    c.stop().await;
+}

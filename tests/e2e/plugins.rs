@@ -702,6 +702,20 @@ fn plugins_a_new_configuration_drops_stay_callable_until_it_is_live() {
     let names: Vec<String> = plugins.status().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["b"]);
     assert!(plugins.get("a").is_some() && plugins.get("b").is_some());
+    // Named again before it is unloaded: listed again, as it was.
+    let both = [entry("a", "redact"), entry("b", "envelope")];
+    plugins.load_all(&both, &metrics).unwrap();
+    let listed: Vec<(String, u64)> = plugins
+        .status()
+        .into_iter()
+        .map(|s| (s.name, s.loads_ok))
+        .collect();
+    assert_eq!(listed, [("a".to_string(), 1), ("b".to_string(), 1)]);
+    plugins.retire_unconfigured(&both);
+    assert!(plugins.get("a").is_some());
+    // Dropped again.
+    plugins.load_all(&new, &metrics).unwrap();
+    plugins.forget_unconfigured(&new);
     // Then it is unloaded.
     plugins.retire_unconfigured(&new);
     assert!(plugins.get("a").is_none() && plugins.get("b").is_some());
