@@ -1306,6 +1306,21 @@ pub(crate) mod tests {
         meta.get(FORMAT).unwrap().map(|v| v.value())
     }
 
+    /// Records `format` in the database at `path` (none: removes it), as another build of
+    /// courier would have (the store must be closed).
+    fn set_recorded_format(path: &Path, format: Option<u64>) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            match format {
+                Some(f) => drop(meta.insert(FORMAT, f).unwrap()),
+                None => drop(meta.remove(FORMAT).unwrap()),
+            }
+        }
+        txn.commit().unwrap();
+    }
+
     fn closed(store: Store) {
         let closer = store.closer();
         drop(store);
@@ -1324,15 +1339,7 @@ pub(crate) mod tests {
         assert_eq!(recorded_format(&path), Some(FORMAT_VERSION));
 
         // A later courier moved the data dir on to the next format.
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert(FORMAT, FORMAT_VERSION + 1)
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        set_recorded_format(&path, Some(FORMAT_VERSION + 1));
         let err = match Store::open(&path, true) {
             Err(e) => e,
             Ok(_) => panic!("a newer format was opened"),
@@ -1348,15 +1355,7 @@ pub(crate) mod tests {
 
         // Back at this build's format (as a downgrade migration would leave it), it opens
         // and holds what it held.
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert(FORMAT, FORMAT_VERSION)
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        set_recorded_format(&path, Some(FORMAT_VERSION));
         let store = Store::open(&path, true).unwrap();
         assert!(store.event(&event_id).unwrap().is_some());
     }
@@ -1370,12 +1369,7 @@ pub(crate) mod tests {
         let event_id = b.event.id.clone();
         store.append(b).await.unwrap();
         closed(store);
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().remove(FORMAT).unwrap();
-            txn.commit().unwrap();
-        }
+        set_recorded_format(&path, None);
         assert_eq!(recorded_format(&path), None);
         let store = Store::open(&path, true).unwrap();
         assert!(store.event(&event_id).unwrap().is_some());

@@ -602,3 +602,16 @@ impl JsonValue for reqwest::Response {
         serde_json::from_slice(&b).unwrap_or(Value::Null)
     }
 }
+
+/// Waits until workflow channel `id` matches `pred` (or panics after 30 s).
+pub async fn wait_channel(c: &Courier, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
+        if pred(&ch) {
+            return ch;
+        }
+        assert!(Instant::now() < deadline, "channel never matched: {ch:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

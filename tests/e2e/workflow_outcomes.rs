@@ -38,22 +38,6 @@ async fn open(c: &Courier) -> String {
     r["channel_id"].as_str().unwrap().to_string()
 }
 
-/// Waits until channel `id` matches `pred` (or panics after `T`).
-async fn wait_channel(c: &Courier, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
-        if pred(&ch) {
-            return ch;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "channel never matched: {ch:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The channel's webhook deliveries as the API shows them.
 async fn deliveries(c: &Courier, ch: &Value) -> Vec<Value> {
     let mut out = Vec::new();

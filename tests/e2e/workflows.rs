@@ -144,22 +144,6 @@ async fn open(c: &Courier, body: Value) -> String {
     id
 }
 
-/// Waits until channel `id` matches `pred` (or panics after `T`).
-async fn wait_channel(c: &Courier, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
-        if pred(&ch) {
-            return ch;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "channel never matched: {ch:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn is_uuid(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
@@ -894,8 +878,14 @@ async fn channels_outlive_a_reload_that_removes_their_workflow() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn an_idle_channel_socket_is_pinged_so_proxies_keep_it_open() {
+/// Courier with a workflow whose upstream takes a minute to answer, a channel opened on it
+/// (so it stays pending), and a socket subscribed to that channel.
+async fn pending_channel_socket() -> (
+    Receiver,
+    Receiver,
+    Courier,
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) {
     let upstream = answering_after(Duration::from_secs(60)).await;
     let rx = Receiver::start().await;
     let c = Courier::start(&format!(
@@ -909,7 +899,13 @@ async fn an_idle_channel_socket_is_pinged_so_proxies_keep_it_open() {
         "{}/v1/channels/{id}/ws?token={ADMIN}",
         c.base.replace("http://", "ws://")
     );
-    let (stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    (upstream, rx, c, socket)
+}
+
+#[tokio::test]
+async fn an_idle_channel_socket_is_pinged_so_proxies_keep_it_open() {
+    let (_upstream, _rx, c, stream) = pending_channel_socket().await;
     let (_, mut read) = stream.split();
     let started = std::time::Instant::now();
     let limit = courier::api::PING_EVERY + Duration::from_secs(5);
@@ -1064,20 +1060,7 @@ async fn a_failed_upstream_call_does_not_show_the_upstream_url_or_its_key() {
 #[tokio::test]
 async fn a_subscriber_that_sends_a_large_message_is_disconnected() {
     use futures_util::SinkExt;
-    let upstream = answering_after(Duration::from_secs(60)).await;
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(&upstream, "").replace("timeout = \"5s\"", "timeout = \"120s\"")
-    ))
-    .await;
-    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
-    let url = format!(
-        "{}/v1/channels/{id}/ws?token={ADMIN}",
-        c.base.replace("http://", "ws://")
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (_upstream, _rx, c, mut socket) = pending_channel_socket().await;
     let first = tokio::time::timeout(T, socket.next()).await.unwrap();
     assert!(matches!(first, Some(Ok(Message::Text(_)))), "{first:?}");
     // A small message is read and ignored: the socket still answers a ping.
