@@ -18,12 +18,16 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
-    // A store whose writer failed still reads, but takes nothing: not ready.
-    match app
-        .store
-        .check()
-        .and_then(|()| app.store.delivery("dlv_readiness_probe"))
-    {
+    // A store whose writer failed still reads, but takes nothing: not ready. (Those two
+    // errors say what to do; a failed read's detail, which may name files, goes to the log
+    // only: this route takes no token.)
+    let probe = app.store.check().and_then(|()| {
+        app.store.delivery("dlv_readiness_probe").map_err(|e| {
+            tracing::error!(error = %e, "readiness: the database cannot be read");
+            crate::store::StoreError::Db("the database cannot be read; see courier's log".into())
+        })
+    });
+    match probe {
         Ok(_) if !app.shutdown.is_cancelled() => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Ok(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
