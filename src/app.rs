@@ -35,6 +35,9 @@ pub struct App {
     pub plugins: crate::plugins::Plugins,
     pub workflows: crate::workflows::Workflows,
     pub hub: crate::hub::Hub,
+    /// Channel sockets open at once, at most `server.max_connections` (an upgraded socket
+    /// leaves the listener's count, so it is counted here).
+    pub sockets: std::sync::Arc<tokio::sync::Semaphore>,
     /// Cancelled on SIGINT/SIGTERM: stop taking work, let in-flight attempts finish.
     pub shutdown: CancellationToken,
     /// Every worker and attempt task, so shutdown can wait for them.

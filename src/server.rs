@@ -88,6 +88,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     {
         tracing::warn!(public_url = %config.server.public_url, "server.public_url is not set and courier listens on every address: callback URLs will not reach it; set public_url");
     }
+    let max_connections = config.server.max_connections;
     let app = Arc::new(App {
         client: ArcSwap::from_pointee(client::build(config.delivery.allow_private_networks)),
         reload_status: std::sync::Mutex::new(crate::reload::initial_status(&config)),
@@ -99,6 +100,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         plugins,
         workflows: Default::default(),
         hub: Default::default(),
+        sockets: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         scheduler: Scheduler::default(),
         endpoints: Default::default(),
         shutdown: CancellationToken::new(),

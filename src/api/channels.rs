@@ -134,6 +134,14 @@ async fn ws(
             e.body_text()
         ))
     })?;
+    // Held for the socket's life: upgraded, it no longer counts as a connection.
+    let Ok(socket_permit) = app.sockets.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "too many channel sockets are open (server.max_connections); try again later",
+        ));
+    };
     // Answers `courier.v1` when it was offered (browsers require one of theirs back).
     // Subscribers have nothing to say but pongs and a close: a larger message ends the
     // socket instead of being buffered (the library's default would take 64 MiB).
@@ -151,7 +159,10 @@ async fn ws(
         return Err(ApiError::not_found(format!("no channel `{id}`")));
     };
     // If the upgrade fails the closure is dropped, and the subscription with it.
-    Ok(upgrade.on_upgrade(move |socket| stream(sub, ch, socket)))
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        stream(sub, ch, socket).await;
+        drop(socket_permit);
+    }))
 }
 
 /// The largest message a subscriber may send (it is read and ignored).

@@ -122,3 +122,58 @@ async fn connections_past_max_connections_wait_for_one_to_close() {
     .unwrap();
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_sockets_count_against_max_connections_once_upgraded() {
+    use futures_util::StreamExt;
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body("{}").delay(Duration::from_secs(60)));
+    let rx = Receiver::start().await;
+    let extra = format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"w\"\nupstream = {{ url = \"{}\", timeout = \"120s\" }}\nendpoint = \"app\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        upstream.url("/")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = base_config(&dir.path().join("data"), &extra).replace(
+        "max_body_bytes = 65536",
+        "max_body_bytes = 65536\nmax_connections = 1",
+    );
+    let config = courier::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
+    let running = courier::server::start(config).await.unwrap();
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let (s, r) = post_json(
+        &http,
+        &format!("{base}/v1/ai/async"),
+        &serde_json::json!({"workflow": "w"}),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    let url = format!(
+        "{}{}?token={ADMIN}",
+        base.replace("http://", "ws://"),
+        r["ws_url"].as_str().unwrap()
+    );
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert!(first.next().await.unwrap().is_ok());
+    // The one socket allowed is open: another is refused with a 503, not queued.
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("a second socket: {other:?}"),
+    }
+    // Once it closes, a socket is taken again.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never reopened: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.shutdown().await;
+}
