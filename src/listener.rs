@@ -27,9 +27,8 @@ use tokio_util::task::TaskTracker;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Connections served at once by default (`server.max_connections`); the next waits in the
-/// kernel's accept queue until one closes.
-/// Well under the file descriptors a deployment allows (the example unit: 65,536), so that
-/// deliveries and the database always have theirs.
+/// kernel's accept queue until one closes. Well under the file descriptors a deployment
+/// allows (the example unit: 65,536), so that deliveries and the database always have theirs.
 pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// The most a connection's read buffer holds, which bounds a request's headers (a larger
@@ -39,9 +38,8 @@ const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// Serves `router` on `listener` until `stop` is cancelled; then stops accepting, lets every
 /// connection finish the request it is serving, and returns once they have closed. At most
-/// `max_connections` are open at once. Each new
-/// connection gets the header timeout `header_timeout` gives at that moment (so a reload
-/// applies to the next connections).
+/// `max_connections` are open at once. Each new connection gets the header timeout
+/// `header_timeout` gives at that moment (so a reload applies to the next connections).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
