@@ -247,17 +247,11 @@ impl Plugins {
     pub fn forget_unconfigured(&self, configs: &[PluginConfig]) {
         let _changing = self.changes.lock().expect("plugin changes");
         let mut status = self.status.lock().expect("plugin status");
-        let gone: Vec<String> = status
-            .keys()
-            .filter(|name| !configs.iter().any(|c| c.name == **name))
-            .cloned()
-            .collect();
-        let mut forgotten = self.forgotten.lock().expect("plugin status");
-        for name in gone {
-            if let Some(st) = status.remove(&name) {
-                forgotten.insert(name, st);
-            }
-        }
+        let (named, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut *status)
+            .into_iter()
+            .partition(|(name, _)| configs.iter().any(|c| c.name == *name));
+        *status = named;
+        self.forgotten.lock().expect("plugin status").extend(gone);
     }
 
     /// Unloads the plugins `configs` does not name (and stops reporting them).

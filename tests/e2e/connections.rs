@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// Courier with `server` settings added to the test config's `[server]` table.
-async fn with_server(settings: &str) -> (tempfile::TempDir, courier::server::Running) {
+/// Courier with `server` settings added to the test config's `[server]` table, and `extra`
+/// after it.
+async fn with_server(settings: &str, extra: &str) -> (tempfile::TempDir, courier::server::Running) {
     let dir = tempfile::tempdir().unwrap();
-    let text = base_config(&dir.path().join("data"), "").replace(
+    let text = base_config(&dir.path().join("data"), extra).replace(
         "max_body_bytes = 65536",
         &format!("max_body_bytes = 65536\n{settings}"),
     );
@@ -43,7 +44,7 @@ fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_slow_to_send_its_headers_or_idle_too_long_is_closed() {
-    let (_dir, running) = with_server("header_timeout = \"1s\"").await;
+    let (_dir, running) = with_server("header_timeout = \"1s\"", "").await;
     let addr = running.addr;
     tokio::task::spawn_blocking(move || {
         // A connection that never sends a byte, and one that stops after the first byte of
@@ -88,7 +89,7 @@ async fn a_connection_slow_to_send_its_headers_or_idle_too_long_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_max_connections_wait_for_one_to_close() {
-    let (_dir, running) = with_server("max_connections = 2").await;
+    let (_dir, running) = with_server("max_connections = 2", "").await;
     let addr = running.addr;
     tokio::task::spawn_blocking(move || {
         let ask = |s: &mut TcpStream| {
@@ -134,13 +135,7 @@ async fn channel_sockets_count_against_max_connections_once_upgraded() {
         endpoint("app", &rx.url("/"), ""),
         upstream.url("/")
     );
-    let dir = tempfile::tempdir().unwrap();
-    let text = base_config(&dir.path().join("data"), &extra).replace(
-        "max_body_bytes = 65536",
-        "max_body_bytes = 65536\nmax_connections = 1",
-    );
-    let config = courier::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
-    let running = courier::server::start(config).await.unwrap();
+    let (_dir, running) = with_server("max_connections = 1", &extra).await;
     let base = format!("http://{}", running.addr);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
