@@ -8,7 +8,7 @@
 //! and event types map to subscribers through an index of exact names and prefixes. On a
 //! name clash the config file wins; the API endpoint is kept but shadowed (and reported).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -150,6 +150,10 @@ struct Inner {
     api: HashMap<String, (StoredEndpoint, Arc<EndpointConfig>)>,
     effective: HashMap<String, (Source, Arc<EndpointConfig>)>,
     subs: Subscriptions,
+    /// Names that stopped being effective since [`Registry::take_departed`] last ran: the
+    /// metrics scrape drops their series (a churn of short-lived endpoints must not grow
+    /// `/metrics` for good). A set, so deleting one name again and again does not grow it.
+    departed: HashSet<String>,
 }
 
 impl Inner {
@@ -166,6 +170,8 @@ impl Inner {
         if let Some((src, ep)) = now {
             self.subs.add(&ep);
             self.effective.insert(name.to_string(), (src, ep));
+        } else {
+            self.departed.insert(name.to_string());
         }
     }
 }
@@ -252,6 +258,12 @@ impl Registry {
     }
 
     /// Every effective endpoint name.
+    /// The names that stopped being endpoints since the last call (some may be endpoints
+    /// again by now).
+    pub fn take_departed(&self) -> HashSet<String> {
+        std::mem::take(&mut self.inner.write().expect("registry").departed)
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.inner
             .read()

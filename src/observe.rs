@@ -40,7 +40,20 @@ pub struct Metrics {
     /// Endpoints the per-endpoint gauges had series for at the last scrape: a deleted
     /// endpoint's series are removed, not left reading their last value for good.
     pub gauged_endpoints: Mutex<std::collections::HashSet<String>>,
+    /// Endpoints gone since a scrape (deleted, or dropped from the config), with when that
+    /// scrape saw them gone: their counter series are dropped at every scrape for
+    /// [`GONE_SERIES_WATCH`] after, so that an attempt that was in flight as its endpoint went
+    /// cannot bring a series back for good.
+    gone_endpoints: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long a gone endpoint's series are watched for (longer than any attempt can run).
+const GONE_SERIES_WATCH: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// The `outcome` labels of `courier_attempts_total` and the `state` labels of
+/// `courier_deliveries_final_total`, for dropping an endpoint's series.
+const ATTEMPT_OUTCOMES: [&str; 4] = ["delivered", "retry", "dead", "dropped"];
+const FINAL_STATES: [&str; 3] = ["delivered", "dead", "dropped"];
 
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -73,6 +86,7 @@ impl Metrics {
             oldest_pending_age: Gauge::default(),
             circuit_open: Family::default(),
             gauged_endpoints: Default::default(),
+            gone_endpoints: Default::default(),
             config_reloads: Family::default(),
             plugin_calls: Family::default(),
             plugin_call_duration: Family::new_with_constructor(plugin_histogram),
@@ -100,7 +114,7 @@ impl Metrics {
             );
             r.register(
                 "courier_attempts",
-                "Delivery attempts per endpoint and outcome (delivered, retry, dead)",
+                "Delivery attempts per endpoint and outcome (delivered, retry, dead, dropped)",
                 m.attempts.clone(),
             );
             r.register(
@@ -211,6 +225,44 @@ impl Metrics {
             "Changes carried by those transactions (each new event counts one)",
             c.commands,
         );
+    }
+
+    /// Drops the per-endpoint counter series (deliveries created, attempts, their latency,
+    /// final states) of endpoints that are gone: `departed` names left the registry since
+    /// the last scrape; `exists` says whether a name is an endpoint (again) now, `waiting`
+    /// whether deliveries of it are still pending (their series stay while they do).
+    pub fn forget_gone_endpoints(
+        &self,
+        departed: impl IntoIterator<Item = String>,
+        exists: impl Fn(&str) -> bool,
+        waiting: impl Fn(&str) -> bool,
+    ) {
+        let now = std::time::Instant::now();
+        let mut gone = self.gone_endpoints.lock().expect("gone endpoints");
+        for name in departed {
+            gone.entry(name).or_insert(now);
+        }
+        gone.retain(|name, since| {
+            if exists(name) {
+                return false;
+            }
+            if waiting(name) {
+                *since = now;
+                return true;
+            }
+            let ep = || ("endpoint", name.clone());
+            self.deliveries_created.remove(&vec![ep()]);
+            self.attempt_duration.remove(&vec![ep()]);
+            for o in ATTEMPT_OUTCOMES {
+                self.attempts
+                    .remove(&vec![ep(), ("outcome", o.to_string())]);
+            }
+            for s in FINAL_STATES {
+                self.deliveries_final
+                    .remove(&vec![ep(), ("state", s.to_string())]);
+            }
+            now.duration_since(*since) < GONE_SERIES_WATCH
+        });
     }
 
     /// The Prometheus text exposition.

@@ -74,6 +74,16 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         }
         *before = gauged;
     }
+    let waiting = |ep: &str| {
+        counts
+            .get(&(ep.to_string(), crate::model::DeliveryStatus::Pending))
+            .is_some_and(|n| *n > 0)
+    };
+    m.forget_gone_endpoints(
+        app.endpoints.take_departed(),
+        |ep| names.contains(ep),
+        waiting,
+    );
     // Every endpoint keeps its series, so that a drained queue reads 0; its circuit is read
     // from its health now (one made again under a deleted name starts closed, whatever the
     // old one's series last read).
@@ -88,12 +98,17 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             .set(open as i64);
     }
     for ((ep, status), n) in counts {
-        m.deliveries
-            .get_or_create(&vec![
-                ("endpoint", ep.clone()),
-                ("status", status.as_str().to_string()),
-            ])
-            .set(n as i64);
+        let labels = vec![
+            ("endpoint", ep.clone()),
+            ("status", status.as_str().to_string()),
+        ];
+        // A gone endpoint's stored deliveries keep their series until retention has
+        // purged them all.
+        if n == 0 && app.endpoints.get(&ep).is_none() {
+            m.deliveries.remove(&labels);
+            continue;
+        }
+        m.deliveries.get_or_create(&labels).set(n as i64);
         if status == crate::model::DeliveryStatus::Pending
             && n > 0
             && app.endpoints.get(&ep).is_none()

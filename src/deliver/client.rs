@@ -133,6 +133,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || (o[0] == 192 && o[1] == 0 && o[2] == 0)    // 192.0.0.0/24 protocol assignments
         || (o[0] == 198 && (o[1] & 0xfe) == 18)       // 198.18.0.0/15 benchmarking
         || (o[0] == 192 && o[1] == 88 && o[2] == 99)  // 192.88.99.0/24 6to4 relay (deprecated)
+        || o == [168, 63, 129, 16]                    // Azure's platform endpoint (wireserver)
         || o[0] >= 240) // 240.0.0.0/4 reserved
 }
 
@@ -239,6 +240,8 @@ mod tests {
             "64:ff9b:1::a00:1",
             "192.88.99.1",
             "::ffff:0:7f00:1",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
         ] {
             assert!(!is_public(bad.parse().unwrap()), "{bad} should be refused");
         }
@@ -247,6 +250,7 @@ mod tests {
             "8.8.8.8",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "168.63.129.17",
         ] {
             assert!(is_public(good.parse().unwrap()), "{good} should be allowed");
         }

@@ -1190,3 +1190,108 @@ async fn an_event_type_pattern_over_256_characters_is_refused() {
     assert_eq!(s, 404);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_deleted_endpoints_counter_series_leave_the_scrape() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    use reqwest::Method as M;
+    let series = |metrics: &str, name: &str| -> Vec<String> {
+        let needle = format!("endpoint=\"{name}\"");
+        metrics
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .filter(|l| {
+                [
+                    "created_total",
+                    "attempts_total",
+                    "duration_seconds",
+                    "final_total",
+                ]
+                .iter()
+                .any(|m| l.contains(m))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let create = |name: &'static str| {
+        req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": name, "url": rx.url(&format!("/{name}"))})),
+        )
+    };
+    for name in ["seen", "kept"] {
+        let (s, r) = create(name).await;
+        assert_eq!(s, 201, "{r}");
+        send_to(&c, name, 1).await;
+    }
+    rx.wait_for(2, T).await;
+    // The final state is counted once it is on disk, a moment after the receiver has it.
+    let deadline = Instant::now() + T;
+    let before = loop {
+        let m = c.text("/metrics").await;
+        if ["seen", "kept"].iter().all(|n| {
+            m.contains(&format!(
+                "courier_deliveries_final_total{{endpoint=\"{n}\",state=\"delivered\"}} 1"
+            ))
+        }) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "never counted: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        before.contains("courier_attempts_total{endpoint=\"seen\",outcome=\"delivered\"} 1"),
+        "{before}"
+    );
+    assert!(series(&before, "seen").len() >= 4, "{before}");
+    // `fleeting` lives and goes between two scrapes.
+    let (s, r) = create("fleeting").await;
+    assert_eq!(s, 201, "{r}");
+    send_to(&c, "fleeting", 1).await;
+    rx.wait_for(3, T).await;
+    for name in ["seen", "fleeting"] {
+        let (s, r) = req(&c, M::DELETE, &format!("/v1/endpoints/{name}"), None).await;
+        assert_eq!(s, 200, "{r}");
+    }
+    let after = c.text("/metrics").await;
+    assert_eq!(series(&after, "seen"), Vec::<String>::new(), "{after}");
+    // `fleeting`'s last attempt may be counted just after that scrape: the next drops it.
+    let deadline = Instant::now() + T;
+    loop {
+        let m = c.text("/metrics").await;
+        if series(&m, "fleeting").is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dropped: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The endpoint that stays keeps its counts; a gone one's delivered history stays in
+    // the stored-deliveries gauge.
+    assert_eq!(series(&after, "kept"), series(&before, "kept"));
+    assert!(
+        after.contains("courier_deliveries{endpoint=\"seen\",status=\"delivered\"} 1"),
+        "{after}"
+    );
+    // Made again under the same name, it counts from nothing.
+    let (s, r) = create("seen").await;
+    assert_eq!(s, 201, "{r}");
+    send_to(&c, "seen", 2).await;
+    rx.wait_for(4, T).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let m = c.text("/metrics").await;
+        if m.contains("courier_deliveries_final_total{endpoint=\"seen\",state=\"delivered\"} 1") {
+            assert!(
+                m.contains("courier_deliveries_created_total{endpoint=\"seen\"} 1"),
+                "{m}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never counted: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.stop().await;
+}
