@@ -31,8 +31,6 @@ pub struct IngestRequest {
 pub enum IngestError {
     #[error("unknown endpoint `{0}`")]
     UnknownEndpoint(String),
-    #[error("no endpoint subscribes to event type `{0}`")]
-    NoSubscriber(String),
     #[error("an event with id `{0}` already exists")]
     IdConflict(String),
     #[error("{field}: {message}")]
@@ -112,14 +110,10 @@ pub async fn ingest(
             .get(name)
             .map(|e| vec![e])
             .ok_or_else(|| IngestError::UnknownEndpoint(name.clone())),
-        None => {
-            let t = app.endpoints.subscribers(&req.event_type);
-            if t.is_empty() {
-                Err(IngestError::NoSubscriber(req.event_type.clone()))
-            } else {
-                Ok(t)
-            }
-        }
+        // An event no endpoint subscribes to is still accepted (and stored, so that its
+        // id and idempotency key keep their meaning), with no deliveries: a producer that
+        // emits every type it has must not see errors for the ones nobody wants yet.
+        None => Ok(app.endpoints.subscribers(&req.event_type)),
     };
     let targets = match targets {
         Ok(t) => t,

@@ -19,6 +19,7 @@ type Labels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub events_ingested: Counter,
+    pub events_unrouted: Counter,
     pub deliveries_created: Family<Labels, Counter>,
     pub ingest_rejected: Family<Labels, Counter>,
     pub attempts: Family<Labels, Counter>,
@@ -74,6 +75,7 @@ impl Metrics {
         let m = Metrics {
             registry: Mutex::new(Registry::default()),
             events_ingested: Counter::default(),
+            events_unrouted: Counter::default(),
             deliveries_created: Family::default(),
             ingest_rejected: Family::default(),
             attempts: Family::default(),
@@ -101,6 +103,11 @@ impl Metrics {
                 "courier_events_ingested",
                 "Events accepted and committed",
                 m.events_ingested.clone(),
+            );
+            r.register(
+                "courier_events_unrouted",
+                "Events accepted that no endpoint subscribed to (stored, nothing to deliver)",
+                m.events_unrouted.clone(),
             );
             r.register(
                 "courier_deliveries_created",
@@ -277,6 +284,9 @@ impl Metrics {
 /// An event was committed with `deliveries` deliveries.
 pub fn ingested(m: &Metrics, event_id: &str, event_type: &str, endpoints: &[&str]) {
     m.events_ingested.inc();
+    if endpoints.is_empty() {
+        m.events_unrouted.inc();
+    }
     for e in endpoints {
         m.deliveries_created
             .get_or_create(&vec![("endpoint", e.to_string())])

@@ -229,17 +229,23 @@ async fn retention(app: Arc<App>) {
             match app.store.purge(before, idem_before, BATCH, cursor).await {
                 Ok(round) => {
                     app.metrics.purged.inc_by(round.purged as u64);
-                    if round.purged > 0 || round.keys_expired > 0 || round.channels_purged > 0 {
+                    if round.purged > 0
+                        || round.keys_expired > 0
+                        || round.channels_purged > 0
+                        || round.events_purged > 0
+                    {
                         tracing::debug!(
                             purged = round.purged,
                             keys_expired = round.keys_expired,
                             channels = round.channels_purged,
+                            unrouted_events = round.events_purged,
                             "retention purge"
                         );
                     }
                     let done = round.cursor.finished()
                         && round.keys_expired < BATCH
-                        && round.channels_purged < BATCH;
+                        && round.channels_purged < BATCH
+                        && round.events_purged < BATCH;
                     if done || app.shutdown.is_cancelled() {
                         break;
                     }

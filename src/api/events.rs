@@ -139,11 +139,6 @@ async fn respond(
                     "unknown_endpoint",
                     "unknown_endpoint",
                 ),
-                IngestError::NoSubscriber(_) => (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "no_subscriber",
-                    "no_subscriber",
-                ),
                 IngestError::IdConflict(_) => (StatusCode::CONFLICT, "conflict", "id_conflict"),
                 IngestError::Invalid { .. } => (StatusCode::BAD_REQUEST, "bad_request", "invalid"),
                 IngestError::ShuttingDown => (

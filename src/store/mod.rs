@@ -197,6 +197,8 @@ pub struct PurgeRound {
     pub keys_expired: usize,
     /// Finished workflow channels deleted.
     pub channels_purged: usize,
+    /// Events stored with no deliveries (no endpoint subscribed) deleted.
+    pub events_purged: usize,
     /// Where the next round goes on.
     pub cursor: PurgeCursor,
 }
@@ -2019,6 +2021,44 @@ pub(crate) mod tests {
         assert_eq!(round.channels_purged, 1);
         assert!(store.channel("before").unwrap().is_none());
         assert!(store.channel("old-waiting").unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_old_events_that_had_no_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let unrouted = |created_ms: u64| {
+            let mut b = batch("unused", created_ms);
+            b.deliveries.clear();
+            b.event.delivery_ids.clear();
+            b.idempotency = None;
+            b
+        };
+        let (old, new) = (unrouted(1_000), unrouted(5_000));
+        let routed = batch("k", 1_000);
+        for b in [&old, &new, &routed] {
+            let r = store.append(b.clone()).await.unwrap();
+            assert!(matches!(r, AppendResult::Created), "{r:?}");
+        }
+        let round = store
+            .purge(2_000, 0, 100, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.events_purged, 1);
+        let kept = |id: &str| store.event(id).unwrap().is_some();
+        assert!(!kept(&old.event.id), "the old one is gone");
+        assert!(kept(&new.event.id), "the new one stays");
+        assert!(
+            kept(&routed.event.id),
+            "an event with a pending delivery stays"
+        );
+        // A round takes at most its limit.
+        let round = store
+            .purge(9_000, 0, 0, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.events_purged, 0);
+        assert!(kept(&new.event.id));
     }
 
     async fn kill(store: &Store, id: &str) {

@@ -33,6 +33,10 @@ pub const DEAD_BY_ENDPOINT: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("dead_by_endpoint");
 /// (endpoint, status) → number of deliveries, kept exact by the writer.
 pub const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
+/// (created ms, event id) for every event stored with no deliveries (no endpoint subscribed
+/// to its type): retention deletes the old ones; every other event goes with its last
+/// delivery.
+pub const UNROUTED: TableDefinition<(u64, &str), ()> = TableDefinition::new("unrouted_events");
 /// (key id, idempotency key) → (created ms, stored reply)
 pub const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, &[u8])> =
     TableDefinition::new("idempotency");

@@ -602,6 +602,7 @@ struct Tables<'t> {
     new_rollups: HashMap<(String, u64), Rollup>,
     channels: Lazy<'t, &'static str, &'static [u8]>,
     channels_done: Lazy<'t, (u64, &'static str), ()>,
+    unrouted: Lazy<'t, (u64, &'static str), ()>,
     timers: Lazy<'t, (u64, &'static str, u8), ()>,
     endpoints: Lazy<'t, &'static str, &'static [u8]>,
     meta: Lazy<'t, &'static str, u64>,
@@ -627,6 +628,7 @@ impl<'t> Tables<'t> {
             new_rollups: HashMap::new(),
             channels: Lazy::new(txn, CHANNELS),
             channels_done: Lazy::new(txn, CHANNELS_DONE),
+            unrouted: Lazy::new(txn, UNROUTED),
             timers: Lazy::new(txn, TIMERS),
             endpoints: Lazy::new(txn, ENDPOINTS),
             meta: Lazy::new(txn, META),
@@ -746,6 +748,11 @@ impl<'t> Tables<'t> {
             .insert(b.event.id.as_str(), encode_in(&b.event, &mut self.scratch))?;
         for d in &b.deliveries {
             self.put(None, d, deltas)?;
+        }
+        if b.deliveries.is_empty() {
+            self.unrouted
+                .open()?
+                .insert((b.event.created_ms, b.event.id.as_str()), ())?;
         }
         if let Some(idem) = &b.idempotency {
             self.idempotency.open()?.insert(
@@ -1062,10 +1069,28 @@ impl<'t> Tables<'t> {
             self.channels_done.open()?.remove((at, id.as_str()))?;
             self.channels.open()?.remove(id.as_str())?;
         }
+        // Events no endpoint subscribed to, stored before the cutoff.
+        let mut unrouted = Vec::new();
+        for row in self
+            .unrouted
+            .open()?
+            .range((0u64, "")..(before_ms, ""))?
+            .take(limit)
+        {
+            let (k, _) = row?;
+            let (at, id) = k.value();
+            unrouted.push((at, id.to_string()));
+        }
+        let events_purged = unrouted.len();
+        for (at, id) in unrouted {
+            self.unrouted.open()?.remove((at, id.as_str()))?;
+            self.events.open()?.remove(id.as_str())?;
+        }
         Ok(PurgeRound {
             purged,
             keys_expired,
             channels_purged,
+            events_purged,
             cursor,
         })
     }

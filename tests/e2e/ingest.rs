@@ -74,15 +74,6 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
     .await;
     assert_error(
         &c,
-        "/v1/events",
-        Some(ADMIN),
-        r#"{"event_type": "user.created", "payload": {}}"#,
-        422,
-        "no_subscriber",
-    )
-    .await;
-    assert_error(
-        &c,
         "/v1/ingest/nope",
         Some(ADMIN),
         "raw",
@@ -152,6 +143,64 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
         .await;
     assert_eq!(s, 202);
     rx.wait_for(1, Duration::from_secs(10)).await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_no_endpoint_subscribes_to_is_accepted_with_no_deliveries() {
+    let rx = Receiver::start().await;
+    let c = Courier::with_endpoint("app", &rx.url("/h"), "event_types = [\"order.*\"]").await;
+    let body = json!({"event_type": "user.created", "payload": {"u": 1}, "idempotency_key": "k-1"});
+    let (s, first) = c
+        .post("/v1/events", Some(INGEST_ONLY), body.to_string())
+        .await;
+    assert_eq!(s, 202, "{first}");
+    assert!(first["id"].as_str().unwrap().starts_with("evt_"), "{first}");
+    assert_eq!(first["deliveries"], json!([]), "{first}");
+    // It is stored: the same key answers the same, and its id cannot be taken by another.
+    let (s, again) = c
+        .post("/v1/events", Some(INGEST_ONLY), body.to_string())
+        .await;
+    assert_eq!((s, &again), (202, &first));
+    let (s, _) = c
+        .post(
+            "/v1/events",
+            Some(INGEST_ONLY),
+            json!({"event_type": "user.created", "payload": {}, "id": "user-7"}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 202);
+    assert_error(
+        &c,
+        "/v1/events",
+        Some(INGEST_ONLY),
+        &json!({"event_type": "user.deleted", "payload": {}, "id": "user-7"}).to_string(),
+        409,
+        "conflict",
+    )
+    .await;
+    // Nothing is delivered, and the operator can see such events in the metrics.
+    let (_, sent) = c
+        .post(
+            "/v1/events",
+            Some(INGEST_ONLY),
+            json!({"event_type": "order.paid", "payload": {}}).to_string(),
+        )
+        .await;
+    assert_eq!(sent["deliveries"].as_array().unwrap().len(), 1, "{sent}");
+    let got = rx.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].header("webhook-id"), sent["id"].as_str().unwrap());
+    let metrics = c.text("/metrics").await;
+    assert!(
+        metrics.contains("courier_events_unrouted_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("courier_events_ingested_total 3"),
+        "{metrics}"
+    );
+    let (_, list) = c.get("/v1/deliveries").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
     c.stop().await;
 }
 
