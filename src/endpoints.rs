@@ -154,6 +154,9 @@ struct Inner {
     /// metrics scrape drops their series (a churn of short-lived endpoints must not grow
     /// `/metrics` for good). A set, so deleting one name again and again does not grow it.
     departed: HashSet<String>,
+    /// Config-file endpoints paused through the API (stored by the store, applied here to
+    /// whatever the file defines under the name, across reloads).
+    config_paused: HashSet<String>,
 }
 
 impl Inner {
@@ -293,10 +296,15 @@ impl Registry {
         }
         let mut inner = self.inner.write().expect("registry");
         let mut touched: BTreeSet<String> = inner.config.keys().cloned().collect();
+        let paused = &inner.config_paused;
         inner.config = config
             .endpoints
             .iter()
-            .map(|e| (e.name.clone(), Arc::new(e.clone())))
+            .map(|e| {
+                let mut e = e.clone();
+                e.paused = paused.contains(&e.name);
+                (e.name.clone(), Arc::new(e))
+            })
             .collect();
         touched.extend(inner.config.keys().cloned());
         let api_names: Vec<String> = inner.api.keys().cloned().collect();
@@ -347,6 +355,25 @@ impl Registry {
         let name = stored.spec.name.clone();
         inner.api.insert(name.clone(), (stored, Arc::new(built)));
         inner.refresh(&name);
+    }
+
+    /// Pauses or resumes the config-file endpoint `name` (the store has the pause already).
+    /// Returns whether a config endpoint of that name is loaded.
+    pub fn set_config_paused(&self, name: &str, paused: bool) -> bool {
+        let mut inner = self.inner.write().expect("registry");
+        if paused {
+            inner.config_paused.insert(name.to_string());
+        } else {
+            inner.config_paused.remove(name);
+        }
+        let Some(current) = inner.config.get(name) else {
+            return false;
+        };
+        let mut ep = (**current).clone();
+        ep.paused = paused;
+        inner.config.insert(name.to_string(), Arc::new(ep));
+        inner.refresh(name);
+        true
     }
 
     pub fn remove_api(&self, name: &str) {

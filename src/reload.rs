@@ -198,10 +198,14 @@ pub fn reload(app: &Arc<App>, force: bool) {
             let restart_needed = apply(app, new);
             app.plugins.forget_unconfigured(&app.config.load().plugins);
             // Unloaded a little later, against the configuration running then (a plugin
-            // named again meanwhile stays).
+            // named again meanwhile stays). Not past shutdown: the wait holds the app, and
+            // with it the database, which a stop must close.
             let later = app.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(crate::plugins::Plugins::RETIRE_GRACE).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::plugins::Plugins::RETIRE_GRACE) => {}
+                    _ = later.shutdown.cancelled() => return,
+                }
                 // Between reloads: one under way may have loaded plugins its configuration
                 // names that the running one does not, and is about to make it live.
                 let _ = tokio::task::spawn_blocking(move || {

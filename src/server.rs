@@ -106,6 +106,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
+    for name in app.store.config_paused()? {
+        app.endpoints.set_config_paused(&name, true);
+    }
     app.endpoints.set_config(&app.config.load());
     load_api_endpoints(&app)?;
     let app2 = app.clone();

@@ -626,10 +626,18 @@ async fn set_paused(
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
     let _one_change_at_a_time = app.endpoints.changes.lock().await;
-    let mut stored = api_endpoint(&app, &name)?;
-    stored.paused = paused;
-    stored.updated_ms = now_ms();
-    save(&app, stored, false).await?;
+    if app.endpoints.source(&name) == Some(Source::Config) {
+        // The file defines the endpoint; whether it sends is courier's to hold, durably,
+        // across restarts and reloads, until it is resumed.
+        app.store.set_config_paused(&name, paused).await?;
+        app.endpoints.set_config_paused(&name, paused);
+        Scheduler::wake(&app, &name);
+    } else {
+        let mut stored = api_endpoint(&app, &name)?;
+        stored.paused = paused;
+        stored.updated_ms = now_ms();
+        save(&app, stored, false).await?;
+    }
     tracing::info!(endpoint = %name, paused, "endpoint {}", if paused { "paused" } else { "resumed" });
     Ok(Json(view(
         &listed(&app, &name).ok_or_else(|| not_found(&name))?,

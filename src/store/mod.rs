@@ -737,20 +737,40 @@ impl Store {
         self.call(|tx| Command::Endpoint(w, tx)).await
     }
 
-    /// Endpoints deleted with their pending deliveries to drop whose drop has not finished
-    /// (courier stopped, or a page failed, in between).
-    pub fn unfinished_drops(&self) -> Result<Vec<String>, StoreError> {
+    /// Pauses (`true`) or resumes the config-file endpoint `name`; durable once it returns.
+    pub async fn set_config_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
+        self.call(|reply| Command::ConfigPause {
+            name: name.to_string(),
+            paused,
+            reply,
+        })
+        .await
+    }
+
+    /// The config-file endpoints paused through the API.
+    pub fn config_paused(&self) -> Result<Vec<String>, StoreError> {
+        self.meta_names(CONFIG_PAUSED)
+    }
+
+    /// The names after `prefix` of the [`META`] keys that start with it.
+    fn meta_names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
         let mut names = Vec::new();
-        for row in meta.range(DROPPING..)? {
+        for row in meta.range(prefix..)? {
             let (k, _) = row?;
-            match k.value().strip_prefix(DROPPING) {
+            match k.value().strip_prefix(prefix) {
                 Some(name) => names.push(name.to_string()),
                 None => break,
             }
         }
         Ok(names)
+    }
+
+    /// Endpoints deleted with their pending deliveries to drop whose drop has not finished
+    /// (courier stopped, or a page failed, in between).
+    pub fn unfinished_drops(&self) -> Result<Vec<String>, StoreError> {
+        self.meta_names(DROPPING)
     }
 
     /// Drops up to `limit` of `endpoint`'s pending deliveries, with `reason`; returns how

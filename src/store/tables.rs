@@ -70,6 +70,9 @@ pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// [`META`] key prefix: `dropping:NAME` (→ when it was deleted) while endpoint NAME's pending
 /// deliveries are still to be dropped after its delete.
 pub const DROPPING: &str = "dropping:";
+/// [`META`] key prefix: `config_paused:NAME` (→ when it was paused) while the config-file
+/// endpoint NAME is paused through the API (the file defines it; the pause is courier's).
+pub const CONFIG_PAUSED: &str = "config_paused:";
 /// [`META`] key: the sequence number of the last ingest-journal record the database holds.
 pub const JOURNAL_SEQ: &str = "journal_seq";
 /// [`META`] key, set once [`DEAD_BY_ENDPOINT`] holds every dead delivery (databases made

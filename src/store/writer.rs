@@ -53,6 +53,12 @@ pub(crate) enum Command {
         oneshot::Sender<Result<AdvanceResult, StoreError>>,
     ),
     Endpoint(EndpointWrite, oneshot::Sender<Result<bool, StoreError>>),
+    /// Pauses (or resumes) the config-file endpoint `name` until resumed.
+    ConfigPause {
+        name: String,
+        paused: bool,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Drops up to `limit` of an endpoint's pending deliveries (it was deleted).
     DropPending {
         endpoint: String,
@@ -82,6 +88,7 @@ enum Reply {
     Purge(Result<PurgeRound, StoreError>),
     Channel(Result<AdvanceResult, StoreError>),
     Endpoint(Result<bool, StoreError>),
+    ConfigPause(Result<(), StoreError>),
     DropPending(Result<usize, StoreError>),
 }
 
@@ -443,6 +450,7 @@ fn send(cmd: Command, reply: Reply) {
         (Command::Purge { reply, .. }, Reply::Purge(r)) => drop(reply.send(r)),
         (Command::Channel(_, tx), Reply::Channel(r)) => drop(tx.send(r)),
         (Command::Endpoint(_, tx), Reply::Endpoint(r)) => drop(tx.send(r)),
+        (Command::ConfigPause { reply, .. }, Reply::ConfigPause(r)) => drop(reply.send(r)),
         (Command::DropPending { reply, .. }, Reply::DropPending(r)) => drop(reply.send(r)),
         _ => unreachable!("replies are produced in command order"),
     }
@@ -463,6 +471,7 @@ fn fail(cmd: Command, e: StoreError) {
         Command::Purge { reply, .. } => drop(reply.send(Err(e))),
         Command::Channel(_, tx) => drop(tx.send(Err(e))),
         Command::Endpoint(_, tx) => drop(tx.send(Err(e))),
+        Command::ConfigPause { reply, .. } => drop(reply.send(Err(e))),
         Command::DropPending { reply, .. } => drop(reply.send(Err(e))),
     }
 }
@@ -524,6 +533,9 @@ fn apply(
                 )),
                 Command::Channel(change, _) => Reply::Channel(t.channel(change, deltas)),
                 Command::Endpoint(w, _) => Reply::Endpoint(t.endpoint(w)),
+                Command::ConfigPause { name, paused, .. } => {
+                    Reply::ConfigPause(t.config_pause(name, *paused))
+                }
             });
         }
         // A storage error inside a command leaves the transaction in an unknown state: fail
@@ -534,6 +546,7 @@ fn apply(
                 Reply::Outcome(Err(e)) => Some(e),
                 Reply::Replay(Err(e)) | Reply::Purge(Err(e)) | Reply::Channel(Err(e)) => Some(e),
                 Reply::Endpoint(Err(e)) | Reply::DropPending(Err(e)) => Some(e),
+                Reply::ConfigPause(Err(e)) => Some(e),
                 _ => None,
             };
             if let Some(e @ (StoreError::Db(_) | StoreError::Corrupt(_) | StoreError::Broken)) = err
@@ -1174,6 +1187,16 @@ impl<'t> Tables<'t> {
             self.meta.open()?.insert(key.as_str(), now_ms())?;
         }
         Ok(true)
+    }
+
+    fn config_pause(&mut self, name: &str, paused: bool) -> Result<(), StoreError> {
+        let key = format!("{CONFIG_PAUSED}{name}");
+        if paused {
+            self.meta.open()?.insert(key.as_str(), now_ms())?;
+        } else {
+            self.meta.open()?.remove(key.as_str())?;
+        }
+        Ok(())
     }
 
     /// Adds this transaction's attempts to their rollup rows, one update per row.

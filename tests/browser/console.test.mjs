@@ -233,6 +233,15 @@ test("the console works end to end without JavaScript errors", async () => {
   await row.getByRole("button", { name: "Send test" }).click();
   await page.getByText(/Test to made-in-console: HTTP 200/).waitFor();
   assert.ok(received.find((r) => r.path === "/console-ep-moved"), "the test event went to the new URL");
+  // A config-file endpoint can be paused and resumed from the console too, not edited.
+  const shopRow = page.locator("#ep-rows tr").filter({ has: page.locator("td:first-child strong", { hasText: /^shop$/ }) });
+  assert.equal(await shopRow.getByRole("button", { name: "Edit URL" }).count(), 0);
+  await shopRow.getByRole("button", { name: "Pause" }).click();
+  await shopRow.getByText("paused").waitFor();
+  const shopPaused = await (await fetch(base + "/v1/endpoints/shop", { headers: { authorization: "Bearer " + TOKEN } })).json();
+  assert.equal(shopPaused.paused, true);
+  await shopRow.getByRole("button", { name: "Resume" }).click();
+  await shopRow.getByText("active").waitFor();
   await shot("endpoints");
 
   // Analytics: charts per endpoint.

@@ -300,7 +300,6 @@ async fn config_endpoints_are_read_only_and_win_clashes() {
     for (m, path) in [
         (M::PATCH, "/v1/endpoints/from-config"),
         (M::DELETE, "/v1/endpoints/from-config"),
-        (M::POST, "/v1/endpoints/from-config/pause"),
         (M::POST, "/v1/endpoints/from-config/secret/rotate"),
     ] {
         let (s, e) = req(&c, m.clone(), path, Some(json!({"url": rx.url("/x")}))).await;
@@ -1293,5 +1292,70 @@ async fn a_deleted_endpoints_counter_series_leave_the_scrape() {
         assert!(Instant::now() < deadline, "never counted: {m}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_endpoint_paused_through_the_api_stays_paused_across_reloads_and_restarts() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let file = |timeout: &str| {
+        format!(
+            "{DELIVERY_FAST}{}",
+            endpoint("cfg", &rx.url("/"), &format!("timeout = \"{timeout}\""))
+        )
+    };
+    let mut c = Courier::start_file(&file("5s")).await;
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/cfg/pause", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(true)), "{p}");
+    assert_eq!(p["source"], "config", "{p}");
+    let first = send_to(&c, "cfg", 1).await;
+    // A reload that changes the endpoint keeps the pause.
+    c.rewrite_config(&file("7s"));
+    c.wait_config(|st| st["version"].as_u64() >= Some(2)).await;
+    let (_, shown) = req(&c, M::GET, "/v1/endpoints/cfg", None).await;
+    assert_eq!(shown["timeout_ms"], 7000, "the reload applied: {shown}");
+    assert_eq!(shown["paused"], true, "{shown}");
+    let second = send_to(&c, "cfg", 2).await;
+    // So does a restart.
+    c.running.take().unwrap().shutdown().await;
+    let config = courier::config::Config::load(&c.dir.path().join("courier.toml")).unwrap();
+    let running = courier::server::start(config).await.unwrap();
+    c.base = format!("http://{}", running.addr);
+    c.running = Some(running);
+    let (_, st) = req(&c, M::GET, "/v1/endpoints/cfg/stats", None).await;
+    assert_eq!(
+        (st["paused"].as_bool(), st["queue_depth"].as_u64()),
+        (Some(true), Some(2)),
+        "{st}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.received().is_empty(), "nothing is sent while paused");
+    for id in [&first, &second] {
+        let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
+        assert_eq!(
+            (d["status"].as_str(), d["attempt_count"].as_u64()),
+            (Some("pending"), Some(0)),
+            "{d}"
+        );
+    }
+    // Resumed, both arrive in order; and the resume is as durable as the pause was.
+    let (s, p) = req(&c, M::POST, "/v1/endpoints/cfg/resume", None).await;
+    assert_eq!((s, p["paused"].as_bool()), (200, Some(false)), "{p}");
+    let got = rx.wait_for(2, T).await;
+    let ns: Vec<i64> = got
+        .iter()
+        .map(|r| r.json()["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, [1, 2]);
+    c.running.take().unwrap().shutdown().await;
+    let config = courier::config::Config::load(&c.dir.path().join("courier.toml")).unwrap();
+    let running = courier::server::start(config).await.unwrap();
+    c.base = format!("http://{}", running.addr);
+    c.running = Some(running);
+    let (_, shown) = req(&c, M::GET, "/v1/endpoints/cfg", None).await;
+    assert_eq!(shown["paused"], false, "{shown}");
+    send_to(&c, "cfg", 3).await;
+    rx.wait_for(3, T).await;
     c.stop().await;
 }

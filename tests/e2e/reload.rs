@@ -376,3 +376,31 @@ async fn settings_only_a_restart_applies_are_kept_and_reported() {
     assert_eq!(st["restart_needed"], json!([]), "{st}");
     c.stop().await;
 }
+
+/// A plugin a reload drops is unloaded 30 s later; that wait must not keep the database
+/// open past a stop, or the data dir could not be opened again (as a restart would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_a_reload_closes_the_database() {
+    let rx = Receiver::start().await;
+    let mut c = Courier::start_file(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("a", &rx.url("/"), "")
+    ))
+    .await;
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("a", &rx.url("/"), "timeout = \"7s\"")
+    ));
+    c.wait_config(|st| st["version"] == 2).await;
+    c.running.take().unwrap().shutdown().await;
+    let config = courier::config::Config::load(&c.dir.path().join("courier.toml")).unwrap();
+    let running = courier::server::start(config)
+        .await
+        .expect("the data dir opens again");
+    c.base = format!("http://{}", running.addr);
+    c.running = Some(running);
+    c.send(json!({"event_type": "t", "payload": {}, "endpoint": "a"}))
+        .await;
+    rx.wait_for(1, T).await;
+    c.stop().await;
+}
