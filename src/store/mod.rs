@@ -776,6 +776,7 @@ impl Store {
     /// Drops up to `limit` of `endpoint`'s pending deliveries, with `reason`; returns how
     /// many it dropped (fewer than `limit`: none are left, and a delete's promise to drop
     /// them is kept). In pages, so that a large backlog never holds the writer for long.
+    /// A `limit` of 0 drops nothing and lets a delete's promise go.
     pub async fn drop_pending(
         &self,
         endpoint: &str,
@@ -2079,6 +2080,28 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(round.events_purged, 0);
         assert!(kept(&new.event.id));
+    }
+
+    #[tokio::test]
+    async fn a_drop_of_nothing_lets_an_interrupted_deletes_promise_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let write = |value: Option<Vec<u8>>, create: bool| EndpointWrite {
+            name: "x".into(),
+            value,
+            create,
+            drop_pending: true,
+        };
+        assert!(
+            store
+                .write_endpoint(write(Some(b"{}".to_vec()), true))
+                .await
+                .unwrap()
+        );
+        assert!(store.write_endpoint(write(None, false)).await.unwrap());
+        assert_eq!(store.unfinished_drops().unwrap(), ["x"]);
+        assert_eq!(store.drop_pending("x", "", 0).await.unwrap(), 0);
+        assert!(store.unfinished_drops().unwrap().is_empty());
     }
 
     async fn kill(store: &Store, id: &str) {

@@ -791,7 +791,12 @@ impl<'t> Tables<'t> {
             tracing::warn!(delivery = %old.id, status = old.status.as_str(), "outcome for a delivery that is no longer pending");
         }
         let mut new = old.clone();
-        new.updated_ms = now_ms();
+        // A settled delivery keeps the time it was settled (by its endpoint's delete), even
+        // when a late success changes it: the replay guard compares that time with the birth
+        // of an endpoint made later under the name, and the delivery stays the old one's.
+        if !settled {
+            new.updated_ms = now_ms();
+        }
         if rec.counts_as_attempt {
             new.attempts += 1;
             new.round_attempts += 1;
@@ -864,7 +869,9 @@ impl<'t> Tables<'t> {
             new.updated_ms = now;
             self.put(Some(&old), &new, deltas)?;
         }
-        if ids.len() < limit {
+        // Fewer than asked: none are left. A limit of 0 drops nothing and only lets the
+        // promise go (a config endpoint serves the name now and keeps its queue).
+        if ids.len() < limit || limit == 0 {
             let key = format!("{DROPPING}{endpoint}");
             self.meta.open()?.remove(key.as_str())?;
         }

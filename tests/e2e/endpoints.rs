@@ -946,6 +946,12 @@ async fn attempts_a_deleted_endpoint_had_in_flight_do_not_count_against_one_made
     for id in &old {
         c.wait_delivery(id, T, |d| d["attempt_count"] == 1).await;
     }
+    // Dropped by the delete, they stay the old endpoint's though their attempts ended
+    // later: a replay cannot send them to the new one.
+    for id in &old {
+        let (s, r) = req(&c, M::POST, &format!("/v1/deliveries/{id}/replay"), None).await;
+        assert_eq!(s, 409, "{r}");
+    }
     let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
     assert_eq!(st["circuit"], "closed", "{st}");
     let started = std::time::Instant::now();
