@@ -86,6 +86,10 @@ struct Done {
 /// the most a delivery whose announcement went missing waits beyond its due time.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a deleted endpoint's name is remembered for telling its late attempt results
+/// from those of one made again under the name (far longer than any attempt runs).
+const FORGOTTEN_FOR_MS: u64 = 24 * 3600 * 1000;
+
 impl Scheduler {
     /// Wakes the worker of `endpoint` (new or requeued work, or a changed definition),
     /// starting one if there is none.
@@ -149,10 +153,15 @@ impl Scheduler {
     pub fn forget(&self, endpoint: &str) {
         let mut health = self.health.lock().expect("health lock");
         health.remove(endpoint);
-        self.forgotten
-            .lock()
-            .expect("forgotten lock")
-            .insert(endpoint.to_string(), now_ms());
+        let now = now_ms();
+        let mut forgotten = self.forgotten.lock().expect("forgotten lock");
+        // Names deleted long ago have no attempts left in flight to tell apart: without this,
+        // endpoints made and deleted by the thousand would grow the map for good.
+        forgotten.retain(|_, at| now.saturating_sub(*at) < FORGOTTEN_FOR_MS);
+        forgotten.insert(endpoint.to_string(), now);
+        drop(forgotten);
+        // A rate-limited endpoint's idle bucket goes too (one made again starts full).
+        self.buckets.lock().expect("buckets lock").remove(endpoint);
     }
 
     /// Endpoints that have made attempts, with their health.
@@ -518,7 +527,12 @@ fn retire(app: &App, name: &str, woken: &AtomicBool, bucket: &mut Option<(f64, B
     if woken.swap(false, AtomicOrdering::SeqCst) {
         return false;
     }
-    if let Some(b) = bucket.take() {
+    // Kept for the endpoint's next worker, unless the endpoint is gone (deleted, or dropped
+    // from the config): one made again under the name starts with a full bucket, and names
+    // that come and go leave nothing behind.
+    if let Some(b) = bucket.take()
+        && app.endpoints.get(name).is_some()
+    {
         let mut buckets = app.scheduler.buckets.lock().expect("buckets lock");
         buckets.insert(name.to_string(), b);
     }

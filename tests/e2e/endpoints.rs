@@ -1365,3 +1365,36 @@ async fn a_config_endpoint_paused_through_the_api_stays_paused_across_reloads_an
     rx.wait_for(3, T).await;
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_rate_limited_endpoint_made_again_under_a_deleted_name_starts_with_a_full_bucket() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let create = || {
+        req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": "lim", "url": rx.url("/"), "rate_limit": "1/minute"})),
+        )
+    };
+    assert_eq!(create().await.0, 201);
+    send_to(&c, "lim", 1).await;
+    rx.wait_for(1, T).await;
+    // Its bucket (one token) is empty now, the next token a minute away; it goes with the
+    // endpoint,
+    // whether its worker retires before the delete or after.
+    let (s, r) = req(&c, M::DELETE, "/v1/endpoints/lim", None).await;
+    assert_eq!(s, 200, "{r}");
+    let deadline = Instant::now() + T;
+    while c.app().scheduler.workers() > 0 {
+        assert!(Instant::now() < deadline, "the worker never retired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(create().await.0, 201);
+    send_to(&c, "lim", 2).await;
+    // A full bucket sends it at once; the old one's would hold it for a minute.
+    rx.wait_for(2, Duration::from_secs(15)).await;
+    c.stop().await;
+}
