@@ -8,6 +8,12 @@
 //! holds a [`Pass`] over that span, and the delete, once the endpoint is gone, waits until
 //! every pass taken before has been given back.
 //!
+//! A pass can be given back early, when the producer hangs up and its request is dropped
+//! after the event was handed to the journal but before the writer has it. A pass alone
+//! therefore covers the lookup until the hand-over to the journal (a hand-over is never
+//! half done); the delete then waits on [`crate::store::Store::journal_barrier`] for the
+//! journal to pass everything it took on to the writer.
+//!
 //! Why not a read-write lock: every ingest takes a pass, and an async lock's release takes a
 //! mutex that both HTTP workers contend for — in interleaved runs that cost durable ingest
 //! over a tenth of its rate. A pass is one atomic increment and one decrement, on a counter

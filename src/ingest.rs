@@ -193,8 +193,13 @@ pub async fn ingest(
         },
         id_supplied: req.id.is_some(),
     };
+    let mut wake = WakeIfAbandoned {
+        app,
+        endpoints: Some(endpoints),
+    };
     let appended = app.store.append(batch).await;
     drop(pass);
+    let endpoints = wake.endpoints.take().unwrap_or_default();
     match appended? {
         AppendResult::Created => {
             let names: Vec<&str> = endpoints.iter().map(|(e, _)| e.as_str()).collect();
@@ -212,5 +217,34 @@ pub async fn ingest(
             repeated: true,
         }),
         AppendResult::IdConflict => Err(IngestError::IdConflict(event_id)),
+    }
+}
+
+/// Announces an event's deliveries to their endpoints' workers when its ingest is dropped
+/// (the producer hung up) while the store has the event in hand: the event may still be
+/// written, and a busy worker whose scan is past its due time would otherwise leave it until
+/// nothing else is in flight. Disarmed (`endpoints` taken) once the append has answered.
+struct WakeIfAbandoned<'a> {
+    app: &'a Arc<App>,
+    endpoints: Option<Vec<(String, u64)>>,
+}
+
+impl Drop for WakeIfAbandoned<'_> {
+    fn drop(&mut self) {
+        let Some(endpoints) = self.endpoints.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let app = self.app.clone();
+        rt.spawn(async move {
+            // Once the journal has passed it on (if it was written), the worker's own wait
+            // for the database covers it.
+            app.store.journal_barrier().await;
+            for (e, due) in &endpoints {
+                Scheduler::wake_due(&app, e, *due);
+            }
+        });
     }
 }

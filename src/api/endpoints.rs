@@ -599,9 +599,12 @@ async fn delete(
         return Err(not_found(&name));
     }
     app.endpoints.remove_api(&name);
-    // Events that found it before it went are in the store's queue once their ingests have
-    // given back their passes; the drop below comes after them.
+    // Events that found it before it went are in the journal's queue once their ingests
+    // have given back their passes (or never will be: a producer that hung up before its
+    // event was handed over), and in the writer's once the journal has passed them on, even
+    // if their producers hung up since; the drop below comes after them.
     app.endpoints.ingest_gate.wait_out().await;
+    app.store.journal_barrier().await;
     // Its worker stops. What was queued for it is dropped (an endpoint made later under the
     // same name, perhaps for someone else, must not receive it) unless the caller keeps it,
     // or a config endpoint of that name still serves it.

@@ -44,8 +44,14 @@ const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Once a wait has run out, later batches wait this long only, until a checkpoint lands.
 const CHECKPOINT_WAIT_STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// An append on its way to the journal thread.
-pub(crate) type Append = (AppendBatch, AppendReply);
+/// What the journal thread takes, in order.
+pub(crate) enum Append {
+    /// A new event on its way to the journal.
+    Event(AppendBatch, AppendReply),
+    /// Answered once every append taken before it is in the writer's queue (or was
+    /// refused): see [`super::Store::journal_barrier`].
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
 
 /// Where the journal thread sends the callers of a written batch that it answers itself,
 /// all at once: a task on the async runtime ([`answer`]) sends each its answer.
@@ -81,104 +87,141 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     mut journal: Journal,
 ) {
-    let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<(AppendBatch, AppendReply)> = Vec::with_capacity(MAX_BATCH);
+    let mut barrier = None;
     // The database must cover this record before the next write, which goes over it.
     let mut must_cover = 0u64;
     let mut stalled = false;
     while let Some(first) = rx.blocking_recv() {
-        journal.push_with(|buf| encode_onto(&first.0, buf));
-        batch.push(first);
-        while batch.len() < MAX_BATCH && journal.buffered() < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(a) => {
-                    journal.push_with(|buf| encode_onto(&a.0, buf));
-                    batch.push(a);
+        let mut next = Some(first);
+        while let Some(a) = next.take() {
+            match a {
+                Append::Event(b, tx) => {
+                    journal.push_with(|buf| encode_onto(&b, buf));
+                    batch.push((b, tx));
                 }
-                Err(_) => break,
-            }
-        }
-        let wait = if stalled {
-            CHECKPOINT_WAIT_STALLED
-        } else {
-            CHECKPOINT_WAIT
-        };
-        let (covered, waited) = shared.progress.wait_checkpointed(must_cover, wait);
-        if !waited.is_zero() {
-            shared.journal_stalled.inc_by(waited.as_secs_f64());
-        }
-        stalled = !covered;
-        if stalled {
-            journal.discard();
-            tracing::error!(
-                appends = batch.len(),
-                "the database has not checkpointed the ingest journal in time; refusing appends until it does"
-            );
-            let e = StoreError::Behind(format!(
-                "the database is behind the ingest journal (it did not checkpoint within {CHECKPOINT_WAIT:?}; see the log for write errors); not accepted"
-            ));
-            for (_, tx) in batch.drain(..) {
-                drop(tx.send(Err(e.clone())));
-            }
-            continue;
-        }
-        if let Err(e) = journal.write() {
-            tracing::error!(error = %e, appends = batch.len(), "ingest journal write failed");
-            for (_, tx) in batch.drain(..) {
-                drop(tx.send(Err(e.clone())));
-            }
-            continue;
-        }
-        let last_seq = journal.last_seq();
-        shared.journal_writes.inc();
-        shared.progress.set_journaled(last_seq);
-        let mut answered: Vec<AppendReply> = Vec::with_capacity(batch.len());
-        let appends = batch
-            .drain(..)
-            .map(|(b, tx)| {
-                if creates_for_sure(&b) {
-                    answered.push(tx);
-                    (b, None)
-                } else {
-                    (b, Some(tx))
+                // Answered once this batch is handed over: nothing after it joins the batch.
+                Append::Barrier(tx) => {
+                    barrier = Some(tx);
+                    break;
                 }
-            })
-            .collect();
-        // Handed over before anyone is answered, so that whatever a producer does next reaches
-        // the writer after its event.
-        if writer
-            .blocking_send(Command::Journaled(Journaled { appends, last_seq }))
-            .is_err()
+            }
+            if batch.len() < MAX_BATCH && journal.buffered() < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty()
+            && !write_batch(
+                &mut batch,
+                &mut journal,
+                &writer,
+                &answers,
+                &shared,
+                &mut must_cover,
+                &mut stalled,
+            )
         {
-            // The writer is gone while this thread still holds a sender to it: it died (a
-            // panic). These records are on disk and the next start applies them, so their
-            // producers are told the truth, that their events are accepted (the others, whose
-            // answer needs the database, get `Closed` as their replies are dropped). Nothing
-            // more is taken: with no writer to checkpoint, the journal would run on into
-            // records the database does not hold, and producers would be told of failures
-            // for events the next start then delivers.
-            tracing::error!(
-                appends = answered.len(),
-                "the database writer has stopped; the ingest journal refuses new events until courier restarts"
-            );
-            for tx in answered {
-                drop(tx.send(Ok(AppendResult::Created)));
-            }
             return;
         }
-        let unsent = match &answers {
-            Some(_) if answered.is_empty() => None,
-            Some(to) => to.send(answered).err().map(|e| e.0),
-            None => Some(answered),
-        };
-        // Without a runtime (or once it is gone, shutting down), answer from here.
-        for tx in unsent.into_iter().flatten() {
-            drop(tx.send(Ok(AppendResult::Created)));
-        }
-        if journal.lap_full() {
-            // The writer checkpoints once it has applied this file's records (they are ahead
-            // of this command on its channel).
-            let _ = writer.blocking_send(Command::Checkpoint);
-            must_cover = journal.switch();
+        if let Some(tx) = barrier.take() {
+            let _ = tx.send(());
         }
     }
+}
+
+/// Writes one batch to the journal, hands it to the writer and answers the producers it can.
+/// Returns `false` once the writer is gone (the thread stops taking appends).
+fn write_batch(
+    batch: &mut Vec<(AppendBatch, AppendReply)>,
+    journal: &mut Journal,
+    writer: &mpsc::Sender<Command>,
+    answers: &Option<Answers>,
+    shared: &Shared,
+    must_cover: &mut u64,
+    stalled: &mut bool,
+) -> bool {
+    let wait = if *stalled {
+        CHECKPOINT_WAIT_STALLED
+    } else {
+        CHECKPOINT_WAIT
+    };
+    let (covered, waited) = shared.progress.wait_checkpointed(*must_cover, wait);
+    if !waited.is_zero() {
+        shared.journal_stalled.inc_by(waited.as_secs_f64());
+    }
+    *stalled = !covered;
+    if *stalled {
+        journal.discard();
+        tracing::error!(
+            appends = batch.len(),
+            "the database has not checkpointed the ingest journal in time; refusing appends until it does"
+        );
+        let e = StoreError::Behind(format!(
+            "the database is behind the ingest journal (it did not checkpoint within {CHECKPOINT_WAIT:?}; see the log for write errors); not accepted"
+        ));
+        for (_, tx) in batch.drain(..) {
+            drop(tx.send(Err(e.clone())));
+        }
+        return true;
+    }
+    if let Err(e) = journal.write() {
+        tracing::error!(error = %e, appends = batch.len(), "ingest journal write failed");
+        for (_, tx) in batch.drain(..) {
+            drop(tx.send(Err(e.clone())));
+        }
+        return true;
+    }
+    let last_seq = journal.last_seq();
+    shared.journal_writes.inc();
+    shared.progress.set_journaled(last_seq);
+    let mut answered: Vec<AppendReply> = Vec::with_capacity(batch.len());
+    let appends = batch
+        .drain(..)
+        .map(|(b, tx)| {
+            if creates_for_sure(&b) {
+                answered.push(tx);
+                (b, None)
+            } else {
+                (b, Some(tx))
+            }
+        })
+        .collect();
+    // Handed over before anyone is answered, so that whatever a producer does next reaches
+    // the writer after its event.
+    if writer
+        .blocking_send(Command::Journaled(Journaled { appends, last_seq }))
+        .is_err()
+    {
+        // The writer is gone while this thread still holds a sender to it: it died (a
+        // panic). These records are on disk and the next start applies them, so their
+        // producers are told the truth, that their events are accepted (the others, whose
+        // answer needs the database, get `Closed` as their replies are dropped). Nothing
+        // more is taken: with no writer to checkpoint, the journal would run on into
+        // records the database does not hold, and producers would be told of failures
+        // for events the next start then delivers.
+        tracing::error!(
+            appends = answered.len(),
+            "the database writer has stopped; the ingest journal refuses new events until courier restarts"
+        );
+        for tx in answered {
+            drop(tx.send(Ok(AppendResult::Created)));
+        }
+        return false;
+    }
+    let unsent = match answers {
+        Some(_) if answered.is_empty() => None,
+        Some(to) => to.send(answered).err().map(|e| e.0),
+        None => Some(answered),
+    };
+    // Without a runtime (or once it is gone, shutting down), answer from here.
+    for tx in unsent.into_iter().flatten() {
+        drop(tx.send(Ok(AppendResult::Created)));
+    }
+    if journal.lap_full() {
+        // The writer checkpoints once it has applied this file's records (they are ahead
+        // of this command on its channel).
+        let _ = writer.blocking_send(Command::Checkpoint);
+        *must_cover = journal.switch();
+    }
+    true
 }

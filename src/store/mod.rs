@@ -618,7 +618,7 @@ impl Store {
         let needs_writer = !journaler::creates_for_sure(&batch);
         let (tx, rx) = oneshot::channel();
         self.journal
-            .send((batch, tx))
+            .send(journaler::Append::Event(batch, tx))
             .await
             .map_err(|_| self.gone())?;
         if !needs_writer {
@@ -632,6 +632,24 @@ impl Store {
                  for its write errors); it may still be accepted: send it again with the same \
                  idempotency key or id to learn its outcome"
             ))),
+        }
+    }
+
+    /// Returns once every append handed to the journal before this call is in the writer's
+    /// queue (or was refused), so that a change sent to the writer after it is applied after
+    /// them. An append whose caller went away (a producer that hung up) is still written once
+    /// it was handed over; an endpoint's delete waits for those before it drops what is
+    /// queued for the endpoint (see [`crate::gate`]).
+    pub async fn journal_barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .journal
+            .send(journaler::Append::Barrier(tx))
+            .await
+            .is_ok()
+        {
+            // Dropped unanswered only when the journal thread stopped, taking nothing more.
+            let _ = rx.await;
         }
     }
 
@@ -2102,6 +2120,28 @@ pub(crate) mod tests {
         assert_eq!(store.unfinished_drops().unwrap(), ["x"]);
         assert_eq!(store.drop_pending("x", "", 0).await.unwrap(), 0);
         assert!(store.unfinished_drops().unwrap().is_empty());
+    }
+
+    /// A producer that hangs up after its event was handed to the journal: the append is
+    /// still written, and a change sent to the writer after the barrier (an endpoint's drop)
+    /// comes after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_abandoned_after_the_hand_over_reach_the_writer_before_the_barrier_returns() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let n = 3000;
+        for _ in 0..n {
+            let mut b = batch("unused", crate::model::now_ms());
+            b.idempotency = None;
+            // One poll hands it over (the queue has room; the task's scheduling budget, spent
+            // after a hundred or so, is set aside); then its caller goes away.
+            let abandoned = tokio::task::unconstrained(store.append(b));
+            assert!(abandoned.now_or_never().is_none());
+        }
+        store.journal_barrier().await;
+        let dropped = store.drop_pending("e", "deleted", 2 * n).await.unwrap();
+        assert_eq!(dropped, n);
     }
 
     async fn kill(store: &Store, id: &str) {
