@@ -205,6 +205,12 @@ pub(crate) fn second_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.clear_stale();
+    }
+}
+
 impl Journal {
     /// Opens (or creates) the journal of the database whose journal id is `id` and reads the
     /// records after `checkpoint_seq`, the last sequence number the database's durable state
@@ -378,6 +384,31 @@ impl Journal {
                     "journal {}: write: {e}",
                     side.path.display()
                 )))
+            }
+        }
+    }
+
+    /// Writes zeros over what failed writes may have left in either file, where the zeros
+    /// written right after them failed too and no batch has covered them since. Done as the
+    /// journal closes: records whose producers were told they failed must not come back at
+    /// the next start. Whatever still fails stays as it was (and is logged).
+    fn clear_stale(&mut self) {
+        for side in &mut self.sides {
+            if side.stale_to == 0 {
+                continue;
+            }
+            let at = side.offset - side.tail.len() as u64;
+            self.job.clear();
+            self.job.extend_from_slice(&side.tail);
+            self.job
+                .resize(side.stale_to.saturating_sub(at) as usize, 0);
+            match side.put(&self.job, at) {
+                Ok(()) => side.stale_to = 0,
+                Err(e) => tracing::error!(
+                    path = %side.path.display(),
+                    error = %e,
+                    "cannot write over a failed journal write; events refused with 503 may come back at the next start"
+                ),
             }
         }
     }
@@ -703,6 +734,28 @@ mod tests {
             let (_, pending) = open(dir, 1);
             let got: Vec<(u64, u8)> = pending.iter().map(|(s, p)| (*s, p[0])).collect();
             assert_eq!(got, [(2, 2)]);
+        });
+    }
+
+    #[test]
+    fn records_whose_zeros_failed_too_are_written_over_when_the_journal_closes() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            j.push(&[1; 100]);
+            j.write().unwrap();
+            for _ in 0..3 {
+                j.push(&[0xee; 100]);
+            }
+            // The write reaches the disk but reports a failure, and the zeros after it are
+            // refused; courier then stops before another batch is written.
+            j.sides[0].fail_after_write = 1;
+            j.sides[0].refuse = 1;
+            assert!(j.write().is_err());
+            assert_ne!(j.sides[0].stale_to, 0);
+            drop(j);
+            let (_, pending) = open(dir, 0);
+            let got: Vec<(u64, u8)> = pending.iter().map(|(s, p)| (*s, p[0])).collect();
+            assert_eq!(got, [(1, 1)]);
         });
     }
 
