@@ -45,6 +45,9 @@ const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 const CHECKPOINT_WAIT_STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the journal thread takes, in order.
+// Not boxed: nearly every message is an event (as large as before there were barriers),
+// and a box would cost an allocation per ingest.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Append {
     /// A new event on its way to the journal.
     Event(AppendBatch, AppendReply),
