@@ -44,7 +44,7 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
 const METRICS_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Refreshes the gauges that are derived from stored state, then encodes everything.
-async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(app): State<AppState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     // The gauges below read the database: let it show every event acknowledged before the
     // scrape, but never hold a scrape for long (a stuck database is when metrics matter).
     if !app.store.settle_within(METRICS_SETTLE).await {
@@ -123,11 +123,80 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         _ => 0.0,
     };
     m.oldest_pending_age.set(age);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
+    // OpenMetrics to a scraper that asks for it (Prometheus does); the classic Prometheus
+    // text format to everyone else, whose parsers may not know OpenMetrics.
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            m.encode(),
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            prometheus_text(&m.encode()),
+        )
+    }
+}
+
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition: a counter's
+/// family is named with its `_total` suffix, as its samples are, and there is no `# EOF` or
+/// `# UNIT` line. Samples, labels, gauges and histograms read the same in both.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let name = rest.split(' ').next().unwrap_or_default();
+                out.push_str(p);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push_str(&rest[name.len()..]);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_named_with_their_total_and_the_openmetrics_only_lines_go() {
+        let om = "# HELP a_events Events.\n# TYPE a_events counter\na_events_total 3\n\
+                  # HELP b_depth Depth.\n# TYPE b_depth gauge\nb_depth{endpoint=\"x\"} 2\n\
+                  # HELP c_seconds Latency.\n# TYPE c_seconds histogram\n# UNIT c_seconds seconds\n\
+                  c_seconds_sum 0.5\nc_seconds_count 1\nc_seconds_bucket{le=\"+Inf\"} 1\n# EOF\n";
+        assert_eq!(
+            super::prometheus_text(om),
+            "# HELP a_events_total Events.\n# TYPE a_events_total counter\na_events_total 3\n\
+             # HELP b_depth Depth.\n# TYPE b_depth gauge\nb_depth{endpoint=\"x\"} 2\n\
+             # HELP c_seconds Latency.\n# TYPE c_seconds histogram\n\
+             c_seconds_sum 0.5\nc_seconds_count 1\nc_seconds_bucket{le=\"+Inf\"} 1\n"
+        );
+    }
 }

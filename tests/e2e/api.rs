@@ -356,3 +356,46 @@ async fn errors_the_framework_answers_have_the_json_shape_too() {
     shape("ws with two tokens", s, &v, 400, "bad_request");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_come_as_prometheus_text_or_as_openmetrics_to_a_scraper_that_asks() {
+    let rx = Receiver::start().await;
+    let c = Courier::with_endpoint("app", &rx.url("/"), "").await;
+    c.send(json!({"event_type": "t", "payload": {}})).await;
+    let get = |accept: Option<&'static str>| {
+        let mut r = reqwest::Client::new().get(format!("{}/metrics", c.base));
+        if let Some(a) = accept {
+            r = r.header("accept", a);
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+            (ct, resp.text().await.unwrap())
+        }
+    };
+    let (ct, plain) = get(None).await;
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(
+        plain.contains(
+            "# TYPE courier_events_ingested_total counter\ncourier_events_ingested_total 1\n"
+        ),
+        "{plain}"
+    );
+    assert!(!plain.contains("# EOF"), "{plain}");
+    // What Prometheus sends.
+    let (ct, om) = get(Some(
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert!(
+        ct.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{ct}"
+    );
+    assert!(
+        om.contains("# TYPE courier_events_ingested counter\ncourier_events_ingested_total 1\n"),
+        "{om}"
+    );
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    c.stop().await;
+}
