@@ -371,7 +371,40 @@ struct RawUpstream {
 
 // ---------------------------------------------------------------------------------------------
 
+/// Tokens shorter than this are accepted with a warning: easy to guess, but an operator's
+/// choice (a local test setup, say), and refusing them would stop the start.
+pub const SHORT_TOKEN: usize = 16;
+
 impl Config {
+    /// What in this configuration works but is probably a mistake: short tokens, endpoints
+    /// without secrets (their deliveries are sent unsigned). `courier check` prints these;
+    /// the server logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.key_warnings();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if e.secrets.is_empty() {
+                out.push(format!(
+                    "endpoints[{i}].secrets: `{}` has no secrets; its deliveries are sent unsigned",
+                    e.name
+                ));
+            }
+        }
+        out
+    }
+
+    /// The warnings about `[[keys]]` alone (the endpoints' are logged as they are installed).
+    pub fn key_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            if k.token.len() < SHORT_TOKEN {
+                out.push(format!(
+                    "keys[{i}].token is shorter than {SHORT_TOKEN} characters: easy to guess; use `courier secret` or another long random string"
+                ));
+            }
+        }
+        out
+    }
+
     /// The embedded defaults: `courier serve` with no file.
     pub fn defaults() -> Config {
         Self::from_raw(RawConfig::default(), Path::new("."), None)
@@ -486,11 +519,8 @@ impl Config {
                     "contains whitespace or control characters (a trailing newline from a secret file?)",
                 ));
             }
-            if k.token.len() < 16 {
-                return Err(ConfigError::invalid(
-                    format!("keys[{i}].token"),
-                    "must be at least 16 characters",
-                ));
+            if k.token.is_empty() {
+                return Err(ConfigError::invalid(format!("keys[{i}].token"), "is empty"));
             }
             if let Some(j) = keys.iter().position(|o: &KeyConfig| o.token == k.token) {
                 // Two entries with one token: only one's scopes could ever apply.

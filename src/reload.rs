@@ -195,6 +195,9 @@ pub fn reload(app: &Arc<App>, force: bool) {
     });
     match loaded {
         Ok(new) => {
+            for w in new.key_warnings() {
+                tracing::warn!("{w}");
+            }
             let restart_needed = apply(app, new);
             app.plugins.forget_unconfigured(&app.config.load().plugins);
             // Unloaded a little later, against the configuration running then (a plugin

@@ -63,6 +63,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let created_key = app::ensure_key(&mut config, &data_dir)
         .with_context(|| format!("cannot write the admin key into {}", data_dir.display()))?;
+    for w in config.key_warnings() {
+        tracing::warn!("{w}");
+    }
     let db_path = data_dir.join("courier.redb");
     let store = Store::open(&db_path, config.server.quick_repair)
         .with_context(|| format!("cannot open {}", db_path.display()))?;

@@ -528,13 +528,8 @@ fn check(path: &PathBuf) -> anyhow::Result<()> {
     if let Err(errors) = crate::plugins::check(&config.plugins) {
         anyhow::bail!("{}", errors.join("\n"));
     }
-    for (i, e) in config.endpoints.iter().enumerate() {
-        if e.secrets.is_empty() {
-            eprintln!(
-                "warning: endpoints[{i}].secrets: `{}` has no secrets; its deliveries are sent unsigned",
-                e.name
-            );
-        }
+    for w in config.warnings() {
+        eprintln!("warning: {w}");
     }
     println!(
         "{}: ok ({} endpoints, {} keys, {} plugins, {} workflows)",

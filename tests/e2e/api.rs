@@ -399,3 +399,13 @@ async fn metrics_come_as_prometheus_text_or_as_openmetrics_to_a_scraper_that_ask
     assert!(om.ends_with("# EOF\n"), "{om}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_short_token_is_accepted_with_a_warning_not_refused() {
+    let c = Courier::start("[[keys]]\ntoken = \"test-key\"\nscopes = [\"admin\"]\n").await;
+    let (s, v) = c.get_as("/v1/deliveries", Some("test-key")).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = c.get_as("/v1/deliveries", Some("test-kez")).await;
+    assert_eq!(s, 401);
+    c.stop().await;
+}

@@ -167,6 +167,10 @@ fn check_names_the_bad_key() {
             "keys[0].token",
         ),
         ("[server\n", "courier.toml"),
+        (
+            "[[keys]]\ntoken = \"\"\nscopes = [\"admin\"]\n",
+            "keys[0].token: is empty",
+        ),
     ];
     for (text, key) in cases {
         let path = dir.path().join("courier.toml");
@@ -191,6 +195,19 @@ fn check_names_the_bad_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("endpoints[0].secrets") && err.contains("unsigned"),
+        "{err}"
+    );
+    // So is a short token (easy to guess, but the operator's choice): a warning says so.
+    std::fs::write(
+        &path,
+        "[[keys]]\ntoken = \"test-key\"\nscopes = [\"admin\", \"ingest\"]\n",
+    )
+    .unwrap();
+    let out = courier(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("keys[0].token is shorter than 16 characters"),
         "{err}"
     );
     let out = courier(&["check", "--config", "/nonexistent/courier.toml"], &[]);
