@@ -458,12 +458,25 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let s = raw.server;
         let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
-        let listen: SocketAddr = listen_text.parse().map_err(|_| {
-            ConfigError::invalid(
-                "server.listen",
-                format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
-            )
-        })?;
+        // An address, or a host name and port (`localhost:8080`), resolved once, here.
+        let listen: SocketAddr = match listen_text.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                use std::net::ToSocketAddrs;
+                listen_text
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        ConfigError::invalid(
+                            "server.listen",
+                            format!(
+                                "`{listen_text}` is not an address like 127.0.0.1:8080 (or a host name that resolves, with a port)"
+                            ),
+                        )
+                    })?
+            }
+        };
         if s.data_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
             return Err(ConfigError::invalid("server.data_dir", "must not be empty"));
         }
@@ -1181,6 +1194,15 @@ mod tests {
     fn defaults_match_design() {
         let c = Config::defaults();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        let named = Config::parse(
+            "[server]\nlisten = \"localhost:9000\"",
+            Path::new("."),
+            None,
+            "t",
+        )
+        .unwrap();
+        assert!(named.server.listen.ip().is_loopback());
+        assert_eq!(named.server.listen.port(), 9000);
         assert_eq!(c.delivery.schedule.len(), 8);
         assert_eq!(c.delivery.schedule[7], Duration::from_secs(7200));
         assert!(!c.delivery.allow_private_networks);
