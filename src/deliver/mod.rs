@@ -186,8 +186,22 @@ pub async fn send(
         error_detail: None,
         retry_after,
         abort,
-        body_excerpt: String::from_utf8_lossy(&excerpt).into_owned(),
+        body_excerpt: excerpt_text(&excerpt),
     }
+}
+
+/// The response excerpt as text, at most [`RESPONSE_EXCERPT`] bytes: bytes that are not
+/// UTF-8 become U+FFFD, three bytes each, so the text is cut again at a character boundary.
+fn excerpt_text(bytes: &[u8]) -> String {
+    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    if text.len() > RESPONSE_EXCERPT {
+        let mut end = RESPONSE_EXCERPT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// How long the response body excerpt is waited for once the status is in.
@@ -209,6 +223,16 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_excerpt_stays_within_its_4_kib_whatever_the_bytes() {
+        let binary = excerpt_text(&[0xff; RESPONSE_EXCERPT]);
+        assert!(binary.len() <= RESPONSE_EXCERPT, "{}", binary.len());
+        assert!(binary.chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+        assert_eq!(excerpt_text(b"ok"), "ok");
+        let text = "é".repeat(RESPONSE_EXCERPT / 2);
+        assert_eq!(excerpt_text(text.as_bytes()), text);
+    }
 
     #[test]
     fn retry_after_forms() {
