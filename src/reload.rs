@@ -332,6 +332,8 @@ fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
     // Wake every worker so that changed limits apply now and removed endpoints' workers stop,
     // and start workers for (re)added endpoints that have deliveries waiting.
     app.scheduler.notify_all();
+    app.workflows.wake();
+    crate::workflows::warn_unconfigured(app);
     for name in touched {
         if app.store.pending_count(&name) > 0 {
             Scheduler::wake(app, &name);

@@ -51,6 +51,8 @@ pub enum WorkflowError {
 pub struct Workflows {
     wake: Notify,
     busy: Mutex<HashSet<String>>,
+    /// How many timers are being handled: upstream calls per workflow, and the others.
+    firing: Mutex<Firing>,
     upstream: std::sync::OnceLock<reqwest::Client>,
     /// Per workflow: the `upstream.max_in_flight` its semaphore was made for, and the
     /// semaphore. A reload that changes the limit makes a new one; calls holding slots of
@@ -58,13 +60,29 @@ pub struct Workflows {
     slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
-/// The most timers handled at once. An upstream call waiting for its workflow's slot counts,
-/// so a burst or a restart with many pending channels neither spawns a task per channel nor
-/// makes every scan of the timers skip past thousands of busy ones. Timers are taken in due
-/// order, so the earliest due go first.
+#[derive(Default)]
+struct Firing {
+    upstream: HashMap<String, usize>,
+    other: usize,
+}
+
+/// The most callback timeouts and simulations handled at once (a simulation runs a plugin),
+/// so that a burst of them neither spawns a task per channel nor makes every scan of the
+/// timers skip past thousands of busy ones. Upstream calls are counted per workflow instead,
+/// up to its `max_in_flight`: a workflow's calls beyond that stay in its queue in the store,
+/// so a backed-up upstream holds back only its own workflow.
 const MAX_FIRING: usize = 1024;
 
+/// The longest the timer loop sleeps without looking at the store.
+const MAX_SLEEP: Duration = Duration::from_secs(5);
+
 impl Workflows {
+    /// Makes the timer loop look again (a reload may have added a workflow back or raised
+    /// its `max_in_flight`).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     fn upstream_client(&self) -> &reqwest::Client {
         // The upstream is the operator's own service (configured, not customer-supplied), so
         // the SSRF guard does not apply; redirects are still not followed.
@@ -101,8 +119,32 @@ impl Workflows {
     }
 }
 
+/// Warns of upstream calls waiting for a workflow that is not configured (removed or renamed
+/// by a reload, or missing from the file courier started with): they are neither failed nor
+/// made until a workflow of that name is configured again.
+pub fn warn_unconfigured(app: &App) {
+    const CAP: u64 = 1_000_000;
+    let config = app.config.load();
+    match app.store.upstream_queues(CAP) {
+        Ok(queues) => {
+            for (workflow, n) in queues {
+                if config.workflow(&workflow).is_none() {
+                    let calls = if n >= CAP {
+                        format!("{CAP} or more")
+                    } else {
+                        n.to_string()
+                    };
+                    tracing::warn!(workflow = %workflow, calls = %calls, "upstream calls wait for a workflow that is not configured; they are made once it is configured again");
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the workflows' upstream queues"),
+    }
+}
+
 /// Starts the timer loop.
 pub fn start(app: &Arc<App>) {
+    warn_unconfigured(app);
     let app2 = app.clone();
     app.tasks.spawn(async move { timer_loop(app2).await });
 }
@@ -113,42 +155,128 @@ async fn timer_loop(app: Arc<App>) {
             return;
         }
         let skip = app.workflows.busy.lock().expect("busy").clone();
-        let room = MAX_FIRING.saturating_sub(skip.len()).min(64);
-        if room == 0 {
-            // At the cap: a finishing timer wakes the loop.
-            tokio::select! {
-                _ = app.workflows.wake.notified() => {}
-                _ = app.shutdown.cancelled() => return,
-            }
-            continue;
-        }
         let now = now_ms();
-        let (due, next) = match app.store.due_timers(now, room, &skip) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read workflow timers; retrying in 1s");
-                (Vec::new(), Some(now + 1000))
+        let mut next: Option<u64> = None;
+        let mut soonest = |at: Option<u64>| {
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |n: u64| n.min(at)));
             }
         };
-        for (_, id, kind) in due {
-            if !app.workflows.busy.lock().expect("busy").insert(id.clone()) {
+        // Callback timeouts and simulations, up to the cap (at the cap, a finishing timer
+        // wakes the loop).
+        let other = app.workflows.firing.lock().expect("firing").other;
+        let room = MAX_FIRING.saturating_sub(other).min(64);
+        if room > 0 {
+            match app.store.due_timers(now, room, &skip) {
+                Ok((due, at)) => {
+                    soonest(at);
+                    for (_, id, kind) in due {
+                        spawn_fire(&app, id, kind, None);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read workflow timers; retrying in 1s");
+                    soonest(Some(now + 1000));
+                }
+            }
+        }
+        // Each configured workflow's upstream calls, as many as it has free slots. A
+        // workflow removed by a reload keeps its queue until it comes back.
+        let config = app.config.load_full();
+        for wf in &config.workflows {
+            let firing = app
+                .workflows
+                .firing
+                .lock()
+                .expect("firing")
+                .upstream
+                .get(&wf.name)
+                .copied()
+                .unwrap_or(0);
+            let room = wf.upstream_max_in_flight.saturating_sub(firing).min(64);
+            if room == 0 {
                 continue;
             }
-            let app2 = app.clone();
-            app.tasks.spawn(async move {
-                fire(&app2, &id, kind).await;
-                app2.workflows.busy.lock().expect("busy").remove(&id);
-                app2.workflows.wake.notify_one();
-            });
+            match app.store.due_upstream_calls(&wf.name, now, room, &skip) {
+                Ok((due, at)) => {
+                    soonest(at);
+                    for (_, id, kind) in due {
+                        spawn_fire(&app, id, kind, Some(&wf.name));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(workflow = %wf.name, error = %e, "cannot read workflow upstream calls; retrying in 1s");
+                    soonest(Some(now + 1000));
+                }
+            }
         }
-        let sleep = next.map_or(Duration::from_secs(3600), |at| {
-            Duration::from_millis(at.saturating_sub(now_ms()))
+        // Never long: a wake-up lost to a request abandoned at the wrong moment, or a
+        // workflow's calls held back for any other reason, wait seconds, not an hour.
+        let sleep = next.map_or(MAX_SLEEP, |at| {
+            Duration::from_millis(at.saturating_sub(now_ms())).min(MAX_SLEEP)
         });
         tokio::select! {
             _ = app.workflows.wake.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
             _ = app.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Handles one due timer on a task of its own, counted against its workflow's upstream slots
+/// (`workflow`) or the cap on the other timers, unless the channel is already being handled.
+fn spawn_fire(app: &Arc<App>, id: String, kind: TimerKind, workflow: Option<&str>) {
+    if !app.workflows.busy.lock().expect("busy").insert(id.clone()) {
+        return;
+    }
+    let workflow = workflow.map(str::to_string);
+    {
+        let mut firing = app.workflows.firing.lock().expect("firing");
+        match &workflow {
+            Some(w) => *firing.upstream.entry(w.clone()).or_default() += 1,
+            None => firing.other += 1,
+        }
+    }
+    let done = Fired {
+        app: app.clone(),
+        id,
+        workflow,
+    };
+    app.tasks.spawn(async move {
+        fire(&done.app, &done.id, kind).await;
+        drop(done);
+    });
+}
+
+/// A timer being handled. Dropped when its task ends, however it ends (a panic included),
+/// it gives back the channel and the slot and wakes the loop: a slot kept by a task that
+/// died would stop its workflow's queue for good.
+struct Fired {
+    app: Arc<App>,
+    id: String,
+    workflow: Option<String>,
+}
+
+impl Drop for Fired {
+    fn drop(&mut self) {
+        let w = &self.app.workflows;
+        if let Ok(mut firing) = w.firing.lock() {
+            match &self.workflow {
+                Some(name) => {
+                    if let Some(n) = firing.upstream.get_mut(name) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            firing.upstream.remove(name);
+                        }
+                    }
+                }
+                None => firing.other = firing.other.saturating_sub(1),
+            }
+        }
+        if let Ok(mut busy) = w.busy.lock() {
+            busy.remove(&self.id);
+        }
+        w.wake.notify_one();
     }
 }
 
@@ -181,6 +309,9 @@ pub async fn open(
         updated_ms: now,
         delivery_ids: Vec::new(),
     };
+    // Wakes the timer loop when this ends, however: a client that hangs up while the
+    // channel is being committed drops this future, and the commit may land all the same.
+    let _wake = WakeOnDrop(&app.workflows.wake);
     match app
         .store
         .channel_change(ChannelChange {
@@ -202,8 +333,15 @@ pub async fn open(
         .get_or_create(&vec![("workflow", wf.name.clone())])
         .inc();
     tracing::info!(channel = %id, workflow = %wf.name, "async request accepted");
-    app.workflows.wake.notify_one();
     Ok(channel)
+}
+
+struct WakeOnDrop<'a>(&'a Notify);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 /// A JSON object's members in the order written, each value exactly as written.
@@ -345,6 +483,14 @@ async fn fire(app: &Arc<App>, id: &str, kind: TimerKind) {
         }
         // The simulator may have been removed by a reload since the timer was set: then the
         // timer no longer applies, and the callback timeout decides.
+        // A simulation plays a callback, so past the channel's deadline it is too late, as
+        // a real callback would be (after a restart, say, both timers are due).
+        TimerKind::Simulate
+            if ch.state == ChannelState::AwaitingCallback
+                && is_due(&ch, TimerKind::CallbackTimeout) =>
+        {
+            time_out(app, ch).await
+        }
         TimerKind::Simulate
             if ch.state == ChannelState::AwaitingCallback && wf.simulate.is_some() =>
         {
@@ -885,6 +1031,10 @@ async fn simulate(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advanced 
     })
     .await
     .unwrap_or_else(|e| Err(crate::plugins::PluginError::NotLoaded(e.to_string())));
+    if is_due(&ch, TimerKind::CallbackTimeout) {
+        // The plugin ran past the deadline: its answer comes too late.
+        return time_out(app, ch).await;
+    }
     match result.map(|text| serde_json::from_str::<Value>(&text)) {
         Ok(Ok(Value::Object(obj))) if obj.contains_key("data") => {
             complete(app, &ch, &obj, true).await

@@ -430,6 +430,7 @@ impl Store {
         // Create every table up front so that readers never meet a missing table.
         let txn = db.begin_write()?;
         let (checkpoint_seq, journal_id);
+        let format;
         {
             // Before anything else touches the file (the migrations below, the journal's
             // replay): a newer format is left as it is. A database made before the format
@@ -437,22 +438,24 @@ impl Store {
             {
                 let mut meta = txn.open_table(META)?;
                 let found = meta.get(FORMAT)?.map(|v| v.value());
-                match found {
+                format = match found {
                     Some(found) if found > FORMAT_VERSION => {
                         return Err(StoreError::NewerFormat {
                             found,
                             supported: FORMAT_VERSION,
                         });
                     }
-                    Some(_) => {}
+                    Some(found) => found,
                     // A new database is in this build's format; one from before the format
                     // was recorded (it has a journal id) is in format 1, and migrations
                     // below raise it.
                     None => {
                         let existing = meta.get(JOURNAL_ID)?.is_some();
-                        meta.insert(FORMAT, if existing { 1 } else { FORMAT_VERSION })?;
+                        let format = if existing { 1 } else { FORMAT_VERSION };
+                        meta.insert(FORMAT, format)?;
+                        format
                     }
-                }
+                };
             }
             txn.open_table(EVENTS)?;
             txn.open_table(DELIVERIES)?;
@@ -466,6 +469,7 @@ impl Store {
             txn.open_table(ROLLUPS)?;
             let channels = txn.open_table(CHANNELS)?;
             txn.open_table(TIMERS)?;
+            txn.open_table(UPSTREAM_TIMERS)?;
             txn.open_table(ENDPOINTS)?;
             txn.open_table(COUNTS)?;
             let mut meta = txn.open_table(META)?;
@@ -497,6 +501,10 @@ impl Store {
                     }
                 }
                 meta.insert(CHANNELS_DONE_BUILT, 1)?;
+            }
+            if format < 2 {
+                move_upstream_timers(&txn, &channels)?;
+                meta.insert(FORMAT, 2)?;
             }
             if meta.get(BY_STATUS_NO_PENDING)?.is_none() {
                 let pending = DeliveryStatus::Pending.as_str();
@@ -831,8 +839,9 @@ impl Store {
         }
     }
 
-    /// Workflow timers due at `now_ms` (at most `limit`, skipping channels in `skip`), and
-    /// the next due time beyond them.
+    /// Workflow timers but upstream calls (see [`Store::due_upstream_calls`]) due at
+    /// `now_ms` (at most `limit`, skipping channels in `skip`), and the next due time beyond
+    /// them.
     pub fn due_timers(
         &self,
         now_ms: u64,
@@ -859,6 +868,65 @@ impl Store {
             }
         }
         Ok((due, None))
+    }
+
+    /// Upstream calls of `workflow` due at `now_ms`, oldest due first (at most `limit`,
+    /// skipping channels in `skip`), and the next due time beyond them.
+    pub fn due_upstream_calls(
+        &self,
+        workflow: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<String>,
+    ) -> Result<DueTimers, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(UPSTREAM_TIMERS)?;
+        let mut due = Vec::new();
+        for row in t.range((workflow, 0, "")..=(workflow, u64::MAX, "\u{10ffff}"))? {
+            let (k, _) = row?;
+            let (_, at, id) = k.value();
+            if skip.contains(id) {
+                continue;
+            }
+            if at > now_ms || due.len() >= limit {
+                return Ok((due, Some(at)));
+            }
+            due.push((at, id.to_string(), TimerKind::Upstream));
+        }
+        Ok((due, None))
+    }
+
+    /// Every workflow with upstream calls waiting in its queue, and how many (at most
+    /// `cap` counted per workflow).
+    pub fn upstream_queues(&self, cap: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(UPSTREAM_TIMERS)?;
+        let mut out = Vec::new();
+        let mut from: Option<String> = None;
+        loop {
+            let first = match &from {
+                None => t.iter()?.next(),
+                Some(w) => t
+                    .range((w.as_str(), u64::MAX, "\u{10ffff}")..)?
+                    .find(|r| r.as_ref().map_or(true, |(k, _)| k.value().0 != w.as_str())),
+            };
+            let Some(row) = first else {
+                return Ok(out);
+            };
+            let workflow = row?.0.value().0.to_string();
+            let mut n = 0;
+            for row in
+                t.range((workflow.as_str(), 0, "")..=(workflow.as_str(), u64::MAX, "\u{10ffff}"))?
+            {
+                row?;
+                n += 1;
+                if n >= cap {
+                    break;
+                }
+            }
+            out.push((workflow.clone(), n));
+            from = Some(workflow);
+        }
     }
 
     /// Deliveries of `endpoint` due at `now_ms`, oldest due first, at most `limit`, skipping
@@ -1201,6 +1269,40 @@ fn build_dead_by_endpoint(
     Ok(())
 }
 
+/// Moves the upstream-call timers of a format 1 database from [`TIMERS`] to their workflow's
+/// queue in [`UPSTREAM_TIMERS`] (format 2). Runs once, in the transaction that opens such a
+/// database; a timer whose channel is gone is dropped, as firing it would have.
+fn move_upstream_timers(
+    txn: &redb::WriteTransaction,
+    channels: &redb::Table<&str, &[u8]>,
+) -> Result<(), StoreError> {
+    let upstream = TimerKind::Upstream.code();
+    let mut timers = txn.open_table(TIMERS)?;
+    let mut queues = txn.open_table(UPSTREAM_TIMERS)?;
+    let mut moved = Vec::new();
+    for row in timers.iter()? {
+        let (k, _) = row?;
+        let (due, id, code) = k.value();
+        if code == upstream {
+            moved.push((due, id.to_string()));
+        }
+    }
+    for (due, id) in &moved {
+        timers.remove((*due, id.as_str(), upstream))?;
+        if let Some(v) = channels.get(id.as_str())? {
+            let ch: Channel = decode(v.value(), "channel")?;
+            queues.insert((ch.workflow.as_str(), *due, id.as_str()), ())?;
+        }
+    }
+    if !moved.is_empty() {
+        tracing::info!(
+            timers = moved.len(),
+            "workflow upstream calls: moved to a queue per workflow"
+        );
+    }
+    Ok(())
+}
+
 /// A database file whose writes can be made to fail, for tests of a failing disk.
 #[cfg(test)]
 mod failing {
@@ -1409,13 +1511,42 @@ pub(crate) mod tests {
         let b = batch("k", 1_000);
         let event_id = b.event.id.clone();
         store.append(b).await.unwrap();
+        let mut ch = channel("a", crate::model::ChannelState::Pending, 1, 1_000);
+        ch.timers = vec![(5, TimerKind::Upstream)];
+        store
+            .channel_change(ChannelChange {
+                channel: ch,
+                expect_version: None,
+                append: None,
+            })
+            .await
+            .unwrap();
         closed(store);
+        // As format 1 kept it: the upstream call among the other timers.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(UPSTREAM_TIMERS)
+                .unwrap()
+                .retain(|_, _| false)
+                .unwrap();
+            txn.open_table(TIMERS)
+                .unwrap()
+                .insert((5, "a", TimerKind::Upstream.code()), ())
+                .unwrap();
+            txn.commit().unwrap();
+        }
         set_recorded_format(&path, None);
         assert_eq!(recorded_format(&path), None);
         let store = Store::open(&path, true).unwrap();
         assert!(store.event(&event_id).unwrap().is_some());
+        // Counted as format 1, and migrated from there.
+        let due = store
+            .due_upstream_calls("w", 100, 10, &HashSet::new())
+            .unwrap();
+        assert_eq!(due.0.len(), 1, "{due:?}");
         closed(store);
-        assert_eq!(recorded_format(&path), Some(1));
+        assert_eq!(recorded_format(&path), Some(FORMAT_VERSION));
     }
 
     #[tokio::test]
@@ -1996,6 +2127,97 @@ pub(crate) mod tests {
             updated_ms: at,
             delivery_ids: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn upstream_calls_wait_in_a_queue_per_workflow_also_in_a_format_1_database() {
+        use crate::model::ChannelState::*;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let with = |id: &str, workflow: &str, state, timer: (u64, TimerKind)| {
+            let mut ch = channel(id, state, 1, 1_000);
+            ch.workflow = workflow.into();
+            ch.timers = vec![timer];
+            ChannelChange {
+                channel: ch,
+                expect_version: None,
+                append: None,
+            }
+        };
+        for change in [
+            with("a", "w", Pending, (5, TimerKind::Upstream)),
+            with("b", "v", Pending, (7, TimerKind::Upstream)),
+            with("c", "w", AwaitingCallback, (9, TimerKind::CallbackTimeout)),
+        ] {
+            let r = store.channel_change(change).await.unwrap();
+            assert!(matches!(r, AdvanceResult::Applied), "{r:?}");
+        }
+        let none = HashSet::new();
+        let ids = |due: DueTimers| -> (Vec<String>, Option<u64>) {
+            (due.0.into_iter().map(|(_, id, _)| id).collect(), due.1)
+        };
+        let check = |store: &Store| {
+            assert_eq!(
+                ids(store.due_upstream_calls("w", 100, 10, &none).unwrap()),
+                (vec!["a".to_string()], None)
+            );
+            assert_eq!(
+                ids(store.due_upstream_calls("v", 6, 10, &none).unwrap()),
+                (vec![], Some(7))
+            );
+            assert_eq!(
+                ids(store.due_timers(100, 10, &none).unwrap()),
+                (vec!["c".to_string()], None)
+            );
+        };
+        check(&store);
+
+        // The same channels in a database of format 1: upstream calls among the other
+        // timers (and one whose channel is gone).
+        let closer = store.closer();
+        drop(store);
+        assert!(closer.wait(std::time::Duration::from_secs(10)));
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut queues = txn.open_table(UPSTREAM_TIMERS).unwrap();
+                queues.retain(|_, _| false).unwrap();
+                let mut timers = txn.open_table(TIMERS).unwrap();
+                let up = TimerKind::Upstream.code();
+                for (due, id) in [(5, "a"), (7, "b"), (3, "gone")] {
+                    timers.insert((due, id, up), ()).unwrap();
+                }
+                txn.open_table(META).unwrap().insert(FORMAT, 1).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        check(&store);
+        assert_eq!(
+            ids(store.due_upstream_calls("v", 100, 10, &none).unwrap()),
+            (vec!["b".to_string()], None)
+        );
+        // A channel that moves on takes its call out of the queue.
+        let mut a = store.channel("a").unwrap().unwrap();
+        a.timers.clear();
+        a.version = 2;
+        let r = store
+            .channel_change(ChannelChange {
+                channel: a,
+                expect_version: Some(1),
+                append: None,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, AdvanceResult::Applied), "{r:?}");
+        assert_eq!(
+            ids(store.due_upstream_calls("w", 100, 10, &none).unwrap()),
+            (vec![], None)
+        );
+        closed(store);
+        assert_eq!(recorded_format(&path), Some(2));
     }
 
     #[tokio::test]

@@ -58,9 +58,16 @@ pub const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channel
 /// (finished ms, channel id) for every channel in a final state: retention deletes the old
 /// ones without reading the others (channel ids are random, so [`CHANNELS`] is no time index).
 pub const CHANNELS_DONE: TableDefinition<(u64, &str), ()> = TableDefinition::new("channels_done");
-/// Workflow timers: (due ms, channel id, kind code). Durable, so a restart neither loses nor
-/// double-fires them (a fired timer is removed in the same transaction as its effect).
+/// Workflow timers but upstream calls: (due ms, channel id, kind code). Durable, so a restart
+/// neither loses nor double-fires them (a fired timer is removed in the same transaction as
+/// its effect).
 pub const TIMERS: TableDefinition<(u64, &str, u8), ()> = TableDefinition::new("timers");
+/// Upstream-call timers, a queue per workflow: (workflow, due ms, channel id). Apart from
+/// [`TIMERS`] because a workflow whose upstream is backed up may have any number of calls due
+/// that cannot run yet; with a range of its own, the timer loop takes each workflow's next
+/// calls as its slots free up without reading past another workflow's backlog (since format 2).
+pub const UPSTREAM_TIMERS: TableDefinition<(&str, u64, &str), ()> =
+    TableDefinition::new("upstream_timers");
 
 /// API-made endpoints: name → JSON [`crate::endpoints::StoredEndpoint`].
 pub const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
@@ -95,7 +102,9 @@ pub const FORMAT: &str = "format";
 /// table's key or value, or the journal record raises this number and comes with a migration
 /// in [`super::Store::open`]; a build meeting a higher number refuses the data dir instead of
 /// misreading it, and a database made before the number existed is format 1.
-pub const FORMAT_VERSION: u64 = 1;
+///
+/// - 2: upstream-call timers moved from [`TIMERS`] to [`UPSTREAM_TIMERS`].
+pub const FORMAT_VERSION: u64 = 2;
 /// [`META`] key: a random number, made when the database is, that every journal record's
 /// checksum covers (a journal belongs to one database file).
 pub const JOURNAL_ID: &str = "journal_id";

@@ -22,7 +22,9 @@ use super::{
     AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, FINISHED, OUTCOME_HOLD,
     OutcomeRecord, PurgeCursor, PurgeRound, ReplayResult, ReplayTarget, Shared, StoreError,
 };
-use crate::model::{Channel, Delivery, DeliveryStatus, Event, id_floor, id_range, now_ms};
+use crate::model::{
+    Channel, Delivery, DeliveryStatus, Event, TimerKind, id_floor, id_range, now_ms,
+};
 
 /// Most commands folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -617,6 +619,7 @@ struct Tables<'t> {
     channels_done: Lazy<'t, (u64, &'static str), ()>,
     unrouted: Lazy<'t, (u64, &'static str), ()>,
     timers: Lazy<'t, (u64, &'static str, u8), ()>,
+    upstream_timers: Lazy<'t, (&'static str, u64, &'static str), ()>,
     endpoints: Lazy<'t, &'static str, &'static [u8]>,
     meta: Lazy<'t, &'static str, u64>,
     /// The bytes of the record being inserted: one buffer for every insert of the
@@ -643,6 +646,7 @@ impl<'t> Tables<'t> {
             channels_done: Lazy::new(txn, CHANNELS_DONE),
             unrouted: Lazy::new(txn, UNROUTED),
             timers: Lazy::new(txn, TIMERS),
+            upstream_timers: Lazy::new(txn, UPSTREAM_TIMERS),
             endpoints: Lazy::new(txn, ENDPOINTS),
             meta: Lazy::new(txn, META),
             scratch: Vec::new(),
@@ -1138,9 +1142,7 @@ impl<'t> Tables<'t> {
         }
         if let Some(cur) = &current {
             for (due, kind) in &cur.timers {
-                self.timers
-                    .open()?
-                    .remove((*due, cur.id.as_str(), kind.code()))?;
+                self.timer(cur, *due, *kind, false)?;
             }
         }
         let new = &change.channel;
@@ -1155,9 +1157,7 @@ impl<'t> Tables<'t> {
                 .insert((new.updated_ms, new.id.as_str()), ())?;
         }
         for (due, kind) in &new.timers {
-            self.timers
-                .open()?
-                .insert((*due, new.id.as_str(), kind.code()), ())?;
+            self.timer(new, *due, *kind, true)?;
         }
         self.channels
             .open()?
@@ -1173,6 +1173,36 @@ impl<'t> Tables<'t> {
             }
         }
         Ok(AdvanceResult::Applied)
+    }
+
+    /// Inserts (or removes) one of `ch`'s timers: an upstream call in its workflow's queue,
+    /// any other in the shared timer table.
+    fn timer(
+        &mut self,
+        ch: &Channel,
+        due: u64,
+        kind: TimerKind,
+        insert: bool,
+    ) -> Result<(), StoreError> {
+        let id = ch.id.as_str();
+        if kind == TimerKind::Upstream {
+            let key = (ch.workflow.as_str(), due, id);
+            let t = self.upstream_timers.open()?;
+            if insert {
+                t.insert(key, ())?;
+            } else {
+                t.remove(key)?;
+            }
+        } else {
+            let key = (due, id, kind.code());
+            let t = self.timers.open()?;
+            if insert {
+                t.insert(key, ())?;
+            } else {
+                t.remove(key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Creates, replaces or deletes an API endpoint; `false` when the name is taken (create)

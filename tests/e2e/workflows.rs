@@ -703,6 +703,175 @@ async fn more_due_upstream_calls_than_courier_runs_at_once_all_complete() {
     c.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backed_up_upstream_holds_back_only_its_own_workflow() {
+    // `slow`'s upstream never answers while the test runs and takes one call at a time, so
+    // every other call of `slow` waits; there are more of them than courier handles timers
+    // of other kinds at once.
+    let slow = Receiver::start().await;
+    slow.set_default(Reply::status(200).body(AI).delay(Duration::from_secs(120)));
+    let fast = Receiver::start().await;
+    fast.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"slow\"\nupstream = {{ url = \"{}\", timeout = \"120s\", max_in_flight = 1 }}\nendpoint = \"app\"\nevent_name = \"e\"\ncallback_timeout = \"1s\"\n[[workflows]]\nname = \"fast\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\nevent_name = \"e\"\ncallback_timeout = \"1s\"\n",
+        endpoint("app", &rx.url("/"), ""),
+        slow.url("/"),
+        fast.url("/"),
+    ))
+    .await;
+    const N: usize = 1100;
+    let http = c.http.clone();
+    let base = c.base.clone();
+    let opened: Vec<(u16, Value)> = futures_util::stream::iter(0..N)
+        .map(|_| {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                post_json(
+                    &http,
+                    &format!("{base}/v1/ai/async"),
+                    &json!({"workflow": "slow"}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(opened.iter().all(|(s, _)| *s == 202));
+    // `fast`'s request, opened behind all of those, gets its upstream call, its webhook
+    // and, with no callback, its callback timeout.
+    let id = open(&c, json!({"workflow": "fast"})).await;
+    let ch = wait_channel(&c, &id, |ch| ch["final"] == true).await;
+    assert_eq!(ch["latest"]["error"], "callback_timeout", "{ch}");
+    let got = rx.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].header("mr-channel-id"), id);
+    // `slow` got one call, and the rest of its requests still wait.
+    assert_eq!(slow.received().len(), 1);
+    let (_, ch) = c
+        .get(&format!(
+            "/v1/channels/{}",
+            opened[N - 1].1["channel_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(ch["status"], "pending", "{ch}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_left_by_a_removed_workflow_are_named_at_start_and_made_once_it_is_back() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    // The upstream holds its one call, so the other two wait in the workflow's queue.
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI).delay(Duration::from_secs(120)));
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = endpoint("app", &rx.url("/"), "");
+    let with = format!(
+        "{DELIVERY_FAST}{app}[[workflows]]\nname = \"movie_suggestion\"\nupstream = {{ url = \"{}\", timeout = \"120s\", max_in_flight = 1 }}\nendpoint = \"app\"\n",
+        upstream.url("/")
+    );
+    let cfg = write_config(dir.path(), &with);
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(open_at(&http, &p.base).await);
+    }
+    let deadline = std::time::Instant::now() + T;
+    while upstream.received().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no upstream call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.kill9();
+
+    // Started without the workflow: a warning names it and the calls waiting for it.
+    let cfg = write_config(dir.path(), &format!("{DELIVERY_FAST}{app}"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = stdout.next().unwrap().unwrap();
+    let base = listening
+        .strip_prefix("courier listening on ")
+        .unwrap()
+        .trim()
+        .to_string();
+    let (_, ch) = get_json(&http, &format!("{base}/v1/channels/{}", ids[2])).await;
+    assert_eq!(ch["status"], "pending", "{ch}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let warned: Vec<Value> = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+        .filter(|v| v["fields"]["workflow"] == "movie_suggestion")
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(warned[0]["fields"]["calls"], "3", "{warned:?}");
+    let message = warned[0]["fields"]["message"].as_str().unwrap();
+    assert!(message.contains("not configured"), "{message}");
+
+    // With the workflow back (and its upstream answering), every call is made.
+    upstream.set_default(Reply::status(200).body(AI));
+    let cfg = write_config(dir.path(), &with);
+    let p = Process::spawn(&cfg);
+    let got = rx.wait_for(3, T).await;
+    let mut channels: Vec<&str> = got.iter().map(|r| r.header("mr-channel-id")).collect();
+    channels.sort();
+    ids.sort();
+    assert_eq!(channels, ids);
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulation_due_after_the_callback_deadline_is_too_late() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "{DELIVERY_FAST}{}{}[[plugins]]\nname = \"inject-id\"\npath = \"{}\"\nkind = \"simulator\"\n",
+            endpoint("app", &rx.url("/"), ""),
+            workflow(
+                &upstream,
+                "event_name = \"e\"\nsimulate = \"inject-id\"\nsimulate_delay = \"1s\"\ncallback_timeout = \"2s\""
+            ),
+            plugin("inject-id").display()
+        ),
+    );
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    let id = open_at(&http, &p.base).await;
+    // The webhook went out, so both timers are set; courier is down past both.
+    rx.wait_for(1, T).await;
+    p.kill9();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let p = Process::spawn(&cfg);
+    let deadline = std::time::Instant::now() + T;
+    let ch = loop {
+        let (_, ch) = get_json(&http, &format!("{}/v1/channels/{id}", p.base)).await;
+        if ch["final"] == true {
+            break ch;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ended: {ch}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ch["latest"]["error"], "callback_timeout", "{ch:#}");
+    drop(p);
+}
+
 #[tokio::test]
 async fn an_upstream_answer_over_max_response_fails_the_channel_without_a_retry() {
     let upstream = Receiver::start().await;
