@@ -482,6 +482,53 @@ async fn simulation_plays_the_backend_with_inject_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_whose_client_hangs_up_at_once_still_reaches_the_subscribers() {
+    use tokio::io::AsyncWriteExt;
+    let (_upstream, rx, c) = started("event_name = \"e\"\ncallback_timeout = \"60s\"").await;
+    // The backend sends the whole callback and resets the connection a moment later (its
+    // own timeout, say), at a different moment for each channel, so that some resets land
+    // while courier is committing the completion.
+    for (n, reset_after_us) in (0..=3000).step_by(200).enumerate() {
+        let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+        rx.wait_for(n + 1, T).await;
+        let mut ws = Ws::connect(&c, &id).await;
+        while ws.next().await["status"] != "ai_generated" {}
+        let body = format!(r#"{{"data": {{"n": {n}}}}}"#);
+        let request = format!(
+            "POST /v1/callback/{id} HTTP/1.1\r\nhost: courier\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // Again if the reset came before courier read the request (then nothing happened).
+        for _ in 0..20 {
+            let mut s = tokio::net::TcpStream::connect(c.base.trim_start_matches("http://"))
+                .await
+                .unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_micros(reset_after_us)).await;
+            s.set_zero_linger().unwrap();
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
+            if ch["status"] != "ai_generated" {
+                break;
+            }
+        }
+        // The channel completed (the callback was committed), and its subscriber hears it.
+        let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
+        assert_eq!(ch["status"], "success", "{ch}");
+        let last = tokio::time::timeout(Duration::from_secs(5), ws.frames.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("reset after {reset_after_us} µs: the subscriber never heard the end")
+            })
+            .expect("socket open");
+        assert_eq!(last["status"], "success", "{last}");
+        assert_eq!(last["data"], json!({"n": n}));
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_past_the_deadline_is_too_late_even_before_the_timer_has_run() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(AI));
