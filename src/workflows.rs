@@ -309,9 +309,6 @@ pub async fn open(
         updated_ms: now,
         delivery_ids: Vec::new(),
     };
-    // Wakes the timer loop when this ends, however: a client that hangs up while the
-    // channel is being committed drops this future, and the commit may land all the same.
-    let _wake = WakeOnDrop(&app.workflows.wake);
     match app
         .store
         .channel_change(ChannelChange {
@@ -333,15 +330,8 @@ pub async fn open(
         .get_or_create(&vec![("workflow", wf.name.clone())])
         .inc();
     tracing::info!(channel = %id, workflow = %wf.name, "async request accepted");
+    app.workflows.wake.notify_one();
     Ok(channel)
-}
-
-struct WakeOnDrop<'a>(&'a Notify);
-
-impl Drop for WakeOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.notify_one();
-    }
 }
 
 /// A JSON object's members in the order written, each value exactly as written.

@@ -76,13 +76,10 @@ async fn callback(
     let value = read_json(&app, &headers, body)
         .await?
         .unwrap_or(Value::Null);
-    // On a task of its own: a backend that hangs up while the completion is being committed
-    // must not cut it off between the commit and the final message to the channel's
-    // subscribers (who would wait for it for ever).
-    let app2 = app.clone();
-    let ch = tokio::spawn(async move { workflows::callback(&app2, &id, value).await })
-        .await
-        .map_err(|e| ApiError::internal(format!("callback task failed: {e}")))??;
+    // (On a task of its own, as every change is: a backend that hangs up while the
+    // completion is being committed does not cut it off before the final message to the
+    // channel's subscribers.)
+    let ch = workflows::callback(&app, &id, value).await?;
     Ok(Json(
         json!({"channel_id": ch.id, "status": ch.state.as_str()}),
     ))

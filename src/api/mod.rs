@@ -44,7 +44,11 @@ pub fn router(app: AppState) -> Router {
         .merge(channels::router())
         .merge(workflows_list::router())
         .merge(console::router())
-        .layer(axum::middleware::from_fn_with_state(app.clone(), settle));
+        .layer(axum::middleware::from_fn_with_state(app.clone(), settle))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            run_to_completion,
+        ));
     // The ingest routes, on every producer's round trip, answer every error themselves in
     // the JSON shape and skip the layer that fixes up the framework's own answers.
     let framework_errors_fixed = Router::new()
@@ -108,6 +112,26 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
         header::HeaderValue::from_static("application/json"),
     );
     Response::from_parts(parts, Body::from(body))
+}
+
+/// Runs a request that changes something on a task of its own, to its end. A client that
+/// hangs up makes the server drop its request's future; a change whose commit had already
+/// been handed to the writer would land all the same, but what follows it would not (an
+/// endpoint made in the database but not in memory, a completed channel whose subscribers
+/// never hear of it). Reads are simply dropped. (The ingest routes, which are not under
+/// this layer, answer for their own: see `ingest`.)
+async fn run_to_completion(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.method().is_safe() {
+        return next.run(req).await;
+    }
+    match app.tasks.spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError::internal(format!("request task failed: {e}")).into_response(),
+    }
 }
 
 async fn settle(

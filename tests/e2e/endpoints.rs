@@ -1398,3 +1398,46 @@ async fn a_rate_limited_endpoint_made_again_under_a_deleted_name_starts_with_a_f
     rx.wait_for(2, Duration::from_secs(15)).await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_whose_client_hangs_up_while_it_is_made_is_made_whole_or_not_at_all() {
+    use tokio::io::AsyncWriteExt;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    // The client sends the whole request and resets the connection a moment later, at a
+    // different moment for each endpoint, so that some resets land while courier commits.
+    for (n, reset_after_us) in (0..=3000u64).step_by(200).enumerate() {
+        let name = format!("ep{n}");
+        let body = json!({"name": name, "url": rx.url("/"), "secrets": [SECRET]}).to_string();
+        let request = format!(
+            "POST /v1/endpoints HTTP/1.1\r\nhost: courier\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(c.base.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_micros(reset_after_us)).await;
+        s.set_zero_linger().unwrap();
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Either it was made, and is listed and used, or it was not, and can be made now.
+        let path = format!("/v1/endpoints/{name}");
+        let (s, e) = req(&c, reqwest::Method::GET, &path, None).await;
+        if s == 404 {
+            let made = req(
+                &c,
+                reqwest::Method::POST,
+                "/v1/endpoints",
+                Some(json!({"name": name, "url": rx.url("/"), "secrets": [SECRET]})),
+            )
+            .await;
+            assert_eq!(made.0, 201, "reset after {reset_after_us} µs: {}", made.1);
+        } else {
+            assert_eq!(s, 200, "{e}");
+        }
+        let id = send_to(&c, &name, n as i64).await;
+        c.wait_status(&id, "delivered", T).await;
+    }
+    c.stop().await;
+}
