@@ -679,9 +679,8 @@ async fn run_upstream(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advan
                 None => {
                     let msg = json!({"channel_id": ch.id, "status": "success", "data": data, "meta": meta});
                     let webhook = webhook(app, wf, &ch.id, "ai.completed", &msg);
-                    let mut next = ch.clone();
-                    next.ai_response = Some(data.to_string());
-                    finish(app, next, ChannelState::Succeeded, msg, webhook).await
+                    // The answer is in the final message: nothing later needs it apart.
+                    finish(app, ch, ChannelState::Succeeded, msg, webhook).await
                 }
                 Some(event) => {
                     let public = app.config.load().server.public_url.clone();
@@ -793,6 +792,43 @@ async fn finish(
     done
 }
 
+/// Marks a stored history message whose `ai_response` is the channel's own: the answer is
+/// kept once per channel, not once more in each message that carries it (the
+/// `ai_generated` message and an event-driven channel's final one), since the channel is
+/// rewritten whole at every step and an answer may be megabytes.
+const AI_RESPONSE_REF: &str = "ai_response_is_the_channels";
+
+/// `msg` as kept in `ch`'s history: without its `ai_response` when that is `ch`'s.
+fn stored_message(ch: &Channel, mut msg: Value) -> String {
+    if let (Some(own), Some(obj)) = (ch.ai_response.as_deref(), msg.as_object_mut())
+        && let Some(carried) = obj.get("ai_response")
+        && serde_json::from_str::<Value>(own).is_ok_and(|own| &own == carried)
+    {
+        obj.remove("ai_response");
+        obj.insert(AI_RESPONSE_REF.into(), Value::Bool(true));
+    }
+    msg.to_string()
+}
+
+/// A history message as it was published (see [`stored_message`]).
+pub fn message_text<'a>(ch: &Channel, m: &'a ChannelMessage) -> std::borrow::Cow<'a, str> {
+    if !m.message.contains(AI_RESPONSE_REF) {
+        return m.message.as_str().into();
+    }
+    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(&m.message) else {
+        return m.message.as_str().into();
+    };
+    if obj.remove(AI_RESPONSE_REF) == Some(Value::Bool(true)) {
+        let own = ch
+            .ai_response
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(Value::Null);
+        obj.insert("ai_response".into(), own);
+    }
+    Value::Object(obj).to_string().into()
+}
+
 fn final_label(state: ChannelState) -> &'static str {
     match state {
         ChannelState::Succeeded => "success",
@@ -812,7 +848,7 @@ async fn publish_change(
     let text = msg.to_string();
     next.history.push(ChannelMessage {
         at_ms: now_ms(),
-        message: text.clone(),
+        message: stored_message(&next, msg),
     });
     let seq = next.history.len() - 1;
     let last = next.state.is_final();
@@ -1053,7 +1089,7 @@ pub fn view(ch: &Channel) -> Value {
         .map(|m| {
             json!({
                 "at": crate::model::rfc3339(m.at_ms),
-                "message": serde_json::from_str::<Value>(&m.message).unwrap_or(Value::Null),
+                "message": serde_json::from_str::<Value>(&message_text(ch, m)).unwrap_or(Value::Null),
             })
         })
         .collect();

@@ -258,7 +258,8 @@ async fn catch_up(
         return None;
     };
     for m in ch.history.iter().skip(from) {
-        if !send(socket, Message::Text(m.message.clone().into())).await {
+        let text = workflows::message_text(&ch, m).into_owned();
+        if !send(socket, Message::Text(text.into())).await {
             return None;
         }
     }
@@ -273,7 +274,11 @@ async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: We
     let mut next = ch.history.len();
     let mut done = ch.state.is_final();
     if let Some(latest) = ch.history.last()
-        && !send(&mut socket, Message::Text(latest.message.clone().into())).await
+        && !send(
+            &mut socket,
+            Message::Text(workflows::message_text(&ch, latest).into_owned().into()),
+        )
+        .await
     {
         return;
     }

@@ -406,6 +406,58 @@ async fn event_driven_flow_completes_with_the_callback() {
 }
 
 #[tokio::test]
+async fn a_large_answer_is_kept_once_per_channel_and_shown_in_every_message_that_carries_it() {
+    let answer = json!({"text": format!("answer-{}", "x".repeat(200_000))});
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(&answer.to_string()));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "event_name = \"e\"")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    wait_channel(&c, &id, |ch| ch["status"] == "ai_generated").await;
+    let (s, _) = c
+        .post_json(&format!("/v1/callback/{id}"), &json!({"data": {"ok": 1}}))
+        .await;
+    assert_eq!(s, 200);
+    // Shown in full wherever it was published: the channel's history and a late socket.
+    let ch = wait_channel(&c, &id, |ch| ch["final"] == true).await;
+    let carried: Vec<&Value> = ch["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["message"].get("ai_response"))
+        .collect();
+    assert_eq!(
+        carried,
+        vec![&answer, &answer],
+        "{:?}",
+        ch["latest"]["status"]
+    );
+    let late = Ws::connect(&c, &id).await.rest().await;
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0]["ai_response"], answer);
+    assert_eq!(late[0], ch["latest"]);
+    // Stored once in the channel (the webhook's event has its own copy).
+    let stored = c.app().store.channel(&id).unwrap().unwrap();
+    let copies = stored
+        .ai_response
+        .iter()
+        .filter(|a| a.contains("answer-"))
+        .count()
+        + stored
+            .history
+            .iter()
+            .filter(|m| m.message.contains("answer-"))
+            .count();
+    assert_eq!(copies, 1);
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn no_callback_in_time_ends_with_callback_timeout() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(AI));
