@@ -21,12 +21,17 @@ pub struct Published {
 #[derive(Default)]
 pub struct Hub {
     channels: Mutex<HashMap<String, broadcast::Sender<Published>>>,
+    /// Open subscriptions (each taken by [`Hub::subscribe`], given back by
+    /// [`Hub::release`]); a finished channel leaves the map while its last subscribers
+    /// still send out its final message.
+    open: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
     /// Subscribes to a channel's future messages.
     pub fn subscribe(&self, channel: &str) -> broadcast::Receiver<Published> {
         let mut map = self.channels.lock().expect("hub lock");
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         map.entry(channel.to_string())
             .or_insert_with(|| broadcast::channel(64).0)
             .subscribe()
@@ -44,16 +49,18 @@ impl Hub {
         }
     }
 
-    /// Forgets a channel nobody listens to any more.
+    /// Gives back a subscription (its receiver already dropped), forgetting the channel if
+    /// nobody listens to it any more.
     pub fn release(&self, channel: &str) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let mut map = self.channels.lock().expect("hub lock");
         if map.get(channel).is_some_and(|tx| tx.receiver_count() == 0) {
             map.remove(channel);
         }
     }
 
-    /// Channels with live subscribers (for metrics).
-    pub fn active(&self) -> usize {
-        self.channels.lock().expect("hub lock").len()
+    /// Open subscriptions, over every channel (for metrics).
+    pub fn subscribers(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub deliveries: Family<Labels, Gauge>,
     pub oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub circuit_open: Family<Labels, Gauge>,
+    pub channel_subscribers: Gauge,
     pub config_reloads: Family<Labels, Counter>,
     pub plugin_calls: Family<Labels, Counter>,
     pub plugin_call_duration: Family<Labels, Histogram, fn() -> Histogram>,
@@ -87,6 +88,7 @@ impl Metrics {
             deliveries: Family::default(),
             oldest_pending_age: Gauge::default(),
             circuit_open: Family::default(),
+            channel_subscribers: Gauge::default(),
             gauged_endpoints: Default::default(),
             gone_endpoints: Default::default(),
             config_reloads: Family::default(),
@@ -163,6 +165,11 @@ impl Metrics {
                 "courier_endpoint_circuit_open",
                 "1 while an endpoint's circuit is open (failing), else 0",
                 m.circuit_open.clone(),
+            );
+            r.register(
+                "courier_channel_subscribers",
+                "Open WebSocket subscriptions to workflow channels",
+                m.channel_subscribers.clone(),
             );
             r.register(
                 "courier_config_reloads",

@@ -123,6 +123,7 @@ async fn metrics(State(app): State<AppState>, headers: axum::http::HeaderMap) ->
         _ => 0.0,
     };
     m.oldest_pending_age.set(age);
+    m.channel_subscribers.set(app.hub.subscribers() as i64);
     // OpenMetrics to a scraper that asks for it (Prometheus does); the classic Prometheus
     // text format to everyone else, whose parsers may not know OpenMetrics.
     let openmetrics = headers

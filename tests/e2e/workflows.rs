@@ -457,6 +457,72 @@ async fn a_large_answer_is_kept_once_per_channel_and_shown_in_every_message_that
     c.stop().await;
 }
 
+/// `courier_channel_subscribers` as `/metrics` shows it now.
+async fn subscribers(c: &Courier) -> i64 {
+    let m = c.text("/metrics").await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("courier_channel_subscribers "))
+        .unwrap_or_else(|| panic!("no subscriber gauge in {m}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_takes_no_frames_is_cut_off_and_holds_nobody_up() {
+    // Two answers of 3 MiB (the `ai_generated` and the final message) are more than the
+    // connection's buffers hold for a client that reads nothing.
+    let answer = json!({"text": "y".repeat(3 << 20)});
+    let upstream = Receiver::start().await;
+    upstream.set_default(
+        Reply::status(200)
+            .body(&answer.to_string())
+            .delay(Duration::from_millis(500)),
+    );
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("app", &rx.url("/"), ""),
+        workflow(&upstream, "event_name = \"e\"")
+    ))
+    .await;
+    let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
+    let url = format!(
+        "{}/v1/channels/{id}/ws?token={ADMIN}",
+        c.base.replace("http://", "ws://")
+    );
+    // Connected, and never read from again.
+    let (stuck, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut reader = Ws::connect(&c, &id).await;
+    assert_eq!(subscribers(&c).await, 2);
+    while reader.next().await["status"] != "ai_generated" {}
+    let (s, _) = c
+        .post_json(&format!("/v1/callback/{id}"), &json!({"data": {"ok": 1}}))
+        .await;
+    assert_eq!(s, 200);
+    // The reading subscriber gets the end at once, and its socket is closed.
+    let rest = reader.rest().await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0]["status"], "success");
+    assert_eq!(rest[0]["ai_response"], answer);
+    // The other is dropped once a frame has waited 10 s for it.
+    let started = std::time::Instant::now();
+    while subscribers(&c).await != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the stuck subscriber is still subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stuck);
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn no_callback_in_time_ends_with_callback_timeout() {
     let upstream = Receiver::start().await;
