@@ -53,6 +53,9 @@ pub struct Config {
     pub workflows: Vec<WorkflowConfig>,
     /// Where the configuration came from, if a file.
     pub source: Option<PathBuf>,
+    /// The SHA-256 (hex) of the file's bytes this configuration was parsed from: what a
+    /// reload compares a changed file against (the file itself may have changed since).
+    pub source_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -413,20 +416,32 @@ impl Config {
 
     /// Reads, resolves and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
+        })?;
+        Self::load_bytes(path, &bytes)
+    }
+
+    /// Parses `bytes`, read from the file at `path`.
+    pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        Self::parse(
-            &text,
+        let mut config = Self::parse(
+            text,
             base,
             Some(path.to_path_buf()),
             &path.display().to_string(),
-        )
+        )?;
+        use sha2::Digest;
+        config.source_sha256 = Some(hex::encode(sha2::Sha256::digest(bytes)));
+        Ok(config)
     }
 
     /// Parses config text; relative paths are resolved against `base`.
@@ -806,6 +821,7 @@ impl Config {
             plugins,
             workflows,
             source,
+            source_sha256: None,
         })
     }
 

@@ -49,16 +49,13 @@ fn digest(bytes: &[u8]) -> String {
 
 /// Initial status for the configuration courier started with.
 pub fn initial_status(config: &Config) -> Status {
-    let sha256 = config
-        .source
-        .as_ref()
-        .and_then(|p| std::fs::read(p).ok())
-        .map(|b| digest(&b));
     Status {
         version: 1,
         loaded_at_ms: now_ms(),
         source: config.source.clone(),
-        sha256,
+        // The bytes that were parsed: a file changed while courier started is then
+        // different from the running configuration, and the first look at it applies it.
+        sha256: config.source_sha256.clone(),
         ..Status::default()
     }
 }
@@ -72,7 +69,11 @@ pub fn start(app: &Arc<App>) {
     };
     let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
     let watched = if app.config.load().server.watch {
-        crate::watch::watch_files(std::slice::from_ref(&path), tx)
+        let watched = crate::watch::watch_files(std::slice::from_ref(&path), tx.clone());
+        // The file may have changed while courier started, before this watch: it is
+        // compared once with what courier parsed.
+        let _ = tx.send(path.clone());
+        watched
     } else {
         tracing::info!("server.watch = false: reload the configuration with SIGHUP");
         Err(notify::Error::generic("disabled by server.watch = false"))
@@ -178,7 +179,7 @@ pub fn reload(app: &Arc<App>, force: bool) {
         }
     }
     let mut plugin_paths = Vec::new();
-    let loaded = Config::load(&path).map_err(|e| match &e {
+    let loaded = Config::load_bytes(&path, &bytes).map_err(|e| match &e {
         crate::config::ConfigError::Invalid { .. } => format!("{}: {e}", path.display()),
         _ => e.to_string(),
     });

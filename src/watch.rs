@@ -3,9 +3,19 @@
 //! Directories are watched, not files: editors and `cp`/`mv` replace a file by writing a
 //! temporary one and renaming it over, which a watch on the old inode never sees. Events are
 //! only hints; after a quiet period the caller re-reads the files and compares content.
+//!
+//! Some changes raise no event for the file's name at all: a Kubernetes ConfigMap or Secret
+//! volume swaps a `..data` symlink the file points through, a deploy renames a whole
+//! directory over the watched one, a file changes while courier starts (before any watch).
+//! So each watched file is also looked at every second ([`POLL`]) — where it resolves to,
+//! its size, times and inode — and sent when that changed since the first look. (Files that
+//! may have changed before a watch began are for the caller to send once itself: it
+//! compares content, so one that did not change costs one read.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -20,8 +30,17 @@ pub const QUIET: Duration = Duration::from_millis(250);
 pub fn watch_files(
     files: &[PathBuf],
     tx: mpsc::UnboundedSender<PathBuf>,
-) -> notify::Result<(notify::RecommendedWatcher, Vec<PathBuf>)> {
+) -> notify::Result<(Watch, Vec<PathBuf>)> {
     use notify::Watcher;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (files, tx, stop) = (files.to_vec(), tx.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("courier-watch-poll".into())
+            .spawn(move || poll(&files, &tx, &stop))
+            .map_err(|e| notify::Error::generic(&format!("cannot start the file poller: {e}")))?;
+    }
+    let stopper = Stop(stop);
     // (canonical directory, file name) → the path as configured.
     let watched: Vec<(PathBuf, std::ffi::OsString, PathBuf)> = files
         .iter()
@@ -54,7 +73,74 @@ pub fn watch_files(
         }
         watcher.watch(&d, notify::RecursiveMode::NonRecursive)?;
     }
-    Ok((watcher, unwatched))
+    Ok((
+        Watch {
+            _watcher: watcher,
+            _poller: stopper,
+        },
+        unwatched,
+    ))
+}
+
+/// Watching files: for as long as this lives.
+pub struct Watch {
+    _watcher: notify::RecommendedWatcher,
+    _poller: Stop,
+}
+
+/// Stops the poller when dropped.
+struct Stop(Arc<AtomicBool>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How often watched files are looked at without an event.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// What a look at a file tells without reading it: where it resolves to (through
+/// symlinks), and its size, modification and change times and inode there.
+#[derive(PartialEq, Eq, Clone, Debug)]
+struct Look {
+    resolved: PathBuf,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    changed: (i64, i64),
+    inode: (u64, u64),
+}
+
+fn look(f: &Path) -> Option<Look> {
+    use std::os::unix::fs::MetadataExt;
+    let resolved = f.canonicalize().ok()?;
+    let m = std::fs::metadata(&resolved).ok()?;
+    Some(Look {
+        resolved,
+        len: m.len(),
+        modified: m.modified().ok(),
+        changed: (m.ctime(), m.ctime_nsec()),
+        inode: (m.dev(), m.ino()),
+    })
+}
+
+/// Looks at `files` every [`POLL`] until `stop`, sending each whose look changed since the
+/// last.
+fn poll(files: &[PathBuf], tx: &mpsc::UnboundedSender<PathBuf>, stop: &AtomicBool) {
+    let mut seen: Vec<Option<Look>> = files.iter().map(|f| look(f)).collect();
+    loop {
+        std::thread::sleep(POLL);
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        for (f, last) in files.iter().zip(seen.iter_mut()) {
+            let now = look(f);
+            if now != *last && tx.send(f.clone()).is_err() {
+                return;
+            }
+            *last = now;
+        }
+    }
 }
 
 /// How often directories that did not exist are looked for.

@@ -86,9 +86,11 @@ pub struct Plugins {
     /// they are unloaded.
     forgotten: Mutex<BTreeMap<String, Status>>,
     /// The file watcher, replaced when the set of plugin files changes.
-    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    watcher: Mutex<Option<crate::watch::Watch>>,
     /// Plugin files whose directory did not exist when the watcher was made.
     unwatched: Mutex<Vec<PathBuf>>,
+    /// The files the watcher watches.
+    watched: Mutex<Vec<PathBuf>>,
     watch_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<PathBuf>>>,
     /// Held while the registry changes (a configuration's plugin set, or one file's reload):
     /// each reads the current map and stores a new one, so two at once would undo each other.
@@ -618,6 +620,17 @@ pub fn rewatch(app: &Arc<crate::app::App>) {
     let Some(tx) = app.plugins.watch_tx.lock().expect("watch tx").clone() else {
         return;
     };
+    // A file newly watched may have been written after the configuration naming it was
+    // read (while its other plugins compiled, say) and before this watch: looked at once.
+    // (Only new ones: a rejected configuration's files are watched again after each retry,
+    // and sending them again would retry it for ever.)
+    let before = std::mem::replace(
+        &mut *app.plugins.watched.lock().expect("watched"),
+        paths.clone(),
+    );
+    for p in paths.iter().filter(|p| !before.contains(p) && p.exists()) {
+        let _ = tx.send(p.clone());
+    }
     let (watcher, unwatched) = if paths.is_empty() {
         (None, Vec::new())
     } else {

@@ -290,6 +290,18 @@ impl Courier {
         }
     }
 
+    /// Starts from `config`, loaded from a file in `dir` (laid out as the test needs).
+    pub async fn start_loaded(config: courier::config::Config, dir: tempfile::TempDir) -> Courier {
+        let running = courier::server::start(config).await.expect("start courier");
+        let base = format!("http://{}", running.addr);
+        Courier {
+            running: Some(running),
+            base,
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
     /// Replaces the config file the way editors do (write a temporary file, rename it over).
     pub fn rewrite_config(&self, extra: &str) {
         self.rewrite_config_text(&base_config(&self.dir.path().join("data"), extra));

@@ -404,3 +404,81 @@ async fn a_stop_right_after_a_reload_closes_the_database() {
     rx.wait_for(1, T).await;
     c.stop().await;
 }
+
+/// A config file mounted from a Kubernetes ConfigMap: `courier.toml` is a symlink to
+/// `..data/courier.toml`, and an update writes a new directory and swaps the `..data`
+/// symlink over to it (no event names `courier.toml` itself).
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let a = Receiver::start().await;
+    let b = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let v1 = dir.path().join("..v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(
+        v1.join("courier.toml"),
+        base_config(
+            &data,
+            &format!("{DELIVERY_FAST}{}", endpoint("a", &a.url("/"), "")),
+        ),
+    )
+    .unwrap();
+    symlink("..v1", dir.path().join("..data")).unwrap();
+    let path = dir.path().join("courier.toml");
+    symlink("..data/courier.toml", &path).unwrap();
+    let config = courier::config::Config::load(&path).unwrap();
+    let c = Courier::start_loaded(config, dir).await;
+    // The update, as the kubelet makes it.
+    let dir = c.dir.path();
+    let v = dir.join("..v2");
+    std::fs::create_dir(&v).unwrap();
+    std::fs::write(
+        v.join("courier.toml"),
+        base_config(
+            &data,
+            &format!(
+                "{DELIVERY_FAST}{}{}",
+                endpoint("a", &a.url("/"), ""),
+                endpoint("b", &b.url("/"), "")
+            ),
+        ),
+    )
+    .unwrap();
+    let tmp = dir.join("..data_tmp");
+    symlink("..v2", &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert_eq!(st["endpoints"], json!(["a", "b"]));
+    c.send(json!({"event_type": "t", "payload": {"to": "b"}, "endpoint": "b"}))
+        .await;
+    assert_eq!(b.wait_for(1, T).await[0].json()["to"], "b");
+    c.stop().await;
+}
+
+/// The file changed after courier read it and before it watched it (while it opened its
+/// database, say): the running configuration is the one read, and the change is applied.
+#[tokio::test]
+async fn a_config_changed_while_courier_starts_is_applied() {
+    let a = Receiver::start().await;
+    let b = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("{DELIVERY_FAST}{}", endpoint("a", &a.url("/"), "")),
+    );
+    let config = courier::config::Config::load(&path).unwrap();
+    write_config(
+        dir.path(),
+        &format!(
+            "{DELIVERY_FAST}{}{}",
+            endpoint("a", &a.url("/"), ""),
+            endpoint("b", &b.url("/"), "")
+        ),
+    );
+    let c = Courier::start_loaded(config, dir).await;
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert_eq!(st["endpoints"], json!(["a", "b"]));
+    c.stop().await;
+}
