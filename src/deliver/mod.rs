@@ -210,13 +210,16 @@ const BODY_GRACE: Duration = Duration::from_secs(1);
 /// `Retry-After` as delay-seconds or an HTTP date.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
+    // Anything beyond a day counts as a day (the longest courier waits on a receiver's
+    // word), so that no later sum or conversion of it can overflow.
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(crate::outcome::MAX_RETRY_AFTER));
     }
     let when = httpdate::parse_http_date(v).ok()?;
     Some(
         when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(crate::outcome::MAX_RETRY_AFTER),
     )
 }
 
@@ -237,6 +240,9 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        let day = Some(Duration::from_secs(24 * 3600));
+        assert_eq!(parse_retry_after("18446744073709552"), day);
+        assert_eq!(parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"), day);
         assert_eq!(parse_retry_after(" 3 "), Some(Duration::from_secs(3)));
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),

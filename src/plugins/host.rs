@@ -382,6 +382,8 @@ impl Host {
         kind: PluginKind,
         bytes: &[u8],
         limits: Limits,
+        name: Arc<str>,
+        config: Arc<Vec<(String, String)>>,
     ) -> Result<Template, String> {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| format!("not a valid component: {e:#}"))?;
@@ -405,8 +407,8 @@ impl Host {
             ),
         };
         // A trial instantiation, so that a component that cannot start is refused now and
-        // not on the first delivery.
-        let mut store = self.store("check".into(), Arc::new(Vec::new()), limits);
+        // not on the first delivery: as the plugin it will be, with its own configuration.
+        let mut store = self.store(name, config, limits);
         let ok = match &template {
             Template::Transform(p) => p.instantiate(&mut store).map(drop),
             Template::Backoff(p) => p.instantiate(&mut store).map(drop),

@@ -155,14 +155,16 @@ impl Plugins {
             .map_err(|e| format!("cannot read {}: {e}", cfg.path.display()))?;
         let limits = Limits::of(cfg);
         let host = self.host().map_err(|e| e.to_string())?;
+        let name: Arc<str> = cfg.name.as_str().into();
+        let config = Arc::new(config_table(cfg));
         let template = host
-            .compile(cfg.kind, &bytes, limits)
+            .compile(cfg.kind, &bytes, limits, name.clone(), config.clone())
             .map_err(|e| format!("{}: {e}", cfg.path.display()))?;
         Ok(Loaded {
-            name: cfg.name.as_str().into(),
+            name,
             kind: cfg.kind,
             template,
-            config: Arc::new(config_table(cfg)),
+            config,
             limits,
             sha256: hex::encode(Sha256::digest(&bytes)),
             version,

@@ -630,6 +630,44 @@ async fn a_backoff_plugin_never_retries_sooner_than_retry_after() {
     c.stop().await;
 }
 
+#[tokio::test]
+async fn an_absurd_retry_after_holds_a_backoff_plugin_back_a_day() {
+    let rx = Receiver::start().await;
+    // Seconds whose milliseconds overflow 64 bits.
+    rx.script([Reply::status(429).header("retry-after", "18446744073709552")]);
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry(
+            "fixed",
+            "fixed-backoff",
+            "backoff",
+            "config = { delay_ms = 1000, max_attempts = 5 }"
+        ),
+        endpoint("app", &rx.url("/"), "backoff = \"fixed\""),
+    ))
+    .await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap().to_string();
+    rx.wait_for(1, T).await;
+    let deadline = std::time::Instant::now() + T;
+    let next = loop {
+        let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
+        if d["attempts"].as_array().is_some_and(|a| !a.is_empty()) {
+            break d["next_attempt_at"].as_str().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{d}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let next = chrono::DateTime::parse_from_rfc3339(&next).unwrap();
+    let wait = next.signed_duration_since(chrono::Utc::now());
+    assert!(
+        wait > chrono::Duration::hours(23) && wait <= chrono::Duration::hours(24),
+        "next attempt in {wait}"
+    );
+    assert_eq!(rx.received().len(), 1);
+    c.stop().await;
+}
+
 #[test]
 fn more_calls_at_once_than_the_instance_pool_holds_wait_their_turn() {
     use courier::config::{PluginConfig, PluginKind};
