@@ -294,6 +294,9 @@ impl Limits {
 /// takes one.
 const POOL_INSTANCES: u32 = 256;
 
+/// How long a plugin's trial instantiation at load waits for room in a full pool.
+const TRIAL_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Plugin calls running at once; the rest wait for a slot. Below the pool's size so that
 /// loading a plugin (which instantiates it once) always finds room, and so that a burst of
 /// calls waits its turn instead of failing for want of an instance.
@@ -315,7 +318,8 @@ struct CallSlot<'a>(&'a Host);
 impl Drop for CallSlot<'_> {
     fn drop(&mut self) {
         *self.0.running.lock().expect("call slots") -= 1;
-        self.0.finished.notify_one();
+        // Both calls waiting for a slot and calls waiting for room in the pool wait here.
+        self.0.finished.notify_all();
     }
 }
 
@@ -408,12 +412,16 @@ impl Host {
         };
         // A trial instantiation, so that a component that cannot start is refused now and
         // not on the first delivery: as the plugin it will be, with its own configuration.
-        let mut store = self.store(name, config, limits);
-        let ok = match &template {
-            Template::Transform(p) => p.instantiate(&mut store).map(drop),
-            Template::Backoff(p) => p.instantiate(&mut store).map(drop),
-            Template::Simulator(p) => p.instantiate(&mut store).map(drop),
-        };
+        // (It waits, a while, for room in the pool should calls of heavy plugins fill it.)
+        let (_, ok) = self.with_room(
+            || self.store(name.clone(), config.clone(), limits),
+            TRIAL_PATIENCE,
+            |store| match &template {
+                Template::Transform(p) => p.instantiate(store).map(drop),
+                Template::Backoff(p) => p.instantiate(store).map(drop),
+                Template::Simulator(p) => p.instantiate(store).map(drop),
+            },
+        );
         ok.map_err(|e| format!("cannot be instantiated: {e:#}"))?;
         Ok(template)
     }
@@ -468,17 +476,48 @@ impl Host {
         CallSlot(self)
     }
 
+    /// Runs `f` on a store from `new_store`. Should the pool run out of what `f`
+    /// instantiates (a component with many core instances, with many calls running: the
+    /// calls the slot limit lets run are not all small), `f` waits for another call to
+    /// finish and runs again on a fresh store (what the failed instantiation took goes back
+    /// with the old one), for at most `patience`.
+    fn with_room<R>(
+        &self,
+        new_store: impl Fn() -> Store<State>,
+        patience: Duration,
+        mut f: impl FnMut(&mut Store<State>) -> wasmtime::Result<R>,
+    ) -> (Store<State>, wasmtime::Result<R>) {
+        let started = Instant::now();
+        loop {
+            let mut store = new_store();
+            let result = f(&mut store);
+            let exhausted = matches!(&result, Err(e) if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some());
+            if !exhausted || started.elapsed() >= patience {
+                return (store, result);
+            }
+            drop(store);
+            let running = self.running.lock().expect("call slots");
+            let _ = self
+                .finished
+                .wait_timeout(running, Duration::from_millis(5))
+                .expect("call slots");
+        }
+    }
+
     /// Runs `f` against a fresh instance of `template` and classifies any failure.
     pub(crate) fn call<R>(
         &self,
         plugin: &Loaded,
-        f: impl FnOnce(&mut Store<State>, &Template) -> wasmtime::Result<R>,
+        mut f: impl FnMut(&mut Store<State>, &Template) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let _slot = self.slot();
         // The time limit starts once the call has its slot.
-        let mut store = self.store(plugin.name.clone(), plugin.config.clone(), plugin.limits);
         let started = Instant::now();
-        let mut result = f(&mut store, &plugin.template);
+        let (store, mut result) = self.with_room(
+            || self.store(plugin.name.clone(), plugin.config.clone(), plugin.limits),
+            plugin.limits.timeout,
+            |store| f(store, &plugin.template),
+        );
         if result.is_ok() && store.data().overslept {
             // It returned, but only because its sleep was cut short at the deadline.
             result = Err(wasmtime::Error::from(Trap::Interrupt));
@@ -490,6 +529,13 @@ impl Host {
                 match e.downcast_ref::<Trap>() {
                     Some(Trap::OutOfFuel) => "plugin_fuel",
                     Some(Trap::Interrupt) => "plugin_timeout",
+                    // Its time limit passed while it waited for room in the pool.
+                    _ if e
+                        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                        .is_some() =>
+                    {
+                        "plugin_timeout"
+                    }
                     _ => "plugin_trap",
                 }
             };
@@ -558,6 +604,52 @@ impl Loaded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_of_a_component_with_many_core_instances_wait_for_room_in_the_pool() {
+        let host = Arc::new(Host::new().unwrap());
+        // Eight core instances a call: as many calls as the slot limit lets run need
+        // half as much again as the pool's core instances.
+        let wat = format!(
+            "(component (core module $m) {})",
+            "(core instance (instantiate $m)) ".repeat(8)
+        );
+        let component = Component::new(&host.engine, wat).unwrap();
+        let limits = Limits {
+            fuel: DEFAULT_FUEL,
+            memory: DEFAULT_MEMORY,
+            timeout: Duration::from_secs(10),
+        };
+        let threads: Vec<_> = (0..MAX_CONCURRENT_CALLS)
+            .map(|_| {
+                let (host, component) = (host.clone(), component.clone());
+                std::thread::spawn(move || {
+                    let _slot = host.slot();
+                    let (_, result) = host.with_room(
+                        || host.store("t".into(), Arc::new(Vec::new()), limits),
+                        limits.timeout,
+                        |store| {
+                            host.linker.instantiate(&mut *store, &component)?;
+                            // Held a moment, as a call's instance is.
+                            std::thread::sleep(Duration::from_millis(20));
+                            Ok(())
+                        },
+                    );
+                    result.map_err(|e| format!("{e:#}"))
+                })
+            })
+            .collect();
+        let failed: Vec<String> = threads
+            .into_iter()
+            .filter_map(|t| t.join().unwrap().err())
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} failed: {:?}",
+            failed.len(),
+            failed.first()
+        );
+    }
 
     #[test]
     fn the_memory_cap_counts_every_memory_of_a_call() {

@@ -67,6 +67,10 @@ pub struct Status {
     pub loads_ok: u64,
     pub loads_failed: u64,
     pub last_error: Option<String>,
+    /// The sha256 of the file that last failed to load: a file looked at again unchanged
+    /// (an event and the poll both report a change, say) is not compiled and reported again.
+    #[serde(skip)]
+    pub failed_sha256: Option<String>,
 }
 
 /// The result of a transform chain.
@@ -292,10 +296,22 @@ impl Plugins {
                 .lock()
                 .expect("plugin status")
                 .get_mut(&cfg.name)
-                && st.last_error.take().is_some()
+                && st.failed_sha256.take().is_some() | st.last_error.take().is_some()
             {
                 tracing::info!(plugin = %cfg.name, "plugin file restored to the version serving");
             }
+            return;
+        }
+        let sha = std::fs::read(&cfg.path)
+            .ok()
+            .map(|b| hex::encode(Sha256::digest(&b)));
+        let failed_before = self
+            .status
+            .lock()
+            .expect("plugin status")
+            .get(&cfg.name)
+            .and_then(|st| st.failed_sha256.clone());
+        if sha.is_some() && sha == failed_before {
             return;
         }
         let version = current.as_ref().map_or(0, |c| c.version) + 1;
@@ -313,7 +329,17 @@ impl Plugins {
                 );
                 tracing::info!(plugin = %cfg.name, version = l.version, sha256 = %l.sha256, "plugin reloaded");
             }
-            Err(e) => self.record_failure(cfg, &e, metrics),
+            Err(e) => {
+                self.record_failure(cfg, &e, metrics);
+                if let Some(st) = self
+                    .status
+                    .lock()
+                    .expect("plugin status")
+                    .get_mut(&cfg.name)
+                {
+                    st.failed_sha256 = sha;
+                }
+            }
         }
     }
 
@@ -493,6 +519,7 @@ fn record_success(
     st.loaded_at_ms = Some(l.loaded_at_ms);
     st.loads_ok += 1;
     st.last_error = None;
+    st.failed_sha256 = None;
     metrics
         .plugin_loads
         .get_or_create(&vec![("plugin", cfg.name.clone()), ("result", "ok".into())])
