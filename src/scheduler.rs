@@ -583,6 +583,7 @@ async fn run_attempt(
         }
     };
     let delivery_cfg = app.config.load().delivery.clone();
+    let backoff = ep.backoff.as_ref().map(|p| app.plugins.backoff(p));
     let out = deliver::outgoing(&ep, &event);
     // Transforms run before signing, so the signature covers the bytes actually sent.
     let transformed = if ep.transforms.is_empty() {
@@ -619,7 +620,7 @@ async fn run_attempt(
             // A failing plugin is an attempt error (audited, retried), not the endpoint's
             // fault: it does not count toward the circuit breaker.
             let result = deliver::AttemptResult::not_sent(e.class(), e.to_string());
-            let next = decide(app, &ep, &d, &result, delivery_cfg.jitter).await;
+            let next = decide(app, &ep, backoff, &d, &result, delivery_cfg.jitter).await;
             observe::attempt(
                 &app.metrics,
                 &ep.name,
@@ -643,7 +644,7 @@ async fn run_attempt(
         &[],
     )
     .await;
-    let next = decide(app, &ep, &d, &result, delivery_cfg.jitter).await;
+    let next = decide(app, &ep, backoff, &d, &result, delivery_cfg.jitter).await;
     observe::attempt(
         &app.metrics,
         &ep.name,
@@ -668,6 +669,7 @@ async fn run_attempt(
 async fn decide(
     app: &Arc<App>,
     ep: &EndpointConfig,
+    backoff: Option<Result<Arc<crate::plugins::host::Loaded>, crate::plugins::PluginError>>,
     d: &Delivery,
     result: &deliver::AttemptResult,
     jitter: f64,
@@ -676,7 +678,7 @@ async fn decide(
         return next;
     }
     let now = now_ms();
-    if let Some(policy) = &ep.backoff {
+    if let (Some(policy), Some(plugin)) = (&ep.backoff, backoff) {
         let info = AttemptInfo {
             endpoint: ep.name.clone(),
             event_type: d.event_type.clone(),
@@ -687,7 +689,8 @@ async fn decide(
         };
         let (app2, policy2) = (app.clone(), policy.clone());
         let decision = tokio::task::spawn_blocking(move || {
-            app2.plugins.next_delay(&app2.metrics, &policy2, &info)
+            app2.plugins
+                .next_delay(&app2.metrics, &policy2, plugin, &info)
         })
         .await
         .unwrap_or_else(|e| {

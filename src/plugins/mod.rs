@@ -436,15 +436,25 @@ impl Plugins {
     }
 
     /// Asks a backoff plugin when to retry.
+    /// The backoff plugin `name` as loaded now: taken when an attempt starts, so that the
+    /// attempt's retry is decided by the version it started under, even if a reload retires
+    /// that version while the attempt waits for its answer.
+    pub fn backoff(&self, name: &str) -> Result<Arc<Loaded>, PluginError> {
+        self.get_kind(name, PluginKind::Backoff)
+    }
+
+    /// Asks the backoff plugin `name` (as [`Plugins::backoff`] found it) for the next delay.
     pub fn next_delay(
         &self,
         metrics: &Metrics,
         name: &str,
+        plugin: Result<Arc<Loaded>, PluginError>,
         info: &AttemptInfo,
     ) -> Result<BackoffDecision, PluginError> {
-        let host = self.host()?;
-        let plugin = self.get_kind(name, PluginKind::Backoff)?;
-        observe_call(metrics, name, || plugin.next_delay(host, info))
+        observe_call(metrics, name, || {
+            let plugin = plugin?;
+            plugin.next_delay(self.host()?, info)
+        })
     }
 
     /// Runs a callback simulator on a message (JSON text); returns the callback body.

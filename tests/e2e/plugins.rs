@@ -136,6 +136,54 @@ async fn a_backoff_plugin_replaces_the_schedule() {
     c.stop().await;
 }
 
+/// An attempt takes its endpoint's backoff plugin when it starts: a reload that retires that
+/// plugin while the attempt waits for its answer (up to the endpoint's timeout) does not
+/// take the retry decision from it.
+#[test]
+fn a_backoff_plugin_retired_during_an_attempt_still_decides_its_retry() {
+    use courier::config::{PluginConfig, PluginKind};
+    let metrics = courier::observe::Metrics::new();
+    let plugins = courier::plugins::Plugins::default();
+    let cfg = PluginConfig {
+        name: "p".into(),
+        path: plugin("fixed-backoff"),
+        kind: PluginKind::Backoff,
+        config: [("delay_ms".to_string(), "1234".to_string())].into(),
+        fuel: None,
+        memory_bytes: None,
+        timeout: None,
+    };
+    plugins.load_all(&[cfg], &metrics).unwrap();
+    let taken = plugins.backoff("p"); // the attempt starts
+    plugins.retire_unconfigured(&[]); // a reload dropped it, and its grace ran out
+    assert!(plugins.get("p").is_none());
+    let info = courier::plugins::AttemptInfo {
+        endpoint: "app".into(),
+        event_type: "t".into(),
+        attempt: 1,
+        status: Some(500),
+        error: None,
+        retry_after_ms: None,
+    };
+    assert!(matches!(
+        plugins.next_delay(&metrics, "p", taken, &info),
+        Ok(courier::plugins::BackoffDecision::RetryAfterMs(1234))
+    ));
+    // Looked up only now, it is gone: the failure is counted like any other.
+    assert!(
+        plugins
+            .next_delay(&metrics, "p", plugins.backoff("p"), &info)
+            .is_err()
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("courier_plugin_calls_total{plugin=\"p\",result=\"error\"} 1"),
+        "{}",
+        metrics.encode()
+    );
+}
+
 /// The least fuel with which the backoff plugin `file` still loads (each call instantiates
 /// it afresh within its fuel, so a call with this much runs out), checked by calling it.
 fn just_enough_fuel_to_load(file: &str) -> u64 {
@@ -174,7 +222,9 @@ fn just_enough_fuel_to_load(file: &str) -> u64 {
     };
     let plugins = with(hi).unwrap();
     assert!(
-        plugins.next_delay(&metrics, "p", &info).is_err(),
+        plugins
+            .next_delay(&metrics, "p", plugins.backoff("p"), &info)
+            .is_err(),
         "a call needs more fuel than loading"
     );
     hi
