@@ -32,6 +32,10 @@ pub struct Health {
     /// When the circuit last opened: the first probe waits a probe interval from here.
     #[serde(skip)]
     pub opened_ms: u64,
+    /// The URL the streak is about: results for another (the endpoint's URL was changed)
+    /// start a new one.
+    #[serde(skip)]
+    pub url: Option<url::Url>,
 }
 
 impl Health {
@@ -77,6 +81,8 @@ struct Done {
     success: Option<bool>,
     /// When the attempt was started (for [`Scheduler::forget`]).
     started_ms: u64,
+    /// Where it was sent.
+    url: url::Url,
     /// When the delivery is due again if it is still pending (a retry, or an outcome that
     /// could not be recorded): the worker's scan may have passed that time already.
     again_ms: Option<u64>,
@@ -164,6 +170,32 @@ impl Scheduler {
         self.buckets.lock().expect("buckets lock").remove(endpoint);
     }
 
+    /// Starts `h`'s streak afresh for `url`: failures of another URL say nothing about it
+    /// (an operator who fixes a wrong URL does not wait for the next probe).
+    fn new_url(app: &App, endpoint: &str, h: &mut Health, url: &url::Url) {
+        h.consecutive_failures = 0;
+        if h.circuit_open {
+            h.circuit_open = false;
+            observe::circuit(&app.metrics, endpoint, false, 0);
+        }
+        h.url = Some(url.clone());
+    }
+
+    /// The endpoint's health, its streak started afresh first if it is about another URL
+    /// than `url` (the endpoint's URL now).
+    fn health_at(&self, app: &App, endpoint: &str, url: &url::Url) -> Health {
+        let mut all = self.health.lock().expect("health lock");
+        match all.get_mut(endpoint) {
+            Some(h) => {
+                if h.url.as_ref().is_some_and(|u| u != url) {
+                    Self::new_url(app, endpoint, h, url);
+                }
+                h.clone()
+            }
+            None => Health::default(),
+        }
+    }
+
     /// Endpoints that have made attempts, with their health.
     pub fn all_health(&self) -> Vec<(String, Health)> {
         self.health
@@ -220,7 +252,7 @@ impl Scheduler {
         });
     }
 
-    fn record(&self, app: &App, endpoint: &str, success: bool, started_ms: u64) {
+    fn record(&self, app: &App, endpoint: &str, success: bool, started_ms: u64, url: &url::Url) {
         let threshold = app.config.load().delivery.circuit_failures;
         let mut all = self.health.lock().expect("health lock");
         // Under the health lock, as `forget` takes it: a result is the old endpoint's or the
@@ -235,6 +267,9 @@ impl Scheduler {
             return;
         }
         let h = all.entry(endpoint.to_string()).or_default();
+        if h.url.as_ref() != Some(url) {
+            Self::new_url(app, endpoint, h, url);
+        }
         let now = now_ms();
         h.last_attempt_ms = Some(now);
         if success {
@@ -361,7 +396,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
             } else {
                 ep.max_in_flight.saturating_sub(in_flight.len())
             };
-            let health = app.scheduler.health(&name);
+            let health = app.scheduler.health_at(&app, &name, &ep.url);
             if health.circuit_open {
                 // Failing endpoint: one probe at a time, at the probe pace, the first one a
                 // probe interval after the circuit opened.
@@ -380,7 +415,14 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                 Some(rl) => {
                     let rate = rl.per_second();
                     if bucket.as_ref().is_none_or(|(r, _)| *r != rate) {
-                        bucket = Some((rate, Bucket::new(rate, now)));
+                        // A changed rate keeps the tokens there are (up to its own
+                        // capacity): a change is no occasion for a burst.
+                        let mut b = Bucket::new(rate, now);
+                        if let Some((_, old)) = bucket.as_mut() {
+                            old.refill(now);
+                            b.tokens = old.tokens.min(b.capacity);
+                        }
+                        bucket = Some((rate, b));
                     }
                 }
                 None => bucket = None,
@@ -445,6 +487,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                 && in_flight.len() * 2 <= ep.max_in_flight;
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
                             let started_ms = now_ms();
+                            let url = ep.url.clone();
                             app.tasks.spawn(async move {
                                 use futures_util::FutureExt;
                                 let id = d.id.clone();
@@ -468,6 +511,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                     id,
                                     success,
                                     started_ms,
+                                    url,
                                     again_ms,
                                 });
                             });
@@ -543,7 +587,8 @@ fn retire(app: &App, name: &str, woken: &AtomicBool, bucket: &mut Option<(f64, B
 fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, rewind: &AtomicU64, done: Done) {
     in_flight.remove(&done.id);
     if let Some(success) = done.success {
-        app.scheduler.record(app, name, success, done.started_ms);
+        app.scheduler
+            .record(app, name, success, done.started_ms, &done.url);
     }
     // Still pending: the scan looks from its due time again, should it be behind the scan.
     if let Some(at) = done.again_ms {

@@ -1441,3 +1441,81 @@ async fn an_endpoint_whose_client_hangs_up_while_it_is_made_is_made_whole_or_not
     }
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrected_url_closes_the_circuit_the_wrong_one_opened() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{}circuit_failures = 2\ncircuit_probe_interval = \"10m\"\n",
+        DELIVERY_FAST
+    ))
+    .await;
+    // A typo'd port: every attempt fails and the circuit opens.
+    let down = format!("http://127.0.0.1:{}/", free_port());
+    assert_eq!(create_shared(&c, down).await.0, 201);
+    let id = send_to(&c, "shared", 1).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
+        if st["circuit"] == "open" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never opened: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Fixed: the waiting delivery goes out now, not at the next probe ten minutes on.
+    let (s, p) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/shared",
+        Some(json!({"url": rx.url("/")})),
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    c.wait_status(&id, "delivered", T).await;
+    let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
+    assert_eq!(st["circuit"], "closed", "{st}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_rate_limit_is_no_occasion_for_a_burst() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, r) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(
+            json!({"name": "paced", "url": rx.url("/"), "secrets": [SECRET], "rate_limit": "2/s"}),
+        ),
+    )
+    .await;
+    assert_eq!(s, 201, "{r}");
+    for n in 0..20 {
+        send_to(&c, "paced", n).await;
+    }
+    // The bucket's first two went at once; the rest go at 2/s, so the bucket is empty.
+    rx.wait_for(4, T).await;
+    let changed = Instant::now();
+    let (s, r) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/paced",
+        Some(json!({"rate_limit": "3/s"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // In the 300 ms after the change: the token left over, if any, and one more at most —
+    // not a new bucket of three at once.
+    let burst = rx
+        .received()
+        .iter()
+        .filter(|r| r.at >= changed && r.at - changed < Duration::from_millis(300))
+        .count();
+    assert!(burst <= 2, "{burst} sent within 300 ms of the change");
+    c.stop().await;
+}
