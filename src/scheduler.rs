@@ -814,6 +814,7 @@ async fn record(
     };
     let rec = OutcomeRecord {
         delivery_id: d.id.clone(),
+        read_updated_ms: Some(d.updated_ms),
         attempt,
         counts_as_attempt: counts,
         next,

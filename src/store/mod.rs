@@ -111,6 +111,11 @@ pub enum Next {
 #[derive(Debug, Clone)]
 pub struct OutcomeRecord {
     pub delivery_id: String,
+    /// The delivery's `updated_ms` as read when the attempt began, if the outcome is to
+    /// apply only to that version of it: nothing else changes a pending delivery while its
+    /// attempt is in flight but its endpoint's delete (which drops it) and a replay after
+    /// that (a new round, which this attempt's result is no part of).
+    pub read_updated_ms: Option<u64>,
     pub attempt: Attempt,
     /// False for a decision made without sending (a transform dropped the delivery).
     pub counts_as_attempt: bool,
@@ -1865,6 +1870,7 @@ pub(crate) mod tests {
         store
             .record_outcome(OutcomeRecord {
                 delivery_id: id.into(),
+                read_updated_ms: None,
                 attempt,
                 counts_as_attempt: true,
                 next,

@@ -794,16 +794,26 @@ impl<'t> Tables<'t> {
         if settled && old.status != DeliveryStatus::Dropped {
             tracing::warn!(delivery = %old.id, status = old.status.as_str(), "outcome for a delivery that is no longer pending");
         }
+        // Pending again, in a round begun since this attempt did (dropped while it was in
+        // flight, then replayed): the attempt joins the audit trail, and the new round —
+        // its attempts, its schedule, its state — is none of its business.
+        let other_round = !settled && rec.read_updated_ms.is_some_and(|u| u != old.updated_ms);
+        if other_round {
+            tracing::warn!(delivery = %old.id, "outcome of an attempt from before the delivery was replayed: kept in its audit trail only");
+        }
         let mut new = old.clone();
         // A settled delivery keeps the time it was settled (by its endpoint's delete), even
         // when a late success changes it: the replay guard compares that time with the birth
         // of an endpoint made later under the name, and the delivery stays the old one's.
-        if !settled {
+        // (The new round's own attempt in flight checks it too.)
+        if !settled && !other_round {
             new.updated_ms = now_ms();
         }
         if rec.counts_as_attempt {
             new.attempts += 1;
-            new.round_attempts += 1;
+            if !other_round {
+                new.round_attempts += 1;
+            }
             let mut attempt = rec.attempt.clone();
             attempt.number = new.attempts;
             self.attempts.open()?.insert(
@@ -820,6 +830,7 @@ impl<'t> Tables<'t> {
                 );
         }
         match &rec.next {
+            _ if other_round => {}
             _ if settled && rec.next != super::Next::Delivered => {}
             super::Next::Delivered => {
                 new.status = DeliveryStatus::Delivered;
@@ -1343,6 +1354,7 @@ mod tests {
         Command::Outcome(
             OutcomeRecord {
                 delivery_id: id.into(),
+                read_updated_ms: None,
                 attempt: crate::model::Attempt {
                     number: 0,
                     started_ms: 0,

@@ -1345,14 +1345,16 @@ async fn a_config_endpoint_paused_through_the_api_stays_paused_across_reloads_an
             "{d}"
         );
     }
-    // Resumed, both arrive in order; and the resume is as durable as the pause was.
+    // Resumed, both arrive (at once: the endpoint is unordered); and the resume is as
+    // durable as the pause was.
     let (s, p) = req(&c, M::POST, "/v1/endpoints/cfg/resume", None).await;
     assert_eq!((s, p["paused"].as_bool()), (200, Some(false)), "{p}");
     let got = rx.wait_for(2, T).await;
-    let ns: Vec<i64> = got
+    let mut ns: Vec<i64> = got
         .iter()
         .map(|r| r.json()["n"].as_i64().unwrap())
         .collect();
+    ns.sort();
     assert_eq!(ns, [1, 2]);
     c.running.take().unwrap().shutdown().await;
     let config = courier::config::Config::load(&c.dir.path().join("courier.toml")).unwrap();
@@ -1517,5 +1519,37 @@ async fn a_changed_rate_limit_is_no_occasion_for_a_burst() {
         .filter(|r| r.at >= changed && r.at - changed < Duration::from_millis(300))
         .count();
     assert!(burst <= 2, "{burst} sent within 300 ms of the change");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_from_before_a_replay_does_not_decide_the_replayed_round() {
+    use reqwest::Method as M;
+    // The first receiver answers 200, but only after 3 s.
+    let slow = Receiver::start().await;
+    slow.set_default(Reply::status(200).delay(Duration::from_secs(3)));
+    let fresh = Receiver::start().await;
+    let c = Courier::start_file(DELIVERY_FAST).await;
+    assert_eq!(create_shared(&c, slow.url("/")).await.0, 201);
+    let id = send_to(&c, "shared", 1).await;
+    slow.wait_for(1, T).await; // its attempt is in flight
+    // Deleted (its queue dropped), made again in the config file elsewhere, and the dropped
+    // delivery replayed there, all while that attempt waits for its answer.
+    let (s, r) = req(&c, M::DELETE, "/v1/endpoints/shared", None).await;
+    assert_eq!(s, 200, "{r}");
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("shared", &fresh.url("/"), "")
+    ));
+    c.wait_config(|st| st["version"] == 2).await;
+    c.wait_status(&id, "dropped", T).await;
+    let (s, r) = req(&c, M::POST, &format!("/v1/deliveries/{id}/replay"), None).await;
+    assert_eq!(s, 202, "{r}");
+    // The old attempt's 200 is in the audit trail, but the new round goes to the new URL.
+    let got = fresh.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].json()["n"], 1);
+    let d = c.wait_status(&id, "delivered", T).await;
+    let attempts = d["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{d:#}");
     c.stop().await;
 }
