@@ -991,7 +991,12 @@ impl Store {
                 let id = k.value().1;
                 match deliveries.get(id)? {
                     Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
-                    None => Ok(None),
+                    // An index that names a missing delivery: said loudly (the worker logs it
+                    // at every look), not taken for an empty queue behind which the rest
+                    // would wait unseen.
+                    None => Err(StoreError::Corrupt(format!(
+                        "the pending index of `{endpoint}` names delivery {id}, which is missing"
+                    ))),
                 }
             }
             None => Ok(None),
