@@ -116,10 +116,14 @@ async fn replay(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     require(&app, &headers, Scope::Admin)?;
-    let result = app
-        .store
-        .replay(ReplayTarget::Ids(vec![id.clone()]), app.endpoints.births())
-        .await?;
+    // Against the endpoints as they are, none deleted or made meanwhile (see the bulk
+    // replay).
+    let result = {
+        let _no_endpoint_changes = app.endpoints.changes.lock().await;
+        app.store
+            .replay(ReplayTarget::Ids(vec![id.clone()]), app.endpoints.births())
+            .await?
+    };
     if !result.not_found.is_empty() {
         return Err(ApiError::not_found(format!("no delivery `{id}`")));
     }

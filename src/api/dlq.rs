@@ -106,20 +106,25 @@ async fn replay(
     let mut n = 0usize;
     let mut skipped = 0usize;
     let mut shown: Vec<String> = Vec::new();
-    let births = app.endpoints.births();
     loop {
-        let page = app
-            .store
-            .replay(
-                ReplayTarget::Dead {
-                    filter: filter.clone(),
-                    after,
-                    limit: REPLAY_PAGE,
-                    dead_before_ms: started + 1,
-                },
-                births.clone(),
-            )
-            .await?;
+        // Each page against the endpoints as they are now, and with no endpoint deleted or
+        // made meanwhile: a delete (which drops its endpoint's pending deliveries) and a
+        // page cannot interleave, and an endpoint deleted, or made again under its name,
+        // while the replay runs gets none of the old one's deliveries.
+        let page = {
+            let _no_endpoint_changes = app.endpoints.changes.lock().await;
+            app.store
+                .replay(
+                    ReplayTarget::Dead {
+                        filter: filter.clone(),
+                        after,
+                        limit: REPLAY_PAGE,
+                        dead_before_ms: started + 1,
+                    },
+                    app.endpoints.births(),
+                )
+                .await?
+        };
         n += page.requeued.len();
         skipped += page.earlier_endpoint.len();
         app.metrics.replays.inc_by(page.requeued.len() as u64);

@@ -1553,3 +1553,74 @@ async fn an_attempt_from_before_a_replay_does_not_decide_the_replayed_round() {
     assert_eq!(attempts.len(), 2, "{d:#}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_replay_under_way_sends_nothing_to_an_endpoint_made_again_meanwhile() {
+    use futures_util::StreamExt;
+    use reqwest::Method as M;
+    let fresh = Receiver::start().await;
+    // (No circuit to slow the failures down.)
+    let c = Courier::start(&format!("{DELIVERY_FAST}circuit_failures = 1000000\n")).await;
+    // Thousands of dead deliveries: one attempt each, to a port nothing listens on.
+    let down = format!("http://127.0.0.1:{}/", free_port());
+    let (s, r) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "shared", "url": down, "secrets": [SECRET],
+                    "schedule": ["0s"], "max_in_flight": 1000})),
+    )
+    .await;
+    assert_eq!(s, 201, "{r}");
+    const N: usize = 10_000;
+    let (http, base) = (c.http.clone(), c.base.clone());
+    futures_util::stream::iter(0..N)
+        .map(|n| {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                let body = json!({"event_type": "t", "payload": {"n": n}, "endpoint": "shared"});
+                post_event(&http, &base, body.to_string()).await
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
+        if st["counts"]["dead"].as_u64() == Some(N as u64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The replay starts; while it works through its pages the endpoint is deleted and made
+    // again by someone else, elsewhere.
+    let replay = {
+        let c2 = (c.http.clone(), c.base.clone());
+        tokio::spawn(async move {
+            post_json(&c2.0, &format!("{}/v1/dlq/replay", c2.1), &json!({})).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (s, r) = req(&c, M::DELETE, "/v1/endpoints/shared", None).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(create_shared(&c, fresh.url("/")).await.0, 201);
+    let (s, r) = replay.await.unwrap();
+    assert_eq!(s, 202, "{r}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let counts = format!(
+        "requeued {}, skipped {}",
+        r["requeued"], r["skipped_deleted_endpoint"]
+    );
+    assert!(
+        fresh.received().is_empty(),
+        "{} of the old endpoint's deliveries went to the new one ({counts})",
+        fresh.received().len()
+    );
+    let (_, pending) = c
+        .get("/v1/deliveries?status=pending&endpoint=shared&limit=5")
+        .await;
+    assert_eq!(pending["data"], json!([]), "{counts}");
+    c.stop().await;
+}
