@@ -91,13 +91,16 @@ pub fn authorize(
     })
 }
 
+/// The file in the data dir that keeps the generated key.
+pub const GENERATED_KEY_FILE: &str = "admin.key";
+
 /// With no `[[keys]]`, courier never runs open: it creates one all-scopes key in the data
 /// dir on first start, prints it once, and uses it from then on.
 pub fn ensure_key(config: &mut Config, data_dir: &Path) -> std::io::Result<Option<String>> {
     if !config.keys.is_empty() {
         return Ok(None);
     }
-    let path = data_dir.join("admin.key");
+    let path = data_dir.join(GENERATED_KEY_FILE);
     let (token, created) = match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 16 => (t.trim().to_string(), false),
         _ => {

@@ -318,11 +318,20 @@ fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
         &mut restart_needed,
     );
     new.resolve_public_url(app.addr);
-    if new.keys.is_empty()
-        && let Err(e) = app::ensure_key(&mut new, &old.server.data_dir)
-    {
-        tracing::error!(error = %e, "cannot read the generated admin key; keeping the previous keys");
-        new.keys = old.keys.clone();
+    if new.keys.is_empty() {
+        let path = old.server.data_dir.join(app::GENERATED_KEY_FILE);
+        match app::ensure_key(&mut new, &old.server.data_dir) {
+            Ok(Some(_)) => {
+                tracing::warn!(path = %path.display(), "the configuration has no [[keys]] any more: created an all-scopes API key, saved in the file named here (it is not logged)")
+            }
+            Ok(None) => {
+                tracing::info!(path = %path.display(), "the configuration has no [[keys]]: using the generated API key saved there")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the generated admin key; keeping the previous keys");
+                new.keys = old.keys.clone();
+            }
+        }
     }
     if new.delivery.allow_private_networks != old.delivery.allow_private_networks {
         app.client

@@ -26,7 +26,22 @@ pub struct Running {
     pub app: Arc<App>,
     /// The key created on first start when the config has no `[[keys]]` (printed once).
     pub created_key: Option<String>,
+    /// Where the generated key is kept, when the config has no `[[keys]]`.
+    pub generated_key_path: Option<std::path::PathBuf>,
     join: JoinHandle<()>,
+}
+
+/// A key created by a start that has not succeeded yet: should the start fail, the key goes
+/// with it (never shown, it would lock the operator out, the next start taking it for one
+/// already printed), and the next start makes and prints one.
+struct UnshownKey(Option<std::path::PathBuf>);
+
+impl Drop for UnshownKey {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl Running {
@@ -61,8 +76,13 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .mode(0o700)
         .create(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let generated_key_path = config
+        .keys
+        .is_empty()
+        .then(|| data_dir.join(app::GENERATED_KEY_FILE));
     let created_key = app::ensure_key(&mut config, &data_dir)
         .with_context(|| format!("cannot write the admin key into {}", data_dir.display()))?;
+    let mut unshown = UnshownKey(created_key.as_ref().and(generated_key_path.clone()));
     for w in config.key_warnings() {
         tracing::warn!("{w}");
     }
@@ -167,10 +187,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         tracing::info!("courier stopped");
     });
     tracing::info!(%addr, "courier listening");
+    unshown.0 = None;
     Ok(Running {
         addr,
         app,
         created_key,
+        generated_key_path,
         join,
     })
 }

@@ -550,12 +550,16 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let running = crate::server::start(config).await?;
-        if let Some(key) = &running.created_key {
-            let dir = running.app.config.load().server.data_dir.clone();
-            println!(
+        match (&running.created_key, &running.generated_key_path) {
+            (Some(key), Some(path)) => println!(
                 "courier: no [[keys]] configured; created an all-scopes API key (saved in {}):\n  {key}\nIt is not printed again.",
-                dir.join("admin.key").display()
-            );
+                path.display()
+            ),
+            (None, Some(path)) => println!(
+                "courier: no [[keys]] configured; using the all-scopes API key saved in {}",
+                path.display()
+            ),
+            _ => {}
         }
         // Handlers first: whoever saw the line below may send SIGTERM at once.
         let mut signals = StopSignals::install().context("cannot handle SIGTERM/SIGINT")?;

@@ -400,6 +400,57 @@ async fn first_start_without_keys_creates_and_prints_one_key() {
     );
 }
 
+#[test]
+fn a_first_start_that_fails_keeps_no_unshown_key_and_later_starts_say_where_the_key_is() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("courier.toml");
+    let serve = |listen: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[server]\nlisten = \"{listen}\"\ndata_dir = \"data\"\n"),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut printed = Vec::new();
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("courier listening on ");
+            printed.push(line);
+            if done {
+                break;
+            }
+        }
+        let _ = child.kill();
+        (child.wait().unwrap(), printed)
+    };
+    // The port is taken: the first start fails after making its key, and takes it back.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (status, printed) = serve(&taken.local_addr().unwrap().to_string());
+    assert!(!status.success(), "{printed:?}");
+    let key_file = dir.path().join("data/admin.key");
+    assert!(!key_file.exists(), "a key never shown is not kept");
+    drop(taken);
+    // The next start makes one and shows it; later ones say where it is.
+    let (_, first) = serve("127.0.0.1:0");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    assert!(first.iter().any(|l| l.contains(key.trim())), "{first:?}");
+    let (_, second) = serve("127.0.0.1:0");
+    assert!(!second.iter().any(|l| l.contains(key.trim())), "{second:?}");
+    assert!(
+        second
+            .iter()
+            .any(|l| l.contains("using the all-scopes API key saved in") && l.contains("admin.key")),
+        "{second:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
