@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub public_url: String,
+    /// `public_url` was not set, and is made from `listen` (with the port bound, for 0).
+    pub public_url_defaulted: bool,
     pub max_body_bytes: usize,
     /// How long a connection may take to send a request's headers (and stay idle between
     /// requests): see [`crate::listener`].
@@ -496,6 +498,7 @@ impl Config {
             return Err(ConfigError::invalid("server.data_dir", "must not be empty"));
         }
         let data_dir = relative_to(base, &s.data_dir.unwrap_or_else(|| "./courier-data".into()));
+        let public_url_defaulted = s.public_url.is_none();
         let public_url = s
             .public_url
             .unwrap_or_else(|| format!("http://{listen_text}"));
@@ -520,6 +523,7 @@ impl Config {
             listen,
             data_dir,
             public_url: public_url.trim_end_matches('/').to_string(),
+            public_url_defaulted,
             max_body_bytes: max_body_bytes as usize,
             header_timeout: positive_duration(s.header_timeout, "server.header_timeout")?
                 .unwrap_or(crate::listener::HEADER_TIMEOUT),
@@ -829,7 +833,7 @@ impl Config {
     /// default becomes the address actually bound.
     pub fn resolve_public_url(&mut self, bound: SocketAddr) {
         let s = &mut self.server;
-        if s.listen.port() == 0 && s.public_url == format!("http://{}", s.listen) {
+        if s.listen.port() == 0 && s.public_url_defaulted {
             s.public_url = format!("http://{bound}");
         }
     }
@@ -1219,6 +1223,21 @@ mod tests {
         .unwrap();
         assert!(named.server.listen.ip().is_loopback());
         assert_eq!(named.server.listen.port(), 9000);
+        // On port 0 the callback URL names the port bound, whatever spelling `listen` had;
+        // a `public_url` set is kept as written.
+        let bound: std::net::SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        for (text, want) in [
+            ("[server]\nlisten = \"localhost:0\"", "http://127.0.0.1:40123"),
+            ("[server]\nlisten = \"127.0.0.1:0\"", "http://127.0.0.1:40123"),
+            (
+                "[server]\nlisten = \"127.0.0.1:0\"\npublic_url = \"https://hooks.example\"",
+                "https://hooks.example",
+            ),
+        ] {
+            let mut c = Config::parse(text, Path::new("."), None, "t").unwrap();
+            c.resolve_public_url(bound);
+            assert_eq!(c.server.public_url, want, "{text}");
+        }
         assert_eq!(c.delivery.schedule.len(), 8);
         assert_eq!(c.delivery.schedule[7], Duration::from_secs(7200));
         assert!(!c.delivery.allow_private_networks);
