@@ -1227,8 +1227,14 @@ mod tests {
         // a `public_url` set is kept as written.
         let bound: std::net::SocketAddr = "127.0.0.1:40123".parse().unwrap();
         for (text, want) in [
-            ("[server]\nlisten = \"localhost:0\"", "http://127.0.0.1:40123"),
-            ("[server]\nlisten = \"127.0.0.1:0\"", "http://127.0.0.1:40123"),
+            (
+                "[server]\nlisten = \"localhost:0\"",
+                "http://127.0.0.1:40123",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:0\"",
+                "http://127.0.0.1:40123",
+            ),
             (
                 "[server]\nlisten = \"127.0.0.1:0\"\npublic_url = \"https://hooks.example\"",
                 "https://hooks.example",

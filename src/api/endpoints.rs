@@ -760,12 +760,14 @@ async fn test_send(
         },
     )
     .await
-    .map_err(|e| {
-        ApiError::new(
+    .map_err(|e| match e {
+        // Deleted (or paused away) between the look-up above and the ingest.
+        crate::ingest::IngestError::UnknownEndpoint(_) => not_found(&name),
+        e => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             e.to_string(),
-        )
+        ),
     })?;
     let reply: crate::ingest::IngestReply = serde_json::from_slice(&accepted.body).expect("reply");
     let id = reply.deliveries[0].id.clone();

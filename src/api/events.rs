@@ -43,9 +43,10 @@ async fn post_event(
         observe::ingest_rejected(&app.metrics, "malformed");
         ApiError::bad_request(format!("malformed event: {e}"))
     })?;
-    let idempotency_key = parsed
-        .idempotency_key
-        .or_else(|| header_str(&headers, "idempotency-key"));
+    let idempotency_key = match parsed.idempotency_key {
+        Some(key) => Some(key),
+        None => idempotency_header(&app, &headers)?,
+    };
     let req = IngestRequest {
         event_type: parsed.event_type,
         payload: parsed.payload.get().as_bytes().to_vec(),
@@ -57,10 +58,15 @@ async fn post_event(
     respond(&app, &caller, req).await
 }
 
+/// A raw ingest's query. Unknown parameters are refused like every other route's, so that a
+/// misspelt one (`?event-type=`, `?idempotencyKey=`) is a 400 rather than an event of the
+/// default type, or one delivered twice.
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawParams {
     event_type: Option<String>,
     id: Option<String>,
+    idempotency_key: Option<String>,
 }
 
 async fn post_raw(
@@ -84,9 +90,30 @@ async fn post_raw(
             .unwrap_or_else(|| "application/octet-stream".into()),
         endpoint: Some(endpoint),
         id: params.id,
-        idempotency_key: header_str(&headers, "idempotency-key"),
+        idempotency_key: match params.idempotency_key {
+            Some(key) => Some(key),
+            None => idempotency_header(&app, &headers)?,
+        },
     };
     respond(&app, &caller, req).await
+}
+
+/// The `Idempotency-Key` header, if any. One that is not visible text cannot be read as a
+/// key, and ignoring it would deliver a retried request twice: it is refused.
+fn idempotency_header(app: &AppState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(key) => Ok(Some(key.to_string())),
+            Err(_) => {
+                observe::ingest_rejected(&app.metrics, "malformed");
+                Err(
+                    ApiError::bad_request("the Idempotency-Key header must be visible ASCII text")
+                        .with_field("idempotency_key"),
+                )
+            }
+        },
+    }
 }
 
 /// An ingest body, within `max_body_bytes` (a larger one is counted as rejected).

@@ -586,3 +586,68 @@ async fn an_acknowledged_event_is_visible_to_the_next_request() {
     }
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_raw_ingest_takes_its_idempotency_key_in_the_query_and_refuses_what_it_cannot_read() {
+    let rx = Receiver::start().await;
+    let c = Courier::with_endpoint("app", &rx.url("/"), "").await;
+    let raw = |path: &'static str, key_header: Option<&'static [u8]>| {
+        let mut req = c
+            .http
+            .post(format!("{}{path}", c.base))
+            .bearer_auth(ADMIN)
+            .body("hello");
+        if let Some(k) = key_header {
+            req = req.header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(k).unwrap(),
+            );
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json_value().await)
+        }
+    };
+    // The key in the query: the second request gets the first answer, nothing more is queued.
+    let (s1, first) = raw("/v1/ingest/app?idempotency_key=k-1", None).await;
+    let (s2, again) = raw("/v1/ingest/app?idempotency_key=k-1", None).await;
+    assert_eq!((s1, s2), (202, 202), "{first} {again}");
+    assert_eq!(first["id"], again["id"]);
+    // A misspelt parameter, or a key header that is not text: refused, nothing stored.
+    let (s, e) = raw("/v1/ingest/app?event-type=x", None).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("event-type"),
+        "{e}"
+    );
+    for path in ["/v1/ingest/app", "/v1/events"] {
+        let mut req = c
+            .http
+            .post(format!("{}{path}", c.base))
+            .bearer_auth(ADMIN)
+            .header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(b"k\xe9y").unwrap(),
+            );
+        if path == "/v1/events" {
+            req = req.body(json!({"event_type": "t", "payload": {}}).to_string());
+        } else {
+            req = req.body("hello");
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        let e = r.json_value().await;
+        assert_eq!(e["error"]["field"], "idempotency_key", "{path}: {e}");
+    }
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rx.received().len(), 1);
+    c.stop().await;
+}
