@@ -126,6 +126,27 @@ pub struct EndpointConfig {
 }
 
 impl EndpointConfig {
+    /// Why every attempt to this endpoint will be refused, if its URL names a private or
+    /// loopback address (or `localhost`) while private networks are not allowed: the SSRF
+    /// guard kills each delivery on its first attempt, which is better said before.
+    pub fn unreachable_warning(&self, allow_private_networks: bool) -> Option<String> {
+        if allow_private_networks {
+            return None;
+        }
+        let local_name = self
+            .url
+            .host_str()
+            .is_some_and(|h| h == "localhost" || h.ends_with(".localhost"));
+        let private = crate::deliver::client::check_literal(&self.url, false).is_err();
+        (local_name || private).then(|| {
+            format!(
+                "`{}` is sent to {}, a private or loopback address: with delivery.allow_private_networks = false every attempt is refused (ssrf_blocked) and its deliveries die at once",
+                self.name,
+                self.url.host_str().unwrap_or_default()
+            )
+        })
+    }
+
     /// Every secret that signs an attempt made at `now_ms`: the current ones, then those
     /// being rotated out that have not expired.
     pub fn signing_secrets(&self, now_ms: u64) -> Vec<String> {
@@ -392,6 +413,9 @@ impl Config {
                     "endpoints[{i}].secrets: `{}` has no secrets; its deliveries are sent unsigned",
                     e.name
                 ));
+            }
+            if let Some(w) = e.unreachable_warning(self.delivery.allow_private_networks) {
+                out.push(format!("endpoints[{i}].url: {w}"));
             }
         }
         out
@@ -1208,6 +1232,27 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/courier"), None, "test.toml")
+    }
+
+    #[test]
+    fn an_endpoint_on_a_private_address_is_warned_of_unless_private_networks_are_allowed() {
+        let warned = |url: &str, allow: bool| {
+            let text = format!(
+                "[delivery]\nallow_private_networks = {allow}\n[[endpoints]]\nname = \"a\"\nurl = \"{url}\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n"
+            );
+            Config::parse(&text, Path::new("."), None, "t")
+                .unwrap()
+                .warnings()
+                .into_iter()
+                .any(|w| w.starts_with("endpoints[0].url:") && w.contains("ssrf_blocked"))
+        };
+        assert!(warned("http://127.0.0.1:9/h", false));
+        assert!(warned("http://10.1.2.3/h", false));
+        assert!(warned("http://localhost:8080/h", false));
+        assert!(warned("http://[::1]:8080/h", false));
+        assert!(!warned("http://127.0.0.1:9/h", true));
+        assert!(!warned("https://hooks.example.com/h", false));
+        assert!(!warned("http://93.184.216.34/h", false));
     }
 
     #[test]

@@ -294,6 +294,11 @@ impl Registry {
         for e in config.endpoints.iter().filter(|e| e.secrets.is_empty()) {
             tracing::warn!(endpoint = %e.name, "endpoint has no secrets: its deliveries are sent unsigned; add a whsec_ secret");
         }
+        for e in &config.endpoints {
+            if let Some(w) = e.unreachable_warning(config.delivery.allow_private_networks) {
+                tracing::warn!(endpoint = %e.name, "{w}");
+            }
+        }
         let mut inner = self.inner.write().expect("registry");
         let mut touched: BTreeSet<String> = inner.config.keys().cloned().collect();
         let paused = &inner.config_paused;
