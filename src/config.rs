@@ -762,6 +762,12 @@ impl Config {
             }
             // The simulator plays the backend's callback, which only the event-driven flow
             // waits for: without `event_name` it would never run.
+            if w.event_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.event_name"),
+                    "must not be empty (leave it out for the plain async flow)",
+                ));
+            }
             if w.simulate.is_some() && w.event_name.is_none() {
                 return Err(ConfigError::invalid(
                     format!("{key}.simulate"),
@@ -1221,7 +1227,14 @@ fn http_headers(
                 "is not a valid HTTP header",
             ));
         }
-        headers.insert(name, v);
+        if headers.insert(name, v).is_some() {
+            // HTTP header names ignore case: `X-A` and `x-a` are one header, and one of the
+            // two values would be dropped without a word.
+            return Err(ConfigError::invalid(
+                format!("{key}.{h}"),
+                "names a header already set (header names ignore case)",
+            ));
+        }
     }
     Ok(headers)
 }
@@ -1334,6 +1347,14 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             ("[delivery]\ntimeout = \"soon\"", "delivery.timeout"),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\nheaders = { \"X-A\" = \"1\", \"x-a\" = \"2\" }",
+                "endpoints[0].headers.",
+            ),
+            (
+                "[[endpoints]]\nname = \"a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"a\"\nupstream = { url = \"http://u\" }\nevent_name = \" \"",
+                "workflows[0].event_name",
+            ),
             (
                 "[[endpoints]]\nname = \"a\"\nurl = \"ftp://x\"",
                 "endpoints[0].url",
