@@ -400,6 +400,9 @@ impl Registry {
         names.dedup();
         let mut out = Vec::new();
         let mut next = None;
+        // The name the page ended on, once full: a next page is promised only if a later
+        // name has an entry to show.
+        let mut page_end: Option<&String> = None;
         for name in names {
             if after.is_some_and(|a| name.as_str() <= a) {
                 continue;
@@ -431,16 +434,20 @@ impl Registry {
                 }],
                 (None, None) => continue,
             };
-            for l in listed {
+            let shown = listed.into_iter().filter(|l| {
                 let t = l.stored.as_ref().and_then(|s| s.tenant.as_deref());
-                if tenant.is_some() && t != tenant {
-                    continue;
+                tenant.is_none() || t == tenant
+            });
+            if let Some(end) = page_end {
+                if shown.count() > 0 {
+                    next = Some(end.clone());
+                    break;
                 }
-                out.push(l);
+                continue;
             }
+            out.extend(shown);
             if out.len() >= limit {
-                next = Some(name.clone());
-                break;
+                page_end = Some(name);
             }
         }
         (out, next)

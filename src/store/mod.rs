@@ -1061,6 +1061,8 @@ impl Store {
         let mut out = Vec::new();
         let mut examined = 0;
         let mut last_examined = None;
+        // One more than the page: a next page is promised only when there is one.
+        let want = limit.saturating_add(1);
         let mut consider = |id: &str, out: &mut Vec<Delivery>| -> Result<bool, StoreError> {
             examined += 1;
             last_examined = Some(id.to_string());
@@ -1072,7 +1074,7 @@ impl Store {
                     out.push(d);
                 }
             }
-            Ok(out.len() >= limit || examined >= SCAN_CAP)
+            Ok(out.len() >= want || examined >= SCAN_CAP)
         };
         let mut exhausted = true;
         if filter.status == Some(DeliveryStatus::Pending) {
@@ -1141,7 +1143,15 @@ impl Store {
                 }
             }
         }
-        let next = if exhausted { None } else { last_examined };
+        let next = if out.len() > limit {
+            out.truncate(limit);
+            out.last().map(|d| d.id.clone())
+        } else if exhausted {
+            None
+        } else {
+            // The scan cap was reached: the next page goes on from where this one looked.
+            last_examined
+        };
         Ok((out, next))
     }
 

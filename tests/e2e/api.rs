@@ -409,3 +409,40 @@ async fn a_short_token_is_accepted_with_a_warning_not_refused() {
     assert_eq!(s, 401);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_next_cursor_is_given_only_when_there_is_a_next_page() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("a", &rx.url("/"), ""),
+        endpoint("b", &rx.url("/"), "")
+    ))
+    .await;
+    c.send(json!({"event_type": "t", "payload": {"n": 1}, "endpoint": "a"}))
+        .await;
+    c.send(json!({"event_type": "t", "payload": {"n": 2}, "endpoint": "a"}))
+        .await;
+    rx.wait_for(2, Duration::from_secs(10)).await;
+    // Exactly a page's worth: no next page.
+    let (_, page) = c.get("/v1/deliveries?limit=2").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert!(page["next_cursor"].is_null(), "{page}");
+    // One fewer: a next page, and it is the last.
+    let (_, page) = c.get("/v1/deliveries?limit=1").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, rest) = c
+        .get(&format!("/v1/deliveries?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(rest["data"].as_array().unwrap().len(), 1);
+    assert!(rest["next_cursor"].is_null(), "{rest}");
+    assert_ne!(rest["data"][0]["id"], page["data"][0]["id"]);
+    // The same for endpoints.
+    let (_, eps) = c.get("/v1/endpoints?limit=2").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 2);
+    assert!(eps["next_cursor"].is_null(), "{eps}");
+    let (_, eps) = c.get("/v1/endpoints?limit=1").await;
+    assert_eq!(eps["next_cursor"], "a", "{eps}");
+    c.stop().await;
+}
