@@ -283,10 +283,20 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("courier: {e:#}");
-            ExitCode::FAILURE
+            // `verify` tells a webhook that does not verify (1) from one it could not read (2).
+            if e.downcast_ref::<Unreadable>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// Input `verify` could not read (as opposed to a webhook that does not verify).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unreadable(String);
 
 fn read_input(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
     match file {
@@ -308,9 +318,9 @@ fn verify_cmd(
     no_timestamp_check: bool,
     file: Option<&PathBuf>,
 ) -> anyhow::Result<()> {
-    let input = read_input(file)?;
+    let input = read_input(file).map_err(|e| Unreadable(format!("{e:#}")))?;
     let webhook =
-        verify::parse(&input).map_err(|e| anyhow::anyhow!("cannot read the webhook: {e}"))?;
+        verify::parse(&input).map_err(|e| Unreadable(format!("cannot read the webhook: {e}")))?;
     let now = (!no_timestamp_check).then(|| crate::model::now_ms() as i64 / 1000);
     let report = verify::verify(&webhook, secret, now);
     for line in &report.lines {
@@ -518,7 +528,11 @@ fn init_logging(format: LogFormat) {
 
 fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     match path {
-        Some(p) => Ok(Config::load(p)?),
+        // A key's error names the file too, as a reload's does.
+        Some(p) => Config::load(p).map_err(|e| match &e {
+            crate::config::ConfigError::Invalid { .. } => anyhow::anyhow!("{}: {e}", p.display()),
+            _ => e.into(),
+        }),
         None => Ok(Config::defaults()),
     }
 }
@@ -530,6 +544,12 @@ fn check(path: &PathBuf) -> anyhow::Result<()> {
     }
     for w in config.warnings() {
         eprintln!("warning: {w}");
+    }
+    if config.server.data_dir.join("courier.redb").exists() {
+        eprintln!(
+            "note: endpoints made through the API (kept in {}) are checked against this file when courier starts or reloads it, not here",
+            config.server.data_dir.display()
+        );
     }
     println!(
         "{}: ok ({} endpoints, {} keys, {} plugins, {} workflows)",

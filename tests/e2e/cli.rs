@@ -223,9 +223,24 @@ async fn verify_checks_a_captured_webhook() {
         Some(capture.clone()),
     )
     .await;
-    assert!(!wrong.status.success());
+    assert_eq!(wrong.status.code(), Some(1), "does not verify: exit 1");
     let text = String::from_utf8_lossy(&wrong.stdout);
     assert!(text.contains("INVALID"), "{text}");
+    // Input that is not a webhook at all, or a file that is not there: exit 2.
+    let junk = run(
+        args(&["verify", "--secret", SECRET]),
+        vec![],
+        Some(b"no headers here".to_vec()),
+    )
+    .await;
+    assert_eq!(junk.status.code(), Some(2), "{junk:?}");
+    let missing = run(
+        args(&["verify", "--secret", SECRET, "/nonexistent/capture.txt"]),
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(missing.status.code(), Some(2), "{missing:?}");
     let mut tampered = capture;
     tampered.extend_from_slice(b" ");
     let t = run(

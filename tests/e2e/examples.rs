@@ -182,6 +182,10 @@ fn check_names_the_bad_key() {
             err.contains(key),
             "{text}: stderr does not name {key}: {err}"
         );
+        assert!(
+            err.contains(path.to_str().unwrap()),
+            "{text}: stderr does not name the file: {err}"
+        );
     }
     // An endpoint without secrets is valid but sends unsigned webhooks: a warning says so.
     let path = dir.path().join("courier.toml");
