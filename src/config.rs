@@ -740,6 +740,7 @@ impl Config {
                 ));
             }
             check_pattern_lengths(&e, &key)?;
+            check_header_names(&e.headers, &format!("{key}.headers"))?;
             endpoints.push(build_endpoint(e, &key, &delivery, &plugins)?);
         }
 
@@ -805,10 +806,11 @@ impl Config {
                 )?
                 .unwrap_or(Duration::from_secs(1)),
                 // The upstream is the operator's own service: nothing is reserved.
-                upstream_headers: http_headers(
-                    w.upstream.headers,
-                    &format!("{key}.upstream.headers"),
-                )?,
+                upstream_headers: {
+                    let key = format!("{key}.upstream.headers");
+                    check_header_names(&w.upstream.headers, &key)?;
+                    http_headers(w.upstream.headers, &key)?
+                },
                 upstream_max_in_flight: match w.upstream.max_in_flight {
                     None => 32,
                     Some(n) if (1..=10_000).contains(&n) => n as usize,
@@ -1227,16 +1229,26 @@ fn http_headers(
                 "is not a valid HTTP header",
             ));
         }
-        if headers.insert(name, v).is_some() {
-            // HTTP header names ignore case: `X-A` and `x-a` are one header, and one of the
-            // two values would be dropped without a word.
+        headers.insert(name, v);
+    }
+    Ok(headers)
+}
+
+/// Refuses a header table that names one header twice in different cases (`X-A` and
+/// `x-a` are one header: one value would be dropped without a word). Applied where headers
+/// are given (the config file, the endpoint API), not to endpoints stored before the check
+/// existed, which keep the value that sorts last.
+pub fn check_header_names(given: &BTreeMap<String, String>, key: &str) -> Result<(), ConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for h in given.keys() {
+        if !seen.insert(h.to_ascii_lowercase()) {
             return Err(ConfigError::invalid(
                 format!("{key}.{h}"),
                 "names a header already set (header names ignore case)",
             ));
         }
     }
-    Ok(headers)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -458,6 +458,23 @@ impl Registry {
 mod tests {
     use super::*;
 
+    /// An endpoint stored before headers named twice in different cases were refused still
+    /// loads (the check applies where endpoints are defined), keeping the value that sorts
+    /// last, as it always did.
+    #[test]
+    fn an_endpoint_stored_with_a_header_named_twice_still_builds() {
+        let stored: StoredEndpoint = serde_json::from_value(serde_json::json!({
+            "spec": {"name": "a", "url": "https://example.com/",
+                     "headers": {"X-A": "1", "x-a": "2"}},
+            "tenant": null, "description": null, "paused": false, "retiring": [],
+            "created_ms": 0, "updated_ms": 0
+        }))
+        .unwrap();
+        let ep = stored.build(&Config::defaults()).unwrap();
+        assert_eq!(ep.headers.get("x-a").map(String::as_str), Some("2"));
+        assert!(crate::config::check_header_names(&stored.spec.headers, "headers").is_err());
+    }
+
     fn ep(name: &str, types: Option<&[&str]>) -> EndpointConfig {
         let mut c = Config::parse(
             &format!("[[endpoints]]\nname = \"{name}\"\nurl = \"https://example.com/\"\n"),

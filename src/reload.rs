@@ -117,7 +117,7 @@ fn on_sighup(app: &Arc<App>) {
                         // Reading files and compiling plugins is blocking work.
                         let _ = tokio::task::spawn_blocking(move || {
                             reload(&app3, true);
-                            crate::plugins::reload_files(&app3, |_| true);
+                            crate::plugins::reload_files(&app3, |_| true, true);
                         })
                         .await;
                     }

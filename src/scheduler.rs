@@ -253,6 +253,11 @@ impl Scheduler {
     }
 
     fn record(&self, app: &App, endpoint: &str, success: bool, started_ms: u64, url: &url::Url) {
+        // An attempt to a URL the endpoint no longer has (changed while it was in flight)
+        // says nothing about the one it has now. (Looked up before the health lock is taken.)
+        if app.endpoints.get(endpoint).is_some_and(|ep| ep.url != *url) {
+            return;
+        }
         let threshold = app.config.load().delivery.circuit_failures;
         let mut all = self.health.lock().expect("health lock");
         // Under the health lock, as `forget` takes it: a result is the old endpoint's or the

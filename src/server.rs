@@ -76,6 +76,11 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .mode(0o700)
         .create(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let db_path = data_dir.join("courier.redb");
+    let store = Store::open(&db_path, config.server.quick_repair)
+        .with_context(|| format!("cannot open {}", db_path.display()))?;
+    // The key after the database: only the courier that holds the data dir makes (or takes
+    // back) its key. `unshown` is dropped before `store` should the start fail.
     let generated_key_path = config
         .keys
         .is_empty()
@@ -86,9 +91,6 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     for w in config.key_warnings() {
         tracing::warn!("{w}");
     }
-    let db_path = data_dir.join("courier.redb");
-    let store = Store::open(&db_path, config.server.quick_repair)
-        .with_context(|| format!("cannot open {}", db_path.display()))?;
     if store.replayed_on_open() > 0 {
         tracing::info!(
             records = store.replayed_on_open(),

@@ -123,9 +123,12 @@ impl Workflows {
 /// by a reload, or missing from the file courier started with): they are neither failed nor
 /// made until a workflow of that name is configured again.
 pub fn warn_unconfigured(app: &App) {
-    const CAP: u64 = 1_000_000;
+    const CAP: u64 = 10_000;
     let config = app.config.load();
-    match app.store.upstream_queues(CAP) {
+    match app
+        .store
+        .upstream_queues(CAP, |w| config.workflow(w).is_none())
+    {
         Ok(queues) => {
             for (workflow, n) in queues {
                 if config.workflow(&workflow).is_none() {

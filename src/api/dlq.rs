@@ -107,6 +107,17 @@ async fn replay(
     let mut skipped = 0usize;
     let mut shown: Vec<String> = Vec::new();
     loop {
+        if app.shutdown.is_cancelled() {
+            // Stopping: what was requeued stays requeued; the rest is for another call.
+            tracing::warn!(requeued = n, "DLQ bulk replay interrupted by shutdown");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "courier is shutting down: {n} dead deliveries were requeued before it began; replay again after the restart for the rest"
+                ),
+            ));
+        }
         // Each page against the endpoints as they are now, and with no endpoint deleted or
         // made meanwhile: a delete (which drops its endpoint's pending deliveries) and a
         // page cannot interleave, and an endpoint deleted, or made again under its name,

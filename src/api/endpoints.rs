@@ -282,6 +282,7 @@ async fn create(
     require(&app, &headers, Scope::Admin)?;
     let obj = body_object(&app, &headers, body).await?;
     let (mut spec, tenant, description) = parse_spec(obj)?;
+    crate::config::check_header_names(&spec.headers, "headers").map_err(invalid)?;
     let _one_change_at_a_time = app.endpoints.changes.lock().await;
     if app.endpoints.source(&spec.name) == Some(Source::Config) {
         return Err(ApiError::new(
@@ -475,6 +476,11 @@ async fn patch(
         }
     }
     let (spec, tenant, description) = parse_spec(merged)?;
+    // Headers given now are checked as at creation; those stored before the check existed
+    // are kept as they are.
+    if !given_headers.is_empty() {
+        crate::config::check_header_names(&spec.headers, "headers").map_err(invalid)?;
+    }
     // Every endpoint made through the API signs what it sends: a PATCH may replace the
     // secrets, not remove them (unsigned webhooks could not be told from forged ones).
     if spec.secrets.is_empty() {

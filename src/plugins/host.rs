@@ -294,6 +294,10 @@ impl Limits {
 /// takes one.
 const POOL_INSTANCES: u32 = 256;
 
+/// What wasmtime's error says when the pool is out of instances, memories or tables (part
+/// of a load error's text).
+pub const POOL_FULL: &str = "maximum concurrent limit";
+
 /// How long a plugin's trial instantiation at load waits for room in a full pool.
 const TRIAL_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -513,8 +517,16 @@ impl Host {
         let _slot = self.slot();
         // The time limit starts once the call has its slot.
         let started = Instant::now();
+        // A call that waited for room in the pool runs in what is left of its time limit.
         let (store, mut result) = self.with_room(
-            || self.store(plugin.name.clone(), plugin.config.clone(), plugin.limits),
+            || {
+                let left = plugin.limits.timeout.saturating_sub(started.elapsed());
+                let limits = Limits {
+                    timeout: left,
+                    ..plugin.limits
+                };
+                self.store(plugin.name.clone(), plugin.config.clone(), limits)
+            },
             plugin.limits.timeout,
             |store| f(store, &plugin.template),
         );

@@ -155,8 +155,17 @@ impl Plugins {
 
     /// Compiles one plugin file. Pure: changes nothing in the registry.
     fn compile(&self, cfg: &PluginConfig, version: u64) -> Result<Loaded, String> {
-        let bytes = std::fs::read(&cfg.path)
-            .map_err(|e| format!("cannot read {}: {e}", cfg.path.display()))?;
+        self.compile_from(cfg, version, std::fs::read(&cfg.path))
+    }
+
+    /// Compiles the bytes read from a plugin's file.
+    fn compile_from(
+        &self,
+        cfg: &PluginConfig,
+        version: u64,
+        bytes: std::io::Result<Vec<u8>>,
+    ) -> Result<Loaded, String> {
+        let bytes = bytes.map_err(|e| format!("cannot read {}: {e}", cfg.path.display()))?;
         let limits = Limits::of(cfg);
         let host = self.host().map_err(|e| e.to_string())?;
         let name: Arc<str> = cfg.name.as_str().into();
@@ -285,7 +294,9 @@ impl Plugins {
 
     /// Reloads one plugin after its file changed. A file that fails to load (or is gone)
     /// leaves the previous version serving; the failure is logged, counted and reported.
-    pub fn reload_file(&self, cfg: &PluginConfig, metrics: &Metrics) {
+    /// Reloads one plugin from its file; `force` (SIGHUP) tries again a file that failed
+    /// before, unchanged.
+    pub fn reload_file(&self, cfg: &PluginConfig, metrics: &Metrics, force: bool) {
         let _changing = self.changes.lock().expect("plugin changes");
         let current = self.get(&cfg.name);
         if current.as_ref().is_some_and(|c| Self::unchanged(c, cfg)) {
@@ -302,20 +313,19 @@ impl Plugins {
             }
             return;
         }
-        let sha = std::fs::read(&cfg.path)
-            .ok()
-            .map(|b| hex::encode(Sha256::digest(&b)));
+        let bytes = std::fs::read(&cfg.path);
+        let sha = bytes.as_ref().ok().map(|b| hex::encode(Sha256::digest(b)));
         let failed_before = self
             .status
             .lock()
             .expect("plugin status")
             .get(&cfg.name)
             .and_then(|st| st.failed_sha256.clone());
-        if sha.is_some() && sha == failed_before {
+        if !force && sha.is_some() && sha == failed_before {
             return;
         }
         let version = current.as_ref().map_or(0, |c| c.version) + 1;
-        match self.compile(cfg, version) {
+        match self.compile_from(cfg, version, bytes) {
             Ok(l) => {
                 let l = Arc::new(l);
                 let mut map = (*self.loaded.load_full()).clone();
@@ -331,13 +341,16 @@ impl Plugins {
             }
             Err(e) => {
                 self.record_failure(cfg, &e, metrics);
+                // A file that found the pool full is not at fault: the next look tries it
+                // again.
+                let busy = e.contains(host::POOL_FULL);
                 if let Some(st) = self
                     .status
                     .lock()
                     .expect("plugin status")
                     .get_mut(&cfg.name)
                 {
-                    st.failed_sha256 = sha;
+                    st.failed_sha256 = if busy { None } else { sha };
                 }
             }
         }
@@ -609,7 +622,7 @@ pub fn start_watching(app: &Arc<crate::app::App>) {
             let app3 = app2.clone();
             // Compilation is CPU work: keep it off the async workers.
             let _ = tokio::task::spawn_blocking(move || {
-                reload_files(&app3, |p| batch.contains(p));
+                reload_files(&app3, |p| batch.contains(p), false);
                 // A configuration rejected because of one of these files gets another try.
                 let retry = app3
                     .reload_status
@@ -630,11 +643,15 @@ pub fn start_watching(app: &Arc<crate::app::App>) {
 /// Reloads the active configuration's plugins whose path `changed` selects. Blocking. Runs
 /// under the reload lock, so the configuration cannot change between reading a plugin's
 /// entry and storing what its file compiled to.
-pub fn reload_files(app: &crate::app::App, changed: impl Fn(&std::path::Path) -> bool) {
+pub fn reload_files(
+    app: &crate::app::App,
+    changed: impl Fn(&std::path::Path) -> bool,
+    force: bool,
+) {
     let _one_at_a_time = app.reloading.lock().expect("reload lock");
     let config = app.config.load();
     for cfg in config.plugins.iter().filter(|p| changed(&p.path)) {
-        app.plugins.reload_file(cfg, &app.metrics);
+        app.plugins.reload_file(cfg, &app.metrics, force);
     }
 }
 
@@ -659,15 +676,21 @@ pub fn rewatch(app: &Arc<crate::app::App>) {
     let Some(tx) = app.plugins.watch_tx.lock().expect("watch tx").clone() else {
         return;
     };
-    // A file newly watched may have been written after the configuration naming it was
-    // read (while its other plugins compiled, say) and before this watch: looked at once.
-    // (Only new ones: a rejected configuration's files are watched again after each retry,
-    // and sending them again would retry it for ever.)
+    // A file the running configuration newly names may have been written after that
+    // configuration was read (while its other plugins compiled, say) and before this watch:
+    // looked at once. (Only new ones, and only the running configuration's: a rejected
+    // configuration's files are watched again after each retry, and sending them would
+    // retry it again for nothing.)
     let before = std::mem::replace(
         &mut *app.plugins.watched.lock().expect("watched"),
         paths.clone(),
     );
-    for p in paths.iter().filter(|p| !before.contains(p) && p.exists()) {
+    for p in config
+        .plugins
+        .iter()
+        .map(|p| &p.path)
+        .filter(|p| !before.contains(p) && p.exists())
+    {
         let _ = tx.send(p.clone());
     }
     let (watcher, unwatched) = if paths.is_empty() {

@@ -901,9 +901,13 @@ impl Store {
         Ok((due, None))
     }
 
-    /// Every workflow with upstream calls waiting in its queue, and how many (at most
-    /// `cap` counted per workflow).
-    pub fn upstream_queues(&self, cap: u64) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Every workflow with upstream calls waiting in its queue that `counted` selects, and
+    /// how many (at most `cap` counted per workflow).
+    pub fn upstream_queues(
+        &self,
+        cap: u64,
+        counted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(UPSTREAM_TIMERS)?;
         let mut out = Vec::new();
@@ -919,6 +923,10 @@ impl Store {
                 return Ok(out);
             };
             let workflow = row?.0.value().0.to_string();
+            if !counted(&workflow) {
+                from = Some(workflow);
+                continue;
+            }
             let mut n = 0;
             for row in
                 t.range((workflow.as_str(), 0, "")..=(workflow.as_str(), u64::MAX, "\u{10ffff}"))?

@@ -457,6 +457,11 @@ async fn invalid_endpoints_are_refused_with_the_field_named_and_nothing_written(
             "rate_limit",
         ),
         (
+            json!({"name": "x", "url": url, "headers": {"X-Team": "a", "x-team": "b"}}),
+            422,
+            "headers",
+        ),
+        (
             json!({"name": "x", "url": url, "secrets": ["not-a-secret"]}),
             422,
             "secrets",
