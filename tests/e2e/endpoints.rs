@@ -1408,7 +1408,6 @@ async fn a_rate_limited_endpoint_made_again_under_a_deleted_name_starts_with_a_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_whose_client_hangs_up_while_it_is_made_is_made_whole_or_not_at_all() {
-    use tokio::io::AsyncWriteExt;
     let rx = Receiver::start().await;
     let c = Courier::start(DELIVERY_FAST).await;
     // The client sends the whole request and resets the connection a moment later, at a
@@ -1420,13 +1419,7 @@ async fn an_endpoint_whose_client_hangs_up_while_it_is_made_is_made_whole_or_not
             "POST /v1/endpoints HTTP/1.1\r\nhost: courier\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let mut s = tokio::net::TcpStream::connect(c.base.trim_start_matches("http://"))
-            .await
-            .unwrap();
-        s.write_all(request.as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_micros(reset_after_us)).await;
-        s.set_zero_linger().unwrap();
-        drop(s);
+        send_then_reset(&c.base, &request, Duration::from_micros(reset_after_us)).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Either it was made, and is listed and used, or it was not, and can be made now.
         let path = format!("/v1/endpoints/{name}");

@@ -280,14 +280,7 @@ impl Courier {
         let dir = tempfile::tempdir().unwrap();
         let path = write_config(dir.path(), extra);
         let config = courier::config::Config::load(&path).expect("test config valid");
-        let running = courier::server::start(config).await.expect("start courier");
-        let base = format!("http://{}", running.addr);
-        Courier {
-            running: Some(running),
-            base,
-            dir,
-            http: reqwest::Client::new(),
-        }
+        Self::start_loaded(config, dir).await
     }
 
     /// Starts from `config`, loaded from a file in `dir` (laid out as the test needs).
@@ -525,6 +518,19 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends `request` (a whole HTTP request) on a new connection to courier at `base`, then
+/// resets the connection `after` later: a client that gives up while courier works.
+pub async fn send_then_reset(base: &str, request: &str, after: Duration) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(after).await;
+    s.set_zero_linger().unwrap();
+    drop(s);
 }
 
 /// Writes a config file for a child process into `dir`.

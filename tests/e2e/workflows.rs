@@ -601,7 +601,6 @@ async fn simulation_plays_the_backend_with_inject_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_whose_client_hangs_up_at_once_still_reaches_the_subscribers() {
-    use tokio::io::AsyncWriteExt;
     let (_upstream, rx, c) = started("event_name = \"e\"\ncallback_timeout = \"60s\"").await;
     // The backend sends the whole callback and resets the connection a moment later (its
     // own timeout, say), at a different moment for each channel, so that some resets land
@@ -618,13 +617,7 @@ async fn a_callback_whose_client_hangs_up_at_once_still_reaches_the_subscribers(
         );
         // Again if the reset came before courier read the request (then nothing happened).
         for _ in 0..20 {
-            let mut s = tokio::net::TcpStream::connect(c.base.trim_start_matches("http://"))
-                .await
-                .unwrap();
-            s.write_all(request.as_bytes()).await.unwrap();
-            tokio::time::sleep(Duration::from_micros(reset_after_us)).await;
-            s.set_zero_linger().unwrap();
-            drop(s);
+            send_then_reset(&c.base, &request, Duration::from_micros(reset_after_us)).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
             let (_, ch) = c.get(&format!("/v1/channels/{id}")).await;
             if ch["status"] != "ai_generated" {
