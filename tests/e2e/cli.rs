@@ -593,3 +593,48 @@ async fn client_commands_refuse_an_empty_filter_and_an_answer_that_is_not_courie
     assert!(err.contains("--endpoint is empty"), "{err}");
     assert!(other.received().len() == 1, "the replay was never sent");
 }
+
+/// A plugin file that failed to load is not compiled again while it stays the same, but
+/// SIGHUP, which reloads every plugin file, tries it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_tries_again_a_plugin_file_that_failed_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("live.wasm");
+    std::fs::copy(plugin("redact"), &wasm).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "{DELIVERY_FAST}[[plugins]]\nname = \"live\"\npath = \"{}\"\nkind = \"transform\"\n",
+            wasm.display()
+        ),
+    );
+    let p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    let failed = || async {
+        let (_, st) = get_json(&http, &format!("{}/v1/plugins", p.base)).await;
+        st["data"][0]["loads_failed"].as_u64().unwrap_or(0)
+    };
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"\0asm\x0d\0\x01\0 not a component").unwrap();
+    std::fs::rename(&junk, &wasm).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while failed().await < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bad file was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Looked at again (the poll, more events): not compiled again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(failed().await, 1);
+    p.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while failed().await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not try the file again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
