@@ -331,9 +331,32 @@ async fn sigterm_lets_the_in_flight_attempt_finish() {
     drop(p2);
 }
 
+/// Runs `courier serve --config cfg` until it prints its listening line (or exits), then
+/// kills it: how it ended, and every line it printed.
+fn serve_until_listening(cfg: &std::path::Path) -> (std::process::ExitStatus, Vec<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut printed = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("courier listening on ");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    (child.wait().unwrap(), printed)
+}
+
 #[tokio::test]
 async fn first_start_without_keys_creates_and_prints_one_key() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("courier.toml");
     std::fs::write(
@@ -341,28 +364,7 @@ async fn first_start_without_keys_creates_and_prints_one_key() {
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n",
     )
     .unwrap();
-    let run = |cfg: &std::path::Path| {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(["serve", "--config"])
-            .arg(cfg)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut printed = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            let done = line.starts_with("courier listening on ");
-            printed.push(line);
-            if done {
-                break;
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        printed
-    };
+    let run = |cfg: &std::path::Path| serve_until_listening(cfg).1;
     let first = run(&cfg);
     let key = std::fs::read_to_string(dir.path().join("data/admin.key")).unwrap();
     assert!(
@@ -402,7 +404,6 @@ async fn first_start_without_keys_creates_and_prints_one_key() {
 
 #[test]
 fn a_first_start_that_fails_keeps_no_unshown_key_and_later_starts_say_where_the_key_is() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("courier.toml");
     let serve = |listen: &str| {
@@ -411,24 +412,7 @@ fn a_first_start_that_fails_keeps_no_unshown_key_and_later_starts_say_where_the_
             format!("[server]\nlisten = \"{listen}\"\ndata_dir = \"data\"\n"),
         )
         .unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut printed = Vec::new();
-        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-            let line = line.unwrap();
-            let done = line.starts_with("courier listening on ");
-            printed.push(line);
-            if done {
-                break;
-            }
-        }
-        let _ = child.kill();
-        (child.wait().unwrap(), printed)
+        serve_until_listening(&cfg)
     };
     // The port is taken: the first start fails after making its key, and takes it back.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -157,14 +157,7 @@ fn a_backoff_plugin_retired_during_an_attempt_still_decides_its_retry() {
     let taken = plugins.backoff("p"); // the attempt starts
     plugins.retire_unconfigured(&[]); // a reload dropped it, and its grace ran out
     assert!(plugins.get("p").is_none());
-    let info = courier::plugins::AttemptInfo {
-        endpoint: "app".into(),
-        event_type: "t".into(),
-        attempt: 1,
-        status: Some(500),
-        error: None,
-        retry_after_ms: None,
-    };
+    let info = first_failed_attempt();
     assert!(matches!(
         plugins.next_delay(&metrics, "p", taken, &info),
         Ok(courier::plugins::BackoffDecision::RetryAfterMs(1234))
@@ -182,6 +175,18 @@ fn a_backoff_plugin_retired_during_an_attempt_still_decides_its_retry() {
         "{}",
         metrics.encode()
     );
+}
+
+/// What a backoff plugin is told of a first attempt answered 500.
+fn first_failed_attempt() -> courier::plugins::AttemptInfo {
+    courier::plugins::AttemptInfo {
+        endpoint: "app".into(),
+        event_type: "t".into(),
+        attempt: 1,
+        status: Some(500),
+        error: None,
+        retry_after_ms: None,
+    }
 }
 
 /// The least fuel with which the backoff plugin `file` still loads (each call instantiates
@@ -212,14 +217,7 @@ fn just_enough_fuel_to_load(file: &str) -> u64 {
             lo = mid;
         }
     }
-    let info = courier::plugins::AttemptInfo {
-        endpoint: "app".into(),
-        event_type: "t".into(),
-        attempt: 1,
-        status: Some(500),
-        error: None,
-        retry_after_ms: None,
-    };
+    let info = first_failed_attempt();
     let plugins = with(hi).unwrap();
     assert!(
         plugins
@@ -652,21 +650,26 @@ async fn the_readme_walkthrough_plugin_adds_a_header_and_a_field() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn a_backoff_plugin_never_retries_sooner_than_retry_after() {
-    let rx = Receiver::start().await;
-    rx.script([Reply::status(429).header("retry-after", "2")]);
-    let c = Courier::start(&format!(
+/// Courier with the endpoint `app` on `rx`, retried by `fixed-backoff` every `delay_ms`.
+async fn with_fixed_backoff(rx: &Receiver, delay_ms: u64) -> Courier {
+    Courier::start(&format!(
         "{DELIVERY_FAST}{}{}",
         plugin_entry(
             "fixed",
             "fixed-backoff",
             "backoff",
-            "config = { delay_ms = 10, max_attempts = 5 }"
+            &format!("config = {{ delay_ms = {delay_ms}, max_attempts = 5 }}")
         ),
         endpoint("app", &rx.url("/"), "backoff = \"fixed\""),
     ))
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_backoff_plugin_never_retries_sooner_than_retry_after() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(429).header("retry-after", "2")]);
+    let c = with_fixed_backoff(&rx, 10).await;
     let r = c.send(json!({"event_type": "t", "payload": {}})).await;
     c.wait_status(r["deliveries"][0]["id"].as_str().unwrap(), "delivered", T)
         .await;
@@ -685,17 +688,7 @@ async fn an_absurd_retry_after_holds_a_backoff_plugin_back_a_day() {
     let rx = Receiver::start().await;
     // Seconds whose milliseconds overflow 64 bits.
     rx.script([Reply::status(429).header("retry-after", "18446744073709552")]);
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        plugin_entry(
-            "fixed",
-            "fixed-backoff",
-            "backoff",
-            "config = { delay_ms = 1000, max_attempts = 5 }"
-        ),
-        endpoint("app", &rx.url("/"), "backoff = \"fixed\""),
-    ))
-    .await;
+    let c = with_fixed_backoff(&rx, 1000).await;
     let r = c.send(json!({"event_type": "t", "payload": {}})).await;
     let id = r["deliveries"][0]["id"].as_str().unwrap().to_string();
     rx.wait_for(1, T).await;
