@@ -1531,6 +1531,42 @@ pub(crate) mod tests {
         assert!(store.event(&event_id).unwrap().is_some());
     }
 
+    /// A FIFO endpoint's queue whose first entry names a delivery that is gone is reported
+    /// as damage, not taken for an empty queue (behind which every later delivery of the
+    /// endpoint would wait unseen).
+    #[tokio::test]
+    async fn a_queue_head_that_names_a_missing_delivery_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("courier.redb");
+        let store = Store::open(&path, true).unwrap();
+        let first = batch("k1", 1_000);
+        let missing = first.deliveries[0].id.clone();
+        store.append(first).await.unwrap();
+        store.append(batch("k2", 2_000)).await.unwrap();
+        assert_eq!(store.head("e").unwrap().unwrap().id, missing);
+        closed(store);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            drop(
+                txn.open_table(DELIVERIES)
+                    .unwrap()
+                    .remove(missing.as_str())
+                    .unwrap(),
+            );
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        match store.head("e") {
+            Err(StoreError::Corrupt(text)) => {
+                assert!(text.contains(&missing) && text.contains("`e`"), "{text}")
+            }
+            other => panic!("a missing head was answered {other:?}"),
+        }
+        // Other endpoints' queues are unaffected.
+        assert!(store.head("other").unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn a_database_from_before_the_format_was_recorded_is_format_1() {
         let dir = tempfile::tempdir().unwrap();
