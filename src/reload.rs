@@ -41,6 +41,11 @@ pub struct Status {
     /// when that file is fixed.
     #[serde(skip)]
     pub rejected_plugins: Vec<PathBuf>,
+    /// Those files as the rejected load found them (looked at before it read them): their
+    /// watch starts from these looks, so that a file fixed while the load ran, before the
+    /// watch began, still brings another try.
+    #[serde(skip)]
+    pub rejected_looks: Vec<(PathBuf, Option<crate::watch::Look>)>,
 }
 
 fn digest(bytes: &[u8]) -> String {
@@ -179,6 +184,7 @@ pub fn reload(app: &Arc<App>, force: bool) {
         }
     }
     let mut plugin_paths = Vec::new();
+    let mut looks = Vec::new();
     let loaded = Config::load_bytes(&path, &bytes).map_err(|e| match &e {
         crate::config::ConfigError::Invalid { .. } => format!("{}: {e}", path.display()),
         _ => e.to_string(),
@@ -189,6 +195,10 @@ pub fn reload(app: &Arc<App>, force: bool) {
             .check_api(&new)
             .map_err(|errors| format!("{}: {}", path.display(), errors.join("; ")))?;
         plugin_paths = new.plugins.iter().map(|p| p.path.clone()).collect();
+        looks = plugin_paths
+            .iter()
+            .map(|p| (p.clone(), crate::watch::look(p)))
+            .collect();
         match app.plugins.load_all(&new.plugins, &app.metrics) {
             Ok(()) => Ok(new),
             Err(errors) => Err(format!("{}: {}", path.display(), errors.join("; "))),
@@ -230,6 +240,7 @@ pub fn reload(app: &Arc<App>, force: bool) {
             st.last_error_at_ms = None;
             st.rejected_sha256 = None;
             st.rejected_plugins.clear();
+            st.rejected_looks.clear();
             drop(st);
             crate::plugins::rewatch(app);
             let st = app.reload_status.lock().expect("status lock");
@@ -247,6 +258,7 @@ pub fn reload(app: &Arc<App>, force: bool) {
             st.rejected_sha256 = Some(sha);
             let rewatch = st.rejected_plugins != plugin_paths;
             st.rejected_plugins = plugin_paths;
+            st.rejected_looks = looks;
             app.metrics
                 .config_reloads
                 .get_or_create(&vec![("result", "error".to_string())])

@@ -10,7 +10,9 @@
 //! So each watched file is also looked at every second ([`POLL`]) — where it resolves to,
 //! its size, times and inode — and sent when that changed since the first look. (Files that
 //! may have changed before a watch began are for the caller to send once itself: it
-//! compares content, so one that did not change costs one read.)
+//! compares content, so one that did not change costs one read. Or, where a look was taken
+//! when the file was read, the caller hands that look over as the first
+//! ([`watch_files_since`]), and only a file changed since then is sent.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -31,13 +33,31 @@ pub fn watch_files(
     files: &[PathBuf],
     tx: mpsc::UnboundedSender<PathBuf>,
 ) -> notify::Result<(Watch, Vec<PathBuf>)> {
+    watch_files_since(files, &[], tx)
+}
+
+/// [`watch_files`], where `read` gives, for some of the files, the look taken when they
+/// were last read: the poller starts from it instead of a look of its own, so that a file
+/// changed between that read and this watch is sent at the first poll.
+pub fn watch_files_since(
+    files: &[PathBuf],
+    read: &[(PathBuf, Option<Look>)],
+    tx: mpsc::UnboundedSender<PathBuf>,
+) -> notify::Result<(Watch, Vec<PathBuf>)> {
     use notify::Watcher;
     let stop = Arc::new(AtomicBool::new(false));
     {
+        let first: Vec<Option<Look>> = files
+            .iter()
+            .map(|f| match read.iter().find(|(p, _)| p == f) {
+                Some((_, l)) => l.clone(),
+                None => look(f),
+            })
+            .collect();
         let (files, tx, stop) = (files.to_vec(), tx.clone(), stop.clone());
         std::thread::Builder::new()
             .name("courier-watch-poll".into())
-            .spawn(move || poll(&files, &tx, &stop))
+            .spawn(move || poll(&files, first, &tx, &stop))
             .map_err(|e| notify::Error::generic(&format!("cannot start the file poller: {e}")))?;
     }
     let stopper = Stop(stop);
@@ -103,7 +123,7 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// What a look at a file tells without reading it: where it resolves to (through
 /// symlinks), and its size, modification and change times and inode there.
 #[derive(PartialEq, Eq, Clone, Debug)]
-struct Look {
+pub struct Look {
     resolved: PathBuf,
     len: u64,
     modified: Option<std::time::SystemTime>,
@@ -111,7 +131,7 @@ struct Look {
     inode: (u64, u64),
 }
 
-fn look(f: &Path) -> Option<Look> {
+pub fn look(f: &Path) -> Option<Look> {
     use std::os::unix::fs::MetadataExt;
     let resolved = f.canonicalize().ok()?;
     let m = std::fs::metadata(&resolved).ok()?;
@@ -125,9 +145,13 @@ fn look(f: &Path) -> Option<Look> {
 }
 
 /// Looks at `files` every [`POLL`] until `stop`, sending each whose look changed since the
-/// last.
-fn poll(files: &[PathBuf], tx: &mpsc::UnboundedSender<PathBuf>, stop: &AtomicBool) {
-    let mut seen: Vec<Option<Look>> = files.iter().map(|f| look(f)).collect();
+/// last (at first, since `seen`).
+fn poll(
+    files: &[PathBuf],
+    mut seen: Vec<Option<Look>>,
+    tx: &mpsc::UnboundedSender<PathBuf>,
+    stop: &AtomicBool,
+) {
     loop {
         std::thread::sleep(POLL);
         if stop.load(Ordering::Relaxed) {
@@ -180,5 +204,56 @@ pub async fn next_batch(rx: &mut mpsc::UnboundedReceiver<PathBuf>) -> Option<BTr
             Ok(None) => return Some(batch),
             Err(_) => return Some(batch),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits up to `wait` for a path on `rx`.
+    fn received(rx: &mut mpsc::UnboundedReceiver<PathBuf>, wait: Duration) -> Option<PathBuf> {
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
+            if let Ok(p) = rx.try_recv() {
+                return Some(p);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A file changed after it was read but before its watch began (no event of the watch
+    /// will ever tell) is sent when the watch starts from the look taken at the read; one
+    /// that did not change is not.
+    #[test]
+    fn a_change_between_the_read_and_the_watch_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (changed, same) = (
+            dir.path().join("changed.wasm"),
+            dir.path().join("same.wasm"),
+        );
+        std::fs::write(&changed, b"broken").unwrap();
+        std::fs::write(&same, b"broken").unwrap();
+        let read = vec![
+            (changed.clone(), look(&changed)),
+            (same.clone(), look(&same)),
+        ];
+        std::fs::write(&changed, b"fixed, and longer").unwrap();
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_watch, unwatched) =
+            watch_files_since(std::slice::from_ref(&changed), &read, tx).unwrap();
+        assert!(unwatched.is_empty());
+        assert_eq!(received(&mut rx, POLL * 4), Some(changed.clone()));
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_watch, _) = watch_files_since(std::slice::from_ref(&same), &read, tx).unwrap();
+        assert_eq!(received(&mut rx, POLL * 3), None);
+
+        // Without the look at the read, the watch starts from the file as it is now.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_watch, _) = watch_files(std::slice::from_ref(&changed), tx).unwrap();
+        assert_eq!(received(&mut rx, POLL * 3), None);
     }
 }

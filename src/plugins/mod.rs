@@ -663,16 +663,15 @@ pub fn rewatch(app: &Arc<crate::app::App>) {
         return;
     }
     let mut paths: Vec<PathBuf> = config.plugins.iter().map(|p| p.path.clone()).collect();
-    for p in &app
-        .reload_status
-        .lock()
-        .expect("status lock")
-        .rejected_plugins
-    {
-        if !paths.contains(p) {
-            paths.push(p.clone());
+    let rejected_looks = {
+        let st = app.reload_status.lock().expect("status lock");
+        for p in &st.rejected_plugins {
+            if !paths.contains(p) {
+                paths.push(p.clone());
+            }
         }
-    }
+        st.rejected_looks.clone()
+    };
     let Some(tx) = app.plugins.watch_tx.lock().expect("watch tx").clone() else {
         return;
     };
@@ -680,7 +679,8 @@ pub fn rewatch(app: &Arc<crate::app::App>) {
     // configuration was read (while its other plugins compiled, say) and before this watch:
     // looked at once. (Only new ones, and only the running configuration's: a rejected
     // configuration's files are watched again after each retry, and sending them would
-    // retry it again for nothing.)
+    // retry it again for nothing. Theirs are watched from the looks the rejected load took
+    // before reading them, so that one changed since is sent at the first poll.)
     let before = std::mem::replace(
         &mut *app.plugins.watched.lock().expect("watched"),
         paths.clone(),
@@ -696,7 +696,7 @@ pub fn rewatch(app: &Arc<crate::app::App>) {
     let (watcher, unwatched) = if paths.is_empty() {
         (None, Vec::new())
     } else {
-        match crate::watch::watch_files(&paths, tx) {
+        match crate::watch::watch_files_since(&paths, &rejected_looks, tx) {
             Ok((w, unwatched)) => {
                 for f in &unwatched {
                     tracing::warn!(path = %f.display(), "the plugin file's directory does not exist; it is watched once it does");
