@@ -1234,13 +1234,44 @@ fn http_headers(
     Ok(headers)
 }
 
+/// Headers that describe the connection or how the body is framed. The HTTP client sets
+/// them from what it actually sends: a `transfer-encoding` given by hand would announce an
+/// encoding the body does not have, `connection` or `expect` would change the exchange, and
+/// over HTTP/2 each of them is a protocol error that fails every attempt. So they cannot be
+/// given, and any that reach a request (from an endpoint stored before this rule, or from a
+/// transform plugin) are left out of it ([`is_connection_header`]).
+pub const CONNECTION_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Whether `name` (any case) is one of [`CONNECTION_HEADERS`].
+pub fn is_connection_header(name: &str) -> bool {
+    CONNECTION_HEADERS
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+}
+
 /// Refuses a header table that names one header twice in different cases (`X-A` and
-/// `x-a` are one header: one value would be dropped without a word). Applied where headers
-/// are given (the config file, the endpoint API), not to endpoints stored before the check
-/// existed, which keep the value that sorts last.
+/// `x-a` are one header: one value would be dropped without a word), or names one of the
+/// [`CONNECTION_HEADERS`]. Applied where headers are given (the config file, the endpoint
+/// API), not to endpoints stored before the check existed, which keep the value that sorts
+/// last (and whose connection headers are left out of their requests).
 pub fn check_header_names(given: &BTreeMap<String, String>, key: &str) -> Result<(), ConfigError> {
     let mut seen = std::collections::BTreeSet::new();
     for h in given.keys() {
+        if is_connection_header(h) {
+            return Err(ConfigError::invalid(
+                format!("{key}.{h}"),
+                "describes the connection or how the body is framed, which the HTTP client sets",
+            ));
+        }
         if !seen.insert(h.to_ascii_lowercase()) {
             return Err(ConfigError::invalid(
                 format!("{key}.{h}"),

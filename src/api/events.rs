@@ -80,14 +80,20 @@ async fn post_raw(
     let Path(endpoint) = endpoint.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let params: RawParams = super::query(q.as_deref())?;
     let bytes = read_ingest(&app, &headers, body).await?;
+    let event_type = match params.event_type {
+        Some(t) => Some(t),
+        None => header_text(&app, &headers, "x-event-type", "event_type")?,
+    };
+    let content_type = header_text(
+        &app,
+        &headers,
+        header::CONTENT_TYPE.as_str(),
+        "content_type",
+    )?;
     let req = IngestRequest {
-        event_type: params
-            .event_type
-            .or_else(|| header_str(&headers, "x-event-type"))
-            .unwrap_or_else(|| "ingest".into()),
+        event_type: event_type.unwrap_or_else(|| "ingest".into()),
         payload: bytes.to_vec(),
-        content_type: header_str(&headers, header::CONTENT_TYPE.as_str())
-            .unwrap_or_else(|| "application/octet-stream".into()),
+        content_type: content_type.unwrap_or_else(|| "application/octet-stream".into()),
         endpoint: Some(endpoint),
         id: params.id,
         idempotency_key: match params.idempotency_key {
@@ -130,11 +136,28 @@ async fn read_ingest(
     })
 }
 
-fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+/// Header `name` as text (UTF-8: a content type's parameters may hold any), if present. One
+/// that is not text is refused rather than read as absent, which would deliver the body
+/// under a default type (or event type) the producer did not give.
+fn header_text(
+    app: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    field: &'static str,
+) -> Result<Option<String>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => match std::str::from_utf8(v.as_bytes()) {
+            Ok(text) => Ok(Some(text.to_string())),
+            Err(_) => {
+                observe::ingest_rejected(&app.metrics, "malformed");
+                Err(
+                    ApiError::bad_request(format!("the {name} header must be UTF-8 text"))
+                        .with_field(field),
+                )
+            }
+        },
+    }
 }
 
 async fn respond(

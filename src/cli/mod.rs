@@ -318,6 +318,9 @@ fn verify_cmd(
     no_timestamp_check: bool,
     file: Option<&PathBuf>,
 ) -> anyhow::Result<()> {
+    // A secret that cannot be one is a mistake in the command, not a webhook that fails.
+    crate::deliver::sign::decode_secret(secret)
+        .map_err(|e| Unreadable(format!("--secret: {e}")))?;
     let input = read_input(file).map_err(|e| Unreadable(format!("{e:#}")))?;
     let webhook =
         verify::parse(&input).map_err(|e| Unreadable(format!("cannot read the webhook: {e}")))?;

@@ -22,15 +22,11 @@ impl Webhook {
     }
 }
 
-/// Splits an HTTP message into headers and body (CRLF or LF line ends).
+/// Splits an HTTP message into headers and body (CRLF or LF line ends) at the first empty
+/// line, whatever the body holds after it.
 pub fn parse(input: &[u8]) -> Result<Webhook, String> {
-    let (head, body) = match find(input, b"\r\n\r\n") {
-        Some(i) => (&input[..i], &input[i + 4..]),
-        None => match find(input, b"\n\n") {
-            Some(i) => (&input[..i], &input[i + 2..]),
-            None => return Err("expected headers, an empty line, then the body".into()),
-        },
-    };
+    let (head, body) = split_head(input)
+        .ok_or_else(|| "expected headers, an empty line, then the body".to_string())?;
     let head = std::str::from_utf8(head).map_err(|_| "headers are not UTF-8".to_string())?;
     let mut headers = Vec::new();
     for (n, line) in head.lines().enumerate() {
@@ -49,8 +45,23 @@ pub fn parse(input: &[u8]) -> Result<Webhook, String> {
     })
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// The head (without its last line end) and the body after the first empty line.
+fn split_head(input: &[u8]) -> Option<(&[u8], &[u8])> {
+    input
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .find_map(|(i, _)| {
+            let rest = &input[i + 1..];
+            let head = &input[..i];
+            if rest.starts_with(b"\n") {
+                Some((head, &rest[1..]))
+            } else if rest.starts_with(b"\r\n") {
+                Some((head, &rest[2..]))
+            } else {
+                None
+            }
+        })
 }
 
 /// The verdict on each signature.
@@ -137,5 +148,22 @@ mod tests {
         let mut tampered = w;
         tampered.body.push(b' ');
         assert!(!verify(&tampered, secret, None).valid);
+    }
+
+    /// The head ends at the first empty line, in either line-end style, whatever empty
+    /// lines of the other style the body holds.
+    #[test]
+    fn the_body_starts_after_the_first_empty_line() {
+        let body = b"line one\r\n\r\nline three\n\nend";
+        for eol in ["\n", "\r\n"] {
+            let mut msg = format!("POST /hook HTTP/1.1{eol}webhook-id: msg_1{eol}x-a: b{eol}{eol}")
+                .into_bytes();
+            msg.extend_from_slice(body);
+            let w = parse(&msg).unwrap();
+            assert_eq!(w.body, body, "line ends {eol:?}");
+            assert_eq!(w.header("webhook-id"), Some("msg_1"));
+            assert_eq!(w.header("x-a"), Some("b"));
+        }
+        assert!(parse(b"webhook-id: x\nno empty line").is_err());
     }
 }

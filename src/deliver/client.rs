@@ -182,8 +182,12 @@ pub fn classify(err: &reqwest::Error) -> &'static str {
         if e.is::<DnsFailed>() {
             return "dns";
         }
-        text.push_str(&e.to_string().to_ascii_lowercase());
-        text.push(' ');
+        // Not the outermost error's text: it names the URL, whose path may say anything
+        // (`/tls-hooks`).
+        if !std::ptr::addr_eq(e, err) {
+            text.push_str(&e.to_string().to_ascii_lowercase());
+            text.push(' ');
+        }
         source = e.source();
     }
     if err.is_timeout() {
@@ -214,6 +218,27 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The class comes from what failed, not from the URL: a refused connection is
+    /// `connect` whatever words the path holds.
+    #[tokio::test]
+    async fn a_refused_connection_is_connect_whatever_the_url_says() {
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = build(true);
+        for path in ["/hooks", "/tls-handshake/certificate"] {
+            let err = client
+                .post(format!("http://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .unwrap_err();
+            assert_eq!(classify(&err), "connect", "{path}: {}", describe(&err));
+        }
+    }
 
     #[test]
     fn non_global_addresses_are_refused() {

@@ -110,6 +110,7 @@ pub async fn send(
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .chain(extra.iter().copied())
+        .filter(|(k, _)| !crate::config::is_connection_header(k))
     {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),

@@ -295,6 +295,48 @@ async fn raw_ingest_is_delivered_byte_for_byte() {
     c.stop().await;
 }
 
+/// A raw ingest's content type goes out as given, parameters in any UTF-8 included; a
+/// content type or event type header that is not text is refused, not replaced by a default.
+#[tokio::test]
+async fn raw_ingest_keeps_a_utf8_content_type_and_refuses_one_that_is_not_text() {
+    let rx = Receiver::start().await;
+    let c = Courier::with_endpoint("app", &rx.url("/raw"), "").await;
+    let post = |name: &'static str, value: Vec<u8>, body: &'static str| {
+        c.http
+            .post(format!("{}/v1/ingest/app", c.base))
+            .bearer_auth(INGEST_ONLY)
+            .header(
+                name,
+                reqwest::header::HeaderValue::from_bytes(&value).unwrap(),
+            )
+            .body(body)
+            .send()
+    };
+    let utf8 = "text/plain; name=\"caf\u{e9}\"".as_bytes().to_vec();
+    let resp = post("content-type", utf8.clone(), "kept").await.unwrap();
+    assert_eq!(resp.status(), 202);
+    for (name, field) in [
+        ("content-type", "content_type"),
+        ("x-event-type", "event_type"),
+    ] {
+        // "café" in Latin-1: not UTF-8.
+        let resp = post(name, b"caf\xe9".to_vec(), "refused").await.unwrap();
+        assert_eq!(resp.status(), 400, "{name}");
+        let e = resp.json_value().await;
+        assert_eq!(e["error"]["field"], field, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(name),
+            "{e}"
+        );
+    }
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].body, b"kept");
+    assert_eq!(got[0].headers["content-type"].as_bytes(), utf8.as_slice());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1, "a refused event was delivered");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn ssrf_guard_refuses_private_destinations_permanently() {
     let rx = Receiver::start().await;

@@ -1,6 +1,7 @@
-//! An endpoint's configured `headers` cannot override courier's own headers: a config (at
-//! `courier check`, at start, on reload) or an API endpoint that tries is refused, naming the
-//! key; headers of its own go out as configured.
+//! An endpoint's configured `headers` cannot override courier's own headers, nor describe
+//! the connection or the body's framing: a config (at `courier check`, at start, on reload)
+//! or an API endpoint that tries is refused, naming the key; headers of its own go out as
+//! configured.
 
 use std::time::Duration;
 
@@ -150,5 +151,86 @@ async fn an_api_endpoint_with_a_reserved_header_is_refused_naming_the_field() {
     let got = rx.wait_for(1, T).await;
     assert_eq!(got[0].header("x-tenant"), "acme");
     assert!(got[0].header("user-agent").starts_with("courier/"));
+    c.stop().await;
+}
+
+/// Headers that describe the connection or how the body is framed, spelt as an operator
+/// might: the HTTP client sets them from what it sends.
+const FRAMING: &[&str] = &["Transfer-Encoding", "connection", "expect", "te", "Upgrade"];
+
+#[tokio::test]
+async fn framing_headers_are_refused_in_the_config_and_the_api_and_left_out_of_requests() {
+    let rx = Receiver::start().await;
+    for name in FRAMING {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            dir.path(),
+            &with_headers(
+                &rx,
+                &format!("\"x-tenant\" = \"t1\", \"{name}\" = \"chunked\""),
+            ),
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{name}: accepted: {text}");
+        assert!(
+            text.contains(&format!("endpoints[0].headers.{name}"))
+                && text.contains("how the body is framed"),
+            "{name}: {text}"
+        );
+    }
+
+    // A transform that adds them anyway: its body goes out as it is, framed by the client.
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry(
+            "framing",
+            "misbehave",
+            "transform",
+            "config = { mode = \"framing\" }\nlimits = { timeout = \"5s\" }"
+        ),
+        endpoint("app", &rx.url("/hook"), "transforms = [\"framing\"]"),
+    ))
+    .await;
+    for name in FRAMING {
+        let (s, e) = c
+            .post_json(
+                "/v1/endpoints",
+                &json!({"name": "shop", "url": rx.url("/h"), "headers": {*name: "chunked"}}),
+            )
+            .await;
+        assert_eq!(s, 422, "{name}: {e}");
+        assert_eq!(e["error"]["field"], "headers", "{name}: {e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("headers.{name}")),
+            "{name}: {e}"
+        );
+        assert_eq!(c.get("/v1/endpoints/shop").await.0, 404);
+    }
+    let sent = c
+        .send(json!({"event_type": "t", "payload": {"n": 1}, "endpoint": "app"}))
+        .await;
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].json()["n"], 1);
+    assert_eq!(got[0].header("transfer-encoding"), "");
+    assert_eq!(got[0].header("expect"), "");
+    assert_ne!(got[0].header("connection"), "close");
+    assert_eq!(
+        got[0].header("content-length"),
+        got[0].body.len().to_string()
+    );
+    let id = sent["deliveries"][0]["id"].as_str().unwrap();
+    c.wait_status(id, "delivered", T).await;
     c.stop().await;
 }

@@ -540,6 +540,14 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// A `[[plugins]]` entry for the component built from `plugins/{file}`, with `extra` lines.
+pub fn plugin_entry(name: &str, file: &str, kind: &str, extra: &str) -> String {
+    format!(
+        "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\nkind = \"{kind}\"\n{extra}\n",
+        plugin(file).display()
+    )
+}
+
 /// The compiled example plugin `name` (e.g. "redact"), building the plugins workspace once
 /// per test run (`cargo build --release --target wasm32-wasip2`).
 pub fn plugin(name: &str) -> PathBuf {

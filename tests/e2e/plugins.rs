@@ -10,13 +10,6 @@ use crate::harness::*;
 
 const T: Duration = Duration::from_secs(20);
 
-fn plugin_entry(name: &str, file: &str, kind: &str, extra: &str) -> String {
-    format!(
-        "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\nkind = \"{kind}\"\n{extra}\n",
-        plugin(file).display()
-    )
-}
-
 #[tokio::test]
 async fn redact_and_envelope_change_the_body_and_the_signature_covers_it() {
     let (a, b, chain) = (

@@ -2,8 +2,9 @@
 //! `mode`: `trap` (panics), `loop` (never returns), `sleep` (sleeps for an hour on the WASI
 //! clock), `hog` (allocates without bound),
 //! `error` (returns an error), `drop` (drops the delivery), `headers` (returns 25,000
-//! headers), `badheader` (returns a header name HTTP does not allow); anything else passes
-//! the request through.
+//! headers), `badheader` (returns a header name HTTP does not allow), `framing` (adds
+//! `transfer-encoding: gzip`, `connection: close` and `expect: 100-continue` to a body it
+//! leaves as it is); anything else passes the request through.
 
 wit_bindgen::generate!({ path: "../../wit", world: "transformer" });
 
@@ -53,6 +54,20 @@ impl Guest for Misbehave {
                     name: "bad name".into(),
                     value: "1".into(),
                 });
+                Ok(TransformOutcome::Send(req))
+            }
+            Some("framing") => {
+                let mut req = req;
+                for (name, value) in [
+                    ("transfer-encoding", "gzip"),
+                    ("connection", "close"),
+                    ("expect", "100-continue"),
+                ] {
+                    req.headers.push(Header {
+                        name: name.into(),
+                        value: value.into(),
+                    });
+                }
                 Ok(TransformOutcome::Send(req))
             }
             _ => Ok(TransformOutcome::Send(req)),
