@@ -25,6 +25,9 @@ pub struct IngestRequest {
     /// A producer-chosen event id (becomes the `webhook-id`).
     pub id: Option<String>,
     pub idempotency_key: Option<String>,
+    /// Headers every delivery of the event carries (a raw ingest's `content-encoding`, which
+    /// the body needs to be read).
+    pub headers: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +182,7 @@ pub async fn ingest(
             payload: req.payload,
             created_ms: now,
             delivery_ids: deliveries.iter().map(|d| d.id.clone()).collect(),
-            headers: Vec::new(),
+            headers: req.headers,
         },
         deliveries,
         idempotency: req.idempotency_key.map(|key| IdempotencyKey {

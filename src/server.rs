@@ -70,12 +70,35 @@ impl Running {
 /// usable at once (port 0 picks a free port).
 pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let data_dir = config.server.data_dir.clone();
+    // The directories about to be made, deepest first.
+    let made: Vec<std::path::PathBuf> = data_dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(std::path::Path::to_path_buf)
+        .collect();
     // Made for courier's user only (an existing directory keeps its mode).
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    // A new directory's entry is in its parent: synced, or a power cut soon after the first
+    // acknowledgements could take the whole data dir (the journal syncs only its own
+    // directory's entries).
+    for dir in &made {
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| {
+                format!(
+                    "cannot sync {} after creating the data dir",
+                    parent.display()
+                )
+            })?;
+    }
     let db_path = data_dir.join("courier.redb");
     let store = Store::open(&db_path, config.server.quick_repair)
         .with_context(|| format!("cannot open {}", db_path.display()))?;

@@ -763,6 +763,7 @@ async fn test_send(
             endpoint: Some(name.clone()),
             id: None,
             idempotency_key: None,
+            headers: Vec::new(),
         },
     )
     .await

@@ -54,6 +54,7 @@ async fn post_event(
         endpoint: parsed.endpoint,
         id: parsed.id,
         idempotency_key,
+        headers: Vec::new(),
     };
     respond(&app, &caller, req).await
 }
@@ -90,6 +91,13 @@ async fn post_raw(
         header::CONTENT_TYPE.as_str(),
         "content_type",
     )?;
+    // A compressed body is delivered as it came, so it goes with what it is compressed with.
+    let encoding = header_text(
+        &app,
+        &headers,
+        header::CONTENT_ENCODING.as_str(),
+        "content_encoding",
+    )?;
     let req = IngestRequest {
         event_type: event_type.unwrap_or_else(|| "ingest".into()),
         payload: bytes.to_vec(),
@@ -100,6 +108,9 @@ async fn post_raw(
             Some(key) => Some(key),
             None => idempotency_header(&app, &headers)?,
         },
+        headers: encoding
+            .map(|e| vec![(header::CONTENT_ENCODING.as_str().to_string(), e)])
+            .unwrap_or_default(),
     };
     respond(&app, &caller, req).await
 }

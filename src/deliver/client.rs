@@ -164,7 +164,11 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xffc0) == 0xfe80              // fe80::/10 link-local
         || (s[0] & 0xffc0) == 0xfec0              // fec0::/10 site-local (deprecated)
         || (s[0] == 0x2001 && s[1] == 0x0db8)     // 2001:db8::/32 documentation
+        || (s[0] == 0x3fff && (s[1] & 0xf000) == 0) // 3fff::/20 documentation
+        || s[0] == 0x5f00                         // 5f00::/16 segment routing SIDs
         || (s[0] == 0x2001 && s[1] == 0)          // 2001::/32 Teredo
+        || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0) // 2001:2::/48 benchmarking
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x10) // 2001:10::/28 ORCHID (deprecated)
         || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // 64:ff9b:1::/48 local-use NAT64
         || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // 100::/64 discard
         || s[0..6] == [0, 0, 0, 0, 0, 0]) // ::/96 IPv4-compatible (deprecated)
@@ -267,6 +271,12 @@ mod tests {
             "::ffff:0:7f00:1",
             "168.63.129.16",
             "::ffff:168.63.129.16",
+            "3fff::1",
+            "3fff:fff::1",
+            "5f00::1",
+            "2001:2::1",
+            "2001:10::1",
+            "2001:1f::1",
         ] {
             assert!(!is_public(bad.parse().unwrap()), "{bad} should be refused");
         }
@@ -276,6 +286,10 @@ mod tests {
             "2606:4700::1111",
             "::ffff:8.8.8.8",
             "168.63.129.17",
+            "2001:2:1::1",
+            "2001:20::1",
+            "3ffe::1",
+            "2a00:1450::1",
         ] {
             assert!(is_public(good.parse().unwrap()), "{good} should be allowed");
         }

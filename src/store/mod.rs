@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 use tokio::sync::{mpsc, oneshot};
 
 pub use rollup::Rollup;
@@ -452,10 +452,11 @@ impl Store {
                     }
                     Some(found) => found,
                     // A new database is in this build's format; one from before the format
-                    // was recorded (it has a journal id) is in format 1, and migrations
+                    // was recorded (it has tables besides this one: some builds of that time
+                    // had workflows but no journal id yet) is in format 1, and migrations
                     // below raise it.
                     None => {
-                        let existing = meta.get(JOURNAL_ID)?.is_some();
+                        let existing = txn.list_tables()?.any(|t| t.name() != META.name());
                         let format = if existing { 1 } else { FORMAT_VERSION };
                         meta.insert(FORMAT, format)?;
                         format
@@ -1602,6 +1603,13 @@ pub(crate) mod tests {
         }
         set_recorded_format(&path, None);
         assert_eq!(recorded_format(&path), None);
+        // Nor a journal id: builds with workflows came before it.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            drop(txn.open_table(META).unwrap().remove(JOURNAL_ID).unwrap());
+            txn.commit().unwrap();
+        }
         let store = Store::open(&path, true).unwrap();
         assert!(store.event(&event_id).unwrap().is_some());
         // Counted as format 1, and migrated from there.

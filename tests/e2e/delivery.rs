@@ -295,8 +295,9 @@ async fn raw_ingest_is_delivered_byte_for_byte() {
     c.stop().await;
 }
 
-/// A raw ingest's content type goes out as given, parameters in any UTF-8 included; a
-/// content type or event type header that is not text is refused, not replaced by a default.
+/// A raw ingest's content type goes out as given, parameters in any UTF-8 included, and so
+/// does its content encoding; a content type or event type header that is not text is
+/// refused, not replaced by a default.
 #[tokio::test]
 async fn raw_ingest_keeps_a_utf8_content_type_and_refuses_one_that_is_not_text() {
     let rx = Receiver::start().await;
@@ -329,11 +330,24 @@ async fn raw_ingest_keeps_a_utf8_content_type_and_refuses_one_that_is_not_text()
             "{e}"
         );
     }
-    let got = rx.wait_for(1, T).await;
-    assert_eq!(got[0].body, b"kept");
-    assert_eq!(got[0].headers["content-type"].as_bytes(), utf8.as_slice());
+    // A compressed body goes out as it came, with its content-encoding.
+    let resp = post(
+        "content-encoding",
+        b"gzip".to_vec(),
+        "\u{1f}\u{8b} not really",
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 202);
+    let got = rx.wait_for(2, T).await;
+    let kept = got.iter().find(|r| r.body == b"kept").unwrap();
+    assert_eq!(kept.headers["content-type"].as_bytes(), utf8.as_slice());
+    assert_eq!(kept.header("content-encoding"), "");
+    let packed = got.iter().find(|r| r.body != b"kept").unwrap();
+    assert_eq!(packed.body, "\u{1f}\u{8b} not really".as_bytes());
+    assert_eq!(packed.header("content-encoding"), "gzip");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(rx.received().len(), 1, "a refused event was delivered");
+    assert_eq!(rx.received().len(), 2, "a refused event was delivered");
     c.stop().await;
 }
 
