@@ -46,6 +46,8 @@ pub struct Options {
     pub pid: Option<u32>,
     /// How long to wait for the last deliveries.
     pub drain_timeout: Duration,
+    /// How long one request to courier may take (a timed-out request is an error).
+    pub request_timeout: Duration,
     /// Only fill the queue: do not wait for deliveries.
     pub no_wait: bool,
     /// Backlog mode: the bench endpoint is paused while the events go in (a receiver that is
@@ -79,10 +81,31 @@ pub struct Report {
     pub target_rate: Option<u64>,
     pub accepted: usize,
     pub errors: usize,
+    /// The errors by HTTP status (`"403"`, `"503"`…) or, for a request that got no answer,
+    /// by what went wrong (`"timeout"`, `"connect"`, `"transport"`).
+    pub errors_by_status: BTreeMap<String, usize>,
+    /// The first error: its status and the start of its body, or the transport error.
+    pub first_error: Option<String>,
     pub accepted_per_sec: f64,
-    pub delivered: usize,
+    /// Accepted events that reached the built-in receiver, each counted once (`None` when
+    /// the deliveries were not awaited: `--no-wait` or `--receiver`).
+    pub delivered: Option<usize>,
+    /// The bench endpoint's dead deliveries, as courier's stats give them (`None`: not
+    /// awaited, or the stats could not be read).
+    pub dead: Option<usize>,
+    /// Accepted events neither delivered nor dead when the wait ended.
+    pub missing: Option<usize>,
+    /// Deliveries of an event that had already arrived (redeliveries): not counted in
+    /// `delivered`.
+    pub duplicates: Option<usize>,
+    /// Events delivered whose ingest request failed here (an error or a timeout after
+    /// courier had taken them in): not counted in `delivered`.
+    pub delivered_not_accepted: Option<usize>,
     pub delivered_per_sec: Option<f64>,
     pub latency: Option<Latency>,
+    /// The process given with `--pid`, whose memory and CPU time are reported.
+    pub pid: Option<u32>,
+    /// The peak RSS of the process given with `--pid` (`None` without it).
     pub peak_rss_kib: Option<u64>,
     /// A bare HTTP server answering 202: requests/s with the same producers (the mean of a
     /// run before and a run after courier's).
@@ -94,8 +117,12 @@ pub struct Report {
     pub baseline_202_process_per_sec: Option<f64>,
     /// The two runs of that baseline.
     pub baseline_202_process_runs: Option<[f64; 2]>,
-    /// A bare client→receiver loop: requests/s with the same concurrency.
+    /// A bare client→receiver loop: requests/s with `baseline_send_concurrency` senders.
     pub baseline_send_per_sec: Option<f64>,
+    /// The senders of that loop: as many as the producers, but at most
+    /// [`BENCH_MAX_IN_FLIGHT`], the most deliveries courier has in flight to the bench
+    /// endpoint.
+    pub baseline_send_concurrency: Option<usize>,
     pub accepted_vs_baseline: Option<f64>,
     /// Accepted events/s against the bare server in a process of its own.
     pub accepted_vs_process_baseline: Option<f64>,
@@ -136,6 +163,9 @@ pub struct Report {
     /// Whether the durable bare server's directory was in memory (`tmpfs`): then its rate is
     /// not what durability costs on a disk (see `--durable-dir`).
     pub baseline_durable_202_in_memory: Option<bool>,
+    /// Why the run failed (empty when it did not): events not accepted, accepted events not
+    /// delivered. The command exits 1 when there is any.
+    pub problems: Vec<String>,
 }
 
 impl Report {
@@ -145,11 +175,53 @@ impl Report {
     }
 }
 
-/// The receiver: counts requests and records each one's latency from the payload's send time.
-#[derive(Default)]
+/// A set of sequence numbers `0..len`, shared between threads without a lock.
+struct Seqs {
+    words: Vec<AtomicU64>,
+    len: usize,
+}
+
+impl Seqs {
+    fn new(len: usize) -> Seqs {
+        Seqs {
+            words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            len,
+        }
+    }
+
+    /// Adds `i`: whether it was new (`None` out of range).
+    fn insert(&self, i: usize) -> Option<bool> {
+        if i >= self.len {
+            return None;
+        }
+        let bit = 1u64 << (i % 64);
+        Some(self.words[i / 64].fetch_or(bit, Ordering::Relaxed) & bit == 0)
+    }
+
+    /// How many are in both sets.
+    fn common(&self, other: &Seqs) -> usize {
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| {
+                (a.load(Ordering::Relaxed) & b.load(Ordering::Relaxed)).count_ones() as usize
+            })
+            .sum()
+    }
+}
+
+/// The receiver: counts requests and, recording, the distinct events among them (by the
+/// sequence number each payload carries) and each event's latency from its send time, taken
+/// at its first receipt.
 struct Received {
-    count: AtomicUsize,
+    requests: AtomicUsize,
+    /// The events received (recording only).
+    seen: Seqs,
+    distinct: AtomicUsize,
+    /// Requests carrying an event already received.
+    duplicates: AtomicUsize,
     latencies_us: Mutex<Vec<u64>>,
+    /// The last first receipt.
     last_us: AtomicU64,
 }
 
@@ -160,46 +232,82 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// How many of the bench endpoint's deliveries are dead (0 when courier cannot say).
-async fn dead_count(http: &reqwest::Client, base: &str, token: &str, name: &str) -> u64 {
-    let Ok(r) = http
-        .get(format!("{base}/v1/endpoints/{name}/stats"))
-        .bearer_auth(token)
-        .send()
-        .await
-    else {
-        return 0;
+/// How many of the bench endpoint's deliveries are dead; `None` when courier does not say
+/// within `within`.
+async fn dead_count(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    name: &str,
+    within: Duration,
+) -> Option<usize> {
+    let ask = async {
+        let r = http
+            .get(format!("{base}/v1/endpoints/{name}/stats"))
+            .bearer_auth(token)
+            .timeout(within)
+            .send()
+            .await
+            .ok()?;
+        let bytes = r.bytes().await.ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()?
+            .get("counts")?
+            .get("dead")?
+            .as_u64()
     };
-    let Ok(bytes) = r.bytes().await else { return 0 };
-    serde_json::from_slice::<serde_json::Value>(&bytes)
+    tokio::time::timeout(within, ask)
+        .await
         .ok()
-        .and_then(|v| v["counts"]["dead"].as_u64())
-        .unwrap_or(0)
+        .flatten()
+        .map(|d| d as usize)
 }
 
-/// Starts the built-in receiver; returns its address.
-pub async fn start_receiver(record: bool) -> anyhow::Result<(SocketAddr, Arc<ReceiverHandle>)> {
+/// Starts the built-in receiver; returns its address. With `events`, it records which of
+/// the events `0..events` arrive, and their latencies.
+pub async fn start_receiver(
+    events: Option<usize>,
+) -> anyhow::Result<(SocketAddr, Arc<ReceiverHandle>)> {
     let state = Arc::new(ReceiverHandle {
-        got: Received::default(),
-        record,
+        got: Received {
+            requests: AtomicUsize::new(0),
+            seen: Seqs::new(events.unwrap_or(0)),
+            distinct: AtomicUsize::new(0),
+            duplicates: AtomicUsize::new(0),
+            latencies_us: Mutex::new(Vec::with_capacity(events.unwrap_or(0))),
+            last_us: AtomicU64::new(0),
+        },
+        record: events.is_some(),
     });
     let st = state.clone();
     let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
         let st = st.clone();
         async move {
             let now = now_us();
+            st.got.requests.fetch_add(1, Ordering::Relaxed);
             if st.record {
-                // The payload starts with {"sent_at_us":N, …}: read N without parsing all.
-                if let Some(sent) = sent_at(&body) {
-                    st.got
-                        .latencies_us
-                        .lock()
-                        .expect("latencies")
-                        .push(now.saturating_sub(sent));
+                // The payload starts with {"sent_at_us":N,"seq":S, …}: read them without
+                // parsing all.
+                let seq = number_after(&body, "\"seq\":").and_then(|s| usize::try_from(s).ok());
+                match seq.and_then(|s| st.got.seen.insert(s)) {
+                    Some(true) => {
+                        if let Some(sent) = number_after(&body, "\"sent_at_us\":") {
+                            st.got
+                                .latencies_us
+                                .lock()
+                                .expect("latencies")
+                                .push(now.saturating_sub(sent));
+                        }
+                        st.got.last_us.fetch_max(now, Ordering::Relaxed);
+                        st.got.distinct.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(false) => {
+                        st.got.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Not one of the bench's events.
+                    None => {}
                 }
             }
-            st.got.count.fetch_add(1, Ordering::Relaxed);
-            st.got.last_us.fetch_max(now, Ordering::Relaxed);
             axum::http::StatusCode::NO_CONTENT
         }
     });
@@ -217,16 +325,33 @@ pub struct ReceiverHandle {
 }
 
 impl ReceiverHandle {
+    /// Requests received.
     pub fn count(&self) -> usize {
-        self.got.count.load(Ordering::Relaxed)
+        self.got.requests.load(Ordering::Relaxed)
+    }
+
+    /// Distinct events received (recording).
+    pub fn distinct(&self) -> usize {
+        self.got.distinct.load(Ordering::Relaxed)
     }
 }
 
-fn sent_at(body: &[u8]) -> Option<u64> {
-    let s = std::str::from_utf8(body.get(..64.min(body.len()))?).ok()?;
-    let rest = s.split("\"sent_at_us\":").nth(1)?;
+/// The number after `key` in the head of a payload.
+fn number_after(body: &[u8], key: &str) -> Option<u64> {
+    let s = std::str::from_utf8(body.get(..HEAD_MAX.min(body.len()))?).ok()?;
+    let rest = s.split(key).nth(1)?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
+}
+
+/// The payload's fields before its padding take at most this many bytes.
+const HEAD_MAX: usize = 96;
+
+/// The smallest payload size (`-s`) for a run of `events` events: the payload's own fields
+/// (send time, sequence number, empty padding) with the largest sequence number. Every
+/// payload of a run is exactly its size from there on.
+pub fn min_size(events: usize) -> usize {
+    payload(0, events.saturating_sub(1)).len()
 }
 
 /// A payload of about `size` bytes carrying its send time.
@@ -257,23 +382,100 @@ fn push_payload(out: &mut String, size: usize, seq: usize) {
     out.push_str("\"}");
 }
 
-/// Sends `n` requests with `c` producers (optionally at `rate`/s overall); returns the
-/// number of successes, errors and the elapsed time.
+/// What a run of requests came to: successes (and which, if asked), errors by cause and the
+/// first one's text.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicUsize,
+    errors: AtomicUsize,
+    /// Errors by HTTP status or transport error kind, and the first error's text.
+    failures: Mutex<(BTreeMap<String, usize>, Option<String>)>,
+    /// Which requests succeeded (when tracked).
+    accepted: Option<Seqs>,
+}
+
+impl Tally {
+    /// A tally that also keeps which of requests `0..n` succeeded.
+    fn tracking(n: usize) -> Tally {
+        Tally {
+            accepted: Some(Seqs::new(n)),
+            ..Tally::default()
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    fn succeeded(&self, i: usize) {
+        if let Some(a) = &self.accepted {
+            a.insert(i);
+        }
+        self.ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failed(&self, cause: String, text: impl FnOnce() -> String) {
+        let mut f = self.failures.lock().expect("failures");
+        *f.0.entry(cause).or_default() += 1;
+        if f.1.is_none() {
+            f.1 = Some(text());
+        }
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failures(&self) -> (BTreeMap<String, usize>, Option<String>) {
+        self.failures.lock().expect("failures").clone()
+    }
+}
+
+/// What went wrong with a request that got no answer.
+fn transport_cause(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    }
+}
+
+/// An error's text with its causes, on one line.
+fn transport_text(e: reqwest::Error) -> String {
+    let cause = transport_cause(&e);
+    let text = format!("{:#}", anyhow::Error::new(e));
+    if cause == "timeout" && !text.contains("timed out") {
+        format!("{text} (timed out)")
+    } else {
+        text
+    }
+}
+
+/// The start of an error answer's body, on one line.
+fn snippet(body: &str) -> String {
+    const MAX: usize = 300;
+    let one_line = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &one_line[..at]),
+        None => one_line,
+    }
+}
+
+/// Sends `n` requests with `c` producers (optionally at `rate`/s overall), counting them in
+/// `tally`; returns the elapsed time. The producers stop if this future is dropped.
 async fn drive(
     n: usize,
     c: usize,
     rate: u64,
     make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync>,
     ok_status: u16,
-) -> (usize, usize, Duration) {
+    tally: &Arc<Tally>,
+) -> Duration {
     let next = Arc::new(AtomicUsize::new(0));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let err = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..c.max(1) {
-        let (next, ok, err, make) = (next.clone(), ok.clone(), err.clone(), make.clone());
-        tasks.push(tokio::spawn(async move {
+        let (next, tally, make) = (next.clone(), tally.clone(), make.clone());
+        tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
@@ -286,34 +488,32 @@ async fn drive(
                 match make(i).send().await {
                     Ok(r) if r.status().as_u16() == ok_status => {
                         let _ = r.bytes().await;
-                        ok.fetch_add(1, Ordering::Relaxed);
+                        tally.succeeded(i);
                     }
                     Ok(r) => {
-                        let _ = r.bytes().await;
-                        err.fetch_add(1, Ordering::Relaxed);
+                        let status = r.status();
+                        let body = r.text().await.unwrap_or_default();
+                        tally.failed(status.as_u16().to_string(), || {
+                            format!("{status}: {}", snippet(&body))
+                        });
                     }
-                    Err(_) => {
-                        err.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(e) => tally.failed(transport_cause(&e).to_string(), || transport_text(e)),
                 }
             }
-        }));
+        });
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    (
-        ok.load(Ordering::Relaxed),
-        err.load(Ordering::Relaxed),
-        started.elapsed(),
-    )
+    while tasks.join_next().await.is_some() {}
+    started.elapsed()
 }
 
-fn client(c: usize) -> reqwest::Client {
+/// An HTTP client for `c` producers whose every request gives up after `timeout`.
+fn client(c: usize, timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(c.max(1))
         .tcp_nodelay(true)
         .no_proxy()
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .timeout(timeout)
         .build()
         .expect("client")
 }
@@ -446,20 +646,236 @@ pub fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
     proc_status_kib(pid, "VmHWM")
 }
 
-/// Runs the benchmark against a running courier.
-pub async fn run(opts: &Options) -> anyhow::Result<Report> {
-    // Checked before anything is made on courier.
-    if let Some(dir) = opts.durable_dir.as_ref().filter(|d| !d.is_dir()) {
+/// The most deliveries courier has in flight to the bench endpoint (its `max_in_flight`).
+pub const BENCH_MAX_IN_FLIGHT: usize = 256;
+
+/// A run stopped by SIGINT or SIGTERM (after removing the bench endpoint).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {}", signal_name(*.signal))]
+pub struct Interrupted {
+    /// The signal's number.
+    pub signal: i32,
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// SIGINT and SIGTERM, taken from their installation on (for the rest of the process).
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+
+    /// The next one's number.
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+        }
+    }
+}
+
+/// What the options ask for that cannot be run (the command line refuses it first, with its
+/// usage).
+fn check_options(opts: &Options) -> anyhow::Result<()> {
+    if opts.events == 0 {
+        bail!("-n/--events must be at least 1");
+    }
+    if opts.concurrency == 0 {
+        bail!("-c/--concurrency must be at least 1");
+    }
+    let min = min_size(opts.events);
+    if opts.size < min {
+        bail!(
+            "-s/--size {}: the payload's own fields (send time, sequence number) take {min} bytes with -n {}; give -s {min} or more",
+            opts.size,
+            opts.events
+        );
+    }
+    if let Some(dir) = &opts.durable_dir {
+        check_durable_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// `--durable-dir` must be a directory the durable bare server can make its own in.
+fn check_durable_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    if !dir.is_dir() {
         bail!("--durable-dir {}: not a directory", dir.display());
     }
-    let base = opts.url.trim_end_matches('/').to_string();
-    let http = client(opts.concurrency);
+    tempfile::Builder::new()
+        .prefix(".courier-bench-check-")
+        .tempdir_in(dir)
+        .and_then(|d| d.close())
+        .with_context(|| {
+            format!(
+                "--durable-dir {}: not writable (cannot make a directory in it)",
+                dir.display()
+            )
+        })
+}
+
+/// The bench endpoint's life on courier.
+const NOT_ASKED: u8 = 0;
+/// Asked for: perhaps made (no answer yet).
+const ASKED: u8 = 1;
+const MADE: u8 = 2;
+
+/// The temporary endpoint on courier: removed on every way out of a run once it was asked
+/// for ([`BenchEndpoint::finish`]), unless it keeps queued deliveries (`--receiver`,
+/// `--no-wait`).
+struct BenchEndpoint {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    name: String,
+    /// With `--receiver` or `--no-wait`: kept once an event for it was accepted.
+    keep_with_events: bool,
+    state: std::sync::atomic::AtomicU8,
+    finished: std::sync::atomic::AtomicBool,
+    /// Courier's run (its accepted events).
+    tally: Arc<Tally>,
+}
+
+impl BenchEndpoint {
+    /// Removes it (or says that it stays), once.
+    async fn finish(&self) {
+        let state = self.state.load(Ordering::SeqCst);
+        if state == NOT_ASKED || self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let name = &self.name;
+        if self.keep_with_events && self.tally.ok() > 0 {
+            eprintln!(
+                "the bench endpoint `{name}` stays; delete it with DELETE /v1/endpoints/{name} once its deliveries are done"
+            );
+            return;
+        }
+        let deleted = self
+            .http
+            .delete(format!("{}/v1/endpoints/{name}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await;
+        let failure = match deleted {
+            Ok(r) if r.status().is_success() => return,
+            // Never made.
+            Ok(r) if r.status() == 404 && state == ASKED => return,
+            Ok(r) => r.status().to_string(),
+            Err(e) => transport_text(e),
+        };
+        eprintln!(
+            "courier bench: cannot delete the bench endpoint `{name}` ({failure}); delete it with DELETE /v1/endpoints/{name}"
+        );
+    }
+}
+
+/// Runs the benchmark against a running courier. Once the bench endpoint is asked for, it is
+/// removed on every way out: the end of the run, an error, SIGINT or SIGTERM (then the run
+/// ends with [`Interrupted`]).
+pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+    // Checked before anything is made on courier.
+    check_options(opts)?;
+    let http = client(opts.concurrency, opts.request_timeout);
+    let ep = BenchEndpoint {
+        http,
+        base: opts.url.trim_end_matches('/').to_string(),
+        token: opts.token.clone(),
+        name: format!("bench-{}", &crate::model::new_id("b")[2..]).to_ascii_lowercase(),
+        keep_with_events: opts.receiver.is_some() || opts.no_wait,
+        state: NOT_ASKED.into(),
+        finished: false.into(),
+        tally: Arc::new(Tally::tracking(opts.events)),
+    };
+    let mut signals = StopSignals::install()?;
+    let outcome = tokio::select! {
+        r = session(opts, &ep) => r,
+        signal = signals.next() => Err(Interrupted { signal }.into()),
+    };
+    // The run's tasks are gone with it (producers, bare server processes); the endpoint is
+    // left to remove. A second signal does not wait for that.
+    tokio::select! {
+        _ = ep.finish() => {}
+        signal = signals.next() => {
+            eprintln!("courier: {}: exiting at once", Interrupted { signal });
+            std::process::exit(128 + signal);
+        }
+    }
+    let mut report = outcome?;
+    report.problems = problems(&report, opts);
+    Ok(report)
+}
+
+/// Why a finished run failed: events not accepted, accepted events not delivered.
+fn problems(r: &Report, opts: &Options) -> Vec<String> {
+    let mut out = Vec::new();
+    if r.accepted < r.events {
+        let causes: Vec<String> = r
+            .errors_by_status
+            .iter()
+            .map(|(cause, n)| format!("{n} × {cause}"))
+            .collect();
+        out.push(format!(
+            "{} of {} events were not accepted ({}){}",
+            r.events - r.accepted,
+            r.events,
+            causes.join(", "),
+            r.first_error
+                .as_ref()
+                .map(|e| format!("; first error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(delivered) = r.delivered
+        && delivered < r.accepted
+    {
+        let missing = r.missing.unwrap_or(0);
+        out.push(format!(
+            "{} of {} accepted events were not delivered: {} dead, {missing} missing{}",
+            r.accepted - delivered,
+            r.accepted,
+            r.dead.map_or_else(
+                || "? (courier's stats unread)".to_string(),
+                |d| d.to_string()
+            ),
+            if missing > 0 {
+                format!(
+                    " when the wait for deliveries ended (--drain-timeout {} s)",
+                    opts.drain_timeout.as_secs()
+                )
+            } else {
+                String::new()
+            }
+        ));
+    }
+    out
+}
+
+/// The run itself, from the bench endpoint's creation; removes it (or says that it stays) on
+/// its way, before the baselines' second runs.
+async fn session(opts: &Options, ep: &BenchEndpoint) -> anyhow::Result<Report> {
+    let (http, base, name) = (&ep.http, ep.base.as_str(), ep.name.as_str());
     let mut report = Report {
         backlog: opts.backlog,
         events: opts.events,
         concurrency: opts.concurrency,
         size_bytes: opts.size,
         target_rate: (opts.rate > 0).then_some(opts.rate),
+        pid: opts.pid,
         ..Report::default()
     };
 
@@ -467,11 +883,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let (receiver_url, handle) = match &opts.receiver {
         Some(u) => (u.clone(), None),
         None => {
-            let (addr, h) = start_receiver(true).await?;
+            let (addr, h) = start_receiver(Some(opts.events)).await?;
             (format!("http://{addr}/bench"), Some(h))
         }
     };
-    let name = format!("bench-{}", &crate::model::new_id("b")[2..]).to_ascii_lowercase();
+    ep.state.store(ASKED, Ordering::SeqCst);
     let created = http
         .post(format!("{base}/v1/endpoints"))
         .bearer_auth(&opts.token)
@@ -479,7 +895,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             json!({
                 "name": name,
                 "url": receiver_url,
-                "max_in_flight": 256,
+                "max_in_flight": BENCH_MAX_IN_FLIGHT,
                 "schedule": ["0s", "1s", "5s", "30s", "2m", "10m", "30m", "1h"],
                 "description": "temporary endpoint of courier bench",
             })
@@ -489,19 +905,23 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         .await
         .with_context(|| format!("cannot reach courier at {base}"))?;
     if created.status() != 201 {
+        ep.state.store(NOT_ASKED, Ordering::SeqCst);
         let status = created.status();
         let body = created.text().await.unwrap_or_default();
         bail!(
-            "cannot create the bench endpoint ({status}): {body} (the token needs the admin and ingest scopes; private networks must be allowed for the built-in receiver)"
+            "cannot create the bench endpoint ({status}): {} (the token needs the admin and ingest scopes; private networks must be allowed for the built-in receiver)",
+            snippet(&body)
         );
     }
+    ep.state.store(MADE, Ordering::SeqCst);
 
     if opts.backlog {
         let r = http
             .post(format!("{base}/v1/endpoints/{name}/pause"))
             .bearer_auth(&opts.token)
             .send()
-            .await?;
+            .await
+            .context("cannot pause the bench endpoint")?;
         if !r.status().is_success() {
             bail!("cannot pause the bench endpoint: {}", r.status());
         }
@@ -515,12 +935,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     // The bare server processes, plain and durable, measured before courier's run.
     let mut processes = Vec::new();
     if let (Some(exe), false) = (&opts.bare_server_exe, opts.no_baselines) {
-        let mut durable: Vec<std::ffi::OsString> = vec!["--durable".into()];
-        if let Some(dir) = &opts.durable_dir {
-            durable.extend(["--dir".into(), dir.into()]);
-        }
-        for args in [vec![], durable] {
-            let p = BareProcess::start(exe, &args).await?;
+        for durable in [None, Some(opts.durable_dir.as_deref())] {
+            let p = BareProcess::start(exe, durable).await?;
             processes.push(Measured::before(p, opts.events, opts.concurrency, opts.size).await);
         }
     }
@@ -547,14 +963,24 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .header(reqwest::header::AUTHORIZATION, auth.clone())
             .body(body)
     });
-    // Courier's CPU is read only with a pid (never this process's by mistake).
+    // Courier's CPU and memory are read only with a pid (never this process's by mistake).
     let courier_cpu = || opts.pid.and_then(read_cpu);
     let courier_cpu_before = courier_cpu();
     let tool_cpu_before = cpu_time(None);
     let first_send = now_us();
-    let (ok, errors, took) = drive(opts.events, opts.concurrency, opts.rate, make, 202).await;
+    let took = drive(
+        opts.events,
+        opts.concurrency,
+        opts.rate,
+        make,
+        202,
+        &ep.tally,
+    )
+    .await;
+    let ok = ep.tally.ok();
     report.accepted = ok;
-    report.errors = errors;
+    report.errors = ep.tally.errors.load(Ordering::Relaxed);
+    (report.errors_by_status, report.first_error) = ep.tally.failures();
     report.accepted_per_sec = ok as f64 / took.as_secs_f64();
     if opts.backlog || opts.no_wait || handle.is_none() {
         report.tool_cpu_us_per_event = cpu_us_per(tool_cpu_before, cpu_time(None), ok);
@@ -573,47 +999,89 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 .await;
             report.set_courier_cpu(courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok));
         }
-        report.backlog_rss_kib = rss_kib(opts.pid);
-        drain_start = Some((now_us(), handle.as_ref().map_or(0, |h| h.count())));
+        report.backlog_rss_kib = opts.pid.and_then(|p| rss_kib(Some(p)));
+        drain_start = Some((now_us(), handle.as_ref().map_or(0, |h| h.distinct())));
         let r = http
             .post(format!("{base}/v1/endpoints/{name}/resume"))
             .bearer_auth(&opts.token)
             .send()
-            .await?;
+            .await
+            .context("cannot resume the bench endpoint")?;
         if !r.status().is_success() {
             bail!("cannot resume the bench endpoint: {}", r.status());
         }
         drain_cpu_before = courier_cpu();
     }
 
-    // Wait for the deliveries.
+    // Wait for the deliveries: every accepted event delivered or dead, or the drain
+    // timeout.
     if let Some(h) = &handle
         && !opts.no_wait
     {
-        let deadline = Instant::now()
+        let accepted = ep
+            .tally
+            .accepted
+            .as_ref()
+            .expect("courier's run is tracked");
+        let delivered = || h.got.seen.common(accepted);
+        let started = Instant::now();
+        let deadline = started
             .checked_add(opts.drain_timeout)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
-        let mut polls = 0u32;
-        while h.count() < ok && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            polls += 1;
+            .unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 24 * 3600));
+        // Asking courier, never past the deadline (its stats may be slow to answer, or
+        // never).
+        let stats_within = |deadline: Instant| {
+            opts.request_timeout
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(100))
+        };
+        let mut dead = None;
+        let mut next_poll = started + Duration::from_millis(500);
+        while delivered() < ok && Instant::now() < deadline {
+            tokio::time::sleep_until(
+                deadline
+                    .min(Instant::now() + Duration::from_millis(20))
+                    .into(),
+            )
+            .await;
             // Now and then, ask courier how many went dead: those will never arrive, and
             // if all of them do, the receiver is unreachable from courier.
-            if polls.is_multiple_of(25) {
-                let dead = dead_count(&http, &base, &opts.token, &name).await;
-                if dead > 0 && h.count() == 0 && dead as usize >= ok {
-                    bail!(
-                        "every delivery to the bench receiver went dead: courier refuses loopback destinations unless [delivery] allow_private_networks = true (see GET {base}/v1/endpoints/{name}/stats)"
-                    );
+            if Instant::now() >= next_poll && Instant::now() < deadline {
+                if let Some(d) =
+                    dead_count(http, base, &opts.token, name, stats_within(deadline)).await
+                {
+                    dead = Some(d);
+                    if d > 0 && h.count() == 0 && d >= ok {
+                        bail!(
+                            "every delivery to the bench receiver went dead: courier refuses loopback destinations unless [delivery] allow_private_networks = true (see GET {base}/v1/endpoints/{name}/stats)"
+                        );
+                    }
+                    if delivered() + d >= ok {
+                        break;
+                    }
                 }
-                if h.count() + dead as usize >= ok {
-                    break;
-                }
+                next_poll = Instant::now() + Duration::from_millis(500);
             }
         }
-        report.delivered = h.count();
+        let got = delivered();
+        if got < ok {
+            // The last word on the ones that did not come (a second past the deadline at
+            // most).
+            let last = Instant::now().max(deadline) + Duration::from_secs(1);
+            dead = dead_count(http, base, &opts.token, name, stats_within(last))
+                .await
+                .or(dead);
+        } else {
+            dead = Some(dead.unwrap_or(0));
+        }
+        report.delivered = Some(got);
+        report.dead = dead;
+        report.missing = Some(ok.saturating_sub(got + dead.unwrap_or(0)));
+        report.duplicates = Some(h.got.duplicates.load(Ordering::Relaxed));
+        report.delivered_not_accepted = Some(h.distinct().saturating_sub(got));
+        let distinct = h.distinct();
         if opts.backlog {
-            let drained = drain_start.map_or(0, |(_, before)| report.delivered - before);
+            let drained = drain_start.map_or(0, |(_, before)| distinct.saturating_sub(before));
             report.drain_cpu_us_per_event =
                 courier_cpu_per(&drain_cpu_before, &courier_cpu(), drained).0;
         } else {
@@ -625,11 +1093,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             && last > start
         {
             report.drain_per_sec =
-                Some((report.delivered - before) as f64 / ((last - start) as f64 / 1e6));
+                Some(distinct.saturating_sub(before) as f64 / ((last - start) as f64 / 1e6));
         }
-        if report.delivered > 0 && last > first_send {
-            report.delivered_per_sec =
-                Some(report.delivered as f64 / ((last - first_send) as f64 / 1e6));
+        if distinct > 0 && last > first_send {
+            report.delivered_per_sec = Some(distinct as f64 / ((last - first_send) as f64 / 1e6));
         }
         let mut lat = h.got.latencies_us.lock().expect("latencies").clone();
         lat.sort_unstable();
@@ -645,20 +1112,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     if !opts.backlog && (opts.no_wait || handle.is_none()) {
         report.set_courier_cpu(courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok));
     }
-    report.peak_rss_kib = peak_rss_kib(opts.pid);
+    report.peak_rss_kib = opts.pid.and_then(|p| peak_rss_kib(Some(p)));
     // Deleted only once its deliveries are done: with an outside receiver (nothing to wait
     // on) or --no-wait it stays, so queued deliveries are not stranded without an endpoint.
-    if opts.receiver.is_some() || opts.no_wait {
-        eprintln!(
-            "the bench endpoint `{name}` stays; delete it with DELETE /v1/endpoints/{name} once its deliveries are done"
-        );
-    } else {
-        let _ = http
-            .delete(format!("{base}/v1/endpoints/{name}"))
-            .bearer_auth(&opts.token)
-            .send()
-            .await;
-    }
+    ep.finish().await;
 
     if let Some(before) = before_202 {
         // Baseline 1: a bare server that answers 202, same producers, same bodies; measured
@@ -684,14 +1141,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             report.baseline_durable_202_in_memory = Some(durable::in_memory(&dir));
         }
 
-        // Baseline 2: what sending alone costs: a client loop straight to a receiver.
-        let (raddr, _h) = start_receiver(false).await?;
-        let send = client(opts.concurrency);
+        // Baseline 2: what sending alone costs: a client loop straight to a receiver, with
+        // as many senders as courier may have deliveries in flight to the bench endpoint
+        // (the producers, up to its max_in_flight).
+        let (raddr, _h) = start_receiver(None).await?;
+        let senders = opts.concurrency.min(BENCH_MAX_IN_FLIGHT);
+        let send = client(senders, opts.request_timeout);
         let url = local_url(raddr, "/bench");
         let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> =
             Arc::new(move |i| send.post(url.clone()).body(payload(size, i)));
-        let (ok, _, took) = drive(opts.events, opts.concurrency.min(256), 0, make, 204).await;
-        report.baseline_send_per_sec = Some(ok as f64 / took.as_secs_f64());
+        let tally = Arc::new(Tally::default());
+        let took = drive(opts.events, senders, 0, make, 204, &tally).await;
+        report.baseline_send_per_sec = Some(tally.ok() as f64 / took.as_secs_f64());
+        report.baseline_send_concurrency = Some(senders);
         report.accepted_vs_baseline = report
             .baseline_202_per_sec
             .map(|b| report.accepted_per_sec / b);
@@ -726,13 +1188,25 @@ fn bare_app() -> axum::Router {
 async fn bare_202_rate(n: usize, c: usize, size: usize) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
+    let server = AbortOnDrop(tokio::spawn(async move {
         let _ = axum::serve(listener, bare_app()).await;
-    });
+    }));
     let rate = rate_202(addr, n, c, size).await;
-    server.abort();
+    drop(server);
     Ok(rate)
 }
+
+/// A task stopped when this is dropped (also when the run is, on an error or a signal).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long a request to one of the tool's own local servers may take.
+const LOCAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `http://{addr}{path}`, parsed once for every request of a run.
 fn local_url(addr: SocketAddr, path: &str) -> reqwest::Url {
@@ -741,12 +1215,13 @@ fn local_url(addr: SocketAddr, path: &str) -> reqwest::Url {
 
 /// Requests/s that `c` producers get out of the bare server at `addr`.
 async fn rate_202(addr: SocketAddr, n: usize, c: usize, size: usize) -> f64 {
-    let bare = client(c);
+    let bare = client(c, LOCAL_TIMEOUT);
     let url = local_url(addr, "/v1/events");
     let make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync> =
         Arc::new(move |i| bare.post(url.clone()).body(payload(size, i)));
-    let (ok, _, took) = drive(n, c, 0, make, 202).await;
-    ok as f64 / took.as_secs_f64()
+    let tally = Arc::new(Tally::default());
+    let took = drive(n, c, 0, make, 202, &tally).await;
+    tally.ok() as f64 / took.as_secs_f64()
 }
 
 /// `courier bench-server`: the bare server on its own runtime (the same as `courier serve`
@@ -787,24 +1262,53 @@ pub fn serve_bare(durable: bool, dir: Option<&std::path::Path>) -> anyhow::Resul
     served
 }
 
-/// A `courier bench-server` child process; killed when dropped.
+/// A `courier bench-server` child process.
 struct BareProcess {
     /// Not killed when dropped: dropping it closes its stdin, and it stops by itself once
-    /// this process's connections to it are gone — so that the durable server removes its
-    /// journal even when a run ends in an error.
+    /// this process's connections to it are gone.
     child: tokio::process::Child,
     addr: SocketAddr,
     /// For its CPU time.
     pid: Option<u32>,
+    /// The durable server's: a temporary directory made here, which the server makes its
+    /// own in; removed when this is dropped (after the process stopped in [`Self::stop`]),
+    /// so that nothing stays even when the server had to be killed, or the run ended in an
+    /// error.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl BareProcess {
-    /// Starts `exe bench-server` with `args` (`--durable` and its directory, or none).
-    async fn start(exe: &std::path::Path, args: &[std::ffi::OsString]) -> anyhow::Result<Self> {
+    /// Starts `exe bench-server`: the durable one with `durable`, its journal in a
+    /// temporary directory under the directory given (the system's temporary directory if
+    /// none).
+    async fn start(
+        exe: &std::path::Path,
+        durable: Option<Option<&std::path::Path>>,
+    ) -> anyhow::Result<Self> {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(exe)
-            .arg("bench-server")
-            .args(args)
+        let dir = match durable {
+            None => None,
+            Some(parent) => {
+                let parent = parent.map_or_else(std::env::temp_dir, |p| p.to_path_buf());
+                Some(
+                    tempfile::Builder::new()
+                        .prefix("courier-bench-")
+                        .tempdir_in(&parent)
+                        .with_context(|| {
+                            format!(
+                                "cannot create the durable bare server's directory in {}",
+                                parent.display()
+                            )
+                        })?,
+                )
+            }
+        };
+        let mut command = tokio::process::Command::new(exe);
+        command.arg("bench-server");
+        if let Some(d) = &dir {
+            command.arg("--durable").arg("--dir").arg(d.path());
+        }
+        let mut child = command
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -826,18 +1330,28 @@ impl BareProcess {
             pid: child.id(),
             child,
             addr,
+            dir,
         })
     }
 
-    /// Closes its stdin and waits (up to 5 s) for it to stop by itself, so that the durable
-    /// server removes its journal; killed if it does not.
-    async fn stop(mut self) {
+    /// Closes its stdin and waits (up to 5 s) for it to stop by itself; killed if it does
+    /// not. Its directory is removed either way.
+    async fn stop(self) {
+        self.stop_within(Duration::from_secs(5)).await;
+    }
+
+    async fn stop_within(mut self, grace: Duration) {
         drop(self.child.stdin.take());
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+        if tokio::time::timeout(grace, self.child.wait())
             .await
             .is_err()
         {
             let _ = self.child.kill().await;
+        }
+        if let Some(dir) = self.dir.take()
+            && let Err(e) = dir.close()
+        {
+            eprintln!("courier bench: cannot remove the durable bare server's directory: {e}");
         }
     }
 }
@@ -886,11 +1400,44 @@ pub fn human(r: &Report) -> String {
         "  accepted (durable)  {:>10.0} events/s   ({} accepted, {} errors)\n",
         r.accepted_per_sec, r.accepted, r.errors
     ));
-    if let Some(d) = r.delivered_per_sec {
+    if r.errors > 0 {
+        let causes: Vec<String> = r
+            .errors_by_status
+            .iter()
+            .map(|(cause, n)| format!("{n} × {cause}"))
+            .collect();
         out.push_str(&format!(
-            "  delivered           {:>10.0} events/s   ({} delivered)\n",
-            d, r.delivered
+            "  errors              {}{}\n",
+            causes.join(", "),
+            r.first_error
+                .as_ref()
+                .map(|e| format!("; first: {e}"))
+                .unwrap_or_default()
         ));
+    }
+    match r.delivered {
+        Some(delivered) => {
+            let rate = r
+                .delivered_per_sec
+                .map_or_else(|| format!("{:>10}", "–"), |d| format!("{d:>10.0}"));
+            let mut counts = format!(
+                "{delivered} delivered, {} dead, {} missing",
+                r.dead.map_or_else(|| "?".to_string(), |d| d.to_string()),
+                r.missing.unwrap_or(0)
+            );
+            if let Some(d) = r.duplicates.filter(|&d| d > 0) {
+                counts.push_str(&format!(", {d} duplicates"));
+            }
+            if let Some(n) = r.delivered_not_accepted.filter(|&n| n > 0) {
+                counts.push_str(&format!(", {n} delivered after an ingest error"));
+            }
+            out.push_str(&format!(
+                "  delivered           {rate} events/s   ({counts})\n"
+            ));
+        }
+        None => out.push_str(
+            "  delivered           not counted (--no-wait, or deliveries to --receiver)\n",
+        ),
     }
     if let Some(l) = &r.latency {
         out.push_str(&format!(
@@ -907,11 +1454,19 @@ pub fn human(r: &Report) -> String {
     if let Some(d) = r.drain_per_sec {
         out.push_str(&format!("  backlog drained at  {:>10.0} events/s\n", d));
     }
-    if let Some(rss) = r.peak_rss_kib {
-        out.push_str(&format!(
+    match r.peak_rss_kib {
+        Some(rss) => out.push_str(&format!(
             "  peak RSS            {:>10.1} MiB\n",
             rss as f64 / 1024.0
-        ));
+        )),
+        None => match r.pid {
+            Some(pid) => out.push_str(&format!(
+                "  peak RSS            not measured: no process {pid} to read in /proc\n"
+            )),
+            None => out.push_str(
+                "  peak RSS            not measured: give --pid with courier's process id (courier on this machine)\n",
+            ),
+        },
     }
     if let Some(c) = r.courier_cpu_us_per_event {
         out.push_str(&format!(
@@ -981,8 +1536,15 @@ pub fn human(r: &Report) -> String {
     }
     if let Some(b) = r.baseline_send_per_sec {
         out.push_str(&format!(
-            "  baseline: client → receiver {:.0} req/s{}\n",
+            "  baseline: client → receiver {:.0} req/s{}{}\n",
             b,
+            r.baseline_send_concurrency
+                .filter(|&s| s != r.concurrency)
+                .map(|s| format!(
+                    " ({s} senders, not {}: courier has at most {BENCH_MAX_IN_FLIGHT} deliveries to the bench endpoint in flight)",
+                    r.concurrency
+                ))
+                .unwrap_or_default(),
             r.delivered_vs_baseline
                 .map(|d| format!(" → courier delivers at {:.0}% of it", d * 100.0))
                 .unwrap_or_default()
@@ -1054,6 +1616,55 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bench_server_that_does_not_stop_is_killed_and_its_directory_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        // A durable bench-server that makes its journal in the directory it is given, says
+        // where it listens, and then ignores its stdin closing.
+        let bin = tempfile::tempdir().unwrap();
+        let exe = bin.path().join("stubborn-bench-server");
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\n[ \"$2\" = --durable ] || exit 3\nmkdir \"$4/courier-bench-child\" && \
+             echo journal > \"$4/courier-bench-child/bench.journal\"\n\
+             echo listening 127.0.0.1:9\nexec sleep 60\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let entries = || std::fs::read_dir(parent.path()).unwrap().count();
+        let p = loop {
+            match BareProcess::start(&exe, Some(Some(parent.path()))).await {
+                // Another test thread forked while the script was open for writing.
+                Err(e) if format!("{e:#}").contains("Text file busy") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(entries(), 1);
+        let pid = p.pid.unwrap();
+        p.stop_within(Duration::from_millis(200)).await;
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "killed"
+        );
+        assert_eq!(entries(), 0, "its directory is gone with it");
+    }
+
+    #[test]
+    fn sets_of_sequence_numbers() {
+        let (a, b) = (Seqs::new(130), Seqs::new(130));
+        assert_eq!(a.insert(0), Some(true));
+        assert_eq!(a.insert(0), Some(false), "already there");
+        assert_eq!(a.insert(129), Some(true));
+        assert_eq!(a.insert(130), None, "out of range");
+        for i in [0, 64, 129] {
+            b.insert(i);
+        }
+        assert_eq!(a.common(&b), 2);
+    }
+
     #[test]
     fn payload_carries_its_send_time_and_size() {
         for size in [100, 1024, 5000] {
@@ -1061,10 +1672,19 @@ mod tests {
             assert_eq!(p.len(), size);
             let v: Value = serde_json::from_str(&p).unwrap();
             assert_eq!(v["seq"], 7);
-            assert_eq!(sent_at(p.as_bytes()), v["sent_at_us"].as_u64());
+            assert_eq!(
+                number_after(p.as_bytes(), "\"sent_at_us\":"),
+                v["sent_at_us"].as_u64()
+            );
+            assert_eq!(number_after(p.as_bytes(), "\"seq\":"), Some(7));
         }
-        // Smaller than its own head: the head alone, still valid JSON.
+        // Smaller than its own head: the head alone, still valid JSON; that is the smallest
+        // size a run may ask for (with its largest sequence number).
         let v: Value = serde_json::from_str(&payload(10, 1)).unwrap();
         assert_eq!(v["pad"], "");
+        assert_eq!(min_size(1000), payload(0, 999).len());
+        assert_eq!(payload(min_size(1000), 999).len(), min_size(1000));
+        assert_eq!(payload(min_size(1000), 0).len(), min_size(1000));
+        assert!(min_size(1000) < HEAD_MAX);
     }
 }

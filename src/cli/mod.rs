@@ -92,13 +92,14 @@ enum Command {
     Bench {
         #[command(flatten)]
         remote: Remote,
-        /// Events to send.
-        #[arg(short = 'n', long, default_value_t = 10_000)]
+        /// Events to send (at least 1).
+        #[arg(short = 'n', long, default_value_t = 10_000, value_parser = at_least_one)]
         events: usize,
-        /// Concurrent producers (keep-alive connections).
-        #[arg(short = 'c', long, default_value_t = 64)]
+        /// Concurrent producers (keep-alive connections; at least 1).
+        #[arg(short = 'c', long, default_value_t = 64, value_parser = at_least_one)]
         concurrency: usize,
-        /// Payload size in bytes.
+        /// Payload size in bytes (at least the payload's own fields: send time and sequence
+        /// number, about 50 bytes).
         #[arg(short = 's', long, default_value_t = 1024)]
         size: usize,
         /// Pace the producers at this many events per second overall (0 = flat out).
@@ -110,12 +111,17 @@ enum Command {
         /// Skip the bare-HTTP baselines.
         #[arg(long)]
         no_baselines: bool,
-        /// Report the peak RSS of this process (the courier under test, if local).
+        /// Report the peak RSS and CPU time of this process (the courier under test, if
+        /// local); without it, no memory figure.
         #[arg(long)]
         pid: Option<u32>,
-        /// Seconds to wait for the last deliveries.
+        /// Seconds to wait for the last deliveries; events neither delivered nor dead by
+        /// then are reported missing (exit 1).
         #[arg(long, default_value_t = 300)]
         drain_timeout: u64,
+        /// Seconds one request to courier may take before it counts as an error.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = at_least_one_u64)]
+        request_timeout: u64,
         /// Only fill the queue; do not wait for deliveries (and keep the bench endpoint).
         #[arg(long)]
         no_wait: bool,
@@ -286,11 +292,28 @@ pub fn main() -> ExitCode {
             // `verify` tells a webhook that does not verify (1) from one it could not read (2).
             if e.downcast_ref::<Unreadable>().is_some() {
                 ExitCode::from(2)
+            } else if let Some(i) = e.downcast_ref::<crate::bench::Interrupted>() {
+                // `bench` stopped by a signal, once it has cleaned up: as the shell reports it.
+                ExitCode::from(u8::try_from(128 + i.signal).unwrap_or(1))
             } else {
                 ExitCode::FAILURE
             }
         }
     }
+}
+
+/// A count flag that must be at least 1 (`bench -n`, `-c`).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// [`at_least_one`] for seconds.
+fn at_least_one_u64(s: &str) -> Result<u64, String> {
+    at_least_one(s).map(|n| n as u64)
 }
 
 /// Input `verify` could not read (as opposed to a webhook that does not verify).
@@ -470,10 +493,30 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 no_baselines,
                 pid,
                 drain_timeout,
+                request_timeout,
                 no_wait,
                 backlog,
                 durable_dir,
             } => {
+                // A usage error, as clap reports its own (exit 2): the smallest size depends
+                // on -n (the sequence number's digits).
+                let min = crate::bench::min_size(events);
+                if size < min {
+                    use clap::CommandFactory;
+                    let mut cli = Cli::command();
+                    cli.build();
+                    let bench = cli
+                        .find_subcommand_mut("bench")
+                        .expect("the bench subcommand");
+                    bench
+                        .error(
+                            clap::error::ErrorKind::ValueValidation,
+                            format!(
+                                "invalid value '{size}' for '--size <SIZE>': the payload's own fields (send time, sequence number) take {min} bytes with -n {events}; give -s {min} or more"
+                            ),
+                        )
+                        .exit();
+                }
                 let token = remote.token.clone().ok_or_else(|| {
                     anyhow::anyhow!(
                         "courier bench needs --token or COURIER_KEY (ingest and admin scopes)"
@@ -490,6 +533,7 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     no_baselines,
                     pid,
                     drain_timeout: std::time::Duration::from_secs(drain_timeout),
+                    request_timeout: std::time::Duration::from_secs(request_timeout),
                     no_wait,
                     backlog,
                     // The same binary serves the bare baseline in a process of its own.
@@ -501,6 +545,11 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     client::print_json(&crate::bench::json(&report));
                 } else {
                     print!("{}", crate::bench::human(&report));
+                }
+                // The report first, then why the run failed: events not accepted, or
+                // accepted and not delivered.
+                if !report.problems.is_empty() {
+                    anyhow::bail!("{}", report.problems.join("; "));
                 }
             }
             _ => unreachable!("local commands are handled before"),

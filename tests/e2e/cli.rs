@@ -358,7 +358,20 @@ async fn bench_smoke_run_delivers_every_event() {
     let r: Value = serde_json::from_str(&out(&o)).unwrap();
     assert_eq!(r["accepted"], 300, "{r:#}");
     assert_eq!(r["errors"], 0);
+    assert_eq!(r["errors_by_status"], json!({}), "{r:#}");
+    assert!(r["first_error"].is_null(), "{r:#}");
     assert_eq!(r["delivered"], 300, "every event sent was delivered: {r:#}");
+    assert_eq!(
+        (&r["dead"], &r["missing"], &r["duplicates"]),
+        (&json!(0), &json!(0), &json!(0)),
+        "{r:#}"
+    );
+    assert_eq!(r["problems"], json!([]), "{r:#}");
+    // No --pid: no memory figure (not this tool's own).
+    assert!(r["peak_rss_kib"].is_null(), "{r:#}");
+    // The client→receiver baseline has as many senders as producers (up to courier's
+    // in-flight cap for the bench endpoint, 256).
+    assert_eq!(r["baseline_send_concurrency"], 8, "{r:#}");
     assert!(r["accepted_per_sec"].as_f64().unwrap() > 0.0);
     assert!(r["delivered_per_sec"].as_f64().unwrap() > 0.0);
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() >= r["latency"]["p50_ms"].as_f64().unwrap());
@@ -446,6 +459,11 @@ async fn bench_smoke_run_delivers_every_event() {
             text.contains("durable 202 server") && text.contains("is in memory (tmpfs)"),
             "{text}"
         );
+        // Without --pid, says how to get courier's memory instead of reporting its own.
+        assert!(
+            text.contains("peak RSS            not measured: give --pid"),
+            "{text}"
+        );
     }
 
     // Backlog mode: held, then drained; human output, with the CPU of the process given
@@ -470,7 +488,10 @@ async fn bench_smoke_run_delivers_every_event() {
     let text = out(&o);
     assert!(
         text.contains("(200 accepted, 0 errors)")
-            && text.contains("(200 delivered)")
+            && text.contains("(200 delivered, 0 dead, 0 missing)")
+            && text.contains("RSS with the backlog")
+            && text.contains("MiB")
+            && !text.contains("not measured")
             && text.contains("drained at")
             && text.contains("courier CPU ")
             && text.contains("courier CPU, drain")
@@ -510,6 +531,21 @@ async fn bench_with_a_durable_dir_that_is_not_a_directory_stops_before_sending()
     // Nothing was made on courier: no bench endpoint, no event.
     let (_, eps) = c.get("/v1/endpoints").await;
     assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
+    // A directory no one can make anything in (/proc): stopped as early.
+    let o = run(
+        args(&["bench", "-n", "5", "--durable-dir", "/proc"]),
+        vec![
+            ("COURIER_URL", c.base.clone()),
+            ("COURIER_KEY", ADMIN.to_string()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--durable-dir /proc: not writable"), "{err}");
+    let (_, eps) = c.get("/v1/endpoints").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
     let (_, st) = c.get("/v1/stats").await;
     assert_eq!(st["counts"]["pending"], 0, "{st}");
     c.stop().await;
@@ -538,6 +574,511 @@ async fn bench_against_a_courier_that_refuses_loopback_says_why_at_once() {
         started.elapsed() < Duration::from_secs(60),
         "{:?}",
         started.elapsed()
+    );
+    // The bench endpoint made before is gone all the same.
+    let (_, eps) = c.get("/v1/endpoints").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
+    c.stop().await;
+}
+
+/// Runs `courier bench …` as [`run`] does, but kills it and fails the test if it has not
+/// ended within `limit` (a tool that hangs must not hang the test suite).
+async fn run_within(
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    limit: Duration,
+) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let child = bench_child(&args, env);
+        wait_within(child, limit)
+    })
+    .await
+    .unwrap()
+}
+
+fn bench_child(args: &[String], env: Vec<(&'static str, String)>) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+    cmd.args(args)
+        .env_remove("COURIER_URL")
+        .env_remove("COURIER_KEY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` (its output read on threads of their own), killing it after `limit`.
+fn wait_within(mut child: std::process::Child, limit: Duration) -> Output {
+    use std::io::Read;
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "courier bench did not end within {limit:?}: {}",
+                String::from_utf8_lossy(&stderr.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// A stand-in for courier's API, doing on demand what a real courier does only by accident:
+/// never answer an ingest or its stats, deliver an event twice or never, report deliveries
+/// dead. It makes the bench endpoint, delivers each accepted event's payload to its URL
+/// `deliveries(seq)` times, and records the endpoints deleted.
+struct FakeCourier {
+    base: String,
+    st: std::sync::Arc<Fake>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Fake {
+    ingest_hangs: bool,
+    stats_hang: bool,
+    dead: u64,
+    deliveries: fn(u64) -> usize,
+    endpoint: std::sync::Mutex<Option<(String, String)>>,
+    ingests: std::sync::atomic::AtomicUsize,
+    deleted: std::sync::Mutex<Vec<String>>,
+}
+
+impl Drop for FakeCourier {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeCourier {
+    async fn start(
+        ingest_hangs: bool,
+        stats_hang: bool,
+        dead: u64,
+        deliveries: fn(u64) -> usize,
+    ) -> FakeCourier {
+        use axum::http::{Method, StatusCode, Uri};
+        use std::sync::atomic::Ordering;
+        let st = std::sync::Arc::new(Fake {
+            ingest_hangs,
+            stats_hang,
+            dead,
+            deliveries,
+            endpoint: Default::default(),
+            ingests: Default::default(),
+            deleted: Default::default(),
+        });
+        let fake = st.clone();
+        let http = reqwest::Client::new();
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, body: axum::body::Bytes| {
+                let (st, http) = (fake.clone(), http.clone());
+                async move {
+                    let path = uri.path().to_string();
+                    let text = String::from_utf8_lossy(&body).to_string();
+                    match (method, path.as_str()) {
+                        (Method::POST, "/v1/endpoints") => {
+                            let v: Value = serde_json::from_str(&text).unwrap();
+                            *st.endpoint.lock().unwrap() = Some((
+                                v["name"].as_str().unwrap().to_string(),
+                                v["url"].as_str().unwrap().to_string(),
+                            ));
+                            (StatusCode::CREATED, v.to_string())
+                        }
+                        (Method::POST, "/v1/events") => {
+                            st.ingests.fetch_add(1, Ordering::SeqCst);
+                            if st.ingest_hangs {
+                                std::future::pending::<()>().await;
+                            }
+                            // {"event_type":…,"endpoint":…,"payload":{…}}: the payload as sent.
+                            let payload = text
+                                .split_once("\"payload\":")
+                                .unwrap()
+                                .1
+                                .strip_suffix('}')
+                                .unwrap()
+                                .to_string();
+                            let seq: u64 = payload
+                                .split_once("\"seq\":")
+                                .unwrap()
+                                .1
+                                .chars()
+                                .take_while(char::is_ascii_digit)
+                                .collect::<String>()
+                                .parse()
+                                .unwrap();
+                            let url = st.endpoint.lock().unwrap().clone().unwrap().1;
+                            let times = (st.deliveries)(seq);
+                            tokio::spawn(async move {
+                                for _ in 0..times {
+                                    http.post(&url).body(payload.clone()).send().await.unwrap();
+                                }
+                            });
+                            (StatusCode::ACCEPTED, json!({"id": "evt_fake"}).to_string())
+                        }
+                        (Method::GET, p) if p.ends_with("/stats") => {
+                            if st.stats_hang {
+                                std::future::pending::<()>().await;
+                            }
+                            (
+                                StatusCode::OK,
+                                json!({"counts": {"dead": st.dead}}).to_string(),
+                            )
+                        }
+                        (Method::DELETE, p) => {
+                            let name = p.trim_start_matches("/v1/endpoints/").to_string();
+                            st.deleted.lock().unwrap().push(name.clone());
+                            (StatusCode::OK, json!({"deleted": name}).to_string())
+                        }
+                        _ => (StatusCode::NOT_FOUND, "{}".to_string()),
+                    }
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        FakeCourier { base, st, task }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("COURIER_URL", self.base.clone()),
+            ("COURIER_KEY", ADMIN.to_string()),
+        ]
+    }
+
+    /// The bench endpoint's name, once made.
+    fn endpoint(&self) -> String {
+        self.st
+            .endpoint
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the bench endpoint was made")
+            .0
+    }
+
+    fn deleted(&self) -> Vec<String> {
+        self.st.deleted.lock().unwrap().clone()
+    }
+}
+
+const BENCH_LIMIT: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_each_event_once_and_fails_when_some_are_lost_or_dead() {
+    // Event 0 comes three times (redeliveries), event 1 never, events 2 and 3 went dead
+    // (courier's stats say 2), the rest once.
+    let fake = FakeCourier::start(false, false, 2, |seq| match seq {
+        0 => 3,
+        1..=3 => 0,
+        _ => 1,
+    })
+    .await;
+    let o = run_within(
+        args(&[
+            "bench",
+            "--json",
+            "-n",
+            "20",
+            "-c",
+            "2",
+            "--no-baselines",
+            "--drain-timeout",
+            "2",
+        ]),
+        fake.env(),
+        BENCH_LIMIT,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["accepted"], 20, "{r:#}");
+    // Each event counted once: the redeliveries do not stand in for the lost one.
+    assert_eq!(r["delivered"], 17, "{r:#}");
+    assert_eq!(r["duplicates"], 2, "{r:#}");
+    assert_eq!(r["dead"], 2, "{r:#}");
+    assert_eq!(r["missing"], 1, "{r:#}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("3 of 20 accepted events were not delivered: 2 dead, 1 missing"),
+        "{err}"
+    );
+    assert_eq!(r["problems"].as_array().unwrap().len(), 1, "{r:#}");
+    assert_eq!(fake.deleted(), vec![fake.endpoint()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ends_at_the_drain_timeout_with_nothing_delivered_and_stats_that_hang() {
+    // Events accepted, never delivered, and the endpoint's stats never answer.
+    let fake = FakeCourier::start(false, true, 0, |_| 0).await;
+    let o = run_within(
+        args(&[
+            "bench",
+            "-n",
+            "5",
+            "-c",
+            "1",
+            "--no-baselines",
+            "--drain-timeout",
+            "1",
+        ]),
+        fake.env(),
+        BENCH_LIMIT,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("(5 accepted, 0 errors)")
+            && text.contains("(0 delivered, ? dead, 5 missing)"),
+        "{text}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("5 of 5 accepted events were not delivered")
+            && err.contains("5 missing when the wait for deliveries ended (--drain-timeout 1 s)"),
+        "{err}"
+    );
+    assert_eq!(fake.deleted(), vec![fake.endpoint()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_times_out_ingests_that_courier_never_answers() {
+    let fake = FakeCourier::start(true, false, 0, |_| 1).await;
+    let o = run_within(
+        args(&[
+            "bench",
+            "--json",
+            "-n",
+            "3",
+            "-c",
+            "1",
+            "--no-baselines",
+            "--request-timeout",
+            "1",
+        ]),
+        fake.env(),
+        BENCH_LIMIT,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&r["accepted"], &r["errors"]),
+        (&json!(0), &json!(3)),
+        "{r:#}"
+    );
+    assert_eq!(r["errors_by_status"], json!({"timeout": 3}), "{r:#}");
+    assert!(
+        r["first_error"].as_str().unwrap().contains("timed out"),
+        "{r:#}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("3 of 3 events were not accepted (3 × timeout)"),
+        "{err}"
+    );
+    assert_eq!(fake.deleted(), vec![fake.endpoint()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_removes_its_endpoint_when_interrupted() {
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        // Ingests that never end: the run is still going when the signal comes.
+        let fake = FakeCourier::start(true, false, 0, |_| 1).await;
+        let mut child = bench_child(
+            &args(&["bench", "-n", "10", "-c", "2", "--no-baselines"]),
+            fake.env(),
+        );
+        let started = std::time::Instant::now();
+        while fake.st.ingests.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("courier bench ended before sending: {status:?}");
+            }
+            assert!(started.elapsed() < BENCH_LIMIT, "no event was ever sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kill = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let o = tokio::task::spawn_blocking(move || wait_within(child, BENCH_LIMIT))
+            .await
+            .unwrap();
+        assert_eq!(o.status.code(), Some(code), "SIG{signal}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("interrupted by SIG{signal}")),
+            "{err}"
+        );
+        assert_eq!(fake.deleted(), vec![fake.endpoint()], "SIG{signal}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_refused_events_by_status_and_fails() {
+    let c = Courier::start(DELIVERY_FAST).await;
+    // A token without the ingest scope: the endpoint is made, every event refused.
+    let o = run_within(
+        args(&["bench", "-n", "10", "-c", "2", "--no-baselines"]),
+        vec![
+            ("COURIER_URL", c.base.clone()),
+            ("COURIER_KEY", ADMIN_ONLY.to_string()),
+        ],
+        BENCH_LIMIT,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("(0 accepted, 10 errors)")
+            && text.contains("10 × 403; first: 403 Forbidden:")
+            && text.contains("`ingest` scope"),
+        "{text}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("10 of 10 events were not accepted (10 × 403)"),
+        "{err}"
+    );
+    // Bodies over max_body_bytes (65536 here).
+    let o = run_within(
+        args(&[
+            "bench",
+            "--json",
+            "-n",
+            "4",
+            "-c",
+            "2",
+            "-s",
+            "70000",
+            "--no-baselines",
+        ]),
+        vec![
+            ("COURIER_URL", c.base.clone()),
+            ("COURIER_KEY", ADMIN.to_string()),
+        ],
+        BENCH_LIMIT,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Refused with 413; courier may close the connection after that answer, and a request
+    // that was going out on it then fails without one.
+    assert_eq!(r["errors"], 4, "{r:#}");
+    let causes = r["errors_by_status"].as_object().unwrap();
+    assert!(
+        causes["413"].as_u64().unwrap() >= 1
+            && causes.keys().all(|k| k == "413" || k == "transport"),
+        "{r:#}"
+    );
+    assert!(
+        r["first_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("413 Payload Too Large"),
+        "{r:#}"
+    );
+    // Nothing left behind on courier.
+    let (_, eps) = c.get("/v1/endpoints").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_refuses_runs_of_nothing_and_sizes_below_the_payload_s_own_fields() {
+    let c = Courier::start(DELIVERY_FAST).await;
+    let env = vec![
+        ("COURIER_URL", c.base.clone()),
+        ("COURIER_KEY", ADMIN.to_string()),
+    ];
+    for (flags, says) in [
+        (vec!["-n", "0"], "'--events <EVENTS>': must be at least 1"),
+        (
+            vec!["-c", "0"],
+            "'--concurrency <CONCURRENCY>': must be at least 1",
+        ),
+    ] {
+        let mut a = vec!["bench", "--no-baselines"];
+        a.extend(flags);
+        let o = run_within(args(&a), env.clone(), BENCH_LIMIT).await;
+        assert_eq!(o.status.code(), Some(2), "usage error: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+    let min = courier::bench::min_size(100);
+    let o = run_within(
+        args(&[
+            "bench",
+            "--no-baselines",
+            "-n",
+            "100",
+            "-s",
+            &(min - 1).to_string(),
+        ]),
+        env.clone(),
+        BENCH_LIMIT,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "usage error: {o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "take {min} bytes with -n 100; give -s {min} or more"
+        )),
+        "{err}"
+    );
+    // Nothing was made on courier.
+    let (_, eps) = c.get("/v1/endpoints").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
+    // The minimum itself runs, every payload that size.
+    let o = run_within(
+        args(&[
+            "bench",
+            "--json",
+            "--no-baselines",
+            "-n",
+            "100",
+            "-c",
+            "4",
+            "-s",
+            &min.to_string(),
+        ]),
+        env,
+        BENCH_LIMIT,
+    )
+    .await;
+    let r: Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(
+        (&r["size_bytes"], &r["delivered"]),
+        (&json!(min), &json!(100)),
+        "{r:#}"
     );
     c.stop().await;
 }
