@@ -241,6 +241,18 @@ async fn verify_checks_a_captured_webhook() {
     )
     .await;
     assert_eq!(missing.status.code(), Some(2), "{missing:?}");
+    // A secret that cannot be one is a mistake in the command: exit 2, saying so.
+    let bad_secret = run(
+        args(&["verify", "--secret", "whsec_not!base64"]),
+        vec![],
+        Some(capture.clone()),
+    )
+    .await;
+    assert_eq!(bad_secret.status.code(), Some(2), "{bad_secret:?}");
+    assert!(
+        String::from_utf8_lossy(&bad_secret.stderr).contains("--secret"),
+        "{bad_secret:?}"
+    );
     let mut tampered = capture;
     tampered.extend_from_slice(b" ");
     let t = run(
