@@ -121,6 +121,8 @@ async fn ws(
         .and_then(|Query(q)| q.token.as_deref())
         .or(offered.token.as_deref());
     require_any(&app, &headers, token, CHANNEL_SCOPES)?;
+    // The token that let the socket open: it must keep doing so (see `stream`).
+    let opened_with = super::bearer(&headers).or(token).map(str::to_string);
     if let Err(e) = q {
         return Err(ApiError::bad_request(e.body_text()));
     }
@@ -163,7 +165,7 @@ async fn ws(
     };
     // If the upgrade fails the closure is dropped, and the subscription with it.
     Ok(upgrade.on_upgrade(move |socket| async move {
-        stream(sub, ch, socket).await;
+        stream(sub, ch, socket, opened_with).await;
         drop(socket_permit);
     }))
 }
@@ -266,11 +268,31 @@ async fn catch_up(
     Some((ch.history.len().max(from), ch.state.is_final()))
 }
 
+/// Whether `token` still opens channel sockets under the running configuration.
+fn still_allowed(app: &AppState, token: Option<&str>) -> bool {
+    let keys = &app.config.load().keys;
+    CHANNEL_SCOPES
+        .iter()
+        .any(|s| crate::app::authorize(keys, token, *s).is_ok())
+}
+
+/// The close code for a policy violation (RFC 6455): the socket's key no longer admits it.
+const CLOSE_POLICY: u16 = 1008;
+
 /// Sends the latest state, then every later message in order; closes after the final one.
-async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: WebSocket) {
+/// A key removed (or stripped of its scopes) by a reload ends its sockets at their next
+/// message or ping, with close code 1008: what the key could read stops with it, as for
+/// every later request.
+async fn stream(
+    mut sub: Subscription,
+    ch: crate::model::Channel,
+    mut socket: WebSocket,
+    opened_with: Option<String>,
+) {
     let app = sub.app.clone();
     let id = sub.id.clone();
     let Some(rx) = sub.rx.as_mut() else { return };
+    let revoked = || !still_allowed(&app, opened_with.as_deref());
     let mut next = ch.history.len();
     let mut done = ch.state.is_final();
     if let Some(latest) = ch.history.last()
@@ -285,8 +307,30 @@ async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: We
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.reset(); // the first tick a whole interval from now
     while !done {
-        tokio::select! {
-            msg = rx.recv() => match msg {
+        let event = tokio::select! {
+            msg = rx.recv() => Some(msg),
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => continue,
+            },
+            _ = ping.tick() => None,
+            _ = app.shutdown.cancelled() => break,
+        };
+        if revoked() {
+            let close = axum::extract::ws::CloseFrame {
+                code: CLOSE_POLICY,
+                reason: "the key this socket was opened with no longer admits it".into(),
+            };
+            let _ = send(&mut socket, Message::Close(Some(close))).await;
+            return;
+        }
+        match event {
+            None => {
+                if !send(&mut socket, Message::Ping(Default::default())).await {
+                    break;
+                }
+            }
+            Some(msg) => match msg {
                 Ok(p) if p.seq < next => {}
                 Ok(p) if p.seq == next => {
                     next = p.seq + 1;
@@ -309,14 +353,6 @@ async fn stream(mut sub: Subscription, ch: crate::model::Channel, mut socket: We
                     }
                 }
             },
-            incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
-            },
-            _ = ping.tick() => if !send(&mut socket, Message::Ping(Default::default())).await {
-                break;
-            },
-            _ = app.shutdown.cancelled() => break,
         }
     }
     if done {

@@ -276,6 +276,18 @@ pub fn require_any(
             Err(e) => last = e,
         }
     }
+    // A known token with none of them is told every scope that would do, not the last one.
+    if let (AuthError::Forbidden(_), [_, _, ..]) = (&last, scopes) {
+        let names: Vec<String> = scopes.iter().map(|s| format!("`{}`", s.as_str())).collect();
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this token has none of the scopes this route takes: {}",
+                names.join(", ")
+            ),
+        ));
+    }
     Err(last.into())
 }
 

@@ -133,6 +133,93 @@ async fn the_socket_takes_the_bearer_header_of_an_ingest_or_admin_key_only() {
         assert_eq!(resp.status().as_u16(), status);
         let body = resp.json_value().await;
         assert_eq!(body["error"]["code"], code, "{body}");
+        if status == 403 {
+            // Told every scope that would do.
+            let msg = body["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("`ingest`, `admin`"), "{msg}");
+        }
     }
+    c.stop().await;
+}
+
+/// A socket ends when a reload takes away the key it was opened with: the callback's result
+/// does not reach it, while a socket opened with a key that stays gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_ends_when_its_key_is_removed_by_a_reload() {
+    const LEAVING: &str = "test-leaving-ingest-token1";
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let config = |extra_key: bool| {
+        format!(
+            "{DELIVERY_FAST}{}[[workflows]]\nname = \"wf\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\nevent_name = \"e\"\ncallback_timeout = \"60s\"\n{}",
+            endpoint("app", &rx.url("/"), ""),
+            upstream.url("/v1/chat/completions"),
+            if extra_key {
+                format!("[[keys]]\ntoken = \"{LEAVING}\"\nscopes = [\"ingest\"]\n")
+            } else {
+                String::new()
+            }
+        )
+    };
+    let c = Courier::start_file(&config(true)).await;
+    let (s, r) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "wf"}))
+        .await;
+    assert_eq!(s, 202, "{r}");
+    let id = r["channel_id"].as_str().unwrap().to_string();
+    // The result went out and the channel waits for the backend's callback.
+    rx.wait_for(1, T).await;
+
+    let open = |token: &str| {
+        let req = ws_request(&c, &id, Some(&format!("Bearer {token}")));
+        async move {
+            let (stream, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let (_, mut read) = stream.split();
+            // The latest state first.
+            loop {
+                match tokio::time::timeout(T, read.next()).await.unwrap() {
+                    Some(Ok(Message::Text(_))) => return read,
+                    Some(Ok(_)) => {}
+                    other => panic!("no first frame: {other:?}"),
+                }
+            }
+        }
+    };
+    let mut leaving = open(LEAVING).await;
+    let mut staying = open(INGEST_ONLY).await;
+
+    c.rewrite_config(&config(false));
+    c.wait_config(|st| st["version"] == 2).await;
+    let (s, e) = c
+        .post_json(&format!("/v1/callback/{id}"), &json!({"data": {"ok": 1}}))
+        .await;
+    assert_eq!(s, 200, "{e}");
+
+    // The staying socket gets the final message; the leaving one a policy close, and no text.
+    let last = loop {
+        match tokio::time::timeout(T, staying.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("the staying socket ended: {other:?}"),
+        }
+    };
+    assert_eq!(last["status"], "success", "{last}");
+    loop {
+        match tokio::time::timeout(T, leaving.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1008, "{frame:?}");
+                break;
+            }
+            Some(Ok(Message::Text(t))) => panic!("a revoked socket got {t}"),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+    // Nor may it open again.
+    assert_eq!(
+        refused(ws_request(&c, &id, Some(&format!("Bearer {LEAVING}")))).await,
+        401
+    );
     c.stop().await;
 }
