@@ -486,7 +486,7 @@ impl Config {
             RawConfig::deserialize(toml::Value::Table(value.clone())).map_err(|e| {
                 entry_at_fault(&value).unwrap_or_else(|| ConfigError::Parse {
                     path: origin.to_string(),
-                    message: one_line(&e.to_string()),
+                    message: structural_error(&e.to_string()),
                 })
             })?;
         Self::from_raw(raw, base, source)
@@ -1046,15 +1046,44 @@ fn entry_at_fault(value: &toml::Table) -> Option<ConfigError> {
     ) -> Option<ConfigError> {
         let list = value.get(key)?.as_array()?;
         list.iter().enumerate().find_map(|(i, entry)| {
-            T::deserialize(entry.clone())
-                .err()
-                .map(|e| ConfigError::invalid(format!("{key}[{i}]"), one_line(&e.to_string())))
+            T::deserialize(entry.clone()).err().map(|e| {
+                ConfigError::invalid(format!("{key}[{i}]"), structural_error(&e.to_string()))
+            })
         })
     }
     check::<RawKey>(value, "keys")
         .or_else(|| check::<RawEndpoint>(value, "endpoints"))
         .or_else(|| check::<RawPlugin>(value, "plugins"))
         .or_else(|| check::<RawWorkflow>(value, "workflows"))
+}
+
+/// A structural error (a wrong type, a missing field) on one line, without the value at
+/// fault: serde quotes a rejected string whole (`invalid type: string "whsec_…", expected a
+/// sequence`), and with `env:` already resolved that string may be a signing secret, a token
+/// or a credential header, which would then reach the log, `courier check`'s output and
+/// `/v1/config/status`.
+fn structural_error(s: &str) -> String {
+    let s = one_line(s);
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        // Past the closing quote (serde escapes quotes inside as \").
+        let quoted = &rest[at + "string \"".len()..];
+        let mut escaped = false;
+        let end = quoted
+            .char_indices()
+            .find(|&(_, c)| {
+                let close = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                close
+            })
+            .map_or(quoted.len(), |(i, _)| i + 1);
+        rest = &quoted[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn one_line(s: &str) -> String {
@@ -1082,7 +1111,11 @@ fn check_name(name: &str, key: &str) -> Result<(), ConfigError> {
 }
 
 fn parse_http_url(text: &str, key: &str) -> Result<url::Url, ConfigError> {
-    let shown = without_password(text);
+    // Nor its query, which may carry a key (`?key=`), as listings hide it.
+    let shown = match without_password(text).split_once('?') {
+        Some((before, _)) => format!("{before}?…"),
+        None => without_password(text),
+    };
     let url = url::Url::parse(text)
         .map_err(|e| ConfigError::invalid(key, format!("`{shown}` is not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -1288,6 +1321,45 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/courier"), None, "test.toml")
+    }
+
+    /// A value of the wrong type is named by its key, never shown: it may be a secret
+    /// (read from the environment, too).
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_shown_in_the_error() {
+        // SAFETY: a variable of this test's own, set before anything reads it.
+        unsafe { std::env::set_var("COURIER_TEST_WRONG_TYPE_SECRET", "whsec_FROMENV\"quoted") };
+        let endpoint = "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\n";
+        for (text, key) in [
+            (
+                format!("{endpoint}secrets = \"whsec_INLINESECRET\"\n"),
+                "endpoints[0]",
+            ),
+            (
+                format!("{endpoint}secrets = \"env:COURIER_TEST_WRONG_TYPE_SECRET\"\n"),
+                "endpoints[0]",
+            ),
+            (
+                format!("{endpoint}headers = \"Bearer HEADERSECRET\"\n"),
+                "endpoints[0]",
+            ),
+            ("keys = [\"TOKENSECRET\"]\n".to_string(), "keys[0]"),
+            ("server = \"SERVERSECRET\"\n".to_string(), "server"),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            for secret in ["SECRET", "FROMENV", "quoted"] {
+                assert!(!e.contains(secret), "{text} → {e}");
+            }
+            assert!(e.contains(key) && e.contains("a string"), "{text} → {e}");
+        }
+        // A URL that is not one is shown without its password or query.
+        let e = parse(
+            "[[endpoints]]\nname = \"a\"\nurl = \"ftp://u:PASSWORD@example.com/h?k=QUERYSECRET\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("PASSWORD") && !e.contains("QUERYSECRET"), "{e}");
+        assert!(e.contains("ftp://u:…@example.com/h?…"), "{e}");
     }
 
     #[test]
