@@ -146,11 +146,13 @@ pub async fn send(
     let mut response = match request.send().await {
         Ok(r) => r,
         Err(e) => {
+            // Described without the URL: its path and query may be the credential (a chat
+            // service's webhook URL), and the detail goes to the log and the audit trail.
             return AttemptResult::failed(
                 started,
                 started_ms,
                 client::classify(&e),
-                client::describe(&e),
+                client::describe(&e.without_url()),
             );
         }
     };

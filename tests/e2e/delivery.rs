@@ -351,6 +351,38 @@ async fn raw_ingest_keeps_a_utf8_content_type_and_refuses_one_that_is_not_text()
     c.stop().await;
 }
 
+/// A failed attempt's detail (kept in the audit trail, and logged) does not repeat the
+/// endpoint's URL, whose path and query may be its credential.
+#[tokio::test]
+async fn a_failed_attempt_does_not_repeat_the_url_in_its_detail() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = Courier::start(&format!(
+        "[delivery]\nallow_private_networks = true\nschedule = [\"0s\"]\n{}",
+        endpoint(
+            "app",
+            &format!("http://127.0.0.1:{port}/services/PATHSECRET?token=QUERYSECRET"),
+            ""
+        )
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    let d = c.wait_status(&id, "dead", T).await;
+    let a = &d["attempts"][0];
+    assert_eq!(a["error"], "connect", "{d:#}");
+    let text = format!("{} {}", a["error_detail"], d["last_error"]);
+    assert!(
+        !text.contains("PATHSECRET") && !text.contains("QUERYSECRET"),
+        "{text}"
+    );
+    assert!(!a["error_detail"].as_str().unwrap().is_empty(), "{d:#}");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn ssrf_guard_refuses_private_destinations_permanently() {
     let rx = Receiver::start().await;
