@@ -21,11 +21,16 @@ const bin = process.env.COURIER_BIN || join(root, "target/debug/courier");
 const chromePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const artifacts = join(here, "artifacts");
 const TOKEN = "console-test-admin-token-01";
+// Keys short of a scope: the console's own pages need admin, the Playground ingest and callback.
+const ADMIN_ONLY = "console-test-admin-only-token-02";
+const NO_CALLBACK = "console-test-no-callback-token-03";
 const SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 let receiver, upstream, courier, base, browser;
 const received = [];
 let flakyStatus = 500;
+// Receiver paths that answer 500 for now.
+const down = new Set();
 
 function listen(handler) {
   return new Promise((ok) => {
@@ -62,7 +67,7 @@ before(async () => {
     req.on("data", (c) => (body += c));
     req.on("end", () => {
       received.push({ path: req.url, body, headers: req.headers });
-      res.writeHead(req.url.startsWith("/flaky") ? flakyStatus : 200).end("ok");
+      res.writeHead(down.has(req.url) ? 500 : req.url.startsWith("/flaky") ? flakyStatus : 200).end("ok");
     });
   });
   upstream = await listen((req, res) => {
@@ -83,6 +88,12 @@ data_dir = "data"
 [[keys]]
 token = "${TOKEN}"
 scopes = ["ingest", "admin", "callback"]
+[[keys]]
+token = "${ADMIN_ONLY}"
+scopes = ["admin"]
+[[keys]]
+token = "${NO_CALLBACK}"
+scopes = ["admin", "ingest"]
 [delivery]
 allow_private_networks = true
 schedule = ["0s", "100ms"]
@@ -107,6 +118,11 @@ endpoint = "shop"
 event_name = "new_movie_suggestion"
 simulate = "inject-id"
 simulate_delay = "3s"
+[[workflows]]
+name = "by-hand"
+upstream = { url = "http://127.0.0.1:${upstream.address().port}/v1/chat" }
+endpoint = "shop"
+event_name = "new_movie_suggestion"
 `);
   courier = spawn(bin, ["serve", "--config", join(dir, "courier.toml")], { stdio: ["ignore", "pipe", "ignore"], env: { ...process.env, RUST_LOG: "warn" } });
   const lines = createInterface({ input: courier.stdout });
@@ -141,7 +157,7 @@ test("the console works end to end without JavaScript errors", async () => {
 
   // Sign in once; the token is kept for the tab.
   await page.goto(base + "/console");
-  await page.getByLabel("Admin token", { exact: true }).fill(TOKEN);
+  await page.getByLabel("API token", { exact: true }).fill(TOKEN);
   await page.getByRole("button", { name: "Sign in" }).click();
 
   // Deliveries: all five are listed, live.
@@ -258,7 +274,7 @@ test("the console works end to end without JavaScript errors", async () => {
   const goodBody = await requestBody.inputValue();
   await requestBody.fill("[]");
   await page.getByRole("button", { name: "Send async request" }).click();
-  await page.locator("#pg-status", { hasText: "JSON object" }).waitFor();
+  await page.locator("#pg-msg", { hasText: "JSON object" }).waitFor();
   // The browser logs the refused request itself; that one is expected.
   const badRequest = errors.findIndex((e) => /status of 400/.test(e));
   assert.ok(badRequest >= 0, errors.join(" | "));
@@ -279,5 +295,208 @@ test("the console works end to end without JavaScript errors", async () => {
   await shot("playground");
 
   assert.deepEqual(errors, [], "no JavaScript errors");
+  await page.close();
+});
+
+// A page signed in with `key`, and the uncaught errors of its script.
+async function signIn(key = TOKEN) {
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  await page.goto(base + "/console");
+  await page.getByLabel("API token", { exact: true }).fill(key);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.locator("#app").waitFor();
+  return { page, errors };
+}
+const shotOf = (page, name) => page.screenshot({ path: join(artifacts, name + ".png"), fullPage: true });
+const rowTexts = (page, sel) => page.locator(sel).evaluateAll((trs) => trs.map((tr) => tr.textContent));
+
+test("live refresh and a DLQ reload keep to the applied filter, not to unapplied edits", async () => {
+  const { page, errors } = await signIn();
+  await page.getByLabel("Endpoint filter", { exact: true }).fill("flaky");
+  await page.getByRole("button", { name: "Apply" }).first().click();
+  await page.waitForFunction(() => [...document.querySelectorAll("#dl-rows tr[data-id] td:nth-child(2)")].every((td) => td.textContent === "flaky")
+    && document.querySelectorAll("#dl-rows tr[data-id]").length >= 2);
+  const applied = await rowTexts(page, "#dl-rows tr[data-id]");
+  // Typed, not applied: two live refreshes later the list is still the applied one.
+  await page.getByLabel("Endpoint filter", { exact: true }).fill("shop");
+  // (The first refresh has been shown by the time the second is sent, 2 s later.)
+  for (let i = 0; i < 2; i++) await page.waitForRequest((r) => r.url().includes("/v1/deliveries?"));
+  const cells = await page.locator("#dl-rows tr[data-id] td:nth-child(2)").allTextContents();
+  assert.ok(cells.length >= 2 && cells.every((c) => c === "flaky"), "still the applied filter: " + cells.join(", "));
+  assert.equal((await rowTexts(page, "#dl-rows tr[data-id]")).length, applied.length);
+
+  // Dead letters of two endpoints; the list shows one of them, the form is then edited to
+  // "all" without applying; after the bulk replay the list is reloaded with the applied filter.
+  for (const name of ["dlq-a", "dlq-b"]) {
+    down.add("/" + name);
+    const r = await fetch(base + "/v1/endpoints", { method: "POST", headers: { authorization: "Bearer " + TOKEN, "content-type": "application/json" }, body: JSON.stringify({ name, url: `http://127.0.0.1:${receiver.address().port}/${name}` }) });
+    assert.equal(r.status, 201, await r.text());
+    await post("/v1/events", { event_type: "order.lost", payload: { to: name }, endpoint: name });
+  }
+  const dead = async (name) => (await (await fetch(`${base}/v1/dlq?endpoint=${name}`, { headers: { authorization: "Bearer " + TOKEN } })).json()).data.length;
+  for (const name of ["dlq-a", "dlq-b"]) {
+    const deadline = Date.now() + 15000;
+    while ((await dead(name)) === 0) { assert.ok(Date.now() < deadline, name + " never dead"); await new Promise((ok) => setTimeout(ok, 50)); }
+  }
+  await page.getByRole("tab", { name: "Dead letters" }).click();
+  await page.getByLabel("DLQ endpoint filter", { exact: true }).fill("dlq-a");
+  await page.locator("#dlq-filter").getByRole("button", { name: "Apply" }).click();
+  await page.waitForFunction(() => { const r = [...document.querySelectorAll("#dlq-rows tr")]; return r.length === 1 && r[0].textContent.includes("dlq-a"); });
+  await page.getByLabel("DLQ endpoint filter", { exact: true }).fill("");
+  down.delete("/dlq-a");
+  await page.getByRole("button", { name: /Replay all 1/ }).click();
+  await page.locator("#dlq-confirm-ok").click();
+  await page.getByText("Requeued 1 deliveries.").waitFor();
+  await page.waitForFunction(() => !document.querySelector("#dlq-rows").textContent.includes("dlq-a"));
+  const dlqRows = await rowTexts(page, "#dlq-rows tr");
+  assert.ok(!dlqRows.some((t) => t.includes("dlq-b")), "dlq-b was never applied: " + dlqRows.join(" | "));
+  assert.match(dlqRows.join(" "), /The dead-letter queue is empty/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test("a refusal for want of a scope names the scope the Playground action needs", async () => {
+  const { page, errors } = await signIn(ADMIN_ONLY);
+  const dialogs = [];
+  page.on("dialog", (d) => { dialogs.push(d.message()); d.dismiss(); });
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.getByLabel("Workflow", { exact: true }).selectOption("movies");
+  await page.getByRole("button", { name: "Send async request" }).click();
+  await page.locator("#pg-msg", { hasText: "needs a token with the `ingest` scope" }).waitFor();
+  assert.equal(await page.locator("#pg-status").textContent(), "refused");
+  await page.getByRole("button", { name: "Sign out" }).click();
+  // The sign-in says which scopes are needed for what.
+  assert.match(await page.locator("#login").textContent(), /admin.*ingest.*callback/s);
+
+  // A key that may send requests but not callbacks: the callback form says so, in the page.
+  await page.getByLabel("API token", { exact: true }).fill(NO_CALLBACK);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.getByLabel("Workflow", { exact: true }).selectOption("by-hand");
+  await page.getByRole("button", { name: "Send async request" }).click();
+  await page.locator("#pg-steps li", { hasText: "AI generated" }).waitFor({ timeout: 15000 });
+  await page.getByRole("button", { name: "Send callback" }).click();
+  await page.locator("#pg-cb-msg", { hasText: "needs a token with the `callback` scope" }).waitFor();
+  assert.deepEqual(dialogs, [], "no alert");
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test("a new Playground request starts from a clean status, and a socket that fails shows it", async () => {
+  const { page, errors } = await signIn();
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.getByLabel("Workflow", { exact: true }).selectOption("movies");
+  await page.getByRole("button", { name: "Send async request" }).click();
+  await page.locator("#pg-status", { hasText: "success" }).waitFor({ timeout: 30000 });
+  // The next request is held, then answered with a socket URL courier refuses (no such channel).
+  let release;
+  const held = new Promise((ok) => (release = ok));
+  await page.route("**/v1/ai/async", async (route) => {
+    await held;
+    const response = await route.fetch();
+    const json = await response.json();
+    await route.fulfill({ response, json: { ...json, ws_url: "/v1/channels/no-such-channel/ws" } });
+  });
+  await page.getByRole("button", { name: "Send async request" }).click();
+  await page.locator("#pg-status", { hasText: "sending" }).waitFor();
+  assert.equal(await page.locator("#pg-steps li").count(), 0);
+  assert.equal(await page.getByLabel("Result data", { exact: true }).textContent(), "—");
+  release();
+  await page.locator("#pg-status", { hasText: "connection lost" }).waitFor();
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test("a failed request shows its error in the tab instead of a blank or stale one", async () => {
+  const { page, errors } = await signIn();
+  let failing = false;
+  const fail = (route) => route.fulfill({ status: 503, json: { error: { code: "unavailable", message: "courier is shutting down" } } });
+  await page.route((u) => /\/v1\/(dlq|endpoints|workflows|deliveries\/[^/?]+$|stats\?)/.test(u.pathname + u.search), (route) => (failing ? fail(route) : route.continue()));
+  // A delivery's page.
+  await page.locator("#dl-rows tr[data-id]").first().waitFor();
+  failing = true;
+  await page.locator("#dl-rows tr[data-id]").first().click();
+  await page.locator("#dl-detail", { hasText: "courier is shutting down" }).waitFor();
+  // Dead letters: listed, then a reload fails: the old rows go, and nothing can be replayed.
+  failing = false;
+  await page.getByRole("tab", { name: "Dead letters" }).click();
+  await page.locator("#dlq-rows tr").first().waitFor();
+  failing = true;
+  await page.locator("#dlq-filter").getByRole("button", { name: "Apply" }).click();
+  await page.locator("#dlq-rows", { hasText: "courier is shutting down" }).waitFor();
+  assert.equal(await page.locator("#dlq-rows tr").count(), 1);
+  assert.ok(await page.locator("#dlq-replay").isDisabled());
+  for (const [tab, panel] of [["Analytics", "#tab-analytics"], ["Endpoints", "#tab-endpoints"], ["Playground", "#tab-playground"]]) {
+    await page.getByRole("tab", { name: tab }).click();
+    await page.locator(panel, { hasText: "courier is shutting down" }).waitFor();
+  }
+  assert.deepEqual(errors, [], "no uncaught errors");
+  await page.close();
+});
+
+test("an error page from a proxy shows its HTTP status and text, not a JSON parse error", async () => {
+  const { page, errors } = await signIn();
+  await page.route("**/v1/deliveries?*", (route) => route.fulfill({
+    status: 502, contentType: "text/html",
+    body: "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>",
+  }));
+  await page.locator("#dl-rows", { hasText: "HTTP 502" }).waitFor();
+  const shown = await page.locator("#dl-rows").textContent();
+  assert.match(shown, /502 Bad Gateway nginx/);
+  assert.doesNotMatch(shown, /SyntaxError|JSON/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test("sign-out closes the Playground's socket and leaves nothing of the session", async () => {
+  const { page, errors } = await signIn();
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.getByLabel("Workflow", { exact: true }).selectOption("movies");
+  const opened = page.waitForEvent("websocket");
+  await page.getByRole("button", { name: "Send async request" }).click();
+  const ws = await opened;
+  // The simulated callback comes 3 s after this step: the channel is still open.
+  await page.locator("#pg-steps li", { hasText: "AI generated" }).waitFor({ timeout: 15000 });
+  const closed = ws.waitForEvent("close", { timeout: 2000 });
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await closed;
+  await page.getByLabel("API token", { exact: true }).fill(TOKEN);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.waitForTimeout(4000); // past the simulated callback
+  assert.equal(await page.locator("#pg-steps li").count(), 0);
+  assert.equal(await page.locator("#pg-channel").textContent(), "—");
+  assert.equal(await page.getByLabel("Result data", { exact: true }).textContent(), "—");
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+// Last: it adds many endpoints.
+test("endpoints are listed a page at a time, with a control for the next page", async () => {
+  for (let i = 0; i < 110; i++) {
+    const name = "page-" + String(i).padStart(3, "0");
+    const r = await fetch(base + "/v1/endpoints", { method: "POST", headers: { authorization: "Bearer " + TOKEN, "content-type": "application/json" }, body: JSON.stringify({ name, url: `http://127.0.0.1:${receiver.address().port}/${name}` }) });
+    assert.equal(r.status, 201, await r.text());
+  }
+  const { page, errors } = await signIn();
+  await page.getByRole("tab", { name: "Endpoints" }).click();
+  await page.getByRole("button", { name: "Show more endpoints" }).waitFor();
+  assert.equal(await page.locator("#ep-rows tr").count(), 100);
+  assert.match(await page.locator("#ep-more-bar").textContent(), /first 100 endpoints/);
+  const last = page.locator("#ep-rows tr").filter({ has: page.locator("td:first-child strong", { hasText: /^page-109$/ }) });
+  assert.equal(await last.count(), 0);
+  await shotOf(page, "endpoints-paged");
+  await page.getByRole("button", { name: "Show more endpoints" }).click();
+  await last.waitFor();
+  assert.ok(await page.locator("#ep-more-bar").isHidden(), "all listed");
+  const total = await page.locator("#ep-rows tr").count();
+  assert.ok(total > 100);
+  // An action on the second page keeps it listed.
+  await last.getByRole("button", { name: "Pause" }).click();
+  await last.getByText("paused").waitFor();
+  assert.equal(await page.locator("#ep-rows tr").count(), total);
+  assert.deepEqual(errors, []);
   await page.close();
 });
