@@ -42,11 +42,19 @@ pub struct Metrics {
     /// Endpoints the per-endpoint gauges had series for at the last scrape: a deleted
     /// endpoint's series are removed, not left reading their last value for good.
     pub gauged_endpoints: Mutex<std::collections::HashSet<String>>,
-    /// Endpoints gone since a scrape (deleted, or dropped from the config), with when that
-    /// scrape saw them gone: their counter series are dropped at every scrape for
-    /// [`GONE_SERIES_WATCH`] after, so that an attempt that was in flight as its endpoint went
-    /// cannot bring a series back for good.
-    gone_endpoints: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Endpoints gone since a scrape (deleted, or dropped from the config): their counter
+    /// series are shown once more at their final values (a delete's drops included), then
+    /// dropped at every scrape for [`GONE_SERIES_WATCH`] after, so that an attempt that was
+    /// in flight as its endpoint went cannot bring a series back for good.
+    gone_endpoints: Mutex<std::collections::HashMap<String, Gone>>,
+}
+
+/// Where a gone endpoint's counter series are.
+struct Gone {
+    /// When a scrape last saw something of it waiting, or first showed its final values.
+    since: std::time::Instant,
+    /// Whether a scrape has shown its final values with nothing of it waiting.
+    shown: bool,
 }
 
 /// How long a gone endpoint's series are watched for (longer than any attempt can run).
@@ -254,14 +262,21 @@ impl Metrics {
         let now = std::time::Instant::now();
         let mut gone = self.gone_endpoints.lock().expect("gone endpoints");
         for name in departed {
-            gone.entry(name).or_insert(now);
+            gone.entry(name).or_insert(Gone {
+                since: now,
+                shown: false,
+            });
         }
-        gone.retain(|name, since| {
+        gone.retain(|name, g| {
             if exists(name) {
                 return false;
             }
-            if waiting(name) {
-                *since = now;
+            if waiting(name) || !g.shown {
+                // This scrape shows the series as they are (the last time, once nothing
+                // waits): a delete's drops are counted the moment it answers, and would
+                // otherwise be removed before any scrape saw them.
+                g.since = now;
+                g.shown = !waiting(name);
                 return true;
             }
             let ep = || ("endpoint", name.clone());
@@ -275,7 +290,7 @@ impl Metrics {
                 self.deliveries_final
                     .remove(&vec![ep(), ("state", s.to_string())]);
             }
-            now.duration_since(*since) < GONE_SERIES_WATCH
+            now.duration_since(g.since) < GONE_SERIES_WATCH
         });
     }
 

@@ -1257,17 +1257,37 @@ async fn a_deleted_endpoints_counter_series_leave_the_scrape() {
         "{before}"
     );
     assert!(series(&before, "seen").len() >= 4, "{before}");
-    // `fleeting` lives and goes between two scrapes.
+    // `fleeting` lives and goes between two scrapes; `stuck` goes with deliveries queued.
     let (s, r) = create("fleeting").await;
     assert_eq!(s, 201, "{r}");
     send_to(&c, "fleeting", 1).await;
     rx.wait_for(3, T).await;
-    for name in ["seen", "fleeting"] {
+    let (s, r) = create("stuck").await;
+    assert_eq!(s, 201, "{r}");
+    let (s, r) = req(&c, M::POST, "/v1/endpoints/stuck/pause", None).await;
+    assert_eq!(s, 200, "{r}");
+    for n in 0..3 {
+        send_to(&c, "stuck", n).await;
+    }
+    for name in ["seen", "fleeting", "stuck"] {
         let (s, r) = req(&c, M::DELETE, &format!("/v1/endpoints/{name}"), None).await;
         assert_eq!(s, 200, "{r}");
     }
+    // The first scrape after shows their final counts, the delete's drops included...
+    let last = c.text("/metrics").await;
+    assert!(
+        last.contains("courier_deliveries_final_total{endpoint=\"stuck\",state=\"dropped\"} 3"),
+        "{last}"
+    );
+    let shown = series(&last, "seen");
+    assert!(
+        series(&before, "seen").iter().all(|l| shown.contains(l)),
+        "{last}"
+    );
+    // ...and the next has none of them.
     let after = c.text("/metrics").await;
     assert_eq!(series(&after, "seen"), Vec::<String>::new(), "{after}");
+    assert_eq!(series(&after, "stuck"), Vec::<String>::new(), "{after}");
     // `fleeting`'s last attempt may be counted just after that scrape: the next drops it.
     let deadline = Instant::now() + T;
     loop {
