@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::deliver::AttemptResult;
-use crate::store::Next;
+use crate::store::{Decided, Next, SUPERSEDED};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -62,7 +62,7 @@ const GONE_SERIES_WATCH: std::time::Duration = std::time::Duration::from_secs(15
 
 /// The `outcome` labels of `courier_attempts_total` and the `state` labels of
 /// `courier_deliveries_final_total`, for dropping an endpoint's series.
-const ATTEMPT_OUTCOMES: [&str; 4] = ["delivered", "retry", "dead", "dropped"];
+const ATTEMPT_OUTCOMES: [&str; 4] = ["delivered", "retry", "dead", SUPERSEDED];
 const FINAL_STATES: [&str; 3] = ["delivered", "dead", "dropped"];
 
 fn latency_histogram() -> Histogram {
@@ -337,12 +337,14 @@ pub fn attempt(
     number: u32,
     r: &AttemptResult,
     next: &Next,
+    decided: Decided,
 ) {
-    let outcome = match next {
-        Next::Delivered => "delivered",
-        Next::Retry { .. } => "retry",
-        Next::Dead { .. } => "dead",
-        Next::Dropped { .. } => "dropped",
+    let outcome = match (decided, next) {
+        (Decided::No(_), _) => SUPERSEDED,
+        (_, Next::Delivered) => "delivered",
+        (_, Next::Retry { .. }) => "retry",
+        (_, Next::Dead { .. }) => "dead",
+        (_, Next::Dropped { .. }) => "dropped",
     };
     m.attempts
         .get_or_create(&vec![
@@ -350,10 +352,26 @@ pub fn attempt(
             ("outcome", outcome.to_string()),
         ])
         .inc();
-    m.attempt_duration
-        .get_or_create(&vec![("endpoint", endpoint.to_string())])
-        .observe(r.duration_ms as f64 / 1000.0);
+    // Only a request's time: an attempt that made none (a plugin failed, the address was
+    // refused) would read as the fastest of all.
+    if r.measured {
+        m.attempt_duration
+            .get_or_create(&vec![("endpoint", endpoint.to_string())])
+            .observe(r.duration_ms as f64 / 1000.0);
+    }
     let result = r.label();
+    if let Decided::No(status) = decided {
+        tracing::info!(
+            endpoint,
+            delivery,
+            attempt = number,
+            result,
+            duration_ms = r.duration_ms,
+            status = status.as_str(),
+            "attempt ended after its delivery was settled or replayed: kept in its audit trail only"
+        );
+        return;
+    }
     match next {
         Next::Delivered => {
             tracing::info!(

@@ -149,6 +149,7 @@ mod tests {
             retry_after: None,
             abort: false,
             body_excerpt: String::new(),
+            measured: true,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::app::App;
 use crate::config::{EndpointConfig, Ordering};
 use crate::model::{Attempt, Delivery, now_ms, rfc3339};
 use crate::plugins::{AttemptInfo, BackoffDecision, TransformContext, Transformed};
-use crate::store::{Next, OutcomeRecord};
+use crate::store::{Decided, Next, OutcomeRecord};
 use crate::{deliver, observe, outcome};
 
 /// An endpoint's health as the circuit breaker sees it.
@@ -619,12 +619,12 @@ async fn run_attempt(
     let event = match app.store.event(&d.event_id) {
         Ok(Some(e)) => e,
         Ok(None) => {
-            let next = Next::Dead {
-                reason: format!("event {} is missing from the store", d.event_id),
-            };
+            let reason = format!("event {} is missing from the store", d.event_id);
+            tracing::error!(endpoint = %d.endpoint, delivery = %d.id, %reason, "delivery is dead (moved to the DLQ): its event is missing");
+            let next = Next::Dead { reason };
             // If the outcome cannot be recorded, the delivery is still pending at its due time
             // and the worker must look for it again.
-            let again = record(app, &d, None, next, false, may_wait).await;
+            let again = record(app, &d, None, next, may_wait).await;
             return (None, again);
         }
         Err(e) => {
@@ -663,7 +663,7 @@ async fn run_attempt(
         Ok(Transformed::Send(out)) => out,
         Ok(Transformed::Drop(reason)) => {
             observe::dropped(&ep.name, &d.id, &reason);
-            let again = record(app, &d, None, Next::Dropped { reason }, false, may_wait).await;
+            let again = record(app, &d, None, Next::Dropped { reason }, may_wait).await;
             return (None, again);
         }
         Err(e) => {
@@ -671,15 +671,7 @@ async fn run_attempt(
             // fault: it does not count toward the circuit breaker.
             let result = deliver::AttemptResult::not_sent(e.class(), e.to_string());
             let next = decide(app, &ep, backoff, &d, &result, delivery_cfg.jitter).await;
-            observe::attempt(
-                &app.metrics,
-                &ep.name,
-                &d.id,
-                d.attempts + 1,
-                &result,
-                &next,
-            );
-            let again = record(app, &d, Some(result), next, true, may_wait).await;
+            let again = record(app, &d, Some(result), next, may_wait).await;
             return (None, again);
         }
     };
@@ -695,14 +687,6 @@ async fn run_attempt(
     )
     .await;
     let next = decide(app, &ep, backoff, &d, &result, delivery_cfg.jitter).await;
-    observe::attempt(
-        &app.metrics,
-        &ep.name,
-        &d.id,
-        d.attempts + 1,
-        &result,
-        &next,
-    );
     // A deliberate "never retry this one" (410, `webhook-delivery: abort`) comes from a
     // receiver that works, and a refused address never reached it: neither says anything
     // about the endpoint's health, so neither counts for its circuit.
@@ -710,7 +694,7 @@ async fn run_attempt(
         Some(Next::Dead { .. }) => None,
         _ => Some(result.success()),
     };
-    let again = record(app, &d, Some(result), next, true, may_wait).await;
+    let again = record(app, &d, Some(result), next, may_wait).await;
     (health, again)
 }
 
@@ -776,13 +760,15 @@ async fn decide(
     outcome::scheduled(result, d.round_attempts, &ep.schedule, jitter, now)
 }
 
-/// Records an attempt's outcome; returns when the delivery is due again if it is a retry.
+/// Records an attempt's outcome (`result`: what the attempt got, `None` for a decision made
+/// without one) and only then logs and counts it, as what the store made of it: an attempt
+/// that ended after its delivery was dropped or replayed decided nothing, and is told so.
+/// Returns when the delivery is due again if it is a retry.
 async fn record(
     app: &App,
     d: &Delivery,
     result: Option<deliver::AttemptResult>,
     next: Next,
-    counts: bool,
     may_wait: bool,
 ) -> Option<u64> {
     let outcome_label = match &next {
@@ -791,6 +777,15 @@ async fn record(
         Next::Dead { .. } => "dead",
         Next::Dropped { .. } => "dropped",
     };
+    // What the log line and the metrics need of the attempt, once its outcome is on disk
+    // (its response excerpt goes to the store).
+    let seen = result.as_ref().map(|r| deliver::AttemptResult {
+        error_detail: r.error_detail.clone(),
+        body_excerpt: String::new(),
+        ..*r
+    });
+    let measured = result.as_ref().is_some_and(|r| r.measured);
+    let counts = result.is_some();
     let attempt = match result {
         Some(r) => Attempt {
             number: 0,
@@ -822,15 +817,31 @@ async fn record(
         read_updated_ms: Some(d.updated_ms),
         attempt,
         counts_as_attempt: counts,
-        next,
+        measured,
+        next: next.clone(),
         may_wait,
     };
-    match app.store.record_outcome(rec).await {
-        Ok(()) => {
+    let recorded = app.store.record_outcome(rec).await;
+    if let Some(r) = &seen {
+        // An outcome that could not be recorded is told as the attempt went: the error
+        // below says it will be attempted again.
+        let decided = recorded.as_ref().copied().unwrap_or(Decided::Yes);
+        observe::attempt(
+            &app.metrics,
+            &d.endpoint,
+            &d.id,
+            d.attempts + 1,
+            r,
+            &next,
+            decided,
+        );
+    }
+    match recorded {
+        Ok(decided) => {
             app.scheduler
                 .store_failures
                 .store(0, AtomicOrdering::Relaxed);
-            if outcome_label != "retry" {
+            if outcome_label != "retry" && decided == Decided::Yes {
                 observe::finished(&app.metrics, &d.endpoint, outcome_label, 1);
             }
             again

@@ -79,7 +79,8 @@ async fn post_raw(
 ) -> Result<Response, ApiError> {
     let caller = require(&app, &headers, Scope::Ingest)?;
     let Path(endpoint) = endpoint.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let params: RawParams = super::query(q.as_deref())?;
+    let params: RawParams = super::query(q.as_deref())
+        .inspect_err(|_| observe::ingest_rejected(&app.metrics, "malformed"))?;
     let bytes = read_ingest(&app, &headers, body).await?;
     let event_type = match params.event_type {
         Some(t) => Some(t),

@@ -28,6 +28,9 @@ pub struct AttemptResult {
     /// The receiver sent `webhook-delivery: abort`.
     pub abort: bool,
     pub body_excerpt: String,
+    /// Whether `duration_ms` is a request's: false when none was made (a plugin failed, the
+    /// SSRF guard refused the address), which latency figures leave out.
+    pub measured: bool,
 }
 
 impl AttemptResult {
@@ -46,7 +49,10 @@ impl AttemptResult {
 
     /// An attempt that failed before anything was sent (a plugin failed).
     pub fn not_sent(class: &'static str, detail: String) -> Self {
-        Self::failed(Instant::now(), now_ms(), class, detail)
+        AttemptResult {
+            measured: false,
+            ..Self::failed(Instant::now(), now_ms(), class, detail)
+        }
     }
 
     fn failed(started: Instant, started_ms: u64, class: &'static str, detail: String) -> Self {
@@ -59,6 +65,7 @@ impl AttemptResult {
             retry_after: None,
             abort: false,
             body_excerpt: String::new(),
+            measured: true,
         }
     }
 }
@@ -100,7 +107,7 @@ pub async fn send(
     let started = Instant::now();
     let started_ms = now_ms();
     if let Err(e) = client::check_literal(&out.url, allow_private) {
-        return AttemptResult::failed(started, started_ms, "ssrf_blocked", e.to_string());
+        return AttemptResult::not_sent("ssrf_blocked", e.to_string());
     }
     let timestamp = (started_ms / 1000) as i64;
     let sigs = sign::sign_all(secrets, webhook_id, timestamp, &out.body);
@@ -190,6 +197,7 @@ pub async fn send(
         retry_after,
         abort,
         body_excerpt: excerpt_text(&excerpt),
+        measured: true,
     }
 }
 

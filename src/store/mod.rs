@@ -119,6 +119,9 @@ pub struct OutcomeRecord {
     pub attempt: Attempt,
     /// False for a decision made without sending (a transform dropped the delivery).
     pub counts_as_attempt: bool,
+    /// Whether the attempt's duration is a request's (false: none was made — a plugin
+    /// failed, or the address was refused): only those count in the latency statistics.
+    pub measured: bool,
     pub next: Next,
     /// Whether the commit may wait a moment (at most 5 ms, `OUTCOME_HOLD`) for other outcomes to
     /// share its flush: true when nothing but this delivery's own worker waits for it — not
@@ -126,6 +129,19 @@ pub struct OutcomeRecord {
     /// endpoint runs near its in-flight cap (the next attempts wait for the slot).
     pub may_wait: bool,
 }
+
+/// Whether an outcome decided what became of its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decided {
+    Yes,
+    /// No: the delivery was settled meanwhile (its endpoint's delete dropped it) or is in a
+    /// round begun since (replayed); the attempt is kept in its audit trail only, with the
+    /// outcome [`SUPERSEDED`]. The status the delivery has.
+    No(DeliveryStatus),
+}
+
+/// The audit trail's outcome for an attempt that decided nothing (see [`Decided::No`]).
+pub const SUPERSEDED: &str = "superseded";
 
 /// How long the writer holds an outcome that may wait, so that the outcomes of a moderate
 /// rate share a durable commit instead of flushing one each (see the writer's `hold`).
@@ -697,7 +713,7 @@ impl Store {
     }
 
     /// Records an attempt and the delivery's next state in one transaction.
-    pub async fn record_outcome(&self, rec: OutcomeRecord) -> Result<(), StoreError> {
+    pub async fn record_outcome(&self, rec: OutcomeRecord) -> Result<Decided, StoreError> {
         #[cfg(test)]
         {
             use std::sync::atomic::Ordering;
@@ -1260,7 +1276,7 @@ fn build_rollups(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
             let e: AttemptLogEntry = decode(v.value(), "attempt log")?;
             rows.entry((e.endpoint, rollup::minute(started_ms)))
                 .or_default()
-                .add(e.duration_ms, e.success, number == 1);
+                .add(Some(e.duration_ms), e.success, number == 1);
         }
     }
     if !rows.is_empty() {
@@ -1940,6 +1956,7 @@ pub(crate) mod tests {
                 read_updated_ms: None,
                 attempt,
                 counts_as_attempt: true,
+                measured: true,
                 next,
                 may_wait: false,
             })

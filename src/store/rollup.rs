@@ -62,11 +62,15 @@ pub struct Rollup {
 }
 
 impl Rollup {
-    /// Counts one attempt.
-    pub fn add(&mut self, duration_ms: u64, success: bool, first: bool) {
+    /// Counts one attempt, and its duration if it made a request (`None`: it made none, and
+    /// its zero would only pull the percentiles down).
+    pub fn add(&mut self, duration_ms: Option<u64>, success: bool, first: bool) {
         self.attempts += 1;
         self.successes += success as u64;
         self.first_attempts += first as u64;
+        let Some(duration_ms) = duration_ms else {
+            return;
+        };
         let b = bucket(duration_ms);
         match self.durations.binary_search_by_key(&b, |(k, _)| *k) {
             Ok(i) => self.durations[i].1 += 1,
@@ -209,7 +213,7 @@ mod tests {
     fn percentiles_of_a_rollup_match_the_exact_ones_below_64_ms() {
         let mut r = Rollup::default();
         for ms in 1..=50 {
-            r.add(ms, ms % 10 != 0, ms <= 25);
+            r.add(Some(ms), ms % 10 != 0, ms <= 25);
         }
         assert_eq!(r.attempts, 50);
         assert_eq!(r.successes, 45);
@@ -226,10 +230,10 @@ mod tests {
     fn a_slow_tail_shows_in_p99_within_a_sixteenth() {
         let mut r = Rollup::default();
         for _ in 0..98 {
-            r.add(5, true, true);
+            r.add(Some(5), true, true);
         }
-        r.add(1_000, false, true);
-        r.add(2_500, false, false);
+        r.add(Some(1_000), false, true);
+        r.add(Some(2_500), false, false);
         assert_eq!(r.percentile(0.5), Some(5));
         let p99 = r.percentile(0.99).unwrap();
         assert!((1_000..=1_000 + 1_000 / 16).contains(&p99), "{p99}");
@@ -241,12 +245,12 @@ mod tests {
     fn merged_rollups_count_like_one() {
         let (mut a, mut b, mut all) = (Rollup::default(), Rollup::default(), Rollup::default());
         for ms in [3, 70, 70, 900, 12] {
-            a.add(ms, true, false);
-            all.add(ms, true, false);
+            a.add(Some(ms), true, false);
+            all.add(Some(ms), true, false);
         }
         for ms in [70, 4, 100_000] {
-            b.add(ms, false, true);
-            all.add(ms, false, true);
+            b.add(Some(ms), false, true);
+            all.add(Some(ms), false, true);
         }
         a.merge(&b);
         assert_eq!(a, all);

@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::rollup::{Rollup, minute};
 use super::tables::*;
 use super::{
-    AdvanceResult, AppendBatch, AppendResult, ChannelChange, EndpointWrite, FINISHED, OUTCOME_HOLD,
-    OutcomeRecord, PurgeCursor, PurgeRound, ReplayResult, ReplayTarget, Shared, StoreError,
+    AdvanceResult, AppendBatch, AppendResult, ChannelChange, Decided, EndpointWrite, FINISHED,
+    OUTCOME_HOLD, OutcomeRecord, PurgeCursor, PurgeRound, ReplayResult, ReplayTarget, SUPERSEDED,
+    Shared, StoreError,
 };
 use crate::model::{
     Channel, Delivery, DeliveryStatus, Event, TimerKind, id_floor, id_range, now_ms,
@@ -37,7 +38,7 @@ pub(crate) enum Command {
     /// A durable commit of nothing new, asked for by the journal thread when it leaves a file
     /// for the other: it covers every record applied so far.
     Checkpoint,
-    Outcome(OutcomeRecord, oneshot::Sender<Result<(), StoreError>>),
+    Outcome(OutcomeRecord, oneshot::Sender<Result<Decided, StoreError>>),
     Replay(
         ReplayTarget,
         super::Births,
@@ -85,7 +86,7 @@ pub(crate) type AppendReply = oneshot::Sender<Result<AppendResult, StoreError>>;
 enum Reply {
     Journaled(Vec<Result<AppendResult, StoreError>>),
     Checkpoint,
-    Outcome(Result<(), StoreError>),
+    Outcome(Result<Decided, StoreError>),
     Replay(Result<ReplayResult, StoreError>),
     Purge(Result<PurgeRound, StoreError>),
     Channel(Result<AdvanceResult, StoreError>),
@@ -784,7 +785,7 @@ impl<'t> Tables<'t> {
         Ok(AppendResult::Created)
     }
 
-    fn outcome(&mut self, rec: &OutcomeRecord, deltas: &mut Deltas) -> Result<(), StoreError> {
+    fn outcome(&mut self, rec: &OutcomeRecord, deltas: &mut Deltas) -> Result<Decided, StoreError> {
         let Some(old) = self.load(&rec.delivery_id)? else {
             return Err(StoreError::NotFound(rec.delivery_id.clone()));
         };
@@ -801,6 +802,9 @@ impl<'t> Tables<'t> {
         if other_round {
             tracing::warn!(delivery = %old.id, "outcome of an attempt from before the delivery was replayed: kept in its audit trail only");
         }
+        // Whether this outcome decides what becomes of the delivery: not for another round,
+        // nor for a settled delivery but by a late success. (The attempt's record says so.)
+        let decided = !other_round && (!settled || rec.next == super::Next::Delivered);
         let mut new = old.clone();
         // A settled delivery keeps the time it was settled (by its endpoint's delete), even
         // when a late success changes it: the replay guard compares that time with the birth
@@ -816,6 +820,9 @@ impl<'t> Tables<'t> {
             }
             let mut attempt = rec.attempt.clone();
             attempt.number = new.attempts;
+            if !decided {
+                attempt.outcome = SUPERSEDED.into();
+            }
             self.attempts.open()?.insert(
                 (old.id.as_str(), attempt.number),
                 encode_in(&attempt, &mut self.scratch),
@@ -824,14 +831,13 @@ impl<'t> Tables<'t> {
                 .entry((old.endpoint.clone(), minute(attempt.started_ms)))
                 .or_default()
                 .add(
-                    attempt.duration_ms,
+                    rec.measured.then_some(attempt.duration_ms),
                     rec.next == super::Next::Delivered,
                     attempt.number == 1,
                 );
         }
         match &rec.next {
-            _ if other_round => {}
-            _ if settled && rec.next != super::Next::Delivered => {}
+            _ if !decided => {}
             super::Next::Delivered => {
                 new.status = DeliveryStatus::Delivered;
                 new.next_due_ms = None;
@@ -853,7 +859,12 @@ impl<'t> Tables<'t> {
                 new.last_error = Some(reason.clone());
             }
         }
-        self.put(Some(&old), &new, deltas)
+        self.put(Some(&old), &new, deltas)?;
+        Ok(if decided {
+            Decided::Yes
+        } else {
+            Decided::No(new.status)
+        })
     }
 
     fn drop_pending(
@@ -1366,6 +1377,7 @@ mod tests {
                     outcome: "delivered".into(),
                 },
                 counts_as_attempt: true,
+                measured: true,
                 next: super::super::Next::Delivered,
                 may_wait,
             },

@@ -956,7 +956,20 @@ async fn attempts_a_deleted_endpoint_had_in_flight_do_not_count_against_one_made
     for id in &old {
         let (s, r) = req(&c, M::POST, &format!("/v1/deliveries/{id}/replay"), None).await;
         assert_eq!(s, 409, "{r}");
+        // Their attempts decided nothing, and say so.
+        let (_, d) = req(&c, M::GET, &format!("/v1/deliveries/{id}"), None).await;
+        assert_eq!(d["status"], "dropped", "{d:#}");
+        assert_eq!(d["attempts"][0]["outcome"], "superseded", "{d:#}");
     }
+    let m = c.text("/metrics").await;
+    assert!(
+        m.contains("courier_attempts_total{endpoint=\"shared\",outcome=\"superseded\"} 4"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("courier_attempts_total{endpoint=\"shared\",outcome=\"retry\"}"),
+        "{m}"
+    );
     let (_, st) = req(&c, M::GET, "/v1/endpoints/shared/stats", None).await;
     assert_eq!(st["circuit"], "closed", "{st}");
     let started = std::time::Instant::now();
@@ -1569,6 +1582,14 @@ async fn an_attempt_from_before_a_replay_does_not_decide_the_replayed_round() {
     let d = c.wait_status(&id, "delivered", T).await;
     let attempts = d["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{d:#}");
+    let outcomes: Vec<&str> = attempts
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert!(
+        outcomes.contains(&"superseded") && outcomes.contains(&"delivered"),
+        "{d:#}"
+    );
     c.stop().await;
 }
 

@@ -649,5 +649,11 @@ async fn a_raw_ingest_takes_its_idempotency_key_in_the_query_and_refuses_what_it
     rx.wait_for(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(rx.received().len(), 1);
+    // Each refusal is counted: the misspelt parameter and the two unreadable keys.
+    let m = c.text("/metrics").await;
+    assert!(
+        m.contains("courier_ingest_rejected_total{reason=\"malformed\"} 3"),
+        "{m}"
+    );
     c.stop().await;
 }

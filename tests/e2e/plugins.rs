@@ -796,3 +796,43 @@ fn plugins_a_new_configuration_drops_stay_callable_until_it_is_live() {
     let names: Vec<String> = plugins.status().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["b"]);
 }
+
+/// Attempts a failing transform stopped before any request was made count as attempts, but
+/// not in the latency figures, where their zero time would read as the fastest of all.
+#[tokio::test]
+async fn attempts_a_failing_plugin_stopped_stay_out_of_the_latency_figures() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry(
+            "fail",
+            "misbehave",
+            "transform",
+            "config = { mode = \"error\" }\nlimits = { timeout = \"5s\" }"
+        ),
+        endpoint(
+            "errep",
+            &rx.url("/"),
+            "transforms = [\"fail\"]\nschedule = [\"0s\", \"10ms\", \"10ms\"]"
+        ),
+    ))
+    .await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap();
+    let d = c.wait_status(id, "dead", T).await;
+    assert_eq!(d["attempt_count"], 3, "{d:#}");
+    let (_, st) = c.get("/v1/stats?endpoint=errep").await;
+    assert_eq!(st["attempts"], 3, "{st:#}");
+    assert!(st["latency_ms"]["p50"].is_null(), "{st:#}");
+    let m = c.text("/metrics").await;
+    assert!(
+        m.contains("courier_attempts_total{endpoint=\"errep\",outcome=\"dead\"} 1"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("courier_attempt_duration_seconds_count{endpoint=\"errep\"}"),
+        "{m}"
+    );
+    assert!(rx.received().is_empty());
+    c.stop().await;
+}
