@@ -27,9 +27,23 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
             crate::store::StoreError::Db("the database cannot be read; see courier's log".into())
         })
     });
+    // A database that has applied none of the acknowledged events for as long as a read
+    // waits for them answers every read (and soon every ingest) with 503: not ready either.
+    let probe = probe.and_then(|_| match app.store.stuck_for() {
+        Some(d) if d >= STUCK => {
+            tracing::error!(seconds = d.as_secs(), "readiness: the database has applied nothing while acknowledged events wait");
+            Err(crate::store::StoreError::Db(format!(
+                "the database has applied none of the acknowledged events for {} s; see courier's log",
+                d.as_secs()
+            )))
+        }
+        _ => Ok(()),
+    });
     match probe {
-        Ok(_) if !app.shutdown.is_cancelled() => (StatusCode::OK, Json(json!({"status": "ready"}))),
-        Ok(_) => (
+        Ok(()) if !app.shutdown.is_cancelled() => {
+            (StatusCode::OK, Json(json!({"status": "ready"})))
+        }
+        Ok(()) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "shutting_down"})),
         ),
@@ -39,6 +53,10 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
         ),
     }
 }
+
+/// How long the database may apply nothing while acknowledged events wait before courier is
+/// not ready: as long as a read waits for them before it answers 503.
+const STUCK: std::time::Duration = crate::store::SETTLE_TIMEOUT;
 
 /// The longest a metrics scrape waits for the database to catch up with the journal.
 const METRICS_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);

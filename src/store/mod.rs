@@ -704,6 +704,12 @@ impl Store {
     /// metrics scrape, which must answer while the database is in trouble).
     /// Whether the database already shows every acknowledged event ([`Store::settle`]
     /// would return at once).
+    /// How long acknowledged events have waited for a database that applies none of them
+    /// (`None`: it holds them all, or is moving).
+    pub fn stuck_for(&self) -> Option<std::time::Duration> {
+        self.shared.progress.stuck_for()
+    }
+
     pub fn is_settled(&self) -> bool {
         self.shared.progress.settled()
     }

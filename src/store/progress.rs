@@ -15,6 +15,9 @@ use tokio::sync::watch;
 
 pub(crate) struct Progress {
     journaled: AtomicU64,
+    /// When the database last moved (applied records), or began to have some to apply: how
+    /// long it has been stuck, if records wait ([`Progress::stuck_for`]).
+    moved: Mutex<std::time::Instant>,
     /// The last record applied; the watch also wakes readers waiting for it.
     applied: watch::Sender<u64>,
     checkpointed: Mutex<u64>,
@@ -34,6 +37,7 @@ impl Progress {
     pub(crate) fn new(seq: u64) -> Self {
         Progress {
             journaled: AtomicU64::new(seq),
+            moved: Mutex::new(std::time::Instant::now()),
             applied: watch::Sender::new(seq),
             checkpointed: Mutex::new(seq),
             checkpointed_cv: Condvar::new(),
@@ -43,7 +47,11 @@ impl Progress {
     /// Records up to `seq` are on disk in the journal (called before their producers are
     /// answered).
     pub(crate) fn set_journaled(&self, seq: u64) {
-        self.journaled.store(seq, Ordering::SeqCst);
+        let before = self.journaled.swap(seq, Ordering::SeqCst);
+        if self.applied() >= before {
+            // Nothing waited until now: a wait, if any, starts here.
+            *self.moved.lock().expect("moved lock") = std::time::Instant::now();
+        }
     }
 
     pub(crate) fn applied(&self) -> u64 {
@@ -52,7 +60,17 @@ impl Progress {
 
     /// Records up to `seq` are committed to the database and visible to readers.
     pub(crate) fn set_applied(&self, seq: u64) {
+        *self.moved.lock().expect("moved lock") = std::time::Instant::now();
         self.applied.send_replace(seq);
+    }
+
+    /// How long acknowledged records have waited for a database that applies none of them:
+    /// `None` while it holds everything (or moved just now).
+    pub(crate) fn stuck_for(&self) -> Option<Duration> {
+        if self.settled() {
+            return None;
+        }
+        Some(self.moved.lock().expect("moved lock").elapsed())
     }
 
     /// Records up to `seq` are covered by a durable commit of the database.
@@ -131,6 +149,24 @@ mod tests {
             Err(Unsettled::TimedOut(12)) => {}
             _ => panic!("expected a time-out at record 12"),
         }
+    }
+
+    #[test]
+    fn a_database_that_applies_nothing_while_records_wait_is_stuck_for_that_long() {
+        let p = Progress::new(5);
+        std::thread::sleep(Duration::from_millis(30));
+        // Idle for a while is not stuck: nothing waits.
+        assert_eq!(p.stuck_for(), None);
+        // Records wait: counted from when they began to.
+        p.set_journaled(9);
+        assert!(p.stuck_for().unwrap() < Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(p.stuck_for().unwrap() >= Duration::from_millis(40));
+        // It moves (not yet through): counted from then.
+        p.set_applied(7);
+        assert!(p.stuck_for().unwrap() < Duration::from_millis(40));
+        p.set_applied(9);
+        assert_eq!(p.stuck_for(), None);
     }
 
     #[test]
