@@ -103,7 +103,13 @@ pub fn ensure_key(config: &mut Config, data_dir: &Path) -> std::io::Result<Optio
     let path = data_dir.join(GENERATED_KEY_FILE);
     let (token, created) = match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 16 => (t.trim().to_string(), false),
-        _ => {
+        // A file that cannot be read is not taken for a missing one: replacing it would
+        // lock out whoever holds the key it keeps.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        found => {
+            if found.is_ok() {
+                tracing::warn!(path = %path.display(), "the generated key file holds no usable key (empty or cut short); replacing it with a new key");
+            }
             let bytes: [u8; 24] = rand::random();
             let token = format!("ck_{}", hex::encode(bytes));
             write_private(&path, &token)?;
@@ -127,6 +133,12 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
+    // A file that was there keeps its mode through `open`: made private all the same.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     f.write_all(text.as_bytes())?;
     f.sync_all()
 }
@@ -134,6 +146,32 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key file cut short is replaced by a private one; one that cannot be read is not
+    /// replaced (its key may be in use) but refused.
+    #[cfg(unix)]
+    #[test]
+    fn a_generated_key_file_cut_short_is_replaced_privately_and_an_unreadable_one_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(GENERATED_KEY_FILE);
+        std::fs::write(&path, "short").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut config = Config::defaults();
+        let made = ensure_key(&mut config, dir.path()).unwrap().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), made);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Read again at the next start: the same key.
+        let mut again = Config::defaults();
+        assert_eq!(ensure_key(&mut again, dir.path()).unwrap(), None);
+        assert_eq!(again.keys[0].token, made);
+        // A directory where the file should be cannot be read as one: an error, not a key.
+        let odd = tempfile::tempdir().unwrap();
+        std::fs::create_dir(odd.path().join(GENERATED_KEY_FILE)).unwrap();
+        assert!(ensure_key(&mut Config::defaults(), odd.path()).is_err());
+        assert!(odd.path().join(GENERATED_KEY_FILE).is_dir());
+    }
 
     #[test]
     fn scopes_are_enforced() {
