@@ -209,7 +209,7 @@ impl Metrics {
             );
             r.register(
                 "courier_workflow_upstream_calls",
-                "Upstream calls per workflow and result (ok, error)",
+                "Upstream calls per workflow and result (ok, error): one per channel's call, its retries included, with the last try's result",
                 m.workflow_upstream.clone(),
             );
             r.register(

@@ -372,6 +372,7 @@ async fn patch(
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
     let changes = body_object(&app, &headers, body).await?;
+    let fields: Vec<String> = changes.keys().cloned().collect();
     let _one_change_at_a_time = app.endpoints.changes.lock().await;
     let current = api_endpoint(&app, &name)?;
     if changes
@@ -505,6 +506,8 @@ async fn patch(
         updated_ms: now_ms(),
     };
     save(&app, stored, false).await?;
+    // The fields named, not their values (a URL, a header or a secret may be a credential).
+    tracing::info!(endpoint = %name, fields = %fields.join(","), "endpoint changed through the API");
     Ok(Json(view(
         &listed(&app, &name).ok_or_else(|| not_found(&name))?,
     )))

@@ -136,11 +136,17 @@ async fn metrics(State(app): State<AppState>, headers: axum::http::HeaderMap) ->
                 .set(n as i64);
         }
     }
-    let age = match app.store.oldest_pending_ms() {
-        Ok(Some(created)) => now_ms().saturating_sub(created) as f64 / 1000.0,
-        _ => 0.0,
+    // A failed read leaves the last value: a 0 would clear the very alert it should keep.
+    match app.store.oldest_pending_ms() {
+        Ok(Some(created)) => {
+            m.oldest_pending_age
+                .set(now_ms().saturating_sub(created) as f64 / 1000.0);
+        }
+        Ok(None) => {
+            m.oldest_pending_age.set(0.0);
+        }
+        Err(e) => tracing::error!(error = %e, "metrics: cannot read the oldest pending delivery"),
     };
-    m.oldest_pending_age.set(age);
     m.channel_subscribers.set(app.hub.subscribers() as i64);
     // OpenMetrics to a scraper that asks for it (Prometheus does); the classic Prometheus
     // text format to everyone else, whose parsers may not know OpenMetrics.
