@@ -34,33 +34,38 @@ fn with_headers(rx: &Receiver, headers: &str) -> String {
     )
 }
 
+/// `courier check` on a config whose endpoint has `headers`: whether it passed, and what it
+/// said.
+async fn check_with_headers(rx: &Receiver, headers: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &with_headers(rx, headers));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn courier_check_refuses_a_reserved_header_naming_the_key() {
     let rx = Receiver::start().await;
     for name in RESERVED {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write_config(
-            dir.path(),
-            &with_headers(
-                &rx,
-                &format!("\"x-tenant\" = \"t1\", \"{name}\" = \"mine\""),
-            ),
-        );
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-                .args(["check", "--config"])
-                .arg(&path)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!out.status.success(), "{name}: accepted: {text}");
+        let (ok, text) = check_with_headers(
+            &rx,
+            &format!("\"x-tenant\" = \"t1\", \"{name}\" = \"mine\""),
+        )
+        .await;
+        assert!(!ok, "{name}: accepted: {text}");
         assert!(
             text.contains(&format!("endpoints[0].headers.{name}")),
             "{name}: {text}"
@@ -68,18 +73,8 @@ async fn courier_check_refuses_a_reserved_header_naming_the_key() {
         assert!(text.contains("cannot be overridden"), "{name}: {text}");
     }
     // The same file without the reserved header passes.
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &with_headers(&rx, "\"x-tenant\" = \"t1\""));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text) = check_with_headers(&rx, "\"x-tenant\" = \"t1\"").await;
+    assert!(ok, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,25 +157,12 @@ const FRAMING: &[&str] = &["Transfer-Encoding", "connection", "expect", "te", "U
 async fn framing_headers_are_refused_in_the_config_and_the_api_and_left_out_of_requests() {
     let rx = Receiver::start().await;
     for name in FRAMING {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write_config(
-            dir.path(),
-            &with_headers(
-                &rx,
-                &format!("\"x-tenant\" = \"t1\", \"{name}\" = \"chunked\""),
-            ),
-        );
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-                .args(["check", "--config"])
-                .arg(&path)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "{name}: accepted: {text}");
+        let (ok, text) = check_with_headers(
+            &rx,
+            &format!("\"x-tenant\" = \"t1\", \"{name}\" = \"chunked\""),
+        )
+        .await;
+        assert!(!ok, "{name}: accepted: {text}");
         assert!(
             text.contains(&format!("endpoints[0].headers.{name}"))
                 && text.contains("how the body is framed"),
