@@ -48,7 +48,7 @@ pub struct App {
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// A stable, non-secret id of the key (for scoping idempotency keys).
-    pub key_id: String,
+    pub key_id: std::sync::Arc<str>,
 }
 
 /// Why a request was not authorised.
@@ -87,7 +87,7 @@ pub fn authorize(
         return Err(AuthError::Forbidden(scope.as_str()));
     }
     Ok(Caller {
-        key_id: key_id(&key.token),
+        key_id: key.id.clone(),
     })
 }
 
@@ -116,10 +116,9 @@ pub fn ensure_key(config: &mut Config, data_dir: &Path) -> std::io::Result<Optio
             (token, true)
         }
     };
-    config.keys.push(KeyConfig {
-        token: token.clone(),
-        scopes: Scope::ALL.to_vec(),
-    });
+    config
+        .keys
+        .push(KeyConfig::new(token.clone(), Scope::ALL.to_vec()));
     Ok(created.then_some(token))
 }
 
@@ -176,14 +175,8 @@ mod tests {
     #[test]
     fn scopes_are_enforced() {
         let keys = vec![
-            KeyConfig {
-                token: "ingest-only-token-0001".into(),
-                scopes: vec![Scope::Ingest],
-            },
-            KeyConfig {
-                token: "admin-token-000000001".into(),
-                scopes: vec![Scope::Admin],
-            },
+            KeyConfig::new("ingest-only-token-0001".into(), vec![Scope::Ingest]),
+            KeyConfig::new("admin-token-000000001".into(), vec![Scope::Admin]),
         ];
         assert!(authorize(&keys, Some("ingest-only-token-0001"), Scope::Ingest).is_ok());
         assert_eq!(

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     /// How long a connection may take to send a request's headers (and stay idle between
     /// requests): see [`crate::listener`].
     pub header_timeout: std::time::Duration,
+    /// How long a request's body may take to arrive once its headers have: a body sent a
+    /// byte at a time would otherwise hold its connection and its buffer for good.
+    pub body_timeout: std::time::Duration,
     /// Connections served at once (see [`crate::listener`]); read at start only.
     pub max_connections: usize,
     /// Watch the config and plugin files for changes (SIGHUP reloads either way).
@@ -82,6 +85,16 @@ pub struct ServerConfig {
 pub struct KeyConfig {
     pub token: String,
     pub scopes: Vec<Scope>,
+    /// The key's non-secret id ([`crate::app::key_id`]), worked out once here rather than
+    /// hashed again on every request that presents it.
+    pub id: std::sync::Arc<str>,
+}
+
+impl KeyConfig {
+    pub fn new(token: String, scopes: Vec<Scope>) -> KeyConfig {
+        let id = crate::app::key_id(&token).into();
+        KeyConfig { token, scopes, id }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -204,15 +217,59 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 /// The longest `event_types` pattern: event types themselves are at most 256 characters.
 const MAX_PATTERN: usize = 256;
 
-/// Refuses an `event_types` pattern over [`MAX_PATTERN`] characters. Checked where an
+/// The most `event_types` patterns an endpoint has: each is matched on every ingest.
+pub const MAX_PATTERNS: usize = 100;
+
+/// The most signing secrets an endpoint has, retiring ones included: every attempt is signed
+/// with each of them.
+pub const MAX_SECRETS: usize = 10;
+
+/// The most extra headers an endpoint sends, and the longest value of one.
+pub const MAX_HEADERS: usize = 50;
+pub const MAX_HEADER_VALUE: usize = 8 * 1024;
+
+/// The longest endpoint URL: receivers' servers commonly refuse longer request lines.
+pub const MAX_URL: usize = 8 * 1024;
+
+/// The most transforms in an endpoint's chain.
+pub const MAX_TRANSFORMS: usize = 16;
+
+/// Refuses an endpoint definition past the limits above, or with an `event_types` pattern
+/// over [`MAX_PATTERN`] characters: each is paid for on every ingest or every attempt, and
+/// unbounded they let one definition slow or swell the whole server. Checked where an
 /// endpoint is defined (the config file, the endpoint API), not when a stored one is loaded:
-/// one made before the limit keeps working.
-pub fn check_pattern_lengths(e: &RawEndpoint, key: &str) -> Result<(), ConfigError> {
+/// one made before the limits keeps working.
+pub fn check_limits(e: &RawEndpoint, key: &str) -> Result<(), ConfigError> {
     let pre = if key.is_empty() {
         String::new()
     } else {
         format!("{key}.")
     };
+    let at_most = |field: &str, n: usize, max: usize, what: &str| {
+        if n > max {
+            Err(ConfigError::invalid(
+                format!("{pre}{field}"),
+                format!("at most {max} {what} ({n} given)"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    at_most("url", e.url.len(), MAX_URL, "bytes")?;
+    at_most("secrets", e.secrets.len(), MAX_SECRETS, "secrets")?;
+    at_most(
+        "event_types",
+        e.event_types.as_ref().map_or(0, Vec::len),
+        MAX_PATTERNS,
+        "patterns",
+    )?;
+    at_most("headers", e.headers.len(), MAX_HEADERS, "headers")?;
+    at_most(
+        "transforms",
+        e.transforms.len(),
+        MAX_TRANSFORMS,
+        "transforms",
+    )?;
     for (j, t) in e.event_types.iter().flatten().enumerate() {
         if t.len() > MAX_PATTERN {
             return Err(ConfigError::invalid(
@@ -220,6 +277,9 @@ pub fn check_pattern_lengths(e: &RawEndpoint, key: &str) -> Result<(), ConfigErr
                 format!("a pattern is at most {MAX_PATTERN} characters"),
             ));
         }
+    }
+    for (h, v) in &e.headers {
+        at_most(&format!("headers.{h}"), v.len(), MAX_HEADER_VALUE, "bytes")?;
     }
     Ok(())
 }
@@ -296,6 +356,7 @@ struct RawServer {
     public_url: Option<String>,
     max_body_bytes: Option<u64>,
     header_timeout: Option<String>,
+    body_timeout: Option<String>,
     max_connections: Option<u64>,
     watch: Option<bool>,
     quick_repair: Option<bool>,
@@ -551,6 +612,8 @@ impl Config {
             max_body_bytes: max_body_bytes as usize,
             header_timeout: positive_duration(s.header_timeout, "server.header_timeout")?
                 .unwrap_or(crate::listener::HEADER_TIMEOUT),
+            body_timeout: positive_duration(s.body_timeout, "server.body_timeout")?
+                .unwrap_or(crate::api::BODY_TIMEOUT),
             max_connections: match s.max_connections {
                 None => crate::listener::MAX_CONNECTIONS,
                 Some(n @ 1..=1_000_000) => n as usize,
@@ -600,10 +663,7 @@ impl Config {
                     )
                 })?);
             }
-            keys.push(KeyConfig {
-                token: k.token,
-                scopes,
-            });
+            keys.push(KeyConfig::new(k.token, scopes));
         }
 
         let d = raw.delivery;
@@ -739,7 +799,7 @@ impl Config {
                     format!("duplicate endpoint name `{}`", e.name),
                 ));
             }
-            check_pattern_lengths(&e, &key)?;
+            check_limits(&e, &key)?;
             check_header_names(&e.headers, &format!("{key}.headers"))?;
             endpoints.push(build_endpoint(e, &key, &delivery, &plugins)?);
         }
@@ -1321,6 +1381,35 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/courier"), None, "test.toml")
+    }
+
+    /// The endpoint limits hold in the config file as in the endpoint API.
+    #[test]
+    fn a_config_endpoint_past_the_limits_is_refused_naming_the_key() {
+        let secret = "\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"";
+        let secrets = [secret; 11].join(", ");
+        let e = parse(&format!(
+            "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nsecrets = [{secrets}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("endpoints[0].secrets") && e.contains("at most 10"),
+            "{e}"
+        );
+        let patterns = (0..101)
+            .map(|i| format!("\"t.{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let e = parse(&format!(
+            "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nevent_types = [{patterns}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("endpoints[0].event_types") && e.contains("at most 100"),
+            "{e}"
+        );
     }
 
     /// A value of the wrong type is named by its key, never shown: it may be a secret

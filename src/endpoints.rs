@@ -499,7 +499,7 @@ mod tests {
             "name": "old", "url": "https://example.com/", "event_types": [long.clone()],
         }))
         .unwrap();
-        assert!(crate::config::check_pattern_lengths(&spec, "").is_err());
+        assert!(crate::config::check_limits(&spec, "").is_err());
         let stored = StoredEndpoint {
             spec,
             tenant: None,

@@ -124,7 +124,7 @@ pub async fn ingest(
             // A producer retrying a request that was accepted gets its first answer even
             // if the endpoint has gone since: otherwise it could not learn the event's fate.
             let key = req.idempotency_key.map(|key| IdempotencyKey {
-                key_id: caller.key_id.clone(),
+                key_id: caller.key_id.to_string(),
                 key,
             });
             if let Some(body) = key
@@ -186,7 +186,7 @@ pub async fn ingest(
         },
         deliveries,
         idempotency: req.idempotency_key.map(|key| IdempotencyKey {
-            key_id: caller.key_id.clone(),
+            key_id: caller.key_id.to_string(),
             key,
         }),
         reply: if has_idempotency_key {

@@ -31,6 +31,60 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// allows (the example unit: 65,536), so that deliveries and the database always have theirs.
 pub const MAX_CONNECTIONS: usize = 10_000;
 
+/// How many connections the kernel may hold ready for the accept loop (capped by the
+/// system's `net.core.somaxconn`): a crowd of producers connecting at once, or connections
+/// waiting for a slot under `server.max_connections`, wait there instead of having their
+/// connection attempts dropped and retried seconds later.
+const BACKLOG: u32 = 4096;
+
+/// Binds the API's listening socket.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's and tokio's own bind do: a restart can listen again at once on the port of
+    // the courier before it, whose connections may linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Raises this process's soft limit on open files to its hard limit (as a server should, and
+/// as Go's runtime does for its programs); the soft limit now in force, if it can be read.
+pub fn raise_open_files() -> Option<u64> {
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // Refused (an unlimited hard limit is beyond the kernel's own cap): as it was.
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Some(lim.rlim_max);
+            }
+        }
+        Some(lim.rlim_cur)
+    }
+}
+
+/// How many connections (and, counted apart, as many channel WebSockets) fit under an
+/// open-file limit of `open_files` with room left for what deliveries, the database, the
+/// journal and the watchers need: a quarter of the limit, at least 256.
+pub fn connections_within(open_files: u64) -> usize {
+    let reserve = (open_files / 4).max(256);
+    (open_files.saturating_sub(reserve) / 2).max(1) as usize
+}
+
 /// The most a connection's read buffer holds, which bounds a request's headers (a larger
 /// head is answered `431`; what one read brings in may go somewhat past it, so the bound
 /// is on memory rather than exact); bodies stream through it whatever their size.

@@ -126,8 +126,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         anyhow::bail!("{}", errors.join("\n"));
     }
     metrics.register_store(&store);
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
+    let listener = crate::listener::bind(config.server.listen)
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     config.resolve_public_url(addr);
@@ -136,7 +135,22 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     {
         tracing::warn!(public_url = %config.server.public_url, "server.public_url is not set and courier listens on every address: callback URLs will not reach it; set public_url");
     }
-    let max_connections = config.server.max_connections;
+    // Idle connections must not take the file descriptors deliveries need: under a low
+    // open-file limit, fewer connections are served than `server.max_connections` says (the
+    // configuration keeps its value: a reload compares with it).
+    let mut max_connections = config.server.max_connections;
+    if let Some(open_files) = crate::listener::raise_open_files() {
+        let fit = crate::listener::connections_within(open_files);
+        if fit < max_connections {
+            tracing::warn!(
+                open_files,
+                max_connections = config.server.max_connections,
+                serving = fit,
+                "the open-file limit is too low for server.max_connections (two descriptors per connection, with a WebSocket each, and room for deliveries): serving fewer; raise the limit (LimitNOFILE, ulimit -n) or lower max_connections"
+            );
+            max_connections = fit;
+        }
+    }
     let app = Arc::new(App {
         client: ArcSwap::from_pointee(client::build(config.delivery.allow_private_networks)),
         reload_status: std::sync::Mutex::new(crate::reload::initial_status(&config)),
@@ -175,7 +189,6 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         let stop = app2.shutdown.clone();
         let drain = stop.clone();
         let app3 = app2.clone();
-        let max_connections = app2.config.load().server.max_connections;
         // Requests under way when shutdown starts may finish, for a while: a client that
         // stops sending halfway through its body would otherwise hold courier up for good.
         tokio::select! {

@@ -51,8 +51,8 @@ async fn open(
     body: Body,
 ) -> Result<Response, ApiError> {
     require(&app, &headers, Scope::Ingest)?;
-    let limit = app.config.load().server.max_body_bytes;
-    let bytes = super::read_body(body, &headers, limit).await?;
+    let (limit, timeout) = super::body_limits(&app);
+    let bytes = super::read_body(body, &headers, limit, timeout).await?;
     let (workflow, request) = workflows::split_request(&bytes)?;
     let ch = workflows::open(&app, &workflow, request).await?;
     Ok((

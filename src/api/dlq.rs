@@ -61,7 +61,8 @@ async fn replay(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     require(&app, &headers, Scope::Admin)?;
     let mut f: ReplayFilter = super::query(q.as_deref())?;
-    let bytes = read_body(body, &headers, 64 * 1024).await?;
+    let (_, timeout) = super::body_limits(&app);
+    let bytes = read_body(body, &headers, 64 * 1024, timeout).await?;
     if !bytes.iter().all(u8::is_ascii_whitespace) {
         let b: ReplayFilter = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("malformed filter: {e}")))?;

@@ -223,7 +223,7 @@ fn parse_spec(
             err.with_field(field)
         }
     })?;
-    crate::config::check_pattern_lengths(&spec, "").map_err(invalid)?;
+    crate::config::check_limits(&spec, "").map_err(invalid)?;
     Ok((spec, tenant, description))
 }
 
@@ -718,6 +718,21 @@ async fn rotate(
     stored
         .retiring
         .retain(|(_, u)| *u > now && !grace.is_zero());
+    // Every attempt is signed with each secret still valid: rotations in quick succession
+    // must not pile them up without bound.
+    let kept = stored.retiring.len() + stored.spec.secrets.len();
+    if !grace.is_zero() && kept + 1 > crate::config::MAX_SECRETS {
+        let first_free = stored.retiring.iter().map(|(_, u)| *u).min().unwrap_or(now);
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_many_secrets",
+            format!(
+                "{kept} secrets are still valid (at most {} at once): rotate with a grace of 0s, or after {}",
+                crate::config::MAX_SECRETS,
+                rfc3339(first_free)
+            ),
+        ));
+    }
     for (_, u) in &mut stored.retiring {
         *u = (*u).min(until);
     }

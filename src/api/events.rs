@@ -34,18 +34,21 @@ struct EventBody<'a> {
 
 async fn post_event(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let caller = require(&app, &headers, Scope::Ingest)?;
-    let bytes = read_ingest(&app, &headers, body).await?;
+    // The request's own headers, not a copy (the `HeaderMap` extractor clones them): this
+    // route is on every producer's round trip.
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let caller = require(&app, headers, Scope::Ingest)?;
+    let bytes = read_ingest(&app, headers, body).await?;
     let parsed: EventBody = serde_json::from_slice(&bytes).map_err(|e| {
         observe::ingest_rejected(&app.metrics, "malformed");
         ApiError::bad_request(format!("malformed event: {e}"))
     })?;
     let idempotency_key = match parsed.idempotency_key {
         Some(key) => Some(key),
-        None => idempotency_header(&app, &headers)?,
+        None => idempotency_header(&app, headers)?,
     };
     let req = IngestRequest {
         event_type: parsed.event_type,
@@ -140,12 +143,14 @@ async fn read_ingest(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<bytes::Bytes, ApiError> {
-    let limit = app.config.load().server.max_body_bytes;
-    read_body(body, headers, limit).await.inspect_err(|e| {
-        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-            observe::ingest_rejected(&app.metrics, "too_large");
-        }
-    })
+    let (limit, timeout) = super::body_limits(app);
+    read_body(body, headers, limit, timeout)
+        .await
+        .inspect_err(|e| {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                observe::ingest_rejected(&app.metrics, "too_large");
+            }
+        })
 }
 
 /// Header `name` as text (UTF-8: a content type's parameters may hold any), if present. One

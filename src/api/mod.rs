@@ -297,11 +297,23 @@ pub fn require(app: &App, headers: &HeaderMap, scope: Scope) -> Result<Caller, A
     Ok(crate::app::authorize(&config.keys, bearer(headers), scope)?)
 }
 
-/// Reads a request body of at most `limit` bytes; a larger one is a 413 and is not buffered.
+/// `server.max_body_bytes` and `server.body_timeout` as they are now (copied out: no
+/// configuration guard is held across a body's read).
+pub fn body_limits(app: &App) -> (usize, std::time::Duration) {
+    let config = app.config.load();
+    (config.server.max_body_bytes, config.server.body_timeout)
+}
+
+/// How long a request body may take to arrive by default (`server.body_timeout`).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads a request body of at most `limit` bytes within `timeout`: a larger one is a 413 and
+/// is not buffered; one that does not arrive in time is a 408.
 pub async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
+    timeout: std::time::Duration,
 ) -> Result<bytes::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -318,7 +330,19 @@ pub async fn read_body(
     {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within server.body_timeout ({} s)",
+                    timeout.as_secs()
+                ),
+            )
+        })?;
+    read.map_err(|e| {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if s.is::<http_body_util::LengthLimitError>() {
@@ -336,8 +360,8 @@ pub async fn read_json(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Option<serde_json::Value>, ApiError> {
-    let limit = app.config.load().server.max_body_bytes;
-    let bytes = read_body(body, headers, limit).await?;
+    let (limit, timeout) = body_limits(app);
+    let bytes = read_body(body, headers, limit, timeout).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

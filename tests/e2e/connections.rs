@@ -172,3 +172,113 @@ async fn channel_sockets_count_against_max_connections_once_upgraded() {
     }
     running.shutdown().await;
 }
+
+/// A request whose body does not arrive within `server.body_timeout` is answered 408 and
+/// nothing of it is kept; one that arrives in time is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_is_a_408() {
+    let (_dir, running) = with_server("body_timeout = \"1s\"", "").await;
+    let addr = running.addr;
+    tokio::task::spawn_blocking(move || {
+        let body = r#"{"event_type": "t", "payload": {"n": 1}}"#;
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        // Half the body, then nothing.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        let sent = Instant::now();
+        slow.write_all(head.as_bytes()).unwrap();
+        slow.write_all(&body.as_bytes()[..10]).unwrap();
+        let (got, _) = read_until_closed(&mut slow, Duration::from_secs(20));
+        assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+        assert!(got.contains("body_timeout"), "{got}");
+        assert!(sent.elapsed() >= Duration::from_millis(900));
+        // The whole body in time: accepted.
+        let mut whole = TcpStream::connect(addr).unwrap();
+        whole.write_all(head.as_bytes()).unwrap();
+        whole.write_all(body.as_bytes()).unwrap();
+        let mut buf = [0u8; 1024];
+        let n = whole.read(&mut buf).unwrap();
+        let got = String::from_utf8_lossy(&buf[..n]);
+        assert!(got.starts_with("HTTP/1.1 202"), "{got}");
+    })
+    .await
+    .unwrap();
+    // Only the event whose body arrived was taken.
+    let m = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("courier_events_ingested_total 1"), "{m}");
+    running.shutdown().await;
+}
+
+/// Under an open-file limit too low for `server.max_connections`, courier serves fewer
+/// connections: a crowd of idle ones cannot take the descriptors a delivery needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_take_the_descriptors_deliveries_need() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = base_config(
+        &dir.path().join("data"),
+        &format!(
+            "{DELIVERY_FAST}{}",
+            endpoint("app", &rx.url("/"), "schedule = [\"3s\"]")
+        ),
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let path = dir.path().join("courier.toml");
+    std::fs::write(&path, text).unwrap();
+    // A hard limit of 600 open files: 172 connections fit beside the room kept for the rest.
+    let mut child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 600 && exec {} serve --config {}",
+            env!("CARGO_BIN_EXE_courier"),
+            path.display()
+        ))
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/readyz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "courier did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An event whose first attempt is due in 3 s, then 700 idle connections.
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(ADMIN)
+        .body(r#"{"event_type": "t", "payload": {"n": 1}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let idle: Vec<TcpStream> = (0..700)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // The delivery still goes out.
+    let got = rx.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].json()["n"], 1);
+    drop(idle);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("open-file limit is too low"), "{log}");
+    assert!(!log.contains("Too many open files"), "{log}");
+}

@@ -1663,3 +1663,95 @@ async fn a_bulk_replay_under_way_sends_nothing_to_an_endpoint_made_again_meanwhi
     assert_eq!(pending["data"], json!([]), "{counts}");
     c.stop().await;
 }
+
+/// An endpoint definition past the limits is refused naming the field, and nothing is
+/// written: each secret signs every attempt, each pattern is matched on every ingest.
+#[tokio::test]
+async fn an_endpoint_past_the_limits_is_refused_naming_the_field() {
+    use reqwest::Method as M;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let url = "http://127.0.0.1:9/h".to_string();
+    let secrets: Vec<String> = (0..11)
+        .map(|_| courier::deliver::sign::generate_secret())
+        .collect();
+    let patterns: Vec<String> = (0..101).map(|i| format!("t.{i}")).collect();
+    let headers: serde_json::Map<String, Value> =
+        (0..51).map(|i| (format!("x-h{i}"), json!("v"))).collect();
+    let long_url = format!("http://127.0.0.1:9/{}", "a".repeat(8 * 1024));
+    for (body, field) in [
+        (
+            json!({"name": "big", "url": url, "secrets": secrets}),
+            "secrets",
+        ),
+        (
+            json!({"name": "big", "url": url, "event_types": patterns}),
+            "event_types",
+        ),
+        (
+            json!({"name": "big", "url": url, "headers": headers}),
+            "headers",
+        ),
+        (json!({"name": "big", "url": long_url}), "url"),
+        (
+            json!({"name": "big", "url": url, "headers": {"x-big": "v".repeat(8 * 1024 + 1)}}),
+            "headers",
+        ),
+    ] {
+        let (s, e) = req(&c, M::POST, "/v1/endpoints", Some(body)).await;
+        assert_eq!(s, 422, "{field}: {e}");
+        assert_eq!(e["error"]["field"], field, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("at most"),
+            "{e}"
+        );
+        assert_eq!(req(&c, M::GET, "/v1/endpoints/big", None).await.0, 404);
+    }
+    // At the limits, it is made.
+    let (s, e) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "big", "url": url, "secrets": secrets[..10], "event_types": patterns[..100]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{e}");
+    c.stop().await;
+}
+
+/// Rotations with a grace keep the old secrets valid for a while; they cannot pile up past
+/// the limit (every attempt is signed with each), while one with no grace always can.
+#[tokio::test]
+async fn rotations_cannot_pile_up_more_secrets_than_the_limit() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    assert_eq!(create_shared(&c, rx.url("/")).await.0, 201);
+    let rotate = |grace: &'static str| {
+        req(
+            &c,
+            M::POST,
+            "/v1/endpoints/shared/secret/rotate",
+            Some(json!({"grace": grace})),
+        )
+    };
+    // One secret and nine retiring: ten valid at once.
+    for _ in 0..9 {
+        let (s, r) = rotate("1h").await;
+        assert_eq!(s, 200, "{r}");
+    }
+    let (s, e) = rotate("1h").await;
+    assert_eq!(s, 409, "{e}");
+    assert_eq!(e["error"]["code"], "too_many_secrets", "{e}");
+    // Deliveries carry the ten signatures.
+    send_to(&c, "shared", 1).await;
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(sig_count(&got[0]), 10);
+    // A rotation with no grace (after a leak) drops them all.
+    let (s, r) = rotate("0s").await;
+    assert_eq!(s, 200, "{r}");
+    send_to(&c, "shared", 2).await;
+    let got = rx.wait_for(2, T).await;
+    let last = got.iter().find(|r| r.json()["n"] == 2).unwrap();
+    assert_eq!(sig_count(last), 1);
+    c.stop().await;
+}
