@@ -38,6 +38,9 @@ pub struct App {
     /// Channel sockets open at once, at most `server.max_connections` (an upgraded socket
     /// leaves the listener's count, so it is counted here).
     pub sockets: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Delivery attempts in flight across all endpoints (`delivery.max_attempts_in_flight`,
+    /// fewer under a low open-file limit): an attempt waits for one before it sends.
+    pub attempts: std::sync::Arc<tokio::sync::Semaphore>,
     /// Cancelled on SIGINT/SIGTERM: stop taking work, let in-flight attempts finish.
     pub shutdown: CancellationToken,
     /// Every worker and attempt task, so shutdown can wait for them.

@@ -109,6 +109,10 @@ pub struct DeliveryConfig {
     pub circuit_failures: u32,
     /// While the circuit is open, one probe attempt at most this often.
     pub circuit_probe_interval: Duration,
+    /// Attempts in flight across all endpoints (each endpoint's `max_in_flight` bounds its
+    /// own): one event fanned out to thousands of endpoints must not open thousands of
+    /// sockets at once. Read at start only.
+    pub max_attempts_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,6 +384,7 @@ struct RawDelivery {
     retention: Option<String>,
     circuit_failures: Option<u32>,
     circuit_probe_interval: Option<String>,
+    max_attempts_in_flight: Option<u64>,
 }
 
 /// One `[[endpoints]]` entry as written (also the body of the endpoint API).
@@ -711,6 +716,16 @@ impl Config {
                 "delivery.circuit_probe_interval",
             )?
             .unwrap_or(Duration::from_secs(30)),
+            max_attempts_in_flight: match d.max_attempts_in_flight {
+                None => 4096,
+                Some(n @ 1..=100_000) => n as usize,
+                Some(_) => {
+                    return Err(ConfigError::invalid(
+                        "delivery.max_attempts_in_flight",
+                        "must be between 1 and 100000",
+                    ));
+                }
+            },
         };
         if delivery.timeout.is_zero() {
             return Err(ConfigError::invalid(

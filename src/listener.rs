@@ -85,6 +85,13 @@ pub fn connections_within(open_files: u64) -> usize {
     (open_files.saturating_sub(reserve) / 2).max(1) as usize
 }
 
+/// How many delivery attempts (a socket each) fit in the room [`connections_within`] leaves
+/// under an open-file limit of `open_files`, beside the database, the journal and the
+/// watchers: half of it.
+pub fn attempts_within(open_files: u64) -> usize {
+    ((open_files / 4).max(256) / 2) as usize
+}
+
 /// The most a connection's read buffer holds, which bounds a request's headers (a larger
 /// head is answered `431`; what one read brings in may go somewhat past it, so the bound
 /// is on memory rather than exact); bodies stream through it whatever their size.

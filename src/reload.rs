@@ -329,6 +329,12 @@ fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
         &o.max_connections,
         &mut restart_needed,
     );
+    keep_running(
+        "delivery.max_attempts_in_flight",
+        &mut new.delivery.max_attempts_in_flight,
+        &old.delivery.max_attempts_in_flight,
+        &mut restart_needed,
+    );
     new.resolve_public_url(app.addr);
     if new.keys.is_empty() {
         let path = old.server.data_dir.join(app::GENERATED_KEY_FILE);

@@ -491,12 +491,28 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                             let may_wait = ep.ordering != Ordering::Fifo
                                 && in_flight.len() * 2 <= ep.max_in_flight;
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
-                            let started_ms = now_ms();
                             let url = ep.url.clone();
                             app.tasks.spawn(async move {
                                 use futures_util::FutureExt;
                                 let id = d.id.clone();
                                 let due = d.next_due_ms;
+                                // One of the attempts all endpoints may have in flight at
+                                // once; at shutdown, one still waiting is not made.
+                                let permit = tokio::select! {
+                                    p = app2.attempts.clone().acquire_owned() => p.ok(),
+                                    _ = app2.shutdown.cancelled() => None,
+                                };
+                                let started_ms = now_ms();
+                                let Some(_permit) = permit else {
+                                    let _ = tx.send(Done {
+                                        id,
+                                        success: None,
+                                        started_ms,
+                                        url,
+                                        again_ms: due,
+                                    });
+                                    return;
+                                };
                                 // A panic must not leave the delivery in flight for good: it
                                 // is logged and the delivery held back, then tried again.
                                 let attempt =

@@ -139,7 +139,18 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     // open-file limit, fewer connections are served than `server.max_connections` says (the
     // configuration keeps its value: a reload compares with it).
     let mut max_connections = config.server.max_connections;
+    let mut max_attempts = config.delivery.max_attempts_in_flight;
     if let Some(open_files) = crate::listener::raise_open_files() {
+        let attempts_fit = crate::listener::attempts_within(open_files);
+        if attempts_fit < max_attempts {
+            tracing::warn!(
+                open_files,
+                max_attempts_in_flight = max_attempts,
+                attempting = attempts_fit,
+                "the open-file limit is too low for delivery.max_attempts_in_flight: fewer attempts run at once; raise the limit (LimitNOFILE, ulimit -n)"
+            );
+            max_attempts = attempts_fit;
+        }
         let fit = crate::listener::connections_within(open_files);
         if fit < max_connections {
             tracing::warn!(
@@ -163,6 +174,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         workflows: Default::default(),
         hub: Default::default(),
         sockets: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        attempts: Arc::new(tokio::sync::Semaphore::new(max_attempts)),
         scheduler: Scheduler::default(),
         endpoints: Default::default(),
         shutdown: CancellationToken::new(),

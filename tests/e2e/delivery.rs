@@ -549,3 +549,30 @@ async fn a_receiver_that_stalls_after_its_status_does_not_hold_the_attempt_until
     server.abort();
     c.stop().await;
 }
+
+/// One event fanned out to many endpoints makes at most `delivery.max_attempts_in_flight`
+/// attempts at once (each endpoint's own cap is far above it here), and every delivery
+/// still goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_across_endpoints_are_capped_by_max_attempts_in_flight() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::status(200).delay(Duration::from_millis(300)));
+    let endpoints: String = (0..30)
+        .map(|i| endpoint(&format!("e{i}"), &rx.url(&format!("/{i}")), ""))
+        .collect();
+    let c = Courier::start(&format!(
+        "{}max_attempts_in_flight = 5\n{endpoints}",
+        DELIVERY_FAST
+    ))
+    .await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    assert_eq!(r["deliveries"].as_array().unwrap().len(), 30);
+    rx.wait_for(30, Duration::from_secs(30)).await;
+    assert!(rx.max_concurrent() <= 5, "{} at once", rx.max_concurrent());
+    assert!(rx.max_concurrent() >= 2, "{} at once", rx.max_concurrent());
+    for d in r["deliveries"].as_array().unwrap() {
+        c.wait_status(d["id"].as_str().unwrap(), "delivered", T)
+            .await;
+    }
+    c.stop().await;
+}
