@@ -5,7 +5,7 @@
 //! durable history lives in the store, so a late or lagging subscriber catches up from there.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use tokio::sync::broadcast;
 
@@ -14,7 +14,9 @@ use tokio::sync::broadcast;
 #[derive(Debug, Clone)]
 pub struct Published {
     pub seq: usize,
-    pub text: Arc<str>,
+    /// Shared by every subscriber's send (a copy each would multiply a large AI answer by
+    /// the subscribers waiting for it).
+    pub text: axum::extract::ws::Utf8Bytes,
     pub last: bool,
 }
 

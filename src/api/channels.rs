@@ -335,7 +335,7 @@ async fn stream(
                 Ok(p) if p.seq == next => {
                     next = p.seq + 1;
                     done = p.last;
-                    if !send(&mut socket, Message::Text(p.text.to_string().into())).await {
+                    if !send(&mut socket, Message::Text(p.text.clone())).await {
                         break;
                     }
                 }
