@@ -79,17 +79,22 @@ pub fn raise_open_files() -> Option<u64> {
 
 /// How many connections (and, counted apart, as many channel WebSockets) fit under an
 /// open-file limit of `open_files` with room left for what deliveries, the database, the
-/// journal and the watchers need: a quarter of the limit, at least 256.
+/// journal and the watchers need: [`reserve`].
 pub fn connections_within(open_files: u64) -> usize {
-    let reserve = (open_files / 4).max(256);
-    (open_files.saturating_sub(reserve) / 2).max(1) as usize
+    (open_files.saturating_sub(reserve(open_files)) / 2).max(1) as usize
+}
+
+/// The open files kept from connections: a quarter of the limit, at least 256 but never more
+/// than half (a limit of 256, some systems' default, still serves 64 connections).
+fn reserve(open_files: u64) -> u64 {
+    (open_files / 4).max(256).min(open_files / 2)
 }
 
 /// How many delivery attempts (a socket each) fit in the room [`connections_within`] leaves
 /// under an open-file limit of `open_files`, beside the database, the journal and the
 /// watchers: half of it.
 pub fn attempts_within(open_files: u64) -> usize {
-    ((open_files / 4).max(256) / 2) as usize
+    (reserve(open_files) / 2).max(1) as usize
 }
 
 /// The most a connection's read buffer holds, which bounds a request's headers (a larger
@@ -157,4 +162,23 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_and_attempts_leave_room_under_the_open_file_limit() {
+        for (limit, connections, attempts) in [
+            (256, 64, 64),
+            (600, 172, 128),
+            (1024, 384, 128),
+            (65_536, 24_576, 8_192),
+        ] {
+            assert_eq!(connections_within(limit), connections, "{limit}");
+            assert_eq!(attempts_within(limit), attempts, "{limit}");
+            assert!(2 * connections as u64 + attempts as u64 <= limit, "{limit}");
+        }
+    }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::app::App;
 use crate::config::{EndpointConfig, Ordering};
-use crate::model::{Attempt, Delivery, now_ms, rfc3339};
+use crate::model::{Attempt, Delivery, DeliveryStatus, now_ms, rfc3339};
 use crate::plugins::{AttemptInfo, BackoffDecision, TransformContext, Transformed};
 use crate::store::{Decided, Next, OutcomeRecord};
 use crate::{deliver, observe, outcome};
@@ -491,25 +491,33 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                             let may_wait = ep.ordering != Ordering::Fifo
                                 && in_flight.len() * 2 <= ep.max_in_flight;
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
+                            let started_ms = now_ms();
                             let url = ep.url.clone();
                             app.tasks.spawn(async move {
                                 use futures_util::FutureExt;
                                 let id = d.id.clone();
                                 let due = d.next_due_ms;
                                 // One of the attempts all endpoints may have in flight at
-                                // once; at shutdown, one still waiting is not made.
-                                let permit = tokio::select! {
-                                    p = app2.attempts.clone().acquire_owned() => p.ok(),
-                                    _ = app2.shutdown.cancelled() => None,
+                                // once. One that had to wait for it sends only if what it
+                                // was picked with still holds; otherwise (or at shutdown) it
+                                // hands the delivery back to the worker, which looks again.
+                                let permit = match app2.attempts.clone().try_acquire_owned() {
+                                    Ok(p) => Some(p),
+                                    Err(_) => {
+                                        let waited = tokio::select! {
+                                            p = app2.attempts.clone().acquire_owned() => p.ok(),
+                                            _ = app2.shutdown.cancelled() => None,
+                                        };
+                                        waited.filter(|_| still_as_picked(&app2, &ep2, &d))
+                                    }
                                 };
-                                let started_ms = now_ms();
                                 let Some(_permit) = permit else {
                                     let _ = tx.send(Done {
                                         id,
                                         success: None,
                                         started_ms,
                                         url,
-                                        again_ms: due,
+                                        again_ms: Some(now_ms()),
                                     });
                                     return;
                                 };
@@ -622,6 +630,21 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// Whether an attempt picked with endpoint `ep` and delivery `d` may still be made after a
+/// wait: the endpoint is the same definition and not paused, and the delivery is the same
+/// pending version (not dropped, replayed or attempted meanwhile).
+fn still_as_picked(app: &App, ep: &Arc<EndpointConfig>, d: &Delivery) -> bool {
+    let same_endpoint = app
+        .endpoints
+        .get(&ep.name)
+        .is_some_and(|now| Arc::ptr_eq(&now, ep) && !now.paused);
+    same_endpoint
+        && matches!(
+            app.store.delivery(&d.id),
+            Ok(Some(now)) if now.status == DeliveryStatus::Pending && now.updated_ms == d.updated_ms
+        )
 }
 
 /// Makes one attempt of `d` and records it. Returns whether the endpoint answered 2xx

@@ -155,12 +155,18 @@ pub async fn send(
         Err(e) => {
             // Described without the URL: its path and query may be the credential (a chat
             // service's webhook URL), and the detail goes to the log and the audit trail.
-            return AttemptResult::failed(
+            let class = client::classify(&e);
+            let failed = AttemptResult::failed(
                 started,
                 started_ms,
-                client::classify(&e),
+                class,
                 client::describe(&e.without_url()),
             );
+            // A name the SSRF guard refused in the resolver made no request either.
+            return AttemptResult {
+                measured: class != "ssrf_blocked",
+                ..failed
+            };
         }
     };
     let status = response.status().as_u16();

@@ -576,3 +576,49 @@ async fn attempts_across_endpoints_are_capped_by_max_attempts_in_flight() {
     }
     c.stop().await;
 }
+
+/// An attempt that waited for one of the process-wide slots is made only if what it was
+/// picked with still holds: an endpoint paused meanwhile sends nothing until resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_waited_for_a_slot_respects_a_pause_made_meanwhile() {
+    let (slow, rx) = (Receiver::start().await, Receiver::start().await);
+    slow.set_default(Reply::status(200).delay(Duration::from_secs(2)));
+    let c = Courier::start(&format!(
+        "{}max_attempts_in_flight = 1\n{}{}",
+        DELIVERY_FAST,
+        endpoint("slow", &slow.url("/"), ""),
+        endpoint("b", &rx.url("/"), "")
+    ))
+    .await;
+    c.send(json!({"event_type": "t", "payload": {}, "endpoint": "slow"}))
+        .await;
+    slow.wait_for(1, T).await; // the only slot is taken for 2 s
+    let r = c
+        .send(json!({"event_type": "t", "payload": {"n": 1}, "endpoint": "b"}))
+        .await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap().to_string();
+    let (s, p) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/endpoints/b/pause",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    // The slot frees; nothing goes to the paused endpoint.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(rx.received().is_empty(), "sent to a paused endpoint");
+    let (s, p) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/endpoints/b/resume",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    c.wait_status(&id, "delivered", T).await;
+    assert_eq!(rx.received().len(), 1);
+    c.stop().await;
+}

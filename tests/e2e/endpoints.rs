@@ -961,11 +961,9 @@ async fn attempts_a_deleted_endpoint_had_in_flight_do_not_count_against_one_made
         assert_eq!(d["status"], "dropped", "{d:#}");
         assert_eq!(d["attempts"][0]["outcome"], "superseded", "{d:#}");
     }
-    let m = c.text("/metrics").await;
-    assert!(
-        m.contains("courier_attempts_total{endpoint=\"shared\",outcome=\"superseded\"} 4"),
-        "{m}"
-    );
+    let m = c
+        .metrics_with("courier_attempts_total{endpoint=\"shared\",outcome=\"superseded\"} 4")
+        .await;
     assert!(
         !m.contains("courier_attempts_total{endpoint=\"shared\",outcome=\"retry\"}"),
         "{m}"

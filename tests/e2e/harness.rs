@@ -378,6 +378,20 @@ impl Courier {
             .unwrap()
     }
 
+    /// Scrapes `/metrics` until it holds `line` (an attempt is counted just after its outcome
+    /// is on disk, so a moment after the API shows it); the scrape.
+    pub async fn metrics_with(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.text("/metrics").await;
+            if m.lines().any(|l| l == line) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "never `{line}`: {m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends an event and returns its reply (asserting 202).
     pub async fn send(&self, body: Value) -> Value {
         let (status, reply) = self.post_json("/v1/events", &body).await;
