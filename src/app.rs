@@ -41,6 +41,8 @@ pub struct App {
     /// Delivery attempts in flight across all endpoints (`delivery.max_attempts_in_flight`,
     /// fewer under a low open-file limit): an attempt waits for one before it sends.
     pub attempts: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How many slots `attempts` has in all.
+    pub attempt_slots: usize,
     /// Cancelled on SIGINT/SIGTERM: stop taking work, let in-flight attempts finish.
     pub shutdown: CancellationToken,
     /// Every worker and attempt task, so shutdown can wait for them.

@@ -396,10 +396,13 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
         let now = now_ms();
         let mut wake: Option<u64> = None;
         if !stopping {
+            // No endpoint holds more than half of the slots all endpoints share: one slow
+            // receiver with a large `max_in_flight` cannot keep every other endpoint waiting.
+            let own_cap = ep.max_in_flight.min((app.attempt_slots / 2).max(1));
             let mut capacity = if ep.paused {
                 0
             } else {
-                ep.max_in_flight.saturating_sub(in_flight.len())
+                own_cap.saturating_sub(in_flight.len())
             };
             let health = app.scheduler.health_at(&app, &name, &ep.url);
             if health.circuit_open {
@@ -488,8 +491,8 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                             // durable commit: not when this worker's next attempts wait for
                             // it — a FIFO endpoint's next delivery, or the slots of an
                             // endpoint running near its in-flight cap.
-                            let may_wait = ep.ordering != Ordering::Fifo
-                                && in_flight.len() * 2 <= ep.max_in_flight;
+                            let may_wait =
+                                ep.ordering != Ordering::Fifo && in_flight.len() * 2 <= own_cap;
                             let (app2, ep2, tx) = (app.clone(), ep.clone(), done_tx.clone());
                             let started_ms = now_ms();
                             let url = ep.url.clone();

@@ -175,6 +175,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         hub: Default::default(),
         sockets: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         attempts: Arc::new(tokio::sync::Semaphore::new(max_attempts)),
+        attempt_slots: max_attempts,
         scheduler: Scheduler::default(),
         endpoints: Default::default(),
         shutdown: CancellationToken::new(),

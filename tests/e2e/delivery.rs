@@ -622,3 +622,31 @@ async fn an_attempt_that_waited_for_a_slot_respects_a_pause_made_meanwhile() {
     assert_eq!(rx.received().len(), 1);
     c.stop().await;
 }
+
+/// No endpoint takes more than half of the shared attempt slots: a slow receiver behind an
+/// endpoint with a large `max_in_flight` leaves room for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_with_a_large_cap_leaves_slots_for_the_others() {
+    let (slow, rx) = (Receiver::start().await, Receiver::start().await);
+    slow.set_default(Reply::status(200).delay(Duration::from_secs(5)));
+    let c = Courier::start(&format!(
+        "{}max_attempts_in_flight = 4\n{}{}",
+        DELIVERY_FAST,
+        endpoint("slow", &slow.url("/"), "max_in_flight = 100"),
+        endpoint("b", &rx.url("/"), "")
+    ))
+    .await;
+    for _ in 0..10 {
+        c.send(json!({"event_type": "t", "payload": {}, "endpoint": "slow"}))
+            .await;
+    }
+    slow.wait_for(2, T).await;
+    let r = c
+        .send(json!({"event_type": "t", "payload": {}, "endpoint": "b"}))
+        .await;
+    // Delivered while the slow endpoint's attempts (two at a time: half the slots) wait.
+    c.wait_status(r["deliveries"][0]["id"].as_str().unwrap(), "delivered", T)
+        .await;
+    assert_eq!(slow.max_concurrent(), 2);
+    c.stop().await;
+}
