@@ -15,9 +15,11 @@ use tokio::sync::watch;
 
 pub(crate) struct Progress {
     journaled: AtomicU64,
-    /// When the database last moved (applied records), or began to have some to apply: how
-    /// long it has been stuck, if records wait ([`Progress::stuck_for`]).
-    moved: Mutex<std::time::Instant>,
+    /// When the database last moved (applied records), or began to have some to apply, as
+    /// nanoseconds since `born`: how long it has been stuck, if records wait
+    /// ([`Progress::stuck_for`]). (An atomic: it is set on every commit and journal write.)
+    moved: AtomicU64,
+    born: std::time::Instant,
     /// The last record applied; the watch also wakes readers waiting for it.
     applied: watch::Sender<u64>,
     checkpointed: Mutex<u64>,
@@ -37,7 +39,8 @@ impl Progress {
     pub(crate) fn new(seq: u64) -> Self {
         Progress {
             journaled: AtomicU64::new(seq),
-            moved: Mutex::new(std::time::Instant::now()),
+            moved: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             applied: watch::Sender::new(seq),
             checkpointed: Mutex::new(seq),
             checkpointed_cv: Condvar::new(),
@@ -50,7 +53,7 @@ impl Progress {
         // Nothing waited until now: a wait, if any, starts here (marked before the records
         // are, so that no look in between takes the idle time before for a stuck one).
         if self.settled() {
-            *self.moved.lock().expect("moved lock") = std::time::Instant::now();
+            self.mark_moved();
         }
         self.journaled.store(seq, Ordering::SeqCst);
     }
@@ -61,8 +64,13 @@ impl Progress {
 
     /// Records up to `seq` are committed to the database and visible to readers.
     pub(crate) fn set_applied(&self, seq: u64) {
-        *self.moved.lock().expect("moved lock") = std::time::Instant::now();
+        self.mark_moved();
         self.applied.send_replace(seq);
+    }
+
+    fn mark_moved(&self) {
+        let now = self.born.elapsed().as_nanos() as u64;
+        self.moved.store(now, Ordering::SeqCst);
     }
 
     /// How long acknowledged records have waited for a database that applies none of them:
@@ -71,7 +79,8 @@ impl Progress {
         if self.settled() {
             return None;
         }
-        Some(self.moved.lock().expect("moved lock").elapsed())
+        let moved = Duration::from_nanos(self.moved.load(Ordering::SeqCst));
+        Some(self.born.elapsed().saturating_sub(moved))
     }
 
     /// Records up to `seq` are covered by a durable commit of the database.

@@ -57,22 +57,36 @@ async fn first_frame(req: Request) -> Value {
     }
 }
 
+/// Courier's config: the endpoint `app` on `rx` and the workflow `wf` whose upstream is
+/// `upstream`, with `extra` lines.
+fn wf_config(rx: &Receiver, upstream: &Receiver, extra: &str) -> String {
+    format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"wf\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\n{extra}",
+        endpoint("app", &rx.url("/"), ""),
+        upstream.url("/v1/chat/completions"),
+    )
+}
+
+/// Opens an async request on `wf`; its channel id.
+async fn open_wf(c: &Courier) -> String {
+    let (s, r) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "wf"}))
+        .await;
+    assert_eq!(s, 202, "{r}");
+    r["channel_id"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_takes_the_bearer_header_of_an_ingest_or_admin_key_only() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(AI));
     let rx = Receiver::start().await;
     let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}[[workflows]]\nname = \"wf\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\n\n[[keys]]\ntoken = \"{CALLBACK_ONLY}\"\nscopes = [\"callback\"]\n",
-        endpoint("app", &rx.url("/"), ""),
-        upstream.url("/v1/chat/completions"),
+        "{}\n[[keys]]\ntoken = \"{CALLBACK_ONLY}\"\nscopes = [\"callback\"]\n",
+        wf_config(&rx, &upstream, ""),
     ))
     .await;
-    let (s, r) = c
-        .post_json("/v1/ai/async", &json!({"workflow": "wf"}))
-        .await;
-    assert_eq!(s, 202, "{r}");
-    let id = r["channel_id"].as_str().unwrap().to_string();
+    let id = open_wf(&c).await;
     // The channel finishes; a subscriber then gets its final message first.
     rx.wait_for(1, T).await;
 
@@ -152,9 +166,12 @@ async fn a_socket_ends_when_its_key_is_removed_by_a_reload() {
     let rx = Receiver::start().await;
     let config = |extra_key: bool| {
         format!(
-            "{DELIVERY_FAST}{}[[workflows]]\nname = \"wf\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\nevent_name = \"e\"\ncallback_timeout = \"60s\"\n{}",
-            endpoint("app", &rx.url("/"), ""),
-            upstream.url("/v1/chat/completions"),
+            "{}{}",
+            wf_config(
+                &rx,
+                &upstream,
+                "event_name = \"e\"\ncallback_timeout = \"60s\"\n"
+            ),
             if extra_key {
                 format!("[[keys]]\ntoken = \"{LEAVING}\"\nscopes = [\"ingest\"]\n")
             } else {
@@ -163,11 +180,7 @@ async fn a_socket_ends_when_its_key_is_removed_by_a_reload() {
         )
     };
     let c = Courier::start_file(&config(true)).await;
-    let (s, r) = c
-        .post_json("/v1/ai/async", &json!({"workflow": "wf"}))
-        .await;
-    assert_eq!(s, 202, "{r}");
-    let id = r["channel_id"].as_str().unwrap().to_string();
+    let id = open_wf(&c).await;
     // The result went out and the channel waits for the backend's callback.
     rx.wait_for(1, T).await;
 

@@ -577,19 +577,29 @@ async fn attempts_across_endpoints_are_capped_by_max_attempts_in_flight() {
     c.stop().await;
 }
 
+/// Courier with `slots` attempt slots in all and two endpoints: `slow` (with `slow_extra`)
+/// on a receiver that answers after `delay`, and `b` on one that answers at once.
+async fn sharing_slots(
+    slots: usize,
+    delay: Duration,
+    slow_extra: &str,
+) -> (Receiver, Receiver, Courier) {
+    let (slow, rx) = (Receiver::start().await, Receiver::start().await);
+    slow.set_default(Reply::status(200).delay(delay));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}max_attempts_in_flight = {slots}\n{}{}",
+        endpoint("slow", &slow.url("/"), slow_extra),
+        endpoint("b", &rx.url("/"), "")
+    ))
+    .await;
+    (slow, rx, c)
+}
+
 /// An attempt that waited for one of the process-wide slots is made only if what it was
 /// picked with still holds: an endpoint paused meanwhile sends nothing until resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_that_waited_for_a_slot_respects_a_pause_made_meanwhile() {
-    let (slow, rx) = (Receiver::start().await, Receiver::start().await);
-    slow.set_default(Reply::status(200).delay(Duration::from_secs(2)));
-    let c = Courier::start(&format!(
-        "{}max_attempts_in_flight = 1\n{}{}",
-        DELIVERY_FAST,
-        endpoint("slow", &slow.url("/"), ""),
-        endpoint("b", &rx.url("/"), "")
-    ))
-    .await;
+    let (slow, rx, c) = sharing_slots(1, Duration::from_secs(2), "").await;
     c.send(json!({"event_type": "t", "payload": {}, "endpoint": "slow"}))
         .await;
     slow.wait_for(1, T).await; // the only slot is taken for 2 s
@@ -627,15 +637,7 @@ async fn an_attempt_that_waited_for_a_slot_respects_a_pause_made_meanwhile() {
 /// endpoint with a large `max_in_flight` leaves room for the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_endpoint_with_a_large_cap_leaves_slots_for_the_others() {
-    let (slow, rx) = (Receiver::start().await, Receiver::start().await);
-    slow.set_default(Reply::status(200).delay(Duration::from_secs(5)));
-    let c = Courier::start(&format!(
-        "{}max_attempts_in_flight = 4\n{}{}",
-        DELIVERY_FAST,
-        endpoint("slow", &slow.url("/"), "max_in_flight = 100"),
-        endpoint("b", &rx.url("/"), "")
-    ))
-    .await;
+    let (slow, _rx, c) = sharing_slots(4, Duration::from_secs(5), "max_in_flight = 100").await;
     for _ in 0..10 {
         c.send(json!({"event_type": "t", "payload": {}, "endpoint": "slow"}))
             .await;

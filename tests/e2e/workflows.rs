@@ -30,6 +30,11 @@ async fn answering_after(delay: Duration) -> Receiver {
 async fn started(extra: &str) -> (Receiver, Receiver, Courier) {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(AI));
+    started_with(upstream, extra).await
+}
+
+/// [`started`] with an upstream the test has set up.
+async fn started_with(upstream: Receiver, extra: &str) -> (Receiver, Receiver, Courier) {
     let rx = Receiver::start().await;
     let c = Courier::start(&format!(
         "{DELIVERY_FAST}{}{}",
@@ -261,13 +266,7 @@ async fn the_upstream_gets_the_request_as_written_minus_workflow() {
 async fn a_failing_upstream_ends_in_an_error_message() {
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(502).body("bad gateway"));
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(&upstream, "")
-    ))
-    .await;
+    let (upstream, rx, c) = started_with(upstream, "").await;
     let id = open(&c, json!({"workflow": "movie_suggestion", "prompt": "x"})).await;
     let got = rx.wait_for(1, T).await;
     let body = got[0].json();
@@ -298,13 +297,7 @@ async fn a_rate_limited_upstream_is_tried_again_after_its_retry_after() {
         .header("retry-after", "1")
         .body("slow down")]);
     upstream.set_default(Reply::status(200).body(AI));
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(&upstream, "")
-    ))
-    .await;
+    let (upstream, rx, c) = started_with(upstream, "").await;
     open(&c, json!({"workflow": "movie_suggestion"})).await;
     let body = rx.wait_for(1, T).await[0].json();
     assert_eq!(body["status"], "success", "{body}");
@@ -415,13 +408,7 @@ async fn a_large_answer_is_kept_once_per_channel_and_shown_in_every_message_that
     let answer = json!({"text": format!("answer-{}", "x".repeat(200_000))});
     let upstream = Receiver::start().await;
     upstream.set_default(Reply::status(200).body(&answer.to_string()));
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(&upstream, "event_name = \"e\"")
-    ))
-    .await;
+    let (_upstream, _rx, c) = started_with(upstream, "event_name = \"e\"").await;
     let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
     wait_channel(&c, &id, |ch| ch["status"] == "ai_generated").await;
     let (s, _) = c
@@ -484,13 +471,7 @@ async fn a_subscriber_that_takes_no_frames_is_cut_off_and_holds_nobody_up() {
             .body(&answer.to_string())
             .delay(Duration::from_millis(500)),
     );
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(&upstream, "event_name = \"e\"")
-    ))
-    .await;
+    let (_upstream, _rx, c) = started_with(upstream, "event_name = \"e\"").await;
     let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
     let url = format!(
         "{}/v1/channels/{id}/ws?token={ADMIN}",
@@ -530,18 +511,7 @@ async fn a_subscriber_that_takes_no_frames_is_cut_off_and_holds_nobody_up() {
 
 #[tokio::test]
 async fn no_callback_in_time_ends_with_callback_timeout() {
-    let upstream = Receiver::start().await;
-    upstream.set_default(Reply::status(200).body(AI));
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("app", &rx.url("/"), ""),
-        workflow(
-            &upstream,
-            "event_name = \"e\"\ncallback_timeout = \"600ms\""
-        )
-    ))
-    .await;
+    let (_upstream, _rx, c) = started("event_name = \"e\"\ncallback_timeout = \"600ms\"").await;
     let id = open(&c, json!({"workflow": "movie_suggestion"})).await;
     let ws = Ws::connect(&c, &id).await;
     let frames = ws.rest().await;
