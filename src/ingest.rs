@@ -208,6 +208,16 @@ pub async fn ingest(
             let names: Vec<&str> = endpoints.iter().map(|(e, _)| e.as_str()).collect();
             observe::ingested(&app.metrics, &event_id, &req.event_type, &names);
             for (e, due) in &endpoints {
+                // A paused endpoint's worker would only wake to find it paused: under load
+                // that is a worker started (or woken), a wait for the database and a
+                // retirement per commit, on the threads that answer producers. Looked up
+                // after the append:
+                // a resume that this misses comes after the event is journaled, and the
+                // resume wakes the worker to scan from the start (after the database has
+                // caught up), so the event is found.
+                if app.endpoints.get(e).is_some_and(|ep| ep.paused) {
+                    continue;
+                }
                 Scheduler::wake_due(app, e, *due);
             }
             Ok(Accepted {

@@ -699,21 +699,21 @@ impl Store {
         }
     }
 
-    /// Like [`Store::settle`], but gives up after `timeout`; says whether the database
-    /// caught up. For readers that would rather show figures a moment old than none (the
-    /// metrics scrape, which must answer while the database is in trouble).
-    /// Whether the database already shows every acknowledged event ([`Store::settle`]
-    /// would return at once).
     /// How long acknowledged events have waited for a database that applies none of them
     /// (`None`: it holds them all, or is moving).
     pub fn stuck_for(&self) -> Option<std::time::Duration> {
         self.shared.progress.stuck_for()
     }
 
+    /// Whether the database already shows every acknowledged event ([`Store::settle`]
+    /// would return at once).
     pub fn is_settled(&self) -> bool {
         self.shared.progress.settled()
     }
 
+    /// Like [`Store::settle`], but gives up after `timeout`; says whether the database
+    /// caught up. For readers that would rather show figures a moment old than none (the
+    /// metrics scrape, which must answer while the database is in trouble).
     pub async fn settle_within(&self, timeout: std::time::Duration) -> bool {
         self.shared.progress.settle(timeout).await.is_ok()
     }

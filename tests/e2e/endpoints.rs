@@ -1404,6 +1404,66 @@ async fn a_config_endpoint_paused_through_the_api_stays_paused_across_reloads_an
     c.stop().await;
 }
 
+/// Ingests to a paused endpoint start no delivery worker (it would only find the endpoint
+/// paused, once per event), and events ingested while it is being resumed are all sent at
+/// once, not left for the periodic sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_endpoint_starts_no_worker_and_misses_no_event_ingested_as_it_resumes() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, p) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "e", "url": rx.url("/")})),
+    )
+    .await;
+    assert_eq!(s, 201, "{p}");
+    let mut sent = 0;
+    for round in 0..6u64 {
+        let (s, _) = req(&c, M::POST, "/v1/endpoints/e/pause", None).await;
+        assert_eq!(s, 200);
+        let deadline = Instant::now() + T;
+        while c.app().scheduler.workers() > 0 {
+            assert!(Instant::now() < deadline, "the worker never retired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for n in 0..10 {
+            send_to(&c, "e", n).await;
+        }
+        sent += 10;
+        assert_eq!(
+            c.app().scheduler.workers(),
+            0,
+            "round {round}: ingests to a paused endpoint started its worker"
+        );
+        // Resume while 64 more are being ingested.
+        let producers: Vec<_> = (0..64)
+            .map(|n| {
+                let (http, url) = (c.http.clone(), format!("{}/v1/events", c.base));
+                tokio::spawn(async move {
+                    let body = json!({"event_type": "t", "payload": {"n": n}, "endpoint": "e"});
+                    let (s, r) = post_json(&http, &url, &body).await;
+                    assert_eq!(s, 202, "{r}");
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(round)).await;
+        let (s, _) = req(&c, M::POST, "/v1/endpoints/e/resume", None).await;
+        assert_eq!(s, 200);
+        for p in producers {
+            p.await.unwrap();
+        }
+        sent += 64;
+        // Well inside the sweep's interval: an event whose wake-up was missed would wait
+        // for it.
+        assert!(courier::scheduler::SWEEP_INTERVAL >= Duration::from_secs(5));
+        rx.wait_for(sent, Duration::from_secs(3)).await;
+    }
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn a_rate_limited_endpoint_made_again_under_a_deleted_name_starts_with_a_full_bucket() {
     use reqwest::Method as M;
