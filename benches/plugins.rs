@@ -49,6 +49,7 @@ fn run(plugins: &Plugins, metrics: &Metrics, chain: &[String], body: &[u8], n: u
         event_type: "order.created".into(),
         event_id: "evt_bench".into(),
         timestamp: "2026-01-01T00:00:00Z".into(),
+        max_body: 2 << 20,
     };
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {

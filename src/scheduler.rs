@@ -92,6 +92,10 @@ struct Done {
 /// the most a delivery whose announcement went missing waits beyond its due time.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The shortest wait a backoff plugin can set after an attempt that sent nothing (as the
+/// schedule's fallback waits at least this long too).
+pub const UNSENT_RETRY_FLOOR: Duration = Duration::from_secs(1);
+
 /// How long a deleted endpoint's name is remembered for telling its late attempt results
 /// from those of one made again under the name (far longer than any attempt runs).
 const FORGOTTEN_FOR_MS: u64 = 24 * 3600 * 1000;
@@ -686,20 +690,22 @@ async fn run_attempt(
             event_type: event.event_type.clone(),
             event_id: event.id.clone(),
             timestamp: rfc3339(event.created_ms),
+            max_body: app.config.load().server.max_body_bytes.saturating_mul(2),
         };
         let (app2, ep2) = (app.clone(), ep.clone());
-        tokio::task::spawn_blocking(move || {
-            app2.plugins
-                .run_transforms(&app2.metrics, &ep2.transforms, out, &ctx)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::plugins::PluginError::Call {
-                plugin: ep.transforms.join(","),
-                class: "plugin_trap",
-                detail: format!("plugin call panicked: {e}"),
+        app.plugins
+            .on_thread(move || {
+                app2.plugins
+                    .run_transforms(&app2.metrics, &ep2.transforms, out, &ctx)
             })
-        })
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::plugins::PluginError::Call {
+                    plugin: ep.transforms.join(","),
+                    class: "plugin_trap",
+                    detail: format!("plugin call panicked: {e}"),
+                })
+            })
     };
     let out = match transformed {
         Ok(Transformed::Send(out)) => out,
@@ -764,22 +770,28 @@ async fn decide(
             retry_after_ms: result.retry_after.map(|r| r.as_millis() as u64),
         };
         let (app2, policy2) = (app.clone(), policy.clone());
-        let decision = tokio::task::spawn_blocking(move || {
-            app2.plugins
-                .next_delay(&app2.metrics, &policy2, plugin, &info)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::plugins::PluginError::NotLoaded(format!(
-                "{policy}: {e}"
-            )))
-        });
+        let decision = app
+            .plugins
+            .on_thread(move || {
+                app2.plugins
+                    .next_delay(&app2.metrics, &policy2, plugin, &info)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::plugins::PluginError::NotLoaded(format!(
+                    "{policy}: {e}"
+                )))
+            });
         match decision {
             Ok(BackoffDecision::RetryAfterMs(ms)) => {
                 // A 429/503's Retry-After is the receiver's word: a plugin may wait longer,
                 // never less.
                 let floor = match (result.status, result.retry_after) {
                     (Some(429 | 503), Some(after)) => after.as_millis() as u64,
+                    // An attempt that sent nothing (a failing transform, a refused address)
+                    // counts toward no circuit breaker, so nothing else slows its retries: a
+                    // plugin answering 0 would loop, a plugin call and a commit each turn.
+                    _ if !result.measured => UNSENT_RETRY_FLOOR.as_millis() as u64,
                     _ => 0,
                 };
                 let ms = ms.max(floor);

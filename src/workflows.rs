@@ -1054,18 +1054,39 @@ async fn simulate(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advanced 
         "callback_required": true,
     })
     .to_string();
-    let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        app2.plugins.simulate(&app2.metrics, &plugin, &message)
-    })
-    .await
-    .unwrap_or_else(|e| Err(crate::plugins::PluginError::NotLoaded(e.to_string())));
+    let (app2, plugin_name) = (app.clone(), plugin.clone());
+    let result = app
+        .plugins
+        .on_thread(move || app2.plugins.simulate(&app2.metrics, &plugin, &message))
+        .await
+        .unwrap_or_else(|e| Err(crate::plugins::PluginError::NotLoaded(e.to_string())));
     if is_due(&ch, TimerKind::CallbackTimeout) {
         // The plugin ran past the deadline: its answer comes too late.
         return time_out(app, ch).await;
     }
+    // What it returns completes the channel as a real callback would, so it is held to what
+    // a real callback is held to: the body limit, and the callback body's fields.
+    let limit = app.config.load().server.max_body_bytes;
+    let result = result.and_then(|text| {
+        if text.len() > limit {
+            Err(crate::plugins::PluginError::Call {
+                plugin: plugin_name.clone(),
+                class: "plugin_error",
+                detail: format!(
+                    "returned {} bytes; a callback body may have at most {limit} (server.max_body_bytes)",
+                    text.len()
+                ),
+            })
+        } else {
+            Ok(text)
+        }
+    });
     match result.map(|text| serde_json::from_str::<Value>(&text)) {
         Ok(Ok(Value::Object(obj))) if obj.contains_key("data") => {
+            if let Err(e) = check_callback(&obj) {
+                let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: simulator returned an invalid callback body: {e}")});
+                return finish(app, ch, ChannelState::Failed, msg, None).await;
+            }
             complete(app, &ch, &obj, true).await
         }
         Ok(Ok(other)) => {

@@ -247,8 +247,10 @@ impl bindings::transformer::courier::plugin::host::Host for State {
 
 impl bindings::transformer::courier::plugin::types::Host for State {}
 
-/// A plugin's log message as courier writes it: control characters escaped (a plugin
-/// cannot forge log lines) and at most `MAX_LOG_BYTES` long.
+/// A plugin's log message — or any text it hands back that courier stores and logs (a
+/// transform's error or drop reason, a backoff's reason to give up, a simulator's error) —
+/// as courier keeps it: control characters escaped (a plugin cannot forge log lines) and at
+/// most `MAX_LOG_BYTES` long (it is stored with every attempt).
 fn log_line(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(MAX_LOG_BYTES));
     for (i, c) in message.char_indices() {
@@ -578,11 +580,18 @@ impl Loaded {
         host: &Host,
         req: &Request,
     ) -> Result<Result<TransformOutcome, String>, PluginError> {
+        // Its error or drop reason goes into the audit trail (each attempt's) and the log:
+        // one line, of a size a log can take.
         host.call(self, |store, t| match t {
             Template::Transform(pre) => pre
                 .instantiate(&mut *store)?
                 .call_transform(&mut *store, req),
             _ => unreachable!("kind checked by the caller"),
+        })
+        .map(|r| match r {
+            Ok(TransformOutcome::Drop(reason)) => Ok(TransformOutcome::Drop(log_line(&reason))),
+            Ok(send) => Ok(send),
+            Err(e) => Err(log_line(&e)),
         })
     }
 
@@ -597,6 +606,10 @@ impl Loaded {
                 .call_next_delay(&mut *store, info),
             _ => unreachable!("kind checked by the caller"),
         })
+        .map(|d| match d {
+            BackoffDecision::GiveUp(reason) => BackoffDecision::GiveUp(log_line(&reason)),
+            retry => retry,
+        })
     }
 
     pub(crate) fn simulate(
@@ -610,6 +623,7 @@ impl Loaded {
                 .call_simulate(&mut *store, message),
             _ => unreachable!("kind checked by the caller"),
         })
+        .map(|r| r.map_err(|e| log_line(&e)))
     }
 }
 

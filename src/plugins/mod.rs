@@ -99,6 +99,20 @@ pub struct Plugins {
     /// Held while the registry changes (a configuration's plugin set, or one file's reload):
     /// each reads the current map and stores a new one, so two at once would undo each other.
     changes: Mutex<()>,
+    /// Blocking threads plugin calls may hold at once (see [`Plugins::on_thread`]).
+    threads: CallThreads,
+}
+
+/// As many permits as the host has call slots: a call that would only wait for a slot waits
+/// here, on the async side, holding no thread.
+struct CallThreads(Arc<tokio::sync::Semaphore>);
+
+impl Default for CallThreads {
+    fn default() -> Self {
+        CallThreads(Arc::new(tokio::sync::Semaphore::new(
+            host::MAX_CONCURRENT_CALLS,
+        )))
+    }
 }
 
 fn kind_name(kind: PluginKind) -> &'static str {
@@ -123,6 +137,34 @@ impl Plugins {
             .get_or_init(Host::new)
             .as_ref()
             .map_err(Clone::clone)
+    }
+
+    /// Runs `f` — plugin calls — on one of tokio's blocking threads once fewer than
+    /// [`host::MAX_CONCURRENT_CALLS`] such threads are running plugin calls.
+    ///
+    /// Why not `spawn_blocking` alone: calls beyond the host's slots would each park a
+    /// blocking thread while they wait for one. A slow or looping plugin with hundreds of
+    /// attempts in flight would then fill the pool, and what else runs there — the delivery
+    /// client's DNS lookups, reloads, stats — would queue behind it, failing other endpoints'
+    /// attempts. The permit goes with the closure, so a caller that gives up does not free
+    /// it while the call still runs.
+    pub async fn on_thread<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, tokio::task::JoinError> {
+        let permit = self
+            .threads
+            .0
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the plugin call semaphore is never closed");
+        tokio::task::spawn_blocking(move || {
+            let result = f();
+            drop(permit);
+            result
+        })
+        .await
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
@@ -424,7 +466,7 @@ impl Plugins {
                     })
                     .and_then(|o| {
                         if let TransformOutcome::Send(r) = &o {
-                            check_headers(name, &r.headers)?;
+                            check_output(name, r, ctx.max_body)?;
                         }
                         Ok(o)
                     })
@@ -494,14 +536,24 @@ impl Plugins {
 /// Most headers a transform may return.
 const MAX_TRANSFORM_HEADERS: usize = 100;
 
-/// A transform's headers must be valid HTTP and few: anything else fails the call (audited
-/// and retried as a `plugin_error`) rather than being dropped silently or sent at all.
-fn check_headers(plugin: &str, headers: &[Header]) -> Result<(), PluginError> {
+/// A transform's headers must be valid HTTP, few and of a size config headers may have, and
+/// its body within `max_body`: anything else fails the call (audited and retried as a
+/// `plugin_error`) rather than being dropped silently or sent at all.
+fn check_output(plugin: &str, r: &Request, max_body: usize) -> Result<(), PluginError> {
     let fail = |detail: String| PluginError::Call {
         plugin: plugin.to_string(),
         class: "plugin_error",
         detail,
     };
+    // What a transform returns is sent as it is, with every retry: held to what the
+    // configuration's own headers are held to, and to a body a receiver can be asked to take.
+    if r.body.len() > max_body {
+        return Err(fail(format!(
+            "returned a body of {} bytes; at most {max_body} are allowed (twice server.max_body_bytes)",
+            r.body.len()
+        )));
+    }
+    let headers = &r.headers;
     if headers.len() > MAX_TRANSFORM_HEADERS {
         return Err(fail(format!(
             "returned {} headers; at most {MAX_TRANSFORM_HEADERS} are allowed",
@@ -515,6 +567,14 @@ fn check_headers(plugin: &str, headers: &[Header]) -> Result<(), PluginError> {
                 h.name.escape_debug()
             )));
         }
+        if h.value.len() > crate::config::MAX_HEADER_VALUE {
+            return Err(fail(format!(
+                "returned the header `{}` with a value of {} bytes; at most {} are allowed",
+                h.name,
+                h.value.len(),
+                crate::config::MAX_HEADER_VALUE
+            )));
+        }
     }
     Ok(())
 }
@@ -525,6 +585,8 @@ pub struct TransformContext {
     pub event_type: String,
     pub event_id: String,
     pub timestamp: String,
+    /// The largest body a transform may return.
+    pub max_body: usize,
 }
 
 fn record_success(

@@ -313,6 +313,62 @@ async fn a_transform_can_drop_a_delivery() {
     c.stop().await;
 }
 
+/// Plugin calls waiting for one of the host's call slots hold no blocking thread: 600
+/// attempts stuck in a slow transform leave tokio's blocking pool (512 threads) to what else
+/// needs it — here the DNS lookup of another endpoint's host name, which would otherwise
+/// queue behind the plugin calls for their whole time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_with_hundreds_of_calls_waiting_does_not_hold_up_other_endpoints() {
+    let (slow_rx, ok_rx) = (Receiver::start().await, Receiver::start().await);
+    // By name, so that sending needs a lookup on the blocking pool.
+    let by_name = ok_rx.url("/").replace("127.0.0.1", "localhost");
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}{}",
+        plugin_entry(
+            "sleepy",
+            "misbehave",
+            "transform",
+            "config = { mode = \"sleep\" }\nlimits = { timeout = \"6s\" }"
+        ),
+        endpoint(
+            "slow",
+            &slow_rx.url("/"),
+            "transforms = [\"sleepy\"]\nschedule = [\"0s\", \"1h\"]\nmax_in_flight = 1000"
+        ),
+        endpoint("ok", &by_name, ""),
+    ))
+    .await;
+    for n in 0..600 {
+        c.send(json!({"event_type": "t", "payload": {"n": n}, "endpoint": "slow"}))
+            .await;
+    }
+    // Every call has started or is waiting for a slot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let app = c.app();
+        let running = app.attempt_slots - app.attempts.available_permits();
+        if running >= 600 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "attempts never all started: {running}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = Instant::now();
+    c.send(json!({"event_type": "t", "payload": {}, "endpoint": "ok"}))
+        .await;
+    ok_rx.wait_for(1, Duration::from_secs(20)).await;
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the other endpoint waited {took:?}, as long as the slow plugin's calls"
+    );
+    assert!(slow_rx.received().is_empty());
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
     let (bad, good) = (Receiver::start().await, Receiver::start().await);
@@ -640,6 +696,25 @@ async fn the_readme_walkthrough_plugin_adds_a_header_and_a_field() {
     assert_eq!(got[0].header("x-event-type"), "order.created");
     assert_eq!(got[0].json(), json!({"n": 1, "kind": "ORDER.CREATED"}));
     sign::verify_mr(SECRET, &got[0].body, got[0].header("mr-signature")).unwrap();
+    // A body that is not an object fails the attempt with the plugin's own error, not a trap.
+    let r = c
+        .send(json!({"event_type": "order.created", "payload": [1, 2]}))
+        .await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap();
+    let d = c
+        .wait_delivery(id, T, |d| {
+            d["attempts"].as_array().is_some_and(|a| !a.is_empty())
+        })
+        .await;
+    let a = &d["attempts"][0];
+    assert_eq!(a["error"], "plugin_error", "{d}");
+    assert!(
+        a["error_detail"]
+            .as_str()
+            .unwrap()
+            .contains("the body is not a JSON object"),
+        "{d}"
+    );
     c.stop().await;
 }
 
@@ -673,6 +748,110 @@ async fn a_backoff_plugin_never_retries_sooner_than_retry_after() {
         gap >= Duration::from_millis(1900),
         "Retry-After: 2 honoured, got {gap:?}"
     );
+    c.stop().await;
+}
+
+/// A backoff plugin that answers "retry at once" after an attempt that sent nothing (its
+/// transform failed: no circuit breaker counts that) is held to a second between attempts,
+/// instead of looping as fast as plugin calls and commits go.
+#[tokio::test]
+async fn a_backoff_plugin_cannot_make_a_failing_transform_loop() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}{}",
+        plugin_entry(
+            "fixed",
+            "fixed-backoff",
+            "backoff",
+            "config = { delay_ms = 0, max_attempts = 3 }"
+        ),
+        plugin_entry(
+            "fail",
+            "misbehave",
+            "transform",
+            "config = { mode = \"error\" }"
+        ),
+        endpoint(
+            "app",
+            &rx.url("/"),
+            "backoff = \"fixed\"\ntransforms = [\"fail\"]"
+        ),
+    ))
+    .await;
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    let d = c
+        .wait_status(r["deliveries"][0]["id"].as_str().unwrap(), "dead", T)
+        .await;
+    let started: Vec<chrono::DateTime<chrono::FixedOffset>> = d["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| chrono::DateTime::parse_from_rfc3339(a["started_at"].as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(started.len(), 3, "{d}");
+    for w in started.windows(2) {
+        let gap = (w[1] - w[0]).abs();
+        assert!(
+            gap >= chrono::Duration::milliseconds(990),
+            "attempts {gap} apart: {d}"
+        );
+    }
+    assert!(rx.received().is_empty());
+    c.stop().await;
+}
+
+/// What a transform hands back is held to what configuration input is held to: a header
+/// value over 8 KiB or a body over twice `server.max_body_bytes` fails the attempt as a
+/// `plugin_error` instead of being sent (and retried) as it is; and its error text is kept
+/// (in every attempt and the log) as one line of at most 4 KiB.
+#[tokio::test]
+async fn a_transforms_oversized_output_and_error_text_are_refused_or_cut() {
+    let rx = Receiver::start().await;
+    let mut config = DELIVERY_FAST.to_string();
+    for mode in ["bigheader", "bigbody", "bigerror"] {
+        config.push_str(&plugin_entry(
+            mode,
+            "misbehave",
+            "transform",
+            &format!("config = {{ mode = \"{mode}\" }}\nlimits = {{ timeout = \"5s\" }}"),
+        ));
+        config.push_str(&endpoint(
+            mode,
+            &rx.url("/"),
+            &format!("transforms = [\"{mode}\"]\nschedule = [\"0s\"]"),
+        ));
+    }
+    let c = Courier::start(&config).await;
+    for (mode, says) in [
+        (
+            "bigheader",
+            "`x-big` with a value of 16384 bytes; at most 8192",
+        ),
+        // 65,536 in the tests' configuration.
+        ("bigbody", "a body of 200000 bytes; at most 131072"),
+        (
+            "bigerror",
+            "misbehave: failing\\r\\nlevel=ERROR forged line xxx",
+        ),
+    ] {
+        let r = c
+            .send(json!({"event_type": "t", "payload": {}, "endpoint": mode}))
+            .await;
+        let d = c
+            .wait_status(r["deliveries"][0]["id"].as_str().unwrap(), "dead", T)
+            .await;
+        let a = &d["attempts"][0];
+        assert_eq!(a["error"], "plugin_error", "{mode}: {a}");
+        let detail = a["error_detail"].as_str().unwrap();
+        assert!(
+            detail.contains(says),
+            "{mode}: {}",
+            &detail[..detail.len().min(300)]
+        );
+        assert!(!detail.contains(['\r', '\n']), "{mode}: one line");
+        assert!(detail.len() < 5_000, "{mode}: {} bytes kept", detail.len());
+    }
+    assert!(rx.received().is_empty(), "nothing was sent");
     c.stop().await;
 }
 
@@ -735,6 +914,7 @@ fn more_calls_at_once_than_the_instance_pool_holds_wait_their_turn() {
                     event_type: "t".into(),
                     event_id: format!("evt_{n}"),
                     timestamp: "0".into(),
+                    max_body: 1 << 20,
                 };
                 plugins
                     .run_transforms(&metrics, &["slow".to_string()], out, &ctx)

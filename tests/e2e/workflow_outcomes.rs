@@ -273,3 +273,47 @@ async fn a_failing_simulator_ends_the_channel_at_once_with_simulation_failed() {
     );
     c.stop().await;
 }
+
+/// What a simulator returns completes the channel as a real callback would, so it is held to
+/// what a callback is held to: its fields (`metadata` an object) and `server.max_body_bytes`.
+/// Anything else ends the channel with `simulation_failed`, naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulator_answer_a_real_callback_could_not_give_fails_the_simulation() {
+    let big = format!(
+        r#"{{"choices": [{{"message": {{"content": "{}"}}}}]}}"#,
+        "x".repeat(70_000)
+    );
+    for (ai, settings, why) in [
+        (
+            AI.to_string(),
+            "config = { metadata = \"[1]\" }",
+            "`metadata` must be an object",
+        ),
+        // 65,536 bytes in the tests' configuration.
+        (big, "", "server.max_body_bytes"),
+    ] {
+        let upstream = Receiver::start().await;
+        upstream.set_default(Reply::status(200).body(&ai));
+        let rx = Receiver::start().await;
+        let c = Courier::start(&format!(
+            "{}{}",
+            config(
+                &rx,
+                &upstream,
+                "retries = 0",
+                "event_name = \"e\"\nsimulate = \"inject-id\"\nsimulate_delay = \"100ms\"\ncallback_timeout = \"10m\"",
+            ),
+            simulator(settings)
+        ))
+        .await;
+        let id = open(&c).await;
+        let ch = wait_channel(&c, &id, |ch| ch["final"] == true).await;
+        assert_eq!(ch["status"], "error", "{ch:#}");
+        let error = ch["latest"]["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("simulation_failed: ") && error.contains(why),
+            "{why}: {error}"
+        );
+        c.stop().await;
+    }
+}

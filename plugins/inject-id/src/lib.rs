@@ -1,6 +1,9 @@
 //! `inject-id`: plays a customer's backend for workflow simulation. Given the
 //! `task.ai_generated` message, it returns the AI response's data with an `id` field injected
 //! (config `prefix`, default `sim_`, followed by the channel id), as the callback body.
+//! Config `metadata`, JSON text, replaces the callback's `metadata` (default
+//! `{"simulated": true, "simulator": "inject-id"}`); text that is not JSON is sent as a
+//! string (which courier refuses, as it would from a real backend).
 
 wit_bindgen::generate!({ path: "../../wit", world: "callback-simulator" });
 
@@ -31,10 +34,14 @@ impl Guest for InjectId {
             Level::Debug,
             &format!("simulated callback for channel {channel}"),
         );
+        let metadata = match config_get("metadata") {
+            Some(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            None => json!({"simulated": true, "simulator": "inject-id"}),
+        };
         let body = json!({
             "data": data,
             "task_id": channel,
-            "metadata": {"simulated": true, "simulator": "inject-id"},
+            "metadata": metadata,
         });
         Ok(body.to_string())
     }

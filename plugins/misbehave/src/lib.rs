@@ -4,7 +4,9 @@
 //! `error` (returns an error), `drop` (drops the delivery), `headers` (returns 25,000
 //! headers), `badheader` (returns a header name HTTP does not allow), `framing` (adds
 //! `transfer-encoding: gzip`, `connection: close` and `expect: 100-continue` to a body it
-//! leaves as it is); anything else passes the request through.
+//! leaves as it is), `bigerror` (returns a 1 MiB error whose first line break would start a
+//! forged log line), `bigheader` (adds a 16 KiB header value), `bigbody` (returns a
+//! 200,000-byte body); anything else passes the request through.
 
 wit_bindgen::generate!({ path: "../../wit", world: "transformer" });
 
@@ -68,6 +70,23 @@ impl Guest for Misbehave {
                         value: value.into(),
                     });
                 }
+                Ok(TransformOutcome::Send(req))
+            }
+            Some("bigerror") => Err(format!(
+                "misbehave: failing\r\nlevel=ERROR forged line {}",
+                "x".repeat(1 << 20)
+            )),
+            Some("bigheader") => {
+                let mut req = req;
+                req.headers.push(Header {
+                    name: "x-big".into(),
+                    value: "v".repeat(16 << 10),
+                });
+                Ok(TransformOutcome::Send(req))
+            }
+            Some("bigbody") => {
+                let mut req = req;
+                req.body = vec![b'a'; 200_000];
                 Ok(TransformOutcome::Send(req))
             }
             _ => Ok(TransformOutcome::Send(req)),

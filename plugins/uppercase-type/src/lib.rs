@@ -16,7 +16,11 @@ impl Guest for Plugin {
         });
         let mut body: serde_json::Value =
             serde_json::from_slice(&req.body).map_err(|e| format!("not JSON: {e}"))?;
-        body["kind"] = req.event_type.to_uppercase().into();
+        // Indexing a JSON array or number with a key panics, and a panic is a trap.
+        let Some(fields) = body.as_object_mut() else {
+            return Err("the body is not a JSON object".into());
+        };
+        fields.insert("kind".into(), req.event_type.to_uppercase().into());
         req.body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
         log(Level::Debug, "transformed");
         Ok(TransformOutcome::Send(req))
