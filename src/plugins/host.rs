@@ -80,8 +80,10 @@ pub(crate) struct State {
     memory_refused: bool,
     /// When `limits.timeout` runs out; sleeps on the WASI clock end here at the latest.
     deadline: Instant,
-    /// Set when a sleep was cut short at the deadline: the call ran out of time.
-    overslept: bool,
+    /// Set when a sleep was cut short at the deadline and waited out to it: the call ran out
+    /// of time. (Shared with the sleeps themselves, which alone know whether they waited: a
+    /// plugin may set up a long timer and return without waiting on it.)
+    overslept: Arc<std::sync::atomic::AtomicBool>,
     log_lines: u32,
     plugin: Arc<str>,
     config: Arc<Vec<(String, String)>>,
@@ -149,7 +151,7 @@ impl wasmtime::ResourceLimiter for State {
 struct DeadlineClock<'a> {
     table: &'a mut ResourceTable,
     deadline: Instant,
-    overslept: &'a mut bool,
+    overslept: &'a Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct HasDeadlineClock;
@@ -176,16 +178,14 @@ impl monotonic_clock::Host for DeadlineClock<'_> {
     }
 
     fn subscribe_duration(&mut self, nanos: u64) -> wasmtime::Result<Resource<DynPollable>> {
-        let until = match Instant::now().checked_add(Duration::from_nanos(nanos)) {
-            Some(until) if until <= self.deadline => until,
-            _ => {
-                *self.overslept = true;
-                self.deadline
-            }
+        let (until, cut) = match Instant::now().checked_add(Duration::from_nanos(nanos)) {
+            Some(until) if until <= self.deadline => (until, None),
+            _ => (self.deadline, Some(self.overslept.clone())),
         };
         let sleep = self.table.push(Sleep {
             until: tokio::time::Instant::from_std(until),
             yielded: false,
+            cut,
         })?;
         wasmtime_wasi::p2::subscribe(self.table, sleep)
     }
@@ -196,6 +196,8 @@ impl monotonic_clock::Host for DeadlineClock<'_> {
 struct Sleep {
     until: tokio::time::Instant,
     yielded: bool,
+    /// For a sleep cut at the deadline: set once it has waited that long.
+    cut: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[wasmtime_wasi::async_trait]
@@ -203,6 +205,11 @@ impl Pollable for Sleep {
     async fn ready(&mut self) {
         if self.until > tokio::time::Instant::now() {
             tokio::time::sleep_until(self.until).await;
+            if let Some(overslept) = &self.cut {
+                overslept.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        } else if let Some(overslept) = &self.cut {
+            overslept.store(true, std::sync::atomic::Ordering::Relaxed);
         } else if !self.yielded {
             self.yielded = true;
             tokio::task::yield_now().await;
@@ -356,7 +363,7 @@ impl Host {
         monotonic_clock::add_to_linker::<State, HasDeadlineClock>(&mut linker, |s| DeadlineClock {
             table: &mut s.table,
             deadline: s.deadline,
-            overslept: &mut s.overslept,
+            overslept: &s.overslept,
         })
         .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         linker.allow_shadowing(false);
@@ -454,7 +461,7 @@ impl Host {
             table_elements: 0,
             memory_refused: false,
             deadline: Instant::now() + limits.timeout,
-            overslept: false,
+            overslept: Arc::default(),
             log_lines: 0,
             plugin,
             config,
@@ -532,7 +539,12 @@ impl Host {
             plugin.limits.timeout,
             |store| f(store, &plugin.template),
         );
-        if result.is_ok() && store.data().overslept {
+        if result.is_ok()
+            && store
+                .data()
+                .overslept
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             // It returned, but only because its sleep was cut short at the deadline.
             result = Err(wasmtime::Error::from(Trap::Interrupt));
         }
