@@ -1,47 +1,141 @@
 //! The operator commands that talk to a running courier over its API: `deliveries`, `dlq`,
-//! `stats`, `send`. Human-readable tables by default, the API's JSON with `--json`.
+//! `endpoints`, `stats`, `send`. Human-readable tables by default, the API's JSON with
+//! `--json`.
 
-use anyhow::{Context, bail};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use reqwest::Url;
+use reqwest::header::HeaderMap;
 use serde_json::Value;
 
-use super::table;
+use super::table::{self, id, text};
 
 /// Where and how to reach courier.
 pub struct Api {
-    pub url: String,
-    pub token: Option<String>,
+    base: Url,
+    token: Option<String>,
+    timeout: Duration,
+    connect_timeout: Duration,
     http: reqwest::Client,
 }
 
+/// The longest a connection to courier may take to open (within `--timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much of an answer that is not courier's JSON an error shows.
+const EXCERPT: usize = 200;
+
+/// A successful answer: courier's JSON and the response headers.
+pub struct Answer {
+    pub value: Value,
+    pub headers: HeaderMap,
+}
+
+/// `url` as an error may show it: without a password, query or fragment.
+fn shown(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// The first [`EXCERPT`] characters of `text`, marked when cut.
+fn excerpt(text: &str) -> String {
+    let text = text.trim();
+    if text.is_empty() {
+        return "(empty body)".into();
+    }
+    if text.chars().count() > EXCERPT {
+        format!("{}…", text.chars().take(EXCERPT).collect::<String>())
+    } else {
+        text.to_string()
+    }
+}
+
 impl Api {
-    pub fn new(url: &str, token: Option<String>) -> Api {
-        Api {
-            url: url.trim_end_matches('/').to_string(),
+    /// `url` is courier's base URL (a path prefix is kept); every request gives up after
+    /// `timeout` in all, connecting after at most 10 s of it.
+    pub fn new(url: &str, token: Option<String>, timeout: Duration) -> anyhow::Result<Api> {
+        let base = Url::parse(url.trim())
+            .map_err(|e| anyhow!("--url (or COURIER_URL) is not a URL: {e}"))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            bail!(
+                "--url (or COURIER_URL) must be an http:// or https:// URL, not {}",
+                shown(&base)
+            );
+        }
+        let connect_timeout = timeout.min(CONNECT_TIMEOUT);
+        Ok(Api {
+            base,
             token,
+            timeout,
+            connect_timeout,
             http: reqwest::Client::builder()
                 .user_agent(concat!("courier-cli/", env!("CARGO_PKG_VERSION")))
                 // A redirect (to a login page, say) is not courier's answer.
                 .redirect(reqwest::redirect::Policy::none())
+                // A server that accepts and never answers must not hang the command.
+                .connect_timeout(connect_timeout)
+                .timeout(timeout)
                 .build()
-                .expect("http client"),
+                .context("cannot set up the HTTP client")?,
+        })
+    }
+
+    /// The URL of `segments` under the base URL, each one percent-encoded as a path segment
+    /// (a space is `%20`, a `/` is `%2F`: an id or name arrives as it was given).
+    fn url(&self, segments: &[&str]) -> anyhow::Result<Url> {
+        if let Some(dots) = segments.iter().find(|s| matches!(**s, "." | "..")) {
+            // URLs read these as "this" and "the parent" directory, whatever the encoding.
+            bail!("`{dots}` cannot be named in a URL path");
         }
+        let mut url = self.base.clone();
+        url.set_query(None);
+        url.set_fragment(None);
+        url.path_segments_mut()
+            .map_err(|_| anyhow!("--url cannot be a base URL"))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
+    /// What a request that failed on the way says: which URL, and whether it timed out.
+    fn transport_error(&self, e: reqwest::Error, url: &Url, reading: bool) -> anyhow::Error {
+        let at = shown(url);
+        let msg = if e.is_timeout() && e.is_connect() {
+            format!(
+                "cannot connect to courier at {at} within {}",
+                humantime::format_duration(self.connect_timeout)
+            )
+        } else if e.is_timeout() {
+            format!(
+                "no answer from courier at {at} within {} (--timeout)",
+                humantime::format_duration(self.timeout)
+            )
+        } else if reading {
+            format!("cannot read courier's answer from {at}")
+        } else {
+            format!("cannot reach courier at {at}")
+        };
+        // The error's own text without its URL, which carries the query.
+        anyhow::Error::new(e.without_url()).context(msg)
     }
 
     async fn call(
         &self,
         method: reqwest::Method,
-        path: &str,
+        segments: &[&str],
         query: &[(&str, Option<String>)],
         body: Option<Vec<u8>>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<Answer> {
+        let url = self.url(segments)?;
         let query: Vec<(&str, String)> = query
             .iter()
             .filter_map(|(k, v)| v.clone().map(|v| (*k, v)))
             .collect();
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .query(&query);
+        let mut req = self.http.request(method, url.clone()).query(&query);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -51,46 +145,73 @@ impl Api {
         let resp = req
             .send()
             .await
-            .with_context(|| format!("cannot reach courier at {}", self.url))?;
+            .map_err(|e| self.transport_error(e, &url, false))?;
         let status = resp.status();
-        let bytes = resp.bytes().await?;
-        let value: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        if status.is_success() && value.is_string() {
-            bail!(
-                "{status} but not courier's JSON answer (is --url pointing at courier?): {}",
-                value
-                    .as_str()
-                    .unwrap_or_default()
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-            );
-        }
-        if !status.is_success() {
-            let msg = value["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
-                bail!("{status}: {msg} (pass --token or set COURIER_KEY)");
-            }
-            bail!("{status}: {msg}");
-        }
-        Ok(value)
-    }
-
-    pub async fn get(&self, path: &str, query: &[(&str, Option<String>)]) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::GET, path, query, None).await
-    }
-
-    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.post_raw(path, body.to_string().into_bytes()).await
-    }
-
-    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::POST, path, &[], Some(body))
+        let headers = resp.headers().clone();
+        let bytes = resp
+            .bytes()
             .await
+            .map_err(|e| self.transport_error(e, &url, true))?;
+        let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+        if status.is_success() {
+            return match json {
+                Some(value) if !value.is_string() => Ok(Answer { value, headers }),
+                _ => bail!(
+                    "{status} but not courier's JSON answer (is --url pointing at courier?): {}",
+                    excerpt(&String::from_utf8_lossy(&bytes))
+                ),
+            };
+        }
+        let err = json.as_ref().map(|v| &v["error"]);
+        let msg = match err.and_then(|e| e["message"].as_str()) {
+            Some(message) => {
+                let err = err.expect("an error object");
+                let mut about = Vec::new();
+                if let Some(code) = err["code"].as_str() {
+                    about.push(format!("code {code}"));
+                }
+                if let Some(field) = err["field"].as_str() {
+                    about.push(format!("field {field}"));
+                }
+                if about.is_empty() {
+                    message.to_string()
+                } else {
+                    format!("{message} ({})", about.join(", "))
+                }
+            }
+            None => excerpt(&String::from_utf8_lossy(&bytes)),
+        };
+        if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+            bail!("{status}: {msg} (pass --token or set COURIER_KEY)");
+        }
+        bail!("{status}: {msg}");
+    }
+
+    pub async fn get(
+        &self,
+        segments: &[&str],
+        query: &[(&str, Option<String>)],
+    ) -> anyhow::Result<Value> {
+        Ok(self
+            .call(reqwest::Method::GET, segments, query, None)
+            .await?
+            .value)
+    }
+
+    pub async fn post(&self, segments: &[&str], body: &Value) -> anyhow::Result<Value> {
+        Ok(self
+            .post_raw(segments, Some(body.to_string().into_bytes()))
+            .await?
+            .value)
+    }
+
+    /// A POST with `body` (JSON) or none; the answer with its headers.
+    pub async fn post_raw(
+        &self,
+        segments: &[&str],
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Answer> {
+        self.call(reqwest::Method::POST, segments, &[], body).await
     }
 }
 
@@ -107,7 +228,17 @@ pub fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
-pub fn deliveries_table(page: &Value) -> String {
+/// The line that shows how to get the next page: `more` is the command that listed this
+/// one, with its filters.
+fn next_page(page: &Value, more: &str) -> String {
+    match page["next_cursor"].as_str() {
+        Some(c) => format!("more: {more} --cursor {}\n", super::shell_word(c)),
+        None => String::new(),
+    }
+}
+
+/// A page of deliveries; `more` is the command that lists the next one (less its cursor).
+pub fn deliveries_table(page: &Value, more: &str) -> String {
     let rows: Vec<Vec<String>> = page["data"]
         .as_array()
         .map(|a| a.as_slice())
@@ -131,19 +262,17 @@ pub fn deliveries_table(page: &Value) -> String {
         .collect();
     let mut out = table::render(
         &[
-            "ID",
-            "ENDPOINT",
-            "EVENT TYPE",
-            "STATUS",
-            "ATTEMPTS",
-            "CREATED",
-            "LAST ERROR",
+            id("ID"),
+            id("ENDPOINT"),
+            id("EVENT TYPE"),
+            id("STATUS"),
+            id("ATTEMPTS"),
+            id("CREATED"),
+            text("LAST ERROR"),
         ],
         &rows,
     );
-    if let Some(c) = page["next_cursor"].as_str() {
-        out.push_str(&format!("more: --cursor {c}\n"));
-    }
+    out.push_str(&next_page(page, more));
     out
 }
 
@@ -197,12 +326,12 @@ pub fn delivery_detail(d: &Value) -> String {
     out.push('\n');
     out.push_str(&table::render(
         &[
-            "#",
-            "STARTED",
-            "DURATION",
-            "RESULT",
-            "OUTCOME",
-            "RESPONSE / ERROR",
+            id("#"),
+            id("STARTED"),
+            id("DURATION"),
+            id("RESULT"),
+            id("OUTCOME"),
+            text("RESPONSE / ERROR"),
         ],
         &rows,
     ));
@@ -220,24 +349,172 @@ pub fn delivery_detail(d: &Value) -> String {
     out
 }
 
+/// `POST /v1/deliveries/{id}/replay`'s answer (the delivery, pending again).
+pub fn replayed(d: &Value) -> String {
+    format!(
+        "replayed delivery {} to {}: a new round of attempts starts\n",
+        s(&d["id"]),
+        s(&d["endpoint"])
+    )
+}
+
+/// `POST /v1/dlq/replay`'s answer: what was requeued, and what was not and why.
+pub fn dlq_replayed(v: &Value) -> String {
+    let mut out = format!("requeued {} dead deliveries\n", s(&v["requeued"]));
+    let skipped = v["skipped_deleted_endpoint"].as_u64().unwrap_or(0);
+    if skipped > 0 {
+        out.push_str(&format!(
+            "skipped {skipped} whose endpoint was deleted (an endpoint made since under the same name is not their destination)\n"
+        ));
+    }
+    if v["deliveries_truncated"] == true {
+        out.push_str(&format!(
+            "the answer names only the first {} requeued deliveries (--json lists them)\n",
+            v["deliveries"].as_array().map_or(0, Vec::len)
+        ));
+    }
+    out
+}
+
+/// `POST /v1/events`' answer; `replayed` when courier answered an earlier request with the
+/// same idempotency key (nothing new was queued).
+pub fn sent(v: &Value, replayed: bool) -> String {
+    let id = v["id"].as_str().unwrap_or("?");
+    let mut out = if replayed {
+        format!("already accepted (idempotent replay): {id}\n")
+    } else {
+        format!("accepted event {id}\n")
+    };
+    for d in v["deliveries"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+    {
+        out.push_str(&format!(
+            "  delivery {} -> {}\n",
+            d["id"].as_str().unwrap_or("?"),
+            d["endpoint"].as_str().unwrap_or("?")
+        ));
+    }
+    out
+}
+
+/// A page of endpoints; `more` is the command that lists the next one (less its cursor).
+pub fn endpoints_table(page: &Value, more: &str) -> String {
+    let rows: Vec<Vec<String>> = page["data"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let mut state = if e["paused"] == true {
+                "paused".to_string()
+            } else {
+                "active".to_string()
+            };
+            if e["shadowed"] == true {
+                state.push_str(" (shadowed by config)");
+            }
+            let types = match e["event_types"].as_array() {
+                Some(t) if !t.is_empty() => t.iter().map(s).collect::<Vec<_>>().join(","),
+                _ => "*".into(),
+            };
+            vec![
+                s(&e["name"]),
+                s(&e["source"]),
+                state,
+                s(&e["tenant"]),
+                types,
+                s(&e["url"]),
+            ]
+        })
+        .collect();
+    let mut out = table::render(
+        &[
+            id("NAME"),
+            id("SOURCE"),
+            id("STATE"),
+            id("TENANT"),
+            id("EVENT TYPES"),
+            text("URL"),
+        ],
+        &rows,
+    );
+    out.push_str(&next_page(page, more));
+    out
+}
+
+/// `POST /v1/endpoints/{name}/pause|resume`'s answer (the endpoint).
+pub fn paused(e: &Value) -> String {
+    let name = s(&e["name"]);
+    if e["paused"] == true {
+        format!(
+            "paused endpoint {name}: its deliveries wait until `courier endpoints resume {}`\n",
+            super::shell_word(&name)
+        )
+    } else {
+        format!("resumed endpoint {name}\n")
+    }
+}
+
+/// `POST /v1/endpoints/{name}/test`'s answer: the test delivery's first attempt.
+pub fn tested(v: &Value) -> String {
+    let mut out = format!(
+        "test event {} -> delivery {} ({})\n",
+        s(&v["event_id"]),
+        s(&v["delivery_id"]),
+        s(&v["status"])
+    );
+    let a = &v["attempt"];
+    if a.is_null() {
+        out.push_str("no attempt was made while courier waited for one\n");
+        return out;
+    }
+    let result = if a["status_code"].is_null() {
+        s(&a["error"])
+    } else {
+        s(&a["status_code"])
+    };
+    out.push_str(&format!(
+        "attempt {}: {result} in {} ms{}\n",
+        s(&a["number"]),
+        s(&a["duration_ms"]),
+        if v["success"] == true {
+            ", accepted"
+        } else {
+            ", not accepted"
+        }
+    ));
+    let detail = if a["error_detail"].is_null() {
+        &a["response_body"]
+    } else {
+        &a["error_detail"]
+    };
+    if let Some(d) = detail.as_str().filter(|d| !d.is_empty()) {
+        out.push_str(&format!("response: {}\n", excerpt(d)));
+    }
+    out
+}
+
 pub fn stats_text(st: &Value) -> String {
     let c = &st["counts"];
     let pct = |v: &Value| {
         v.as_f64()
             .map_or("-".into(), |f| format!("{:.1}%", f * 100.0))
     };
-    let mut out = format!(
-        "since {}{}\n\ndeliveries   pending {}   delivered {}   dead {}   dropped {}\nsuccess rate {}   (attempts since: {}, {} succeeded, {} per delivery)\nlatency      p50 {} ms   p95 {} ms   p99 {} ms\n\n",
-        s(&st["since"]),
-        st["endpoint"]
-            .as_str()
-            .map(|e| format!(", endpoint {e}"))
-            .unwrap_or_default(),
+    // Deliveries are counted over all that courier holds; attempts over the window.
+    let mut out = String::new();
+    if let Some(e) = st["endpoint"].as_str() {
+        out.push_str(&format!("endpoint {e}\n\n"));
+    }
+    out.push_str(&format!(
+        "deliveries (all time)     pending {}   delivered {}   dead {}   dropped {}\nsuccess rate (all time)   {}   (delivered of delivered and dead)\n\nattempts since {}\n  made {}   succeeded {}   per delivery {}\n  latency p50 {} ms   p95 {} ms   p99 {} ms\n\n",
         s(&c["pending"]),
         s(&c["delivered"]),
         s(&c["dead"]),
         s(&c["dropped"]),
         pct(&st["success_rate"]),
+        s(&st["since"]),
         s(&st["attempts"]),
         pct(&st["attempt_success_rate"]),
         st["attempts_per_delivery"]
@@ -246,7 +523,7 @@ pub fn stats_text(st: &Value) -> String {
         s(&st["latency_ms"]["p50"]),
         s(&st["latency_ms"]["p95"]),
         s(&st["latency_ms"]["p99"]),
-    );
+    ));
     let rows: Vec<Vec<String>> = st["endpoints"]
         .as_array()
         .map(|a| a.as_slice())
@@ -264,11 +541,11 @@ pub fn stats_text(st: &Value) -> String {
         .collect();
     out.push_str(&table::render(
         &[
-            "ENDPOINT",
-            "CIRCUIT",
-            "QUEUED",
-            "FAILURES IN A ROW",
-            "LAST SUCCESS",
+            id("ENDPOINT"),
+            id("CIRCUIT"),
+            id("QUEUED"),
+            id("FAILURES IN A ROW"),
+            id("LAST SUCCESS"),
         ],
         &rows,
     ));

@@ -1,6 +1,6 @@
 //! The `courier` command line: `serve`, `check`, `secret`, and the operator commands that talk
-//! to a running courier (`deliveries`, `dlq`, `stats`, `send`) or check a webhook offline
-//! (`verify`).
+//! to a running courier (`deliveries`, `dlq`, `endpoints`, `stats`, `send`) or check a
+//! webhook offline (`verify`).
 
 mod client;
 mod table;
@@ -9,6 +9,7 @@ pub mod verify;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -61,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         cmd: DlqCmd,
     },
+    /// List, pause, resume or test the endpoints of a running courier.
+    Endpoints {
+        #[command(subcommand)]
+        cmd: EndpointsCmd,
+    },
     /// Delivery statistics of a running courier.
     Stats {
         #[command(flatten)]
@@ -91,7 +97,7 @@ enum Command {
     /// reports accepted and delivered events/s, latency, and the machine's own HTTP baselines.
     Bench {
         #[command(flatten)]
-        remote: Remote,
+        remote: Target,
         /// Events to send (at least 1).
         #[arg(short = 'n', long, default_value_t = 10_000, value_parser = at_least_one)]
         events: usize,
@@ -161,7 +167,7 @@ enum Command {
 
 /// Where the running courier is.
 #[derive(Args)]
-struct Remote {
+struct Target {
     /// courier's base URL.
     #[arg(long, env = "COURIER_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -173,9 +179,46 @@ struct Remote {
     json: bool,
 }
 
+/// Where the running courier is, and how long to wait for it.
+#[derive(Args)]
+struct Remote {
+    #[command(flatten)]
+    target: Target,
+    /// How long a request to courier may take in all, like "30s" or "2m" (connecting: at
+    /// most 10s of it).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
+    timeout: Duration,
+}
+
 impl Remote {
-    fn api(&self) -> Api {
-        Api::new(&self.url, self.token.clone())
+    fn api(&self) -> anyhow::Result<Api> {
+        Api::new(&self.target.url, self.target.token.clone(), self.timeout)
+    }
+}
+
+/// A duration flag above zero (`--timeout`).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match crate::config::parse_duration(s)? {
+        d if d.is_zero() => Err("must be greater than 0".into()),
+        d => Ok(d),
+    }
+}
+
+/// A delivery status, as `GET /v1/deliveries?status=` takes it.
+#[derive(Clone, Copy, ValueEnum)]
+enum Status {
+    Pending,
+    Delivered,
+    Dead,
+    Dropped,
+}
+
+impl Status {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .expect("every status has a name")
+            .get_name()
+            .to_string()
     }
 }
 
@@ -185,9 +228,8 @@ enum DeliveriesCmd {
     List {
         #[command(flatten)]
         remote: Remote,
-        /// pending, delivered, dead or dropped.
-        #[arg(long)]
-        status: Option<String>,
+        #[arg(long, value_enum)]
+        status: Option<Status>,
         #[command(flatten)]
         filter: Filter,
         #[command(flatten)]
@@ -195,6 +237,12 @@ enum DeliveriesCmd {
     },
     /// One delivery with every attempt.
     Show {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+    },
+    /// Start a new round of attempts for a dead, delivered or dropped delivery.
+    Replay {
         #[command(flatten)]
         remote: Remote,
         id: String,
@@ -212,12 +260,48 @@ enum DlqCmd {
         #[command(flatten)]
         page: Page,
     },
-    /// Requeue every dead delivery matching the filter.
+    /// Requeue every dead delivery matching the filter (without one, only with --all).
     Replay {
         #[command(flatten)]
         remote: Remote,
         #[command(flatten)]
         filter: Filter,
+        /// Requeue every dead delivery (needed when no filter is given).
+        #[arg(long, conflicts_with_all = ["endpoint", "since", "until"])]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointsCmd {
+    /// Every endpoint, from the config file and made through the API, by name.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        /// Only the endpoints of this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        page: Page,
+    },
+    /// Hold an endpoint's deliveries (kept across restarts) until it is resumed.
+    Pause {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Let a paused endpoint's deliveries go again.
+    Resume {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Send the endpoint a `courier.test` event and show its first attempt (exit 1 unless it
+    /// was accepted).
+    Test {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
     },
 }
 
@@ -248,9 +332,9 @@ impl Filter {
 /// Which page of a listing.
 #[derive(Args)]
 struct Page {
-    /// Rows per page (1–1000, default 50).
-    #[arg(long)]
-    limit: Option<usize>,
+    /// Rows per page, 1 to 1000 (default: 50 deliveries, 100 endpoints).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: Option<u16>,
     /// `next_cursor` of the previous page.
     #[arg(long)]
     cursor: Option<String>,
@@ -263,6 +347,43 @@ impl Page {
             ("cursor", self.cursor.clone()),
         ]
     }
+}
+
+/// The command that lists the next page: `command` and the query it was given (less the
+/// cursor, which the next page's replaces), each value quoted for a POSIX shell.
+fn next_page_command(command: &str, query: &[(&str, Option<String>)]) -> String {
+    let mut line = format!("courier {command}");
+    for (k, v) in query {
+        if let Some(v) = v
+            && *k != "cursor"
+        {
+            line.push_str(&format!(" --{k} {}", shell_word(v)));
+        }
+    }
+    line
+}
+
+/// `s` as one word for a POSIX shell: bare when that is safe, else in single quotes.
+fn shell_word(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_.:/@%+=,".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Ends the process as clap ends it on a usage error (exit 2): `message`, then the usage
+/// of the subcommand at `path`.
+fn usage_error(path: &[&str], kind: clap::error::ErrorKind, message: String) -> ! {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    cli.build();
+    let mut cmd = &mut cli;
+    for name in path {
+        cmd = cmd.find_subcommand_mut(name).expect("a subcommand");
+    }
+    cmd.error(kind, message).exit()
 }
 
 pub fn main() -> ExitCode {
@@ -288,7 +409,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("courier: {e:#}");
+            // The error may quote a server's answer: no control characters reach the terminal.
+            eprintln!("courier: {}", table::clean(&format!("{e:#}"), true));
             // `verify` tells a webhook that does not verify (1) from one it could not read (2).
             if e.downcast_ref::<Unreadable>().is_some() {
                 ExitCode::from(2)
@@ -384,26 +506,28 @@ fn operator(command: Command) -> anyhow::Result<()> {
                         page,
                     },
             } => {
-                let mut query = vec![("status", status)];
+                let mut query = vec![("status", status.map(Status::name))];
                 query.extend(filter.pairs());
                 query.extend(page.pairs());
-                let v = remote.api().get("/v1/deliveries", &query).await?;
-                show(&remote, &v, client::deliveries_table);
+                let v = remote.api()?.get(&["v1", "deliveries"], &query).await?;
+                let more = next_page_command("deliveries list", &query);
+                show(&remote, &v, |v| client::deliveries_table(v, &more));
             }
             Command::Deliveries {
                 cmd: DeliveriesCmd::Show { remote, id },
             } => {
-                let v = remote
-                    .api()
-                    .get(
-                        &format!(
-                            "/v1/deliveries/{}",
-                            url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
-                        ),
-                        &[],
-                    )
-                    .await?;
+                let v = remote.api()?.get(&["v1", "deliveries", &id], &[]).await?;
                 show(&remote, &v, client::delivery_detail);
+            }
+            Command::Deliveries {
+                cmd: DeliveriesCmd::Replay { remote, id },
+            } => {
+                let v = remote
+                    .api()?
+                    .post_raw(&["v1", "deliveries", &id, "replay"], None)
+                    .await?
+                    .value;
+                show(&remote, &v, client::replayed);
             }
             Command::Dlq {
                 cmd:
@@ -415,11 +539,17 @@ fn operator(command: Command) -> anyhow::Result<()> {
             } => {
                 let mut query = filter.pairs();
                 query.extend(page.pairs());
-                let v = remote.api().get("/v1/dlq", &query).await?;
-                show(&remote, &v, client::deliveries_table);
+                let v = remote.api()?.get(&["v1", "dlq"], &query).await?;
+                let more = next_page_command("dlq list", &query);
+                show(&remote, &v, |v| client::deliveries_table(v, &more));
             }
             Command::Dlq {
-                cmd: DlqCmd::Replay { remote, filter },
+                cmd:
+                    DlqCmd::Replay {
+                        remote,
+                        filter,
+                        all,
+                    },
             } => {
                 let mut body = json!({});
                 for (k, v) in filter.pairs() {
@@ -427,17 +557,80 @@ fn operator(command: Command) -> anyhow::Result<()> {
                         // An empty filter would widen the replay to everything (an unset
                         // shell variable, say): refuse it.
                         if v.trim().is_empty() {
-                            anyhow::bail!(
-                                "--{k} is empty; leave it out to replay every dead delivery"
+                            usage_error(
+                                &["dlq", "replay"],
+                                clap::error::ErrorKind::ValueValidation,
+                                format!(
+                                    "--{k} is empty: an empty filter value is refused rather than read as \"all\"; give a value, or leave --{k} out"
+                                ),
                             );
                         }
                         body[k] = v.into();
                     }
                 }
-                let v = remote.api().post("/v1/dlq/replay", &body).await?;
-                show(&remote, &v, |v| {
-                    format!("requeued {} dead deliveries\n", v["requeued"])
-                });
+                if body.as_object().is_some_and(|b| b.is_empty()) && !all {
+                    usage_error(
+                        &["dlq", "replay"],
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "no filter given: name the dead deliveries to requeue with --endpoint, --since or --until, or give --all to requeue every one".into(),
+                    );
+                }
+                let v = remote.api()?.post(&["v1", "dlq", "replay"], &body).await?;
+                show(&remote, &v, client::dlq_replayed);
+            }
+            Command::Endpoints {
+                cmd:
+                    EndpointsCmd::List {
+                        remote,
+                        tenant,
+                        page,
+                    },
+            } => {
+                let mut query = vec![("tenant", tenant)];
+                query.extend(page.pairs());
+                let v = remote.api()?.get(&["v1", "endpoints"], &query).await?;
+                let more = next_page_command("endpoints list", &query);
+                show(&remote, &v, |v| client::endpoints_table(v, &more));
+            }
+            Command::Endpoints {
+                cmd: EndpointsCmd::Pause { remote, name },
+            } => {
+                let v = remote
+                    .api()?
+                    .post_raw(&["v1", "endpoints", &name, "pause"], None)
+                    .await?
+                    .value;
+                show(&remote, &v, client::paused);
+            }
+            Command::Endpoints {
+                cmd: EndpointsCmd::Resume { remote, name },
+            } => {
+                let v = remote
+                    .api()?
+                    .post_raw(&["v1", "endpoints", &name, "resume"], None)
+                    .await?
+                    .value;
+                show(&remote, &v, client::paused);
+            }
+            Command::Endpoints {
+                cmd: EndpointsCmd::Test { remote, name },
+            } => {
+                let v = remote
+                    .api()?
+                    .post_raw(&["v1", "endpoints", &name, "test"], None)
+                    .await?
+                    .value;
+                show(&remote, &v, client::tested);
+                // The report first, then whether the endpoint took the event.
+                if v["success"] != true {
+                    if v["attempt"].is_null() {
+                        anyhow::bail!(
+                            "the test delivery had no attempt yet; see `courier deliveries show {}`",
+                            shell_word(v["delivery_id"].as_str().unwrap_or("?"))
+                        );
+                    }
+                    anyhow::bail!("endpoint `{name}` did not accept the test event");
+                }
             }
             Command::Stats {
                 remote,
@@ -445,8 +638,8 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 since,
             } => {
                 let v = remote
-                    .api()
-                    .get("/v1/stats", &[("endpoint", endpoint), ("since", since)])
+                    .api()?
+                    .get(&["v1", "stats"], &[("endpoint", endpoint), ("since", since)])
                     .await?;
                 show(&remote, &v, client::stats_text);
             }
@@ -466,22 +659,21 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     id.as_deref(),
                     idempotency_key.as_deref(),
                 )?;
-                let v = remote.api().post_raw("/v1/events", body).await?;
-                show(&remote, &v, |v| {
-                    let mut out = format!("accepted event {}\n", v["id"].as_str().unwrap_or("?"));
-                    for d in v["deliveries"]
-                        .as_array()
-                        .map(|a| a.as_slice())
-                        .unwrap_or_default()
-                    {
-                        out.push_str(&format!(
-                            "  delivery {} -> {}\n",
-                            d["id"].as_str().unwrap_or("?"),
-                            d["endpoint"].as_str().unwrap_or("?")
-                        ));
-                    }
-                    out
-                });
+                let answer = remote
+                    .api()?
+                    .post_raw(&["v1", "events"], Some(body))
+                    .await?;
+                // courier answers a repeated idempotency key with the first answer, marked
+                // only by this header.
+                let replayed = answer
+                    .headers
+                    .get("idempotent-replayed")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+                let mut v = answer.value;
+                if replayed && let Some(o) = v.as_object_mut() {
+                    o.insert("idempotent_replayed".into(), true.into());
+                }
+                show(&remote, &v, |v| client::sent(v, replayed));
             }
             Command::Bench {
                 remote,
@@ -502,20 +694,13 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 // on -n (the sequence number's digits).
                 let min = crate::bench::min_size(events);
                 if size < min {
-                    use clap::CommandFactory;
-                    let mut cli = Cli::command();
-                    cli.build();
-                    let bench = cli
-                        .find_subcommand_mut("bench")
-                        .expect("the bench subcommand");
-                    bench
-                        .error(
-                            clap::error::ErrorKind::ValueValidation,
-                            format!(
-                                "invalid value '{size}' for '--size <SIZE>': the payload's own fields (send time, sequence number) take {min} bytes with -n {events}; give -s {min} or more"
-                            ),
-                        )
-                        .exit();
+                    usage_error(
+                        &["bench"],
+                        clap::error::ErrorKind::ValueValidation,
+                        format!(
+                            "invalid value '{size}' for '--size <SIZE>': the payload's own fields (send time, sequence number) take {min} bytes with -n {events}; give -s {min} or more"
+                        ),
+                    );
                 }
                 let token = remote.token.clone().ok_or_else(|| {
                     anyhow::anyhow!(
@@ -558,11 +743,13 @@ fn operator(command: Command) -> anyhow::Result<()> {
     })
 }
 
+/// Prints courier's answer: its JSON with `--json`, else `human`'s text, in which no control
+/// character (from a receiver's answer, say) reaches the terminal.
 fn show(remote: &Remote, v: &serde_json::Value, human: impl Fn(&serde_json::Value) -> String) {
-    if remote.json {
+    if remote.target.json {
         client::print_json(v);
     } else {
-        print!("{}", human(v));
+        print!("{}", table::clean(&human(v), true));
     }
 }
 

@@ -10,7 +10,7 @@ use crate::harness::*;
 
 const T: Duration = Duration::from_secs(15);
 
-async fn run(
+pub(crate) async fn run(
     args: Vec<String>,
     env: Vec<(&'static str, String)>,
     stdin: Option<Vec<u8>>,
@@ -38,11 +38,11 @@ async fn run(
     .unwrap()
 }
 
-fn args(list: &[&str]) -> Vec<String> {
+pub(crate) fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-fn out(o: &Output) -> String {
+pub(crate) fn out(o: &Output) -> String {
     assert!(
         o.status.success(),
         "exit {:?}: {}",
@@ -595,7 +595,7 @@ async fn bench_against_a_courier_that_refuses_loopback_says_why_at_once() {
 
 /// Runs `courier bench …` as [`run`] does, but kills it and fails the test if it has not
 /// ended within `limit` (a tool that hangs must not hang the test suite).
-async fn run_within(
+pub(crate) async fn run_within(
     args: Vec<String>,
     env: Vec<(&'static str, String)>,
     limit: Duration,
@@ -1141,7 +1141,7 @@ async fn client_commands_refuse_an_empty_filter_and_an_answer_that_is_not_courie
     assert!(err.contains("not courier's JSON answer"), "{err}");
     // An unset variable must not widen a replay to every dead delivery.
     let o = run(args(&["dlq", "replay", "--endpoint", ""]), env, None).await;
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(2), "a usage error: {o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--endpoint is empty"), "{err}");
     assert!(other.received().len() == 1, "the replay was never sent");

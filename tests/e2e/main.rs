@@ -4,6 +4,7 @@ mod harness;
 
 mod api;
 mod cli;
+mod cli_operator;
 mod controls;
 mod crash;
 mod delivery;
