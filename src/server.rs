@@ -312,12 +312,14 @@ async fn retention(app: Arc<App>) {
                         || round.keys_expired > 0
                         || round.channels_purged > 0
                         || round.events_purged > 0
+                        || round.rollups_purged > 0
                     {
                         tracing::debug!(
                             purged = round.purged,
                             keys_expired = round.keys_expired,
                             channels = round.channels_purged,
                             unrouted_events = round.events_purged,
+                            rollups = round.rollups_purged,
                             "retention purge"
                         );
                     }

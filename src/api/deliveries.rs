@@ -127,6 +127,11 @@ async fn replay(
     if !result.not_found.is_empty() {
         return Err(ApiError::not_found(format!("no delivery `{id}`")));
     }
+    if !result.unreadable.is_empty() {
+        return Err(ApiError::internal(format!(
+            "delivery `{id}` cannot be read (a damaged record): not replayed"
+        )));
+    }
     if !result.earlier_endpoint.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -106,6 +106,7 @@ async fn replay(
     let started = crate::model::now_ms();
     let mut n = 0usize;
     let mut skipped = 0usize;
+    let mut unreadable = 0usize;
     let mut shown: Vec<String> = Vec::new();
     loop {
         if app.shutdown.is_cancelled() {
@@ -135,10 +136,26 @@ async fn replay(
                     },
                     app.endpoints.births(),
                 )
-                .await?
+                .await
+        };
+        let page = match page {
+            Ok(page) => page,
+            // Earlier pages are requeued for good: the answer says so, since "this request
+            // changed nothing" is what an error from the store would otherwise mean.
+            Err(e) if n > 0 => {
+                let mut err = ApiError::from(e);
+                tracing::warn!(requeued = n, error = %err.message, "DLQ bulk replay stopped part way");
+                err.message = format!(
+                    "{}: {n} dead deliveries were requeued before it; replay again for the rest",
+                    err.message
+                );
+                return Err(err);
+            }
+            Err(e) => return Err(e.into()),
         };
         n += page.requeued.len();
         skipped += page.earlier_endpoint.len();
+        unreadable += page.unreadable.len();
         app.metrics.replays.inc_by(page.requeued.len() as u64);
         let endpoints: BTreeSet<&str> = page.requeued.iter().map(|d| d.endpoint.as_str()).collect();
         for e in &endpoints {
@@ -157,6 +174,7 @@ async fn replay(
     tracing::info!(
         requeued = n,
         skipped_deleted_endpoint = skipped,
+        skipped_unreadable = unreadable,
         "DLQ bulk replay"
     );
     Ok((
@@ -166,6 +184,7 @@ async fn replay(
             "deliveries": shown,
             "deliveries_truncated": n > shown.len(),
             "skipped_deleted_endpoint": skipped,
+            "skipped_unreadable": unreadable,
         })),
     ))
 }

@@ -367,6 +367,12 @@ pub fn dlq_replayed(v: &Value) -> String {
             "skipped {skipped} whose endpoint was deleted (an endpoint made since under the same name is not their destination)\n"
         ));
     }
+    let unreadable = v["skipped_unreadable"].as_u64().unwrap_or(0);
+    if unreadable > 0 {
+        out.push_str(&format!(
+            "skipped {unreadable} whose records cannot be read (damaged; see courier's log)\n"
+        ));
+    }
     if v["deliveries_truncated"] == true {
         out.push_str(&format!(
             "the answer names only the first {} requeued deliveries (--json lists them)\n",

@@ -193,6 +193,9 @@ pub struct PurgeCursor {
     pub(crate) status: usize,
     /// The last delivery id examined in that status (empty: from the start).
     pub(crate) after: String,
+    /// Whether the sweep has deleted every attempt rollup of a minute before its cutoff
+    /// (a round deletes at most its limit of them, and stops looking once done).
+    pub(crate) rollups_done: bool,
 }
 
 /// The statuses retention purges, in the order a sweep takes them.
@@ -203,9 +206,9 @@ pub(crate) const FINISHED: [DeliveryStatus; 3] = [
 ];
 
 impl PurgeCursor {
-    /// Whether every finished delivery has been examined.
+    /// Whether every finished delivery, and every rollup, has been examined.
     pub fn finished(&self) -> bool {
-        self.status >= FINISHED.len()
+        self.status >= FINISHED.len() && self.rollups_done
     }
 }
 
@@ -220,6 +223,8 @@ pub struct PurgeRound {
     pub channels_purged: usize,
     /// Events stored with no deliveries (no endpoint subscribed) deleted.
     pub events_purged: usize,
+    /// Attempt rollups (an endpoint's minute of statistics) deleted.
+    pub rollups_purged: usize,
     /// Where the next round goes on.
     pub cursor: PurgeCursor,
 }
@@ -232,6 +237,8 @@ pub struct ReplayResult {
     /// Finished before their endpoint was made, or their endpoint is gone (see [`Births`]):
     /// not replayed.
     pub earlier_endpoint: Vec<String>,
+    /// Records that could not be read (damaged): not replayed, reported in the log.
+    pub unreadable: Vec<String>,
     /// For a page of dead deliveries: the last id examined, if more may follow.
     pub next: Option<String>,
 }
@@ -486,8 +493,8 @@ impl Store {
             txn.open_table(PENDING)?;
             let mut by_status = txn.open_table(BY_STATUS)?;
             txn.open_table(DEAD_BY_ENDPOINT)?;
-            txn.open_table(IDEMPOTENCY)?;
-            txn.open_table(IDEMPOTENCY_AGE)?;
+            let idempotency = txn.open_table(IDEMPOTENCY)?;
+            let mut idempotency_age = txn.open_table(IDEMPOTENCY_AGE)?;
             txn.open_table(ROLLUPS)?;
             let channels = txn.open_table(CHANNELS)?;
             txn.open_table(TIMERS)?;
@@ -513,6 +520,15 @@ impl Store {
                 build_dead_by_endpoint(&txn, &by_status)?;
                 meta.insert(DEAD_BY_ENDPOINT_BUILT, 1)?;
             }
+            if meta.get(IDEMPOTENCY_AGE_BUILT)?.is_none() {
+                for row in idempotency.iter()? {
+                    let (k, v) = row?;
+                    let (key_id, key) = k.value();
+                    idempotency_age.insert((v.value().0, key_id, key), ())?;
+                }
+                meta.insert(IDEMPOTENCY_AGE_BUILT, 1)?;
+            }
+            drop((idempotency, idempotency_age));
             if meta.get(CHANNELS_DONE_BUILT)?.is_none() {
                 let mut done = txn.open_table(CHANNELS_DONE)?;
                 for row in channels.iter()? {
@@ -1098,7 +1114,14 @@ impl Store {
             examined += 1;
             last_examined = Some(id.to_string());
             if let Some(v) = deliveries.get(id)? {
-                let d: Delivery = decode(v.value(), "delivery")?;
+                // One damaged record does not make every page that holds it unreadable.
+                let d: Delivery = match decode(v.value(), "delivery") {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!(delivery = %id, error = %e, "a listing skips a delivery it cannot read");
+                        return Ok(out.len() >= want || examined >= SCAN_CAP);
+                    }
+                };
                 if filter.endpoint.as_deref().is_none_or(|e| e == d.endpoint)
                     && filter.status.is_none_or(|s| s == d.status)
                 {
@@ -2695,6 +2718,161 @@ pub(crate) mod tests {
         assert!(store.delivery(&ids[2]).unwrap().is_none());
         // The store goes on taking changes.
         store.append(to("e", 9)).await.unwrap();
+    }
+
+    /// One event fanned out to many endpoints: its deliveries go over several rounds, and the
+    /// event stays until its last delivery has gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_keeps_a_fanned_out_event_until_its_last_delivery_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        let mut b = batch("fan", 1_000);
+        let first = b.deliveries[0].clone();
+        b.deliveries = (0..1_200)
+            .map(|n| Delivery {
+                id: new_id("dlv"),
+                endpoint: format!("e{n}"),
+                ..first.clone()
+            })
+            .collect();
+        b.event.delivery_ids = b.deliveries.iter().map(|d| d.id.clone()).collect();
+        let (event, ids) = (b.event.id.clone(), b.event.delivery_ids.clone());
+        store.append(b).await.unwrap();
+        for id in &ids {
+            deliver(&store, id).await;
+        }
+        let cut = crate::model::now_ms() + 1;
+        let round = store
+            .purge(cut, 0, 500, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.purged, 500);
+        assert!(
+            store.event(&event).unwrap().is_some(),
+            "700 deliveries left"
+        );
+        assert_eq!(sweep(&store, cut, 500).await, 700);
+        assert!(
+            store.event(&event).unwrap().is_none(),
+            "the last one took it"
+        );
+        assert!(ids.iter().all(|id| store.delivery(id).unwrap().is_none()));
+    }
+
+    /// Old attempt statistics go a limited number a round (a retention lowered from a month
+    /// to a day leaves millions), and the sweep goes on until none is left.
+    #[tokio::test]
+    async fn retention_deletes_old_rollups_a_limited_number_a_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let minute = 60_000u64;
+        // 600 minutes of statistics for each of two endpoints, from an attempt log.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(ATTEMPT_LOG).unwrap();
+                for m in 0..600u64 {
+                    for (n, endpoint) in ["a", "b"].into_iter().enumerate() {
+                        let entry = encode(&AttemptLogEntry {
+                            endpoint: endpoint.into(),
+                            duration_ms: 10,
+                            success: true,
+                        });
+                        log.insert((m * minute, "dlv_1", n as u32), entry.as_slice())
+                            .unwrap();
+                    }
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        assert_eq!(store.attempt_stats(0, None).unwrap().attempts, 1_200);
+        // The first 550 minutes of each are past the cutoff: 1,100 rows, in rounds of 500.
+        let cut = 550 * minute;
+        let mut cursor = PurgeCursor::default();
+        let mut rounds = Vec::new();
+        loop {
+            let round = store.purge(cut, 0, 500, cursor).await.unwrap();
+            rounds.push(round.rollups_purged);
+            if round.cursor.finished() {
+                break;
+            }
+            cursor = round.cursor;
+        }
+        assert_eq!(rounds, [500, 500, 100]);
+        assert_eq!(store.attempt_stats(0, None).unwrap().attempts, 100);
+        assert_eq!(store.attempt_stats(0, Some("b")).unwrap().attempts, 50);
+    }
+
+    /// A damaged dead record neither stops a bulk replay (every later one would stop at it)
+    /// nor makes the dead-letter listing fail: it is passed over and reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_and_listing_get_past_a_record_they_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let ids = appended(&store, "e", 3).await;
+        for id in &ids {
+            let reason = "gave up".to_string();
+            attempted(&store, id, 500, Next::Dead { reason }).await;
+        }
+        let store = reopen_as_before(store, &path, "no such flag", |txn| {
+            txn.open_table(DELIVERIES)
+                .unwrap()
+                .insert(ids[1].as_str(), b"\xffnot a delivery".as_slice())
+                .unwrap();
+        });
+        let filter = Filter {
+            status: Some(DeliveryStatus::Dead),
+            ..Filter::default()
+        };
+        let (page, _) = store.list(&filter, 10, None).unwrap();
+        let mut listed: Vec<String> = page.into_iter().map(|d| d.id).collect();
+        listed.sort();
+        assert_eq!(listed, [ids[0].clone(), ids[2].clone()]);
+        let result = store
+            .replay(
+                ReplayTarget::Dead {
+                    filter,
+                    after: String::new(),
+                    limit: 10,
+                    dead_before_ms: crate::model::now_ms() + 1,
+                },
+                config_endpoints(&["e"]),
+            )
+            .await
+            .unwrap();
+        let mut requeued: Vec<String> = result.requeued.into_iter().map(|d| d.id).collect();
+        requeued.sort();
+        assert_eq!(requeued, [ids[0].clone(), ids[2].clone()]);
+        assert_eq!(result.unreadable, [ids[1].clone()]);
+    }
+
+    /// Idempotency keys a database holds from before their age index existed are indexed
+    /// when it is opened, so that they expire like the others.
+    #[tokio::test]
+    async fn idempotency_keys_from_before_the_age_index_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        // Keys "e-0" and "e-1", created at 1,000 and 1,001.
+        appended(&store, "e", 2).await;
+        let key = |k: &str| IdempotencyKey {
+            key_id: "k".into(),
+            key: k.into(),
+        };
+        assert!(store.idempotent_reply(&key("e-0")).unwrap().is_some());
+        let store = reopen_as_before(store, &path, IDEMPOTENCY_AGE_BUILT, |txn| {
+            txn.delete_table(IDEMPOTENCY_AGE).unwrap();
+        });
+        let round = store
+            .purge(0, 1_001, 100, PurgeCursor::default())
+            .await
+            .unwrap();
+        assert_eq!(round.keys_expired, 1);
+        assert!(store.idempotent_reply(&key("e-0")).unwrap().is_none());
+        assert!(store.idempotent_reply(&key("e-1")).unwrap().is_some());
     }
 
     #[tokio::test]

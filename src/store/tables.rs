@@ -88,6 +88,9 @@ pub const DEAD_BY_ENDPOINT_BUILT: &str = "dead_by_endpoint_built";
 /// [`META`] key, set once [`CHANNELS_DONE`] holds every finished channel (databases made
 /// before it get it built when opened).
 pub const CHANNELS_DONE_BUILT: &str = "channels_done_built";
+/// [`META`] key, set once [`IDEMPOTENCY_AGE`] indexes every key of [`IDEMPOTENCY`]: keys
+/// written before the age index existed would otherwise never expire.
+pub const IDEMPOTENCY_AGE_BUILT: &str = "idempotency_age_built";
 /// [`META`] key, set once [`BY_STATUS`] holds no pending deliveries (databases made before it
 /// stopped indexing them are cleared of them when first opened).
 pub const BY_STATUS_NO_PENDING: &str = "by_status_no_pending";

@@ -946,9 +946,21 @@ impl<'t> Tables<'t> {
         };
         let now = now_ms();
         for id in ids {
-            let Some(old) = self.load(&id)? else {
-                result.not_found.push(id);
-                continue;
+            // A record that cannot be read is passed over (and reported), as retention does:
+            // failing would fail every change committed with this one, and every later bulk
+            // replay would stop at the same record.
+            let old = match self.load(&id) {
+                Ok(Some(old)) => old,
+                Ok(None) => {
+                    result.not_found.push(id);
+                    continue;
+                }
+                Err(StoreError::Corrupt(e)) => {
+                    tracing::error!(delivery = %id, error = %e, "replay skips a delivery it cannot read");
+                    result.unreadable.push(id);
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             if let ReplayTarget::Dead {
                 filter,
@@ -1001,7 +1013,7 @@ impl<'t> Tables<'t> {
         let hi = id_floor("dlv", before_ms);
         let mut cursor = from.clone();
         let mut victims = Vec::new();
-        while !cursor.finished() && victims.len() < limit {
+        while cursor.status < FINISHED.len() && victims.len() < limit {
             let status = FINISHED[cursor.status].as_str();
             let start = match cursor.after.as_str() {
                 "" => Bound::Included((status, "")),
@@ -1025,12 +1037,17 @@ impl<'t> Tables<'t> {
                     cursor = PurgeCursor {
                         status: cursor.status + 1,
                         after: String::new(),
+                        rollups_done: cursor.rollups_done,
                     }
                 }
                 false => cursor.after = victims.last().cloned().unwrap_or_default(),
             }
         }
         let mut purged = 0;
+        // The delivery ids of the events this round's deliveries belong to, each event read
+        // once (with its payload) rather than once per delivery: one event fanned out to
+        // thousands of endpoints has its deliveries purged together.
+        let mut siblings: HashMap<String, Option<Vec<String>>> = HashMap::new();
         for id in victims {
             // A record that cannot be read is left where it is (and reported): failing the
             // sweep would fail every change committed with it, and every later sweep would
@@ -1049,35 +1066,59 @@ impl<'t> Tables<'t> {
             }
             self.remove_delivery(&d, deltas)?;
             purged += 1;
-            let event: Option<Event> = match self.events.open()?.get(d.event_id.as_str())? {
-                Some(v) => match decode(v.value(), "event") {
-                    Ok(e) => Some(e),
-                    Err(e) => {
-                        tracing::error!(event = %d.event_id, error = %e, "retention keeps an event it cannot read");
-                        None
-                    }
-                },
-                None => None,
-            };
-            if let Some(event) = event {
+            if !siblings.contains_key(&d.event_id) {
+                let ids = match self.events.open()?.get(d.event_id.as_str())? {
+                    Some(v) => match decode::<Event>(v.value(), "event") {
+                        Ok(e) => Some(e.delivery_ids),
+                        Err(e) => {
+                            tracing::error!(event = %d.event_id, error = %e, "retention keeps an event it cannot read");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                siblings.insert(d.event_id.clone(), ids);
+            }
+            if let Some(Some(ids)) = siblings.get(&d.event_id) {
+                // From the last: deliveries are purged in id order, so a sibling still there
+                // is most likely a later one.
                 let mut remaining = false;
-                for other in &event.delivery_ids {
+                for other in ids.iter().rev() {
                     if self.deliveries.open()?.get(other.as_str())?.is_some() {
                         remaining = true;
                         break;
                     }
                 }
                 if !remaining {
-                    self.events.open()?.remove(event.id.as_str())?;
+                    self.events.open()?.remove(d.event_id.as_str())?;
+                    siblings.remove(&d.event_id);
                 }
             }
         }
-        // Attempt statistics of the minutes wholly before `before_ms`.
+        // Attempt statistics of the minutes wholly before `before_ms`, at most `limit` rows a
+        // round (a retention lowered from 30 days to one leaves millions), until none is left.
         let cutoff = minute(before_ms);
-        for name in super::rollup::endpoints(self.rollups.open()?)? {
-            self.rollups
-                .open()?
-                .retain_in((name.as_str(), 0)..(name.as_str(), cutoff), |_, _| false)?;
+        let mut rollups_purged = 0;
+        if !cursor.rollups_done {
+            let mut old = Vec::new();
+            for name in super::rollup::endpoints(self.rollups.open()?)? {
+                for row in self
+                    .rollups
+                    .open()?
+                    .range((name.as_str(), 0)..(name.as_str(), cutoff))?
+                    .take(limit - old.len())
+                {
+                    old.push((name.clone(), row?.0.value().1));
+                }
+                if old.len() >= limit {
+                    break;
+                }
+            }
+            rollups_purged = old.len();
+            for (name, at) in old {
+                self.rollups.open()?.remove((name.as_str(), at))?;
+            }
+            cursor.rollups_done = rollups_purged < limit;
         }
         let mut stale = Vec::new();
         for row in self
@@ -1137,6 +1178,7 @@ impl<'t> Tables<'t> {
             keys_expired,
             channels_purged,
             events_purged,
+            rollups_purged,
             cursor,
         })
     }

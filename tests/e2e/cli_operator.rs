@@ -277,7 +277,7 @@ async fn replays_need_a_filter_or_all_and_say_what_they_skipped() {
     .unwrap();
     assert_eq!(
         js,
-        json!({"requeued": 0, "deliveries": [], "deliveries_truncated": false, "skipped_deleted_endpoint": 1})
+        json!({"requeued": 0, "deliveries": [], "deliveries_truncated": false, "skipped_deleted_endpoint": 1, "skipped_unreadable": 0})
     );
     c.stop().await;
 }
