@@ -765,19 +765,29 @@ impl BenchEndpoint {
             );
             return;
         }
-        let deleted = self
-            .http
-            .delete(format!("{}/v1/endpoints/{name}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await;
-        let failure = match deleted {
-            Ok(r) if r.status().is_success() => return,
-            // Never made.
-            Ok(r) if r.status() == 404 && state == ASKED => return,
-            Ok(r) => r.status().to_string(),
-            Err(e) => transport_text(e),
-        };
+        // Twice if need be: a run whose requests courier refused (a 413 closes the
+        // connection after its answer) can leave a pooled connection that is closing as the
+        // delete goes out on it. A delete is safe to repeat; a 404 to the repeat means the
+        // first one did its work.
+        let mut failure = String::new();
+        for retry in [false, true] {
+            let deleted = self
+                .http
+                .delete(format!("{}/v1/endpoints/{name}", self.base))
+                .bearer_auth(&self.token)
+                .send()
+                .await;
+            failure = match deleted {
+                Ok(r) if r.status().is_success() => return,
+                // Never made, or deleted by the first try.
+                Ok(r) if r.status() == 404 && (state == ASKED || retry) => return,
+                Ok(r) => {
+                    failure = r.status().to_string();
+                    break;
+                }
+                Err(e) => transport_text(e),
+            };
+        }
         eprintln!(
             "courier bench: cannot delete the bench endpoint `{name}` ({failure}); delete it with DELETE /v1/endpoints/{name}"
         );
