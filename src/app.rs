@@ -21,7 +21,7 @@ pub struct App {
     pub store: Store,
     pub metrics: Metrics,
     /// The delivery client; rebuilt when `allow_private_networks` changes.
-    pub client: ArcSwap<reqwest::Client>,
+    pub client: ArcSwap<crate::deliver::client::Outbound>,
     /// What the config hot reload has done.
     pub reload_status: std::sync::Mutex<crate::reload::Status>,
     /// Held for a whole reload (read, validate, load plugins, apply), so that a watch event,

@@ -1206,6 +1206,16 @@ fn parse_http_url(text: &str, key: &str) -> Result<url::Url, ConfigError> {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim())
         .map_err(|e| format!("`{text}` is not a duration like \"500ms\", \"5s\", \"2m\" ({e})"))?;
+    // The parser reads a capital `M` as months: `timeout = "5M"` meant as minutes would be
+    // five months, and accepted.
+    if text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .any(|unit| unit == "M")
+    {
+        return Err(format!(
+            "`{text}`: `M` means months here; write `m` for minutes, or `months`"
+        ));
+    }
     if d > MAX_DURATION {
         return Err(format!(
             "`{text}` is longer than the longest allowed, 10 years"
@@ -1301,9 +1311,29 @@ fn resolve_value(v: &mut toml::Value, key: &str) -> Result<(), ConfigError> {
     match v {
         toml::Value::String(s) => {
             if let Some(name) = s.strip_prefix("env:") {
-                *s = std::env::var(name).map_err(|_| {
-                    ConfigError::invalid(key, format!("environment variable {name} is not set"))
-                })?;
+                *s = match std::env::var(name) {
+                    // An empty value would pass where any text does (a header, a plugin's
+                    // config) and send an empty credential: a variable set by mistake.
+                    Ok(v) if v.is_empty() => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            format!("environment variable {name} is empty"),
+                        ));
+                    }
+                    Ok(v) => v,
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            format!("environment variable {name} is not UTF-8 text"),
+                        ));
+                    }
+                    Err(std::env::VarError::NotPresent) => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            format!("environment variable {name} is not set"),
+                        ));
+                    }
+                };
             }
         }
         toml::Value::Array(items) => {
@@ -1464,6 +1494,41 @@ mod tests {
         .to_string();
         assert!(!e.contains("PASSWORD") && !e.contains("QUERYSECRET"), "{e}");
         assert!(e.contains("ftp://u:…@example.com/h?…"), "{e}");
+    }
+
+    /// A variable set to nothing is refused, naming the key and the variable: an empty
+    /// header or plugin setting would otherwise go out as an empty credential.
+    #[test]
+    fn an_empty_environment_variable_is_refused() {
+        // SAFETY: a variable of this test's own, set before anything reads it.
+        unsafe { std::env::set_var("COURIER_TEST_EMPTY_VAR", "") };
+        let e = parse(
+            "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nheaders = { authorization = \"env:COURIER_TEST_EMPTY_VAR\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("endpoints[0].headers.authorization")
+                && e.contains("environment variable COURIER_TEST_EMPTY_VAR is empty"),
+            "{e}"
+        );
+    }
+
+    /// `M` is months to the duration parser: refused rather than taken for minutes.
+    #[test]
+    fn a_capital_m_in_a_duration_is_refused() {
+        let e = parse("[delivery]\ntimeout = \"5M\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("delivery.timeout") && e.contains("months"),
+            "{e}"
+        );
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(
+            parse_duration("1month").map(|d| d > Duration::from_secs(86_400 * 28)),
+            Ok(true)
+        );
     }
 
     #[test]

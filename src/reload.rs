@@ -148,9 +148,15 @@ async fn debounce(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
 }
 
 /// Re-reads the config file and applies it if valid. `force` applies even unchanged content
-/// (SIGHUP: environment variables it refers to may have changed). Blocking.
+/// (SIGHUP: an operator's explicit ask, which also reloads every plugin file; `env:` values
+/// come from the environment courier started with, so they cannot have changed). Blocking.
 pub fn reload(app: &Arc<App>, force: bool) {
     let _one_at_a_time = app.reloading.lock().expect("reload lock");
+    // Stopping: a reload now (compiling plugins, say) could outlast the tasks the shutdown
+    // waits for, and would configure what is being taken down.
+    if app.shutdown.is_cancelled() {
+        return;
+    }
     // No API endpoint is made or changed meanwhile: the new configuration is checked against
     // the API endpoints (their transforms must still exist), and one built against the old
     // configuration but installed after that check would escape it.
@@ -199,17 +205,17 @@ pub fn reload(app: &Arc<App>, force: bool) {
             .iter()
             .map(|p| (p.clone(), crate::watch::look(p)))
             .collect();
-        match app.plugins.load_all(&new.plugins, &app.metrics) {
-            Ok(()) => Ok(new),
+        match app.plugins.stage(&new.plugins, &app.metrics) {
+            Ok(staged) => Ok((new, staged)),
             Err(errors) => Err(format!("{}: {}", path.display(), errors.join("; "))),
         }
     });
     match loaded {
-        Ok(new) => {
+        Ok((new, staged)) => {
             for w in new.key_warnings() {
                 tracing::warn!("{w}");
             }
-            let restart_needed = apply(app, new);
+            let restart_needed = apply(app, new, staged);
             app.plugins.forget_unconfigured(&app.config.load().plugins);
             // Unloaded a little later, against the configuration running then (a plugin
             // named again meanwhile stays). Not past shutdown: the wait holds the app, and
@@ -299,7 +305,7 @@ fn keep_running<T: PartialEq + Clone + std::fmt::Debug>(
 /// secrets take effect for the next attempt; in-flight attempts finish with what they had.
 /// Returns the keys that changed but only apply at the next start (their running values
 /// are kept, and each is logged).
-fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
+fn apply(app: &Arc<App>, mut new: Config, plugins: crate::plugins::Staged) -> Vec<String> {
     let old = app.config.load_full();
     let mut restart_needed = Vec::new();
     // The listener, the store and the watchers were set up with these at start.
@@ -335,6 +341,15 @@ fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
         &old.delivery.max_attempts_in_flight,
         &mut restart_needed,
     );
+    // A default public URL names the address courier listens on: made from a `listen` that
+    // waits for a restart, callback URLs would name a port nobody answers on.
+    if new.server.public_url_defaulted && restart_needed.iter().any(|k| k == "server.listen") {
+        new.server.public_url = if old.server.public_url_defaulted {
+            old.server.public_url.clone()
+        } else {
+            format!("http://{}", app.addr)
+        };
+    }
     new.resolve_public_url(app.addr);
     if new.keys.is_empty() {
         let path = old.server.data_dir.join(app::GENERATED_KEY_FILE);
@@ -355,6 +370,9 @@ fn apply(app: &Arc<App>, mut new: Config) -> Vec<String> {
         app.client
             .store(Arc::new(client::build(new.delivery.allow_private_networks)));
     }
+    // The plugins it names go live with it: endpoints that still name a plugin by its old
+    // kind or settings do so until this moment, and those of the new configuration from it.
+    app.plugins.publish(plugins, &app.metrics);
     let touched = app.endpoints.set_config(&new);
     app.config.store(Arc::new(new));
     // Wake every worker so that changed limits apply now and removed endpoints' workers stop,

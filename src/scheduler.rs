@@ -725,12 +725,12 @@ async fn run_attempt(
     };
     let client = app.client.load_full();
     let result = deliver::send(
-        &client,
+        &client.http,
         out,
         &ep.signing_secrets(now_ms()),
         &event.id,
         ep.timeout,
-        delivery_cfg.allow_private_networks,
+        client.allow_private_networks,
         &[],
     )
     .await;

@@ -74,8 +74,23 @@ impl Resolve for GuardedResolver {
     }
 }
 
+/// The delivery client with the SSRF setting its resolver was built with: one value, so
+/// that an attempt checks an IP-literal URL (which bypasses the resolver) by the same setting
+/// its name lookups use, even as a reload swaps in a client with the other one.
+pub struct Outbound {
+    pub http: reqwest::Client,
+    pub allow_private_networks: bool,
+}
+
 /// Builds the delivery client.
-pub fn build(allow_private_networks: bool) -> reqwest::Client {
+pub fn build(allow_private_networks: bool) -> Outbound {
+    Outbound {
+        http: http(allow_private_networks),
+        allow_private_networks,
+    }
+}
+
+fn http(allow_private_networks: bool) -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
@@ -233,7 +248,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let client = build(true);
+        let client = build(true).http;
         for path in ["/hooks", "/tls-handshake/certificate"] {
             let err = client
                 .post(format!("http://127.0.0.1:{port}{path}"))

@@ -103,6 +103,13 @@ pub struct Plugins {
     threads: CallThreads,
 }
 
+/// Plugins compiled for a configuration, not yet live (see [`Plugins::stage`]).
+pub struct Staged {
+    next: HashMap<String, Arc<Loaded>>,
+    fresh: Vec<String>,
+    configs: Vec<PluginConfig>,
+}
+
 /// As many permits as the host has call slots: a call that would only wait for a slot waits
 /// here, on the async side, holding no thread.
 struct CallThreads(Arc<tokio::sync::Semaphore>);
@@ -245,6 +252,22 @@ impl Plugins {
     /// ([`Plugins::RETIRE_GRACE`]), after which [`Plugins::retire_unconfigured`] removes
     /// them. (Unloading them first would fail those calls as `plugin_missing`.)
     pub fn load_all(&self, configs: &[PluginConfig], metrics: &Metrics) -> Result<(), Vec<String>> {
+        let staged = self.stage(configs, metrics)?;
+        self.publish(staged, metrics);
+        Ok(())
+    }
+
+    /// The first half of [`Plugins::load_all`]: compiles what `configs` name that is not
+    /// loaded as it is, and reports every failure, without making anything live. A reload
+    /// publishes the result with its configuration, so that no call made under the running
+    /// one meets a plugin changed for the next (a transform made a backoff, say). Whoever
+    /// stages holds what keeps the set of plugins from changing until it publishes (the
+    /// reload lock).
+    pub fn stage(
+        &self,
+        configs: &[PluginConfig],
+        metrics: &Metrics,
+    ) -> Result<Staged, Vec<String>> {
         let _changing = self.changes.lock().expect("plugin changes");
         let current = self.loaded.load_full();
         let mut next = HashMap::new();
@@ -273,9 +296,26 @@ impl Plugins {
         if !errors.is_empty() {
             return Err(errors);
         }
+        Ok(Staged {
+            next,
+            fresh,
+            configs: configs.to_vec(),
+        })
+    }
+
+    /// Makes what [`Plugins::stage`] compiled live, keeping loaded every plugin it does not
+    /// name (see [`Plugins::load_all`]).
+    pub fn publish(&self, staged: Staged, metrics: &Metrics) {
+        let _changing = self.changes.lock().expect("plugin changes");
+        let Staged {
+            mut next,
+            fresh,
+            configs,
+        } = staged;
+        let current = self.loaded.load_full();
         let mut status = self.status.lock().expect("plugin status");
         let mut forgotten = self.forgotten.lock().expect("plugin status");
-        for cfg in configs {
+        for cfg in &configs {
             // Named again while still loaded: listed again as it was.
             if let Some(st) = forgotten.remove(&cfg.name) {
                 status.entry(cfg.name.clone()).or_insert(st);
@@ -292,7 +332,6 @@ impl Plugins {
             next.entry(name.clone()).or_insert_with(|| old.clone());
         }
         self.loaded.store(Arc::new(next));
-        Ok(())
     }
 
     /// How long a plugin the running configuration no longer names stays loaded: an attempt

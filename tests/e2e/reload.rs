@@ -377,6 +377,21 @@ async fn settings_only_a_restart_applies_are_kept_and_reported() {
     c.stop().await;
 }
 
+/// A changed `listen` waits for a restart, and so does the default public URL made from it:
+/// callback URLs keep naming the address courier answers on.
+#[tokio::test]
+async fn a_listen_change_waiting_for_a_restart_leaves_callback_urls_on_the_running_address() {
+    let c = Courier::start_file(DELIVERY_FAST).await;
+    let before = c.app().config.load().server.public_url.clone();
+    assert_eq!(before, c.base, "the default names the bound address");
+    let text = base_config(&c.dir.path().join("data"), DELIVERY_FAST);
+    c.rewrite_config_text(&text.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\""));
+    let st = c.wait_config(|st| st["version"] == 2).await;
+    assert_eq!(st["restart_needed"], json!(["server.listen"]), "{st}");
+    assert_eq!(c.app().config.load().server.public_url, before);
+    c.stop().await;
+}
+
 /// A plugin a reload drops is unloaded 30 s later; that wait must not keep the database
 /// open past a stop, or the data dir could not be opened again (as a restart would).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
