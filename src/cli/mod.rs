@@ -185,14 +185,26 @@ struct Remote {
     #[command(flatten)]
     target: Target,
     /// How long a request to courier may take in all, like "30s" or "2m" (connecting: at
-    /// most 10s of it).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
-    timeout: Duration,
+    /// most 10s of it). Default 30s; 1h for `dlq replay`, which works through the whole
+    /// dead-letter queue in one request.
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    timeout: Option<Duration>,
 }
 
 impl Remote {
     fn api(&self) -> anyhow::Result<Api> {
-        Api::new(&self.target.url, self.target.token.clone(), self.timeout)
+        self.api_within(Duration::from_secs(30))
+    }
+
+    /// With `default` as the time limit unless `--timeout` gives one. A bulk replay is one
+    /// request that pages through the dead-letter queue on courier's side: giving up on it
+    /// closes the connection, which ends the replay part way.
+    fn api_within(&self, default: Duration) -> anyhow::Result<Api> {
+        Api::new(
+            &self.target.url,
+            self.target.token.clone(),
+            self.timeout.unwrap_or(default),
+        )
     }
 }
 
@@ -575,7 +587,10 @@ fn operator(command: Command) -> anyhow::Result<()> {
                         "no filter given: name the dead deliveries to requeue with --endpoint, --since or --until, or give --all to requeue every one".into(),
                     );
                 }
-                let v = remote.api()?.post(&["v1", "dlq", "replay"], &body).await?;
+                let v = remote
+                    .api_within(Duration::from_secs(3600))?
+                    .post(&["v1", "dlq", "replay"], &body)
+                    .await?;
                 show(&remote, &v, client::dlq_replayed);
             }
             Command::Endpoints {
