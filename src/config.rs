@@ -61,6 +61,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// `listen` as the file wrote it (a host name is resolved once, when it is loaded).
+    pub listen_text: String,
     pub data_dir: PathBuf,
     pub public_url: String,
     /// `public_url` was not set, and is made from `listen` (with the port bound, for 0).
@@ -502,7 +504,7 @@ impl Config {
 
     /// The embedded defaults: `courier serve` with no file.
     pub fn defaults() -> Config {
-        Self::from_raw(RawConfig::default(), Path::new("."), None)
+        Self::from_raw(RawConfig::default(), Path::new("."), None, None)
             .expect("embedded defaults are valid")
     }
 
@@ -517,6 +519,18 @@ impl Config {
 
     /// Parses `bytes`, read from the file at `path`.
     pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+        Self::load_bytes_running(path, bytes, None)
+    }
+
+    /// Like [`Config::load_bytes`], for a reload of `running`: a `listen` written as before
+    /// is taken as the address it was resolved to then, without looking the name up again.
+    /// Only a restart applies `listen`, so a name that does not resolve at the moment (a DNS
+    /// hiccup) must not make the rest of the file unloadable.
+    pub fn load_bytes_running(
+        path: &Path,
+        bytes: &[u8],
+        running: Option<&Config>,
+    ) -> Result<Config, ConfigError> {
         let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Read {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
@@ -525,11 +539,12 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let mut config = Self::parse(
+        let mut config = Self::parse_with(
             text,
             base,
             Some(path.to_path_buf()),
             &path.display().to_string(),
+            running.map(|c| (c.server.listen_text.as_str(), c.server.listen)),
         )?;
         use sha2::Digest;
         config.source_sha256 = Some(hex::encode(sha2::Sha256::digest(bytes)));
@@ -543,6 +558,17 @@ impl Config {
         source: Option<PathBuf>,
         origin: &str,
     ) -> Result<Config, ConfigError> {
+        Self::parse_with(text, base, source, origin, None)
+    }
+
+    /// [`Config::parse`], with `listen` taken as already resolved when it reads `known.0`.
+    fn parse_with(
+        text: &str,
+        base: &Path,
+        source: Option<PathBuf>,
+        origin: &str,
+        known: Option<(&str, SocketAddr)>,
+    ) -> Result<Config, ConfigError> {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
             message: syntax_error(text, &e),
@@ -555,19 +581,23 @@ impl Config {
                     message: structural_error(&e.to_string()),
                 })
             })?;
-        Self::from_raw(raw, base, source)
+        Self::from_raw(raw, base, source, known)
     }
 
     fn from_raw(
         raw: RawConfig,
         base: &Path,
         source: Option<PathBuf>,
+        known: Option<(&str, SocketAddr)>,
     ) -> Result<Config, ConfigError> {
         let s = raw.server;
         let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
         // An address, or a host name and port (`localhost:8080`), resolved once, here.
         let listen: SocketAddr = match listen_text.parse() {
             Ok(a) => a,
+            Err(_) if known.is_some_and(|(text, _)| text == listen_text) => {
+                known.expect("checked").1
+            }
             Err(_) => {
                 use std::net::ToSocketAddrs;
                 listen_text
@@ -611,6 +641,7 @@ impl Config {
         }
         let server = ServerConfig {
             listen,
+            listen_text: listen_text.clone(),
             data_dir,
             public_url: public_url.trim_end_matches('/').to_string(),
             public_url_defaulted,
@@ -1494,6 +1525,27 @@ mod tests {
         .to_string();
         assert!(!e.contains("PASSWORD") && !e.contains("QUERYSECRET"), "{e}");
         assert!(e.contains("ftp://u:…@example.com/h?…"), "{e}");
+    }
+
+    /// A reload takes a `listen` written as before as the address it was resolved to, so a
+    /// host name that does not resolve at that moment does not reject the file (only a
+    /// restart applies `listen`); one written differently is resolved.
+    #[test]
+    fn a_reload_does_not_look_up_an_unchanged_listen_name_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("courier.toml");
+        let text = "[server]\nlisten = \"courier-test-host.invalid:8080\"\n";
+        let mut running = parse("[server]\nlisten = \"127.0.0.1:8081\"").unwrap();
+        running.server.listen_text = "courier-test-host.invalid:8080".into();
+        let c = Config::load_bytes_running(&path, text.as_bytes(), Some(&running)).unwrap();
+        assert_eq!(c.server.listen, running.server.listen);
+        let c = Config::load_bytes_running(
+            &path,
+            b"[server]\nlisten = \"127.0.0.1:9090\"\n",
+            Some(&running),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 9090);
     }
 
     /// A variable set to nothing is refused, naming the key and the variable: an empty

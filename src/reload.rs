@@ -191,7 +191,8 @@ pub fn reload(app: &Arc<App>, force: bool) {
     }
     let mut plugin_paths = Vec::new();
     let mut looks = Vec::new();
-    let loaded = Config::load_bytes(&path, &bytes).map_err(|e| match &e {
+    let running = app.config.load_full();
+    let loaded = Config::load_bytes_running(&path, &bytes, Some(&running)).map_err(|e| match &e {
         crate::config::ConfigError::Invalid { .. } => format!("{}: {e}", path.display()),
         _ => e.to_string(),
     });
@@ -341,9 +342,15 @@ fn apply(app: &Arc<App>, mut new: Config, plugins: crate::plugins::Staged) -> Ve
         &old.delivery.max_attempts_in_flight,
         &mut restart_needed,
     );
+    let listen_waits = restart_needed.iter().any(|k| k == "server.listen");
+    if listen_waits {
+        // What the running address was written as: the next reload resolves the file's
+        // `listen` again, and reports it again, until the restart.
+        new.server.listen_text = old.server.listen_text.clone();
+    }
     // A default public URL names the address courier listens on: made from a `listen` that
     // waits for a restart, callback URLs would name a port nobody answers on.
-    if new.server.public_url_defaulted && restart_needed.iter().any(|k| k == "server.listen") {
+    if new.server.public_url_defaulted && listen_waits {
         new.server.public_url = if old.server.public_url_defaulted {
             old.server.public_url.clone()
         } else {
