@@ -646,9 +646,9 @@ impl Config {
             public_url: public_url.trim_end_matches('/').to_string(),
             public_url_defaulted,
             max_body_bytes: max_body_bytes as usize,
-            header_timeout: positive_duration(s.header_timeout, "server.header_timeout")?
+            header_timeout: server_timeout(s.header_timeout, "server.header_timeout")?
                 .unwrap_or(crate::listener::HEADER_TIMEOUT),
-            body_timeout: positive_duration(s.body_timeout, "server.body_timeout")?
+            body_timeout: server_timeout(s.body_timeout, "server.body_timeout")?
                 .unwrap_or(crate::api::BODY_TIMEOUT),
             max_connections: match s.max_connections {
                 None => crate::listener::MAX_CONNECTIONS,
@@ -1265,6 +1265,17 @@ fn opt_duration(v: Option<String>, key: &str) -> Result<Option<Duration>, Config
         .transpose()
 }
 
+/// A time limit on the clients of courier's own API: at least 100 ms, since below that
+/// every connection (the operator's too) would be closed before it could send a request.
+fn server_timeout(v: Option<String>, key: &str) -> Result<Option<Duration>, ConfigError> {
+    match opt_duration(v, key)? {
+        Some(d) if d < Duration::from_millis(100) => {
+            Err(ConfigError::invalid(key, "must be at least 100ms"))
+        }
+        d => Ok(d),
+    }
+}
+
 /// A duration that must not be zero (a zero timeout or interval would fail or spin).
 fn positive_duration(v: Option<String>, key: &str) -> Result<Option<Duration>, ConfigError> {
     match opt_duration(v, key)? {
@@ -1761,6 +1772,14 @@ mod tests {
             (
                 "[delivery]\ncircuit_probe_interval = \"0s\"",
                 "delivery.circuit_probe_interval: must be greater than 0",
+            ),
+            (
+                "[server]\nheader_timeout = \"1ns\"",
+                "server.header_timeout: must be at least 100ms",
+            ),
+            (
+                "[server]\nbody_timeout = \"50ms\"",
+                "server.body_timeout: must be at least 100ms",
             ),
             (
                 "[server]\npublic_url = \"http://h.example/base?x=1\"",
