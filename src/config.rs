@@ -1349,11 +1349,22 @@ fn resolve_env(table: &mut toml::Table, prefix: &str) -> Result<(), ConfigError>
     Ok(())
 }
 
+/// The environment variable `name`. Tests give their own variables to the thread that
+/// parses ([`tests::with_env`]) instead of changing the process's environment, which other
+/// test threads read meanwhile (`setenv` racing `getenv` is undefined behaviour).
+fn env_var(name: &str) -> Result<String, std::env::VarError> {
+    #[cfg(test)]
+    if let Some(v) = tests::FAKE_ENV.with(|e| e.borrow().get(name).cloned()) {
+        return Ok(v);
+    }
+    std::env::var(name)
+}
+
 fn resolve_value(v: &mut toml::Value, key: &str) -> Result<(), ConfigError> {
     match v {
         toml::Value::String(s) => {
             if let Some(name) = s.strip_prefix("env:") {
-                *s = match std::env::var(name) {
+                *s = match env_var(name) {
                     // An empty value would pass where any text does (a header, a plugin's
                     // config) and send an empty credential: a variable set by mistake.
                     Ok(v) if v.is_empty() => {
@@ -1470,6 +1481,25 @@ mod tests {
         Config::parse(text, Path::new("/etc/courier"), None, "test.toml")
     }
 
+    thread_local! {
+        /// Environment variables this thread's config parsing sees (see `env_var`).
+        pub(super) static FAKE_ENV: std::cell::RefCell<std::collections::HashMap<String, String>> =
+            Default::default();
+    }
+
+    /// Runs `f` with `vars` in the environment config parsing sees, on this thread only.
+    fn with_env<R>(vars: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
+        FAKE_ENV.with(|e| {
+            *e.borrow_mut() = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        });
+        let r = f();
+        FAKE_ENV.with(|e| e.borrow_mut().clear());
+        r
+    }
+
     /// The endpoint limits hold in the config file as in the endpoint API.
     #[test]
     fn a_config_endpoint_past_the_limits_is_refused_naming_the_key() {
@@ -1503,8 +1533,7 @@ mod tests {
     /// (read from the environment, too).
     #[test]
     fn a_value_of_the_wrong_type_is_not_shown_in_the_error() {
-        // SAFETY: a variable of this test's own, set before anything reads it.
-        unsafe { std::env::set_var("COURIER_TEST_WRONG_TYPE_SECRET", "whsec_FROMENV\"quoted") };
+        let env = [("COURIER_TEST_WRONG_TYPE_SECRET", "whsec_FROMENV\"quoted")];
         let endpoint = "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\n";
         for (text, key) in [
             (
@@ -1522,7 +1551,7 @@ mod tests {
             ("keys = [\"TOKENSECRET\"]\n".to_string(), "keys[0]"),
             ("server = \"SERVERSECRET\"\n".to_string(), "server"),
         ] {
-            let e = parse(&text).unwrap_err().to_string();
+            let e = with_env(&env, || parse(&text)).unwrap_err().to_string();
             for secret in ["SECRET", "FROMENV", "quoted"] {
                 assert!(!e.contains(secret), "{text} → {e}");
             }
@@ -1563,11 +1592,11 @@ mod tests {
     /// header or plugin setting would otherwise go out as an empty credential.
     #[test]
     fn an_empty_environment_variable_is_refused() {
-        // SAFETY: a variable of this test's own, set before anything reads it.
-        unsafe { std::env::set_var("COURIER_TEST_EMPTY_VAR", "") };
-        let e = parse(
-            "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nheaders = { authorization = \"env:COURIER_TEST_EMPTY_VAR\" }\n",
-        )
+        let e = with_env(&[("COURIER_TEST_EMPTY_VAR", "")], || {
+            parse(
+                "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nheaders = { authorization = \"env:COURIER_TEST_EMPTY_VAR\" }\n",
+            )
+        })
         .unwrap_err()
         .to_string();
         assert!(
