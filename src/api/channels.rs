@@ -4,15 +4,19 @@
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
 
 use super::{ApiError, AppState, read_json, require, require_any};
 use crate::model::Scope;
@@ -149,9 +153,17 @@ async fn ws(
     };
     // Answers `courier.v1` when it was offered (browsers require one of theirs back).
     // Subscribers have nothing to say but pongs and a close: a larger message ends the
-    // socket instead of being buffered (the library's default would take 64 MiB).
+    // socket instead of being buffered (the library's default would take 64 MiB), and the
+    // read buffer, allocated up front for every socket, is sized for that (not the
+    // library's 128 KiB).
+    // The write buffer is left as the library has it: it holds the frame being sent (the
+    // library copies a whole frame in before writing it out), so a cap below the largest
+    // message (an upstream answer of up to `upstream.max_response`, or a callback body)
+    // would refuse that message; and as every send waits for its frame to be written out,
+    // it never holds more than one message and the small control frames.
     let upgrade = upgrade
         .protocols([PROTOCOL])
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_INCOMING)
         .max_frame_size(MAX_INCOMING);
     // Subscribe before reading the stored state, so nothing published in between is missed.
@@ -163,15 +175,44 @@ async fn ws(
     let Some(ch) = app.store.channel(&id)? else {
         return Err(ApiError::not_found(format!("no channel `{id}`")));
     };
+    // Of the stored channel only its latest message is needed: the first frame is built now
+    // and the channel (its request, its upstream answer of up to `upstream.max_response`,
+    // its whole history) is dropped before the socket opens, not kept for the socket's life.
+    let start = Start {
+        first: ch
+            .history
+            .last()
+            .map(|m| workflows::message_text(&ch, m).into_owned()),
+        next: ch.history.len(),
+        done: ch.state.is_final(),
+    };
+    drop(ch);
+    // Tracked with courier's tasks, so that shutdown waits for the socket's close frame
+    // (bounded: see `stream`) instead of exiting under it.
+    let tasks = app.tasks.clone();
     // If the upgrade fails the closure is dropped, and the subscription with it.
-    Ok(upgrade.on_upgrade(move |socket| async move {
-        stream(sub, ch, socket, opened_with).await;
-        drop(socket_permit);
+    Ok(upgrade.on_upgrade(move |socket| {
+        tasks.track_future(async move {
+            stream(sub, start, socket, opened_with).await;
+            drop(socket_permit);
+        })
     }))
+}
+
+/// What a socket starts from: the first frame (the channel's latest message, if any), the
+/// index of the next message, and whether the channel had finished.
+struct Start {
+    first: Option<String>,
+    next: usize,
+    done: bool,
 }
 
 /// The largest message a subscriber may send (it is read and ignored).
 const MAX_INCOMING: usize = 4096;
+
+/// A socket's read buffer: room for the largest message a subscriber may send, with its
+/// frame header.
+const READ_BUFFER: usize = MAX_INCOMING + 16;
 
 /// The WebSocket protocol a channel's socket speaks, named back to a client that offers it.
 pub const PROTOCOL: &str = "courier.v1";
@@ -234,38 +275,138 @@ impl Drop for Subscription {
 
 /// How often an idle socket is pinged: proxies (nginx, load balancers) close connections
 /// that carry nothing for a minute or so, and a channel may wait minutes for its callback.
-pub const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+pub const PING_EVERY: Duration = Duration::from_secs(20);
 
-/// How long one frame may take to go out: a subscriber that stops reading is dropped rather
-/// than holding its task, its socket and its subscription for good.
-const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a ping may go unanswered (by its pong or any other frame) before the socket is
+/// closed with [`CLOSE_ERROR`]: a peer that vanished (a laptop closed, a network gone)
+/// would otherwise keep its socket, its subscription and its place under
+/// `server.max_connections` until the channel ends. With a ping every [`PING_EVERY`], a
+/// silent peer is closed within 35 s, near twice the ping interval. The wait counts from
+/// when the client can have read the ping: behind a large frame, from when that frame
+/// could have been read at [`SEND_FLOOR_RATE`].
+const PONG_WAIT: Duration = Duration::from_secs(15);
 
-/// Sends one frame within [`SEND_TIMEOUT`]; `false` if it did not go out.
-async fn send(socket: &mut WebSocket, msg: Message) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
-        Ok(Ok(()))
-    )
+/// How long a frame may take to go out, at least: a subscriber that stops reading is
+/// dropped rather than holding its task, its socket and its subscription for good. A frame
+/// gets this plus the time to send it at [`SEND_FLOOR_RATE`] (see [`send_limit`]).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The slowest reading (bytes a second) a subscriber is owed: a multi-MiB final message to
+/// a slow but progressing client (a phone on a poor link) goes out in full.
+const SEND_FLOOR_RATE: f64 = 64.0 * 1024.0;
+
+/// How long a close handshake may take: for the close frame to go out and the client to
+/// answer it (RFC 6455 §5.5.1), and for the answer to a client's close to go out.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Close codes (RFC 6455 §7.4.1). After the final message: a normal closure.
+const CLOSE_NORMAL: u16 = 1000;
+/// Courier is shutting down ("going away"); the client may reconnect to a courier that is
+/// up again, and catch up from the latest state.
+const CLOSE_GOING_AWAY: u16 = 1001;
+/// The key the socket was opened with no longer admits it (a policy violation).
+const CLOSE_POLICY: u16 = 1008;
+/// Something unexpected ("internal error"): the peer answered no ping within [`PONG_WAIT`]
+/// (the code Python's `websockets` closes with on a keepalive timeout), or courier could
+/// not read the channel's history.
+const CLOSE_ERROR: u16 = 1011;
+
+/// How long a frame of `len` bytes may take to go out: [`SEND_TIMEOUT`] plus `len` at
+/// [`SEND_FLOOR_RATE`] (4 MiB: 74 s).
+fn send_limit(len: usize) -> Duration {
+    SEND_TIMEOUT + Duration::from_secs_f64(len as f64 / SEND_FLOOR_RATE)
+}
+
+/// A subscriber's socket.
+struct Peer {
+    socket: WebSocket,
+    shutdown: tokio_util::sync::CancellationToken,
+    /// Until when the client may still be reading frames already sent, at
+    /// [`SEND_FLOOR_RATE`]: a frame handed to the kernel is not yet read.
+    busy_until: Instant,
+}
+
+impl Peer {
+    /// Sends one frame within its [`send_limit`]; `false` if it did not go out (the socket
+    /// is then unusable: a frame cut short cannot be followed by a close frame). Shutdown
+    /// gives a frame under way [`CLOSE_GRACE`] more, not its whole limit.
+    async fn send(&mut self, msg: Message) -> bool {
+        let len = match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+            Message::Close(_) => 0,
+        };
+        let shutdown = self.shutdown.clone();
+        let cut = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        let sent = tokio::select! {
+            r = tokio::time::timeout(send_limit(len), self.socket.send(msg)) => {
+                matches!(r, Ok(Ok(())))
+            }
+            _ = cut => false,
+        };
+        let now = Instant::now();
+        self.busy_until =
+            self.busy_until.max(now) + Duration::from_secs_f64(len as f64 / SEND_FLOOR_RATE);
+        sent
+    }
+
+    /// Closes with `code` and `reason`, waiting [`CLOSE_GRACE`] at most for the client's
+    /// answering close (what it sends before that is ignored), then drops the connection.
+    async fn close(mut self, code: u16, reason: &'static str) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            if self.socket.send(Message::Close(Some(frame))).await.is_err() {
+                return;
+            }
+            while let Some(Ok(m)) = self.socket.recv().await {
+                if let Message::Close(_) = m {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Answers a close the client sent. The library queues the answer when it reads the
+    /// client's close, but it goes out only with the next write: without this flush the
+    /// client sees the connection dropped (a browser reports 1006) instead of a close.
+    async fn answer_close(mut self) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.socket.flush()).await;
+    }
+}
+
+/// Why [`catch_up`] failed.
+enum CatchUpFailed {
+    /// The store could not give the channel (the socket can still be closed cleanly).
+    Store,
+    /// A frame did not go out (the socket is unusable).
+    Socket,
 }
 
 /// Sends `history[from..]` of the stored channel; returns the next index and whether the
-/// channel is final, or `None` if the socket or the store failed.
+/// channel is final.
 async fn catch_up(
     app: &AppState,
     id: &str,
-    socket: &mut WebSocket,
+    peer: &mut Peer,
     from: usize,
-) -> Option<(usize, bool)> {
+) -> Result<(usize, bool), CatchUpFailed> {
     let Ok(Some(ch)) = app.store.channel(id) else {
-        return None;
+        return Err(CatchUpFailed::Store);
     };
     for m in ch.history.iter().skip(from) {
         let text = workflows::message_text(&ch, m).into_owned();
-        if !send(socket, Message::Text(text.into())).await {
-            return None;
+        if !peer.send(Message::Text(text.into())).await {
+            return Err(CatchUpFailed::Socket);
         }
     }
-    Some((ch.history.len().max(from), ch.state.is_final()))
+    Ok((ch.history.len().max(from), ch.state.is_final()))
 }
 
 /// Whether `token` still opens channel sockets under the running configuration.
@@ -276,86 +417,131 @@ fn still_allowed(app: &AppState, token: Option<&str>) -> bool {
         .any(|s| crate::app::authorize(keys, token, *s).is_ok())
 }
 
-/// The close code for a policy violation (RFC 6455): the socket's key no longer admits it.
-const CLOSE_POLICY: u16 = 1008;
+/// What the socket's loop waits for.
+enum Event {
+    Published(Result<crate::hub::Published, RecvError>),
+    Incoming(Option<Result<Message, axum::Error>>),
+    Ping,
+    NoAnswer,
+    Shutdown,
+}
 
-/// Sends the latest state, then every later message in order; closes after the final one.
-/// A key removed (or stripped of its scopes) by a reload ends its sockets at their next
-/// message or ping, with close code 1008: what the key could read stops with it, as for
-/// every later request.
+/// Sends the latest state, then every later message in order; closes after the final one
+/// (code 1000). A key removed (or stripped of its scopes) by a reload ends its sockets at
+/// their next message or ping, with close code 1008: what the key could read stops with it,
+/// as for every later request. A ping unanswered for [`PONG_WAIT`] closes with 1011, and
+/// shutdown with 1001. A close from the client is answered.
 async fn stream(
     mut sub: Subscription,
-    ch: crate::model::Channel,
-    mut socket: WebSocket,
+    start: Start,
+    socket: WebSocket,
     opened_with: Option<String>,
 ) {
     let app = sub.app.clone();
     let id = sub.id.clone();
     let Some(rx) = sub.rx.as_mut() else { return };
     let revoked = || !still_allowed(&app, opened_with.as_deref());
-    let mut next = ch.history.len();
-    let mut done = ch.state.is_final();
-    if let Some(latest) = ch.history.last()
-        && !send(
-            &mut socket,
-            Message::Text(workflows::message_text(&ch, latest).into_owned().into()),
-        )
-        .await
+    let mut peer = Peer {
+        socket,
+        shutdown: app.shutdown.clone(),
+        busy_until: Instant::now(),
+    };
+    let Start {
+        first,
+        mut next,
+        mut done,
+    } = start;
+    if let Some(text) = first
+        && !peer.send(Message::Text(text.into())).await
     {
         return;
     }
     let mut ping = tokio::time::interval(PING_EVERY);
+    // After a long send, one ping, not a burst of those missed meanwhile.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.reset(); // the first tick a whole interval from now
+    // When the ping nothing has answered yet went out.
+    let mut unanswered: Option<Instant> = None;
     while !done {
-        let event = tokio::select! {
-            msg = rx.recv() => Some(msg),
-            incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => continue,
-            },
-            _ = ping.tick() => None,
-            _ = app.shutdown.cancelled() => break,
+        let answer_due = unanswered.map(|at| at.max(peer.busy_until) + PONG_WAIT);
+        let mut event = tokio::select! {
+            msg = rx.recv() => Event::Published(msg),
+            incoming = peer.socket.recv() => Event::Incoming(incoming),
+            _ = ping.tick() => Event::Ping,
+            _ = tokio::time::sleep_until(answer_due.unwrap_or_else(Instant::now)),
+                if answer_due.is_some() => Event::NoAnswer,
+            _ = app.shutdown.cancelled() => Event::Shutdown,
+        };
+        if let Event::NoAnswer = event
+            && let Some(incoming) = peer.socket.recv().now_or_never()
+        {
+            // An answer already there (read late, as a long frame went out) still counts.
+            event = Event::Incoming(incoming);
+        }
+        let msg = match event {
+            Event::Incoming(Some(Ok(Message::Close(_)))) => return peer.answer_close().await,
+            Event::Incoming(None | Some(Err(_))) => return,
+            // Any frame (a pong, most likely) shows the peer is there; what it says is
+            // ignored.
+            Event::Incoming(Some(Ok(_))) => {
+                unanswered = None;
+                continue;
+            }
+            Event::NoAnswer => {
+                return peer.close(CLOSE_ERROR, "no answer to ping").await;
+            }
+            Event::Shutdown => {
+                return peer
+                    .close(CLOSE_GOING_AWAY, "courier is shutting down")
+                    .await;
+            }
+            Event::Ping => None,
+            Event::Published(msg) => Some(msg),
         };
         if revoked() {
-            let close = axum::extract::ws::CloseFrame {
-                code: CLOSE_POLICY,
-                reason: "the key this socket was opened with no longer admits it".into(),
-            };
-            let _ = send(&mut socket, Message::Close(Some(close))).await;
-            return;
+            return peer
+                .close(
+                    CLOSE_POLICY,
+                    "the key this socket was opened with no longer admits it",
+                )
+                .await;
         }
-        match event {
+        match msg {
             None => {
-                if !send(&mut socket, Message::Ping(Default::default())).await {
-                    break;
+                if !peer.send(Message::Ping(Default::default())).await {
+                    return;
                 }
+                unanswered.get_or_insert_with(Instant::now);
             }
             Some(msg) => match msg {
                 Ok(p) if p.seq < next => {}
                 Ok(p) if p.seq == next => {
                     next = p.seq + 1;
                     done = p.last;
-                    if !send(&mut socket, Message::Text(p.text.clone())).await {
-                        break;
+                    if !peer.send(Message::Text(p.text.clone())).await {
+                        return;
                     }
                 }
                 // A later message was published before an earlier one (their publishers
                 // committed in order but ran out of order), or this receiver lagged: the
                 // durable history has everything, in order.
                 Ok(_) | Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
-                    let Some((n, d)) = catch_up(&app, &id, &mut socket, next).await else {
-                        break;
-                    };
-                    next = n;
-                    done = d;
+                    match catch_up(&app, &id, &mut peer, next).await {
+                        Ok((n, d)) => {
+                            next = n;
+                            done = d;
+                        }
+                        Err(CatchUpFailed::Store) => {
+                            return peer.close(CLOSE_ERROR, "cannot read the channel").await;
+                        }
+                        Err(CatchUpFailed::Socket) => return,
+                    }
                     if !done && matches!(msg, Err(RecvError::Closed)) {
-                        break;
+                        return peer.close(CLOSE_ERROR, "the channel's updates ended").await;
                     }
                 }
             },
         }
     }
-    if done {
-        let _ = send(&mut socket, Message::Close(None)).await;
-    }
+    peer.close(CLOSE_NORMAL, "channel finished").await;
 }

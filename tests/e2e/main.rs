@@ -17,6 +17,7 @@ mod signing;
 mod workflows;
 
 mod channel_socket_auth;
+mod channel_socket_close;
 mod connections;
 mod dlq_time_filters;
 mod endpoint_headers;
