@@ -951,8 +951,13 @@ fn check_callback(obj: &serde_json::Map<String, Value>) -> Result<(), WorkflowEr
     Ok(())
 }
 
-/// The backend's callback: completes a channel that waits for one.
-pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, WorkflowError> {
+/// The backend's callback: completes a channel that waits for one. Returns the state it
+/// committed (the channel's id is `id`).
+pub async fn callback(
+    app: &Arc<App>,
+    id: &str,
+    body: Value,
+) -> Result<ChannelState, WorkflowError> {
     let Value::Object(obj) = body else {
         return Err(WorkflowError::Invalid(
             "the callback body must be a JSON object".into(),
@@ -985,7 +990,10 @@ pub async fn callback(app: &Arc<App>, id: &str, body: Value) -> Result<Channel, 
             }
         }
         match complete(app, &ch, &obj, false).await {
-            Advanced::Applied => return Ok(app.store.channel(id)?.unwrap_or(ch)),
+            // The answer is what was committed, not the channel read back: a read that
+            // failed now would answer 503 for a callback that was applied (and its retry
+            // would get 409).
+            Advanced::Applied => return Ok(ChannelState::Succeeded),
             // The store could not record it: the caller gets a 503 and may call again.
             Advanced::Failed(e) => return Err(WorkflowError::Store(e)),
             // Lost a race (a timeout, the simulator or another callback): look again.

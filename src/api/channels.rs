@@ -83,10 +83,8 @@ async fn callback(
     // (On a task of its own, as every change is: a backend that hangs up while the
     // completion is being committed does not cut it off before the final message to the
     // channel's subscribers.)
-    let ch = workflows::callback(&app, &id, value).await?;
-    Ok(Json(
-        json!({"channel_id": ch.id, "status": ch.state.as_str()}),
-    ))
+    let state = workflows::callback(&app, &id, value).await?;
+    Ok(Json(json!({"channel_id": id, "status": state.as_str()})))
 }
 
 #[derive(Deserialize, Default)]

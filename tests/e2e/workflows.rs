@@ -370,6 +370,8 @@ async fn event_driven_flow_completes_with_the_callback() {
     }
     let (s, r) = c.post_json(&format!("/v1/callback/{id}"), &cb).await;
     assert_eq!(s, 200, "{r}");
+    // The answer is the state the callback committed.
+    assert_eq!(r, json!({"channel_id": id, "status": "success"}));
     let done = ws.next().await;
     assert_eq!(done["status"], "success");
     assert_eq!(done["data"], cb["data"]);
