@@ -853,14 +853,19 @@ async fn events_in_flight_when_an_endpoint_is_deleted_never_reach_one_made_again
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = rx.received();
-    assert!(!got.is_empty());
+    let mut checked = 0;
     for r in &got {
         let seen = r.json()["seen"].as_i64().unwrap();
         // Sent while generation `seen` was live: it may reach that one only.
         if seen >= 0 {
             assert_eq!(r.path, format!("/g{seen}"), "{}", r.json());
+            checked += 1;
         }
     }
+    assert!(
+        checked > 0,
+        "no event sent while a generation was live arrived"
+    );
 }
 
 #[tokio::test]
@@ -1459,7 +1464,7 @@ async fn a_paused_endpoint_starts_no_worker_and_misses_no_event_ingested_as_it_r
         // Well inside the sweep's interval: an event whose wake-up was missed would wait
         // for it.
         assert!(courier::scheduler::SWEEP_INTERVAL >= Duration::from_secs(5));
-        rx.wait_for(sent, Duration::from_secs(3)).await;
+        rx.wait_for(sent, Duration::from_secs(4)).await;
     }
     c.stop().await;
 }
@@ -1523,7 +1528,14 @@ async fn an_endpoint_whose_client_hangs_up_while_it_is_made_is_made_whole_or_not
                 Some(json!({"name": name, "url": rx.url("/"), "secrets": [SECRET]})),
             )
             .await;
-            assert_eq!(made.0, 201, "reset after {reset_after_us} µs: {}", made.1);
+            // Or the reset request's own commit, still under way when it was looked for,
+            // made it first: then it is there whole.
+            if made.0 == 409 {
+                let (s, e) = req(&c, reqwest::Method::GET, &path, None).await;
+                assert_eq!(s, 200, "reset after {reset_after_us} µs: {e}");
+            } else {
+                assert_eq!(made.0, 201, "reset after {reset_after_us} µs: {}", made.1);
+            }
         } else {
             assert_eq!(s, 200, "{e}");
         }
@@ -1709,6 +1721,12 @@ async fn a_bulk_replay_under_way_sends_nothing_to_an_endpoint_made_again_meanwhi
     let counts = format!(
         "requeued {}, skipped {}",
         r["requeued"], r["skipped_deleted_endpoint"]
+    );
+    // The delete landed before the replay's last page (10,000 dead deliveries take 20 of
+    // them): otherwise this test would have checked nothing.
+    assert!(
+        r["skipped_deleted_endpoint"].as_u64().unwrap() > 0,
+        "the replay ended before the delete: {counts}"
     );
     assert!(
         fresh.received().is_empty(),
