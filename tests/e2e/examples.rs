@@ -326,3 +326,35 @@ fn deployment_example_config_passes_check() {
     assert!(root().join("examples/courier.service").exists());
     assert!(root().join("examples/nginx.conf").exists());
 }
+
+/// The nginx example keeps every URL that may carry `?token=` out of its access log: the
+/// channel's state (`GET /v1/channels/{id}`) as well as its socket.
+#[test]
+fn the_nginx_example_logs_no_channel_url() {
+    let conf = std::fs::read_to_string(root().join("examples/nginx.conf")).unwrap();
+    // The literal prefixes of the regex locations that turn the access log off (the
+    // example's patterns are `^` and a literal prefix; anything else fails here).
+    let mut unlogged = Vec::new();
+    for block in conf.split("location ").skip(1) {
+        let (head, body) = block.split_once('{').unwrap();
+        let body = body.split('}').next().unwrap();
+        if !body.lines().any(|l| l.trim() == "access_log off;") {
+            continue;
+        }
+        let pattern = head.trim().strip_prefix("~ ^").expect("a `~ ^…` location");
+        assert!(
+            !pattern.contains(['[', ']', '(', ')', '$', '*', '+', '?', '|', '\\', '.']),
+            "not a literal prefix: {pattern}"
+        );
+        unlogged.push(pattern.to_string());
+    }
+    for path in [
+        "/v1/channels/3f1c0000-0000-4000-8000-000000000000?token=t",
+        "/v1/channels/3f1c0000-0000-4000-8000-000000000000/ws?token=t",
+    ] {
+        assert!(
+            unlogged.iter().any(|p| path.starts_with(p.as_str())),
+            "{path} is logged (unlogged: {unlogged:?})"
+        );
+    }
+}
