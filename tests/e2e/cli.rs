@@ -253,6 +253,29 @@ async fn verify_checks_a_captured_webhook() {
         String::from_utf8_lossy(&bad_secret.stderr).contains("--secret"),
         "{bad_secret:?}"
     );
+    // A capture signed an hour ago: stale unless the timestamp check is off (a capture
+    // verified later); the secret may come from the environment.
+    let (id, ts, body) = ("msg_1", chrono::Utc::now().timestamp() - 3600, b"{\"a\":1}");
+    let sigs = courier::deliver::sign::sign_all(&[SECRET.to_string()], id, ts, body);
+    let mut old = format!(
+        "webhook-id: {id}\r\nwebhook-timestamp: {ts}\r\nwebhook-signature: {}\r\nmr-signature: {}\r\n\r\n",
+        sigs.webhook_signature, sigs.mr_signature
+    )
+    .into_bytes();
+    old.extend_from_slice(body);
+    let env = || vec![("COURIER_VERIFY_SECRET", SECRET.to_string())];
+    let stale = run(args(&["verify"]), env(), Some(old.clone())).await;
+    assert_eq!(stale.status.code(), Some(1), "{stale:?}");
+    assert!(
+        String::from_utf8_lossy(&stale.stdout).contains("seconds away from now"),
+        "{stale:?}"
+    );
+    let later = run(args(&["verify", "--no-timestamp-check"]), env(), Some(old)).await;
+    assert_eq!(later.status.code(), Some(0), "{later:?}");
+    assert!(
+        out(&later).contains("webhook-signature: valid"),
+        "{later:?}"
+    );
     let mut tampered = capture;
     tampered.extend_from_slice(b" ");
     let t = run(

@@ -420,3 +420,58 @@ circuit_probe_interval = "60s"
     assert_eq!(st["endpoints"][0]["circuit"], "closed", "{st}");
     c.stop().await;
 }
+
+/// What an operator's alerts read: how long the oldest pending delivery has waited, and
+/// how many dead deliveries were replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_pending_age_and_replays_show_in_the_metrics() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(500)]);
+    let c = Courier::with_endpoint("app", &rx.url("/"), "schedule = [\"0s\"]").await;
+    let gauge = |m: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("courier_oldest_pending_age_seconds "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no oldest-pending gauge: {m}"))
+    };
+    assert_eq!(gauge(&c.text("/metrics").await), 0.0, "nothing pending");
+    // One attempt, answered 500: dead.
+    let r = c.send(json!({"event_type": "t", "payload": {}})).await;
+    let id = ids(&[r])[0].clone();
+    c.wait_status(&id, "dead", T).await;
+    // Paused, a new event waits.
+    let (s, _) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/endpoints/app/pause",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    c.send(json!({"event_type": "t", "payload": {}})).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let waited = gauge(&c.text("/metrics").await);
+    assert!((1.4..60.0).contains(&waited), "waited {waited} s");
+    // Replayed: counted (and, once resumed, delivered with the waiting one).
+    let (s, r) = c
+        .post_json(&format!("/v1/deliveries/{id}/replay"), &json!({}))
+        .await;
+    assert_eq!(s, 202, "{r}");
+    c.metrics_with("courier_replays_total 1").await;
+    c.call(
+        reqwest::Method::POST,
+        "/v1/endpoints/app/resume",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    c.wait_status(&id, "delivered", T).await;
+    rx.wait_for(3, T).await;
+    let deadline = Instant::now() + T;
+    while gauge(&c.text("/metrics").await) != 0.0 {
+        assert!(Instant::now() < deadline, "the gauge never went back to 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.stop().await;
+}
