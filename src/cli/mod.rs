@@ -608,21 +608,17 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 show(&remote, &v, |v| client::endpoints_table(v, &more));
             }
             Command::Endpoints {
-                cmd: EndpointsCmd::Pause { remote, name },
+                cmd:
+                    cmd @ (EndpointsCmd::Pause { .. } | EndpointsCmd::Resume { .. }),
             } => {
+                let (action, remote, name) = match cmd {
+                    EndpointsCmd::Pause { remote, name } => ("pause", remote, name),
+                    EndpointsCmd::Resume { remote, name } => ("resume", remote, name),
+                    _ => unreachable!("matched above"),
+                };
                 let v = remote
                     .api()?
-                    .post_raw(&["v1", "endpoints", &name, "pause"], None)
-                    .await?
-                    .value;
-                show(&remote, &v, client::paused);
-            }
-            Command::Endpoints {
-                cmd: EndpointsCmd::Resume { remote, name },
-            } => {
-                let v = remote
-                    .api()?
-                    .post_raw(&["v1", "endpoints", &name, "resume"], None)
+                    .post_raw(&["v1", "endpoints", &name, action], None)
                     .await?
                     .value;
                 show(&remote, &v, client::paused);

@@ -52,8 +52,9 @@ pub(crate) fn out(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_commands_against_a_running_server() {
+/// A courier with the endpoint `ok` on a receiver that answers 204 and `bad`, tried once,
+/// on one that answers 500 "nope".
+pub(crate) async fn ok_and_bad() -> (Receiver, Receiver, Courier) {
     let ok = Receiver::start().await;
     let bad = Receiver::start().await;
     bad.set_default(Reply::status(500).body("nope"));
@@ -63,6 +64,12 @@ async fn operator_commands_against_a_running_server() {
         endpoint("bad", &bad.url("/"), "schedule = [\"0s\"]")
     ))
     .await;
+    (ok, bad, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_against_a_running_server() {
+    let (ok, bad, c) = ok_and_bad().await;
     let env = vec![
         ("COURIER_URL", c.base.clone()),
         ("COURIER_KEY", ADMIN.to_string()),

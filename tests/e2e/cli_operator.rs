@@ -284,15 +284,7 @@ async fn replays_need_a_filter_or_all_and_say_what_they_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_replay_and_the_endpoints_commands() {
-    let ok = Receiver::start().await;
-    let bad = Receiver::start().await;
-    bad.set_default(Reply::status(500).body("nope"));
-    let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}",
-        endpoint("ok", &ok.url("/"), ""),
-        endpoint("bad", &bad.url("/"), "schedule = [\"0s\"]")
-    ))
-    .await;
+    let (ok, _bad, c) = crate::cli::ok_and_bad().await;
     let (status, made) = c
         .post_json(
             "/v1/endpoints",
