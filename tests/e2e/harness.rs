@@ -440,8 +440,16 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(config: &Path) -> Process {
+        Self::spawn_with_env(config, &[])
+    }
+
+    /// With `env` added to its environment.
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> Process {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
         cmd.args(["serve", "--config"]).arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         Self::start(cmd)
     }
 

@@ -317,3 +317,51 @@ async fn a_simulator_answer_a_real_callback_could_not_give_fails_the_simulation(
         c.stop().await;
     }
 }
+
+/// Upstream calls, to the operator's own service, go through the proxy the environment
+/// names; deliveries to customers' endpoints never do (a proxy would resolve their names
+/// past the guard against private addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_calls_honour_http_proxy_and_deliveries_ignore_it() {
+    // The proxy answers for the upstream (a plain HTTP proxy is sent the absolute URL).
+    let proxy = Receiver::start().await;
+    proxy.set_default(Reply::status(200).body(AI));
+    let upstream = Receiver::start().await;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("courier.toml");
+    std::fs::write(
+        &cfg,
+        base_config(
+            &dir.path().join("data"),
+            &config(&rx, &upstream, "retries = 0", ""),
+        ),
+    )
+    .unwrap();
+    let proxy_url = proxy.url("");
+    let p = Process::spawn_with_env(
+        &cfg,
+        &[("HTTP_PROXY", &proxy_url), ("http_proxy", &proxy_url)],
+    );
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (s, r) = post_json(
+        &http,
+        &format!("{}/v1/ai/async", p.base),
+        &json!({"workflow": "wf", "q": "a film?"}),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].json()["status"], "success", "{}", got[0].json());
+    assert_eq!(
+        proxy.received().len(),
+        1,
+        "the upstream call went through the proxy"
+    );
+    assert_eq!(proxy.received()[0].path, "/v1/chat/completions");
+    assert!(
+        upstream.received().is_empty(),
+        "not straight to the upstream"
+    );
+    drop(p);
+}
