@@ -1089,28 +1089,22 @@ async fn simulate(app: &Arc<App>, ch: Channel, wf: &WorkflowConfig) -> Advanced 
             Ok(text)
         }
     });
-    match result.map(|text| serde_json::from_str::<Value>(&text)) {
-        Ok(Ok(Value::Object(obj))) if obj.contains_key("data") => {
-            if let Err(e) = check_callback(&obj) {
-                let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: simulator returned an invalid callback body: {e}")});
-                return finish(app, ch, ChannelState::Failed, msg, None).await;
-            }
-            complete(app, &ch, &obj, true).await
-        }
+    // Why the simulation failed, if it did.
+    let failed = match result.map(|text| serde_json::from_str::<Value>(&text)) {
+        Ok(Ok(Value::Object(obj))) if obj.contains_key("data") => match check_callback(&obj) {
+            Ok(()) => return complete(app, &ch, &obj, true).await,
+            Err(e) => format!("simulator returned an invalid callback body: {e}"),
+        },
         Ok(Ok(other)) => {
             let mut obj = serde_json::Map::new();
             obj.insert("data".into(), other);
-            complete(app, &ch, &obj, true).await
+            return complete(app, &ch, &obj, true).await;
         }
-        Ok(Err(e)) => {
-            let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: simulator returned invalid JSON: {e}")});
-            finish(app, ch, ChannelState::Failed, msg, None).await
-        }
-        Err(e) => {
-            let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: {e}")});
-            finish(app, ch, ChannelState::Failed, msg, None).await
-        }
-    }
+        Ok(Err(e)) => format!("simulator returned invalid JSON: {e}"),
+        Err(e) => e.to_string(),
+    };
+    let msg = json!({"channel_id": ch.id, "status": "error", "error": format!("simulation_failed: {failed}")});
+    finish(app, ch, ChannelState::Failed, msg, None).await
 }
 
 /// The channel as `GET /v1/channels/{id}` shows it.

@@ -339,15 +339,17 @@ impl Peer {
             shutdown.cancelled().await;
             tokio::time::sleep(CLOSE_GRACE).await;
         };
+        // Counted from when the frame starts out: a send of a large frame ends once the
+        // client has read most of it, so counting from the end would give it that time twice.
+        let started = Instant::now();
         let sent = tokio::select! {
             r = tokio::time::timeout(send_limit(len), self.socket.send(msg)) => {
                 matches!(r, Ok(Ok(())))
             }
             _ = cut => false,
         };
-        let now = Instant::now();
         self.busy_until =
-            self.busy_until.max(now) + Duration::from_secs_f64(len as f64 / SEND_FLOOR_RATE);
+            self.busy_until.max(started) + Duration::from_secs_f64(len as f64 / SEND_FLOOR_RATE);
         sent
     }
 

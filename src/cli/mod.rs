@@ -185,8 +185,9 @@ struct Remote {
     #[command(flatten)]
     target: Target,
     /// How long a request to courier may take in all, like "30s" or "2m" (connecting: at
-    /// most 10s of it). Default 30s; 1h for `dlq replay`, which works through the whole
-    /// dead-letter queue in one request.
+    /// most 10s of it). Default 30s; 70s for `endpoints test`, which waits for the first
+    /// attempt; 1h for `dlq replay`, which works through the whole dead-letter queue in one
+    /// request.
     #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
     timeout: Option<Duration>,
 }
@@ -626,8 +627,10 @@ fn operator(command: Command) -> anyhow::Result<()> {
             Command::Endpoints {
                 cmd: EndpointsCmd::Test { remote, name },
             } => {
+                // Courier waits for the first attempt up to the endpoint's timeout (at most
+                // 60 s) and 5 s more.
                 let v = remote
-                    .api()?
+                    .api_within(Duration::from_secs(70))?
                     .post_raw(&["v1", "endpoints", &name, "test"], None)
                     .await?
                     .value;

@@ -470,6 +470,10 @@ impl Plugins {
             return Ok(Transformed::Send(out));
         }
         let host = self.host()?;
+        // A body may grow to twice what came in as well as to twice the ingest limit: a
+        // workflow's webhook carries an upstream answer of up to `upstream.max_response`,
+        // which may be larger than `server.max_body_bytes`.
+        let max_body = ctx.max_body.max(out.body.len().saturating_mul(2));
         // Headers courier owns that are already set (a workflow delivery's `mr-channel-id`):
         // a plugin sees them but cannot change or remove them.
         let owned: Vec<(String, String)> = out
@@ -505,7 +509,7 @@ impl Plugins {
                     })
                     .and_then(|o| {
                         if let TransformOutcome::Send(r) = &o {
-                            check_output(name, r, ctx.max_body)?;
+                            check_output(name, r, max_body)?;
                         }
                         Ok(o)
                     })
@@ -588,7 +592,7 @@ fn check_output(plugin: &str, r: &Request, max_body: usize) -> Result<(), Plugin
     // configuration's own headers are held to, and to a body a receiver can be asked to take.
     if r.body.len() > max_body {
         return Err(fail(format!(
-            "returned a body of {} bytes; at most {max_body} are allowed (twice server.max_body_bytes)",
+            "returned a body of {} bytes; at most {max_body} are allowed (twice server.max_body_bytes, or twice the body it was given)",
             r.body.len()
         )));
     }
@@ -624,7 +628,7 @@ pub struct TransformContext {
     pub event_type: String,
     pub event_id: String,
     pub timestamp: String,
-    /// The largest body a transform may return.
+    /// The largest body a transform may return (or twice the body it is given, if more).
     pub max_body: usize,
 }
 

@@ -96,17 +96,6 @@ async fn close_frame(ws: &mut Socket) -> CloseFrame {
     }
 }
 
-/// `courier_channel_subscribers` as `/metrics` shows it now.
-async fn subscribers(c: &Courier) -> i64 {
-    let m = c.text("/metrics").await;
-    m.lines()
-        .find_map(|l| l.strip_prefix("courier_channel_subscribers "))
-        .unwrap_or_else(|| panic!("no subscriber gauge in {m}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_final_message_the_socket_closes_with_1000() {
     let (_upstream, _rx, c, id) = waiting_channel().await;
@@ -155,7 +144,7 @@ async fn a_close_from_the_client_is_answered() {
     }
     // And lets go of the subscription.
     let started = Instant::now();
-    while subscribers(&c).await != 0 {
+    while c.subscribers().await != 0 {
         assert!(started.elapsed() < T, "still subscribed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -253,7 +242,7 @@ async fn a_peer_that_answers_no_ping_is_closed_with_1011() {
         serde_json::from_slice::<Value>(&first).unwrap()["status"],
         "ai_generated"
     );
-    assert_eq!(subscribers(&c).await, 1);
+    assert_eq!(c.subscribers().await, 1);
     // Frames are read, but no ping is ever answered: pinged after 20 s, the socket is
     // closed 15 s later (`PONG_WAIT` in src/api/channels.rs).
     let limit = courier::api::PING_EVERY + Duration::from_secs(15);
@@ -280,7 +269,7 @@ async fn a_peer_that_answers_no_ping_is_closed_with_1011() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(T, raw.stream.read_to_end(&mut rest)).await;
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
-    assert_eq!(subscribers(&c).await, 0);
+    c.wait_subscribers(0).await;
     c.stop().await;
 }
 

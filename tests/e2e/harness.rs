@@ -392,6 +392,27 @@ impl Courier {
         }
     }
 
+    /// `courier_channel_subscribers` as `/metrics` shows it now.
+    pub async fn subscribers(&self) -> i64 {
+        let m = self.text("/metrics").await;
+        m.lines()
+            .find_map(|l| l.strip_prefix("courier_channel_subscribers "))
+            .unwrap_or_else(|| panic!("no subscriber gauge in {m}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until `courier_channel_subscribers` reads `n` (or panics after 30 s): a socket
+    /// lets go of its subscription a moment after its connection.
+    pub async fn wait_subscribers(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.subscribers().await != n {
+            assert!(Instant::now() < deadline, "subscribers never {n}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends an event and returns its reply (asserting 202).
     pub async fn send(&self, body: Value) -> Value {
         let (status, reply) = self.post_json("/v1/events", &body).await;

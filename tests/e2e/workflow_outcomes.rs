@@ -341,7 +341,13 @@ async fn upstream_calls_honour_http_proxy_and_deliveries_ignore_it() {
     let proxy_url = proxy.url("");
     let p = Process::spawn_with_env(
         &cfg,
-        &[("HTTP_PROXY", &proxy_url), ("http_proxy", &proxy_url)],
+        &[
+            ("HTTP_PROXY", &proxy_url),
+            ("http_proxy", &proxy_url),
+            // Whatever the machine running the tests excludes from proxying.
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+        ],
     );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let (s, r) = post_json(
@@ -364,4 +370,30 @@ async fn upstream_calls_honour_http_proxy_and_deliveries_ignore_it() {
         "not straight to the upstream"
     );
     drop(p);
+}
+
+/// A transform may pass on a workflow webhook larger than twice `server.max_body_bytes`: it
+/// carries an upstream answer, which `upstream.max_response` bounds, not the ingest limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transform_passes_on_a_workflow_webhook_larger_than_the_ingest_limit() {
+    // 200,000 bytes of answer; the tests' max_body_bytes is 65,536.
+    let big = format!(
+        r#"{{"choices": [{{"message": {{"content": "{}"}}}}]}}"#,
+        "x".repeat(200_000)
+    );
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(&big));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}[[workflows]]\nname = \"wf\"\nupstream = {{ url = \"{}\", retries = 0 }}\nendpoint = \"app\"\n",
+        plugin_entry("pass", "misbehave", "transform", "config = { mode = \"none\" }"),
+        endpoint("app", &rx.url("/hook"), "transforms = [\"pass\"]"),
+        upstream.url("/v1/chat/completions"),
+    ))
+    .await;
+    let id = open(&c).await;
+    let got = rx.wait_for(1, T).await;
+    assert!(got[0].body.len() > 200_000, "{} bytes", got[0].body.len());
+    assert_eq!(got[0].json()["channel_id"], id.as_str());
+    c.stop().await;
 }

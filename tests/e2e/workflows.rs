@@ -451,17 +451,6 @@ async fn a_large_answer_is_kept_once_per_channel_and_shown_in_every_message_that
     c.stop().await;
 }
 
-/// `courier_channel_subscribers` as `/metrics` shows it now.
-async fn subscribers(c: &Courier) -> i64 {
-    let m = c.text("/metrics").await;
-    m.lines()
-        .find_map(|l| l.strip_prefix("courier_channel_subscribers "))
-        .unwrap_or_else(|| panic!("no subscriber gauge in {m}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_takes_no_frames_is_cut_off_and_holds_nobody_up() {
     // Two answers of 3 MiB (the `ai_generated` and the final message) are more than the
@@ -482,7 +471,7 @@ async fn a_subscriber_that_takes_no_frames_is_cut_off_and_holds_nobody_up() {
     // Connected, and never read from again.
     let (stuck, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let mut reader = Ws::connect(&c, &id).await;
-    assert_eq!(subscribers(&c).await, 2);
+    assert_eq!(c.subscribers().await, 2);
     while reader.next().await["status"] != "ai_generated" {}
     let (s, _) = c
         .post_json(&format!("/v1/callback/{id}"), &json!({"data": {"ok": 1}}))
@@ -496,7 +485,7 @@ async fn a_subscriber_that_takes_no_frames_is_cut_off_and_holds_nobody_up() {
     // The other is dropped once a frame has waited for it 10 s plus the time to send it
     // at 64 KiB/s (3 MiB: 48 s).
     let started = std::time::Instant::now();
-    while subscribers(&c).await != 0 {
+    while c.subscribers().await != 0 {
         assert!(
             started.elapsed() < Duration::from_secs(10 + 48 + 12),
             "the stuck subscriber is still subscribed"
