@@ -15,8 +15,6 @@ const T: Duration = Duration::from_secs(20);
 
 const CALLBACK_ONLY: &str = "test-callback-only-token1";
 
-const AI: &str = r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "model": "fake-1"}"#;
-
 /// A socket request for channel `id`, with `Authorization: <auth>` when given.
 fn ws_request(c: &Courier, id: &str, auth: Option<&str>) -> Request {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;

@@ -16,8 +16,6 @@ use crate::harness::*;
 
 const T: Duration = Duration::from_secs(20);
 
-const AI: &str = r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "model": "fake-1"}"#;
-
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

@@ -238,6 +238,10 @@ scopes = ["admin"]
     )
 }
 
+/// What a fake upstream answers: a chat-completion body.
+pub const AI: &str =
+    r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "model": "fake-1"}"#;
+
 /// `[delivery]` with private networks allowed (the receiver is on loopback).
 pub const DELIVERY_FAST: &str = r#"
 [delivery]

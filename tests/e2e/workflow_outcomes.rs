@@ -10,8 +10,6 @@ use crate::harness::*;
 
 const T: Duration = Duration::from_secs(30);
 
-const AI: &str = r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "model": "fake-1"}"#;
-
 /// Courier's config: the endpoint `app` on `rx` and the workflow `wf` whose upstream is
 /// `upstream` with `settings` (more `upstream` keys), then `extra` (more workflow keys and
 /// whatever follows).

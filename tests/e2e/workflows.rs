@@ -54,8 +54,6 @@ fn with_workflow(rx: &Receiver, upstream_url: &str, settings: &str, extra: &str)
     )
 }
 
-const AI: &str = r#"{"choices": [{"message": {"content": "Watch Arrival"}}], "model": "fake-1"}"#;
-
 /// A WebSocket subscriber collecting frames until the server closes (or `T` passes).
 struct Ws {
     frames: tokio::sync::mpsc::UnboundedReceiver<Value>,
