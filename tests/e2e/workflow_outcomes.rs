@@ -28,6 +28,27 @@ fn simulator(extra: &str) -> String {
     )
 }
 
+/// An event-driven workflow whose upstream answers `ai` and whose backend inject-id (with
+/// `settings`) plays 100 ms later, with a callback timeout of 10 minutes: the upstream, the
+/// endpoint's receiver and the courier.
+async fn simulated(ai: &str, settings: &str) -> (Receiver, Receiver, Courier) {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(ai));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{}{}",
+        config(
+            &rx,
+            &upstream,
+            "retries = 0",
+            "event_name = \"e\"\nsimulate = \"inject-id\"\nsimulate_delay = \"100ms\"\ncallback_timeout = \"10m\"",
+        ),
+        simulator(settings)
+    ))
+    .await;
+    (upstream, rx, c)
+}
+
 async fn open(c: &Courier) -> String {
     let (s, r) = c
         .post_json("/v1/ai/async", &json!({"workflow": "wf", "q": "a film?"}))
@@ -230,20 +251,7 @@ async fn a_real_callback_before_the_simulator_wins_and_the_simulator_changes_not
 async fn a_failing_simulator_ends_the_channel_at_once_with_simulation_failed() {
     // No plugin in plugins/ fails as a simulator; inject-id with a fuel limit too small for
     // its work fails every call ("its fuel ... limit", README).
-    let upstream = Receiver::start().await;
-    upstream.set_default(Reply::status(200).body(AI));
-    let rx = Receiver::start().await;
-    let c = Courier::start(&format!(
-        "{}{}",
-        config(
-            &rx,
-            &upstream,
-            "retries = 0",
-            "event_name = \"e\"\nsimulate = \"inject-id\"\nsimulate_delay = \"100ms\"\ncallback_timeout = \"10m\"",
-        ),
-        simulator("limits = { fuel = 1000 }")
-    ))
-    .await;
+    let (_upstream, rx, c) = simulated(AI, "limits = { fuel = 1000 }").await;
     let id = open(&c).await;
     // Long before the callback timeout (10 minutes).
     let ch = wait_channel(&c, &id, |ch| ch["final"] == true).await;
@@ -290,20 +298,7 @@ async fn a_simulator_answer_a_real_callback_could_not_give_fails_the_simulation(
         // 65,536 bytes in the tests' configuration.
         (big, "", "server.max_body_bytes"),
     ] {
-        let upstream = Receiver::start().await;
-        upstream.set_default(Reply::status(200).body(&ai));
-        let rx = Receiver::start().await;
-        let c = Courier::start(&format!(
-            "{}{}",
-            config(
-                &rx,
-                &upstream,
-                "retries = 0",
-                "event_name = \"e\"\nsimulate = \"inject-id\"\nsimulate_delay = \"100ms\"\ncallback_timeout = \"10m\"",
-            ),
-            simulator(settings)
-        ))
-        .await;
+        let (_upstream, _rx, c) = simulated(&ai, settings).await;
         let id = open(&c).await;
         let ch = wait_channel(&c, &id, |ch| ch["final"] == true).await;
         assert_eq!(ch["status"], "error", "{ch:#}");
