@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub body_timeout: std::time::Duration,
     /// Connections served at once (see [`crate::listener`]); read at start only.
     pub max_connections: usize,
+    /// WebSocket subscribers one channel may have at once: one channel's watchers (or one
+    /// client opening sockets in a loop) cannot take every socket `max_connections` allows.
+    pub max_channel_subscribers: usize,
     /// Watch the config and plugin files for changes (SIGHUP reloads either way).
     pub watch: bool,
     /// Save the database allocator state with every commit: commits cost more, but opening
@@ -364,6 +367,7 @@ struct RawServer {
     header_timeout: Option<String>,
     body_timeout: Option<String>,
     max_connections: Option<u64>,
+    max_channel_subscribers: Option<u64>,
     watch: Option<bool>,
     quick_repair: Option<bool>,
 }
@@ -656,6 +660,16 @@ impl Config {
                 Some(_) => {
                     return Err(ConfigError::invalid(
                         "server.max_connections",
+                        "must be between 1 and 1000000",
+                    ));
+                }
+            },
+            max_channel_subscribers: match s.max_channel_subscribers {
+                None => 1_000,
+                Some(n @ 1..=1_000_000) => n as usize,
+                Some(_) => {
+                    return Err(ConfigError::invalid(
+                        "server.max_channel_subscribers",
                         "must be between 1 and 1000000",
                     ));
                 }
@@ -1801,6 +1815,10 @@ mod tests {
             (
                 "[delivery]\ncircuit_probe_interval = \"0s\"",
                 "delivery.circuit_probe_interval: must be greater than 0",
+            ),
+            (
+                "[server]\nmax_channel_subscribers = 0",
+                "server.max_channel_subscribers: must be between 1 and 1000000",
             ),
             (
                 "[server]\nheader_timeout = \"1ns\"",

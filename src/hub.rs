@@ -32,11 +32,25 @@ pub struct Hub {
 impl Hub {
     /// Subscribes to a channel's future messages.
     pub fn subscribe(&self, channel: &str) -> broadcast::Receiver<Published> {
+        self.subscribe_within(channel, usize::MAX)
+            .expect("no limit to reach")
+    }
+
+    /// Subscribes to a channel's future messages unless it has `max` subscribers already.
+    pub fn subscribe_within(
+        &self,
+        channel: &str,
+        max: usize,
+    ) -> Option<broadcast::Receiver<Published>> {
         let mut map = self.channels.lock().expect("hub lock");
+        let tx = map
+            .entry(channel.to_string())
+            .or_insert_with(|| broadcast::channel(64).0);
+        if tx.receiver_count() >= max {
+            return None;
+        }
         self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        map.entry(channel.to_string())
-            .or_insert_with(|| broadcast::channel(64).0)
-            .subscribe()
+        Some(tx.subscribe())
     }
 
     /// Publishes a message to whoever is subscribed now.

@@ -165,8 +165,18 @@ async fn ws(
         .max_message_size(MAX_INCOMING)
         .max_frame_size(MAX_INCOMING);
     // Subscribe before reading the stored state, so nothing published in between is missed.
+    let max = app.config.load().server.max_channel_subscribers;
+    let Some(rx) = app.hub.subscribe_within(&id, max) else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_subscribers",
+            format!(
+                "channel `{id}` has {max} subscribers already, the most one channel takes (server.max_channel_subscribers)"
+            ),
+        ));
+    };
     let sub = Subscription {
-        rx: Some(app.hub.subscribe(&id)),
+        rx: Some(rx),
         app: app.clone(),
         id: id.clone(),
     };

@@ -293,3 +293,33 @@ async fn a_large_final_message_reaches_a_slow_but_steady_reader() {
     assert_eq!((op, close_code(&payload)), (CLOSE, 1000));
     c.stop().await;
 }
+
+/// One channel takes at most `server.max_channel_subscribers` sockets: the next is refused
+/// with 429 (and its connection counted no more), and a place freed is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_refuses_subscribers_past_its_limit() {
+    let (_upstream, _rx, c, id) = waiting_channel().await;
+    // Read per request: set as a reload would.
+    let mut config = (*c.app().config.load_full()).clone();
+    config.server.max_channel_subscribers = 2;
+    c.app().config.store(std::sync::Arc::new(config));
+    let first = subscribe(&c, &id).await;
+    let _second = subscribe(&c, &id).await;
+    let url = format!(
+        "{}/v1/channels/{id}/ws?token={ADMIN}",
+        c.base.replace("http://", "ws://")
+    );
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 429);
+            let body: Value = serde_json::from_slice(r.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], "too_many_subscribers", "{body}");
+        }
+        other => panic!("a third subscriber was not refused: {other:?}"),
+    }
+    drop(first);
+    c.wait_subscribers(1).await;
+    let _third = subscribe(&c, &id).await;
+    c.wait_subscribers(2).await;
+    c.stop().await;
+}
