@@ -17,7 +17,9 @@ import { chromium } from "playwright-core";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, "../..");
-const bin = process.env.COURIER_BIN || join(root, "target/debug/courier");
+// The binary `cargo test` built: under CARGO_TARGET_DIR when that is set.
+const targetDir = process.env.CARGO_TARGET_DIR ? resolve(root, process.env.CARGO_TARGET_DIR) : join(root, "target");
+const bin = process.env.COURIER_BIN || join(targetDir, "debug/courier");
 const chromePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const artifacts = join(here, "artifacts");
 const TOKEN = "console-test-admin-token-01";
