@@ -124,6 +124,9 @@ async fn metrics(State(app): State<AppState>, headers: axum::http::HeaderMap) ->
         // purged them all.
         if n == 0 && app.endpoints.get(&ep).is_none() {
             m.deliveries.remove(&labels);
+            // Its series is gone: so can its zero be (endpoints made and deleted through the
+            // API would otherwise leave one for every name ever used).
+            app.store.forget_zero_count(&ep, status);
             continue;
         }
         m.deliveries.get_or_create(&labels).set(n as i64);

@@ -1232,6 +1232,19 @@ impl Store {
         self.shared.counts.read().expect("counts lock").clone()
     }
 
+    /// Drops `endpoint`'s count of `status` if it is 0 (a missing count reads as 0
+    /// everywhere). Counts are kept in memory for every (endpoint, status) that had one;
+    /// without this, each endpoint deleted keeps its zeros until the next start. Called once
+    /// the metrics have taken the endpoint's series away (see `api::health`), which they do
+    /// on seeing the zero.
+    pub fn forget_zero_count(&self, endpoint: &str, status: DeliveryStatus) {
+        let mut counts = self.shared.counts.write().expect("counts lock");
+        let key = (endpoint.to_string(), status);
+        if counts.get(&key) == Some(&0) {
+            counts.remove(&key);
+        }
+    }
+
     /// Pending deliveries of one endpoint.
     pub fn pending_count(&self, endpoint: &str) -> u64 {
         self.shared

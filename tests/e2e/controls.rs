@@ -475,3 +475,46 @@ async fn the_oldest_pending_age_and_replays_show_in_the_metrics() {
     }
     c.stop().await;
 }
+
+/// A deleted endpoint whose deliveries retention has purged leaves nothing behind: not its
+/// series in the metrics, nor a zero count in memory (an endpoint made and deleted through
+/// the API for every customer that comes and goes would otherwise grow both for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_endpoint_purged_by_retention_leaves_no_counts_behind() {
+    let rx = Receiver::start().await;
+    let c = Courier::start("[delivery]\nallow_private_networks = true\nretention = \"1s\"\n").await;
+    let (s, r) = c
+        .post_json(
+            "/v1/endpoints",
+            &json!({"name": "gone", "url": rx.url("/")}),
+        )
+        .await;
+    assert_eq!(s, 201, "{r}");
+    let r = c
+        .send(json!({"event_type": "t", "payload": {}, "endpoint": "gone"}))
+        .await;
+    let id = ids(&[r])[0].clone();
+    c.wait_status(&id, "delivered", T).await;
+    c.metrics_with("courier_deliveries{endpoint=\"gone\",status=\"delivered\"} 1")
+        .await;
+    let (s, _) = c
+        .call(
+            reqwest::Method::DELETE,
+            "/v1/endpoints/gone",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let deadline = Instant::now() + T;
+    loop {
+        let m = c.text("/metrics").await;
+        let counted = c.app().store.counts().keys().any(|(ep, _)| ep == "gone");
+        if !m.contains("endpoint=\"gone\"") && !counted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still counted ({counted}): {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.stop().await;
+}
