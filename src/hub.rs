@@ -30,12 +30,6 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Subscribes to a channel's future messages.
-    pub fn subscribe(&self, channel: &str) -> broadcast::Receiver<Published> {
-        self.subscribe_within(channel, usize::MAX)
-            .expect("no limit to reach")
-    }
-
     /// Subscribes to a channel's future messages unless it has `max` subscribers already.
     pub fn subscribe_within(
         &self,

@@ -173,6 +173,8 @@ pub async fn ingest(
         .iter()
         .map(|d| (d.endpoint.clone(), d.next_due_ms.unwrap_or(0)))
         .collect();
+    // Whether each endpoint was paused when it was looked up (same order as `endpoints`).
+    let paused: Vec<bool> = targets.iter().map(|t| t.paused).collect();
     let has_idempotency_key = req.idempotency_key.is_some();
     let batch = AppendBatch {
         event: Event {
@@ -207,15 +209,15 @@ pub async fn ingest(
         AppendResult::Created => {
             let names: Vec<&str> = endpoints.iter().map(|(e, _)| e.as_str()).collect();
             observe::ingested(&app.metrics, &event_id, &req.event_type, &names);
-            for (e, due) in &endpoints {
+            for ((e, due), was_paused) in endpoints.iter().zip(paused) {
                 // A paused endpoint's worker would only wake to find it paused: under load
                 // that is a worker started (or woken), a wait for the database and a
-                // retirement per commit, on the threads that answer producers. Looked up
-                // after the append:
-                // a resume that this misses comes after the event is journaled, and the
-                // resume wakes the worker to scan from the start (after the database has
-                // caught up), so the event is found.
-                if app.endpoints.get(e).is_some_and(|ep| ep.paused) {
+                // retirement per commit, on the threads that answer producers. Paused at
+                // lookup, it is looked up again now, after the append: a resume that this
+                // misses comes after the event is journaled, and the resume wakes the worker
+                // to scan from the start (once the database has caught up), so the event is
+                // found. (Endpoints that were not paused are woken without a second lookup.)
+                if was_paused && app.endpoints.get(e).is_some_and(|ep| ep.paused) {
                     continue;
                 }
                 Scheduler::wake_due(app, e, *due);
