@@ -519,12 +519,15 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                     }
                                 };
                                 let Some(_permit) = permit else {
+                                    // Looked for again from its own due time: the scan is
+                                    // past it, and from "now" it would not move back to it
+                                    // while anything else of this endpoint is in flight.
                                     let _ = tx.send(Done {
                                         id,
                                         success: None,
                                         started_ms,
                                         url,
-                                        again_ms: Some(now_ms()),
+                                        again_ms: Some(due.unwrap_or(0)),
                                     });
                                     return;
                                 };

@@ -633,6 +633,81 @@ async fn an_attempt_that_waited_for_a_slot_respects_a_pause_made_meanwhile() {
     c.stop().await;
 }
 
+/// An attempt that waited for a slot and found its endpoint changed meanwhile hands its
+/// delivery back, and the worker finds it again at once, though the endpoint has other
+/// attempts in flight all along (its scan had moved past the delivery, and used to move
+/// back only once the endpoint had nothing in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_handed_back_after_waiting_for_a_slot_is_not_passed_over() {
+    let (slow, rx) = (Receiver::start().await, Receiver::start().await);
+    slow.set_default(Reply::status(200).delay(Duration::from_secs(3)));
+    // b's first request hangs for 9 s; the rest are answered at once.
+    rx.script([Reply::status(200).delay(Duration::from_secs(9))]);
+    rx.set_default(Reply::status(200));
+    // Six slots: no endpoint takes more than three.
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}max_attempts_in_flight = 6\n{}{}",
+        endpoint("slow", &slow.url("/"), "max_in_flight = 100"),
+        endpoint("slow2", &slow.url("/"), "")
+    ))
+    .await;
+    let body = |v: serde_json::Value| Some(v.to_string().into());
+    let (s, p) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/endpoints",
+            Some(ADMIN),
+            body(json!({"name": "b", "url": rx.url("/"), "timeout": "20s"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+    let id = |r: &serde_json::Value| r["deliveries"][0]["id"].as_str().unwrap().to_string();
+    let send_b = |n: u32| c.send(json!({"event_type": "t", "payload": {"n": n}, "endpoint": "b"}));
+    let first = id(&send_b(0).await);
+    rx.wait_for(1, T).await; // one slot held by b for 9 s
+    for ep in ["slow", "slow", "slow", "slow2", "slow2"] {
+        c.send(json!({"event_type": "t", "payload": {}, "endpoint": ep}))
+            .await;
+    }
+    slow.wait_for(5, T).await; // the other five held for 3 s
+    // b's worker picks this one; it waits for a slot.
+    let second = id(&send_b(1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // b changes: the waiting attempt will not be made as picked.
+    let (s, p) = c
+        .call(
+            reqwest::Method::PATCH,
+            "/v1/endpoints/b",
+            Some(ADMIN),
+            body(json!({"headers": {"x-changed": "1"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    // Picked after the change (the scan moves past the second); waits for a slot too.
+    let third = id(&send_b(2).await);
+    // The slow attempts end about 3 s after they began: the second and third go out then,
+    // not once b's first attempt is over, 9 s after it began.
+    c.wait_status(&third, "delivered", Duration::from_secs(5))
+        .await;
+    c.wait_status(&second, "delivered", Duration::from_secs(2))
+        .await;
+    let (_, d) = c
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/deliveries/{first}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(d["status"], "pending", "the first attempt still hangs: {d}");
+    assert!(
+        rx.received()[1..]
+            .iter()
+            .all(|r| r.header("x-changed") == "1")
+    );
+    c.stop().await;
+}
+
 /// No endpoint takes more than half of the shared attempt slots: a slow receiver behind an
 /// endpoint with a large `max_in_flight` leaves room for the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
