@@ -264,6 +264,14 @@ pub fn check_limits(e: &RawEndpoint, key: &str) -> Result<(), ConfigError> {
             Ok(())
         }
     };
+    if matches!(e.name.as_str(), "." | "..") {
+        // HTTP clients read these as "this" and "the parent" directory in a path, however
+        // they are encoded: such an endpoint could be made but never addressed by name.
+        return Err(ConfigError::invalid(
+            format!("{pre}name"),
+            format!("`{}` cannot be named in a URL path", e.name),
+        ));
+    }
     at_most("url", e.url.len(), MAX_URL, "bytes")?;
     at_most("secrets", e.secrets.len(), MAX_SECRETS, "secrets")?;
     at_most(

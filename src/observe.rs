@@ -134,7 +134,7 @@ impl Metrics {
             );
             r.register(
                 "courier_attempts",
-                "Delivery attempts per endpoint and outcome (delivered, retry, dead, dropped)",
+                "Delivery attempts per endpoint and outcome (delivered, retry, dead, superseded)",
                 m.attempts.clone(),
             );
             r.register(

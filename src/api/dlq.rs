@@ -64,7 +64,21 @@ async fn replay(
     let (_, timeout) = super::body_limits(&app);
     let bytes = read_body(body, &headers, 64 * 1024, timeout).await?;
     if !bytes.iter().all(u8::is_ascii_whitespace) {
-        let b: ReplayFilter = serde_json::from_slice(&bytes)
+        let body: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed filter: {e}")))?;
+        // `null` is what a script sends for an unset variable (`{"endpoint": env.EP}`):
+        // read as absent, it would requeue every dead delivery.
+        if let Some(name) = body
+            .as_object()
+            .and_then(|m| m.iter().find(|(_, v)| v.is_null()))
+            .map(|(k, _)| k.clone())
+        {
+            return Err(ApiError::bad_request(format!(
+                "`{name}` is null: a bulk replay refuses a null filter value rather than replay every dead delivery; leave `{name}` out to mean all"
+            ))
+            .with_field(name));
+        }
+        let b: ReplayFilter = serde_json::from_value(body)
             .map_err(|e| ApiError::bad_request(format!("malformed filter: {e}")))?;
         f.endpoint = b.endpoint.or(f.endpoint);
         f.since = b.since.or(f.since);

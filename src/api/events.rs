@@ -84,6 +84,21 @@ async fn post_raw(
     let Path(endpoint) = endpoint.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let params: RawParams = super::query(q.as_deref())
         .inspect_err(|_| observe::ingest_rejected(&app.metrics, "malformed"))?;
+    // An empty value is what a script sends with an unset variable
+    // (`?idempotency_key=$KEY`): read as absent, as other routes read an empty parameter,
+    // a retry would be delivered twice, and an empty header or body field is refused too.
+    if let Some(name) = url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
+        .find(|(k, v)| {
+            v.trim().is_empty() && matches!(k.as_ref(), "idempotency_key" | "id" | "event_type")
+        })
+        .map(|(k, _)| k.into_owned())
+    {
+        observe::ingest_rejected(&app.metrics, "malformed");
+        return Err(ApiError::bad_request(format!(
+            "`{name}` is empty: leave the parameter out, or give it a value"
+        ))
+        .with_field(name));
+    }
     let bytes = read_ingest(&app, &headers, body).await?;
     let event_type = match params.event_type {
         Some(t) => Some(t),

@@ -17,7 +17,7 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
-async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+pub(super) async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     // A store whose writer failed still reads, but takes nothing: not ready. (Those two
     // errors say what to do; a failed read's detail, which may name files, goes to the log
     // only: this route takes no token.)
@@ -43,13 +43,20 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
         Ok(()) if !app.shutdown.is_cancelled() => {
             (StatusCode::OK, Json(json!({"status": "ready"})))
         }
+        // A 503 carries the error object every other error has, besides its status.
         Ok(()) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "shutting_down"})),
+            Json(json!({
+                "status": "shutting_down",
+                "error": {"code": "shutting_down", "message": "courier is shutting down"},
+            })),
         ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "error": e.to_string()})),
+            Json(json!({
+                "status": "unavailable",
+                "error": {"code": "unavailable", "message": e.to_string()},
+            })),
         ),
     }
 }

@@ -476,6 +476,30 @@ mod tests {
         running.shutdown().await;
     }
 
+    /// `/readyz`'s 503 has the error object every error has (and its `status`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_refused_at_shutdown_has_the_error_shape() {
+        use axum::response::IntoResponse;
+        let dir = tempfile::tempdir().unwrap();
+        let running = start(dir.path()).await;
+        let app = running.app.clone();
+        let ready = super::health::readyz(axum::extract::State(app.clone()))
+            .await
+            .into_response();
+        assert_eq!(ready.status(), 200);
+        app.shutdown.cancel();
+        let r = super::health::readyz(axum::extract::State(app))
+            .await
+            .into_response();
+        assert_eq!(r.status(), 503);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["status"], "shutting_down", "{body}");
+        assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+        running.shutdown().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_without_a_valid_token_is_refused_without_waiting_for_the_database() {
         let dir = tempfile::tempdir().unwrap();

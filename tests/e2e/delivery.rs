@@ -96,13 +96,15 @@ async fn exhaustion_goes_to_the_dlq_and_bulk_replay_delivers() {
         ("/v1/dlq/replay", json!({"since": " "})),
         ("/v1/dlq/replay?endpoint=", json!({})),
         ("/v1/dlq/replay?until=&endpoint=app", json!({})),
+        // What `{"endpoint": env.EP}` and the like send for an unset variable.
+        ("/v1/dlq/replay", json!({"endpoint": null})),
+        ("/v1/dlq/replay?endpoint=app", json!({"until": null})),
     ] {
         let (s, r) = c.post_json(path, &body).await;
         assert_eq!(s, 400, "{path} {body}: {r}");
-        assert!(
-            r["error"]["message"].as_str().unwrap().contains("empty"),
-            "{r}"
-        );
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.contains("empty") || message.contains("null"), "{r}");
+        assert!(r["error"]["field"].is_string(), "{r}");
     }
     let (_, dlq) = c.get("/v1/dlq?endpoint=app").await;
     assert_eq!(

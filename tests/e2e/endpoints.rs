@@ -467,6 +467,9 @@ async fn invalid_endpoints_are_refused_with_the_field_named_and_nothing_written(
             "secrets",
         ),
         (json!({"name": "bad name!", "url": url}), 422, "name"),
+        // Made, it could never be addressed: clients read them as directories in a path.
+        (json!({"name": "..", "url": url}), 422, "name"),
+        (json!({"name": ".", "url": url}), 422, "name"),
         (
             json!({"name": "x", "url": url, "timeout": "300000000000y"}),
             422,

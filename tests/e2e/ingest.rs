@@ -627,6 +627,16 @@ async fn a_raw_ingest_takes_its_idempotency_key_in_the_query_and_refuses_what_it
             .contains("event-type"),
         "{e}"
     );
+    // An empty parameter (a script's unset `$KEY`) is refused, naming it: read as absent,
+    // a retry would be delivered twice.
+    for (path, field) in [
+        ("/v1/ingest/app?idempotency_key=", "idempotency_key"),
+        ("/v1/ingest/app?id=%20", "id"),
+        ("/v1/ingest/app?event_type=", "event_type"),
+    ] {
+        let (s, e) = raw(path, None).await;
+        assert_eq!((s, e["error"]["field"].as_str()), (400, Some(field)), "{e}");
+    }
     for path in ["/v1/ingest/app", "/v1/events"] {
         let mut req = c
             .http
@@ -649,10 +659,11 @@ async fn a_raw_ingest_takes_its_idempotency_key_in_the_query_and_refuses_what_it
     rx.wait_for(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(rx.received().len(), 1);
-    // Each refusal is counted: the misspelt parameter and the two unreadable keys.
+    // Each refusal is counted: the misspelt parameter, the three empty ones and the two
+    // unreadable keys.
     let m = c.text("/metrics").await;
     assert!(
-        m.contains("courier_ingest_rejected_total{reason=\"malformed\"} 3"),
+        m.contains("courier_ingest_rejected_total{reason=\"malformed\"} 6"),
         "{m}"
     );
     c.stop().await;
