@@ -58,6 +58,17 @@ pub fn final_answer(result: &AttemptResult) -> Option<Next> {
     None
 }
 
+/// The wait a 429's or 503's `Retry-After` asks for (zero without one). It lengthens the
+/// schedule's delay, never shortens it: a `Retry-After: 0` from a load balancer in the middle
+/// of a deploy, or a date the receiver's slow clock puts in the past, would otherwise spend a
+/// schedule meant to last hours in a second.
+fn retry_after(result: &AttemptResult) -> Duration {
+    match (result.status, result.retry_after) {
+        (Some(429 | 503), Some(after)) => after.min(MAX_RETRY_AFTER),
+        _ => Duration::ZERO,
+    }
+}
+
 /// The retry the schedule gives a failed attempt (or dead when it is exhausted).
 pub fn scheduled(
     result: &AttemptResult,
@@ -73,10 +84,7 @@ pub fn scheduled(
             reason: format!("gave up after {made} attempts; last: {error}"),
         };
     }
-    let delay = match (result.status, result.retry_after) {
-        (Some(429 | 503), Some(after)) => after.min(MAX_RETRY_AFTER),
-        _ => jittered(schedule[made], jitter),
-    };
+    let delay = jittered(schedule[made], jitter).max(retry_after(result));
     Next::Retry {
         due_ms: now_ms + delay.as_millis() as u64,
         error: Some(error),
@@ -99,10 +107,7 @@ pub fn fallback(
         return scheduled(result, done_before, schedule, jitter, now_ms);
     }
     let last = schedule.last().copied().unwrap_or_default();
-    let delay = match (result.status, result.retry_after) {
-        (Some(429 | 503), Some(after)) => after.min(MAX_RETRY_AFTER),
-        _ => jittered(last.max(Duration::from_secs(1)), jitter),
-    };
+    let delay = jittered(last.max(Duration::from_secs(1)), jitter).max(retry_after(result));
     Next::Retry {
         due_ms: now_ms + delay.as_millis() as u64,
         error: Some(describe_failure(result)),
@@ -235,8 +240,36 @@ mod tests {
         ));
     }
 
+    /// A `Retry-After` shorter than the schedule's delay (`0`, or a date already past) leaves
+    /// the delay as it is: it cannot spend the schedule faster than it was made to go.
     #[test]
-    fn retry_after_replaces_the_delay_for_429_and_503() {
+    fn retry_after_never_shortens_the_schedule() {
+        let sched = secs(&[0, 5, 30]);
+        for after in [0, 2] {
+            let mut r = result(Some(503), None);
+            r.retry_after = Some(Duration::from_secs(after));
+            assert_eq!(
+                decide(&r, 0, &sched, 0.0, 0),
+                Next::Retry {
+                    due_ms: 5_000,
+                    error: Some("HTTP 503".into())
+                }
+            );
+        }
+        // Past the schedule (a backoff plugin failing), its last delay likewise.
+        let mut r = result(Some(429), None);
+        r.retry_after = Some(Duration::ZERO);
+        assert_eq!(
+            fallback(&r, 5, &sched, 0.0, 0),
+            Next::Retry {
+                due_ms: 30_000,
+                error: Some("HTTP 429".into())
+            }
+        );
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_delay_for_429_and_503() {
         let sched = secs(&[0, 5, 30]);
         for s in [429, 503] {
             let mut r = result(Some(s), None);

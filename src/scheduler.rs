@@ -29,6 +29,10 @@ pub struct Health {
     pub circuit_open: bool,
     pub last_attempt_ms: Option<u64>,
     pub last_success_ms: Option<u64>,
+    /// Until when the endpoint is sent nothing: a `429` or `503` with `Retry-After` speaks
+    /// for the receiver, not for one delivery, so its other deliveries wait too instead of
+    /// each spending an attempt on the same answer.
+    pub held_until_ms: Option<u64>,
     /// When the circuit last opened: the first probe waits a probe interval from here.
     #[serde(skip)]
     pub opened_ms: u64,
@@ -86,7 +90,36 @@ struct Done {
     /// When the delivery is due again if it is still pending (a retry, or an outcome that
     /// could not be recorded): the worker's scan may have passed that time already.
     again_ms: Option<u64>,
+    /// Until when the receiver asked the endpoint to wait (`Retry-After` on a 429 or 503).
+    hold_until_ms: Option<u64>,
 }
+
+/// What one attempt came to, for its worker.
+struct Attempted {
+    /// `Some(true)` for a 2xx, `Some(false)` for a failed attempt, `None` when nothing was
+    /// sent (or the answer says nothing about the endpoint's health).
+    success: Option<bool>,
+    /// When the delivery is due again, if it is still pending.
+    again_ms: Option<u64>,
+    /// Until when the receiver asked the endpoint to wait.
+    hold_until_ms: Option<u64>,
+}
+
+impl Attempted {
+    fn unsent(again_ms: Option<u64>) -> Attempted {
+        Attempted {
+            success: None,
+            again_ms,
+            hold_until_ms: None,
+        }
+    }
+}
+
+/// The longest a receiver's `Retry-After` holds back its endpoint's other deliveries (the
+/// delivery that got it waits as long as it says, up to a day): one answer from a proxy in
+/// front of the receiver cannot stop an endpoint for a day, and when the hold ends while
+/// the receiver still refuses, its next answer holds the endpoint again.
+pub const ENDPOINT_HOLD_MAX: Duration = Duration::from_secs(600);
 
 /// How often idle endpoints with pending deliveries are looked for ([`Scheduler::start_sweeper`]):
 /// the most a delivery whose announcement went missing waits beyond its due time.
@@ -178,6 +211,7 @@ impl Scheduler {
     /// (an operator who fixes a wrong URL does not wait for the next probe).
     fn new_url(app: &App, endpoint: &str, h: &mut Health, url: &url::Url) {
         h.consecutive_failures = 0;
+        h.held_until_ms = None;
         if h.circuit_open {
             h.circuit_open = false;
             observe::circuit(&app.metrics, endpoint, false, 0);
@@ -256,7 +290,15 @@ impl Scheduler {
         });
     }
 
-    fn record(&self, app: &App, endpoint: &str, success: bool, started_ms: u64, url: &url::Url) {
+    fn record(
+        &self,
+        app: &App,
+        endpoint: &str,
+        success: bool,
+        started_ms: u64,
+        url: &url::Url,
+        hold_until_ms: Option<u64>,
+    ) {
         // An attempt to a URL the endpoint no longer has (changed while it was in flight)
         // says nothing about the one it has now. (Looked up before the health lock is taken.)
         if app.endpoints.get(endpoint).is_some_and(|ep| ep.url != *url) {
@@ -281,6 +323,9 @@ impl Scheduler {
         }
         let now = now_ms();
         h.last_attempt_ms = Some(now);
+        if let Some(until) = hold_until_ms {
+            h.held_until_ms = h.held_until_ms.max(Some(until));
+        }
         if success {
             h.consecutive_failures = 0;
             h.last_success_ms = Some(now);
@@ -423,6 +468,11 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                     }
                 }
             }
+            if let Some(until) = health.held_until_ms.filter(|until| *until > now) {
+                // The receiver asked for a pause (`Retry-After`): nothing goes out until then.
+                capacity = 0;
+                wake = min_opt(wake, Some(until));
+            }
             match ep.rate_limit {
                 Some(rl) => {
                     let rate = rl.per_second();
@@ -528,6 +578,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                         started_ms,
                                         url,
                                         again_ms: Some(due.unwrap_or(0)),
+                                        hold_until_ms: None,
                                     });
                                     return;
                                 };
@@ -539,19 +590,20 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                     ))
                                         .catch_unwind()
                                         .await;
-                                let (success, again_ms) = match attempt {
+                                let attempted = match attempt {
                                     Ok(r) => r,
                                     Err(_) => {
                                         tracing::error!(delivery = %id, "the attempt panicked; the delivery will be attempted again after a pause");
-                                        (None, Some(hold_back(&app2, due).await))
+                                        Attempted::unsent(Some(hold_back(&app2, due).await))
                                     }
                                 };
                                 let _ = tx.send(Done {
                                     id,
-                                    success,
+                                    success: attempted.success,
                                     started_ms,
                                     url,
-                                    again_ms,
+                                    again_ms: attempted.again_ms,
+                                    hold_until_ms: attempted.hold_until_ms,
                                 });
                             });
                         }
@@ -626,8 +678,14 @@ fn retire(app: &App, name: &str, woken: &AtomicBool, bucket: &mut Option<(f64, B
 fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, rewind: &AtomicU64, done: Done) {
     in_flight.remove(&done.id);
     if let Some(success) = done.success {
-        app.scheduler
-            .record(app, name, success, done.started_ms, &done.url);
+        app.scheduler.record(
+            app,
+            name,
+            success,
+            done.started_ms,
+            &done.url,
+            done.hold_until_ms,
+        );
     }
     // Still pending: the scan looks from its due time again, should it be behind the scan.
     if let Some(at) = done.again_ms {
@@ -658,13 +716,13 @@ fn still_as_picked(app: &App, ep: &Arc<EndpointConfig>, d: &Delivery) -> bool {
 }
 
 /// Makes one attempt of `d` and records it. Returns whether the endpoint answered 2xx
-/// (`None` when nothing was sent), and when a retry is due.
+/// (`None` when nothing was sent), when a retry is due, and any pause the receiver asked for.
 async fn run_attempt(
     app: &Arc<App>,
     ep: Arc<EndpointConfig>,
     d: Delivery,
     may_wait: bool,
-) -> (Option<bool>, Option<u64>) {
+) -> Attempted {
     let event = match app.store.event(&d.event_id) {
         Ok(Some(e)) => e,
         Ok(None) => {
@@ -674,11 +732,11 @@ async fn run_attempt(
             // If the outcome cannot be recorded, the delivery is still pending at its due time
             // and the worker must look for it again.
             let again = record(app, &d, None, next, may_wait).await;
-            return (None, again);
+            return Attempted::unsent(again);
         }
         Err(e) => {
             tracing::error!(delivery = %d.id, error = %e, "cannot load event; will retry");
-            return (None, Some(hold_back(app, d.next_due_ms).await));
+            return Attempted::unsent(Some(hold_back(app, d.next_due_ms).await));
         }
     };
     let delivery_cfg = app.config.load().delivery.clone();
@@ -715,7 +773,7 @@ async fn run_attempt(
         Ok(Transformed::Drop(reason)) => {
             observe::dropped(&ep.name, &d.id, &reason);
             let again = record(app, &d, None, Next::Dropped { reason }, may_wait).await;
-            return (None, again);
+            return Attempted::unsent(again);
         }
         Err(e) => {
             // A failing plugin is an attempt error (audited, retried), not the endpoint's
@@ -723,7 +781,7 @@ async fn run_attempt(
             let result = deliver::AttemptResult::not_sent(e.class(), e.to_string());
             let next = decide(app, &ep, backoff, &d, &result, delivery_cfg.jitter).await;
             let again = record(app, &d, Some(result), next, may_wait).await;
-            return (None, again);
+            return Attempted::unsent(again);
         }
     };
     let client = app.client.load_full();
@@ -745,8 +803,18 @@ async fn run_attempt(
         Some(Next::Dead { .. }) => None,
         _ => Some(result.success()),
     };
+    let hold_until_ms = match (result.status, result.retry_after) {
+        (Some(429 | 503), Some(after)) if !after.is_zero() => {
+            Some(now_ms() + after.min(ENDPOINT_HOLD_MAX).as_millis() as u64)
+        }
+        _ => None,
+    };
     let again = record(app, &d, Some(result), next, may_wait).await;
-    (health, again)
+    Attempted {
+        success: health,
+        again_ms: again,
+        hold_until_ms,
+    }
 }
 
 /// The next state after an attempt: final answers first, then the endpoint's backoff plugin

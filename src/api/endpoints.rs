@@ -856,6 +856,7 @@ async fn stats(
         "since": rfc3339(since),
         "circuit": h.state(),
         "consecutive_failures": h.consecutive_failures,
+        "held_until": h.held_until_ms.filter(|t| *t > crate::model::now_ms()).map(rfc3339),
         "queue_depth": count(S::Pending),
         "counts": {"pending": count(S::Pending), "delivered": delivered, "dead": dead, "dropped": count(S::Dropped)},
         "success_rate": (delivered + dead > 0).then(|| delivered as f64 / (delivered + dead) as f64),

@@ -177,6 +177,79 @@ async fn gone_and_abort_are_final_at_once() {
     c.stop().await;
 }
 
+/// A 429 with `Retry-After` holds back the whole endpoint, not only the delivery that got
+/// it: events sent meanwhile wait for the time the receiver named instead of each spending an
+/// attempt on the same refusal; then all go out. A `Retry-After: 0` holds nothing and never
+/// shortens the schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_holds_back_the_endpoint() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::status(429).header("retry-after", "3")]);
+    rx.set_default(Reply::status(200));
+    let c = Courier::with_endpoint("app", &rx.url("/h"), r#"schedule = ["0s", "10s"]"#).await;
+    let first = first_delivery(
+        &c.send(json!({"event_type": "t", "payload": {"n": 0}}))
+            .await,
+    );
+    let refused = rx.wait_for(1, T).await[0].at;
+    // Held once the refusal is recorded.
+    let mut stats = serde_json::Value::Null;
+    for _ in 0..100 {
+        stats = c.get("/v1/endpoints/app/stats").await.1;
+        if stats["last_attempt_at"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stats["held_until"].is_string(), "{stats}");
+    let mut ids = vec![first];
+    for n in 1..=5 {
+        ids.push(first_delivery(
+            &c.send(json!({"event_type": "t", "payload": {"n": n}}))
+                .await,
+        ));
+    }
+    for id in &ids {
+        c.wait_status(id, "delivered", T).await;
+    }
+    let got = rx.received();
+    assert_eq!(
+        got.len(),
+        7,
+        "one refusal and six deliveries, no more refusals"
+    );
+    for r in &got[1..] {
+        let waited = r.at - refused;
+        assert!(
+            waited >= Duration::from_millis(2900),
+            "sent {waited:?} after the refusal, before its Retry-After of 3 s"
+        );
+    }
+    let (_, stats) = c.get("/v1/endpoints/app/stats").await;
+    assert!(stats["held_until"].is_null(), "{stats}");
+
+    // `Retry-After: 0` (a load balancer mid-deploy): the schedule's 10 s still applies.
+    rx.script([Reply::status(503).header("retry-after", "0")]);
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    rx.wait_for(8, T).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rx.received().len(),
+        8,
+        "retried before the schedule's delay"
+    );
+    let (_, d) = c
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/deliveries/{id}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(d["status"], "pending", "{d}");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let rx = Receiver::start().await;
