@@ -358,3 +358,89 @@ fn the_nginx_example_logs_no_channel_url() {
         );
     }
 }
+
+/// Where nginx is installed (it need not be, even in CI), the example passes `nginx -t`:
+/// in a scratch prefix, with a throwaway certificate and loopback ports in place of 443/80.
+#[test]
+fn the_nginx_example_passes_nginx_t() {
+    let Ok(v) = Command::new("nginx").arg("-v").output() else {
+        eprintln!("skipping: nginx is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=hooks.example.com", "-keyout"])
+        .arg(d.join("key.pem"))
+        .arg("-out")
+        .arg(d.join("cert.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: openssl cannot make a certificate here");
+        return;
+    }
+    let conf = std::fs::read_to_string(root().join("examples/nginx.conf")).unwrap();
+    let mut site = conf.clone();
+    for (from, to) in [
+        (
+            "/etc/letsencrypt/live/hooks.example.com/fullchain.pem",
+            d.join("cert.pem").display().to_string(),
+        ),
+        (
+            "/etc/letsencrypt/live/hooks.example.com/privkey.pem",
+            d.join("key.pem").display().to_string(),
+        ),
+        (
+            "listen 443 ssl;",
+            format!("listen 127.0.0.1:{} ssl;", free_port()),
+        ),
+        ("listen 80;", format!("listen 127.0.0.1:{};", free_port())),
+    ] {
+        assert!(site.contains(from), "nginx.conf has no `{from}`");
+        site = site.replace(from, &to);
+    }
+    // `http2 on;` came with nginx 1.25.1; an older nginx checks the rest.
+    let version = String::from_utf8_lossy(&v.stderr);
+    let version: Vec<u32> = version
+        .split("nginx/")
+        .nth(1)
+        .unwrap_or("0")
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .next()
+        .unwrap()
+        .split('.')
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    if version < vec![1, 25, 1] {
+        site = site.replace("http2 on;", "# http2 on;");
+    }
+    std::fs::write(d.join("site.conf"), site).unwrap();
+    let p = d.display();
+    std::fs::write(
+        d.join("main.conf"),
+        format!(
+            "pid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{}}\nhttp {{\n  access_log {p}/access.log;\n  client_body_temp_path {p}/tmp;\n  proxy_temp_path {p}/tmp;\n  fastcgi_temp_path {p}/tmp;\n  uwsgi_temp_path {p}/tmp;\n  scgi_temp_path {p}/tmp;\n  include {p}/site.conf;\n}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("nginx")
+        .arg("-t")
+        .arg("-p")
+        .arg(d)
+        .arg("-e")
+        .arg(d.join("error.log"))
+        .arg("-c")
+        .arg(d.join("main.conf"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
