@@ -475,6 +475,117 @@ test("sign-out closes the Playground's socket and leaves nothing of the session"
   await page.close();
 });
 
+// The Playground's channel sockets, routed through the test: `close(n, message)` says with
+// which code (if any) courier "closes" the n-th socket once it has forwarded `message`.
+const CHANNEL_WS = /\/v1\/channels\/[^/]+\/ws$/;
+async function routeChannelSockets(page, close) {
+  const sockets = [];
+  await page.routeWebSocket(CHANNEL_WS, (ws) => {
+    const n = sockets.length;
+    sockets.push({ url: ws.url(), openedAt: Date.now(), closedAt: null });
+    const server = ws.connectToServer();
+    server.onMessage((m) => {
+      ws.send(m);
+      const code = close(n, JSON.parse(m));
+      if (code && !sockets[n].closedAt) {
+        sockets[n].closedAt = Date.now();
+        ws.close({ code, reason: `closed by the test with ${code}` });
+        server.close();
+      }
+    });
+  });
+  return sockets;
+}
+// Every text the Playground's status shows, in order.
+const recordStatus = (page) => page.evaluate(() => {
+  window.statuses = [];
+  new MutationObserver(() => window.statuses.push(document.querySelector("#pg-status").textContent))
+    .observe(document.querySelector("#pg-status"), { childList: true, characterData: true, subtree: true });
+});
+
+test("a socket courier closes before the final message (1011, 1001) is opened again to the same channel, and the result still shows", async () => {
+  const { page, errors } = await signIn();
+  // The first two sockets are closed once they have given "AI generated"; the third stays.
+  const codes = [1011, 1001];
+  const sockets = await routeChannelSockets(page, (n, m) => m.status === "ai_generated" && codes[n]);
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.getByLabel("Workflow", { exact: true }).selectOption("by-hand");
+  await recordStatus(page);
+  await page.getByRole("button", { name: "Send async request" }).click();
+  // The callback form shows only once a socket that stays has given "AI generated".
+  await page.locator("#pg-callback").waitFor({ state: "visible" });
+  await waitFor(() => sockets.length >= 3);
+  await page.getByRole("button", { name: "Send callback" }).click();
+  await page.locator("#pg-status", { hasText: "success" }).waitFor();
+  const channel = await page.locator("#pg-channel").textContent();
+  for (const s of sockets) assert.ok(s.url.endsWith(`/v1/channels/${channel}/ws`), s.url);
+  assert.equal(sockets.length, 3, "one socket per close, no more");
+  // The delay grows: 0.5 s after the first close, 1 s after the second.
+  assert.ok(sockets[1].openedAt - sockets[0].closedAt >= 450, `${sockets[1].openedAt - sockets[0].closedAt} ms`);
+  assert.ok(sockets[2].openedAt - sockets[1].closedAt >= 950, `${sockets[2].openedAt - sockets[1].closedAt} ms`);
+  const statuses = await page.evaluate(() => window.statuses);
+  assert.ok(statuses.includes("reconnecting… (1 of 6)") && statuses.includes("reconnecting… (2 of 6)"), statuses.join(" | "));
+  assert.ok(!statuses.includes("connection lost"), statuses.join(" | "));
+  // The latest state each new socket gets first is not shown twice.
+  const steps = await page.locator("#pg-steps li").allTextContents();
+  assert.equal(steps.filter((s) => s.includes("AI generated")).length, 1, steps.join(" | "));
+  assert.equal(steps.filter((s) => s.includes("success")).length, 1, steps.join(" | "));
+  assert.equal(await page.locator("#pg-msg").textContent(), "");
+  assert.match(await page.getByLabel("Result data", { exact: true }).textContent(), /"saved": true/);
+  assert.deepEqual(errors, []);
+  await shotOf(page, "playground-reconnected");
+  await page.close();
+});
+
+test("a socket closed with 1008 says the token is no longer admitted, and is not opened again", async () => {
+  const { page, errors } = await signIn();
+  const sockets = await routeChannelSockets(page, (n, m) => m.status === "ai_generated" && 1008);
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.getByLabel("Workflow", { exact: true }).selectOption("by-hand");
+  await page.getByRole("button", { name: "Send async request" }).click();
+  await page.locator("#pg-status", { hasText: "not admitted" }).waitFor();
+  assert.match(await page.locator("#pg-msg").textContent(), /no longer admits this token.*closed by the test with 1008/s);
+  await page.waitForTimeout(1000); // twice the first reconnect's delay
+  assert.equal(sockets.length, 1);
+  assert.equal(await page.locator("#pg-status").textContent(), "not admitted");
+  assert.ok(await page.locator("#app").isVisible(), "still signed in: the next request says what the token may do");
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test("a reconnect waiting to happen is dropped by a new Playground request and by sign-out", async () => {
+  const { page, errors } = await signIn();
+  // Time stands still until the test moves it: the reconnect delays are waited for on cue.
+  await page.clock.install();
+  await page.clock.pauseAt(Date.now() + 1000);
+  // Every socket is closed once it has given "AI generated": 1001, then 1011.
+  const sockets = await routeChannelSockets(page, (n, m) => m.status === "ai_generated" && (n % 2 ? 1011 : 1001));
+  const channels = () => sockets.map((s) => s.url.match(/channels\/([^/]+)\/ws$/)[1]);
+  await page.getByRole("tab", { name: "Playground" }).click();
+  await page.getByLabel("Workflow", { exact: true }).selectOption("by-hand");
+  const send = page.getByRole("button", { name: "Send async request" });
+  await send.click();
+  await page.locator("#pg-status", { hasText: "reconnecting" }).waitFor();
+  const a = await page.locator("#pg-channel").textContent();
+  // A new request while channel A waits to reconnect: only the new channel B is watched.
+  await send.click();
+  await page.locator("#pg-channel", { hasText: /^(?!—)/ }).filter({ hasNotText: a }).waitFor();
+  const b = await page.locator("#pg-channel").textContent();
+  await page.locator("#pg-status", { hasText: "reconnecting" }).waitFor();
+  await page.clock.runFor(500);
+  await waitFor(() => sockets.length >= 3);
+  await page.locator("#pg-status", { hasText: "reconnecting… (2 of 6)" }).waitFor();
+  assert.deepEqual(channels(), [a, b, b]);
+  // Signed out while B waits a second for its next try: no socket comes after.
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.clock.runFor(60000);
+  await page.waitForTimeout(300);
+  assert.deepEqual(channels(), [a, b, b]);
+  assert.equal(await page.locator("#pg-status").textContent(), "");
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
 // Last: it adds many endpoints.
 test("endpoints are listed a page at a time, with a control for the next page", async () => {
   for (let i = 0; i < 110; i++) {
