@@ -8,6 +8,10 @@ import { createHmac, timingSafeEqual } from "node:crypto";
 import { createServer } from "node:http";
 
 const secret = process.env.WEBHOOK_SECRET;
+if (!secret) {
+  console.error("receiver.mjs: set WEBHOOK_SECRET to the endpoint's secret (whsec_...)");
+  process.exit(1);
+}
 const portArg = process.argv.indexOf("--port");
 const port = portArg > 0 ? Number(process.argv[portArg + 1]) : 9000;
 

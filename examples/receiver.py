@@ -11,6 +11,7 @@ JSON line per request. Verify before you parse: the signatures cover the raw bod
 import argparse
 import hashlib
 import hmac
+import inspect
 import json
 import os
 import sys
@@ -19,7 +20,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
-SECRET = os.environ["WEBHOOK_SECRET"]
+SECRET = os.environ.get("WEBHOOK_SECRET", "")
+if not SECRET:
+    sys.exit("receiver.py: set WEBHOOK_SECRET to the endpoint's secret (whsec_...)")
+if "json_parse" not in inspect.signature(Webhook.verify).parameters:
+    sys.exit("receiver.py: standardwebhooks is too old (verify() has no json_parse); pip install -U standardwebhooks")
 standard = Webhook(SECRET)
 print_lock = threading.Lock()  # requests are handled on several threads
 
@@ -41,10 +46,14 @@ class Handler(BaseHTTPRequestHandler):
         result = {"webhook_id": headers.get("webhook-id"), "path": self.path}
         try:
             # Checks webhook-signature and that webhook-timestamp is within 5 minutes.
-            standard.verify(body, headers)
+            # json_parse=False: only verify; the body need not be JSON (`POST
+            # /v1/ingest/{endpoint}` delivers any bytes as they were sent).
+            standard.verify(body, headers, json_parse=False)
             result["standard_webhooks"] = "valid"
         except WebhookVerificationError as e:
             result["standard_webhooks"] = f"invalid: {e}"
+        except Exception as e:  # anything else is a rejection too, never a request left unanswered
+            result["standard_webhooks"] = f"invalid: {type(e).__name__}: {e}"
         ok_mr = mr_signature_ok(SECRET, body, headers.get("mr-signature", ""))
         result["mr_signature"] = "valid" if ok_mr else "invalid"
         verified = result["standard_webhooks"] == "valid" and ok_mr

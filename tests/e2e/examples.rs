@@ -72,15 +72,26 @@ async fn receiver_verifies(program: &str, script: &str) {
     let wrong = c
         .send(json!({"event_type": "t", "payload": {"hello": "world"}, "endpoint": "wrong"}))
         .await;
-    let t = Duration::from_secs(15);
-    let d = c
-        .wait_status(
-            good["deliveries"][0]["id"].as_str().unwrap(),
-            "delivered",
-            t,
+    // A raw ingest delivers any bytes: a body that is not JSON (nor UTF-8) verifies too.
+    let (s, raw) = c
+        .post(
+            "/v1/ingest/good?event_type=raw.text",
+            Some(ADMIN),
+            b"plain text, not JSON \xff".to_vec(),
         )
         .await;
-    assert_eq!(d["attempts"][0]["status_code"], 204);
+    assert_eq!(s, 202, "{raw}");
+    let t = Duration::from_secs(15);
+    for accepted in [&good, &raw] {
+        let d = c
+            .wait_status(
+                accepted["deliveries"][0]["id"].as_str().unwrap(),
+                "delivered",
+                t,
+            )
+            .await;
+        assert_eq!(d["attempts"][0]["status_code"], 204, "{d}");
+    }
     let d = c
         .wait_status(wrong["deliveries"][0]["id"].as_str().unwrap(), "dead", t)
         .await;
@@ -89,16 +100,56 @@ async fn receiver_verifies(program: &str, script: &str) {
         "a wrong secret is rejected"
     );
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    while seen.len() < 3 {
         let line = tokio::time::timeout(t, rx.recv()).await.unwrap().unwrap();
         seen.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
     }
     assert_eq!(
         seen.iter().filter(|v| v["verified"] == true).count(),
-        1,
+        2,
         "{seen:?}"
     );
     c.stop().await;
+}
+
+/// A receiver started without WEBHOOK_SECRET exits at once, saying what is missing, rather
+/// than failing on its first request.
+fn receiver_needs_a_secret(program: &str, script: &str) {
+    let mut child = Child(
+        Command::new(program)
+            .arg(root().join("examples").join(script))
+            .args(["--port", &free_port().to_string()])
+            .env_remove("WEBHOOK_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{script} started without a secret"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "{script} exited 0 without a secret");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("WEBHOOK_SECRET"), "{script}: {err}");
+}
+
+#[test]
+fn receivers_refuse_to_start_without_a_secret() {
+    if available("python3", &["-c", "import standardwebhooks"]) {
+        receiver_needs_a_secret("python3", "receiver.py");
+    }
+    if available("node", &["--version"]) {
+        receiver_needs_a_secret("node", "receiver.mjs");
+    }
 }
 
 #[tokio::test]
