@@ -283,6 +283,191 @@ fn secret_prints_a_fresh_whsec_secret() {
     courier::deliver::sign::decode_secret(a.trim()).unwrap();
 }
 
+/// examples/ws_watch.py watching `url`: its printed messages and its stderr lines as they
+/// come. With `token`, the key goes in an Authorization header (COURIER_TOKEN).
+struct Watcher {
+    child: Child,
+    frames: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    errors: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Watcher {
+    fn start(url: &str, token: Option<&str>) -> Watcher {
+        let mut cmd = Command::new("python3");
+        cmd.arg(root().join("examples/ws_watch.py"))
+            .arg(url)
+            .env_remove("COURIER_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(token) = token {
+            cmd.env("COURIER_TOKEN", token);
+        }
+        let mut child = Child(cmd.spawn().unwrap());
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        let out = child.0.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(serde_json::from_str(&l).unwrap());
+            }
+        });
+        let (tx, errors) = tokio::sync::mpsc::unbounded_channel();
+        let err = child.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("ws_watch: {l}");
+                let _ = tx.send(l);
+            }
+        });
+        Watcher {
+            child,
+            frames,
+            errors,
+        }
+    }
+
+    /// The next message it prints (panics after 20 s).
+    async fn frame(&mut self) -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(20), self.frames.recv())
+            .await
+            .expect("a message from ws_watch in time")
+            .expect("ws_watch ended without it")
+    }
+
+    /// Its next stderr line that contains `text`; panics after 20 s.
+    async fn error_with(&mut self, text: &str) -> String {
+        loop {
+            let l = tokio::time::timeout(Duration::from_secs(20), self.errors.recv())
+                .await
+                .unwrap_or_else(|_| panic!("ws_watch never said `{text}`"))
+                .unwrap_or_else(|| panic!("ws_watch ended without saying `{text}`"));
+            if l.contains(text) {
+                return l;
+            }
+        }
+    }
+
+    /// Waits (20 s at most) for it to exit; its status.
+    async fn exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ws_watch did not exit in time"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Config for an event-driven workflow `wf` (endpoint `app` on `rx`, `upstream` answering
+/// at once), then `keys`.
+fn watched_workflow(rx: &Receiver, upstream: &Receiver, keys: &str) -> String {
+    format!(
+        "{DELIVERY_FAST}{}[[workflows]]\nname = \"wf\"\nupstream = {{ url = \"{}\" }}\nendpoint = \"app\"\nevent_name = \"e\"\ncallback_timeout = \"60s\"\n{keys}",
+        endpoint("app", &rx.url("/hooks"), ""),
+        upstream.url("/v1/chat/completions"),
+    )
+}
+
+/// Opens a request on `wf` and waits until its channel waits for the callback; the channel
+/// id and its socket's URL without a token.
+async fn channel_awaiting_callback(c: &Courier) -> (String, String) {
+    let (s, r) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "wf"}))
+        .await;
+    assert_eq!(s, 202, "{r}");
+    let id = r["channel_id"].as_str().unwrap().to_string();
+    wait_channel(c, &id, |ch| ch["status"] == "ai_generated").await;
+    let url = format!(
+        "{}{}",
+        c.base.replace("http://", "ws://"),
+        r["ws_url"].as_str().unwrap()
+    );
+    (id, url)
+}
+
+/// Courier going away (1001, at shutdown) is not the end of the channel: ws_watch says so,
+/// reconnects once courier is back, skips the latest state it already printed, and exits
+/// 0 after the final message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_watch_reconnects_across_a_restart() {
+    if !available("python3", &["--version"]) {
+        return;
+    }
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let extra = watched_workflow(&rx, &upstream, "");
+    let mut c = Courier::start(&extra).await;
+    let (id, url) = channel_awaiting_callback(&c).await;
+    let mut w = Watcher::start(&format!("{url}?token={ADMIN}"), None);
+    assert_eq!(w.frame().await["status"], "ai_generated");
+
+    // Stop courier; start it again on the same address and data.
+    let addr = c.base.trim_start_matches("http://").to_string();
+    c.running.take().unwrap().shutdown().await;
+    w.error_with("1001").await;
+    let text = base_config(&c.dir.path().join("data"), &extra)
+        .replace("\"127.0.0.1:0\"", &format!("\"{addr}\""));
+    let config = courier::config::Config::parse(&text, c.dir.path(), None, "test.toml").unwrap();
+    c.running = Some(courier::server::start(config).await.unwrap());
+    c.wait_subscribers(1).await;
+
+    let (s, e) = c
+        .post_json(
+            &format!("/v1/callback/{id}"),
+            &json!({"data": {"saved": true}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
+    // The latest state, sent first on the new socket, is not printed twice.
+    let done = w.frame().await;
+    assert_eq!(done["status"], "success", "{done}");
+    assert!(w.exit().await.success());
+    c.stop().await;
+}
+
+/// A socket whose key a reload removed is closed with 1008: ws_watch does not reconnect (the
+/// key would be refused) and exits non-zero, saying why. (The key goes in a header here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_watch_stops_with_an_error_when_its_key_is_revoked() {
+    if !available("python3", &["--version"]) {
+        return;
+    }
+    const LEAVING: &str = "test-leaving-ingest-token1";
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start_file(&watched_workflow(
+        &rx,
+        &upstream,
+        &format!("[[keys]]\ntoken = \"{LEAVING}\"\nscopes = [\"ingest\"]\n"),
+    ))
+    .await;
+    let (id, url) = channel_awaiting_callback(&c).await;
+    let mut w = Watcher::start(&url, Some(LEAVING));
+    assert_eq!(w.frame().await["status"], "ai_generated");
+
+    c.rewrite_config(&watched_workflow(&rx, &upstream, ""));
+    c.wait_config(|st| st["version"] == 2).await;
+    // The next message is the socket's cue to check its key.
+    let (s, e) = c
+        .post_json(
+            &format!("/v1/callback/{id}"),
+            &json!({"data": {"saved": true}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
+    w.error_with("1008").await;
+    let status = w.exit().await;
+    assert!(!status.success(), "ws_watch claimed success: {status}");
+    assert_eq!(w.frames.recv().await, None, "a revoked socket printed more");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn workflow_walkthrough_with_the_example_upstream_and_ws_client() {
     if !available("python3", &["--version"]) {
@@ -315,31 +500,14 @@ async fn workflow_walkthrough_with_the_example_upstream_and_ws_client() {
         c.base.replace("http://", "ws://"),
         r["ws_url"].as_str().unwrap()
     );
-    let mut watcher = Child(
-        Command::new("python3")
-            .arg(root().join("examples/ws_watch.py"))
-            .arg(&ws_url)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, mut frames) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
-    let out = watcher.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(serde_json::from_str(&l).unwrap());
-        }
-    });
+    let mut w = Watcher::start(&ws_url, None);
     let t = Duration::from_secs(15);
     let hook = rx.wait_for(1, t).await[0].json();
     assert_eq!(hook["ai_response"]["suggestion"]["title"], "Arrival");
     assert_eq!(hook["ai_response"]["prompt_echo"], "a film?");
     // The watcher shows ai_generated (as the latest state when it connects, or live).
     loop {
-        let f = tokio::time::timeout(t, frames.recv())
-            .await
-            .unwrap()
-            .expect("watcher output");
+        let f = w.frame().await;
         if f["status"] == "ai_generated" {
             break;
         }
@@ -352,17 +520,11 @@ async fn workflow_walkthrough_with_the_example_upstream_and_ws_client() {
         )
         .await;
     assert_eq!(s, 200);
-    let done = tokio::time::timeout(t, frames.recv())
-        .await
-        .unwrap()
-        .expect("final frame");
+    let done = w.frame().await;
     assert_eq!(done["status"], "success", "{done}");
     assert_eq!(done["data"], json!({"saved": true}));
     // The watcher exits by itself once the channel is final.
-    let status = tokio::task::spawn_blocking(move || watcher.0.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success());
+    assert!(w.exit().await.success());
     c.stop().await;
 }
 
