@@ -108,6 +108,10 @@ pub struct DeliveryConfig {
     pub schedule: Vec<Duration>,
     pub jitter: f64,
     pub allow_private_networks: bool,
+    /// How long an attempt may take to connect (within its `timeout`): a receiver behind a
+    /// firewall that drops packets fails in this long, rather than holding one of the
+    /// attempt slots all endpoints share for the whole timeout.
+    pub connect_timeout: Duration,
     /// How long delivered and dead deliveries are kept.
     pub retention: Duration,
     /// Consecutive failures after which an endpoint's circuit opens.
@@ -392,6 +396,7 @@ struct RawKey {
 #[serde(deny_unknown_fields)]
 struct RawDelivery {
     timeout: Option<String>,
+    connect_timeout: Option<String>,
     schedule: Option<Vec<String>>,
     jitter: Option<f64>,
     allow_private_networks: Option<bool>,
@@ -746,6 +751,8 @@ impl Config {
             schedule,
             jitter,
             allow_private_networks: d.allow_private_networks.unwrap_or(false),
+            connect_timeout: positive_duration(d.connect_timeout, "delivery.connect_timeout")?
+                .unwrap_or(Duration::from_secs(10)),
             retention: match opt_duration(d.retention, "delivery.retention")? {
                 Some(r) if r.is_zero() => {
                     return Err(ConfigError::invalid(

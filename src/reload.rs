@@ -373,9 +373,10 @@ fn apply(app: &Arc<App>, mut new: Config, plugins: crate::plugins::Staged) -> Ve
             }
         }
     }
-    if new.delivery.allow_private_networks != old.delivery.allow_private_networks {
-        app.client
-            .store(Arc::new(client::build(new.delivery.allow_private_networks)));
+    if new.delivery.allow_private_networks != old.delivery.allow_private_networks
+        || new.delivery.connect_timeout != old.delivery.connect_timeout
+    {
+        app.client.store(Arc::new(client::build(&new.delivery)));
     }
     // The plugins it names go live with it: endpoints that still name a plugin by its old
     // kind or settings do so until this moment, and those of the new configuration from it.

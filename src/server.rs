@@ -163,7 +163,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         }
     }
     let app = Arc::new(App {
-        client: ArcSwap::from_pointee(client::build(config.delivery.allow_private_networks)),
+        client: ArcSwap::from_pointee(client::build(&config.delivery)),
         reload_status: std::sync::Mutex::new(crate::reload::initial_status(&config)),
         reloading: std::sync::Mutex::new(()),
         addr,

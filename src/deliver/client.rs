@@ -82,16 +82,18 @@ pub struct Outbound {
     pub allow_private_networks: bool,
 }
 
-/// Builds the delivery client.
-pub fn build(allow_private_networks: bool) -> Outbound {
+/// Builds the delivery client for `[delivery]`'s settings.
+pub fn build(delivery: &crate::config::DeliveryConfig) -> Outbound {
+    let allow_private_networks = delivery.allow_private_networks;
     Outbound {
-        http: http(allow_private_networks),
+        http: http(allow_private_networks, delivery.connect_timeout),
         allow_private_networks,
     }
 }
 
-fn http(allow_private_networks: bool) -> reqwest::Client {
+fn http(allow_private_networks: bool, connect_timeout: std::time::Duration) -> reqwest::Client {
     reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
         .dns_resolver(Arc::new(GuardedResolver {
@@ -209,7 +211,11 @@ pub fn classify(err: &reqwest::Error) -> &'static str {
         }
         source = e.source();
     }
-    if err.is_timeout() {
+    if err.is_timeout() && err.is_connect() {
+        // No connection within `connect_timeout` (or the attempt's own timeout): the
+        // receiver was not reached.
+        "connect"
+    } else if err.is_timeout() {
         "timeout"
     } else if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
         "tls"
@@ -248,7 +254,9 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let client = build(true).http;
+        let mut delivery = crate::config::Config::defaults().delivery;
+        delivery.allow_private_networks = true;
+        let client = build(&delivery).http;
         for path in ["/hooks", "/tls-handshake/certificate"] {
             let err = client
                 .post(format!("http://127.0.0.1:{port}{path}"))

@@ -250,6 +250,57 @@ async fn retry_after_holds_back_the_endpoint() {
     c.stop().await;
 }
 
+/// A receiver that never completes the connection (a firewall dropping packets; here a
+/// listener whose accept queue is full, so the kernel drops the connection attempts) fails
+/// the attempt after `connect_timeout`, as `connect`, not after the endpoint's whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_never_made_fails_after_the_connect_timeout() {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Fill its accept queue (nothing accepts): the next connection attempt goes unanswered.
+    let mut held = Vec::new();
+    while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+        held.push(s);
+        assert!(held.len() < 64, "the accept queue does not fill");
+    }
+    let c = Courier::start(&format!(
+        "{}connect_timeout = \"1s\"\n{}",
+        DELIVERY_FAST.replace("timeout = \"5s\"", "timeout = \"30s\""),
+        endpoint(
+            "app",
+            &format!("http://{addr}/h"),
+            r#"schedule = ["0s", "1h"]"#
+        )
+    ))
+    .await;
+    let id = first_delivery(&c.send(json!({"event_type": "t", "payload": {}})).await);
+    let d = c
+        .wait_delivery(&id, Duration::from_secs(10), |d| {
+            d["attempt_count"].as_u64() >= Some(1)
+        })
+        .await;
+    assert_eq!(d["status"], "pending", "{d}");
+    let attempt = &d["attempts"][0];
+    assert_eq!(attempt["error"], "connect", "{d}");
+    let took = attempt["duration_ms"].as_u64().unwrap();
+    assert!(
+        (900..5_000).contains(&took),
+        "the attempt took {took} ms: {d}"
+    );
+    drop(held);
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let rx = Receiver::start().await;
