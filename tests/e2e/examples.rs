@@ -576,10 +576,10 @@ fn the_nginx_example_logs_no_channel_url() {
 /// in a scratch prefix, with a throwaway certificate and loopback ports in place of 443/80.
 #[test]
 fn the_nginx_example_passes_nginx_t() {
-    let Ok(v) = Command::new("nginx").arg("-v").output() else {
-        eprintln!("skipping: nginx is not installed");
+    if !available("nginx", &["-v"]) {
         return;
-    };
+    }
+    let v = Command::new("nginx").arg("-v").output().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let made = Command::new("openssl")
