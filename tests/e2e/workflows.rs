@@ -336,7 +336,11 @@ async fn event_driven_flow_completes_with_the_callback() {
     let gone = Ws::connect(&c, &id).await;
     drop(gone);
 
-    let cb = json!({"data": {"movie": "Arrival", "id": 7}, "task_id": "task-1", "metadata": {"by": "backend"}});
+    // Numbers beyond a double's precision reach the subscribers to the last digit.
+    let cb: Value = serde_json::from_str(
+        r#"{"data": {"movie": "Arrival", "id": 123456789012345678901234567890, "score": 0.1000000000000000055511151231257827}, "task_id": "task-1", "metadata": {"by": "backend"}}"#,
+    )
+    .unwrap();
     let (s, _) = c
         .post(
             &format!("/v1/callback/{id}"),
@@ -366,6 +370,22 @@ async fn event_driven_flow_completes_with_the_callback() {
             "{e}"
         );
     }
+    // A key given twice is refused, not read as the last one.
+    let (s, e) = c
+        .post(
+            &format!("/v1/callback/{id}"),
+            Some(ADMIN),
+            r#"{"data": 1, "data": 2}"#.to_string(),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate field `data`"),
+        "{e}"
+    );
     let (s, r) = c.post_json(&format!("/v1/callback/{id}"), &cb).await;
     assert_eq!(s, 200, "{r}");
     // The answer is the state the callback committed.
@@ -373,6 +393,19 @@ async fn event_driven_flow_completes_with_the_callback() {
     let done = ws.next().await;
     assert_eq!(done["status"], "success");
     assert_eq!(done["data"], cb["data"]);
+    assert_eq!(
+        done["data"]["id"].to_string(),
+        "123456789012345678901234567890"
+    );
+    assert_eq!(
+        done["data"]["score"].to_string(),
+        "0.1000000000000000055511151231257827"
+    );
+    let (_, shown) = c.get(&format!("/v1/channels/{id}")).await;
+    assert!(
+        shown.to_string().contains("123456789012345678901234567890"),
+        "{shown}"
+    );
     assert_eq!(done["ai_response"]["model"], "fake-1");
     assert_eq!(done["task_id"], "task-1");
     assert_eq!(done["metadata"]["by"], "backend");
