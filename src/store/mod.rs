@@ -304,6 +304,9 @@ pub(crate) struct Shared {
     pub(crate) journal_stalled: prometheus_client::metrics::counter::Counter<f64>,
     /// Journal records re-applied when the store was opened (after a crash).
     replayed: usize,
+    /// Pending deliveries the scheduler's scan found damaged and passes over: each is logged
+    /// once, not at every scan that meets it.
+    damaged: std::sync::Mutex<HashSet<String>>,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set once the database reports its file failed ([`StoreError::Broken`]).
     pub(crate) broken: std::sync::atomic::AtomicBool,
@@ -362,6 +365,7 @@ impl Shared {
             journal_writes: Default::default(),
             journal_stalled: Default::default(),
             replayed,
+            damaged: Default::default(),
             writer: Default::default(),
             broken: Default::default(),
             progress: progress::Progress::new(seq),
@@ -1017,7 +1021,17 @@ impl Store {
                 break;
             }
             if let Some(v) = deliveries.get(id)? {
-                page.due.push(decode(v.value(), "delivery")?);
+                // A damaged record is passed over: failing the page would stop the whole
+                // endpoint's queue behind it for good. It stays as it is, for an operator.
+                match decode::<Delivery>(v.value(), "delivery") {
+                    Ok(d) => page.due.push(d),
+                    Err(e) => {
+                        let mut damaged = self.shared.damaged.lock().expect("damaged lock");
+                        if damaged.insert(id.to_string()) {
+                            tracing::error!(endpoint, delivery = %id, error = %e, "a pending delivery cannot be read; it is passed over and the rest of the endpoint's queue goes on");
+                        }
+                    }
+                }
                 page.last = Some((due, id.to_string()));
             }
         }
@@ -2860,6 +2874,30 @@ pub(crate) mod tests {
         requeued.sort();
         assert_eq!(requeued, [ids[0].clone(), ids[2].clone()]);
         assert_eq!(result.unreadable, [ids[1].clone()]);
+    }
+
+    /// A damaged pending delivery does not stop its endpoint's queue: the scheduler's scan
+    /// passes over it and finds the ones behind it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_due_scan_gets_past_a_pending_delivery_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, true).unwrap();
+        let ids = appended(&store, "e", 3).await;
+        let store = reopen_as_before(store, &path, "no such flag", |txn| {
+            txn.open_table(DELIVERIES)
+                .unwrap()
+                .insert(ids[1].as_str(), b"\xffnot a delivery".as_slice())
+                .unwrap();
+        });
+        let far = crate::model::now_ms() + 3_600_000;
+        let page = store.due("e", far, 10, &HashSet::new(), None).unwrap();
+        let mut due: Vec<String> = page.due.into_iter().map(|d| d.id).collect();
+        due.sort();
+        assert_eq!(due, [ids[0].clone(), ids[2].clone()]);
+        // Again (the second time it is not logged): the same page.
+        let again = store.due("e", far, 10, &HashSet::new(), None).unwrap();
+        assert_eq!(again.due.len(), 2);
     }
 
     /// Idempotency keys a database holds from before their age index existed are indexed
