@@ -525,6 +525,38 @@ async fn trapping_looping_and_hungry_plugins_fail_only_their_call() {
     c.stop().await;
 }
 
+/// A plugin that sets up a timer beyond its time limit and returns without waiting on it
+/// has not run out of time: only a sleep cut short at the deadline, and waited out, is a
+/// timeout.
+#[tokio::test]
+async fn a_timer_a_plugin_never_waits_on_is_no_timeout() {
+    let rx = Receiver::start().await;
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}{}{}",
+        plugin_entry(
+            "timer",
+            "misbehave",
+            "transform",
+            "config = { mode = \"timer\" }\nlimits = { timeout = \"5s\" }"
+        ),
+        endpoint(
+            "app",
+            &rx.url("/"),
+            "transforms = [\"timer\"]\nschedule = [\"0s\"]"
+        ),
+    ))
+    .await;
+    let r = c
+        .send(json!({"event_type": "t", "payload": {"n": 1}}))
+        .await;
+    let d = c
+        .wait_status(r["deliveries"][0]["id"].as_str().unwrap(), "delivered", T)
+        .await;
+    assert_eq!(d["attempts"][0]["error"], serde_json::Value::Null, "{d:#}");
+    assert_eq!(rx.received()[0].json()["n"], 1);
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn hot_reload_swaps_the_plugin_and_keeps_the_old_one_on_a_bad_file() {
     let rx = Receiver::start().await;

@@ -1,6 +1,7 @@
 //! `misbehave`: a transform that fails on purpose, for testing courier's sandbox. Config
 //! `mode`: `trap` (panics), `loop` (never returns), `sleep` (sleeps for an hour on the WASI
-//! clock), `hog` (allocates without bound),
+//! clock), `timer` (sets a timer an hour ahead and returns without waiting on it, passing the
+//! request through), `hog` (allocates without bound),
 //! `error` (returns an error), `drop` (drops the delivery), `headers` (returns 25,000
 //! headers), `badheader` (returns a header name HTTP does not allow), `framing` (adds
 //! `transfer-encoding: gzip`, `connection: close` and `expect: 100-continue` to a body it
@@ -27,6 +28,13 @@ impl Guest for Misbehave {
             }
             Some("sleep") => {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(TransformOutcome::Send(req))
+            }
+            Some("timer") => {
+                // A timer set an hour ahead, far past the call's time limit, and never
+                // waited on: the call returns at once and is not a timeout.
+                let timer = wasip2::clocks::monotonic_clock::subscribe_duration(3_600_000_000_000);
+                drop(timer);
                 Ok(TransformOutcome::Send(req))
             }
             Some("hog") => {
