@@ -1,9 +1,13 @@
 //! The scheduler: one worker task per endpoint reads that endpoint's due deliveries from the
 //! store's due-time index, in pages, and starts attempts within the endpoint's limits.
 //!
-//! Why per endpoint: a slow, failing or throttled endpoint only ever occupies its own worker,
-//! its own in-flight slots and its own slice of the index, so it can never delay another
-//! endpoint. Nothing is held in memory but the in-flight set; the backlog stays on disk.
+//! Why per endpoint: a slow, failing or throttled endpoint occupies its own worker, its own
+//! in-flight slots and its own slice of the index. The one thing endpoints share is the
+//! process-wide cap on attempts in flight (`max_attempts_in_flight`), of which no endpoint
+//! takes more than half: one slow endpoint cannot delay the others, though two slow ones
+//! with large `max_in_flight` can fill it until their attempts time out (`connect_timeout`
+//! bounds a receiver that never answers the connection). Nothing is held in memory but the
+//! in-flight set; the backlog stays on disk.
 //! Workers sleep until the earliest due time they know of, or until ingest, replay or a
 //! finished attempt wakes them.
 
