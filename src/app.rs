@@ -47,6 +47,71 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every worker and attempt task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The secret that makes each channel's watch token (see [`watch_token`]).
+    pub watch_secret: WatchSecret,
+}
+
+/// The secret each channel's watch token is made with: kept in the data dir, so that
+/// tokens handed out before a restart keep working after it.
+#[derive(Clone)]
+pub struct WatchSecret([u8; 32]);
+
+/// The file in the data dir that keeps the watch secret.
+pub const WATCH_SECRET_FILE: &str = "watch.key";
+
+/// Reads the data dir's watch secret, making it on first start.
+pub fn watch_secret(data_dir: &Path) -> std::io::Result<WatchSecret> {
+    let path = data_dir.join(WATCH_SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => {
+            if let Some(bytes) = hex::decode(t.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            {
+                return Ok(WatchSecret(bytes));
+            }
+            // Cut short or damaged: a new one (watch tokens handed out before stop working).
+            tracing::warn!(path = %path.display(), "the watch secret file is damaged; making a new one (watch tokens handed out before no longer work)");
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let bytes: [u8; 32] = rand::random();
+    write_private(&path, &hex::encode(bytes))?;
+    Ok(WatchSecret(bytes))
+}
+
+type WatchMac = hmac::Hmac<sha2::Sha256>;
+
+fn watch_mac(secret: &WatchSecret, channel_id: &str) -> WatchMac {
+    use hmac::Mac;
+    let mut mac = WatchMac::new_from_slice(&secret.0).expect("HMAC takes any key length");
+    mac.update(b"courier channel watch v1\0");
+    mac.update(channel_id.as_bytes());
+    mac
+}
+
+/// A channel's watch token: it lets its holder read that one channel (`GET
+/// /v1/channels/{id}` and its WebSocket) and nothing else, so that a browser watching its
+/// own request needs no API key, which would let it ingest events and open requests too.
+pub fn watch_token(secret: &WatchSecret, channel_id: &str) -> String {
+    use hmac::Mac;
+    format!(
+        "cw_{}",
+        hex::encode(watch_mac(secret, channel_id).finalize().into_bytes())
+    )
+}
+
+/// Whether `token` is `channel_id`'s watch token (compared in constant time).
+pub fn is_watch_token(secret: &WatchSecret, channel_id: &str, token: Option<&str>) -> bool {
+    use hmac::Mac;
+    let Some(given) = token
+        .and_then(|t| t.strip_prefix("cw_"))
+        .and_then(|h| hex::decode(h).ok())
+    else {
+        return false;
+    };
+    watch_mac(secret, channel_id).verify_slice(&given).is_ok()
 }
 
 /// A caller that presented a valid token.
@@ -150,6 +215,33 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watch secret is kept: the same data dir gives the same channel tokens after a
+    /// restart; a token verifies for its own channel only.
+    #[test]
+    fn watch_tokens_outlive_a_restart_and_fit_one_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = watch_secret(dir.path()).unwrap();
+        let token = watch_token(&first, "ch-1");
+        let again = watch_secret(dir.path()).unwrap();
+        assert_eq!(watch_token(&again, "ch-1"), token);
+        assert!(is_watch_token(&again, "ch-1", Some(&token)));
+        assert!(!is_watch_token(&again, "ch-2", Some(&token)));
+        assert!(!is_watch_token(&again, "ch-1", Some("cw_00")));
+        assert!(!is_watch_token(&again, "ch-1", None));
+        let other = tempfile::tempdir().unwrap();
+        let elsewhere = watch_secret(other.path()).unwrap();
+        assert!(!is_watch_token(&elsewhere, "ch-1", Some(&token)));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(WATCH_SECRET_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
 
     /// A key file cut short is replaced by a private one; one that cannot be read is not
     /// replaced (its key may be in use) but refused.

@@ -678,7 +678,7 @@ impl Config {
                 }
             },
             max_channel_subscribers: match s.max_channel_subscribers {
-                None => 1_000,
+                None => 100,
                 Some(n @ 1..=1_000_000) => n as usize,
                 Some(_) => {
                     return Err(ConfigError::invalid(

@@ -111,6 +111,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let created_key = app::ensure_key(&mut config, &data_dir)
         .with_context(|| format!("cannot write the admin key into {}", data_dir.display()))?;
     let mut unshown = UnshownKey(created_key.as_ref().and(generated_key_path.clone()));
+    let watch_secret = app::watch_secret(&data_dir).with_context(|| {
+        format!(
+            "cannot keep the channel watch secret in {}",
+            data_dir.display()
+        )
+    })?;
     for w in config.key_warnings() {
         tracing::warn!("{w}");
     }
@@ -180,6 +186,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         endpoints: Default::default(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        watch_secret,
     });
     for name in app.store.config_paused()? {
         app.endpoints.set_config_paused(&name, true);

@@ -65,6 +65,7 @@ async fn open(
             "channel_id": ch.id,
             "status": "pending",
             "ws_url": format!("/v1/channels/{}/ws", ch.id),
+            "watch_token": crate::app::watch_token(&app.watch_secret, &ch.id),
         })),
     )
         .into_response())
@@ -100,7 +101,10 @@ async fn show(
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    require_any(&app, &headers, q.token.as_deref(), CHANNEL_SCOPES)?;
+    let token = super::bearer(&headers).or(q.token.as_deref());
+    if !crate::app::is_watch_token(&app.watch_secret, &id, token) {
+        require_any(&app, &headers, q.token.as_deref(), CHANNEL_SCOPES)?;
+    }
     let ch = app
         .store
         .channel(&id)?
@@ -122,7 +126,10 @@ async fn ws(
         .ok()
         .and_then(|Query(q)| q.token.as_deref())
         .or(offered.token.as_deref());
-    require_any(&app, &headers, token, CHANNEL_SCOPES)?;
+    let watching = super::bearer(&headers).or(token);
+    if !crate::app::is_watch_token(&app.watch_secret, &id, watching) {
+        require_any(&app, &headers, token, CHANNEL_SCOPES)?;
+    }
     // The token that let the socket open: it must keep doing so (see `stream`).
     let opened_with = super::bearer(&headers).or(token).map(str::to_string);
     if let Err(e) = q {
@@ -420,7 +427,11 @@ async fn catch_up(
 }
 
 /// Whether `token` still opens channel sockets under the running configuration.
-fn still_allowed(app: &AppState, token: Option<&str>) -> bool {
+fn still_allowed(app: &AppState, channel: &str, token: Option<&str>) -> bool {
+    // A watch token is the channel's own, not a key's: no reload revokes it.
+    if crate::app::is_watch_token(&app.watch_secret, channel, token) {
+        return true;
+    }
     let keys = &app.config.load().keys;
     CHANNEL_SCOPES
         .iter()
@@ -450,7 +461,7 @@ async fn stream(
     let app = sub.app.clone();
     let id = sub.id.clone();
     let Some(rx) = sub.rx.as_mut() else { return };
-    let revoked = || !still_allowed(&app, opened_with.as_deref());
+    let revoked = || !still_allowed(&app, &id, opened_with.as_deref());
     let mut peer = Peer {
         socket,
         shutdown: app.shutdown.clone(),

@@ -17,6 +17,9 @@ pub fn router() -> Router<AppState> {
 async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     require_any(&app, &headers, None, &[Scope::Admin, Scope::Ingest])?;
     let config = app.config.load();
+    // Where the upstream is (an internal host, say) is the operator's business: an
+    // ingest-only key, often in producers' hands, sees `null`.
+    let admin = crate::app::authorize(&config.keys, super::bearer(&headers), Scope::Admin).is_ok();
     let data: Vec<Value> = config
         .workflows
         .iter()
@@ -24,7 +27,7 @@ async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Va
             json!({
                 "name": w.name,
                 "endpoint": w.endpoint,
-                "upstream": shown_url(&w.upstream_url),
+                "upstream": admin.then(|| shown_url(&w.upstream_url)),
                 "event_name": w.event_name,
                 "callback_timeout_ms": w.callback_timeout.as_millis() as u64,
                 "simulate": w.simulate,

@@ -303,6 +303,11 @@ async fn the_console_page_and_the_workflow_list_are_served() {
     assert_eq!(s, 200);
     assert_eq!(w["data"][0]["name"], "wf");
     assert_eq!(w["data"][0]["event_name"], "e");
+    assert!(w["data"][0]["upstream"].is_string(), "{w}");
+    // An ingest-only key sees the workflow, not where its upstream is.
+    let (s, w) = c.get_as("/v1/workflows", Some(INGEST_ONLY)).await;
+    assert_eq!((s, w["data"][0]["name"].as_str()), (200, Some("wf")), "{w}");
+    assert!(w["data"][0]["upstream"].is_null(), "{w}");
     let (s, _) = c.get_as("/v1/workflows", None).await;
     assert_eq!(s, 401);
     c.stop().await;

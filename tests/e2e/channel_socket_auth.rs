@@ -154,6 +154,84 @@ async fn the_socket_takes_the_bearer_header_of_an_ingest_or_admin_key_only() {
     c.stop().await;
 }
 
+/// A channel's watch token (from the async request's 202) reads that channel, over HTTP and
+/// as a socket (header, query or WebSocket protocol), and nothing else: not another channel,
+/// not ingest, not a new request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_token_reads_its_own_channel_and_nothing_else() {
+    let upstream = Receiver::start().await;
+    upstream.set_default(Reply::status(200).body(AI));
+    let rx = Receiver::start().await;
+    let c = Courier::start(&wf_config(&rx, &upstream, "")).await;
+    let (s, r) = c
+        .post_json("/v1/ai/async", &json!({"workflow": "wf"}))
+        .await;
+    assert_eq!(s, 202, "{r}");
+    let id = r["channel_id"].as_str().unwrap().to_string();
+    let token = r["watch_token"].as_str().unwrap().to_string();
+    let other = open_wf(&c).await;
+    rx.wait_for(2, T).await;
+
+    // Its own channel: over HTTP (header or query) and as a socket (header, query, protocol).
+    let (s, shown) = c.get_as(&format!("/v1/channels/{id}"), Some(&token)).await;
+    assert_eq!(
+        (s, shown["channel_id"].as_str()),
+        (200, Some(id.as_str())),
+        "{shown}"
+    );
+    let (s, _) = c
+        .get_as(&format!("/v1/channels/{id}?token={token}"), None)
+        .await;
+    assert_eq!(s, 200);
+    let frame = first_frame(ws_request(&c, &id, Some(&format!("Bearer {token}")))).await;
+    assert_eq!(frame["status"], "success", "{frame}");
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!(
+            "{}/v1/channels/{id}/ws?token={token}",
+            c.base.replace("http://", "ws://")
+        );
+        let frame = first_frame(url.into_client_request().unwrap()).await;
+        assert_eq!(frame["channel_id"], id.as_str());
+        let mut req = ws_request(&c, &id, None);
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&token);
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("courier.v1, courier.bearer.{b64}").parse().unwrap(),
+        );
+        assert_eq!(first_frame(req).await["channel_id"], id.as_str());
+    }
+    // Another channel: refused.
+    let (s, _) = c
+        .get_as(&format!("/v1/channels/{other}"), Some(&token))
+        .await;
+    assert_eq!(s, 401);
+    assert_eq!(
+        refused(ws_request(&c, &other, Some(&format!("Bearer {token}")))).await,
+        401
+    );
+    // No other route takes it.
+    let (s, _) = c
+        .post("/v1/ingest/app", Some(&token), "{}".to_string())
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = c
+        .post(
+            "/v1/ai/async",
+            Some(&token),
+            json!({"workflow": "wf"}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert_eq!(
+        rx.received().len(),
+        2,
+        "nothing was ingested with the watch token"
+    );
+    c.stop().await;
+}
+
 /// A socket ends when a reload takes away the key it was opened with: the callback's result
 /// does not reach it, while a socket opened with a key that stays gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
