@@ -47,6 +47,42 @@ pub struct Metrics {
     /// dropped at every scrape for [`GONE_SERIES_WATCH`] after, so that an attempt that was
     /// in flight as its endpoint went cannot bring a series back for good.
     gone_endpoints: Mutex<std::collections::HashMap<String, Gone>>,
+    /// Scrapes are rendered one at a time (see [`Scrapes`]).
+    pub scrapes: Scrapes,
+}
+
+/// One scrape's rendering at a time, and scrapes that arrive while one is being rendered
+/// take its result instead of rendering again: `/metrics` takes no token, and with many
+/// endpoints a rendering is megabytes of work, so concurrent scrapes must not multiply it.
+/// A scrape that arrives with none under way always gets a fresh rendering.
+#[derive(Default)]
+pub struct Scrapes {
+    /// Renderings begun and finished.
+    started: std::sync::atomic::AtomicU64,
+    finished: std::sync::atomic::AtomicU64,
+    /// The last rendering (its number and OpenMetrics text), under the lock renderings hold.
+    last: tokio::sync::Mutex<(u64, std::sync::Arc<String>)>,
+}
+
+impl Scrapes {
+    /// The exposition for a scrape arriving now: the rendering under way when it arrived,
+    /// if there was one, or one made by `render` for it.
+    pub async fn get<F>(&self, render: F) -> std::sync::Arc<String>
+    where
+        F: std::future::Future<Output = String>,
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (began, ended) = (self.started.load(SeqCst), self.finished.load(SeqCst));
+        let mut last = self.last.lock().await;
+        if began > ended && last.0 >= began {
+            return last.1.clone();
+        }
+        let n = self.started.fetch_add(1, SeqCst) + 1;
+        let text = std::sync::Arc::new(render.await);
+        *last = (n, text.clone());
+        self.finished.store(n, SeqCst);
+        text
+    }
 }
 
 /// Where a gone endpoint's counter series are.
@@ -102,6 +138,7 @@ impl Metrics {
             channel_subscribers: Gauge::default(),
             gauged_endpoints: Default::default(),
             gone_endpoints: Default::default(),
+            scrapes: Default::default(),
             config_reloads: Family::default(),
             plugin_calls: Family::default(),
             plugin_call_duration: Family::new_with_constructor(plugin_histogram),
@@ -450,5 +487,46 @@ pub fn circuit(m: &Metrics, endpoint: &str, open: bool, failures: u32) {
         );
     } else {
         tracing::info!(endpoint, "endpoint recovered: circuit closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scrapes;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Scrapes that arrive while one is rendered take its result; one that arrives with
+    /// none under way renders afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_scrapes_share_one_rendering_and_later_ones_render_again() {
+        let scrapes = Arc::new(Scrapes::default());
+        let renders = Arc::new(AtomicUsize::new(0));
+        let render = |renders: Arc<AtomicUsize>| async move {
+            let n = renders.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            format!("rendering {n}")
+        };
+        let first = {
+            let (s, r) = (scrapes.clone(), renders.clone());
+            tokio::spawn(async move { s.get(render(r)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let waiting: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, r) = (scrapes.clone(), renders.clone());
+                tokio::spawn(async move { s.get(render(r)).await })
+            })
+            .collect();
+        assert_eq!(first.await.unwrap().as_str(), "rendering 1");
+        for w in waiting {
+            assert_eq!(w.await.unwrap().as_str(), "rendering 1");
+        }
+        assert_eq!(renders.load(Ordering::SeqCst), 1);
+        // Nothing under way now: the next scrape sees fresh values.
+        assert_eq!(
+            scrapes.get(render(renders.clone())).await.as_str(),
+            "rendering 2"
+        );
     }
 }

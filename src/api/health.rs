@@ -68,8 +68,39 @@ const STUCK: std::time::Duration = crate::store::SETTLE_TIMEOUT;
 /// The longest a metrics scrape waits for the database to catch up with the journal.
 const METRICS_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Refreshes the gauges that are derived from stored state, then encodes everything.
+/// The exposition: the gauges derived from stored state refreshed, then everything encoded
+/// (one scrape at a time; see [`crate::observe::Scrapes`]).
 async fn metrics(State(app): State<AppState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    let encoded = app.metrics.scrapes.get(render(app.clone())).await;
+    // OpenMetrics to a scraper that asks for it (Prometheus does); the classic Prometheus
+    // text format to everyone else, whose parsers may not know OpenMetrics.
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            encoded.as_str().to_owned(),
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            prometheus_text(&encoded),
+        )
+    }
+}
+
+/// Refreshes the gauges that are derived from stored state, then encodes everything (on a
+/// blocking thread: with thousands of endpoints that is megabytes of text).
+async fn render(app: AppState) -> String {
     // The gauges below read the database: let it show every event acknowledged before the
     // scrape, but never hold a scrape for long (a stuck database is when metrics matter).
     if !app.store.settle_within(METRICS_SETTLE).await {
@@ -158,30 +189,13 @@ async fn metrics(State(app): State<AppState>, headers: axum::http::HeaderMap) ->
         Err(e) => tracing::error!(error = %e, "metrics: cannot read the oldest pending delivery"),
     };
     m.channel_subscribers.set(app.hub.subscribers() as i64);
-    // OpenMetrics to a scraper that asks for it (Prometheus does); the classic Prometheus
-    // text format to everyone else, whose parsers may not know OpenMetrics.
-    let openmetrics = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"));
-    if openmetrics {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            m.encode(),
-        )
-    } else {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            prometheus_text(&m.encode()),
-        )
-    }
+    let app2 = app.clone();
+    tokio::task::spawn_blocking(move || app2.metrics.encode())
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "metrics: encoding failed");
+            String::new()
+        })
 }
 
 /// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition: a counter's

@@ -384,6 +384,7 @@ async fn first_start_without_keys_creates_and_prints_one_key() {
         assert_eq!(mode("data"), 0o700);
         for f in [
             "data/admin.key",
+            "data/watch.key",
             "data/courier.redb",
             "data/courier.journal",
             "data/courier.journal2",
