@@ -146,11 +146,13 @@ class Watch:
     def __init__(self):
         self.last = None  # the text printed last
         self.final = False  # whether the final message has been printed
+        self.printed = 0  # messages printed so far
 
     def show(self, text):
         if text == self.last:
             return  # the latest state again, sent first to a socket that reconnected
         self.last = text
+        self.printed += 1
         print(text, flush=True)
         try:
             self.final = json.loads(text).get("status") in FINAL_STATUSES
@@ -195,7 +197,7 @@ def main(url):
         except OSError as e:  # refused, unreachable, timed out, TLS failure
             why = f"cannot connect: {e}"
         else:
-            failures = 0  # connected: the next failure starts the delays over
+            printed = watch.printed
             try:
                 code, reason = watch.run(sock)
             except OSError as e:  # includes a read timeout and a dropped connection
@@ -212,6 +214,8 @@ def main(url):
             if code not in RETRY_CODES:
                 sys.exit(f"ws_watch: courier closed the socket with {code} ({reason})")
             why = f"closed with {code} ({reason})" if code else f"connection lost ({reason})"
+            if watch.printed > printed:
+                failures = 0  # the channel moved on: the next failure starts the delays over
         failures += 1
         if failures > len(RETRY_DELAYS):
             sys.exit(f"ws_watch: giving up after {len(RETRY_DELAYS)} reconnect attempts: {why}")

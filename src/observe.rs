@@ -2,7 +2,7 @@
 //! the log line and the metric for each thing that happens (an ingest, an attempt, a final
 //! state). Keeping them together means a log and a dashboard can never disagree.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -54,34 +54,54 @@ pub struct Metrics {
 /// One scrape's rendering at a time, and scrapes that arrive while one is being rendered
 /// take its result instead of rendering again: `/metrics` takes no token, and with many
 /// endpoints a rendering is megabytes of work, so concurrent scrapes must not multiply it.
-/// A scrape that arrives with none under way always gets a fresh rendering.
-#[derive(Default)]
+/// A rendering runs as a task of its own, so a scraper that hangs up does not cut it short
+/// (and make the next one start over). A scrape that arrives with none under way always
+/// gets a fresh rendering.
+#[derive(Default, Clone)]
 pub struct Scrapes {
-    /// Renderings begun and finished.
-    started: std::sync::atomic::AtomicU64,
-    finished: std::sync::atomic::AtomicU64,
-    /// The last rendering (its number and OpenMetrics text), under the lock renderings hold.
-    last: tokio::sync::Mutex<(u64, std::sync::Arc<String>)>,
+    /// The rendering under way, if any, with its number.
+    under_way: Arc<Mutex<Option<(u64, Rendering)>>>,
+    /// Renderings begun.
+    begun: Arc<std::sync::atomic::AtomicU64>,
 }
+
+type Rendering = futures_util::future::Shared<
+    std::pin::Pin<Box<dyn std::future::Future<Output = Arc<String>> + Send>>,
+>;
 
 impl Scrapes {
     /// The exposition for a scrape arriving now: the rendering under way when it arrived,
-    /// if there was one, or one made by `render` for it.
-    pub async fn get<F>(&self, render: F) -> std::sync::Arc<String>
+    /// if there is one, or one `render` makes for it.
+    pub async fn get<F>(&self, render: F) -> Arc<String>
     where
-        F: std::future::Future<Output = String>,
+        F: std::future::Future<Output = String> + Send + 'static,
     {
-        use std::sync::atomic::Ordering::SeqCst;
-        let (began, ended) = (self.started.load(SeqCst), self.finished.load(SeqCst));
-        let mut last = self.last.lock().await;
-        if began > ended && last.0 >= began {
-            return last.1.clone();
-        }
-        let n = self.started.fetch_add(1, SeqCst) + 1;
-        let text = std::sync::Arc::new(render.await);
-        *last = (n, text.clone());
-        self.finished.store(n, SeqCst);
-        text
+        use futures_util::FutureExt;
+        let rendering = {
+            let mut under_way = self.under_way.lock().expect("scrapes lock");
+            match &*under_way {
+                Some((_, r)) => r.clone(),
+                None => {
+                    let n = self.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let slot = self.under_way.clone();
+                    let task = tokio::spawn(async move {
+                        let text = Arc::new(render.await);
+                        // Done: the next scrape renders afresh.
+                        let mut under_way = slot.lock().expect("scrapes lock");
+                        if under_way.as_ref().is_some_and(|(m, _)| *m == n) {
+                            *under_way = None;
+                        }
+                        text
+                    });
+                    let r: Rendering = async move { task.await.unwrap_or_default() }
+                        .boxed()
+                        .shared();
+                    *under_way = Some((n, r.clone()));
+                    r
+                }
+            }
+        };
+        rendering.await
     }
 }
 
@@ -497,35 +517,41 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Scrapes that arrive while one is rendered take its result; one that arrives with
-    /// none under way renders afresh.
+    /// none under way renders afresh; a scraper that hangs up does not cut a rendering short.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_scrapes_share_one_rendering_and_later_ones_render_again() {
-        let scrapes = Arc::new(Scrapes::default());
+        let scrapes = Scrapes::default();
         let renders = Arc::new(AtomicUsize::new(0));
-        let render = |renders: Arc<AtomicUsize>| async move {
+        // A rendering finishes only when the test lets it.
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let render = |renders: Arc<AtomicUsize>, gate: Arc<tokio::sync::Notify>| async move {
             let n = renders.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            gate.notified().await;
             format!("rendering {n}")
         };
-        let first = {
-            let (s, r) = (scrapes.clone(), renders.clone());
-            tokio::spawn(async move { s.get(render(r)).await })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let waiting: Vec<_> = (0..8)
-            .map(|_| {
-                let (s, r) = (scrapes.clone(), renders.clone());
-                tokio::spawn(async move { s.get(render(r)).await })
-            })
+        // The first scraper hangs up; its rendering goes on, for those who come meanwhile.
+        let first = scrapes.get(render(renders.clone(), gate.clone()));
+        let hung_up = tokio::time::timeout(std::time::Duration::from_millis(10), first).await;
+        assert!(hung_up.is_err());
+        // Eight more arrive (each polled once: it has found the rendering under way).
+        let mut waiting: Vec<_> = (0..8)
+            .map(|_| Box::pin(scrapes.get(render(renders.clone(), gate.clone()))))
             .collect();
-        assert_eq!(first.await.unwrap().as_str(), "rendering 1");
-        for w in waiting {
-            assert_eq!(w.await.unwrap().as_str(), "rendering 1");
+        for w in &mut waiting {
+            assert!(futures_util::poll!(w.as_mut()).is_pending());
+        }
+        gate.notify_one();
+        for w in futures_util::future::join_all(waiting).await {
+            assert_eq!(w.as_str(), "rendering 1");
         }
         assert_eq!(renders.load(Ordering::SeqCst), 1);
         // Nothing under way now: the next scrape sees fresh values.
+        gate.notify_one();
         assert_eq!(
-            scrapes.get(render(renders.clone())).await.as_str(),
+            scrapes
+                .get(render(renders.clone(), gate.clone()))
+                .await
+                .as_str(),
             "rendering 2"
         );
     }

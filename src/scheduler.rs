@@ -705,14 +705,21 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 /// Whether an attempt picked with endpoint `ep` and delivery `d` may still be made after a
-/// wait: the endpoint is the same definition and not paused, and the delivery is the same
-/// pending version (not dropped, replayed or attempted meanwhile).
+/// wait: the endpoint is the same definition, not paused and not held back by a receiver's
+/// `Retry-After` since, and the delivery is the same pending version (not dropped, replayed
+/// or attempted meanwhile).
 fn still_as_picked(app: &App, ep: &Arc<EndpointConfig>, d: &Delivery) -> bool {
     let same_endpoint = app
         .endpoints
         .get(&ep.name)
         .is_some_and(|now| Arc::ptr_eq(&now, ep) && !now.paused);
+    let held = app
+        .scheduler
+        .health(&ep.name)
+        .held_until_ms
+        .is_some_and(|until| until > now_ms());
     same_endpoint
+        && !held
         && matches!(
             app.store.delivery(&d.id),
             Ok(Some(now)) if now.status == DeliveryStatus::Pending && now.updated_ms == d.updated_ms

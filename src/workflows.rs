@@ -352,9 +352,16 @@ impl<'de> serde::Deserialize<'de> for Members {
                 self,
                 mut m: A,
             ) -> Result<Members, A::Error> {
-                let mut members = Vec::new();
-                while let Some(member) = m.next_entry()? {
-                    members.push(member);
+                let mut members: Vec<(String, Box<serde_json::value::RawValue>)> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                while let Some((k, v)) =
+                    m.next_entry::<String, Box<serde_json::value::RawValue>>()?
+                {
+                    // A key given twice is refused, as on every other route.
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!("duplicate field `{k}`")));
+                    }
+                    members.push((k, v));
                 }
                 Ok(Members(members))
             }

@@ -64,6 +64,7 @@ async fn replay(
     let (_, timeout) = super::body_limits(&app);
     let bytes = read_body(body, &headers, 64 * 1024, timeout).await?;
     if !bytes.iter().all(u8::is_ascii_whitespace) {
+        super::unique_keys(&bytes)?;
         let body: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("malformed filter: {e}")))?;
         // `null` is what a script sends for an unset variable (`{"endpoint": env.EP}`):

@@ -367,13 +367,19 @@ pub async fn read_json(
     }
     // A key given twice at the top is refused, as `/v1/events` refuses it: read into a map,
     // the last one would silently win.
-    if bytes.trim_ascii_start().starts_with(b"{") {
-        serde_json::from_slice::<UniqueKeys>(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
-    }
+    unique_keys(&bytes)?;
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+}
+
+/// Refuses a JSON object that gives a key twice at the top (anything else passes here).
+pub fn unique_keys(bytes: &[u8]) -> Result<(), ApiError> {
+    if bytes.trim_ascii_start().starts_with(b"{") {
+        serde_json::from_slice::<UniqueKeys>(bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    }
+    Ok(())
 }
 
 /// A JSON object whose keys are all different (its values are not kept).

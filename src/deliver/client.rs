@@ -212,8 +212,8 @@ pub fn classify(err: &reqwest::Error) -> &'static str {
         source = e.source();
     }
     if err.is_timeout() && err.is_connect() {
-        // No connection within `connect_timeout` (or the attempt's own timeout): the
-        // receiver was not reached.
+        // No connection (TLS handshake included) within `connect_timeout`: the receiver was
+        // not reached.
         "connect"
     } else if err.is_timeout() {
         "timeout"

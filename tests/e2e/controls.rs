@@ -177,8 +177,9 @@ async fn a_retry_due_at_once_is_not_passed_over_while_the_endpoint_stays_busy() 
     let rx = Receiver::start().await;
     let slow = || Reply::status(200).delay(Duration::from_millis(100));
     rx.set_default(slow());
-    // Every tenth request is refused with `Retry-After: 0`: its retry is due at once, and
-    // events keep arriving meanwhile, so the scan may pass its due time before it is stored.
+    // Every tenth request is refused with `Retry-After: 0`: its retry is due after the
+    // schedule's 100 ms, and events keep arriving meanwhile, so the scan may pass its due
+    // time before it is stored.
     rx.script((0..1000).map(|i| match i % 10 {
         9 => Reply::status(503).header("retry-after", "0"),
         _ => slow(),

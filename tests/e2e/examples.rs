@@ -594,6 +594,10 @@ fn the_nginx_example_passes_nginx_t() {
         .stderr(Stdio::null())
         .status();
     if !made.is_ok_and(|s| s.success()) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "openssl must make a certificate in CI (.ci/run installs it)"
+        );
         eprintln!("skipping: openssl cannot make a certificate here");
         return;
     }

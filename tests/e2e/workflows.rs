@@ -370,6 +370,22 @@ async fn event_driven_flow_completes_with_the_callback() {
             "{e}"
         );
     }
+    // A request naming `workflow` twice is refused, not read as the last one.
+    let (s, e) = c
+        .post(
+            "/v1/ai/async",
+            Some(ADMIN),
+            r#"{"workflow": "movie_suggestion", "workflow": "other", "messages": []}"#.to_string(),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate field `workflow`"),
+        "{e}"
+    );
     // A key given twice is refused, not read as the last one.
     let (s, e) = c
         .post(
