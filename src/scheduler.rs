@@ -82,20 +82,13 @@ pub struct Scheduler {
     store_failures: std::sync::atomic::AtomicU32,
 }
 
-/// Sent by an attempt task to its worker once the outcome is committed.
+/// Sent by an attempt task to its worker once the outcome is committed (and the endpoint's
+/// health updated with it).
 struct Done {
     id: String,
-    /// `Some(true)` for a 2xx, `Some(false)` for a failed attempt, `None` when nothing was sent.
-    success: Option<bool>,
-    /// When the attempt was started (for [`Scheduler::forget`]).
-    started_ms: u64,
-    /// Where it was sent.
-    url: url::Url,
     /// When the delivery is due again if it is still pending (a retry, or an outcome that
     /// could not be recorded): the worker's scan may have passed that time already.
     again_ms: Option<u64>,
-    /// Until when the receiver asked the endpoint to wait (`Retry-After` on a 429 or 503).
-    hold_until_ms: Option<u64>,
 }
 
 /// What one attempt came to, for its worker.
@@ -442,7 +435,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                 continue;
             }
             if let Some(done) = done_rx.recv().await {
-                finish(&app, &name, &mut in_flight, &rewind, done);
+                finish(&mut in_flight, &rewind, done);
             }
             continue;
         };
@@ -578,16 +571,13 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                     // while anything else of this endpoint is in flight.
                                     let _ = tx.send(Done {
                                         id,
-                                        success: None,
-                                        started_ms,
-                                        url,
                                         again_ms: Some(due.unwrap_or(0)),
-                                        hold_until_ms: None,
                                     });
                                     return;
                                 };
                                 // A panic must not leave the delivery in flight for good: it
                                 // is logged and the delivery held back, then tried again.
+                                let name = ep2.name.clone();
                                 let attempt =
                                     std::panic::AssertUnwindSafe(run_attempt(
                                         &app2, ep2, d, may_wait,
@@ -601,13 +591,22 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                         Attempted::unsent(Some(hold_back(&app2, due).await))
                                     }
                                 };
+                                // The endpoint's health (its circuit, a receiver's hold) is
+                                // updated before this attempt's slot is given up: an attempt
+                                // waiting for that slot sees it before it sends.
+                                if let Some(success) = attempted.success {
+                                    app2.scheduler.record(
+                                        &app2,
+                                        &name,
+                                        success,
+                                        started_ms,
+                                        &url,
+                                        attempted.hold_until_ms,
+                                    );
+                                }
                                 let _ = tx.send(Done {
                                     id,
-                                    success: attempted.success,
-                                    started_ms,
-                                    url,
                                     again_ms: attempted.again_ms,
-                                    hold_until_ms: attempted.hold_until_ms,
                                 });
                             });
                         }
@@ -647,13 +646,13 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
         tokio::select! {
             _ = notify.notified() => {}
             Some(done) = done_rx.recv() => {
-                finish(&app, &name, &mut in_flight, &rewind, done);
+                finish(&mut in_flight, &rewind, done);
             }
             _ = tokio::time::sleep(sleep) => {}
             _ = app.shutdown.cancelled(), if !stopping => {}
         }
         while let Ok(done) = done_rx.try_recv() {
-            finish(&app, &name, &mut in_flight, &rewind, done);
+            finish(&mut in_flight, &rewind, done);
         }
     }
 }
@@ -679,18 +678,8 @@ fn retire(app: &App, name: &str, woken: &AtomicBool, bucket: &mut Option<(f64, B
     true
 }
 
-fn finish(app: &App, name: &str, in_flight: &mut HashSet<String>, rewind: &AtomicU64, done: Done) {
+fn finish(in_flight: &mut HashSet<String>, rewind: &AtomicU64, done: Done) {
     in_flight.remove(&done.id);
-    if let Some(success) = done.success {
-        app.scheduler.record(
-            app,
-            name,
-            success,
-            done.started_ms,
-            &done.url,
-            done.hold_until_ms,
-        );
-    }
     // Still pending: the scan looks from its due time again, should it be behind the scan.
     if let Some(at) = done.again_ms {
         rewind.fetch_min(at, AtomicOrdering::SeqCst);

@@ -272,6 +272,48 @@ async fn retry_after_holds_back_the_endpoint() {
     c.stop().await;
 }
 
+/// An attempt picked before its endpoint was held by a `Retry-After`, and still waiting for
+/// an attempt slot when the hold began, is not sent into the hold: it waits for it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_waiting_for_a_slot_is_not_sent_into_a_hold() {
+    let (slow, rx) = (Receiver::start().await, Receiver::start().await);
+    slow.set_default(Reply::status(200).delay(Duration::from_secs(4)));
+    rx.script([Reply::status(429)
+        .header("retry-after", "5")
+        .delay(Duration::from_secs(2))]);
+    rx.set_default(Reply::status(200));
+    let c = Courier::start(&format!(
+        "{DELIVERY_FAST}max_attempts_in_flight = 4\n{}{}{}",
+        endpoint("slow", &slow.url("/"), "max_in_flight = 100"),
+        endpoint("slow2", &slow.url("/"), ""),
+        endpoint("b", &rx.url("/"), "")
+    ))
+    .await;
+    let send_b = |n: u32| c.send(json!({"event_type": "t", "payload": {"n": n}, "endpoint": "b"}));
+    send_b(0).await;
+    let first_sent = rx.wait_for(1, T).await[0].at; // answered 429 two seconds later
+    for ep in ["slow", "slow", "slow2"] {
+        c.send(json!({"event_type": "t", "payload": {}, "endpoint": ep}))
+            .await;
+    }
+    slow.wait_for(3, T).await; // every slot taken
+    // Picked at once; it waits for a slot, which the 429 frees.
+    let second = first_delivery(&send_b(1).await);
+    c.wait_status(&second, "delivered", T).await;
+    let got = rx.received();
+    let sent = got
+        .iter()
+        .find(|r| r.json()["n"] == 1)
+        .expect("the second delivery was sent")
+        .at;
+    let waited = sent - first_sent;
+    assert!(
+        waited >= Duration::from_millis(6_500),
+        "sent {waited:?} after the first, into the 5 s hold its 429 began 2 s after it"
+    );
+    c.stop().await;
+}
+
 /// A receiver that never completes the connection (a firewall dropping packets; here a
 /// listener whose accept queue is full, so the kernel drops the connection attempts) fails
 /// the attempt after `connect_timeout`, as `connect`, not after the endpoint's whole timeout.
