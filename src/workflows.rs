@@ -337,8 +337,9 @@ pub async fn open(
     Ok(channel)
 }
 
-/// A JSON object's members in the order written, each value exactly as written.
-struct Members(Vec<(String, Box<serde_json::value::RawValue>)>);
+/// A JSON object's members in the order written, each value exactly as written; a key
+/// given twice is an error (also how the API refuses duplicate keys in any JSON body).
+pub(crate) struct Members(Vec<(String, Box<serde_json::value::RawValue>)>);
 
 impl<'de> serde::Deserialize<'de> for Members {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -376,39 +376,10 @@ pub async fn read_json(
 /// Refuses a JSON object that gives a key twice at the top (anything else passes here).
 pub fn unique_keys(bytes: &[u8]) -> Result<(), ApiError> {
     if bytes.trim_ascii_start().starts_with(b"{") {
-        serde_json::from_slice::<UniqueKeys>(bytes)
+        serde_json::from_slice::<crate::workflows::Members>(bytes)
             .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
     }
     Ok(())
-}
-
-/// A JSON object whose keys are all different (its values are not kept).
-struct UniqueKeys;
-
-impl<'de> serde::Deserialize<'de> for UniqueKeys {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = UniqueKeys;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> Result<UniqueKeys, A::Error> {
-                let mut seen = std::collections::HashSet::new();
-                while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
-                    m.next_value::<serde::de::IgnoredAny>()?;
-                    if !seen.insert(k.clone()) {
-                        return Err(serde::de::Error::custom(format!("duplicate field `{k}`")));
-                    }
-                }
-                Ok(UniqueKeys)
-            }
-        }
-        d.deserialize_map(Visit)
-    }
 }
 
 /// A listing's page size: `default` when absent, else 1–1000.
