@@ -89,6 +89,10 @@ struct Done {
     /// When the delivery is due again if it is still pending (a retry, or an outcome that
     /// could not be recorded): the worker's scan may have passed that time already.
     again_ms: Option<u64>,
+    /// Handed back unsent after waiting for a slot: the rate-limit token it took is the
+    /// endpoint's again (a change to the endpoint must not cost it a token, which at `1/m`
+    /// is a minute's delay).
+    unsent: bool,
 }
 
 /// What one attempt came to, for its worker.
@@ -375,6 +379,11 @@ impl Bucket {
         self.tokens -= 1.0;
     }
 
+    /// Returns a token taken for an attempt that was not made.
+    fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.capacity);
+    }
+
     /// When the next whole token will be there.
     fn next_token_ms(&self) -> u64 {
         let missing = (1.0 - self.tokens).max(0.0);
@@ -435,7 +444,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                 continue;
             }
             if let Some(done) = done_rx.recv().await {
-                finish(&mut in_flight, &rewind, done);
+                finish(&mut in_flight, &rewind, &mut bucket, done);
             }
             continue;
         };
@@ -572,6 +581,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                     let _ = tx.send(Done {
                                         id,
                                         again_ms: Some(due.unwrap_or(0)),
+                                        unsent: true,
                                     });
                                     return;
                                 };
@@ -607,6 +617,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                                 let _ = tx.send(Done {
                                     id,
                                     again_ms: attempted.again_ms,
+                                    unsent: false,
                                 });
                             });
                         }
@@ -646,13 +657,13 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
         tokio::select! {
             _ = notify.notified() => {}
             Some(done) = done_rx.recv() => {
-                finish(&mut in_flight, &rewind, done);
+                finish(&mut in_flight, &rewind, &mut bucket, done);
             }
             _ = tokio::time::sleep(sleep) => {}
             _ = app.shutdown.cancelled(), if !stopping => {}
         }
         while let Ok(done) = done_rx.try_recv() {
-            finish(&mut in_flight, &rewind, done);
+            finish(&mut in_flight, &rewind, &mut bucket, done);
         }
     }
 }
@@ -678,8 +689,18 @@ fn retire(app: &App, name: &str, woken: &AtomicBool, bucket: &mut Option<(f64, B
     true
 }
 
-fn finish(in_flight: &mut HashSet<String>, rewind: &AtomicU64, done: Done) {
+fn finish(
+    in_flight: &mut HashSet<String>,
+    rewind: &AtomicU64,
+    bucket: &mut Option<(f64, Bucket)>,
+    done: Done,
+) {
     in_flight.remove(&done.id);
+    if done.unsent
+        && let Some((_, b)) = bucket.as_mut()
+    {
+        b.give_back();
+    }
     // Still pending: the scan looks from its due time again, should it be behind the scan.
     if let Some(at) = done.again_ms {
         rewind.fetch_min(at, AtomicOrdering::SeqCst);

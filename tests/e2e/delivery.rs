@@ -902,6 +902,53 @@ async fn a_delivery_handed_back_after_waiting_for_a_slot_is_not_passed_over() {
     c.stop().await;
 }
 
+/// A delivery handed back unsent (its endpoint changed while it waited for a slot) gives
+/// back the rate-limit token it took: at `1/m` a lost token was a minute's delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_handed_back_keeps_its_rate_limit_token() {
+    let (slow, rx, c) = sharing_slots(2, Duration::from_secs(3), "").await;
+    let body = |v: serde_json::Value| Some(v.to_string().into());
+    for (name, v) in [
+        ("slow2", json!({"name": "slow2", "url": slow.url("/")})),
+        (
+            "r",
+            json!({"name": "r", "url": rx.url("/"), "rate_limit": "1/m"}),
+        ),
+    ] {
+        let (s, p) = c
+            .call(reqwest::Method::POST, "/v1/endpoints", Some(ADMIN), body(v))
+            .await;
+        assert_eq!(s, 201, "{name}: {p}");
+    }
+    // Both slots held for 3 s.
+    for ep in ["slow", "slow2"] {
+        c.send(json!({"event_type": "t", "payload": {}, "endpoint": ep}))
+            .await;
+    }
+    slow.wait_for(2, T).await;
+    // r's worker picks this one with its only token; it waits for a slot.
+    let r = c
+        .send(json!({"event_type": "t", "payload": {}, "endpoint": "r"}))
+        .await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, p) = c
+        .call(
+            reqwest::Method::PATCH,
+            "/v1/endpoints/r",
+            Some(ADMIN),
+            body(json!({"headers": {"x-changed": "1"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    // Handed back when a slot frees (~3 s), then sent with the same token, not a minute on.
+    c.wait_status(&id, "delivered", Duration::from_secs(8))
+        .await;
+    assert_eq!(rx.received().len(), 1);
+    assert_eq!(rx.received()[0].header("x-changed"), "1");
+    c.stop().await;
+}
+
 /// No endpoint takes more than half of the shared attempt slots: a slow receiver behind an
 /// endpoint with a large `max_in_flight` leaves room for the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
