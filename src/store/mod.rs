@@ -304,9 +304,12 @@ pub(crate) struct Shared {
     pub(crate) journal_stalled: prometheus_client::metrics::counter::Counter<f64>,
     /// Journal records re-applied when the store was opened (after a crash).
     replayed: usize,
-    /// Pending deliveries the scheduler's scan found damaged and passes over: each is logged
-    /// once, not at every scan that meets it.
+    /// Delivery records found damaged (unreadable) and passed over by the scheduler's scan,
+    /// a listing or a replay: each is logged and counted once, not at every read that meets
+    /// it ([`Shared::found_damaged`]).
     damaged: std::sync::Mutex<HashSet<String>>,
+    /// How many distinct damaged delivery records were found since the process started.
+    pub(crate) damaged_found: prometheus_client::metrics::counter::Counter,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set once the database reports its file failed ([`StoreError::Broken`]).
     pub(crate) broken: std::sync::atomic::AtomicBool,
@@ -334,6 +337,7 @@ pub struct CommitCounters {
     pub durable: prometheus_client::metrics::counter::Counter,
     pub journal_writes: prometheus_client::metrics::counter::Counter,
     pub journal_stalled: prometheus_client::metrics::counter::Counter<f64>,
+    pub damaged: prometheus_client::metrics::counter::Counter,
 }
 
 /// See [`Store::closer`].
@@ -366,6 +370,7 @@ impl Shared {
             journal_stalled: Default::default(),
             replayed,
             damaged: Default::default(),
+            damaged_found: Default::default(),
             writer: Default::default(),
             broken: Default::default(),
             progress: progress::Progress::new(seq),
@@ -378,6 +383,28 @@ impl Shared {
             #[cfg(test)]
             panic_applies: Default::default(),
         }
+    }
+
+    /// A delivery record that cannot be read was passed over by `what` (a damaged record
+    /// stays as it is, for an operator): logged and counted the first time it is met, so
+    /// that a scan meeting it every second neither floods the log nor hides it.
+    pub(crate) fn found_damaged(&self, what: &str, id: &str, error: &dyn std::fmt::Display) {
+        if self.count_damaged(id) {
+            tracing::error!(delivery = %id, %error, "{what} passes over a delivery record it cannot read (damaged); it stays as it is");
+        }
+    }
+
+    /// Counts a damaged delivery record the first time it is met; `true` then.
+    fn count_damaged(&self, id: &str) -> bool {
+        let first = self
+            .damaged
+            .lock()
+            .expect("damaged lock")
+            .insert(id.to_string());
+        if first {
+            self.damaged_found.inc();
+        }
+        first
     }
 
     fn apply_deltas(&self, deltas: &writer::Deltas) {
@@ -777,7 +804,12 @@ impl Store {
         target: ReplayTarget,
         births: Births,
     ) -> Result<ReplayResult, StoreError> {
-        self.call(|tx| Command::Replay(target, births, tx)).await
+        let result = self.call(|tx| Command::Replay(target, births, tx)).await?;
+        // The writer logs each one it skips (a replay is an operator's request).
+        for id in &result.unreadable {
+            self.shared.count_damaged(id);
+        }
+        Ok(result)
     }
 
     /// One round of a retention sweep: examines up to `limit` finished deliveries from
@@ -1025,12 +1057,11 @@ impl Store {
                 // endpoint's queue behind it for good. It stays as it is, for an operator.
                 match decode::<Delivery>(v.value(), "delivery") {
                     Ok(d) => page.due.push(d),
-                    Err(e) => {
-                        let mut damaged = self.shared.damaged.lock().expect("damaged lock");
-                        if damaged.insert(id.to_string()) {
-                            tracing::error!(endpoint, delivery = %id, error = %e, "a pending delivery cannot be read; it is passed over and the rest of the endpoint's queue goes on");
-                        }
-                    }
+                    Err(e) => self.shared.found_damaged(
+                        &format!("the delivery queue of `{endpoint}`"),
+                        id,
+                        &e,
+                    ),
                 }
                 page.last = Some((due, id.to_string()));
             }
@@ -1132,7 +1163,7 @@ impl Store {
                 let d: Delivery = match decode(v.value(), "delivery") {
                     Ok(d) => d,
                     Err(e) => {
-                        tracing::error!(delivery = %id, error = %e, "a listing skips a delivery it cannot read");
+                        self.shared.found_damaged("a listing", id, &e);
                         return Ok(out.len() >= want || examined >= SCAN_CAP);
                     }
                 };
@@ -1232,6 +1263,7 @@ impl Store {
             durable: self.shared.durable_commits.clone(),
             journal_writes: self.shared.journal_writes.clone(),
             journal_stalled: self.shared.journal_stalled.clone(),
+            damaged: self.shared.damaged_found.clone(),
         }
     }
 
@@ -2874,6 +2906,8 @@ pub(crate) mod tests {
         requeued.sort();
         assert_eq!(requeued, [ids[0].clone(), ids[2].clone()]);
         assert_eq!(result.unreadable, [ids[1].clone()]);
+        // Met by the listing and the replay: one damaged record (`/metrics`).
+        assert_eq!(store.commit_counters().damaged.get(), 1);
     }
 
     /// A damaged pending delivery does not stop its endpoint's queue: the scheduler's scan
@@ -2898,6 +2932,7 @@ pub(crate) mod tests {
         // Again (the second time it is not logged): the same page.
         let again = store.due("e", far, 10, &HashSet::new(), None).unwrap();
         assert_eq!(again.due.len(), 2);
+        assert_eq!(store.commit_counters().damaged.get(), 1);
     }
 
     /// Idempotency keys a database holds from before their age index existed are indexed
