@@ -198,6 +198,37 @@ fn sync_dir(file: &Path) {
     }
 }
 
+/// Says what damage in the journal cost (`missing`: ranges of record numbers lost, `kept`:
+/// records still re-applied) and copies both files aside (`<file>.damaged-<unix ms>`) before
+/// the journal's next lap writes over the evidence.
+fn report_damage(path: &Path, damage: &[(&Path, usize)], missing: &[(u64, u64)], kept: usize) {
+    let lost: u64 = missing.iter().map(|(lo, hi)| hi - lo + 1).sum();
+    let stamp = crate::model::now_ms();
+    let mut copies = Vec::new();
+    for file in [path.to_path_buf(), second_path(path)] {
+        let mut to = file.as_os_str().to_owned();
+        to.push(format!(".damaged-{stamp}"));
+        let to = PathBuf::from(to);
+        match std::fs::copy(&file, &to) {
+            Ok(_) => copies.push(to.display().to_string()),
+            Err(e) => {
+                tracing::warn!(from = %file.display(), to = %to.display(), error = %e, "cannot keep a copy of the damaged journal file")
+            }
+        }
+    }
+    for (file, at) in damage {
+        tracing::error!(
+            file = %file.display(),
+            offset = at,
+            lost_records = lost,
+            missing = ?missing,
+            recovered_records = kept,
+            copies = ?copies,
+            "the ingest journal is damaged: the records found intact after the damage are re-applied; the damaged ones are lost (if courier stopped while writing them, they were never acknowledged)"
+        );
+    }
+}
+
 /// The path of the journal's second file, next to the first: `courier.journal2`.
 pub(crate) fn second_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -233,29 +264,50 @@ impl Journal {
         let (mut a, a_bytes) = Side::open(path.to_path_buf(), try_direct)?;
         let (mut b, b_bytes) = Side::open(second_path(path), try_direct)?;
         sync_dir(path);
-        let (a_records, b_records) = (scan(&a_bytes, id), scan(&b_bytes, id));
-        a.last_seq = a_records.last().map_or(0, |(seq, _)| *seq);
-        b.last_seq = b_records.last().map_or(0, |(seq, _)| *seq);
+        let (a_read, b_read) = (
+            read_file(&a_bytes, id, checkpoint_seq),
+            read_file(&b_bytes, id, checkpoint_seq),
+        );
+        let last_of = |r: &FileRecords| r.records.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+        a.last_seq = last_of(&a_read);
+        b.last_seq = last_of(&b_read);
         let last = a.last_seq.max(b.last_seq);
+        let lost: Vec<(u64, u64)> = a_read.lost.iter().chain(&b_read.lost).copied().collect();
         // Each file holds a run of consecutive records; the two runs together continue the
-        // database's durable state without a gap.
-        let mut pending: Vec<Record> = a_records
-            .into_iter()
-            .chain(b_records)
+        // database's durable state without a gap, but where damage was found.
+        let mut pending: Vec<Record> = a_read
+            .records
+            .iter()
+            .chain(&b_read.records)
             .filter(|(seq, _)| *seq > checkpoint_seq)
-            .map(|(seq, p)| (seq, p.to_vec()))
+            .map(|(seq, p)| (*seq, p.to_vec()))
             .collect();
         pending.sort_by_key(|(seq, _)| *seq);
-        for (expect, (seq, _)) in (checkpoint_seq + 1..).zip(&pending) {
+        pending.dedup_by_key(|(seq, _)| *seq);
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        let mut expect = checkpoint_seq + 1;
+        for (seq, _) in &pending {
             if *seq != expect {
-                return Err(StoreError::Corrupt(format!(
-                    "journal {}: the database holds records up to {checkpoint_seq} and the \
-                     journal continues to {last}, but record {expect} is missing (if the \
-                     database file was replaced or removed on purpose, move the journal files \
-                     away too)",
-                    path.display()
-                )));
+                let gap = (expect, seq - 1);
+                if !lost.iter().any(|(lo, hi)| *lo <= gap.0 && gap.1 <= *hi) {
+                    return Err(StoreError::Corrupt(format!(
+                        "journal {}: the database holds records up to {checkpoint_seq} and the \
+                         journal continues to {last}, but record {expect} is missing (if the \
+                         database file was replaced or removed on purpose, move the journal \
+                         files away too)",
+                        path.display()
+                    )));
+                }
+                missing.push(gap);
             }
+            expect = seq + 1;
+        }
+        let damage: Vec<(&Path, usize)> = [(&a, &a_read), (&b, &b_read)]
+            .into_iter()
+            .filter_map(|(side, read)| read.damaged_at.map(|at| (side.path.as_path(), at)))
+            .collect();
+        if !damage.is_empty() {
+            report_damage(path, &damage, &missing, pending.len());
         }
         if a.direct.is_none() || b.direct.is_none() {
             a.direct = None;
@@ -554,31 +606,90 @@ fn checksum(id: u64, seq: u64, payload: &[u8]) -> u32 {
 }
 
 /// The valid records at the start of `bytes`: each complete, with a checksum that matches for
-/// the journal id `id`, and numbered one after the other.
-fn scan(bytes: &[u8], id: u64) -> Vec<(u64, &[u8])> {
+/// the journal id `id`, and numbered one after the other; and where they end.
+fn scan(bytes: &[u8], id: u64) -> (Vec<(u64, &[u8])>, usize) {
     let mut out: Vec<(u64, &[u8])> = Vec::new();
     let mut at = 0usize;
-    while bytes.len() - at >= HEADER {
-        let word = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
-        let len = word(0) as usize;
-        let crc = word(4);
-        let seq = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
-        if bytes.len() - at - HEADER < len {
-            break;
-        }
-        let payload = &bytes[at + HEADER..at + HEADER + len];
-        if checksum(id, seq, payload) != crc {
-            break;
-        }
+    while let Some((seq, payload)) = record_at(bytes, at, id) {
         if let Some((prev, _)) = out.last()
             && seq != prev + 1
         {
             break;
         }
         out.push((seq, payload));
-        at += HEADER + len;
+        at += HEADER + payload.len();
     }
-    out
+    (out, at)
+}
+
+/// The record starting at `at`, if one is there whole with a matching checksum.
+fn record_at(bytes: &[u8], at: usize, id: u64) -> Option<(u64, &[u8])> {
+    if bytes.len().saturating_sub(at) < HEADER {
+        return None;
+    }
+    let word = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
+    let len = word(0) as usize;
+    let crc = word(4);
+    let seq = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
+    if bytes.len() - at - HEADER < len {
+        return None;
+    }
+    let payload = &bytes[at + HEADER..at + HEADER + len];
+    (checksum(id, seq, payload) == crc).then_some((seq, payload))
+}
+
+/// How far past the last good record a record found beyond damage may be numbered: more than
+/// both files can hold, and few enough that random bytes are rarely even checked.
+const SALVAGE_WINDOW: u64 = 1 << 22;
+
+/// The records of one journal file: its run from offset 0 ([`scan`]), then any found past
+/// damage, and the numbers lost to it.
+struct FileRecords<'a> {
+    records: Vec<(u64, &'a [u8])>,
+    /// Ranges of record numbers (inclusive) between the last good record before a damaged
+    /// stretch and the first one found after it.
+    lost: Vec<(u64, u64)>,
+    /// Where the first damaged stretch begins, if records were found after one.
+    damaged_at: Option<usize>,
+}
+
+/// Reads one journal file: the run of records from its start and, past where that run ends,
+/// any intact records numbered after both it and `covered` (the database's checkpoint).
+///
+/// Why look past the end of the run: a run ends at a torn write (a crash while writing the
+/// last batch), at records left from an older lap (numbered at or below the checkpoint, since
+/// a file is written over only once the database covers it), or at damage (a flipped bit, a
+/// lost write). Records numbered after the run and after the checkpoint that lie beyond the
+/// end were written after it: acknowledged events, or the intact part of a torn last batch
+/// whose write reached the disk (its producers were not answered; they come back as an event
+/// written just before a crash does). Stopping at the damage would drop them all, and the
+/// journal's next lap would write over them.
+fn read_file(bytes: &[u8], id: u64, covered: u64) -> FileRecords<'_> {
+    let (mut records, mut end) = scan(bytes, id);
+    let mut lost = Vec::new();
+    let mut damaged_at = None;
+    loop {
+        let after = records.last().map_or(0, |(seq, _)| *seq).max(covered);
+        let limit = after.saturating_add(SALVAGE_WINDOW);
+        let found = (end + 1..bytes.len().saturating_sub(HEADER - 1)).find(|&at| {
+            let seq = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
+            seq > after && seq <= limit && record_at(bytes, at, id).is_some()
+        });
+        let Some(at) = found else { break };
+        let (run, len) = scan(&bytes[at..], id);
+        let first = run[0].0;
+        if first > after + 1 {
+            lost.push((after + 1, first - 1));
+        }
+        damaged_at.get_or_insert(end);
+        records.extend(run);
+        end = at + len;
+    }
+    FileRecords {
+        records,
+        lost,
+        damaged_at,
+    }
 }
 
 #[cfg(test)]
@@ -775,12 +886,91 @@ mod tests {
             std::fs::write(&path, &full[..end - 10]).unwrap();
             let (_, pending) = open(dir, 0);
             assert_eq!(pending.len(), 3);
-            // Corrupt: one payload byte of the third record flipped.
+            // Corrupt: one payload byte of the third record flipped. That record is lost;
+            // the one after it is intact and comes back.
             let mut bad = full.clone();
             bad[2 * (HEADER + 64) + HEADER + 5] ^= 0xff;
             std::fs::write(&path, &bad).unwrap();
             let (_, pending) = open(dir, 0);
-            assert_eq!(pending.len(), 2);
+            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, [1, 2, 4]);
+            assert_eq!(pending[2].1, vec![3u8; 64]);
+        });
+    }
+
+    /// Names of the copies of damaged journal files kept in `dir`.
+    fn damaged_copies(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".damaged-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Damage in the middle of the file being written (a flipped bit, a lost write) loses
+    /// the damaged record only: every acknowledged record after it comes back, whether the
+    /// damage left its length readable or not, and both files are copied aside before the
+    /// next lap writes over them. A torn tail is no damage: no copies.
+    #[test]
+    fn damage_in_the_middle_of_the_journal_loses_only_the_damaged_records() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            for batch in 0..10u8 {
+                for i in 0..10u8 {
+                    j.push(&[batch * 10 + i; 100]);
+                }
+                j.write().unwrap();
+            }
+            drop(j);
+            let path = dir.join("j");
+            let full = std::fs::read(&path).unwrap();
+            let rec = HEADER + 100;
+            std::fs::write(&path, &full[..100 * rec - 7]).unwrap();
+            assert_eq!(open(dir, 0).1.len(), 99, "torn tail");
+            assert!(damaged_copies(dir).is_empty(), "a torn tail is no damage");
+            for field in [HEADER + 50, 0] {
+                // Record 31's payload, then its length.
+                let mut bad = full.clone();
+                bad[30 * rec + field] ^= 0x5a;
+                std::fs::write(&path, &bad).unwrap();
+                let (j, pending) = open(dir, 0);
+                let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+                let want: Vec<u64> = (1..=100).filter(|s| *s != 31).collect();
+                assert_eq!(seqs, want, "damage at byte {field} of a record");
+                assert_eq!(pending[30].1, vec![31u8; 100]);
+                assert_eq!(j.last_seq(), 100, "numbering goes on after the last record");
+                let copies = damaged_copies(dir);
+                assert_eq!(copies.len(), 2, "{copies:?}");
+                for c in copies {
+                    std::fs::remove_file(dir.join(c)).unwrap();
+                }
+            }
+        });
+    }
+
+    /// Damage in the older file's lap no longer stops the start: its records after the damage
+    /// and the newer file's come back.
+    #[test]
+    fn damage_in_the_older_file_loses_only_the_damaged_records() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            for i in 0..6u8 {
+                j.push(&[i; 50]);
+            }
+            j.write().unwrap();
+            j.switch();
+            j.push(b"seven");
+            j.write().unwrap();
+            drop(j);
+            let path = dir.join("j");
+            let mut bad = std::fs::read(&path).unwrap();
+            bad[2 * (HEADER + 50) + HEADER] ^= 1; // record 3
+            std::fs::write(&path, &bad).unwrap();
+            let (_, pending) = open(dir, 1);
+            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, [2, 4, 5, 6, 7]);
         });
     }
 
