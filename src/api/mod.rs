@@ -237,7 +237,9 @@ impl From<crate::store::StoreError> for ApiError {
             ),
             // The database could not read or write (a full or failing disk, a stopped
             // writer): the request changed nothing and may be sent again later.
-            e @ (crate::store::StoreError::Db(_) | crate::store::StoreError::Broken) => {
+            e @ (crate::store::StoreError::Db(_)
+            | crate::store::StoreError::Io(_)
+            | crate::store::StoreError::Broken) => {
                 tracing::error!(error = %e, "request refused: the database failed");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -35,6 +35,10 @@ use crate::model::{Attempt, Channel, Delivery, DeliveryStatus, Event, TimerKind,
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(String),
+    /// The database file failed a read, write or flush: redb refuses every later operation
+    /// (as [`StoreError::Broken`]) from this one on.
+    #[error("I/O error on the database file: {0}")]
+    Io(String),
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("no such delivery: {0}")]
@@ -62,6 +66,7 @@ impl<E: Into<redb::Error>> From<E> for StoreError {
     fn from(e: E) -> Self {
         match e.into() {
             redb::Error::PreviousIo => StoreError::Broken,
+            redb::Error::Io(e) => StoreError::Io(e.to_string()),
             e => StoreError::Db(e.to_string()),
         }
     }
@@ -2268,6 +2273,29 @@ pub(crate) mod tests {
             assert!(store.event(id).unwrap().is_some(), "{id} was acknowledged");
         }
         store.append(to("e", 3)).await.unwrap();
+    }
+
+    /// The database file's first I/O error is reported at once (`/readyz`), though nothing
+    /// else is waiting to be written: redb refuses everything after it until a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_io_error_of_the_database_file_is_reported_at_once() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        store.append(to("e", 0)).await.unwrap();
+        store.settle().await.unwrap();
+        store.shared.fail_io.store(true, Ordering::SeqCst);
+        let r = store
+            .write_endpoint(EndpointWrite {
+                name: "x".into(),
+                value: Some(b"{}".to_vec()),
+                create: true,
+                drop_pending: false,
+            })
+            .await;
+        assert!(matches!(r, Err(StoreError::Io(_))), "{r:?}");
+        store.shared.fail_io.store(false, Ordering::SeqCst);
+        assert!(matches!(store.check(), Err(StoreError::Broken)));
     }
 
     /// Closes `store`, takes out of its file what `forget` deletes and the [`META`] `flag`

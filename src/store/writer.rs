@@ -196,7 +196,9 @@ pub(crate) fn run(
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = cmds.len(), "write transaction failed");
-                if matches!(e, StoreError::Broken) {
+                // redb refuses everything after its file's first I/O error: said at once
+                // (`/readyz`), not at the next write, which an idle courier may never make.
+                if matches!(e, StoreError::Broken | StoreError::Io(_)) {
                     shared
                         .broken
                         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -552,7 +554,12 @@ fn apply(
                 Reply::ConfigPause(Err(e)) => Some(e),
                 _ => None,
             };
-            if let Some(e @ (StoreError::Db(_) | StoreError::Corrupt(_) | StoreError::Broken)) = err
+            if let Some(
+                e @ (StoreError::Db(_)
+                | StoreError::Io(_)
+                | StoreError::Corrupt(_)
+                | StoreError::Broken),
+            ) = err
             {
                 return Err(e.clone());
             }
