@@ -303,6 +303,11 @@ impl Metrics {
             c.durable,
         );
         r.register(
+            "courier_store_journal_write_errors",
+            "Writes to the ingest journal that failed (a full or failing disk); each refused its batch of new events with 503",
+            c.journal_errors,
+        );
+        r.register(
             "courier_store_damaged_records",
             "Distinct delivery records found unreadable (damaged) since start and passed over by the delivery queue, a listing or a replay; each is logged once and stays as it is for an operator (a damaged pending delivery still counts in queue_depth)",
             c.damaged,

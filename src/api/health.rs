@@ -39,6 +39,17 @@ pub(super) async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
         }
         _ => Ok(()),
     });
+    // The journal refusing writes (a full disk, say) refuses every new event: not ready, for
+    // a while after each failure (see `Store::journal_failing`).
+    let probe = probe.and_then(|_| {
+        if app.store.journal_failing() {
+            Err(crate::store::StoreError::Db(
+                "writes to the ingest journal are failing (a full or failing disk? see courier's log): new events are refused".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    });
     match probe {
         Ok(()) if !app.shutdown.is_cancelled() => {
             (StatusCode::OK, Json(json!({"status": "ready"})))
@@ -234,6 +245,41 @@ fn prometheus_text(openmetrics: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A journal that cannot be written (a full disk) takes no event: `/readyz` says so, and
+    /// is ready again once a write succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_reports_a_journal_that_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[keys]]\ntoken = \"test-token-0123456789\"\nscopes = [\"ingest\", \"admin\"]\n[[endpoints]]\nname = \"app\"\nurl = \"http://192.0.2.1/\"\n",
+            dir.path().join("data").display()
+        );
+        let config = crate::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
+        let running = crate::server::start(config).await.unwrap();
+        let http = reqwest::Client::new();
+        let base = format!("http://{}", running.addr);
+        let send = || {
+            http.post(format!("{base}/v1/events"))
+                .bearer_auth("test-token-0123456789")
+                .header("content-type", "application/json")
+                .body(r#"{"event_type": "t", "payload": {}}"#)
+                .send()
+        };
+        let ready = || async {
+            let r = http.get(format!("{base}/readyz")).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        assert_eq!(ready().await.0, 200);
+        running.app.store.fail_journal_writes(true);
+        assert_eq!(send().await.unwrap().status(), 503);
+        let (status, body) = ready().await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("ingest journal"), "{body}");
+        running.app.store.fail_journal_writes(false);
+        assert_eq!(send().await.unwrap().status(), 202);
+        assert_eq!(ready().await.0, 200);
+    }
+
     #[test]
     fn counters_are_named_with_their_total_and_the_openmetrics_only_lines_go() {
         let om = "# HELP a_events Events.\n# TYPE a_events counter\na_events_total 3\n\

@@ -167,7 +167,20 @@ fn write_batch(
         }
         return true;
     }
-    if let Err(e) = journal.write() {
+    #[cfg(test)]
+    let written = if shared
+        .fail_journal
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        journal.discard();
+        Err(StoreError::Db("journal: write: injected failure".into()))
+    } else {
+        journal.write()
+    };
+    #[cfg(not(test))]
+    let written = journal.write();
+    shared.journal_written(written.is_ok());
+    if let Err(e) = written {
         tracing::error!(error = %e, appends = batch.len(), "ingest journal write failed");
         for (_, tx) in batch.drain(..) {
             drop(tx.send(Err(e.clone())));

@@ -72,6 +72,10 @@ impl<E: Into<redb::Error>> From<E> for StoreError {
     }
 }
 
+/// How long after a failed journal write, with none succeeding since, `/readyz` reports the
+/// store unavailable ([`Store::journal_failing`]).
+pub const JOURNAL_FAILURE_SHOWN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// An idempotency key, scoped to the ingest key that used it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IdempotencyKey {
@@ -307,6 +311,10 @@ pub(crate) struct Shared {
     /// Seconds the journal thread held new events because the database had not yet
     /// checkpointed the journal file it was about to write over (ingest stood still).
     pub(crate) journal_stalled: prometheus_client::metrics::counter::Counter<f64>,
+    /// Failed writes to the ingest journal (a full or failing disk): each refused its batch.
+    pub(crate) journal_errors: prometheus_client::metrics::counter::Counter,
+    /// When the last write to the journal failed, if none has succeeded since (0: none).
+    journal_failed_ms: std::sync::atomic::AtomicU64,
     /// Journal records re-applied when the store was opened (after a crash).
     replayed: usize,
     /// Delivery records found damaged (unreadable) and passed over by the scheduler's scan,
@@ -323,6 +331,9 @@ pub(crate) struct Shared {
     /// Test-only fault injection: the next this many outcomes fail as a full disk would.
     #[cfg(test)]
     pub(crate) fail_outcomes: std::sync::atomic::AtomicU32,
+    /// Test-only fault injection: every journal write fails while this is set.
+    #[cfg(test)]
+    pub(crate) fail_journal: std::sync::atomic::AtomicBool,
     /// Test-only fault injection: every write transaction fails while this is set.
     #[cfg(test)]
     pub(crate) fail_applies: std::sync::atomic::AtomicBool,
@@ -342,6 +353,7 @@ pub struct CommitCounters {
     pub durable: prometheus_client::metrics::counter::Counter,
     pub journal_writes: prometheus_client::metrics::counter::Counter,
     pub journal_stalled: prometheus_client::metrics::counter::Counter<f64>,
+    pub journal_errors: prometheus_client::metrics::counter::Counter,
     pub damaged: prometheus_client::metrics::counter::Counter,
 }
 
@@ -373,6 +385,8 @@ impl Shared {
             durable_commits: Default::default(),
             journal_writes: Default::default(),
             journal_stalled: Default::default(),
+            journal_errors: Default::default(),
+            journal_failed_ms: Default::default(),
             replayed,
             damaged: Default::default(),
             damaged_found: Default::default(),
@@ -381,6 +395,8 @@ impl Shared {
             progress: progress::Progress::new(seq),
             #[cfg(test)]
             fail_outcomes: Default::default(),
+            #[cfg(test)]
+            fail_journal: Default::default(),
             #[cfg(test)]
             fail_applies: Default::default(),
             #[cfg(test)]
@@ -396,6 +412,20 @@ impl Shared {
     pub(crate) fn found_damaged(&self, what: &str, id: &str, error: &dyn std::fmt::Display) {
         if self.count_damaged(id) {
             tracing::error!(delivery = %id, %error, "{what} passes over a delivery record it cannot read (damaged); it stays as it is");
+        }
+    }
+
+    /// Notes how the journal's last write went (the journal thread, after each).
+    pub(crate) fn journal_written(&self, ok: bool) {
+        use std::sync::atomic::Ordering;
+        if ok {
+            if self.journal_failed_ms.load(Ordering::Relaxed) != 0 {
+                self.journal_failed_ms.store(0, Ordering::SeqCst);
+            }
+        } else {
+            self.journal_errors.inc();
+            self.journal_failed_ms
+                .store(crate::model::now_ms().max(1), Ordering::SeqCst);
         }
     }
 
@@ -656,6 +686,20 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the ingest journal's last write failed (no write has succeeded since) within
+    /// the last [`JOURNAL_FAILURE_SHOWN`]: new events are refused meanwhile. Past that the
+    /// store is reported ready again, so that a load balancer that stopped sending events
+    /// sends some again, and the next write says whether the disk has room now (no event
+    /// arrives to find out otherwise).
+    pub fn journal_failing(&self) -> bool {
+        let at = self
+            .shared
+            .journal_failed_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        at != 0
+            && crate::model::now_ms().saturating_sub(at) < JOURNAL_FAILURE_SHOWN.as_millis() as u64
+    }
+
     fn writer_stopped(&self) -> bool {
         // The handle is taken by [`Store::closer`] when courier shuts down.
         self.shared
@@ -791,6 +835,14 @@ impl Store {
     pub(crate) fn fail_writes(&self, on: bool) {
         self.shared
             .fail_applies
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Test-only: makes every journal write fail (as on a full disk) while `on`.
+    #[cfg(test)]
+    pub(crate) fn fail_journal_writes(&self, on: bool) {
+        self.shared
+            .fail_journal
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -1268,6 +1320,7 @@ impl Store {
             durable: self.shared.durable_commits.clone(),
             journal_writes: self.shared.journal_writes.clone(),
             journal_stalled: self.shared.journal_stalled.clone(),
+            journal_errors: self.shared.journal_errors.clone(),
             damaged: self.shared.damaged_found.clone(),
         }
     }
@@ -2273,6 +2326,30 @@ pub(crate) mod tests {
             assert!(store.event(id).unwrap().is_some(), "{id} was acknowledged");
         }
         store.append(to("e", 3)).await.unwrap();
+    }
+
+    /// A journal that cannot be written (a full disk) refuses new events and says so
+    /// (`/readyz`, `courier_store_journal_write_errors_total`) until a write succeeds again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_journal_is_reported_until_a_write_succeeds() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), true).unwrap();
+        store.append(to("e", 0)).await.unwrap();
+        assert!(!store.journal_failing());
+        store.shared.fail_journal.store(true, Ordering::SeqCst);
+        let refused = to("e", 1);
+        let refused_id = refused.event.id.clone();
+        let r = store.append(refused).await;
+        assert!(r.is_err(), "{r:?}");
+        assert!(store.journal_failing());
+        assert_eq!(store.commit_counters().journal_errors.get(), 1);
+        // The disk has room again: the next event goes in, and the store is ready.
+        store.shared.fail_journal.store(false, Ordering::SeqCst);
+        store.append(to("e", 2)).await.unwrap();
+        assert!(!store.journal_failing());
+        store.settle().await.unwrap();
+        assert!(store.event(&refused_id).unwrap().is_none());
     }
 
     /// The database file's first I/O error is reported at once (`/readyz`), though nothing
