@@ -68,6 +68,7 @@ pub fn watch_secret(data_dir: &Path) -> std::io::Result<WatchSecret> {
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
             {
+                keep_private(&path);
                 return Ok(WatchSecret(bytes));
             }
             // Cut short or damaged: a new one (watch tokens handed out before stop working).
@@ -172,7 +173,10 @@ pub fn ensure_key(config: &mut Config, data_dir: &Path) -> std::io::Result<Optio
     }
     let path = data_dir.join(GENERATED_KEY_FILE);
     let (token, created) = match std::fs::read_to_string(&path) {
-        Ok(t) if t.trim().len() >= 16 => (t.trim().to_string(), false),
+        Ok(t) if t.trim().len() >= 16 => {
+            keep_private(&path);
+            (t.trim().to_string(), false)
+        }
         // A file that cannot be read is not taken for a missing one: replacing it would
         // lock out whoever holds the key it keeps.
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -192,8 +196,16 @@ pub fn ensure_key(config: &mut Config, data_dir: &Path) -> std::io::Result<Optio
     Ok(created.then_some(token))
 }
 
+/// Writes a secret file readable by courier's user only, whole or not at all: into a
+/// temporary file that is flushed and renamed over `path`, then the directory flushed, so
+/// that a power cut right after a first start can lose neither the printed admin key (a new
+/// one would be made, never shown) nor the watch secret (tokens handed out would stop
+/// working), nor leave half a file.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -201,15 +213,45 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path)?;
-    // A file that was there keeps its mode through `open`: made private all the same.
+    let mut f = opts.open(&tmp)?;
+    // A file left there keeps its mode through `open`: made private all the same.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
     f.write_all(text.as_bytes())?;
-    f.sync_all()
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Makes an existing secret file readable by courier's user only, should it have been
+/// found with a wider mode (copied in, or made by hand), and says so.
+fn keep_private(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => {
+                    tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "a secret file was readable by others; made readable by courier's user only")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), error = %e, "a secret file is readable by others and cannot be made private")
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -258,10 +300,24 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), made);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        // Read again at the next start: the same key.
+        // Read again at the next start: the same key, made private again if it was widened,
+        // and no file left over from writing it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let mut again = Config::defaults();
         assert_eq!(ensure_key(&mut again, dir.path()).unwrap(), None);
         assert_eq!(again.keys[0].token, made);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // The watch secret likewise.
+        let secret = watch_secret(dir.path()).unwrap();
+        let watch = dir.path().join(WATCH_SECRET_FILE);
+        std::fs::set_permissions(&watch, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let token = watch_token(&watch_secret(dir.path()).unwrap(), "c");
+        assert_eq!(token, watch_token(&secret, "c"));
+        let mode = std::fs::metadata(&watch).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         // A directory where the file should be cannot be read as one: an error, not a key.
         let odd = tempfile::tempdir().unwrap();
         std::fs::create_dir(odd.path().join(GENERATED_KEY_FILE)).unwrap();
