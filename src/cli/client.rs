@@ -421,9 +421,11 @@ pub fn endpoints_table(page: &Value, more: &str) -> String {
             if e["shadowed"] == true {
                 state.push_str(" (shadowed by config)");
             }
+            // `null` subscribes to every type; an empty list to none.
             let types = match e["event_types"].as_array() {
-                Some(t) if !t.is_empty() => t.iter().map(s).collect::<Vec<_>>().join(","),
-                _ => "*".into(),
+                Some(t) if t.is_empty() => "(none)".into(),
+                Some(t) => t.iter().map(s).collect::<Vec<_>>().join(","),
+                None => "*".into(),
             };
             vec![
                 s(&e["name"]),

@@ -611,3 +611,47 @@ async fn the_next_page_hint_keeps_the_filters_and_stats_say_what_the_window_cove
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_list_tells_all_event_types_from_none() {
+    let rx = Receiver::start().await;
+    let c = Courier::with_endpoint("all", &rx.url("/"), "").await;
+    let (status, made) = c
+        .post_json(
+            "/v1/endpoints",
+            &json!({"name": "nothing", "url": rx.url("/"), "event_types": []}),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let env = env_for(&c.base);
+    let text = out(&run(args(&["endpoints", "list"]), env.clone(), None).await);
+    let types = |name: &str| -> String {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row {name}: {text}"))
+            .split_whitespace()
+            .nth(4)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(types("all"), "*", "{text}");
+    assert_eq!(types("nothing"), "(none)", "{text}");
+    let js: Value = serde_json::from_str(&out(&run(
+        args(&["endpoints", "list", "--json"]),
+        env,
+        None,
+    )
+    .await))
+    .unwrap();
+    let of = |name: &str| {
+        js["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap()["event_types"]
+            .clone()
+    };
+    assert_eq!((of("all"), of("nothing")), (Value::Null, json!([])), "{js}");
+    c.stop().await;
+}
