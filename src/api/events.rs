@@ -46,10 +46,7 @@ async fn post_event(
         observe::ingest_rejected(&app.metrics, "malformed");
         ApiError::bad_request(format!("malformed event: {e}"))
     })?;
-    let idempotency_key = match parsed.idempotency_key {
-        Some(key) => Some(key),
-        None => idempotency_header(&app, headers)?,
-    };
+    let idempotency_key = idempotency_key(&app, parsed.idempotency_key, headers, "body")?;
     let req = IngestRequest {
         event_type: parsed.event_type,
         payload: parsed.payload.get().as_bytes().to_vec(),
@@ -123,15 +120,33 @@ async fn post_raw(
         content_type: content_type.unwrap_or_else(|| "application/octet-stream".into()),
         endpoint: Some(endpoint),
         id: params.id,
-        idempotency_key: match params.idempotency_key {
-            Some(key) => Some(key),
-            None => idempotency_header(&app, &headers)?,
-        },
+        idempotency_key: idempotency_key(&app, params.idempotency_key, &headers, "query")?,
         headers: encoding
             .map(|e| vec![(header::CONTENT_ENCODING.as_str().to_string(), e)])
             .unwrap_or_default(),
     };
     respond(&app, &caller, req).await
+}
+
+/// The request's idempotency key: `given` in the body or query (`place`), or the
+/// `Idempotency-Key` header. Both, with different keys, is a 400: taking either would make
+/// a retry that sends only the other a second event.
+fn idempotency_key(
+    app: &AppState,
+    given: Option<String>,
+    headers: &HeaderMap,
+    place: &str,
+) -> Result<Option<String>, ApiError> {
+    match (given, idempotency_header(app, headers)?) {
+        (Some(given), Some(header)) if given != header => {
+            observe::ingest_rejected(&app.metrics, "malformed");
+            Err(ApiError::bad_request(format!(
+                "the Idempotency-Key header and the {place}'s idempotency_key differ: give one, or the same in both"
+            ))
+            .with_field("idempotency_key"))
+        }
+        (given, header) => Ok(given.or(header)),
+    }
 }
 
 /// The `Idempotency-Key` header, if any. One that is not visible text cannot be read as a

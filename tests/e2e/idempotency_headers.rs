@@ -202,3 +202,43 @@ async fn raw_ingest_takes_the_event_id_from_the_query_and_the_type_from_x_event_
     }
     c.stop().await;
 }
+
+/// A request giving an idempotency key twice, in the header and in the body (or the raw
+/// ingest's query), with different keys is refused: taking either would make a retry that
+/// sends only the other a second event. The same key in both is one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_different_idempotency_keys_on_one_request_are_refused() {
+    let (rx, c) = fifo().await;
+    let body = |key: &str| {
+        json!({"event_type": "t", "payload": {"k": key}, "idempotency_key": key}).to_string()
+    };
+    let (s, _, e) = post(
+        &c,
+        "/v1/events",
+        &[("Idempotency-Key", "k-4")],
+        &body("k-5"),
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["error"]["field"], "idempotency_key", "{e}");
+    let (s, _, e) = post(
+        &c,
+        "/v1/ingest/app?idempotency_key=k-6",
+        &[("Idempotency-Key", "k-7")],
+        "raw",
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["error"]["field"], "idempotency_key", "{e}");
+    // The same key in both places: accepted once, then the first reply.
+    let same = [("Idempotency-Key", "k-8")];
+    let (s, h, first) = post(&c, "/v1/events", &same, &body("k-8")).await;
+    assert_eq!(s, 202, "{first}");
+    assert!(h.get("idempotent-replayed").is_none());
+    let (s, h, again) = post(&c, "/v1/events", &same, &body("k-8")).await;
+    assert_eq!((s, &again), (202, &first));
+    assert_eq!(h["idempotent-replayed"], "true");
+    let got = through_marker(&c, &rx).await;
+    assert_eq!(got.len(), 2, "the k-8 event and the marker only");
+    c.stop().await;
+}
