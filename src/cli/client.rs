@@ -504,6 +504,18 @@ pub fn tested(v: &Value) -> String {
     out
 }
 
+/// Whether `GET /v1/stats?endpoint=` was asked about a name that is no endpoint now.
+pub fn stats_endpoint_missing(st: &Value) -> bool {
+    st["endpoint"].as_str().is_some_and(|name| {
+        st["endpoints"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .any(|e| e["name"] == name && e["endpoint_missing"] == true)
+    })
+}
+
 pub fn stats_text(st: &Value) -> String {
     let c = &st["counts"];
     let pct = |v: &Value| {
@@ -513,7 +525,13 @@ pub fn stats_text(st: &Value) -> String {
     // Deliveries are counted over all that courier holds; attempts over the window.
     let mut out = String::new();
     if let Some(e) = st["endpoint"].as_str() {
-        out.push_str(&format!("endpoint {e}\n\n"));
+        if stats_endpoint_missing(st) {
+            out.push_str(&format!(
+                "endpoint {e}: no such endpoint (never made, or deleted; the figures are of the deliveries courier still holds for that name)\n\n"
+            ));
+        } else {
+            out.push_str(&format!("endpoint {e}\n\n"));
+        }
     }
     out.push_str(&format!(
         "deliveries (all time)     pending {}   delivered {}   dead {}   dropped {}\nsuccess rate (all time)   {}   (delivered of delivered and dead)\n\nattempts since {}\n  made {}   succeeded {}   per delivery {}\n  latency p50 {} ms   p95 {} ms   p99 {} ms\n\n",
@@ -538,9 +556,15 @@ pub fn stats_text(st: &Value) -> String {
         .unwrap_or_default()
         .iter()
         .map(|e| {
+            // A name with deliveries and no endpoint has no circuit to speak of.
+            let circuit = if e["endpoint_missing"] == true {
+                "(no such endpoint)".to_string()
+            } else {
+                s(&e["circuit"])
+            };
             vec![
                 s(&e["name"]),
-                s(&e["circuit"]),
+                circuit,
                 s(&e["queue_depth"]),
                 s(&e["consecutive_failures"]),
                 s(&e["last_success_at"]),

@@ -653,9 +653,22 @@ fn operator(command: Command) -> anyhow::Result<()> {
             } => {
                 let v = remote
                     .api()?
-                    .get(&["v1", "stats"], &[("endpoint", endpoint), ("since", since)])
+                    .get(
+                        &["v1", "stats"],
+                        &[("endpoint", endpoint.clone()), ("since", since)],
+                    )
                     .await?;
                 show(&remote, &v, client::stats_text);
+                // A name that is not an endpoint (a typo, a deleted one) is answered with
+                // its figures, zero or left over; the report first, then the error (exit 1),
+                // so that it cannot pass for a healthy endpoint.
+                if let Some(name) = endpoint.filter(|e| !e.is_empty())
+                    && client::stats_endpoint_missing(&v)
+                {
+                    anyhow::bail!(
+                        "no endpoint `{name}`: the figures above are of the deliveries courier still holds for that name (none, for a name never used)"
+                    );
+                }
             }
             Command::Send {
                 remote,

@@ -655,3 +655,42 @@ async fn endpoints_list_tells_all_event_types_from_none() {
     assert_eq!((of("all"), of("nothing")), (Value::Null, json!([])), "{js}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_for_a_name_that_is_no_endpoint_say_so_and_exit_1() {
+    let rx = Receiver::start().await;
+    let c = Courier::with_endpoint("ok", &rx.url("/"), "").await;
+    let env = env_for(&c.base);
+    let o = run(args(&["stats", "--endpoint", "nope"]), env.clone(), None).await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.starts_with("endpoint nope: no such endpoint (never made, or deleted;")
+            && text.contains("deliveries (all time)     pending 0")
+            && text.lines().any(|l| l.split_whitespace().take(4).eq([
+                "nope",
+                "(no",
+                "such",
+                "endpoint)"
+            ])),
+        "{text}"
+    );
+    assert!(stderr(&o).contains("no endpoint `nope`"), "{o:?}");
+    // --json: the API's answer as it is, and the same exit status.
+    let o = run(
+        args(&["stats", "--json", "--endpoint", "nope"]),
+        env.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let js: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(js["endpoints"][0]["endpoint_missing"], true, "{js}");
+    // An endpoint that is there.
+    let text = out(&run(args(&["stats", "--endpoint", "ok"]), env, None).await);
+    assert!(
+        text.starts_with("endpoint ok\n") && !text.contains("no such endpoint"),
+        "{text}"
+    );
+    c.stop().await;
+}
