@@ -276,7 +276,38 @@ pub fn deliveries_table(page: &Value, more: &str) -> String {
     out
 }
 
-pub fn delivery_detail(d: &Value) -> String {
+/// What holds a pending delivery back beyond its own next-attempt time, from its endpoint's
+/// `GET /v1/endpoints/{name}/stats` answer: paused, a `Retry-After` hold, an open circuit.
+fn holds(d: &Value, health: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if health["paused"] == true {
+        out.push(format!(
+            "held: its endpoint is paused, until `courier endpoints resume {}`",
+            super::shell_word(&s(&d["endpoint"]))
+        ));
+    }
+    if let Some(until) = health["held_until"].as_str() {
+        out.push(format!(
+            "held until {until}: its endpoint answered 429 or 503 with Retry-After, and nothing goes to it before then"
+        ));
+    }
+    if health["circuit"] == "open" {
+        out.push(format!(
+            "held: its endpoint's circuit is open ({} failures in a row): courier sends it one probe attempt at a time, a probe interval apart, until one succeeds; this delivery waits its turn, whatever its next-attempt time",
+            s(&health["consecutive_failures"])
+        ));
+    }
+    out
+}
+
+/// `GET /v1/deliveries/{id}`'s answer. `health` is, for a pending delivery, its endpoint's
+/// stats (or why they could not be read): what holds the delivery back, if anything.
+pub fn delivery_detail(d: &Value, health: Option<&Result<Value, String>>) -> String {
+    let pending = d["status"] == "pending";
+    let held = match health {
+        Some(Ok(h)) if pending => holds(d, h),
+        _ => Vec::new(),
+    };
     let mut out = String::new();
     for (k, label) in [
         ("id", "delivery"),
@@ -290,11 +321,38 @@ pub fn delivery_detail(d: &Value) -> String {
         ("updated_at", "updated"),
         ("last_error", "last error"),
     ] {
-        out.push_str(&format!("{label:<19} {}\n", s(&d[k])));
+        let mut value = s(&d[k]);
+        if k == "next_attempt_at" && !held.is_empty() {
+            value.push_str(" (held: see below)");
+        }
+        out.push_str(&format!("{label:<19} {value}\n"));
     }
+    let note = |out: &mut String, text: &str| out.push_str(&format!("{:<19} ({text})\n", ""));
     if d["endpoint_missing"] == true {
-        out.push_str(
-            "                    (its endpoint is not configured: the delivery waits for it)\n",
+        if pending {
+            note(
+                &mut out,
+                "its endpoint is not configured: the delivery waits for it",
+            );
+        } else {
+            // What `POST /v1/deliveries/{id}/replay` does with it: an endpoint made through
+            // the API later under the name is not its destination; a config-file endpoint,
+            // whose name is its identity, is.
+            note(
+                &mut out,
+                "its endpoint no longer exists: `courier deliveries replay` refuses it (409) unless the config file names an endpoint of that name again; an endpoint made later through the API under the name is not its destination",
+            );
+        }
+    }
+    for h in &held {
+        note(&mut out, h);
+    }
+    if pending && let Some(Err(e)) = health {
+        note(
+            &mut out,
+            &format!(
+                "its endpoint's health could not be read, so whether it is held is not known: {e}"
+            ),
         );
     }
     let rows: Vec<Vec<String>> = d["attempts"]
@@ -621,12 +679,41 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_held_pending_delivery_says_what_holds_it() {
+        let d = json!({
+            "id": "dlv_1", "status": "pending", "endpoint": "app", "attempts": [],
+            "next_attempt_at": "2020-01-01T00:00:00Z", "endpoint_missing": false,
+        });
+        let health = Ok(json!({
+            "paused": true, "circuit": "open", "consecutive_failures": 5,
+            "held_until": "2999-01-01T00:00:00Z",
+        }));
+        let text = super::delivery_detail(&d, Some(&health));
+        assert!(
+            text.contains("next attempt        2020-01-01T00:00:00Z (held: see below)\n")
+                && text.contains("\n                    (held: its endpoint is paused, until `courier endpoints resume app`)\n")
+                && text.contains("\n                    (held until 2999-01-01T00:00:00Z: ")
+                && text.contains("circuit is open (5 failures in a row)"),
+            "{text}"
+        );
+        // Not held: nothing said; health that could not be read: said so.
+        let free = Ok(json!({"paused": false, "circuit": "closed", "held_until": null}));
+        let text = super::delivery_detail(&d, Some(&free));
+        assert!(!text.contains("held"), "{text}");
+        let text = super::delivery_detail(&d, Some(&Err("503 Service Unavailable".into())));
+        assert!(
+            text.contains("could not be read") && text.contains("503"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_request_body_that_is_not_text_is_shown_in_base64() {
         let d = json!({
             "id": "dlv_1", "status": "delivered", "endpoint": "app", "attempts": [],
             "request": {"content_type": "application/octet-stream", "body_base64": "AP8="},
         });
-        let text = super::delivery_detail(&d);
+        let text = super::delivery_detail(&d, None);
         assert!(
             text.contains("request body (application/octet-stream, not text, in base64):\nAP8="),
             "{text}"

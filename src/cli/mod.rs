@@ -529,8 +529,26 @@ fn operator(command: Command) -> anyhow::Result<()> {
             Command::Deliveries {
                 cmd: DeliveriesCmd::Show { remote, id },
             } => {
-                let v = remote.api()?.get(&["v1", "deliveries", &id], &[]).await?;
-                show(&remote, &v, client::delivery_detail);
+                let api = remote.api()?;
+                let v = api.get(&["v1", "deliveries", &id], &[]).await?;
+                // A pending delivery may be held past its next-attempt time by its endpoint
+                // (paused, a Retry-After hold, an open circuit): its stats say. `--json` is
+                // the API's answer alone.
+                let health = match v["endpoint"].as_str() {
+                    Some(ep)
+                        if !remote.target.json
+                            && v["status"] == "pending"
+                            && v["endpoint_missing"] != true =>
+                    {
+                        Some(
+                            api.get(&["v1", "endpoints", ep, "stats"], &[])
+                                .await
+                                .map_err(|e| format!("{e:#}")),
+                        )
+                    }
+                    _ => None,
+                };
+                show(&remote, &v, |v| client::delivery_detail(v, health.as_ref()));
             }
             Command::Deliveries {
                 cmd: DeliveriesCmd::Replay { remote, id },

@@ -612,6 +612,90 @@ async fn the_next_page_hint_keeps_the_filters_and_stats_say_what_the_window_cove
     c.stop().await;
 }
 
+/// Waits until `GET /v1/endpoints/{name}` answers `status`.
+async fn wait_endpoint(c: &Courier, name: &str, status: u16) {
+    let deadline = Instant::now() + T;
+    while c.get(&format!("/v1/endpoints/{name}")).await.0 != status {
+        assert!(
+            Instant::now() < deadline,
+            "`{name}` never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_show_tells_a_waiting_delivery_from_a_finished_one_whose_endpoint_is_gone() {
+    let bad = Receiver::start().await;
+    bad.set_default(Reply::status(500));
+    let config = format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("cfg", &bad.url("/"), "schedule = [\"0s\"]")
+    );
+    let c = Courier::start_file(&config).await;
+    let env = env_for(&c.base);
+    for name in ["api", "kept"] {
+        let (status, made) = c
+            .post_json(
+                "/v1/endpoints",
+                &json!({"name": name, "url": bad.url("/"), "schedule": ["0s"]}),
+            )
+            .await;
+        assert_eq!(status, 201, "{made}");
+    }
+    let (status, v) = c.post_json("/v1/endpoints/kept/pause", &json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    let send = |ep: &'static str| {
+        let c = &c;
+        async move {
+            delivery_id(
+                &c.send(json!({"event_type": "t", "payload": {}, "endpoint": ep}))
+                    .await,
+            )
+        }
+    };
+    let (cfg_id, api_id, kept_id) = (send("cfg").await, send("api").await, send("kept").await);
+    c.wait_status(&cfg_id, "dead", T).await;
+    c.wait_status(&api_id, "dead", T).await;
+    // Gone: the API endpoint deleted, the paused one deleted keeping its queue, the config one
+    // taken out of the file.
+    for path in ["/v1/endpoints/api", "/v1/endpoints/kept?pending=keep"] {
+        let (status, v) = c
+            .call(reqwest::Method::DELETE, path, Some(ADMIN), None)
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    c.rewrite_config(DELIVERY_FAST);
+    wait_endpoint(&c, "cfg", 404).await;
+
+    // A pending one waits for its endpoint.
+    let text = out(&run(args(&["deliveries", "show", &kept_id]), env.clone(), None).await);
+    assert!(
+        text.contains("(its endpoint is not configured: the delivery waits for it)"),
+        "{text}"
+    );
+    // A dead one does not wait for anything: it is not replayed while its endpoint is gone.
+    for id in [&cfg_id, &api_id] {
+        let text = out(&run(args(&["deliveries", "show", id]), env.clone(), None).await);
+        assert!(
+            !text.contains("waits for it")
+                && text.contains("(its endpoint no longer exists: `courier deliveries replay` refuses it (409) unless the config file names an endpoint of that name again;"),
+            "{text}"
+        );
+        let o = run(args(&["deliveries", "replay", id]), env.clone(), None).await;
+        assert_eq!(o.status.code(), Some(1), "{o:?}");
+        assert!(stderr(&o).contains("409 Conflict"), "{o:?}");
+    }
+    // As it says: the config file naming the endpoint again, the replay goes.
+    bad.set_default(Reply::status(200));
+    c.rewrite_config(&config);
+    wait_endpoint(&c, "cfg", 200).await;
+    let text = out(&run(args(&["deliveries", "replay", &cfg_id]), env.clone(), None).await);
+    assert!(text.starts_with("replayed delivery"), "{text}");
+    c.wait_status(&cfg_id, "delivered", T).await;
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_list_tells_all_event_types_from_none() {
     let rx = Receiver::start().await;
@@ -690,6 +774,91 @@ async fn stats_for_a_name_that_is_no_endpoint_say_so_and_exit_1() {
     let text = out(&run(args(&["stats", "--endpoint", "ok"]), env, None).await);
     assert!(
         text.starts_with("endpoint ok\n") && !text.contains("no such endpoint"),
+        "{text}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_show_says_what_holds_a_pending_delivery_back() {
+    let failing = Receiver::start().await;
+    failing.set_default(Reply::status(500));
+    let busy = Receiver::start().await;
+    busy.set_default(Reply::status(503).header("retry-after", "600"));
+    let c = Courier::start(&format!(
+        r#"
+[delivery]
+allow_private_networks = true
+jitter = 0.0
+circuit_failures = 2
+circuit_probe_interval = "10m"
+{}{}"#,
+        endpoint(
+            "flaky",
+            &failing.url("/"),
+            "max_in_flight = 1\nschedule = [\"0s\", \"10ms\", \"10ms\", \"10ms\"]"
+        ),
+        endpoint(
+            "busy",
+            &busy.url("/"),
+            "schedule = [\"0s\", \"1s\", \"1s\"]"
+        ),
+    ))
+    .await;
+    let env = env_for(&c.base);
+    let flaky = delivery_id(
+        &c.send(json!({"event_type": "t", "payload": {}, "endpoint": "flaky"}))
+            .await,
+    );
+    let busy_id = delivery_id(
+        &c.send(json!({"event_type": "t", "payload": {}, "endpoint": "busy"}))
+            .await,
+    );
+    // Two failures open the circuit: the next attempt's time (10 ms later) passes, and the
+    // delivery waits for the probe, ten minutes on.
+    c.wait_delivery(&flaky, T, |d| d["attempt_count"] == 2)
+        .await;
+    let deadline = Instant::now() + T;
+    while c.get("/v1/endpoints/flaky/stats").await.1["circuit"] != "open" {
+        assert!(Instant::now() < deadline, "the circuit never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let text = out(&run(args(&["deliveries", "show", &flaky]), env.clone(), None).await);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("next attempt ") && l.ends_with(" (held: see below)"))
+            && text.contains("(held: its endpoint's circuit is open (2 failures in a row): courier sends it one probe attempt at a time"),
+        "{text}"
+    );
+    // --json is the API's delivery, nothing added.
+    let js: Value = serde_json::from_str(&out(&run(
+        args(&["deliveries", "show", "--json", &flaky]),
+        env.clone(),
+        None,
+    )
+    .await))
+    .unwrap();
+    let (_, api) = c.get(&format!("/v1/deliveries/{flaky}")).await;
+    assert_eq!(js, api);
+
+    // A Retry-After hold, and a pause.
+    c.wait_delivery(&busy_id, T, |d| d["attempt_count"] == 1)
+        .await;
+    let (_, st) = c.get("/v1/endpoints/busy/stats").await;
+    let until = st["held_until"].as_str().expect("held").to_string();
+    let text = out(&run(args(&["deliveries", "show", &busy_id]), env.clone(), None).await);
+    assert!(
+        text.contains(&format!(
+            "(held until {until}: its endpoint answered 429 or 503 with Retry-After"
+        )) && !text.contains("circuit is open")
+            && !text.contains("paused"),
+        "{text}"
+    );
+    out(&run(args(&["endpoints", "pause", "busy"]), env.clone(), None).await);
+    let text = out(&run(args(&["deliveries", "show", &busy_id]), env.clone(), None).await);
+    assert!(
+        text.contains("(held: its endpoint is paused, until `courier endpoints resume busy`)"),
         "{text}"
     );
     c.stop().await;
