@@ -95,6 +95,11 @@ pub struct Report {
     pub dead: Option<usize>,
     /// Accepted events neither delivered nor dead when the wait ended.
     pub missing: Option<usize>,
+    /// Deliveries still queued for the bench endpoint when it was deleted at the end of the
+    /// run, dropped with it (the built-in receiver ends with the run: with `--no-wait`, what
+    /// was not delivered while the tool ran). `None`: the endpoint was kept (`--receiver`),
+    /// or courier's answer did not say.
+    pub dropped_at_exit: Option<u64>,
     /// Deliveries of an event that had already arrived (redeliveries): not counted in
     /// `delivered`.
     pub duplicates: Option<usize>,
@@ -736,22 +741,31 @@ const ASKED: u8 = 1;
 const MADE: u8 = 2;
 
 /// The temporary endpoint on courier: removed on every way out of a run once it was asked
-/// for ([`BenchEndpoint::finish`]), unless it keeps queued deliveries (`--receiver`,
-/// `--no-wait`).
+/// for ([`BenchEndpoint::finish`]), unless it keeps queued deliveries for an outside receiver
+/// (`--receiver`). The built-in receiver ends with the run, so deliveries still queued for it
+/// then (`--no-wait`, a drain timeout) could only fail: they are dropped with the endpoint.
 struct BenchEndpoint {
     http: reqwest::Client,
     base: String,
     token: String,
     name: String,
-    /// With `--receiver` or `--no-wait`: kept once an event for it was accepted.
+    /// With `--receiver`: kept once an event for it was accepted.
     keep_with_events: bool,
     state: std::sync::atomic::AtomicU8,
+    /// The deliveries still queued for it when it was deleted, dropped with it (courier's
+    /// `pending_dropped`; `u64::MAX`: not deleted, or not said).
+    dropped: AtomicU64,
     finished: std::sync::atomic::AtomicBool,
     /// Courier's run (its accepted events).
     tally: Arc<Tally>,
 }
 
 impl BenchEndpoint {
+    /// How many deliveries were still queued when it was deleted (and dropped with it).
+    fn dropped(&self) -> Option<u64> {
+        Some(self.dropped.load(Ordering::SeqCst)).filter(|&n| n != u64::MAX)
+    }
+
     /// Removes it (or says that it stays), once.
     async fn finish(&self) {
         let state = self.state.load(Ordering::SeqCst);
@@ -778,7 +792,17 @@ impl BenchEndpoint {
                 .send()
                 .await;
             failure = match deleted {
-                Ok(r) if r.status().is_success() => return,
+                Ok(r) if r.status().is_success() => {
+                    // `{"deleted": name, "pending_dropped": N}`
+                    let answer: Value = match r.bytes().await {
+                        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+                        Err(_) => Value::Null,
+                    };
+                    if let Some(n) = answer["pending_dropped"].as_u64() {
+                        self.dropped.store(n, Ordering::SeqCst);
+                    }
+                    return;
+                }
                 // Never made, or deleted by the first try.
                 Ok(r) if r.status() == 404 && (state == ASKED || retry) => return,
                 Ok(r) => {
@@ -806,8 +830,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         base: opts.url.trim_end_matches('/').to_string(),
         token: opts.token.clone(),
         name: format!("bench-{}", &crate::model::new_id("b")[2..]).to_ascii_lowercase(),
-        keep_with_events: opts.receiver.is_some() || opts.no_wait,
+        keep_with_events: opts.receiver.is_some(),
         state: NOT_ASKED.into(),
+        dropped: u64::MAX.into(),
         finished: false.into(),
         tally: Arc::new(Tally::tracking(opts.events)),
     };
@@ -824,6 +849,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             eprintln!("courier: {}: exiting at once", Interrupted { signal });
             std::process::exit(128 + signal);
         }
+    }
+    if outcome.is_err()
+        && let Some(n) = ep.dropped().filter(|&n| n > 0)
+    {
+        // No report to say it in.
+        eprintln!(
+            "courier bench: deleted the bench endpoint `{}` with {n} deliveries still queued for it (dropped)",
+            ep.name
+        );
     }
     let mut report = outcome?;
     report.problems = problems(&report, opts);
@@ -1123,9 +1157,11 @@ async fn session(opts: &Options, ep: &BenchEndpoint) -> anyhow::Result<Report> {
         report.set_courier_cpu(courier_cpu_per(&courier_cpu_before, &courier_cpu(), ok));
     }
     report.peak_rss_kib = opts.pid.and_then(|p| peak_rss_kib(Some(p)));
-    // Deleted only once its deliveries are done: with an outside receiver (nothing to wait
-    // on) or --no-wait it stays, so queued deliveries are not stranded without an endpoint.
+    // Deleted now, whatever is still queued for it: with the built-in receiver, which ends
+    // with this run, nothing still queued for it could be delivered later.
+    // With an outside receiver it stays, so that queued deliveries are not stranded.
     ep.finish().await;
+    report.dropped_at_exit = ep.dropped();
 
     if let Some(before) = before_202 {
         // Baseline 1: a bare server that answers 202, same producers, same bodies; measured
@@ -1448,6 +1484,14 @@ pub fn human(r: &Report) -> String {
         None => out.push_str(
             "  delivered           not counted (--no-wait, or deliveries to --receiver)\n",
         ),
+    }
+    if let Some(n) = r
+        .dropped_at_exit
+        .filter(|&n| n > 0 || r.delivered.is_none())
+    {
+        out.push_str(&format!(
+            "  dropped at exit     {n} deliveries still queued, deleted with the bench endpoint (its built-in receiver ends with this run)\n"
+        ));
     }
     if let Some(l) = &r.latency {
         out.push_str(&format!(

@@ -128,7 +128,10 @@ enum Command {
         /// Seconds one request to courier may take before it counts as an error.
         #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = at_least_one_u64)]
         request_timeout: u64,
-        /// Only fill the queue; do not wait for deliveries (and keep the bench endpoint).
+        /// Report ingest only: do not wait for deliveries. With the built-in receiver (no
+        /// --receiver), which ends with this run, the bench endpoint is deleted at exit all
+        /// the same, and the deliveries still queued for it are dropped (the report counts
+        /// them); with --receiver the endpoint is kept.
         #[arg(long)]
         no_wait: bool,
         /// Backlog mode: hold deliveries (endpoint paused, as if the receiver were down) while

@@ -704,6 +704,8 @@ struct Fake {
     deliveries: fn(u64) -> usize,
     endpoint: std::sync::Mutex<Option<(String, String)>>,
     ingests: std::sync::atomic::AtomicUsize,
+    /// Accepted events never delivered: still queued, as courier's delete reports them.
+    queued: std::sync::atomic::AtomicUsize,
     deleted: std::sync::Mutex<Vec<String>>,
 }
 
@@ -729,6 +731,7 @@ impl FakeCourier {
             deliveries,
             endpoint: Default::default(),
             ingests: Default::default(),
+            queued: Default::default(),
             deleted: Default::default(),
         });
         let fake = st.clone();
@@ -772,6 +775,9 @@ impl FakeCourier {
                                 .unwrap();
                             let url = st.endpoint.lock().unwrap().clone().unwrap().1;
                             let times = (st.deliveries)(seq);
+                            if times == 0 {
+                                st.queued.fetch_add(1, Ordering::SeqCst);
+                            }
                             tokio::spawn(async move {
                                 for _ in 0..times {
                                     http.post(&url).body(payload.clone()).send().await.unwrap();
@@ -791,7 +797,11 @@ impl FakeCourier {
                         (Method::DELETE, p) => {
                             let name = p.trim_start_matches("/v1/endpoints/").to_string();
                             st.deleted.lock().unwrap().push(name.clone());
-                            (StatusCode::OK, json!({"deleted": name}).to_string())
+                            let queued = st.queued.load(Ordering::SeqCst);
+                            (
+                                StatusCode::OK,
+                                json!({"deleted": name, "pending_dropped": queued}).to_string(),
+                            )
                         }
                         _ => (StatusCode::NOT_FOUND, "{}".to_string()),
                     }
@@ -981,6 +991,75 @@ async fn bench_removes_its_endpoint_when_interrupted() {
         );
         assert_eq!(fake.deleted(), vec![fake.endpoint()], "SIG{signal}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_no_wait_deletes_its_endpoint_and_says_what_was_dropped_with_it() {
+    // Nothing is delivered: every accepted event is still queued when the run ends.
+    let fake = FakeCourier::start(false, false, 0, |_| 0).await;
+    let o = run_within(
+        args(&["bench", "-n", "5", "-c", "1", "--no-baselines", "--no-wait"]),
+        fake.env(),
+        BENCH_LIMIT,
+    )
+    .await;
+    let text = out(&o);
+    assert!(
+        text.contains("(5 accepted, 0 errors)")
+            && text.contains(
+                "  dropped at exit     5 deliveries still queued, deleted with the bench endpoint"
+            ),
+        "{text}"
+    );
+    assert_eq!(fake.deleted(), vec![fake.endpoint()]);
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("stays"),
+        "{o:?}"
+    );
+
+    // Against courier: nothing left behind that would fail and retry for hours.
+    let c = Courier::start(DELIVERY_FAST).await;
+    let o = run_within(
+        args(&[
+            "bench",
+            "--json",
+            "-n",
+            "200",
+            "-c",
+            "8",
+            "--no-baselines",
+            "--no-wait",
+        ]),
+        vec![
+            ("COURIER_URL", c.base.clone()),
+            ("COURIER_KEY", ADMIN.to_string()),
+        ],
+        BENCH_LIMIT,
+    )
+    .await;
+    let r: Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(r["accepted"], 200, "{r:#}");
+    assert!(r["delivered"].is_null(), "not awaited: {r:#}");
+    let dropped = r["dropped_at_exit"].as_u64().expect("counted");
+    let (_, eps) = c.get("/v1/endpoints").await;
+    assert_eq!(eps["data"].as_array().unwrap().len(), 0, "{eps}");
+    // An attempt in flight at the delete finishes (a success counts as delivered).
+    let deadline = std::time::Instant::now() + T;
+    let st = loop {
+        let (_, st) = c.get("/v1/stats").await;
+        let n = |s: &str| st["counts"][s].as_u64().unwrap();
+        if n("delivered") + n("dropped") == 200 {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(st["counts"]["pending"], 0, "{st}");
+    assert!(
+        st["counts"]["dropped"].as_u64().unwrap() <= dropped,
+        "{st} {r:#}"
+    );
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
