@@ -244,6 +244,11 @@ impl Metrics {
                 "Configuration reloads by result (ok, error)",
                 m.config_reloads.clone(),
             );
+            // Both series from the start, at 0: an alert on failed reloads has one to watch.
+            for result in ["ok", "error"] {
+                m.config_reloads
+                    .get_or_create(&vec![("result", result.to_string())]);
+            }
             r.register(
                 "courier_plugin_calls",
                 "Plugin calls per plugin and result (ok, error)",

@@ -652,6 +652,18 @@ fn record_success(
         .plugin_loads
         .get_or_create(&vec![("plugin", cfg.name.clone()), ("result", "ok".into())])
         .inc();
+    // Every result's series is there from the plugin's first load, at 0: an alert on errors
+    // has a series to watch before the first one.
+    metrics.plugin_loads.get_or_create(&vec![
+        ("plugin", cfg.name.clone()),
+        ("result", "error".into()),
+    ]);
+    for result in ["ok", "error"] {
+        metrics.plugin_calls.get_or_create(&vec![
+            ("plugin", cfg.name.clone()),
+            ("result", result.into()),
+        ]);
+    }
 }
 
 /// Times a call and counts its result; the one place plugin calls are logged and measured.

@@ -79,6 +79,19 @@ async fn redact_and_envelope_change_the_body_and_the_signature_covers_it() {
         m.contains("courier_plugin_calls_total{plugin=\"redact\",result=\"ok\"} 2"),
         "{m}"
     );
+    // Error series are there before the first error, at 0.
+    assert!(
+        m.contains("courier_plugin_calls_total{plugin=\"redact\",result=\"error\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("courier_plugin_loads_total{plugin=\"redact\",result=\"error\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("courier_config_reloads_total{result=\"error\"} 0"),
+        "{m}"
+    );
     assert!(
         m.contains("courier_plugin_call_duration_seconds_count{plugin=\"envelope\"} 2"),
         "{m}"
