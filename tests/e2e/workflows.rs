@@ -417,6 +417,14 @@ async fn event_driven_flow_completes_with_the_callback() {
         done["data"]["score"].to_string(),
         "0.1000000000000000055511151231257827"
     );
+    // Its members in the order the backend gave them, not sorted.
+    assert!(
+        done["data"]
+            .to_string()
+            .starts_with(r#"{"movie":"Arrival","id":"#),
+        "{}",
+        done["data"]
+    );
     let (_, shown) = c.get(&format!("/v1/channels/{id}")).await;
     assert!(
         shown.to_string().contains("123456789012345678901234567890"),
