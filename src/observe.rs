@@ -246,7 +246,8 @@ impl Metrics {
             );
             // Both series from the start, at 0: an alert on failed reloads has one to watch.
             for result in ["ok", "error"] {
-                m.config_reloads
+                let _ = m
+                    .config_reloads
                     .get_or_create(&vec![("result", result.to_string())]);
             }
             r.register(

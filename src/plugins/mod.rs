@@ -654,12 +654,12 @@ fn record_success(
         .inc();
     // Every result's series is there from the plugin's first load, at 0: an alert on errors
     // has a series to watch before the first one.
-    metrics.plugin_loads.get_or_create(&vec![
+    let _ = metrics.plugin_loads.get_or_create(&vec![
         ("plugin", cfg.name.clone()),
         ("result", "error".into()),
     ]);
     for result in ["ok", "error"] {
-        metrics.plugin_calls.get_or_create(&vec![
+        let _ = metrics.plugin_calls.get_or_create(&vec![
             ("plugin", cfg.name.clone()),
             ("result", result.into()),
         ]);
