@@ -216,6 +216,17 @@ impl Registry {
             .map(|(_, e)| e.clone())
     }
 
+    /// When the endpoint `name` was made through the API (0 for a config endpoint), if it
+    /// exists: one entry of [`Endpoints::births`].
+    pub fn born(&self, name: &str) -> Option<u64> {
+        let inner = self.inner.read().expect("registry");
+        let (source, _) = inner.effective.get(name)?;
+        Some(match source {
+            Source::Api => inner.api.get(name).map_or(0, |(s, _)| s.created_ms),
+            Source::Config => 0,
+        })
+    }
+
     pub fn source(&self, name: &str) -> Option<Source> {
         self.inner
             .read()

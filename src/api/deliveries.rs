@@ -71,12 +71,23 @@ impl ListParams {
     }
 }
 
+/// Whether `d` has no endpoint to go to: a pending one whose endpoint is not configured (it
+/// waits for it), or a finished one whose name no endpoint has, or only one made after it
+/// finished (someone else's, perhaps: a replay refuses it, as [`crate::store::Births`] says).
+fn endpoint_missing(app: &AppState, d: &crate::model::Delivery) -> bool {
+    match app.endpoints.born(&d.endpoint) {
+        None => true,
+        Some(_) if d.status == crate::model::DeliveryStatus::Pending => false,
+        Some(born) => d.updated_ms <= born,
+    }
+}
+
 /// Lists deliveries for a filter, marking those whose endpoint is not configured.
 pub fn listing(app: &AppState, filter: &Filter, p: &ListParams) -> Result<Value, ApiError> {
     let (items, next) = app.store.list(filter, p.limit()?, p.cursor()?)?;
     let data: Vec<Value> = items
         .iter()
-        .map(|d| views::delivery(d, app.endpoints.get(&d.endpoint).is_none()))
+        .map(|d| views::delivery(d, endpoint_missing(app, d)))
         .collect();
     Ok(json!({"data": data, "next_cursor": next}))
 }
@@ -104,7 +115,7 @@ async fn show(
         .ok_or_else(|| ApiError::not_found(format!("no delivery `{id}`")))?;
     let attempts = app.store.attempts(&id)?;
     let event = app.store.event(&d.event_id)?;
-    let mut v = views::delivery(&d, app.endpoints.get(&d.endpoint).is_none());
+    let mut v = views::delivery(&d, endpoint_missing(&app, &d));
     v["attempts"] = attempts.iter().map(views::attempt).collect();
     v["request"] = event.as_ref().map(views::request).unwrap_or(Value::Null);
     Ok(Json(v))
@@ -158,6 +169,6 @@ async fn replay(
     tracing::info!(delivery = %d.id, endpoint = %d.endpoint, "delivery replayed");
     Ok((
         StatusCode::ACCEPTED,
-        Json(views::delivery(d, app.endpoints.get(&d.endpoint).is_none())),
+        Json(views::delivery(d, endpoint_missing(&app, d))),
     ))
 }

@@ -1834,3 +1834,39 @@ async fn rotations_cannot_pile_up_more_secrets_than_the_limit() {
     assert_eq!(sig_count(last), 1);
     c.stop().await;
 }
+
+/// A finished delivery whose endpoint was deleted and whose name was taken again since shows
+/// `endpoint_missing: true`, as replay sees it (refused: the new endpoint is not its
+/// destination); the new endpoint's own deliveries do not.
+#[tokio::test]
+async fn a_finished_delivery_of_a_deleted_endpoint_stays_endpoint_missing_when_its_name_is_taken() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let make = || {
+        req(
+            &c,
+            M::POST,
+            "/v1/endpoints",
+            Some(json!({"name": "x", "url": rx.url("/"), "secrets": [SECRET]})),
+        )
+    };
+    assert_eq!(make().await.0, 201);
+    let old = send_to(&c, "x", 1).await;
+    let d = c.wait_status(&old, "delivered", T).await;
+    assert_eq!(d["endpoint_missing"], false, "{d}");
+    assert_eq!(req(&c, M::DELETE, "/v1/endpoints/x", None).await.0, 200);
+    let (_, d) = req(&c, M::GET, &format!("/v1/deliveries/{old}"), None).await;
+    assert_eq!(d["endpoint_missing"], true, "{d}");
+    // The name is taken again: the old delivery still has no endpoint to go to.
+    assert_eq!(make().await.0, 201);
+    let (_, d) = req(&c, M::GET, &format!("/v1/deliveries/{old}"), None).await;
+    assert_eq!(d["endpoint_missing"], true, "{d}");
+    let (_, list) = req(&c, M::GET, "/v1/deliveries?endpoint=x", None).await;
+    assert_eq!(list["data"][0]["endpoint_missing"], true, "{list}");
+    replay_refused(&c, &old).await;
+    let new = send_to(&c, "x", 2).await;
+    let d = c.wait_status(&new, "delivered", T).await;
+    assert_eq!(d["endpoint_missing"], false, "{d}");
+    c.stop().await;
+}
