@@ -327,6 +327,13 @@ impl Plugins {
             let cfg = configs.iter().find(|c| c.name == name).expect("configured");
             record_success(&mut status, cfg, l, metrics);
         }
+        // A plugin kept as it was (the same bytes, kind, limits and config) may now be named
+        // by another path: the status shows the file the configuration names.
+        for cfg in &configs {
+            if let Some(st) = status.get_mut(&cfg.name) {
+                st.path = cfg.path.clone();
+            }
+        }
         drop(status);
         for (name, old) in current.iter() {
             next.entry(name.clone()).or_insert_with(|| old.clone());

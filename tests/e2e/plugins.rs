@@ -142,6 +142,35 @@ async fn a_backoff_plugin_replaces_the_schedule() {
     c.stop().await;
 }
 
+/// A configuration that names a byte-identical copy of a loaded plugin keeps it loaded as it
+/// is (no new version) and shows the path it now names.
+#[test]
+fn a_plugin_moved_to_an_identical_file_shows_its_new_path() {
+    use courier::config::{PluginConfig, PluginKind};
+    let metrics = courier::observe::Metrics::new();
+    let plugins = courier::plugins::Plugins::default();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.wasm");
+    std::fs::copy(plugin("fixed-backoff"), &copy).unwrap();
+    let cfg = |path: std::path::PathBuf| PluginConfig {
+        name: "p".into(),
+        path,
+        kind: PluginKind::Backoff,
+        config: Default::default(),
+        fuel: None,
+        memory_bytes: None,
+        timeout: None,
+    };
+    plugins
+        .load_all(&[cfg(plugin("fixed-backoff"))], &metrics)
+        .unwrap();
+    plugins.load_all(&[cfg(copy.clone())], &metrics).unwrap();
+    let st = plugins.status();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].path, copy);
+    assert_eq!(st[0].version, 1, "the same bytes: not loaded again");
+}
+
 /// An attempt takes its endpoint's backoff plugin when it starts: a reload that retires that
 /// plugin while the attempt waits for its answer (up to the endpoint's timeout) does not
 /// take the retry decision from it.
