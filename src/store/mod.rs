@@ -2063,6 +2063,16 @@ pub(crate) mod tests {
         b
     }
 
+    /// A new API endpoint `x`: a write that is a durable commit of its own.
+    fn endpoint_x() -> EndpointWrite {
+        EndpointWrite {
+            name: "x".into(),
+            value: Some(b"{}".to_vec()),
+            create: true,
+            drop_pending: false,
+        }
+    }
+
     /// Endpoints from the config file by these names (so replays may go to them).
     fn config_endpoints(names: &[&str]) -> Births {
         std::sync::Arc::new(names.iter().map(|n| (n.to_string(), 0)).collect())
@@ -2292,14 +2302,7 @@ pub(crate) mod tests {
         second.idempotency = None;
         let second_id = second.event.id.clone();
         store.append(second).await.unwrap(); // on disk in the journal: acknowledged
-        let r = store
-            .write_endpoint(EndpointWrite {
-                name: "x".into(),
-                value: Some(b"{}".to_vec()),
-                create: true,
-                drop_pending: false,
-            })
-            .await;
+        let r = store.write_endpoint(endpoint_x()).await;
         assert!(r.is_err(), "{r:?}");
         // The disk has room again; the database file still refuses until it is reopened.
         store.shared.fail_io.store(false, Ordering::SeqCst);
@@ -2362,14 +2365,7 @@ pub(crate) mod tests {
         store.append(to("e", 0)).await.unwrap();
         store.settle().await.unwrap();
         store.shared.fail_io.store(true, Ordering::SeqCst);
-        let r = store
-            .write_endpoint(EndpointWrite {
-                name: "x".into(),
-                value: Some(b"{}".to_vec()),
-                create: true,
-                drop_pending: false,
-            })
-            .await;
+        let r = store.write_endpoint(endpoint_x()).await;
         assert!(matches!(r, Err(StoreError::Io(_))), "{r:?}");
         store.shared.fail_io.store(false, Ordering::SeqCst);
         assert!(matches!(store.check(), Err(StoreError::Broken)));
