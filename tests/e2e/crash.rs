@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -660,4 +661,94 @@ async fn a_config_that_breaks_an_api_endpoint_stops_the_start_naming_it() {
         json!({"keep": 1})
     );
     drop(p);
+}
+
+/// A courier killed while it re-applies the journal after a crash, again and again at
+/// different moments of the replay, loses and duplicates nothing: the start after them has
+/// every acknowledged event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_during_recovery_lose_and_duplicate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[delivery]\nallow_private_networks = true\n");
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    paused_endpoint(&http, &p.base).await;
+    // 16 KiB each, ~6 MiB in all: a replay long enough to be cut short.
+    let filler = "x".repeat(16 * 1024);
+    let sends = (0..400).map(|i| {
+        let body = json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
+        let (http, url) = (http.clone(), format!("{}/v1/events", p.base));
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(ADMIN)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
+        }
+    });
+    let accepted: Vec<Value> = futures_util::stream::iter(sends)
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    p.kill9();
+    // A start re-applies these 400 records and listens after ~80 ms (debug build): the
+    // kills land before, during and after the replay's commit.
+    for delay_ms in [10, 25, 40, 55, 70, 100] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let p2 = Process::spawn(&cfg);
+    for reply in &accepted {
+        assert_pending(&http, &p2.base, reply, "before the kills").await;
+    }
+    assert_pending_count(&http, &p2.base, accepted.len(), 0).await;
+    drop(p2);
+}
+
+/// A second courier started on a data dir another one has open is refused before it
+/// touches anything there, saying why; the first goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_courier_on_the_same_data_dir_is_refused_and_the_first_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[delivery]\nallow_private_networks = true\n");
+    let p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    paused_endpoint(&http, &p.base).await;
+    let send = || async {
+        let r = http
+            .post(format!("{}/v1/events", p.base))
+            .bearer_auth(ADMIN)
+            .body(json!({"event_type": "t", "payload": {}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
+    };
+    let first = send().await;
+    let data = dir.path().join("data");
+    let journal = std::fs::read(data.join("courier.journal")).unwrap();
+    let err = refused_start(&cfg);
+    assert!(err.to_lowercase().contains("already open"), "{err}");
+    assert_eq!(
+        std::fs::read(data.join("courier.journal")).unwrap(),
+        journal,
+        "the second courier wrote to the first one's journal"
+    );
+    let second = send().await;
+    for reply in [&first, &second] {
+        assert_pending(&http, &p.base, reply, "with a second courier refused").await;
+    }
 }
