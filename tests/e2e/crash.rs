@@ -752,3 +752,55 @@ async fn a_second_courier_on_the_same_data_dir_is_refused_and_the_first_goes_on(
         assert_pending(&http, &p.base, reply, "with a second courier refused").await;
     }
 }
+
+/// A journal damaged in the middle (one byte flipped in an acknowledged record) costs that
+/// record only: the next start re-applies every intact record after it and keeps copies of
+/// the journal files for inspection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_damaged_in_the_middle_loses_only_the_damaged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[delivery]\nallow_private_networks = true\n");
+    let mut p = Process::spawn(&cfg);
+    let http = reqwest::Client::new();
+    paused_endpoint(&http, &p.base).await;
+    let filler = "x".repeat(16 * 1024);
+    let mut accepted = Vec::new();
+    for i in 0..50 {
+        let body = json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
+        let r = http
+            .post(format!("{}/v1/events", p.base))
+            .bearer_auth(ADMIN)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        accepted.push(serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap());
+    }
+    p.kill9();
+    let data = dir.path().join("data");
+    let path = data.join("courier.journal");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Inside the 25th event's filler (50 records of ~16.5 KiB each, back to back).
+    bytes[24 * 16_700 + 8_000] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let p2 = Process::spawn(&cfg);
+    let mut lost = 0;
+    for reply in &accepted {
+        let id = reply["deliveries"][0]["id"].as_str().unwrap();
+        let (status, _) = get_json(&http, &format!("{}/v1/deliveries/{id}", p2.base)).await;
+        if status == 404 {
+            lost += 1;
+        }
+    }
+    assert_eq!(lost, 1, "only the damaged event is lost");
+    assert_pending_count(&http, &p2.base, accepted.len() - 1, 0).await;
+    let copies: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".damaged-"))
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    drop(p2);
+}
