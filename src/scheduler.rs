@@ -40,6 +40,9 @@ pub struct Health {
     /// When the circuit last opened: the first probe waits a probe interval from here.
     #[serde(skip)]
     pub opened_ms: u64,
+    /// When the last probe was sent plus a probe interval: the next waits until then.
+    #[serde(skip)]
+    pub probe_after_ms: u64,
     /// The URL the streak is about: results for another (the endpoint's URL was changed)
     /// start a new one.
     #[serde(skip)]
@@ -49,6 +52,15 @@ pub struct Health {
 impl Health {
     pub fn state(&self) -> &'static str {
         if self.circuit_open { "open" } else { "closed" }
+    }
+
+    /// While the circuit is open, when the next probe may go: a probe interval after the
+    /// circuit opened and after the last probe.
+    pub fn next_probe_ms(&self, interval: Duration) -> Option<u64> {
+        self.circuit_open.then(|| {
+            self.probe_after_ms
+                .max(self.opened_ms + interval.as_millis() as u64)
+        })
     }
 }
 
@@ -189,6 +201,17 @@ impl Scheduler {
             .get(endpoint)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Notes an attempt picked at `now` for `endpoint`: if its circuit is open, it is the
+    /// probe, and the next waits a probe interval.
+    fn probe_sent(&self, app: &App, endpoint: &str, now: u64) {
+        let interval = app.config.load().delivery.circuit_probe_interval;
+        if let Some(h) = self.health.lock().expect("health lock").get_mut(endpoint)
+            && h.circuit_open
+        {
+            h.probe_after_ms = now + interval.as_millis() as u64;
+        }
     }
 
     /// Forgets an endpoint's health (its circuit and failure streak): it was deleted, and an
@@ -412,7 +435,6 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
         .lock()
         .expect("buckets lock")
         .remove(&name);
-    let mut next_probe_ms = 0u64;
     // Where the last page ended. Everything before it is in flight or done; work enqueued
     // since is announced with its due time (`rewind`) and the scan moves back to it. With
     // nothing in flight the scan starts over from the head.
@@ -464,7 +486,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                 // Failing endpoint: one probe at a time, at the probe pace, the first one a
                 // probe interval after the circuit opened.
                 let interval = app.config.load().delivery.circuit_probe_interval;
-                let probe_at = next_probe_ms.max(health.opened_ms + interval.as_millis() as u64);
+                let probe_at = health.next_probe_ms(interval).unwrap_or(now);
                 if in_flight.is_empty() && now >= probe_at {
                     capacity = capacity.min(1);
                 } else {
@@ -537,15 +559,7 @@ async fn worker(app: Arc<App>, name: String, signals: Signals) {
                             if let Some((_, b)) = bucket.as_mut() {
                                 b.take();
                             }
-                            if app.scheduler.health(&name).circuit_open {
-                                next_probe_ms = now
-                                    + app
-                                        .config
-                                        .load()
-                                        .delivery
-                                        .circuit_probe_interval
-                                        .as_millis() as u64;
-                            }
+                            app.scheduler.probe_sent(&app, &name, now);
                             in_flight.insert(d.id.clone());
                             // Whether the attempt's outcome may wait a moment to share a
                             // durable commit: not when this worker's next attempts wait for

@@ -857,6 +857,7 @@ async fn stats(
         "circuit": h.state(),
         "consecutive_failures": h.consecutive_failures,
         "held_until": h.held_until_ms.filter(|t| *t > crate::model::now_ms()).map(rfc3339),
+        "next_probe_at": h.next_probe_ms(app.config.load().delivery.circuit_probe_interval).map(rfc3339),
         "queue_depth": count(S::Pending),
         "counts": {"pending": count(S::Pending), "delivered": delivered, "dead": dead, "dropped": count(S::Dropped)},
         "success_rate": (delivered + dead > 0).then(|| delivered as f64 / (delivered + dead) as f64),

@@ -96,6 +96,7 @@ async fn stats(
                 "circuit": h.state(),
                 "consecutive_failures": h.consecutive_failures,
                 "held_until": h.held_until_ms.filter(|t| *t > crate::model::now_ms()).map(rfc3339),
+                "next_probe_at": h.next_probe_ms(app.config.load().delivery.circuit_probe_interval).map(rfc3339),
                 "queue_depth": app.store.pending_count(name),
                 "last_attempt_at": h.last_attempt_ms.map(rfc3339),
                 "last_success_at": h.last_success_ms.map(rfc3339),

@@ -292,8 +292,12 @@ fn holds(d: &Value, health: &Value) -> Vec<String> {
         ));
     }
     if health["circuit"] == "open" {
+        let next = match health["next_probe_at"].as_str() {
+            Some(at) => format!(" (the next probe may go at {at})"),
+            None => String::new(),
+        };
         out.push(format!(
-            "held: its endpoint's circuit is open ({} failures in a row): courier sends it one probe attempt at a time, a probe interval apart, until one succeeds; this delivery waits its turn, whatever its next-attempt time",
+            "held: its endpoint's circuit is open ({} failures in a row): courier sends it one probe attempt at a time, a probe interval apart, until one succeeds{next}; this delivery waits its turn, whatever its next-attempt time",
             s(&health["consecutive_failures"])
         ));
     }
@@ -686,14 +690,15 @@ mod tests {
         });
         let health = Ok(json!({
             "paused": true, "circuit": "open", "consecutive_failures": 5,
-            "held_until": "2999-01-01T00:00:00Z",
+            "held_until": "2999-01-01T00:00:00Z", "next_probe_at": "2999-01-01T00:00:05Z",
         }));
         let text = super::delivery_detail(&d, Some(&health));
         assert!(
             text.contains("next attempt        2020-01-01T00:00:00Z (held: see below)\n")
                 && text.contains("\n                    (held: its endpoint is paused, until `courier endpoints resume app`)\n")
                 && text.contains("\n                    (held until 2999-01-01T00:00:00Z: ")
-                && text.contains("circuit is open (5 failures in a row)"),
+                && text.contains("circuit is open (5 failures in a row)")
+                && text.contains("the next probe may go at 2999-01-01T00:00:05Z"),
             "{text}"
         );
         // Not held: nothing said; health that could not be read: said so.

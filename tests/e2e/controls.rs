@@ -304,6 +304,17 @@ circuit_probe_interval = "600ms"
             .await
             .contains("courier_endpoint_circuit_open{endpoint=\"flaky\"} 1")
     );
+    // The endpoint's stats say when the next probe may go: within a probe interval.
+    let (_, st) = c.get("/v1/endpoints/flaky/stats").await;
+    let at = st["next_probe_at"]
+        .as_str()
+        .and_then(courier::model::parse_time)
+        .unwrap_or_else(|| panic!("no next_probe_at while open: {st}"));
+    let now = courier::model::now_ms();
+    assert!(
+        at + 100 >= now && at <= now + 700,
+        "next probe at {at}, now {now}: {st}"
+    );
     // One attempt at a time: the circuit opens at the third failure, and the first probe
     // waits a probe interval after it.
     let got = rx.wait_for(4, T).await;
@@ -327,6 +338,7 @@ circuit_probe_interval = "600ms"
     }
     let (_, st) = c.get("/v1/stats?endpoint=flaky").await;
     assert_eq!(st["endpoints"][0]["circuit"], "closed");
+    assert_eq!(st["endpoints"][0]["next_probe_at"], Value::Null, "{st}");
     assert!(
         c.text("/metrics")
             .await
