@@ -136,9 +136,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     config.resolve_public_url(addr);
-    if config.server.listen.ip().is_unspecified()
-        && config.server.public_url == format!("http://{}", config.server.listen)
-    {
+    if config.server.listen.ip().is_unspecified() && config.server.public_url_defaulted {
         tracing::warn!(public_url = %config.server.public_url, "server.public_url is not set and courier listens on every address: callback URLs will not reach it; set public_url");
     }
     // Idle connections must not take the file descriptors deliveries need: under a low

@@ -53,6 +53,10 @@ struct ReplayFilter {
     until: Option<String>,
 }
 
+/// The largest bulk-replay filter body, whatever `server.max_body_bytes` is: a filter is a
+/// few short fields.
+const FILTER_MAX_BYTES: usize = 64 * 1024;
+
 async fn replay(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -62,7 +66,19 @@ async fn replay(
     require(&app, &headers, Scope::Admin)?;
     let mut f: ReplayFilter = super::query(q.as_deref())?;
     let (_, timeout) = super::body_limits(&app);
-    let bytes = read_body(body, &headers, 64 * 1024, timeout).await?;
+    let bytes = read_body(body, &headers, FILTER_MAX_BYTES, timeout)
+        .await
+        .map_err(|e| {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("a replay filter is at most {FILTER_MAX_BYTES} bytes"),
+                )
+            } else {
+                e
+            }
+        })?;
     if !bytes.iter().all(u8::is_ascii_whitespace) {
         super::unique_keys(&bytes)?;
         let body: Value = serde_json::from_slice(&bytes)

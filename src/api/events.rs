@@ -41,6 +41,21 @@ async fn post_event(
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
     let caller = require(&app, headers, Scope::Ingest)?;
+    // Everything is in the body (or the Idempotency-Key header): a query parameter here is
+    // a mistake, and `?idempotency_key=k` read as nothing would make a retry a second event.
+    if let Some(name) = parts.uri.query().filter(|q| !q.is_empty()).map(|q| {
+        q.split('&')
+            .next()
+            .unwrap_or(q)
+            .split('=')
+            .next()
+            .unwrap_or(q)
+    }) {
+        observe::ingest_rejected(&app.metrics, "malformed");
+        return Err(ApiError::bad_request(format!(
+            "POST /v1/events takes no query parameters (`{name}` given): its fields go in the JSON body, the idempotency key there or in the Idempotency-Key header"
+        )));
+    }
     let bytes = read_ingest(&app, headers, body).await?;
     let parsed: EventBody = serde_json::from_slice(&bytes).map_err(|e| {
         observe::ingest_rejected(&app.metrics, "malformed");

@@ -401,6 +401,17 @@ pub fn limit_param(limit: Option<usize>, default: usize) -> Result<usize, ApiErr
 pub fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
     let given: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    // An empty value reads as absent, but only for a parameter the route has: a misspelt one
+    // is refused whatever its value (`?idempotencyKey=` is no more absent than `=k1`). The
+    // route's own type tells which names it has: a lone unknown name fails as unknown.
+    for (k, _) in given.iter().filter(|(_, v)| v.is_empty()) {
+        let alone = serde_urlencoded::to_string([(k.as_str(), "")]).unwrap_or_default();
+        if let Err(e) = serde_urlencoded::from_str::<T>(&alone)
+            && e.to_string().starts_with("unknown field")
+        {
+            return Err(ApiError::bad_request(format!("invalid query: {e}")));
+        }
+    }
     let pairs = given.into_iter().filter(|(_, v)| !v.is_empty());
     serde_urlencoded::from_str(
         &serde_urlencoded::to_string(pairs.collect::<Vec<_>>()).unwrap_or_default(),

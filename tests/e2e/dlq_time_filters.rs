@@ -174,3 +174,26 @@ async fn dlq_listing_and_bulk_replay_select_by_since_and_until() {
     assert_eq!(round, [4, 4, 4]);
     c.stop().await;
 }
+
+/// A bulk-replay filter has a limit of its own (64 KiB), whatever `server.max_body_bytes`
+/// is, and the 413 says so rather than naming `max_body_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_replay_filter_is_refused_naming_its_own_limit() {
+    let c = Courier::start(DELIVERY_FAST).await;
+    let big = json!({"endpoint": "x".repeat(70 * 1024)}).to_string();
+    let (s, e) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/dlq/replay",
+            Some(ADMIN),
+            Some(big.into()),
+        )
+        .await;
+    assert_eq!(s, 413, "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("replay filter") && msg.contains("65536"),
+        "{msg}"
+    );
+    c.stop().await;
+}

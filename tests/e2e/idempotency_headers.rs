@@ -242,3 +242,29 @@ async fn two_different_idempotency_keys_on_one_request_are_refused() {
     assert_eq!(got.len(), 2, "the k-8 event and the marker only");
     c.stop().await;
 }
+
+/// Query parameters a route does not have are refused even when empty (`?idempotencyKey=`
+/// is a typo, not an absent key), and `POST /v1/events`, whose fields are all in its body,
+/// refuses any: `?idempotency_key=k` there made a retry a second event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misplaced_or_misspelt_query_parameters_are_refused_on_ingest() {
+    let (rx, c) = fifo().await;
+    let body = json!({"event_type": "t", "payload": {}}).to_string();
+    for path in [
+        "/v1/events?idempotency_key=q1",
+        "/v1/events?bogus=1",
+        "/v1/ingest/app?idempotencyKey=",
+        "/v1/ingest/app?bogus=",
+    ] {
+        let (s, _, e) = post(&c, path, &[], &body).await;
+        assert_eq!(s, 400, "{path}: {e}");
+    }
+    // Empty values of the route's own parameters still read as absent elsewhere.
+    let (s, list) = c.get("/v1/deliveries?endpoint=&limit=").await;
+    assert_eq!(s, 200, "{list}");
+    let (s, e) = c.get("/v1/deliveries?endpont=").await;
+    assert_eq!(s, 400, "{e}");
+    let got = through_marker(&c, &rx).await;
+    assert_eq!(got.len(), 1, "nothing but the marker was queued");
+    c.stop().await;
+}
