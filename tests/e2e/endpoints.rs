@@ -1198,6 +1198,57 @@ async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
     c.stop().await;
 }
 
+/// A misspelt rotation option is refused, naming it, rather than read as absent: a
+/// `grace_period` of `0s` meant to stop a leaked secret would keep it signing for a day.
+#[tokio::test]
+async fn a_rotation_with_an_unknown_field_is_refused_and_changes_nothing() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    assert_eq!(create_shared(&c, rx.url("/")).await.0, 201);
+    let (_, before) = req(&c, M::GET, "/v1/endpoints/shared", None).await;
+    for body in [
+        json!({"grace_period": "0s"}),
+        json!({"grace": "0s", "secrets": [SECRET]}),
+    ] {
+        let (s, e) = req(
+            &c,
+            M::POST,
+            "/v1/endpoints/shared/secret/rotate",
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, 400, "{body}: {e}");
+        let field = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| *k != "grace")
+            .unwrap();
+        assert_eq!(e["error"]["field"], json!(field), "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("unknown field `{field}`")),
+            "{e}"
+        );
+    }
+    let (_, after) = req(&c, M::GET, "/v1/endpoints/shared", None).await;
+    assert_eq!(after["secrets"], before["secrets"]);
+    assert_eq!(after["updated_at"], before["updated_at"]);
+    // Spelt right, it rotates.
+    let (s, r) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints/shared/secret/rotate",
+        Some(json!({"grace": "0s"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn an_event_type_pattern_over_256_characters_is_refused() {
     use reqwest::Method as M;
