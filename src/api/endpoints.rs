@@ -682,6 +682,17 @@ async fn rotate(
     let opts = body_object(&app, &headers, body).await?;
     let _one_change_at_a_time = app.endpoints.changes.lock().await;
     let mut stored = api_endpoint(&app, &name)?;
+    // A misspelt option (`grace_period`) would otherwise rotate with the default grace,
+    // keeping the old secret signing for a day after the leak it was meant to close.
+    if let Some(k) = opts
+        .keys()
+        .find(|k| !matches!(k.as_str(), "grace" | "secret"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown field `{k}`, expected `grace` or `secret`"
+        ))
+        .with_field(k.clone()));
+    }
     let grace = match opts.get("grace") {
         None | Some(Value::Null) => DEFAULT_GRACE,
         Some(Value::String(g)) => crate::config::parse_duration(g)
@@ -756,17 +767,6 @@ async fn test_send(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    // A misspelt option (`grace_period`) would otherwise rotate with the default grace,
-    // keeping the old secret signing for a day after the leak it was meant to close.
-    if let Some(k) = opts
-        .keys()
-        .find(|k| !matches!(k.as_str(), "grace" | "secret"))
-    {
-        return Err(ApiError::bad_request(format!(
-            "unknown field `{k}`, expected `grace` or `secret`"
-        ))
-        .with_field(k.clone()));
-    }
     let caller = require(&app, &headers, Scope::Admin)?;
     let ep = app.endpoints.get(&name).ok_or_else(|| not_found(&name))?;
     if ep.paused {
