@@ -1193,26 +1193,39 @@ fn entry_at_fault(value: &toml::Table) -> Option<ConfigError> {
 }
 
 /// A structural error (a wrong type, a missing field) on one line, without the value at
-/// fault: serde quotes a rejected string whole (`invalid type: string "whsec_…", expected a
-/// sequence`), and with `env:` already resolved that string may be a signing secret, a token
-/// or a credential header, which would then reach the log, `courier check`'s output and
-/// `/v1/config/status`.
-fn structural_error(s: &str) -> String {
+/// fault: serde quotes a rejected value whole (`invalid type: string "whsec_…", expected a
+/// sequence`, or ``integer `1234` ``), and with `env:` already resolved that value may be a
+/// signing secret, a token or a credential header, which would then reach the log, `courier
+/// check`'s output and `/v1/config/status` (or, from the endpoint API, its error reply).
+/// Each is named by its kind instead (`a string`, `an integer`).
+pub fn structural_error(s: &str) -> String {
+    // serde's `Unexpected` values as it shows them: the opening, the closing delimiter, and
+    // what is shown instead.
+    const SHOWN: &[(&str, char, &str)] = &[
+        ("string \"", '"', "a string"),
+        ("integer `", '`', "an integer"),
+        ("floating point `", '`', "a floating point number"),
+        ("boolean `", '`', "a boolean"),
+    ];
     let s = one_line(s);
     let mut out = String::with_capacity(s.len());
     let mut rest = s.as_str();
-    while let Some(at) = rest.find("string \"") {
+    while let Some((at, (open, close, kind))) = SHOWN
+        .iter()
+        .filter_map(|v| rest.find(v.0).map(|at| (at, v)))
+        .min_by_key(|(at, _)| *at)
+    {
         out.push_str(&rest[..at]);
-        out.push_str("a string");
-        // Past the closing quote (serde escapes quotes inside as \").
-        let quoted = &rest[at + "string \"".len()..];
+        out.push_str(kind);
+        // Past the closing delimiter (serde escapes quotes inside a string as \").
+        let quoted = &rest[at + open.len()..];
         let mut escaped = false;
         let end = quoted
             .char_indices()
             .find(|&(_, c)| {
-                let close = c == '"' && !escaped;
+                let closes = c == *close && !escaped;
                 escaped = c == '\\' && !escaped;
-                close
+                closes
             })
             .map_or(quoted.len(), |(i, _)| i + 1);
         rest = &quoted[end..];
@@ -1556,6 +1569,45 @@ mod tests {
             e.contains("endpoints[0].event_types") && e.contains("at most 100"),
             "{e}"
         );
+    }
+
+    /// Whatever its type, the value at fault is named by its kind, not shown.
+    #[test]
+    fn a_structural_error_shows_no_value() {
+        for (text, shown) in [
+            (
+                r#"invalid type: string "whsec_a\"b", expected a sequence"#,
+                "invalid type: a string, expected a sequence",
+            ),
+            (
+                "invalid type: integer `987654321`, expected a string",
+                "invalid type: an integer, expected a string",
+            ),
+            (
+                "invalid value: integer `-5`, expected u32",
+                "invalid value: an integer, expected u32",
+            ),
+            (
+                "invalid type: floating point `1.5`, expected a string",
+                "invalid type: a floating point number, expected a string",
+            ),
+            (
+                "invalid type: boolean `true`, expected a string",
+                "invalid type: a boolean, expected a string",
+            ),
+            (
+                "unknown field `grace_period`, expected `grace`",
+                "unknown field `grace_period`, expected `grace`",
+            ),
+        ] {
+            assert_eq!(structural_error(text), shown);
+        }
+        let e = parse(
+            "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nheaders = { \"x-api-key\" = 987654321 }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("987654321") && e.contains("an integer"), "{e}");
     }
 
     /// A value of the wrong type is named by its key, never shown: it may be a secret

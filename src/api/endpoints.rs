@@ -205,7 +205,9 @@ fn parse_spec(
     let spec: RawEndpoint = serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
         let path = e.path().to_string();
         let field = path.split(['.', '[']).next().unwrap_or("").to_string();
-        let msg = e.into_inner().to_string();
+        // Without the value at fault, which may be a secret or a credential header, as the
+        // config file's errors are.
+        let msg = crate::config::structural_error(&e.into_inner().to_string());
         let err = ApiError::bad_request(if path == "." {
             msg.clone()
         } else {

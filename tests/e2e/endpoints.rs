@@ -1198,6 +1198,66 @@ async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
     c.stop().await;
 }
 
+/// A value of the wrong type is named by its kind in the `400`, never shown: it may be a
+/// secret or a credential header.
+#[tokio::test]
+async fn a_value_of_the_wrong_type_is_not_shown_in_the_error() {
+    use reqwest::Method as M;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let url = "https://example.com/h";
+    for (method, path, body, field) in [
+        (
+            M::POST,
+            "/v1/endpoints",
+            json!({"name": "x", "url": url, "secrets": SECRET}),
+            "secrets",
+        ),
+        (
+            M::POST,
+            "/v1/endpoints",
+            json!({"name": "x", "url": url, "headers": {"Authorization": 987654321}}),
+            "headers",
+        ),
+        (
+            M::POST,
+            "/v1/endpoints",
+            json!({"name": "x", "url": url, "headers": "Bearer 987654321"}),
+            "headers",
+        ),
+    ] {
+        let (s, e) = req(&c, method, path, Some(body.clone())).await;
+        assert_eq!(
+            (s, &e["error"]["field"]),
+            (400, &json!(field)),
+            "{body}: {e}"
+        );
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(
+            !msg.contains("987654321") && !msg.contains(&SECRET[6..]),
+            "{msg}"
+        );
+        assert!(msg.contains("invalid type"), "{msg}");
+    }
+    let (s, e) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "x", "url": url, "secrets": [SECRET]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, e) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/x",
+        Some(json!({"secrets": SECRET})),
+    )
+    .await;
+    assert_eq!((s, &e["error"]["field"]), (400, &json!("secrets")), "{e}");
+    assert!(!e.to_string().contains(&SECRET[6..]), "{e}");
+    c.stop().await;
+}
+
 /// A misspelt rotation option is refused, naming it, rather than read as absent: a
 /// `grace_period` of `0s` meant to stop a leaked secret would keep it signing for a day.
 #[tokio::test]
