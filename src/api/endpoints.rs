@@ -401,17 +401,30 @@ async fn patch(
             .clone()
             .map_or(Value::Null, Value::String),
     );
-    let given_headers = changes
-        .get("headers")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+    let given_headers = changes.get("headers").and_then(Value::as_object).cloned();
     for (k, v) in changes {
         if v.is_null() {
             merged.remove(&k);
         } else {
             merged.insert(k, v);
         }
+    }
+    // `headers` replaces the endpoint's headers but for its credentials: those are shown
+    // redacted, so an edit of what was shown may leave them out without meaning to remove
+    // them; one left out keeps its value, and `"name": null` removes one (as `"headers":
+    // null` removes them all).
+    if let Some(given) = &given_headers {
+        let mut headers: Map<String, Value> = given
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in &current.spec.headers {
+            if sensitive_header(k) && !given.keys().any(|g| g.eq_ignore_ascii_case(k)) {
+                headers.insert(k.clone(), Value::String(v.clone()));
+            }
+        }
+        merged.insert("headers".into(), Value::Object(headers));
     }
     // Credentials kept from before (a URL password, credential headers: shown redacted) go
     // on to the same server only: moved elsewhere, they would reach a host their owner never
@@ -449,13 +462,14 @@ async fn patch(
     if let Some(Value::Object(sent)) = merged.get_mut("headers") {
         for (k, v) in sent.iter_mut() {
             let redacted = v.as_str() == Some(REDACTED);
-            let given_again = !redacted && given_headers.contains_key(k);
+            let given_again =
+                !redacted && given_headers.as_ref().is_some_and(|g| g.contains_key(k));
             if !sensitive_header(k) || given_again {
                 continue;
             }
             if !same_server {
                 return Err(ApiError::bad_request(format!(
-                    "headers.{k}: a credential header is kept only for the same scheme, host and port; give it again (or remove it) to point the endpoint elsewhere"
+                    "headers.{k}: a credential header is kept only for the same scheme, host and port; give it again, or remove it with `\"{k}\": null`, to point the endpoint elsewhere"
                 ))
                 .with_field("headers"));
             }
@@ -481,7 +495,7 @@ async fn patch(
     let (spec, tenant, description) = parse_spec(merged)?;
     // Headers given now are checked as at creation; those stored before the check existed
     // are kept as they are.
-    if !given_headers.is_empty() {
+    if given_headers.as_ref().is_some_and(|g| !g.is_empty()) {
         crate::config::check_header_names(&spec.headers, "headers").map_err(invalid)?;
     }
     // Every endpoint made through the API signs what it sends: a PATCH may replace the

@@ -1183,7 +1183,25 @@ async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
             "{body}: {e}"
         );
     }
+    // A credential left out is kept, so it too must be given again or removed (`null`).
     let given = json!({"authorization": "Bearer for-the-new-host", "x-tenant": "acme-eu"});
+    let (s, e) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/partner",
+        Some(json!({"url": elsewhere, "headers": given})),
+    )
+    .await;
+    assert_eq!((s, &e["error"]["field"]), (400, &json!("headers")), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-api-key"),
+        "{e}"
+    );
+    let mut given = given;
+    given["x-api-key"] = Value::Null;
     let (s, p) = req(
         &c,
         M::PATCH,
@@ -1195,6 +1213,72 @@ async fn credential_headers_are_shown_redacted_and_kept_when_sent_back() {
     let stored = c.app().endpoints.get("partner").unwrap();
     assert_eq!(stored.headers["authorization"], "Bearer for-the-new-host");
     assert!(!stored.headers.contains_key("x-api-key"));
+    c.stop().await;
+}
+
+/// A PATCH's `headers` replaces the endpoint's own headers, but the credentials it leaves
+/// out (shown redacted, so easily left out of an edit) keep their values; `null` removes one,
+/// and `"headers": null` removes them all.
+#[tokio::test]
+async fn a_patch_keeps_the_credential_headers_it_leaves_out_and_null_removes_one() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, made) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({
+            "name": "partner", "url": rx.url("/h"), "secrets": [SECRET],
+            "headers": {"Authorization": "Bearer partner-secret-1", "x-api-key": "k-123", "x-tenant": "acme"},
+        })),
+    )
+    .await;
+    assert_eq!(s, 201, "{made}");
+    let patch = |headers: Value| {
+        req(
+            &c,
+            M::PATCH,
+            "/v1/endpoints/partner",
+            Some(json!({"headers": headers})),
+        )
+    };
+    // Only a header of its own given: the credentials stay, the other header goes.
+    let (s, p) = patch(json!({"x-team": "blue"})).await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(
+        p["headers"],
+        json!({"authorization": "redacted", "x-api-key": "redacted", "x-team": "blue"})
+    );
+    send_to(&c, "partner", 1).await;
+    let got = rx.wait_for(1, T).await;
+    assert_eq!(got[0].header("authorization"), "Bearer partner-secret-1");
+    assert_eq!(got[0].header("x-api-key"), "k-123");
+    assert_eq!(got[0].header("x-team"), "blue");
+    assert_eq!(got[0].header("x-tenant"), "");
+    // `null` removes one (in any case), the others stay.
+    let (s, p) = patch(json!({"AUTHORIZATION": null, "x-team": "blue"})).await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(
+        p["headers"],
+        json!({"x-api-key": "redacted", "x-team": "blue"})
+    );
+    send_to(&c, "partner", 2).await;
+    let got = rx.wait_for(2, T).await;
+    let second = got.iter().find(|r| r.json()["n"] == 2).unwrap();
+    assert_eq!(second.header("authorization"), "");
+    assert_eq!(second.header("x-api-key"), "k-123");
+    // A credential given anew replaces the kept one; `"headers": null` removes all.
+    let (s, p) = patch(json!({"X-Api-Key": "k-456"})).await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(
+        c.app().endpoints.get("partner").unwrap().headers["x-api-key"],
+        "k-456"
+    );
+    let (s, p) = patch(Value::Null).await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["headers"], json!({}));
+    assert!(c.app().endpoints.get("partner").unwrap().headers.is_empty());
     c.stop().await;
 }
 
