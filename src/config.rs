@@ -247,6 +247,22 @@ pub const MAX_URL: usize = 8 * 1024;
 /// The most transforms in an endpoint's chain.
 pub const MAX_TRANSFORMS: usize = 16;
 
+/// The most delays in an endpoint's `schedule`: each is an attempt, and the list is kept
+/// with the endpoint.
+pub const MAX_SCHEDULE: usize = 50;
+
+/// The longest `tenant` label and `description` of an API endpoint (in bytes): kept in
+/// memory with the endpoint and shown in every listing.
+pub const MAX_TENANT: usize = 256;
+pub const MAX_DESCRIPTION: usize = 1024;
+
+/// Headers an endpoint cannot give although courier does not always set them: they describe
+/// the body, which courier sends as it was ingested (a raw ingest's own `content-encoding`
+/// goes with its body). Given for every delivery, `content-encoding` would claim an encoding
+/// the body does not have. Refused where an endpoint is defined ([`check_limits`]); one
+/// stored through the API before the rule has them left out of its requests.
+pub const BODY_HEADERS: &[&str] = &["content-encoding"];
+
 /// Refuses an endpoint definition past the limits above, or with an `event_types` pattern
 /// over [`MAX_PATTERN`] characters: each is paid for on every ingest or every attempt, and
 /// unbounded they let one definition slow or swell the whole server. Checked where an
@@ -291,6 +307,12 @@ pub fn check_limits(e: &RawEndpoint, key: &str) -> Result<(), ConfigError> {
         MAX_TRANSFORMS,
         "transforms",
     )?;
+    at_most(
+        "schedule",
+        e.schedule.as_ref().map_or(0, Vec::len),
+        MAX_SCHEDULE,
+        "delays",
+    )?;
     for (j, t) in e.event_types.iter().flatten().enumerate() {
         if t.len() > MAX_PATTERN {
             return Err(ConfigError::invalid(
@@ -300,7 +322,31 @@ pub fn check_limits(e: &RawEndpoint, key: &str) -> Result<(), ConfigError> {
         }
     }
     for (h, v) in &e.headers {
+        if BODY_HEADERS.iter().any(|b| b.eq_ignore_ascii_case(h)) {
+            return Err(ConfigError::invalid(
+                format!("{pre}headers.{h}"),
+                "describes the body, which courier sends as it was ingested (a raw ingest's own content-encoding goes with it), so it cannot be given",
+            ));
+        }
         at_most(&format!("headers.{h}"), v.len(), MAX_HEADER_VALUE, "bytes")?;
+    }
+    Ok(())
+}
+
+/// Refuses an API endpoint's `tenant` or `description` past [`MAX_TENANT`] or
+/// [`MAX_DESCRIPTION`] bytes (the config file has neither field).
+pub fn check_labels(tenant: Option<&str>, description: Option<&str>) -> Result<(), ConfigError> {
+    for (field, value, max) in [
+        ("tenant", tenant, MAX_TENANT),
+        ("description", description, MAX_DESCRIPTION),
+    ] {
+        let n = value.map_or(0, str::len);
+        if n > max {
+            return Err(ConfigError::invalid(
+                field,
+                format!("at most {max} bytes ({n} given)"),
+            ));
+        }
     }
     Ok(())
 }
@@ -1090,7 +1136,9 @@ pub fn build_endpoint(
             ));
         }
     }
-    let headers = http_headers(e.headers, &format!("{pre}headers"))?;
+    let mut headers = http_headers(e.headers, &format!("{pre}headers"))?;
+    // Only an API endpoint stored before the rule can have one ([`BODY_HEADERS`]).
+    headers.retain(|h, _| !BODY_HEADERS.contains(&h.as_str()));
     for (j, t) in e.transforms.iter().enumerate() {
         if plugin_kind(t) != Some(PluginKind::Transform) {
             return Err(ConfigError::invalid(
@@ -1569,6 +1617,67 @@ mod tests {
             e.contains("endpoints[0].event_types") && e.contains("at most 100"),
             "{e}"
         );
+        let delays = vec!["\"1s\""; MAX_SCHEDULE + 1].join(", ");
+        let e = parse(&format!(
+            "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nschedule = [{delays}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("endpoints[0].schedule") && e.contains("at most 50 delays"),
+            "{e}"
+        );
+        let delays = vec!["\"1s\""; MAX_SCHEDULE].join(", ");
+        parse(&format!(
+            "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nschedule = [{delays}]\n"
+        ))
+        .unwrap();
+    }
+
+    /// `content-encoding` describes the body, which courier sends as it was ingested: an
+    /// endpoint that gives it is refused, naming the key; one stored through the API before
+    /// the rule has it left out of its requests.
+    #[test]
+    fn a_content_encoding_endpoint_header_is_refused() {
+        for name in ["content-encoding", "Content-Encoding"] {
+            let e = parse(&format!(
+                "[[endpoints]]\nname = \"a\"\nurl = \"https://example.com/h\"\nheaders = {{ \"{name}\" = \"gzip\" }}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("endpoints[0].headers.{name}"))
+                    && e.contains("describes the body"),
+                "{e}"
+            );
+        }
+        let stored: RawEndpoint = serde_json::from_value(serde_json::json!({
+            "name": "a", "url": "https://example.com/h",
+            "headers": {"Content-Encoding": "gzip", "x-tenant": "t"},
+        }))
+        .unwrap();
+        assert!(check_limits(&stored, "").is_err());
+        let built = build_endpoint(stored, "", &Config::defaults().delivery, &[]).unwrap();
+        assert_eq!(built.headers.keys().collect::<Vec<_>>(), ["x-tenant"]);
+    }
+
+    /// An API endpoint's `tenant` and `description` are bounded, the field named.
+    #[test]
+    fn long_labels_are_refused_naming_the_field() {
+        let long = "x".repeat(MAX_DESCRIPTION + 1);
+        assert!(check_labels(Some(&long[..MAX_TENANT]), Some(&long[..MAX_DESCRIPTION])).is_ok());
+        for (tenant, description, field) in [
+            (Some(&long[..MAX_TENANT + 1]), None, "tenant"),
+            (None, Some(long.as_str()), "description"),
+        ] {
+            match check_labels(tenant, description) {
+                Err(ConfigError::Invalid { key, message }) => {
+                    assert_eq!(key, field);
+                    assert!(message.contains("at most"), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     /// Whatever its type, the value at fault is named by its kind, not shown.

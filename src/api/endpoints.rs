@@ -202,6 +202,7 @@ fn parse_spec(
     };
     let tenant = take_str(&mut obj, "tenant")?;
     let description = take_str(&mut obj, "description")?;
+    crate::config::check_labels(tenant.as_deref(), description.as_deref()).map_err(invalid)?;
     let spec: RawEndpoint = serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
         let path = e.path().to_string();
         let field = path.split(['.', '[']).next().unwrap_or("").to_string();

@@ -1,5 +1,5 @@
 //! An endpoint's configured `headers` cannot override courier's own headers, nor describe
-//! the connection or the body's framing: a config (at `courier check`, at start, on reload)
+//! the connection, the body's framing or its encoding: a config (at `courier check`, at start, on reload)
 //! or an API endpoint that tries is refused, naming the key; headers of its own go out as
 //! configured.
 
@@ -214,5 +214,84 @@ async fn framing_headers_are_refused_in_the_config_and_the_api_and_left_out_of_r
     );
     let id = sent["deliveries"][0]["id"].as_str().unwrap();
     c.wait_status(id, "delivered", T).await;
+    c.stop().await;
+}
+
+/// `content-encoding` describes the body, which courier sends as it was ingested: given for
+/// an endpoint, every delivery would claim an encoding its body does not have. It is refused
+/// in the config and the API, naming the key; a raw ingest's own still goes with its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_encoding_header_is_refused_and_a_raw_ingests_own_still_goes_out() {
+    let rx = Receiver::start().await;
+    for name in ["content-encoding", "Content-Encoding"] {
+        let (ok, text) = check_with_headers(
+            &rx,
+            &format!("\"x-tenant\" = \"t1\", \"{name}\" = \"gzip\""),
+        )
+        .await;
+        assert!(!ok, "{name}: accepted: {text}");
+        assert!(
+            text.contains(&format!("endpoints[0].headers.{name}"))
+                && text.contains("describes the body"),
+            "{name}: {text}"
+        );
+    }
+    let c = Courier::start(&with_headers(&rx, "\"x-tenant\" = \"t1\"")).await;
+    let (s, e) = c
+        .post_json(
+            "/v1/endpoints",
+            &json!({"name": "shop", "url": rx.url("/h"), "headers": {"Content-Encoding": "gzip"}}),
+        )
+        .await;
+    assert_eq!(s, 422, "{e}");
+    assert_eq!(e["error"]["field"], "headers", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("headers.Content-Encoding"),
+        "{e}"
+    );
+    assert_eq!(c.get("/v1/endpoints/shop").await.0, 404);
+    // Nor through a PATCH.
+    let (s, e) = c
+        .post_json(
+            "/v1/endpoints",
+            &json!({"name": "shop", "url": rx.url("/h")}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, e) = c
+        .call(
+            reqwest::Method::PATCH,
+            "/v1/endpoints/shop",
+            Some(ADMIN),
+            Some(
+                json!({"headers": {"content-encoding": "br"}})
+                    .to_string()
+                    .into(),
+            ),
+        )
+        .await;
+    assert_eq!((s, &e["error"]["field"]), (422, &json!("headers")), "{e}");
+    // A raw ingest's gzipped body goes out gzipped and says so; a JSON event says nothing.
+    let resp = c
+        .http
+        .post(format!("{}/v1/ingest/app", c.base))
+        .bearer_auth(ADMIN)
+        .header("content-encoding", "gzip")
+        .body("\u{1f}\u{8b} packed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    c.send(json!({"event_type": "t", "payload": {"n": 1}, "endpoint": "app"}))
+        .await;
+    let got = rx.wait_for(2, T).await;
+    let packed = got.iter().find(|r| r.body.starts_with(b"\x1f")).unwrap();
+    assert_eq!(packed.header("content-encoding"), "gzip");
+    assert_eq!(packed.header("x-tenant"), "t1");
+    let plain = got.iter().find(|r| r.body.starts_with(b"{")).unwrap();
+    assert_eq!(plain.header("content-encoding"), "");
     c.stop().await;
 }

@@ -1970,6 +1970,18 @@ async fn an_endpoint_past_the_limits_is_refused_naming_the_field() {
             json!({"name": "big", "url": url, "headers": {"x-big": "v".repeat(8 * 1024 + 1)}}),
             "headers",
         ),
+        (
+            json!({"name": "big", "url": url, "schedule": vec!["1s"; 51]}),
+            "schedule",
+        ),
+        (
+            json!({"name": "big", "url": url, "tenant": "t".repeat(257)}),
+            "tenant",
+        ),
+        (
+            json!({"name": "big", "url": url, "description": "d".repeat(1025)}),
+            "description",
+        ),
     ] {
         let (s, e) = req(&c, M::POST, "/v1/endpoints", Some(body)).await;
         assert_eq!(s, 422, "{field}: {e}");
@@ -1985,10 +1997,24 @@ async fn an_endpoint_past_the_limits_is_refused_naming_the_field() {
         &c,
         M::POST,
         "/v1/endpoints",
-        Some(json!({"name": "big", "url": url, "secrets": secrets[..10], "event_types": patterns[..100]})),
+        Some(json!({
+            "name": "big", "url": url, "secrets": secrets[..10], "event_types": patterns[..100],
+            "schedule": vec!["1s"; 50], "tenant": "t".repeat(256), "description": "d".repeat(1024),
+        })),
     )
     .await;
     assert_eq!(s, 201, "{e}");
+    // A PATCH past them changes nothing.
+    for (body, field) in [
+        (json!({"schedule": vec!["1s"; 51]}), "schedule"),
+        (json!({"description": "d".repeat(1025)}), "description"),
+    ] {
+        let (s, e) = req(&c, M::PATCH, "/v1/endpoints/big", Some(body)).await;
+        assert_eq!((s, &e["error"]["field"]), (422, &json!(field)), "{e}");
+    }
+    let (_, big) = req(&c, M::GET, "/v1/endpoints/big", None).await;
+    assert_eq!(big["schedule_ms"].as_array().unwrap().len(), 50);
+    assert_eq!(big["description"].as_str().unwrap().len(), 1024);
     c.stop().await;
 }
 
