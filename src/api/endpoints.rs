@@ -319,7 +319,7 @@ async fn create(
     // A delete of this name whose drop did not finish: what it left must not go to the new
     // endpoint.
     if app.store.unfinished_drops()?.contains(&name) {
-        finish_drop(&app, &name).await?;
+        finish_drop(&app, &name, &mut 0).await?;
     }
     save(&app, stored, true).await?;
     tracing::info!(endpoint = %name, "endpoint created through the API");
@@ -541,18 +541,63 @@ struct DeleteParams {
 const DROP_PAGE: usize = 1000;
 
 /// Drops every pending delivery of the deleted endpoint `name`, page by page, keeping the
-/// delete's promise (see [`EndpointWrite::drop_pending`]); how many it dropped.
-async fn finish_drop(app: &AppState, name: &str) -> Result<usize, ApiError> {
+/// delete's promise (see [`EndpointWrite::drop_pending`]), counting them in `dropped` (which
+/// holds how many were dropped before a page that failed).
+async fn finish_drop(app: &AppState, name: &str, dropped: &mut usize) -> Result<(), ApiError> {
     let reason = format!("endpoint `{name}` was deleted");
-    let mut dropped = 0;
     loop {
         let n = app.store.drop_pending(name, &reason, DROP_PAGE).await?;
         crate::observe::finished(&app.metrics, name, "dropped", n as u64);
-        dropped += n;
+        *dropped += n;
         if n < DROP_PAGE {
-            return Ok(dropped);
+            return Ok(());
         }
     }
+}
+
+/// Keeps the promise of a delete of `name` whose drop did not finish, if it still stands:
+/// drops what is left, or, when a config endpoint of the name serves it now, lets the
+/// promise go and leaves its queue to it (as a delete would have); how many it dropped.
+async fn resume_drop(app: &AppState, name: &str) -> Result<usize, ApiError> {
+    let _one_change_at_a_time = app.endpoints.changes.lock().await;
+    // Kept meanwhile (at a start, by making the name again): nothing is left to do.
+    if !app.store.unfinished_drops()?.iter().any(|n| n == name) {
+        return Ok(0);
+    }
+    if app.endpoints.get(name).is_some() {
+        return Ok(app.store.drop_pending(name, "", 0).await?);
+    }
+    let mut dropped = 0;
+    finish_drop(app, name, &mut dropped).await?;
+    Ok(dropped)
+}
+
+/// First wait before a failed drop is tried again, and the longest.
+const DROP_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
+/// Tries the unfinished drop of `name` again in the background, waiting longer each time (up
+/// to a minute), until it is done or courier stops (the next start finishes it then).
+fn retry_drop(app: &AppState, name: String) {
+    let app2 = app.clone();
+    app.tasks.spawn(async move {
+        let mut wait = DROP_RETRY.0;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = app2.shutdown.cancelled() => return,
+            }
+            match resume_drop(&app2, &name).await {
+                Ok(n) => {
+                    tracing::info!(endpoint = %name, pending_dropped = n, "finished an endpoint delete's drop");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %name, error = %e.message, "cannot finish an endpoint delete's drop yet; trying again");
+                    wait = (wait * 2).min(DROP_RETRY.1);
+                }
+            }
+        }
+    });
 }
 
 /// At start-up: finishes the drops of deletes that courier stopped (or failed) in the
@@ -566,22 +611,13 @@ pub async fn finish_unfinished_drops(app: &AppState) {
         }
     };
     for name in names {
-        let _one_change_at_a_time = app.endpoints.changes.lock().await;
-        let result = if app.endpoints.get(&name).is_some() {
-            let reason = String::new();
-            app.store
-                .drop_pending(&name, &reason, 0)
-                .await
-                .map_err(ApiError::from)
-        } else {
-            finish_drop(app, &name).await
-        };
-        match result {
+        match resume_drop(app, &name).await {
             Ok(n) => {
                 tracing::info!(endpoint = %name, pending_dropped = n, "finished an interrupted endpoint delete")
             }
             Err(e) => {
-                tracing::error!(endpoint = %name, error = %e.message, "cannot finish an interrupted endpoint delete; it is tried again at the next start or when the name is made again")
+                tracing::error!(endpoint = %name, error = %e.message, "cannot finish an interrupted endpoint delete; trying again in the background");
+                retry_drop(app, name);
             }
         }
     }
@@ -625,6 +661,12 @@ async fn delete(
         return Err(not_found(&name));
     }
     app.endpoints.remove_api(&name);
+    Ok(Json(after_delete(&app, &name, drop_pending).await))
+}
+
+/// The rest of a delete of the API endpoint `name` once it is committed and gone from the
+/// registry: drops what was queued for it (unless kept); the reply.
+async fn after_delete(app: &AppState, name: &str, drop_pending: bool) -> Value {
     // Events that found it before it went are in the journal's queue once their ingests
     // have given back their passes (or never will be: a producer that hung up before its
     // event was handed over), and in the writer's once the journal has passed them on, even
@@ -636,15 +678,30 @@ async fn delete(
     // or a config endpoint of that name still serves it.
     app.scheduler.notify_all();
     let mut dropped = 0;
-    let gone = app.endpoints.get(&name).is_none();
+    let gone = app.endpoints.get(name).is_none();
     if gone {
-        app.scheduler.forget(&name);
+        app.scheduler.forget(name);
     }
-    if drop_pending && gone {
-        dropped = finish_drop(&app, &name).await?;
+    if drop_pending
+        && gone
+        && let Err(e) = finish_drop(app, name, &mut dropped).await
+    {
+        // The delete is committed, and with it the promise to drop the rest: a retried
+        // DELETE would find nothing to delete, so the answer says what happened.
+        tracing::warn!(endpoint = %name, pending_dropped = dropped, error = %e.message, "endpoint deleted through the API; the rest of its queue is dropped later");
+        retry_drop(app, name.to_string());
+        return json!({
+            "deleted": name,
+            "pending_dropped": dropped,
+            "pending_drop_unfinished": true,
+            "note": format!(
+                "the endpoint is deleted and sends nothing more; dropping its queue failed after {dropped} ({}): the rest is dropped in the background, at the next start, or before the name is made again",
+                e.message
+            ),
+        });
     }
     tracing::info!(endpoint = %name, pending_dropped = dropped, "endpoint deleted through the API");
-    Ok(Json(json!({"deleted": name, "pending_dropped": dropped})))
+    json!({"deleted": name, "pending_dropped": dropped})
 }
 
 async fn set_paused(
@@ -897,4 +954,113 @@ async fn stats(
         "last_success_at": h.last_success_ms.map(rfc3339),
         "sampled": false,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::model::DeliveryStatus;
+    use crate::store::EndpointWrite;
+
+    const TOKEN: &str = "test-token-0123456789";
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    /// A delete is committed before its queue is dropped: a drop that fails then answers
+    /// what was done (the endpoint is gone, a retried DELETE would be a 404) rather than an
+    /// error, and the rest is dropped in the background once the database writes again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_whose_drop_fails_says_so_and_the_rest_is_dropped_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[keys]]\ntoken = \"{TOKEN}\"\nscopes = [\"ingest\", \"admin\"]\n",
+            dir.path().join("data").display()
+        );
+        let config = crate::config::Config::parse(&text, dir.path(), None, "test.toml").unwrap();
+        let running = crate::server::start(config).await.unwrap();
+        let app = running.app.clone();
+        let http = reqwest::Client::new();
+        let base = format!("http://{}", running.addr);
+        let call = |method: reqwest::Method, path: &str, body: serde_json::Value| {
+            http.request(method, format!("{base}{path}"))
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+        };
+        let r = call(
+            reqwest::Method::POST,
+            "/v1/endpoints",
+            serde_json::json!({"name": "shop", "url": "https://example.com/h", "secrets": [SECRET]}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = call(
+            reqwest::Method::POST,
+            "/v1/endpoints/shop/pause",
+            serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut queued = Vec::new();
+        for n in 0..3 {
+            let r = call(
+                reqwest::Method::POST,
+                "/v1/events",
+                serde_json::json!({"event_type": "t", "payload": {"n": n}, "endpoint": "shop"}),
+            )
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+            let r: serde_json::Value = serde_json::from_str(&r).unwrap();
+            queued.push(r["deliveries"][0]["id"].as_str().unwrap().to_string());
+        }
+        app.store.settle().await.unwrap();
+        // The delete handler's commit, then its drop with the database failing.
+        let committed = app
+            .store
+            .write_endpoint(EndpointWrite {
+                name: "shop".into(),
+                value: None,
+                create: false,
+                drop_pending: true,
+            })
+            .await
+            .unwrap();
+        assert!(committed);
+        app.endpoints.remove_api("shop");
+        app.store.fail_writes(true);
+        let reply = super::after_delete(&app, "shop", true).await;
+        app.store.fail_writes(false);
+        assert_eq!(reply["deleted"], "shop", "{reply}");
+        assert_eq!(reply["pending_dropped"], 0, "{reply}");
+        assert_eq!(reply["pending_drop_unfinished"], true, "{reply}");
+        assert!(
+            reply["note"]
+                .as_str()
+                .unwrap()
+                .contains("dropped in the background"),
+            "{reply}"
+        );
+        // Nothing of it went anywhere meanwhile, and it is dropped without a restart.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for id in &queued {
+            loop {
+                let d = app.store.delivery(id).unwrap().unwrap();
+                if d.status == DeliveryStatus::Dropped {
+                    break;
+                }
+                assert_eq!(d.status, DeliveryStatus::Pending);
+                assert!(Instant::now() < deadline, "never dropped: {id}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        assert!(app.store.unfinished_drops().unwrap().is_empty());
+        drop(app);
+        running.shutdown().await;
+    }
 }
