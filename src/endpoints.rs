@@ -161,14 +161,31 @@ struct Inner {
 
 impl Inner {
     /// Recomputes the effective endpoint for `name` (config wins) and its subscriptions.
+    ///
+    /// A pause belongs to the name: the effective definition is paused if either definition
+    /// of the name is (a config endpoint paused through the API, or the API endpoint), so a
+    /// reload that adds a config endpoint over a paused API one, or removes a paused config
+    /// one from over an API one, does not send the held queue to the other definition's
+    /// URL. A resume clears both.
     fn refresh(&mut self, name: &str) {
         if let Some((_, old)) = self.effective.remove(name) {
             self.subs.remove(&old);
         }
+        let paused = self.config_paused.contains(name)
+            || self.api.get(name).is_some_and(|(stored, _)| stored.paused);
+        let held = |ep: &Arc<EndpointConfig>| {
+            if ep.paused == paused {
+                ep.clone()
+            } else {
+                let mut e = (**ep).clone();
+                e.paused = paused;
+                Arc::new(e)
+            }
+        };
         let now = if let Some(c) = self.config.get(name) {
-            Some((Source::Config, c.clone()))
+            Some((Source::Config, held(c)))
         } else {
-            self.api.get(name).map(|(_, b)| (Source::Api, b.clone()))
+            self.api.get(name).map(|(_, b)| (Source::Api, held(b)))
         };
         if let Some((src, ep)) = now {
             self.subs.add(&ep);
@@ -234,6 +251,16 @@ impl Registry {
             .effective
             .get(name)
             .map(|(s, _)| *s)
+    }
+
+    /// Whether `name` is paused as a config-file endpoint (whether or not the file defines
+    /// it now).
+    pub fn config_paused(&self, name: &str) -> bool {
+        self.inner
+            .read()
+            .expect("registry")
+            .config_paused
+            .contains(name)
     }
 
     pub fn stored(&self, name: &str) -> Option<StoredEndpoint> {
@@ -383,6 +410,10 @@ impl Registry {
             inner.config_paused.remove(name);
         }
         let Some(current) = inner.config.get(name) else {
+            // An API endpoint of the name may be in effect, held by this pause too.
+            if inner.api.contains_key(name) {
+                inner.refresh(name);
+            }
             return false;
         };
         let mut ep = (**current).clone();

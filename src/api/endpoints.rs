@@ -712,7 +712,27 @@ async fn set_paused(
 ) -> Result<Json<Value>, ApiError> {
     require(&app, &headers, Scope::Admin)?;
     let _one_change_at_a_time = app.endpoints.changes.lock().await;
-    if app.endpoints.source(&name) == Some(Source::Config) {
+    let source = app.endpoints.source(&name);
+    if !paused {
+        // A pause belongs to the name (see `endpoints::Inner::refresh`): a resume lifts it
+        // from both definitions the name may have, the file's and the API's, whichever
+        // was paused and whichever is in effect now.
+        if source.is_none() {
+            return Err(not_found(&name));
+        }
+        if source == Some(Source::Config) || app.endpoints.config_paused(&name) {
+            app.store.set_config_paused(&name, false).await?;
+            app.endpoints.set_config_paused(&name, false);
+        }
+        if let Some(mut stored) = app.endpoints.stored(&name)
+            && stored.paused
+        {
+            stored.paused = false;
+            stored.updated_ms = now_ms();
+            save(&app, stored, false).await?;
+        }
+        Scheduler::wake(&app, &name);
+    } else if source == Some(Source::Config) {
         // The file defines the endpoint; whether it sends is courier's to hold, durably,
         // across restarts and reloads, until it is resumed.
         app.store.set_config_paused(&name, paused).await?;

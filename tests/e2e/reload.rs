@@ -497,3 +497,77 @@ async fn a_config_changed_while_courier_starts_is_applied() {
     assert_eq!(st["endpoints"], json!(["a", "b"]));
     c.stop().await;
 }
+
+/// A pause belongs to the endpoint's name: a reload that adds a config endpoint over a
+/// paused API endpoint of the same name, or removes a paused config endpoint from over one,
+/// keeps the queue held instead of sending it to the other definition's URL; a resume
+/// releases it, to the definition in effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_holds_when_a_reload_changes_which_definition_a_name_has() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start_file(DELIVERY_FAST).await;
+    let admin = |m: M, path: String, body: Option<serde_json::Value>| {
+        let c = &c;
+        async move {
+            let (s, v) = c
+                .call(m, &path, Some(ADMIN), body.map(|b| b.to_string().into()))
+                .await;
+            assert!((200..300).contains(&s), "{path}: {s} {v}");
+            v
+        }
+    };
+    let send = |name: &'static str| {
+        let c = &c;
+        async move {
+            let r = c
+                .send(json!({"event_type": "t", "payload": {}, "endpoint": name}))
+                .await;
+            r["deliveries"][0]["id"].as_str().unwrap().to_string()
+        }
+    };
+    // A paused API endpoint with a queue; the file then defines the name too.
+    for name in ["mig", "rev"] {
+        let url = rx.url(&format!("/{name}-api"));
+        admin(
+            M::POST,
+            "/v1/endpoints".into(),
+            Some(json!({"name": name, "url": url})),
+        )
+        .await;
+    }
+    admin(M::POST, "/v1/endpoints/mig/pause".into(), None).await;
+    let mig = send("mig").await;
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}{}",
+        endpoint("mig", &rx.url("/mig-cfg"), ""),
+        endpoint("rev", &rx.url("/rev-cfg"), "")
+    ));
+    c.wait_config(|st| st["version"] == 2).await;
+    // The config `rev` paused through the API, with a queue; the file then drops it.
+    admin(M::POST, "/v1/endpoints/rev/pause".into(), None).await;
+    let rev = send("rev").await;
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("mig", &rx.url("/mig-cfg"), "")
+    ));
+    c.wait_config(|st| st["version"] == 3).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        rx.received().is_empty(),
+        "a paused queue was sent: {:?}",
+        rx.received()
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<Vec<_>>()
+    );
+    for (name, id, path) in [("mig", &mig, "/mig-cfg"), ("rev", &rev, "/rev-api")] {
+        let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
+        assert_eq!(d["status"], "pending", "{d}");
+        let ep = admin(M::POST, format!("/v1/endpoints/{name}/resume"), None).await;
+        assert_eq!(ep["paused"], false, "{ep}");
+        c.wait_status(id, "delivered", T).await;
+        assert!(rx.received().iter().any(|r| r.path == path), "{name}");
+    }
+    c.stop().await;
+}
