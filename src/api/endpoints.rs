@@ -321,9 +321,10 @@ async fn create(
     if app.store.unfinished_drops()?.contains(&name) {
         finish_drop(&app, &name, &mut 0).await?;
     }
-    save(&app, stored, true).await?;
+    let built = save(&app, stored, true).await?;
     tracing::info!(endpoint = %name, "endpoint created through the API");
     let mut v = view(&listed(&app, &name).ok_or_else(|| not_found(&name))?);
+    add_warnings(&app, &built, &mut v);
     if let Some(s) = generated {
         // Shown once: courier keeps it but never displays it again.
         v["secret"] = s.into();
@@ -522,12 +523,23 @@ async fn patch(
         created_ms: current.created_ms,
         updated_ms: now_ms(),
     };
-    save(&app, stored, false).await?;
+    let built = save(&app, stored, false).await?;
     // The fields named, not their values (a URL, a header or a secret may be a credential).
     tracing::info!(endpoint = %name, fields = %fields.join(","), "endpoint changed through the API");
-    Ok(Json(view(
-        &listed(&app, &name).ok_or_else(|| not_found(&name))?,
-    )))
+    let mut v = view(&listed(&app, &name).ok_or_else(|| not_found(&name))?);
+    add_warnings(&app, &built, &mut v);
+    Ok(Json(v))
+}
+
+/// Says, in the reply's `warnings`, what the endpoint as made cannot do under the running
+/// configuration (a private address that `allow_private_networks = false` refuses: every
+/// delivery would die at once), as the config file's endpoints get a log line. Not refused:
+/// a reload may allow it.
+fn add_warnings(app: &AppState, ep: &EndpointConfig, v: &mut Value) {
+    let allow = app.config.load().delivery.allow_private_networks;
+    if let Some(w) = ep.unreachable_warning(allow) {
+        v["warnings"] = json!([w]);
+    }
 }
 
 /// `DELETE /v1/endpoints/{name}?pending=drop|keep`.

@@ -2091,3 +2091,41 @@ async fn a_finished_delivery_of_a_deleted_endpoint_stays_endpoint_missing_when_i
     assert_eq!(d["endpoint_missing"], false, "{d}");
     c.stop().await;
 }
+
+/// An endpoint made or changed through the API at a private address that the running
+/// configuration refuses (`allow_private_networks = false`) is accepted, since a reload may
+/// allow it, but the reply says every delivery would die; a public one has no warning.
+#[tokio::test]
+async fn an_api_endpoint_at_a_refused_private_address_is_made_with_a_warning() {
+    use reqwest::Method as M;
+    let c = Courier::start("").await;
+    let (s, v) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "inside", "url": "http://10.1.2.3/hook"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let w = v["warnings"][0].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!(w.contains("ssrf_blocked") && w.contains("10.1.2.3"), "{w}");
+    let (s, v) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/inside",
+        Some(json!({"url": "https://example.com/hook"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v.get("warnings").is_none(), "{v}");
+    let (s, v) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/inside",
+        Some(json!({"url": "http://localhost:9/hook"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["warnings"][0].as_str().is_some(), "{v}");
+    c.stop().await;
+}
