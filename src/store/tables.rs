@@ -103,7 +103,9 @@ pub const FORMAT: &str = "format";
 /// The record format this build reads and writes. Records are postcard (not self-describing:
 /// a field added to a record type changes its encoding), so any change to a stored type, a
 /// table's key or value, or the journal record raises this number and comes with a migration
-/// in [`super::Store::open`]; a build meeting a higher number refuses the data dir instead of
+/// in [`super::Store::open`] — one for a changed journal record must also convert the records
+/// a crash left pending in the journal, which are decoded after the format is raised (or
+/// refuse to upgrade until a clean stop has emptied it); a build meeting a higher number refuses the data dir instead of
 /// misreading it, and a database made before the number existed is format 1.
 ///
 /// - 2: upstream-call timers moved from [`TIMERS`] to [`UPSTREAM_TIMERS`].
