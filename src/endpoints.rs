@@ -450,10 +450,13 @@ impl Registry {
                 continue;
             }
             let stored = inner.api.get(name).map(|(s, _)| s.clone());
+            // The definition in effect as it is in effect (paused if either definition of the
+            // name is: see `Inner::refresh`).
+            let effective = inner.effective.get(name).map(|(_, e)| e.clone());
             let listed: Vec<Listed> = match (inner.config.get(name), inner.api.get(name)) {
                 (Some(c), api) => {
                     let mut v = vec![Listed {
-                        endpoint: c.clone(),
+                        endpoint: effective.clone().unwrap_or_else(|| c.clone()),
                         source: Source::Config,
                         stored: None,
                         shadowed: false,
@@ -469,7 +472,7 @@ impl Registry {
                     v
                 }
                 (None, Some((_, b))) => vec![Listed {
-                    endpoint: b.clone(),
+                    endpoint: effective.unwrap_or_else(|| b.clone()),
                     source: Source::Api,
                     stored,
                     shadowed: false,

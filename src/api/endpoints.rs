@@ -321,6 +321,13 @@ async fn create(
     if app.store.unfinished_drops()?.contains(&name) {
         finish_drop(&app, &name, &mut 0).await?;
     }
+    // A pause left by a config endpoint the file no longer defines is that endpoint's, not
+    // the new one's (made perhaps for someone else): it goes, so the new endpoint is not
+    // created paused without a word.
+    if app.endpoints.config_paused(&name) {
+        app.store.set_config_paused(&name, false).await?;
+        app.endpoints.set_config_paused(&name, false);
+    }
     let built = save(&app, stored, true).await?;
     tracing::info!(endpoint = %name, "endpoint created through the API");
     let mut v = view(&listed(&app, &name).ok_or_else(|| not_found(&name))?);
@@ -660,6 +667,16 @@ async fn delete(
         api_endpoint(&app, &name)?;
     }
     let config_stays = app.endpoints.source(&name) == Some(Source::Config);
+    // A pause belongs to the name: the API endpoint's pause, holding the queue the config
+    // endpoint of the name took over, stays with the name (the config endpoint's) until a
+    // resume, rather than going with the definition.
+    if config_stays
+        && app.endpoints.stored(&name).is_some_and(|s| s.paused)
+        && !app.endpoints.config_paused(&name)
+    {
+        app.store.set_config_paused(&name, true).await?;
+        app.endpoints.set_config_paused(&name, true);
+    }
     if !app
         .store
         .write_endpoint(EndpointWrite {

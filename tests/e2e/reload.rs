@@ -552,6 +552,17 @@ async fn a_pause_holds_when_a_reload_changes_which_definition_a_name_has() {
         endpoint("mig", &rx.url("/mig-cfg"), "")
     ));
     c.wait_config(|st| st["version"] == 3).await;
+    // Listed as held, both.
+    let (_, list) = c.get("/v1/endpoints").await;
+    for name in ["mig", "rev"] {
+        let held = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name && e.get("shadowed") != Some(&json!(true)))
+            .unwrap_or_else(|| panic!("{name}: {list}"));
+        assert_eq!(held["paused"], true, "{name}: {list}");
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         rx.received().is_empty(),
@@ -569,5 +580,64 @@ async fn a_pause_holds_when_a_reload_changes_which_definition_a_name_has() {
         c.wait_status(id, "delivered", T).await;
         assert!(rx.received().iter().any(|r| r.path == path), "{name}");
     }
+    c.stop().await;
+}
+
+/// The pause of an API endpoint a config endpoint took over stays with the name when the
+/// hidden API endpoint is deleted (its queue is the config endpoint's now, still held), and
+/// a pause left by a config endpoint the file dropped does not fall on an API endpoint made
+/// under the name later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_stays_with_the_name_through_a_delete_and_not_onto_a_new_endpoint() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start_file(DELIVERY_FAST).await;
+    let admin = |m: M, path: String, body: Option<serde_json::Value>| {
+        let c = &c;
+        async move {
+            let (s, v) = c
+                .call(m, &path, Some(ADMIN), body.map(|b| b.to_string().into()))
+                .await;
+            assert!((200..300).contains(&s), "{path}: {s} {v}");
+            v
+        }
+    };
+    let url = rx.url("/mig-api");
+    admin(
+        M::POST,
+        "/v1/endpoints".into(),
+        Some(json!({"name": "mig", "url": url})),
+    )
+    .await;
+    admin(M::POST, "/v1/endpoints/mig/pause".into(), None).await;
+    let r = c
+        .send(json!({"event_type": "t", "payload": {}, "endpoint": "mig"}))
+        .await;
+    let id = r["deliveries"][0]["id"].as_str().unwrap().to_string();
+    c.rewrite_config(&format!(
+        "{DELIVERY_FAST}{}",
+        endpoint("mig", &rx.url("/mig-cfg"), "")
+    ));
+    c.wait_config(|st| st["version"] == 2).await;
+    // The hidden API endpoint goes; the queue, now the config endpoint's, stays held.
+    admin(M::DELETE, "/v1/endpoints/mig".into(), None).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(rx.received().is_empty(), "the held queue was sent");
+    let (_, ep) = c.get("/v1/endpoints/mig").await;
+    assert_eq!(ep["paused"], true, "{ep}");
+    // The file drops `mig` (its pause waits for the name); an API endpoint made under the
+    // name is not paused by it.
+    c.rewrite_config(DELIVERY_FAST);
+    c.wait_config(|st| st["version"] == 3).await;
+    let url = rx.url("/new");
+    let made = admin(
+        M::POST,
+        "/v1/endpoints".into(),
+        Some(json!({"name": "mig", "url": url})),
+    )
+    .await;
+    assert_eq!(made["paused"], false, "{made}");
+    c.wait_status(&id, "delivered", T).await;
+    assert_eq!(rx.received()[0].path, "/new");
     c.stop().await;
 }
