@@ -228,7 +228,12 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::File::open(dir)?.sync_all()
+    // As the journal does: a file system that does not flush directories is warned about,
+    // not a reason to fail a start whose key file is already in place.
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot flush the data directory; a secret file just written may not survive a power cut");
+    }
+    Ok(())
 }
 
 /// Makes an existing secret file readable by courier's user only, should it have been
