@@ -272,7 +272,30 @@ impl Journal {
         a.last_seq = last_of(&a_read);
         b.last_seq = last_of(&b_read);
         let last = a.last_seq.max(b.last_seq);
-        let lost: Vec<(u64, u64)> = a_read.lost.iter().chain(&b_read.lost).copied().collect();
+        // A file whose first record is damaged lost at most what lies between the other
+        // file's records and its own first intact one: not everything back to the
+        // checkpoint, which would excuse a gap that is no damage (a database restored from
+        // an older copy).
+        let narrowed = |this: &FileRecords, other: &FileRecords| -> Vec<(u64, u64)> {
+            let mut lost = this.lost.clone();
+            if this.starts_damaged
+                && let Some((lo, hi)) = lost.first_mut()
+            {
+                let before = other
+                    .records
+                    .iter()
+                    .map(|(seq, _)| *seq)
+                    .filter(|seq| *seq <= *hi)
+                    .max()
+                    .unwrap_or(0);
+                *lo = (*lo).max(before + 1);
+            }
+            lost
+        };
+        let lost: Vec<(u64, u64)> = narrowed(&a_read, &b_read)
+            .into_iter()
+            .chain(narrowed(&b_read, &a_read))
+            .collect();
         // Each file holds a run of consecutive records; the two runs together continue the
         // database's durable state without a gap, but where damage was found.
         let mut pending: Vec<Record> = a_read
@@ -651,6 +674,10 @@ struct FileRecords<'a> {
     lost: Vec<(u64, u64)>,
     /// Where the first damaged stretch begins, if records were found after one.
     damaged_at: Option<usize>,
+    /// Whether the file's first record was damaged (no run from offset 0): then where its
+    /// lap began is not known from the file itself, and the first lost range is taken to
+    /// start at the checkpoint until [`Journal::open`] narrows it with the other file.
+    starts_damaged: bool,
 }
 
 /// Reads one journal file: the run of records from its start and, past where that run ends,
@@ -666,6 +693,7 @@ struct FileRecords<'a> {
 /// journal's next lap would write over them.
 fn read_file(bytes: &[u8], id: u64, covered: u64) -> FileRecords<'_> {
     let (mut records, mut end) = scan(bytes, id);
+    let starts_damaged = records.is_empty();
     let mut lost = Vec::new();
     let mut damaged_at = None;
     loop {
@@ -689,6 +717,7 @@ fn read_file(bytes: &[u8], id: u64, covered: u64) -> FileRecords<'_> {
         records,
         lost,
         damaged_at,
+        starts_damaged: starts_damaged && damaged_at.is_some(),
     }
 }
 
@@ -947,6 +976,42 @@ mod tests {
                     std::fs::remove_file(dir.join(c)).unwrap();
                 }
             }
+        });
+    }
+
+    /// Damage at the very start of the newer file excuses only the records between the older
+    /// file's and its own first intact one: a gap below them (a database restored from an
+    /// older copy) still stops the start.
+    #[test]
+    fn damage_at_the_start_of_a_file_does_not_excuse_a_restored_database() {
+        both(|open, dir| {
+            let (mut j, _) = open(dir, 0);
+            for i in 0..6u8 {
+                j.push(&[i; 50]);
+            }
+            j.write().unwrap();
+            j.switch();
+            j.push(b"seven");
+            j.push(b"eight");
+            j.write().unwrap();
+            j.switch();
+            for i in 9..12u8 {
+                j.push(&[i; 50]);
+            }
+            j.write().unwrap();
+            drop(j);
+            let path = dir.join("j");
+            let mut bad = std::fs::read(&path).unwrap();
+            bad[HEADER + 3] ^= 1; // record 9, the first of the first file's new lap
+            std::fs::write(&path, &bad).unwrap();
+            // As it should be: the database covers the first file's old lap (up to 6).
+            let (_, pending) = open(dir, 6);
+            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, [7, 8, 10, 11]);
+            // A database from an older copy (up to 2): records 3 to 6 are missing, and that
+            // is no damage.
+            let err = Journal::open(&path, ID, 2).err().unwrap();
+            assert!(err.to_string().contains("missing"), "{err}");
         });
     }
 
