@@ -89,7 +89,8 @@ struct Side {
     /// they were never acknowledged, and their numbers go to the next batch, so if that
     /// batch were shorter a reader would take what is left of them behind it for the
     /// journal's continuation. The failed write is followed by one of zeros over them, and
-    /// should that fail too, the next batch's write covers them.
+    /// should that fail too, the next batch first writes zeros over them on their own (and
+    /// is refused if that fails).
     stale_to: u64,
     /// Makes this many of the next writes report a failure after their bytes are on disk,
     /// as when the flush that follows a write fails.
@@ -395,24 +396,39 @@ impl Journal {
     }
 
     /// Writes the pushed records to the current file and returns once they are on disk.
-    /// On failure the records may be partly on disk; they are not acknowledged, and the next
-    /// batch overwrites them with the same sequence numbers (and zeros over whatever of them
-    /// it does not reach), so the sequence stays unbroken for a reader and never runs on
-    /// into them.
+    /// On failure the records may be partly on disk; they are not acknowledged: zeros go
+    /// over them at once or, failing that, before the next batch (which reuses their
+    /// sequence numbers), so a reader never takes them for acknowledged records.
     pub(crate) fn write(&mut self) -> Result<(), StoreError> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let cur = self.cur;
         let side = &mut self.sides[cur];
+        let at = side.offset - side.tail.len() as u64;
+        if side.stale_to > at {
+            // Zeros over what a failed write left, on disk before any new record goes over
+            // it: written in the batch's own write, a crash that tore that write could leave
+            // the new records without the zeros behind them, and a reader looking past the
+            // tear (for records after damage) would take the failed write's for acknowledged
+            // ones. Should the zeros fail, the batch is refused.
+            self.job.clear();
+            self.job.extend_from_slice(&side.tail);
+            self.job.resize((side.stale_to - at) as usize, 0);
+            if let Err(e) = side.put(&self.job, at) {
+                self.next_seq = self.buf_first_seq;
+                self.buf.clear();
+                return Err(StoreError::Db(format!(
+                    "journal {}: write: {e}",
+                    side.path.display()
+                )));
+            }
+            side.stale_to = 0;
+        }
         self.job.clear();
         self.job.extend_from_slice(&side.tail);
         self.job.extend_from_slice(&self.buf);
         let records_end = self.job.len();
-        let at = side.offset - side.tail.len() as u64;
-        if let Some(stale) = side.stale_to.checked_sub(at + records_end as u64) {
-            self.job.resize(records_end + stale as usize, 0);
-        }
         let mut r = side.put(&self.job, at);
         if side.direct.is_some()
             && let Err(e) = &r
