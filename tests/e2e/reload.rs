@@ -498,6 +498,20 @@ async fn a_config_changed_while_courier_starts_is_applied() {
     c.stop().await;
 }
 
+/// An admin call that must succeed (2xx); its JSON answer.
+async fn admin(
+    c: &Courier,
+    m: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let (s, v) = c
+        .call(m, path, Some(ADMIN), body.map(|b| b.to_string().into()))
+        .await;
+    assert!((200..300).contains(&s), "{path}: {s} {v}");
+    v
+}
+
 /// A pause belongs to the endpoint's name: a reload that adds a config endpoint over a
 /// paused API endpoint of the same name, or removes a paused config endpoint from over one,
 /// keeps the queue held instead of sending it to the other definition's URL; a resume
@@ -507,16 +521,6 @@ async fn a_pause_holds_when_a_reload_changes_which_definition_a_name_has() {
     use reqwest::Method as M;
     let rx = Receiver::start().await;
     let c = Courier::start_file(DELIVERY_FAST).await;
-    let admin = |m: M, path: String, body: Option<serde_json::Value>| {
-        let c = &c;
-        async move {
-            let (s, v) = c
-                .call(m, &path, Some(ADMIN), body.map(|b| b.to_string().into()))
-                .await;
-            assert!((200..300).contains(&s), "{path}: {s} {v}");
-            v
-        }
-    };
     let send = |name: &'static str| {
         let c = &c;
         async move {
@@ -530,13 +534,14 @@ async fn a_pause_holds_when_a_reload_changes_which_definition_a_name_has() {
     for name in ["mig", "rev"] {
         let url = rx.url(&format!("/{name}-api"));
         admin(
+            &c,
             M::POST,
-            "/v1/endpoints".into(),
+            "/v1/endpoints",
             Some(json!({"name": name, "url": url})),
         )
         .await;
     }
-    admin(M::POST, "/v1/endpoints/mig/pause".into(), None).await;
+    admin(&c, M::POST, "/v1/endpoints/mig/pause", None).await;
     let mig = send("mig").await;
     c.rewrite_config(&format!(
         "{DELIVERY_FAST}{}{}",
@@ -545,7 +550,7 @@ async fn a_pause_holds_when_a_reload_changes_which_definition_a_name_has() {
     ));
     c.wait_config(|st| st["version"] == 2).await;
     // The config `rev` paused through the API, with a queue; the file then drops it.
-    admin(M::POST, "/v1/endpoints/rev/pause".into(), None).await;
+    admin(&c, M::POST, "/v1/endpoints/rev/pause", None).await;
     let rev = send("rev").await;
     c.rewrite_config(&format!(
         "{DELIVERY_FAST}{}",
@@ -575,7 +580,7 @@ async fn a_pause_holds_when_a_reload_changes_which_definition_a_name_has() {
     for (name, id, path) in [("mig", &mig, "/mig-cfg"), ("rev", &rev, "/rev-api")] {
         let (_, d) = c.get(&format!("/v1/deliveries/{id}")).await;
         assert_eq!(d["status"], "pending", "{d}");
-        let ep = admin(M::POST, format!("/v1/endpoints/{name}/resume"), None).await;
+        let ep = admin(&c, M::POST, &format!("/v1/endpoints/{name}/resume"), None).await;
         assert_eq!(ep["paused"], false, "{ep}");
         c.wait_status(id, "delivered", T).await;
         assert!(rx.received().iter().any(|r| r.path == path), "{name}");
@@ -592,24 +597,15 @@ async fn a_pause_stays_with_the_name_through_a_delete_and_not_onto_a_new_endpoin
     use reqwest::Method as M;
     let rx = Receiver::start().await;
     let c = Courier::start_file(DELIVERY_FAST).await;
-    let admin = |m: M, path: String, body: Option<serde_json::Value>| {
-        let c = &c;
-        async move {
-            let (s, v) = c
-                .call(m, &path, Some(ADMIN), body.map(|b| b.to_string().into()))
-                .await;
-            assert!((200..300).contains(&s), "{path}: {s} {v}");
-            v
-        }
-    };
     let url = rx.url("/mig-api");
     admin(
+        &c,
         M::POST,
-        "/v1/endpoints".into(),
+        "/v1/endpoints",
         Some(json!({"name": "mig", "url": url})),
     )
     .await;
-    admin(M::POST, "/v1/endpoints/mig/pause".into(), None).await;
+    admin(&c, M::POST, "/v1/endpoints/mig/pause", None).await;
     let r = c
         .send(json!({"event_type": "t", "payload": {}, "endpoint": "mig"}))
         .await;
@@ -620,7 +616,7 @@ async fn a_pause_stays_with_the_name_through_a_delete_and_not_onto_a_new_endpoin
     ));
     c.wait_config(|st| st["version"] == 2).await;
     // The hidden API endpoint goes; the queue, now the config endpoint's, stays held.
-    admin(M::DELETE, "/v1/endpoints/mig".into(), None).await;
+    admin(&c, M::DELETE, "/v1/endpoints/mig", None).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(rx.received().is_empty(), "the held queue was sent");
     let (_, ep) = c.get("/v1/endpoints/mig").await;
@@ -631,8 +627,9 @@ async fn a_pause_stays_with_the_name_through_a_delete_and_not_onto_a_new_endpoin
     c.wait_config(|st| st["version"] == 3).await;
     let url = rx.url("/new");
     let made = admin(
+        &c,
         M::POST,
-        "/v1/endpoints".into(),
+        "/v1/endpoints",
         Some(json!({"name": "mig", "url": url})),
     )
     .await;
