@@ -288,6 +288,13 @@ impl Metrics {
     pub fn register_store(&self, store: &crate::store::Store) {
         let c = store.commit_counters();
         let mut r = self.registry.lock().expect("registry lock");
+        let replayed = Gauge::<i64>::default();
+        replayed.set(store.replayed_on_open() as i64);
+        r.register(
+            "courier_store_journal_replayed_records",
+            "Acknowledged events re-applied from the ingest journal when this process started (above 0: the last run did not stop cleanly)",
+            replayed,
+        );
         r.register(
             "courier_store_journal_writes",
             "Synchronous writes to the ingest journal, each making a batch of new events durable (events / writes = group-commit batch size at ingest)",

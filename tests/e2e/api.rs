@@ -212,6 +212,10 @@ async fn listing_filters_and_pages() {
     assert!(m.contains("courier_queue_depth{endpoint=\"ok\"} 0"), "{m}");
     assert!(m.contains("courier_store_damaged_records_total 0"), "{m}");
     assert!(
+        m.contains("courier_store_journal_replayed_records 0"),
+        "{m}"
+    );
+    assert!(
         m.contains("courier_attempt_duration_seconds_count{endpoint=\"ok\"} 5"),
         "{m}"
     );

@@ -291,6 +291,23 @@ async fn sigkill_after_answers_from_the_journal_loses_nothing() {
     for first in &accepted {
         assert_pending(&http, &p2.base, first, "without a key").await;
     }
+    // The start says it re-applied acknowledged events (the last run did not stop cleanly).
+    let m = http
+        .get(format!("{}/metrics", p2.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let replayed: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("courier_store_journal_replayed_records "))
+        .unwrap_or_else(|| panic!("{m}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(replayed > 0, "{m}");
     // One pending delivery per event.
     assert_pending_count(&http, &p2.base, accepted.len(), 16).await;
     drop(p2);
