@@ -415,34 +415,21 @@ impl Journal {
             self.job.clear();
             self.job.extend_from_slice(&side.tail);
             self.job.resize((side.stale_to - at) as usize, 0);
-            if let Err(e) = side.put(&self.job, at) {
+            if let Err(e) = put_falling_back(&mut self.sides, cur, &self.job, at) {
                 self.next_seq = self.buf_first_seq;
                 self.buf.clear();
                 return Err(StoreError::Db(format!(
                     "journal {}: write: {e}",
-                    side.path.display()
+                    self.sides[cur].path.display()
                 )));
             }
-            side.stale_to = 0;
+            self.sides[cur].stale_to = 0;
         }
         self.job.clear();
-        self.job.extend_from_slice(&side.tail);
+        self.job.extend_from_slice(&self.sides[cur].tail);
         self.job.extend_from_slice(&self.buf);
         let records_end = self.job.len();
-        let mut r = side.put(&self.job, at);
-        if side.direct.is_some()
-            && let Err(e) = &r
-            && e.raw_os_error() == Some(libc::EINVAL)
-        {
-            // The file system refused the direct write's alignment (where the kernel could
-            // not say what it needs up front): the same bytes again, buffered, and from now
-            // on both files buffered. What is on disk is unchanged by a refused write.
-            tracing::warn!(path = %side.path.display(), error = %e, "the file system refused a direct write; the ingest journal goes on with buffered writes and fdatasync");
-            for s in &mut self.sides {
-                s.direct = None;
-            }
-            r = self.sides[cur].put(&self.job, at);
-        }
+        let r = put_falling_back(&mut self.sides, cur, &self.job, at);
         let side = &mut self.sides[cur];
         let len = self.buf.len();
         self.buf.clear();
@@ -533,6 +520,29 @@ impl Journal {
     /// The sequence number of the last record pushed (0 if none ever was).
     pub(crate) fn last_seq(&self) -> u64 {
         self.next_seq - 1
+    }
+}
+
+/// Writes `bytes` at `at` in side `cur` and returns once they are on disk. Should the file
+/// system refuse the direct write's alignment (where the kernel could not say what it needs
+/// up front), the same bytes go again, buffered, and from then on both files are written
+/// buffered: what is on disk is unchanged by a refused write.
+fn put_falling_back(
+    sides: &mut [Side; 2],
+    cur: usize,
+    bytes: &[u8],
+    at: u64,
+) -> std::io::Result<()> {
+    let r = sides[cur].put(bytes, at);
+    match &r {
+        Err(e) if sides[cur].direct.is_some() && e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(path = %sides[cur].path.display(), error = %e, "the file system refused a direct write; the ingest journal goes on with buffered writes and fdatasync");
+            for s in sides.iter_mut() {
+                s.direct = None;
+            }
+            sides[cur].put(bytes, at)
+        }
+        _ => r,
     }
 }
 
@@ -913,6 +923,48 @@ mod tests {
             let got: Vec<(u64, u8)> = pending.iter().map(|(s, p)| (*s, p[0])).collect();
             assert_eq!(got, [(1, 1)]);
         });
+    }
+
+    /// The zeros over a failed write's leftovers go down before the next batch, on their own;
+    /// a file system that refuses their direct write has them written buffered, as a batch
+    /// would, rather than refusing every later batch.
+    #[test]
+    fn leftovers_of_a_failed_write_are_zeroed_before_the_next_batch_even_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (mut j, _) = Journal::open(&path, ID, 0).unwrap();
+        assert!(
+            j.is_direct(),
+            "this test needs direct I/O in its temporary directory"
+        );
+        j.push(&[1; 100]);
+        j.write().unwrap();
+        for _ in 0..20 {
+            j.push(&[0xee; 100]);
+        }
+        j.sides[0].fail_after_write = 1;
+        j.sides[0].refuse = 1;
+        assert!(j.write().is_err());
+        assert_ne!(j.sides[0].stale_to, 0);
+        // Direct writes refused from now on; the next batch, shorter than the failed one.
+        j.sides[0].refuse_direct = true;
+        j.push(&[2; 100]);
+        j.write().unwrap();
+        assert_eq!(j.sides[0].stale_to, 0);
+        assert!(!j.is_direct());
+        drop(j);
+        // Nothing of the failed write is left for any reader: past the new record, zeros.
+        let bytes = std::fs::read(&path).unwrap();
+        let end = 2 * (HEADER + 100);
+        assert!(
+            bytes[end..]
+                .iter()
+                .take(20 * (HEADER + 100))
+                .all(|b| *b == 0)
+        );
+        let (_, pending) = Journal::open(&path, ID, 0).unwrap();
+        let got: Vec<(u64, u8)> = pending.iter().map(|(s, p)| (*s, p[0])).collect();
+        assert_eq!(got, [(1, 1), (2, 2)]);
     }
 
     #[test]
