@@ -75,10 +75,11 @@ impl ListParams {
 /// waits for it), or a finished one whose name no endpoint has, or only one made after it
 /// finished (someone else's, perhaps: a replay refuses it, as [`crate::store::Births`] says).
 fn endpoint_missing(app: &AppState, d: &crate::model::Delivery) -> bool {
-    match app.endpoints.born(&d.endpoint) {
-        None => true,
-        Some(_) if d.status == crate::model::DeliveryStatus::Pending => false,
-        Some(born) => d.updated_ms <= born,
+    let born = app.endpoints.born(&d.endpoint);
+    if d.status == crate::model::DeliveryStatus::Pending {
+        born.is_none()
+    } else {
+        crate::store::orphaned(d.updated_ms, born)
     }
 }
 

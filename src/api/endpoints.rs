@@ -325,8 +325,7 @@ async fn create(
     // the new one's (made perhaps for someone else): it goes, so the new endpoint is not
     // created paused without a word.
     if app.endpoints.config_paused(&name) {
-        app.store.set_config_paused(&name, false).await?;
-        app.endpoints.set_config_paused(&name, false);
+        set_config_paused(&app, &name, false).await?;
     }
     let built = save(&app, stored, true).await?;
     tracing::info!(endpoint = %name, "endpoint created through the API");
@@ -674,8 +673,7 @@ async fn delete(
         && app.endpoints.stored(&name).is_some_and(|s| s.paused)
         && !app.endpoints.config_paused(&name)
     {
-        app.store.set_config_paused(&name, true).await?;
-        app.endpoints.set_config_paused(&name, true);
+        set_config_paused(&app, &name, true).await?;
     }
     if !app
         .store
@@ -733,6 +731,14 @@ async fn after_delete(app: &AppState, name: &str, drop_pending: bool) -> Value {
     json!({"deleted": name, "pending_dropped": dropped})
 }
 
+/// Pauses or resumes the name's config-file definition: durably first (courier's to hold
+/// across restarts and reloads), then in the registry.
+async fn set_config_paused(app: &AppState, name: &str, paused: bool) -> Result<(), ApiError> {
+    app.store.set_config_paused(name, paused).await?;
+    app.endpoints.set_config_paused(name, paused);
+    Ok(())
+}
+
 async fn set_paused(
     app: AppState,
     headers: HeaderMap,
@@ -750,8 +756,7 @@ async fn set_paused(
             return Err(not_found(&name));
         }
         if source == Some(Source::Config) || app.endpoints.config_paused(&name) {
-            app.store.set_config_paused(&name, false).await?;
-            app.endpoints.set_config_paused(&name, false);
+            set_config_paused(&app, &name, false).await?;
         }
         if let Some(mut stored) = app.endpoints.stored(&name)
             && stored.paused
@@ -764,8 +769,7 @@ async fn set_paused(
     } else if source == Some(Source::Config) {
         // The file defines the endpoint; whether it sends is courier's to hold, durably,
         // across restarts and reloads, until it is resumed.
-        app.store.set_config_paused(&name, paused).await?;
-        app.endpoints.set_config_paused(&name, paused);
+        set_config_paused(&app, &name, paused).await?;
         Scheduler::wake(&app, &name);
     } else {
         let mut stored = api_endpoint(&app, &name)?;

@@ -753,6 +753,11 @@ mod tests {
 
     const ID: u64 = 0x5eed;
 
+    /// The sequence numbers of records read back, in order.
+    fn seqs(pending: &[Record]) -> Vec<u64> {
+        pending.iter().map(|(s, _)| *s).collect()
+    }
+
     /// Every test runs against both ways of writing: direct I/O (where the file system of the
     /// temporary directory allows it) and buffered writes with `fdatasync`.
     fn both(test: impl Fn(&dyn Fn(&Path, u64) -> (Journal, Vec<Record>), &Path)) {
@@ -776,8 +781,7 @@ mod tests {
             j.write().unwrap();
             drop(j);
             let (j, pending) = open(dir, 2);
-            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
-            assert_eq!(seqs, [3, 4, 5]);
+            assert_eq!(seqs(&pending), [3, 4, 5]);
             assert_eq!(pending[0].1, vec![2u8; 100]);
             assert_eq!(j.last_seq(), 5, "numbering continues after the last record");
         });
@@ -989,8 +993,7 @@ mod tests {
             bad[2 * (HEADER + 64) + HEADER + 5] ^= 0xff;
             std::fs::write(&path, &bad).unwrap();
             let (_, pending) = open(dir, 0);
-            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
-            assert_eq!(seqs, [1, 2, 4]);
+            assert_eq!(seqs(&pending), [1, 2, 4]);
             assert_eq!(pending[2].1, vec![3u8; 64]);
         });
     }
@@ -1033,9 +1036,8 @@ mod tests {
                 bad[30 * rec + field] ^= 0x5a;
                 std::fs::write(&path, &bad).unwrap();
                 let (j, pending) = open(dir, 0);
-                let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
                 let want: Vec<u64> = (1..=100).filter(|s| *s != 31).collect();
-                assert_eq!(seqs, want, "damage at byte {field} of a record");
+                assert_eq!(seqs(&pending), want, "damage at byte {field} of a record");
                 assert_eq!(pending[30].1, vec![31u8; 100]);
                 assert_eq!(j.last_seq(), 100, "numbering goes on after the last record");
                 let copies = damaged_copies(dir);
@@ -1074,8 +1076,7 @@ mod tests {
             std::fs::write(&path, &bad).unwrap();
             // As it should be: the database covers the first file's old lap (up to 6).
             let (_, pending) = open(dir, 6);
-            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
-            assert_eq!(seqs, [7, 8, 10, 11]);
+            assert_eq!(seqs(&pending), [7, 8, 10, 11]);
             // A database from an older copy (up to 2): records 3 to 6 are missing, and that
             // is no damage.
             let err = Journal::open(&path, ID, 2).err().unwrap();
@@ -1102,8 +1103,7 @@ mod tests {
             bad[2 * (HEADER + 50) + HEADER] ^= 1; // record 3
             std::fs::write(&path, &bad).unwrap();
             let (_, pending) = open(dir, 1);
-            let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
-            assert_eq!(seqs, [2, 4, 5, 6, 7]);
+            assert_eq!(seqs(&pending), [2, 4, 5, 6, 7]);
         });
     }
 
@@ -1122,8 +1122,7 @@ mod tests {
             j.write().unwrap();
             // A crash now: the records of both files after the checkpoint, in order.
             let (_, pending) = open(dir, 4);
-            let got: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
-            assert_eq!(got, [5, 6, 7, 8]);
+            assert_eq!(seqs(&pending), [5, 6, 7, 8]);
             // Back to the first file, which must be covered up to 6 before it is written over;
             // a shorter record leaves the older ones behind it, which are not read.
             assert_eq!(j.switch(), 6);

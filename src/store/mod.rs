@@ -189,6 +189,14 @@ pub enum ReplayTarget {
 /// endpoint has: it would wait, pending, for whoever takes the name next.
 pub type Births = std::sync::Arc<std::collections::HashMap<String, u64>>;
 
+/// Whether a finished delivery last changed at `updated_ms` has no endpoint of its own
+/// under its name: none exists (`born` is `None`), or the one there was made at or after
+/// that (see [`Births`]). Replay refuses such a delivery; the API shows it as
+/// `endpoint_missing`.
+pub fn orphaned(updated_ms: u64, born: Option<u64>) -> bool {
+    born.is_none_or(|born| updated_ms <= born)
+}
+
 /// Where a retention sweep goes on: the finished deliveries it has not examined yet, in the
 /// status index's order (delivered, dead, dropped; oldest first within each). A sweep starts
 /// from [`PurgeCursor::default`] and passes each round's cursor to the next.

@@ -986,10 +986,7 @@ impl<'t> Tables<'t> {
                 result.already_pending.push(id);
                 continue;
             }
-            if births
-                .get(&old.endpoint)
-                .is_none_or(|born| old.updated_ms <= *born)
-            {
+            if super::orphaned(old.updated_ms, births.get(&old.endpoint).copied()) {
                 result.earlier_endpoint.push(id);
                 continue;
             }

@@ -120,6 +120,20 @@ async fn paused_endpoint(http: &reqwest::Client, base: &str) {
     }
 }
 
+/// Posts the event `payload` (with event type `t`) to the courier at `base`, which must
+/// accept it; its 202 body.
+async fn accepted(http: &reqwest::Client, base: &str, payload: Value) -> Value {
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(ADMIN)
+        .body(json!({"event_type": "t", "payload": payload}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+}
+
 /// The delivery of the acknowledged event `reply` (its 202 body) is there, pending.
 async fn assert_pending(http: &reqwest::Client, base: &str, reply: &Value, what: &str) {
     let id = reply["deliveries"][0]["id"].as_str().unwrap();
@@ -692,22 +706,8 @@ async fn kills_during_recovery_lose_and_duplicate_nothing() {
     paused_endpoint(&http, &p.base).await;
     // 16 KiB each, ~6 MiB in all: a replay long enough to be cut short.
     let filler = "x".repeat(16 * 1024);
-    let sends = (0..400).map(|i| {
-        let body = json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
-        let (http, url) = (http.clone(), format!("{}/v1/events", p.base));
-        async move {
-            let r = http
-                .post(url)
-                .bearer_auth(ADMIN)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
-            serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
-        }
-    });
-    let accepted: Vec<Value> = futures_util::stream::iter(sends)
+    let sends = (0..400).map(|i| accepted(&http, &p.base, json!({"i": i, "filler": filler})));
+    let replies: Vec<Value> = futures_util::stream::iter(sends)
         .buffer_unordered(16)
         .collect()
         .await;
@@ -727,10 +727,10 @@ async fn kills_during_recovery_lose_and_duplicate_nothing() {
         let _ = child.wait();
     }
     let p2 = Process::spawn(&cfg);
-    for reply in &accepted {
+    for reply in &replies {
         assert_pending(&http, &p2.base, reply, "before the kills").await;
     }
-    assert_pending_count(&http, &p2.base, accepted.len(), 0).await;
+    assert_pending_count(&http, &p2.base, replies.len(), 0).await;
     drop(p2);
 }
 
@@ -743,17 +743,7 @@ async fn a_second_courier_on_the_same_data_dir_is_refused_and_the_first_goes_on(
     let p = Process::spawn(&cfg);
     let http = reqwest::Client::new();
     paused_endpoint(&http, &p.base).await;
-    let send = || async {
-        let r = http
-            .post(format!("{}/v1/events", p.base))
-            .bearer_auth(ADMIN)
-            .body(json!({"event_type": "t", "payload": {}}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
-    };
+    let send = || accepted(&http, &p.base, json!({}));
     let first = send().await;
     let data = dir.path().join("data");
     let journal = std::fs::read(data.join("courier.journal")).unwrap();
@@ -781,18 +771,9 @@ async fn a_journal_damaged_in_the_middle_loses_only_the_damaged_event() {
     let http = reqwest::Client::new();
     paused_endpoint(&http, &p.base).await;
     let filler = "x".repeat(16 * 1024);
-    let mut accepted = Vec::new();
+    let mut replies = Vec::new();
     for i in 0..50 {
-        let body = json!({"event_type": "t", "payload": {"i": i, "filler": filler}}).to_string();
-        let r = http
-            .post(format!("{}/v1/events", p.base))
-            .bearer_auth(ADMIN)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        accepted.push(serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap());
+        replies.push(accepted(&http, &p.base, json!({"i": i, "filler": filler})).await);
     }
     p.kill9();
     let data = dir.path().join("data");
@@ -804,7 +785,7 @@ async fn a_journal_damaged_in_the_middle_loses_only_the_damaged_event() {
 
     let p2 = Process::spawn(&cfg);
     let mut lost = 0;
-    for reply in &accepted {
+    for reply in &replies {
         let id = reply["deliveries"][0]["id"].as_str().unwrap();
         let (status, _) = get_json(&http, &format!("{}/v1/deliveries/{id}", p2.base)).await;
         if status == 404 {
@@ -812,7 +793,7 @@ async fn a_journal_damaged_in_the_middle_loses_only_the_damaged_event() {
         }
     }
     assert_eq!(lost, 1, "only the damaged event is lost");
-    assert_pending_count(&http, &p2.base, accepted.len() - 1, 0).await;
+    assert_pending_count(&http, &p2.base, replies.len() - 1, 0).await;
     let copies: Vec<String> = std::fs::read_dir(&data)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
