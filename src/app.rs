@@ -120,6 +120,20 @@ pub fn is_watch_token(secret: &WatchSecret, channel_id: &str, token: Option<&str
 pub struct Caller {
     /// A stable, non-secret id of the key (for scoping idempotency keys).
     pub key_id: std::sync::Arc<str>,
+    /// What the key is limited to, if its entry limits it.
+    pub reach: Option<std::sync::Arc<crate::config::Reach>>,
+}
+
+impl Caller {
+    /// Whether the key may send events to the endpoint `name`.
+    pub fn may_send_to(&self, name: &str) -> bool {
+        self.reach.as_ref().is_none_or(|r| r.endpoint(name))
+    }
+
+    /// Whether the key may open, watch or call back channels of the workflow `name`.
+    pub fn may_use_workflow(&self, name: &str) -> bool {
+        self.reach.as_ref().is_none_or(|r| r.workflow(name))
+    }
 }
 
 /// Why a request was not authorised.
@@ -159,6 +173,7 @@ pub fn authorize(
     }
     Ok(Caller {
         key_id: key.id.clone(),
+        reach: key.reach.clone(),
     })
 }
 

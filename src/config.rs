@@ -93,12 +93,47 @@ pub struct KeyConfig {
     /// The key's non-secret id ([`crate::app::key_id`]), worked out once here rather than
     /// hashed again on every request that presents it.
     pub id: std::sync::Arc<str>,
+    /// What the key may reach when its entry limits it (`endpoints`, `workflows`): shared
+    /// with every request that presents it, so authorizing costs one reference count.
+    pub reach: Option<std::sync::Arc<Reach>>,
 }
 
 impl KeyConfig {
     pub fn new(token: String, scopes: Vec<Scope>) -> KeyConfig {
         let id = crate::app::key_id(&token).into();
-        KeyConfig { token, scopes, id }
+        KeyConfig {
+            token,
+            scopes,
+            id,
+            reach: None,
+        }
+    }
+}
+
+/// The endpoints and workflows a key is limited to (`[[keys]]`' `endpoints` and
+/// `workflows`); `None` in a list leaves that side unlimited. Why it exists: several
+/// producers sharing one courier each get a key that can only feed their own endpoints and
+/// workflows, so a leaked or misused producer key cannot send webhooks to anyone else's
+/// receivers, nor watch or complete anyone else's workflow channels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reach {
+    /// Endpoint name patterns (as `event_types`: `*` matches any run of characters).
+    pub endpoints: Option<Vec<String>>,
+    /// Workflow names.
+    pub workflows: Option<Vec<String>>,
+}
+
+impl Reach {
+    pub fn endpoint(&self, name: &str) -> bool {
+        self.endpoints
+            .as_ref()
+            .is_none_or(|ps| ps.iter().any(|p| pattern_matches(p, name)))
+    }
+
+    pub fn workflow(&self, name: &str) -> bool {
+        self.workflows
+            .as_ref()
+            .is_none_or(|ws| ws.iter().any(|w| w == name))
     }
 }
 
@@ -268,6 +303,60 @@ pub const BODY_HEADERS: &[&str] = &["content-encoding"];
 /// unbounded they let one definition slow or swell the whole server. Checked where an
 /// endpoint is defined (the config file, the endpoint API), not when a stored one is loaded:
 /// one made before the limits keeps working.
+/// Checks a key's `endpoints` and `workflows` lists. They limit what the key may feed, so
+/// they make sense only on keys without `admin` (an admin key manages every endpoint and
+/// could lift any limit) and only for the scopes they bear on: `endpoints` for `ingest`,
+/// `workflows` for `ingest` (opening and watching channels) and `callback`. A list that
+/// could not limit anything is an error rather than a false sense of safety.
+fn key_reach(
+    i: usize,
+    scopes: &[Scope],
+    endpoints: Option<Vec<String>>,
+    workflows: Option<Vec<String>>,
+) -> Result<Option<Reach>, ConfigError> {
+    if endpoints.is_none() && workflows.is_none() {
+        return Ok(None);
+    }
+    let field = if endpoints.is_some() {
+        "endpoints"
+    } else {
+        "workflows"
+    };
+    if scopes.contains(&Scope::Admin) {
+        return Err(ConfigError::invalid(
+            format!("keys[{i}].{field}"),
+            "an admin key manages every endpoint and workflow, so it cannot be limited; give the list to a key without `admin`",
+        ));
+    }
+    if endpoints.is_some() && !scopes.contains(&Scope::Ingest) {
+        return Err(ConfigError::invalid(
+            format!("keys[{i}].endpoints"),
+            "limits what the key may ingest to, and the key has no `ingest` scope",
+        ));
+    }
+    for (list, what) in [(&endpoints, "endpoints"), (&workflows, "workflows")] {
+        let Some(list) = list else { continue };
+        if list.len() > MAX_PATTERNS {
+            return Err(ConfigError::invalid(
+                format!("keys[{i}].{what}"),
+                format!("at most {MAX_PATTERNS} entries ({} given)", list.len()),
+            ));
+        }
+        for (j, p) in list.iter().enumerate() {
+            if p.is_empty() || p.len() > MAX_PATTERN {
+                return Err(ConfigError::invalid(
+                    format!("keys[{i}].{what}[{j}]"),
+                    format!("must be 1 to {MAX_PATTERN} characters"),
+                ));
+            }
+        }
+    }
+    Ok(Some(Reach {
+        endpoints,
+        workflows,
+    }))
+}
+
 pub fn check_limits(e: &RawEndpoint, key: &str) -> Result<(), ConfigError> {
     let pre = if key.is_empty() {
         String::new()
@@ -436,6 +525,8 @@ struct RawKey {
     token: String,
     #[serde(default)]
     scopes: Vec<String>,
+    endpoints: Option<Vec<String>>,
+    workflows: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -772,7 +863,10 @@ impl Config {
                     )
                 })?);
             }
-            keys.push(KeyConfig::new(k.token, scopes));
+            let reach = key_reach(i, &scopes, k.endpoints, k.workflows)?;
+            let mut key = KeyConfig::new(k.token, scopes);
+            key.reach = reach.map(std::sync::Arc::new);
+            keys.push(key);
         }
 
         let d = raw.delivery;
@@ -1028,6 +1122,19 @@ impl Config {
                     .unwrap_or(Duration::from_millis(1500)),
                 simulate_webhook: w.simulate_webhook.unwrap_or(true),
             });
+        }
+        // Workflows exist only in this file, so a key's list can be checked against them (a
+        // misspelt name would otherwise leave the key able to use none, silently).
+        for (i, k) in keys.iter().enumerate() {
+            let names = k.reach.as_ref().and_then(|r| r.workflows.as_ref());
+            for (j, name) in names.into_iter().flatten().enumerate() {
+                if !workflows.iter().any(|w: &WorkflowConfig| &w.name == name) {
+                    return Err(ConfigError::invalid(
+                        format!("keys[{i}].workflows[{j}]"),
+                        format!("no [[workflows]] entry is named `{name}`"),
+                    ));
+                }
+            }
         }
 
         Ok(Config {
@@ -1910,6 +2017,27 @@ mod tests {
     }
 
     #[test]
+    fn a_key_limited_by_lists_reaches_what_they_name() {
+        let c = parse(
+            "[[endpoints]]\nname = \"acme-a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"acme-a\"\nupstream = { url = \"http://u\" }\n[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"ingest\", \"callback\"]\nendpoints = [\"acme-*\", \"billing\"]\nworkflows = [\"w\"]\n[[keys]]\ntoken = \"fedcba9876543210\"\nscopes = [\"ingest\"]\nendpoints = []\n",
+        )
+        .unwrap();
+        let reach = c.keys[0].reach.as_ref().unwrap();
+        assert!(
+            reach.endpoint("acme-a") && reach.endpoint("acme-zzz") && reach.endpoint("billing")
+        );
+        assert!(!reach.endpoint("billing-2") && !reach.endpoint("globex"));
+        assert!(reach.workflow("w") && !reach.workflow("w2"));
+        // An empty list reaches no endpoint (a key for workflows only); workflows unlimited.
+        let none = c.keys[1].reach.as_ref().unwrap();
+        assert!(!none.endpoint("acme-a") && none.workflow("anything"));
+        // Without lists a key is not limited at all.
+        let open =
+            parse("[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"ingest\"]\n").unwrap();
+        assert!(open.keys[0].reach.is_none());
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[delivery]\ntimeout = \"soon\"", "delivery.timeout"),
@@ -1932,6 +2060,22 @@ mod tests {
             (
                 "[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"root\"]",
                 "keys[0].scopes[0]",
+            ),
+            (
+                "[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"ingest\", \"admin\"]\nendpoints = [\"a\"]",
+                "keys[0].endpoints",
+            ),
+            (
+                "[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"callback\"]\nendpoints = [\"a\"]",
+                "keys[0].endpoints",
+            ),
+            (
+                "[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"ingest\"]\nendpoints = [\"\"]",
+                "keys[0].endpoints[0]",
+            ),
+            (
+                "[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"callback\"]\nworkflows = [\"nope\"]",
+                "keys[0].workflows[0]",
             ),
             ("[server]\nlisten = \"here\"", "server.listen"),
             (

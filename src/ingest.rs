@@ -34,6 +34,10 @@ pub struct IngestRequest {
 pub enum IngestError {
     #[error("unknown endpoint `{0}`")]
     UnknownEndpoint(String),
+    /// The key's `endpoints` list does not name it (whether or not it exists: a limited key
+    /// learns nothing about endpoints beyond its reach).
+    #[error("this key may not send to endpoint `{0}` (it is limited by its `endpoints` list)")]
+    NotAllowed(String),
     #[error("an event with id `{0}` already exists")]
     IdConflict(String),
     #[error("{field}: {message}")]
@@ -105,6 +109,11 @@ pub async fn ingest(
     if let Some(k) = &req.idempotency_key {
         check_token("idempotency_key", k)?;
     }
+    if let Some(name) = &req.endpoint
+        && !caller.may_send_to(name)
+    {
+        return Err(IngestError::NotAllowed(name.clone()));
+    }
     // Until the event is in the store (see `Registry::ingest_gate`).
     let pass = app.endpoints.ingest_gate.pass();
     let targets = match &req.endpoint {
@@ -116,7 +125,14 @@ pub async fn ingest(
         // An event no endpoint subscribes to is still accepted (and stored, so that its
         // id and idempotency key keep their meaning), with no deliveries: a producer that
         // emits every type it has must not see errors for the ones nobody wants yet.
-        None => Ok(app.endpoints.subscribers(&req.event_type)),
+        // A limited key's events reach only the subscribers within its reach.
+        None => {
+            let mut subscribers = app.endpoints.subscribers(&req.event_type);
+            if caller.reach.is_some() {
+                subscribers.retain(|ep| caller.may_send_to(&ep.name));
+            }
+            Ok(subscribers)
+        }
     };
     let targets = match targets {
         Ok(t) => t,

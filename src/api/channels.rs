@@ -54,10 +54,13 @@ async fn open(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require(&app, &headers, Scope::Ingest)?;
+    let caller = require(&app, &headers, Scope::Ingest)?;
     let (limit, timeout) = super::body_limits(&app);
     let bytes = super::read_body(body, &headers, limit, timeout).await?;
     let (workflow, request) = workflows::split_request(&bytes)?;
+    if !caller.may_use_workflow(&workflow) {
+        return Err(workflow_forbidden(&workflow));
+    }
     let ch = workflows::open(&app, &workflow, request).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -77,7 +80,13 @@ async fn callback(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    require(&app, &headers, Scope::Callback)?;
+    let caller = require(&app, &headers, Scope::Callback)?;
+    if caller.reach.is_some()
+        && let Some(ch) = app.store.channel(&id)?
+        && !caller.may_use_workflow(&ch.workflow)
+    {
+        return Err(workflow_forbidden(&ch.workflow));
+    }
     let value = read_json(&app, &headers, body)
         .await?
         .unwrap_or(Value::Null);
@@ -95,6 +104,19 @@ struct TokenQuery {
 
 const CHANNEL_SCOPES: &[Scope] = &[Scope::Ingest, Scope::Admin];
 
+/// A key limited by its `workflows` list asked for a workflow (or a channel of one) beyond
+/// it. The same answer whether or not the workflow exists.
+fn workflow_forbidden(workflow: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "this key may not use workflow `{workflow}` (it is limited by its `workflows` list)"
+        ),
+    )
+    .with_field("workflow")
+}
+
 async fn show(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -102,13 +124,25 @@ async fn show(
     Query(q): Query<TokenQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let token = super::bearer(&headers).or(q.token.as_deref());
-    if !crate::app::is_watch_token(&app.watch_secret, &id, token) {
-        require_any(&app, &headers, q.token.as_deref(), CHANNEL_SCOPES)?;
-    }
+    let caller = if crate::app::is_watch_token(&app.watch_secret, &id, token) {
+        None
+    } else {
+        Some(require_any(
+            &app,
+            &headers,
+            q.token.as_deref(),
+            CHANNEL_SCOPES,
+        )?)
+    };
     let ch = app
         .store
         .channel(&id)?
         .ok_or_else(|| ApiError::not_found(format!("no channel `{id}`")))?;
+    if let Some(c) = &caller
+        && !c.may_use_workflow(&ch.workflow)
+    {
+        return Err(workflow_forbidden(&ch.workflow));
+    }
     Ok(Json(workflows::view(&ch)))
 }
 
@@ -127,9 +161,11 @@ async fn ws(
         .and_then(|Query(q)| q.token.as_deref())
         .or(offered.token.as_deref());
     let watching = super::bearer(&headers).or(token);
-    if !crate::app::is_watch_token(&app.watch_secret, &id, watching) {
-        require_any(&app, &headers, token, CHANNEL_SCOPES)?;
-    }
+    let caller = if crate::app::is_watch_token(&app.watch_secret, &id, watching) {
+        None
+    } else {
+        Some(require_any(&app, &headers, token, CHANNEL_SCOPES)?)
+    };
     // The token that let the socket open: it must keep doing so (see `stream`).
     let opened_with = super::bearer(&headers).or(token).map(str::to_string);
     if let Err(e) = q {
@@ -190,6 +226,11 @@ async fn ws(
     let Some(ch) = app.store.channel(&id)? else {
         return Err(ApiError::not_found(format!("no channel `{id}`")));
     };
+    if let Some(c) = &caller
+        && !c.may_use_workflow(&ch.workflow)
+    {
+        return Err(workflow_forbidden(&ch.workflow));
+    }
     // Of the stored channel only its latest message is needed: the first frame is built now
     // and the channel (its request, its upstream answer of up to `upstream.max_response`,
     // its whole history) is dropped before the socket opens, not kept for the socket's life.
@@ -200,6 +241,7 @@ async fn ws(
             .map(|m| workflows::message_text(&ch, m).into_owned()),
         next: ch.history.len(),
         done: ch.state.is_final(),
+        workflow: ch.workflow.clone(),
     };
     drop(ch);
     // Tracked with courier's tasks, so that shutdown waits for the socket's close frame
@@ -220,6 +262,8 @@ struct Start {
     first: Option<String>,
     next: usize,
     done: bool,
+    /// The channel's workflow, for keys limited by a `workflows` list.
+    workflow: String,
 }
 
 /// The largest message a subscriber may send (it is read and ignored).
@@ -427,7 +471,7 @@ async fn catch_up(
 }
 
 /// Whether `token` still opens channel sockets under the running configuration.
-fn still_allowed(app: &AppState, channel: &str, token: Option<&str>) -> bool {
+fn still_allowed(app: &AppState, channel: &str, workflow: &str, token: Option<&str>) -> bool {
     // A watch token is the channel's own, not a key's: no reload revokes it.
     if crate::app::is_watch_token(&app.watch_secret, channel, token) {
         return true;
@@ -435,7 +479,7 @@ fn still_allowed(app: &AppState, channel: &str, token: Option<&str>) -> bool {
     let keys = &app.config.load().keys;
     CHANNEL_SCOPES
         .iter()
-        .any(|s| crate::app::authorize(keys, token, *s).is_ok())
+        .any(|s| crate::app::authorize(keys, token, *s).is_ok_and(|c| c.may_use_workflow(workflow)))
 }
 
 /// What the socket's loop waits for.
@@ -461,7 +505,8 @@ async fn stream(
     let app = sub.app.clone();
     let id = sub.id.clone();
     let Some(rx) = sub.rx.as_mut() else { return };
-    let revoked = || !still_allowed(&app, &id, opened_with.as_deref());
+    let workflow = start.workflow.clone();
+    let revoked = || !still_allowed(&app, &id, &workflow, opened_with.as_deref());
     let mut peer = Peer {
         socket,
         shutdown: app.shutdown.clone(),
@@ -471,6 +516,7 @@ async fn stream(
         first,
         mut next,
         mut done,
+        ..
     } = start;
     if let Some(text) = first
         && !peer.send(Message::Text(text.into())).await

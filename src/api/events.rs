@@ -251,6 +251,7 @@ async fn respond(
                     "unknown_endpoint",
                     "unknown_endpoint",
                 ),
+                IngestError::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden", "forbidden"),
                 IngestError::IdConflict(_) => (StatusCode::CONFLICT, "conflict", "id_conflict"),
                 IngestError::Invalid { .. } => (StatusCode::BAD_REQUEST, "bad_request", "invalid"),
                 IngestError::ShuttingDown => (
@@ -267,6 +268,7 @@ async fn respond(
             let err = ApiError::new(status, code, e.to_string());
             Err(match &e {
                 IngestError::Invalid { field, .. } => err.with_field(*field),
+                IngestError::NotAllowed(_) => err.with_field("endpoint"),
                 _ => err,
             })
         }

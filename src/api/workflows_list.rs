@@ -15,7 +15,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_any(&app, &headers, None, &[Scope::Admin, Scope::Ingest])?;
+    let caller = require_any(&app, &headers, None, &[Scope::Admin, Scope::Ingest])?;
     let config = app.config.load();
     // Where the upstream is (an internal host, say) is the operator's business: an
     // ingest-only key, often in producers' hands, sees `null`.
@@ -23,6 +23,8 @@ async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Va
     let data: Vec<Value> = config
         .workflows
         .iter()
+        // A key limited by a `workflows` list sees the workflows it may use.
+        .filter(|w| caller.may_use_workflow(&w.name))
         .map(|w| {
             json!({
                 "name": w.name,

@@ -22,6 +22,7 @@ mod connections;
 mod dlq_time_filters;
 mod endpoint_headers;
 mod idempotency_headers;
+mod key_reach;
 mod keys_reload;
 mod retry_after_date;
 mod workflow_outcomes;
