@@ -49,6 +49,10 @@ pub struct App {
     pub tasks: TaskTracker,
     /// The secret that makes each channel's watch token (see [`watch_token`]).
     pub watch_secret: WatchSecret,
+    /// The data dir courier opened at start (a reload does not move it).
+    pub data_dir: std::path::PathBuf,
+    /// Held while a backup is made (`GET /v1/backup`): one at a time.
+    pub backup_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The secret each channel's watch token is made with: kept in the data dir, so that

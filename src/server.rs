@@ -185,6 +185,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         watch_secret,
+        data_dir: data_dir.clone(),
+        backup_lock: Default::default(),
     });
     for name in app.store.config_paused()? {
         app.endpoints.set_config_paused(&name, true);

@@ -1,6 +1,7 @@
 //! The HTTP API: one router per resource, merged here, and the pieces they share (the JSON
 //! error shape, bearer authentication, bounded body reading).
 
+mod backup;
 mod channels;
 mod config;
 mod console;
@@ -44,6 +45,7 @@ pub fn router(app: AppState) -> Router {
         .merge(channels::router())
         .merge(workflows_list::router())
         .merge(console::router())
+        .merge(backup::router())
         .layer(axum::middleware::from_fn_with_state(app.clone(), settle))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),

@@ -162,6 +162,12 @@ impl Api {
                 ),
             };
         }
+        Err(self.refusal(status, &bytes))
+    }
+
+    /// What courier's answer `status` with `bytes` says went wrong.
+    fn refusal(&self, status: reqwest::StatusCode, bytes: &[u8]) -> anyhow::Error {
+        let json: Option<Value> = serde_json::from_slice(bytes).ok();
         let err = json.as_ref().map(|v| &v["error"]);
         let msg = match err.and_then(|e| e["message"].as_str()) {
             Some(message) => {
@@ -179,12 +185,63 @@ impl Api {
                     format!("{message} ({})", about.join(", "))
                 }
             }
-            None => excerpt(&String::from_utf8_lossy(&bytes)),
+            None => excerpt(&String::from_utf8_lossy(bytes)),
         };
         if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
-            bail!("{status}: {msg} (pass --token or set COURIER_KEY)");
+            return anyhow!("{status}: {msg} (pass --token or set COURIER_KEY)");
         }
-        bail!("{status}: {msg}");
+        anyhow!("{status}: {msg}")
+    }
+
+    /// A GET whose successful answer is a file: written to `out` as it arrives. Returns
+    /// its length and the answer's headers; an answer cut short (fewer bytes than its
+    /// `content-length`) is an error.
+    pub async fn download(
+        &self,
+        segments: &[&str],
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> anyhow::Result<(u64, reqwest::header::HeaderMap)> {
+        use tokio::io::AsyncWriteExt;
+        let url = self.url(segments)?;
+        let mut req = self.http.get(url.clone());
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e, &url, false))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| self.transport_error(e, &url, true))?;
+            return Err(self.refusal(status, &bytes));
+        }
+        let headers = resp.headers().clone();
+        let expected = resp.content_length();
+        let mut written = 0u64;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(e, &url, true))?
+        {
+            out.write_all(&chunk)
+                .await
+                .context("cannot write the download")?;
+            written += chunk.len() as u64;
+        }
+        out.flush().await.context("cannot write the download")?;
+        if let Some(n) = expected
+            && n != written
+        {
+            bail!(
+                "courier's answer from {} broke off after {written} of {n} bytes",
+                shown(&url)
+            );
+        }
+        Ok((written, headers))
     }
 
     pub async fn get(

@@ -2,6 +2,7 @@
 //! to a running courier (`deliveries`, `dlq`, `endpoints`, `stats`, `send`) or check a
 //! webhook offline (`verify`).
 
+mod backup;
 mod client;
 mod table;
 pub mod verify;
@@ -66,6 +67,16 @@ enum Command {
     Endpoints {
         #[command(subcommand)]
         cmd: EndpointsCmd,
+    },
+    /// Save a consistent copy of a running courier's database (an online backup) to FILE,
+    /// checked before it takes that name; `-` writes it to standard output. Restore: stop
+    /// courier and put the file in place of `courier.redb` in its data dir.
+    Backup {
+        #[command(flatten)]
+        remote: Remote,
+        /// Where to save it (`-`: standard output). An existing file is never replaced.
+        #[arg(long, short, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Delivery statistics of a running courier.
     Stats {
@@ -190,7 +201,7 @@ struct Remote {
     /// How long a request to courier may take in all, like "30s" or "2m" (connecting: at
     /// most 10s of it). Default 30s; 70s for `endpoints test`, which waits for the first
     /// attempt; 1h for `dlq replay`, which works through the whole dead-letter queue in one
-    /// request.
+    /// request, and for `backup`, which downloads the whole database.
     #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
     timeout: Option<Duration>,
 }
@@ -665,6 +676,28 @@ fn operator(command: Command) -> anyhow::Result<()> {
                         );
                     }
                     anyhow::bail!("endpoint `{name}` did not accept the test event");
+                }
+            }
+            Command::Backup { remote, out } => {
+                // The whole database in one answer: as long as it takes.
+                let api = remote.api_within(Duration::from_secs(3600))?;
+                let saved = backup::save(&api, &out).await?;
+                let rows = saved.rows.map_or(String::new(), |r| format!(", {r} rows"));
+                let line = format!(
+                    "backup saved to {} ({} bytes{rows})",
+                    out.display(),
+                    saved.bytes
+                );
+                // With `-` the backup is on stdout: the report goes to stderr.
+                if out == std::path::Path::new("-") {
+                    eprintln!("{line}");
+                } else if remote.target.json {
+                    println!(
+                        "{}",
+                        json!({"path": out, "bytes": saved.bytes, "rows": saved.rows})
+                    );
+                } else {
+                    println!("{line}");
                 }
             }
             Command::Stats {

@@ -10,6 +10,7 @@
 //! Nothing outside this module knows about redb, so another backend (Postgres, for several
 //! nodes sharing one queue) can be added behind the same methods.
 
+mod backup;
 pub(crate) mod journal;
 pub(crate) mod journaler;
 mod progress;
@@ -24,6 +25,7 @@ use std::sync::{Arc, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 use tokio::sync::{mpsc, oneshot};
 
+pub use backup::BackupSummary;
 pub use rollup::Rollup;
 use tables::*;
 use writer::Command;

@@ -1,0 +1,127 @@
+//! `GET /v1/backup`: a consistent copy of the whole database, made while courier runs and
+//! streamed back as a database file (see `store::backup`). Restoring it is replacing
+//! `courier.redb` with it while courier is stopped.
+//!
+//! Why through the API: the data dir can only be copied safely while courier is stopped, and
+//! an operator should not have to stop deliveries to take a backup.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::RawQuery;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use super::{ApiError, AppState, require};
+use crate::model::{Scope, now_ms};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/backup", get(backup))
+}
+
+/// The file a backup is made in before it is sent: in the data dir (on the disk that has
+/// room for the database; `/tmp` is often a small memory file system), removed as soon as it
+/// is open for sending, so that nothing is left behind however the request ends.
+const TMP_PREFIX: &str = "courier.backup-";
+const TMP_SUFFIX: &str = ".tmp";
+
+/// The header saying how many rows the backup holds.
+pub const ROWS_HEADER: &str = "courier-backup-rows";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+async fn backup(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    require(&app, &headers, Scope::Admin)?;
+    let NoParams {} = super::query(q.as_deref())?;
+    // One at a time: each holds a snapshot (the database cannot reuse its pages meanwhile)
+    // and writes a whole copy.
+    let Ok(one_at_a_time) = app.backup_lock.clone().try_lock_owned() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "a backup is being made; try again when it is done",
+        ));
+    };
+    // (The API waited for the database to hold every event acknowledged before this
+    // request: the snapshot has them all.)
+    let started = Instant::now();
+    let dir = app.data_dir.clone();
+    let store_app = app.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = one_at_a_time;
+        remove_leftovers(&dir);
+        let path = dir.join(format!("{TMP_PREFIX}{}{TMP_SUFFIX}", now_ms()));
+        let made = store_app.store.backup_to(&path).and_then(|summary| {
+            std::fs::File::open(&path)
+                .and_then(|f| Ok((f.metadata()?.len(), f)))
+                .map(|(len, f)| (summary, len, f))
+                .map_err(|e| crate::store::StoreError::Db(format!("{}: {e}", path.display())))
+        });
+        let _ = std::fs::remove_file(&path);
+        made
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("backup task failed: {e}")))?;
+    let (summary, len, file) = made?;
+    tracing::info!(
+        rows = summary.rows,
+        tables = summary.tables,
+        bytes = len,
+        took_ms = started.elapsed().as_millis() as u64,
+        "backup made"
+    );
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        tokio::fs::File::from_std(file),
+        256 * 1024,
+    ));
+    let name = format!(
+        "attachment; filename=\"courier-backup-{}.redb\"",
+        crate::model::rfc3339(now_ms()).replace(':', "")
+    );
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&name).expect("an ASCII file name"),
+    );
+    h.insert(ROWS_HEADER, HeaderValue::from(summary.rows));
+    Ok(resp)
+}
+
+/// Removes backup files a courier stopped in the middle of making left behind (they are
+/// never needed again: a backup is sent from a file removed once open).
+fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let leftovers: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX))
+        })
+        .collect();
+    for p in leftovers {
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove an unfinished backup file");
+        }
+    }
+}
