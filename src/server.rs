@@ -66,6 +66,9 @@ impl Running {
     }
 }
 
+/// The database file's name in the data dir.
+pub const DB_FILE: &str = "courier.redb";
+
 /// Starts courier with `config`. The listener is bound before this returns, so `addr` is
 /// usable at once (port 0 picks a free port).
 pub async fn start(mut config: Config) -> anyhow::Result<Running> {
@@ -99,7 +102,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
                 )
             })?;
     }
-    let db_path = data_dir.join("courier.redb");
+    let db_path = data_dir.join(DB_FILE);
     let store = Store::open(&db_path, config.server.quick_repair)
         .with_context(|| format!("cannot open {}", db_path.display()))?;
     // The key after the database: only the courier that holds the data dir makes (or takes

@@ -78,6 +78,16 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Put a backup (from `courier backup`) in place of the database of a stopped courier's
+    /// data dir. The files it replaces are renamed aside (`.before-restore-<ms>`), not
+    /// deleted.
+    Restore {
+        /// The data dir (`server.data_dir`), e.g. /var/lib/courier.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The backup file.
+        backup: PathBuf,
+    },
     /// Delivery statistics of a running courier.
     Stats {
         #[command(flatten)]
@@ -413,6 +423,22 @@ fn usage_error(path: &[&str], kind: clap::error::ErrorKind, message: String) -> 
     cmd.error(kind, message).exit()
 }
 
+/// `courier restore`: the backup in place of the data dir's database (see
+/// [`crate::store::restore`]).
+fn restore(data_dir: &std::path::Path, backup: &std::path::Path) -> anyhow::Result<()> {
+    if !data_dir.is_dir() {
+        anyhow::bail!("{} is not a directory", data_dir.display());
+    }
+    let db = data_dir.join(crate::server::DB_FILE);
+    let restored = crate::store::restore(&db, backup)
+        .with_context(|| format!("cannot restore {}", backup.display()))?;
+    println!("restored {} as {}", backup.display(), db.display());
+    for kept in &restored.kept {
+        println!("kept what it replaced as {}", kept.display());
+    }
+    Ok(())
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -425,6 +451,7 @@ pub fn main() -> ExitCode {
             println!("{}", crate::deliver::sign::generate_secret());
             Ok(())
         }
+        Command::Restore { data_dir, backup } => restore(&data_dir, &backup),
         Command::BenchServer { durable, dir } => crate::bench::serve_bare(durable, dir.as_deref()),
         Command::Verify {
             secret,

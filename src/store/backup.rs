@@ -62,6 +62,96 @@ impl Store {
     }
 }
 
+/// What [`restore`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// Where the files it replaced were kept (the database and its journal files, renamed
+    /// with a `.before-restore-<ms>` suffix), to go back or delete.
+    pub kept: Vec<std::path::PathBuf>,
+}
+
+/// Checks that `backup` is a courier database this build can open: a redb file with a
+/// record format no newer than this build's. Returns its format.
+pub fn check_backup(backup: &Path) -> Result<u64, StoreError> {
+    let at = |e: &dyn std::fmt::Display| StoreError::Db(format!("{}: {e}", backup.display()));
+    let db = Database::open(backup).map_err(|e| at(&e))?;
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META).map_err(|e| at(&e))?;
+    let Some(format) = meta.get(FORMAT)?.map(|v| v.value()) else {
+        return Err(at(&"not a courier database (it records no format)"));
+    };
+    if format > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            found: format,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(format)
+}
+
+/// Puts `backup` in place of the database at `db_path`, with courier stopped. The files it
+/// replaces — the database and its two journal files — are renamed aside, not deleted (a
+/// restore over the wrong data dir can be undone). Refused while a courier has the database
+/// open, and for a file that is not a database this build can open; the backup is copied
+/// and flushed before it takes the database's name, so a restore cut short leaves the data
+/// dir as it was.
+pub fn restore(db_path: &Path, backup: &Path) -> Result<Restored, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    check_backup(backup)?;
+    let io = |what: &Path, e: std::io::Error| StoreError::Db(format!("{}: {e}", what.display()));
+    if db_path.exists() {
+        // The lock a running courier holds: opening the database takes it too.
+        match Database::open(db_path) {
+            Ok(db) => drop(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Db(format!(
+                    "{} is open (a courier is running on this data dir): stop it first",
+                    db_path.display()
+                )));
+            }
+            // A damaged database is what a restore is for: it is kept aside like any.
+            Err(_) => {}
+        }
+    }
+    let dir = db_path.parent().unwrap_or(Path::new("."));
+    let mut staged = db_path.as_os_str().to_owned();
+    staged.push(".restoring");
+    let staged = std::path::PathBuf::from(staged);
+    let _ = std::fs::remove_file(&staged);
+    {
+        let mut from = std::fs::File::open(backup).map_err(|e| io(backup, e))?;
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staged)
+            .map_err(|e| io(&staged, e))?;
+        std::io::copy(&mut from, &mut to).map_err(|e| io(&staged, e))?;
+        to.sync_all().map_err(|e| io(&staged, e))?;
+    }
+    let suffix = format!(".before-restore-{}", crate::model::now_ms());
+    let journal = db_path.with_extension("journal");
+    let mut kept = Vec::new();
+    for old in [
+        db_path.to_path_buf(),
+        super::journal::second_path(&journal),
+        journal,
+    ] {
+        if old.exists() {
+            let mut aside = old.as_os_str().to_owned();
+            aside.push(&suffix);
+            let aside = std::path::PathBuf::from(aside);
+            std::fs::rename(&old, &aside).map_err(|e| io(&old, e))?;
+            kept.push(aside);
+        }
+    }
+    std::fs::rename(&staged, db_path).map_err(|e| io(db_path, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))?;
+    Ok(Restored { kept })
+}
+
 /// Copies every table of the snapshot `from` into `to`, [`META`] without its journal keys
 /// (so the copy makes a journal id of its own when first opened). A table this build does
 /// not know is an error: a backup that left one out would lose it without a word.
@@ -161,5 +251,34 @@ mod tests {
         let meta = txn.open_table(META).unwrap();
         assert!(meta.get(JOURNAL_ID).unwrap().is_none());
         assert!(meta.get(FORMAT).unwrap().is_some());
+    }
+
+    /// A backup from a newer courier is refused before anything in the data dir changes.
+    #[test]
+    fn a_restore_refuses_a_newer_format_and_leaves_the_data_dir_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("courier.redb");
+        let store = Store::open(&db_path, true).unwrap();
+        let dest = dir.path().join("backup.redb");
+        store.backup_to(&dest).unwrap();
+        {
+            let db = Database::open(&dest).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(FORMAT, FORMAT_VERSION + 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = check_backup(&dest).unwrap_err();
+        assert!(matches!(err, StoreError::NewerFormat { .. }), "{err}");
+        drop(store);
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let target = other.join("courier.redb");
+        std::fs::write(&target, b"keep me").unwrap();
+        assert!(restore(&target, &dest).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
     }
 }

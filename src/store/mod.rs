@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 use tokio::sync::{mpsc, oneshot};
 
-pub use backup::BackupSummary;
+pub use backup::{BackupSummary, Restored, check_backup, restore};
 pub use rollup::Rollup;
 use tables::*;
 use writer::Command;

@@ -143,17 +143,55 @@ async fn a_backup_taken_while_courier_runs_restores_what_it_held_then() {
     assert!(!dir.path().join("x.redb").exists());
     assert!(!dir.path().join("x.redb.part").exists());
 
-    // Acknowledged after the backup: not in it. Then a crash, so that this event is in the
-    // journal the restored database will find beside it.
+    // Acknowledged after the backup: not in it.
     let (_, after, _) = ingest(&http, &base, event(5)).await;
-    p.kill9();
-
-    // Restore: the backup in place of the database file, the journal files left as they are.
     let data = dir.path().join("data");
-    std::fs::copy(&saved, data.join("courier.redb")).unwrap();
+    let restore = |file: &std::path::Path| {
+        args(&[
+            "restore",
+            "--data-dir",
+            data.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ])
+    };
+    // Not while courier runs; not from a file that is not a database.
+    let o = run(restore(&saved), vec![], None).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A crash, so that the event after the backup is in the journal beside the database.
+    p.kill9();
+    let before = names(&data);
+    let junk = dir.path().join("junk.redb");
+    std::fs::write(&junk, b"not a database").unwrap();
+    let o = run(restore(&junk), vec![], None).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        names(&data),
+        before,
+        "a refused restore changed the data dir"
+    );
+
+    // Restore: the backup in place of the database file; what it replaces is kept aside.
+    let said = out(&run(restore(&saved), vec![], None).await);
+    assert!(said.starts_with("restored "), "{said}");
+    let kept: Vec<String> = names(&data)
+        .into_iter()
+        .filter(|n| n.contains(".before-restore-"))
+        .collect();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    for n in ["courier.redb", "courier.journal", "courier.journal2"] {
+        assert!(
+            kept.iter().any(|k| k.starts_with(&format!("{n}.before-"))),
+            "{kept:?}"
+        );
+    }
     let p2 = Process::spawn(&cfg);
     let base = p2.base.clone();
-    // The old journal is another database's to the backup: ignored, not taken for damage.
+    // Nothing was taken for a damaged journal.
     assert!(
         !names(&data).iter().any(|n| n.contains(".damaged-")),
         "{:?}",
