@@ -188,11 +188,49 @@ fn invalid(e: ConfigError) -> ApiError {
     }
 }
 
+/// Fields an endpoint's listing shows that a request cannot set, with what to do instead:
+/// a body edited from a listing is told what to change rather than only that the field is
+/// unknown.
+const SHOWN_ONLY: &[(&str, &str)] = &[
+    (
+        "timeout_ms",
+        "is how listings show `timeout`; set `timeout`, a duration such as \"10s\"",
+    ),
+    (
+        "schedule_ms",
+        "is how listings show `schedule`; set `schedule`, durations such as [\"0s\", \"5s\"]",
+    ),
+    ("source", "is read-only (where the endpoint was made)"),
+    (
+        "paused",
+        "is read-only here: use POST /v1/endpoints/{name}/pause or /resume",
+    ),
+    ("created_at", "is read-only"),
+    ("updated_at", "is read-only"),
+    ("shadowed", "is read-only"),
+    ("shadowed_by", "is read-only"),
+    ("warnings", "is read-only"),
+];
+
 /// Splits a request body into the endpoint spec and the API-only fields.
 fn parse_spec(
     obj: Map<String, Value>,
 ) -> Result<(RawEndpoint, Option<String>, Option<String>), ApiError> {
     let mut obj = obj;
+    if let Some((k, why)) = SHOWN_ONLY.iter().find(|(k, _)| obj.contains_key(*k)) {
+        return Err(ApiError::bad_request(format!("{k}: {why}")).with_field(*k));
+    }
+    // Listings show each secret as its fingerprint: sent back, they are not secrets.
+    if obj
+        .get("secrets")
+        .and_then(Value::as_array)
+        .is_some_and(|l| l.iter().any(|s| s.get("fingerprint").is_some()))
+    {
+        return Err(ApiError::bad_request(
+            "secrets: listings show fingerprints, not secrets; give `whsec_` secrets, leave `secrets` out to keep the endpoint's, or rotate with POST /v1/endpoints/{name}/secret/rotate",
+        )
+        .with_field("secrets"));
+    }
     let take_str = |obj: &mut Map<String, Value>, k: &str| -> Result<Option<String>, ApiError> {
         match obj.remove(k) {
             None | Some(Value::Null) => Ok(None),

@@ -2129,3 +2129,64 @@ async fn an_api_endpoint_at_a_refused_private_address_is_made_with_a_warning() {
     assert!(v["warnings"][0].as_str().is_some(), "{v}");
     c.stop().await;
 }
+
+/// A body edited from what a listing shows is told what to change: the listing's own fields
+/// (`timeout_ms`, read-only ones, secrets as fingerprints) are refused naming what to send
+/// instead, and the endpoint is left as it was.
+#[tokio::test]
+async fn a_body_edited_from_a_listing_is_told_which_fields_to_set_instead() {
+    use reqwest::Method as M;
+    let rx = Receiver::start().await;
+    let c = Courier::start(DELIVERY_FAST).await;
+    let (s, made) = req(
+        &c,
+        M::POST,
+        "/v1/endpoints",
+        Some(json!({"name": "app", "url": rx.url("/"), "timeout": "7s"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{made}");
+    let (_, shown) = req(&c, M::GET, "/v1/endpoints/app", None).await;
+    assert_eq!(shown["timeout_ms"], 7000);
+    for (change, field, says) in [
+        (json!({"timeout_ms": 5000}), "timeout_ms", "set `timeout`"),
+        (
+            json!({"schedule_ms": [0, 1000]}),
+            "schedule_ms",
+            "set `schedule`",
+        ),
+        (json!({"source": "api"}), "source", "read-only"),
+        (json!({"paused": true}), "paused", "/pause"),
+        (
+            json!({"secrets": shown["secrets"].clone()}),
+            "secrets",
+            "fingerprints",
+        ),
+    ] {
+        let (s, e) = req(&c, M::PATCH, "/v1/endpoints/app", Some(change.clone())).await;
+        assert_eq!(
+            (s, e["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{change}: {e}"
+        );
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{change}: {msg}");
+    }
+    // The whole listing sent back to create another is refused the same way.
+    let mut copy = shown.clone();
+    copy["name"] = "copy".into();
+    let (s, e) = req(&c, M::POST, "/v1/endpoints", Some(copy)).await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(req(&c, M::GET, "/v1/endpoints/copy", None).await.0, 404);
+    let (_, after) = req(&c, M::GET, "/v1/endpoints/app", None).await;
+    assert_eq!(after, shown, "a refused change changed the endpoint");
+    // What the messages say to send works.
+    let (s, e) = req(
+        &c,
+        M::PATCH,
+        "/v1/endpoints/app",
+        Some(json!({"timeout": "5s"})),
+    )
+    .await;
+    assert_eq!((s, &e["timeout_ms"]), (200, &json!(5000)), "{e}");
+}
