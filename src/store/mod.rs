@@ -629,6 +629,16 @@ impl Store {
         txn.commit()?;
         let (journal, records) =
             journal::Journal::open(&path.with_extension("journal"), journal_id, checkpoint_seq)?;
+        // Said before the work, which can take a while with a full journal: an operator
+        // watching a slow start learns why (the server says when it is done).
+        if !records.is_empty() {
+            let bytes: usize = records.iter().map(|(_, payload)| payload.len()).sum();
+            tracing::info!(
+                records = records.len(),
+                bytes,
+                "re-applying acknowledged events from the ingest journal (the last run did not shut down cleanly); courier listens once they are in the database"
+            );
+        }
         let replayed = writer::replay_journal(&db, &records, quick_repair)?;
         let mut counts = BTreeMap::new();
         {

@@ -694,9 +694,173 @@ async fn a_config_that_breaks_an_api_endpoint_stops_the_start_naming_it() {
     drop(p);
 }
 
+/// When a start re-applying the journal is killed, counted from its start line.
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    /// This long after it.
+    After(Duration),
+    /// Once the start has written this many bytes since (`wchar` in `/proc/<pid>/io`). The
+    /// replay applies the journal's records in memory and writes nothing until its commit,
+    /// so this lands in the commit's writes. At once where the count cannot be read.
+    Written(u64),
+}
+
+/// What a start of `courier serve` killed during its journal replay printed before it died.
+struct KilledStart {
+    kill: Kill,
+    /// How many records it said it was re-applying (`None`: it had nothing to re-apply).
+    replaying: Option<u64>,
+    /// Whether it said the replay was done (or that it listened) before it died.
+    finished: bool,
+    /// From reading its start line to the kill.
+    killed_after: Duration,
+    /// How many bytes it had written since its start line (at least) when it was killed, if
+    /// known.
+    written: Option<u64>,
+    /// Every line it printed, for the failure messages.
+    printed: Vec<String>,
+}
+
+/// Bytes the process `pid` has written so far (to files and pipes alike), if readable.
+fn written_by(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Starts `courier serve --config cfg` and kills it (SIGKILL) at `kill` after it logs that it
+/// is re-applying the journal, or as soon as it listens should it have nothing to re-apply.
+/// What it printed before the kill comes from the pipes it wrote to, read to their end.
+fn start_killed_during_replay(cfg: &std::path::Path, kill: Kill) -> KilledStart {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // One thread per pipe, each sending every line: the log (JSON) and the listening line.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let readers: Vec<_> = [
+        Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stdout.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|pipe| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        })
+    })
+    .collect();
+    drop(tx);
+    let message = |line: &str| -> Option<Value> {
+        let v: Value = serde_json::from_str(line).ok()?;
+        v["fields"]["message"]
+            .is_string()
+            .then(|| v["fields"].clone())
+    };
+    let starts_replay = |line: &str| {
+        message(line).filter(|f| {
+            f["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("re-applying acknowledged events from the ingest journal")
+        })
+    };
+    let finishes = |line: &str| {
+        line.starts_with("courier listening on ")
+            || message(line).is_some_and(|f| {
+                f["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("re-applied acknowledged events from the ingest journal")
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut printed = Vec::new();
+    let mut replaying = None;
+    let (mut seen, mut before) = (Instant::now(), None);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let (start, end) = (starts_replay(&line), finishes(&line));
+                printed.push(line);
+                if let Some(fields) = start {
+                    replaying = Some(fields["records"].as_u64().unwrap_or_else(|| {
+                        panic!("no record count in the start line: {printed:?}")
+                    }));
+                    (seen, before) = (Instant::now(), written_by(pid));
+                    match kill {
+                        Kill::After(delay) if !delay.is_zero() => std::thread::sleep(delay),
+                        Kill::After(_) => {}
+                        Kill::Written(bytes) => {
+                            while let (Some(from), Some(now)) = (before, written_by(pid))
+                                && now - from < bytes
+                                && Instant::now() < deadline
+                            {
+                                std::thread::sleep(Duration::from_micros(100));
+                            }
+                        }
+                    }
+                    break;
+                }
+                if end {
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the start neither re-applied the journal nor listened ({e:?}): {printed:?}"
+                );
+            }
+        }
+    }
+    let written = before.zip(written_by(pid)).map(|(from, now)| now - from);
+    let _ = child.kill();
+    let killed_after = seen.elapsed();
+    let status = child.wait().unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+    printed.extend(rx.try_iter());
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the start ended before it was killed ({status:?}): {printed:?}"
+    );
+    let finished = printed.iter().any(|l| finishes(l));
+    KilledStart {
+        kill,
+        replaying,
+        finished,
+        killed_after,
+        written,
+        printed,
+    }
+}
+
 /// A courier killed while it re-applies the journal after a crash, again and again at
-/// different moments of the replay, loses and duplicates nothing: the start after them has
-/// every acknowledged event once.
+/// different moments of the replay (applying the records, writing them out in its commit),
+/// loses and duplicates nothing: the start after them has every acknowledged event once.
+///
+/// Each start is killed after it logs that it is re-applying the journal. A kill landed
+/// mid-replay when the start died without saying the replay was done (nor listening) and the
+/// next start had the same records to re-apply: the replay's commit had not happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_during_recovery_lose_and_duplicate_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -704,32 +868,146 @@ async fn kills_during_recovery_lose_and_duplicate_nothing() {
     let mut p = Process::spawn(&cfg);
     let http = reqwest::Client::new();
     paused_endpoint(&http, &p.base).await;
-    // 16 KiB each, ~6 MiB in all: a replay long enough to be cut short.
-    let filler = "x".repeat(16 * 1024);
-    let sends = (0..400).map(|i| accepted(&http, &p.base, json!({"i": i, "filler": filler})));
+    // 5,000 events of ~1 KiB: ~6 MiB of journal, under one lap (8 MiB), so that all of it
+    // is re-applied. The replay's cost goes by records more than bytes: ~200 ms in a debug
+    // build, the last ~25 ms its commit (400 events of 16 KiB took ~70 ms), far more than the
+    // time between the start's line and the kill, however loaded the machine (which slows
+    // the replay as much).
+    let filler = "x".repeat(1024);
+    let sends = (0..5000).map(|i| accepted(&http, &p.base, json!({"i": i, "filler": filler})));
     let replies: Vec<Value> = futures_util::stream::iter(sends)
         .buffer_unordered(16)
         .collect()
         .await;
     p.kill9();
-    // A start re-applies these 400 records and listens after ~80 ms (debug build): the
-    // kills land before, during and after the replay's commit.
-    for delay_ms in [10, 25, 40, 55, 70, 100] {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+
+    let starts = tokio::task::block_in_place(|| {
+        let begun = Instant::now();
+        let mut starts: Vec<KilledStart> = Vec::new();
+        let mut mid_replay = 0;
+        // After two kills at once known to have landed mid-replay, these, later into it (a
+        // kill past the replay's commit ends the series: nothing is left to re-apply).
+        let ms = Duration::from_millis;
+        let mut later = [
+            Kill::Written(64 << 10),
+            Kill::Written(4 << 20),
+            Kill::After(ms(5)),
+            Kill::After(ms(20)),
+            Kill::After(ms(50)),
+            Kill::After(ms(100)),
+        ]
+        .into_iter()
+        .peekable();
+        while starts.len() < 12 {
+            let kill = match mid_replay {
+                0 | 1 => Kill::After(Duration::ZERO),
+                _ => later.next().unwrap_or(Kill::After(Duration::ZERO)),
+            };
+            let start = start_killed_during_replay(&cfg, kill);
+            let records = start.replaying;
+            if let Some(first) = starts.first() {
+                // A kill changes nothing in the database: a replay is all or nothing.
+                assert!(
+                    records.is_none() || records == first.replaying,
+                    "a start re-applies {records:?} records where the first had {:?}: {:?}",
+                    first.replaying,
+                    start.printed
+                );
+            } else {
+                assert!(
+                    records.is_some(),
+                    "the first start after the crash had nothing to re-apply: {:?}",
+                    start.printed
+                );
+            }
+            if let Some(before) = starts.last()
+                && !before.finished
+                && records.is_some()
+            {
+                mid_replay += 1;
+            }
+            let done = records.is_none() || start.finished;
+            starts.push(start);
+            let enough = mid_replay >= 2
+                && (later.peek().is_none() || begun.elapsed() > Duration::from_secs(120));
+            if done || enough {
+                break;
+            }
+        }
+        starts
+    });
+    let records = starts[0].replaying.unwrap();
     let p2 = Process::spawn(&cfg);
-    for reply in &replies {
-        assert_pending(&http, &p2.base, reply, "before the kills").await;
-    }
+    // Where the last kill landed: whether this start had the journal to re-apply still.
+    let m = http
+        .get(format!("{}/metrics", p2.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let replayed: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("courier_store_journal_replayed_records "))
+        .unwrap_or_else(|| panic!("{m}"))
+        .trim()
+        .parse()
+        .unwrap();
+    // Everything the last killed start had to do, or nothing if it died past its commit.
+    let last = starts.last().unwrap();
+    let cut_short = last.replaying.is_some() && !last.finished;
+    assert!(
+        replayed == 0 || (cut_short && replayed == records),
+        "the final start re-applied {replayed} records (the others {records}): {:?}",
+        last.printed
+    );
+    // Kill i landed mid-replay when start i + 1 (or the final one) re-applied again.
+    let landed: Vec<bool> = starts
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let next_replays = match starts.get(i + 1) {
+                Some(next) => next.replaying.is_some(),
+                None => replayed > 0,
+            };
+            s.replaying.is_some() && !s.finished && next_replays
+        })
+        .collect();
+    let summary: Vec<String> = starts
+        .iter()
+        .zip(&landed)
+        .map(|(s, landed)| {
+            format!(
+                "{:?}: killed {:.1?} after the start line, {} bytes written since: {}",
+                s.kill,
+                s.killed_after,
+                s.written.map_or("?".to_string(), |w| w.to_string()),
+                match (s.replaying, s.finished, landed) {
+                    (None, _, _) => "nothing to re-apply",
+                    (Some(_), _, true) => "killed mid-replay",
+                    (Some(_), true, _) => "killed after the replay was done",
+                    (Some(_), false, false) => "killed after the replay's commit",
+                }
+            )
+        })
+        .collect();
+    eprintln!(
+        "{records} records ({} events acknowledged) re-applied by each start; kills after its start line: {summary:#?}",
+        replies.len()
+    );
+    assert!(
+        landed.iter().filter(|l| **l).count() >= 2,
+        "fewer than 2 kills landed mid-replay: {summary:#?}"
+    );
+
+    let checks = replies
+        .iter()
+        .map(|reply| assert_pending(&http, &p2.base, reply, "before the kills"));
+    futures_util::stream::iter(checks)
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
     assert_pending_count(&http, &p2.base, replies.len(), 0).await;
     drop(p2);
 }
