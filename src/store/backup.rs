@@ -29,6 +29,9 @@ pub struct BackupSummary {
     pub tables: usize,
 }
 
+/// The cache of the database a backup is written to.
+const BACKUP_CACHE: usize = 16 << 20;
+
 /// The [`META`] keys that describe the file's place in its journal, not what it holds.
 const JOURNAL_KEYS: [&str; 2] = [JOURNAL_ID, JOURNAL_SEQ];
 
@@ -51,7 +54,10 @@ impl Store {
             .open(dest)
             .map_err(|e| at(&e))?;
         let backend = redb::backends::FileBackend::new(file).map_err(|e| at(&e))?;
+        // A small cache: the copy is written once, in order, and must not take memory in
+        // proportion to the database (redb writes pages out when its cache is full).
         let to_db = Database::builder()
+            .set_cache_size(BACKUP_CACHE)
             .create_with_backend(backend)
             .map_err(|e| at(&e))?;
         let to = to_db.begin_write()?;
