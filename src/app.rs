@@ -134,9 +134,12 @@ impl Caller {
         self.reach.as_ref().is_none_or(|r| r.endpoint(name))
     }
 
-    /// Whether the key may open, watch or call back channels of the workflow `name`.
-    pub fn may_use_workflow(&self, name: &str) -> bool {
-        self.reach.as_ref().is_none_or(|r| r.workflow(name))
+    /// Whether the key may open, watch or call back channels of the workflow `name` (under
+    /// the running configuration, which says where its webhooks go).
+    pub fn may_use_workflow(&self, config: &crate::config::Config, name: &str) -> bool {
+        self.reach
+            .as_ref()
+            .is_none_or(|r| r.workflow(name, config.workflow(name).map(|w| w.endpoint.as_str())))
     }
 }
 

@@ -111,7 +111,9 @@ impl KeyConfig {
 }
 
 /// The endpoints and workflows a key is limited to (`[[keys]]`' `endpoints` and
-/// `workflows`); `None` in a list leaves that side unlimited. Why it exists: several
+/// `workflows`). A key with either list is limited on both sides: without `endpoints` it
+/// sends events to no endpoint directly, and without `workflows` it may use the workflows
+/// whose endpoint is within `endpoints` (so no list leaves a way around the other). Why it exists: several
 /// producers sharing one courier each get a key that can only feed their own endpoints and
 /// workflows, so a leaked or misused producer key cannot send webhooks to anyone else's
 /// receivers, nor watch or complete anyone else's workflow channels.
@@ -124,16 +126,20 @@ pub struct Reach {
 }
 
 impl Reach {
+    /// Whether events may be sent to the endpoint `name`.
     pub fn endpoint(&self, name: &str) -> bool {
         self.endpoints
             .as_ref()
-            .is_none_or(|ps| ps.iter().any(|p| pattern_matches(p, name)))
+            .is_some_and(|ps| ps.iter().any(|p| pattern_matches(p, name)))
     }
 
-    pub fn workflow(&self, name: &str) -> bool {
-        self.workflows
-            .as_ref()
-            .is_none_or(|ws| ws.iter().any(|w| w == name))
+    /// Whether the workflow `name`, whose webhooks go to `endpoint` (`None`: no such
+    /// workflow), may be used.
+    pub fn workflow(&self, name: &str, endpoint: Option<&str>) -> bool {
+        match &self.workflows {
+            Some(ws) => ws.iter().any(|w| w == name),
+            None => endpoint.is_some_and(|e| self.endpoint(e)),
+        }
     }
 }
 
@@ -2019,7 +2025,7 @@ mod tests {
     #[test]
     fn a_key_limited_by_lists_reaches_what_they_name() {
         let c = parse(
-            "[[endpoints]]\nname = \"acme-a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"acme-a\"\nupstream = { url = \"http://u\" }\n[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"ingest\", \"callback\"]\nendpoints = [\"acme-*\", \"billing\"]\nworkflows = [\"w\"]\n[[keys]]\ntoken = \"fedcba9876543210\"\nscopes = [\"ingest\"]\nendpoints = []\n",
+            "[[endpoints]]\nname = \"acme-a\"\nurl = \"http://x\"\n[[workflows]]\nname = \"w\"\nendpoint = \"acme-a\"\nupstream = { url = \"http://u\" }\n[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"ingest\", \"callback\"]\nendpoints = [\"acme-*\", \"billing\"]\nworkflows = [\"w\"]\n[[keys]]\ntoken = \"fedcba9876543210\"\nscopes = [\"ingest\"]\nendpoints = []\n[[keys]]\ntoken = \"fedcba9876543211\"\nscopes = [\"ingest\"]\nendpoints = [\"acme-*\"]\n[[keys]]\ntoken = \"fedcba9876543212\"\nscopes = [\"ingest\"]\nworkflows = [\"w\"]\n",
         )
         .unwrap();
         let reach = c.keys[0].reach.as_ref().unwrap();
@@ -2027,10 +2033,17 @@ mod tests {
             reach.endpoint("acme-a") && reach.endpoint("acme-zzz") && reach.endpoint("billing")
         );
         assert!(!reach.endpoint("billing-2") && !reach.endpoint("globex"));
-        assert!(reach.workflow("w") && !reach.workflow("w2"));
-        // An empty list reaches no endpoint (a key for workflows only); workflows unlimited.
+        assert!(reach.workflow("w", Some("globex")) && !reach.workflow("w2", Some("acme-a")));
+        // An empty list reaches no endpoint, and without `workflows` no workflow either.
         let none = c.keys[1].reach.as_ref().unwrap();
-        assert!(!none.endpoint("acme-a") && none.workflow("anything"));
+        assert!(!none.endpoint("acme-a") && !none.workflow("w", Some("acme-a")));
+        // `endpoints` alone: the workflows whose endpoint it reaches. `workflows` alone: no
+        // endpoint directly.
+        let by_endpoint = c.keys[2].reach.as_ref().unwrap();
+        assert!(by_endpoint.workflow("w", Some("acme-a")));
+        assert!(!by_endpoint.workflow("w", Some("globex")) && !by_endpoint.workflow("w", None));
+        let by_workflow = c.keys[3].reach.as_ref().unwrap();
+        assert!(by_workflow.workflow("w", Some("acme-a")) && !by_workflow.endpoint("acme-a"));
         // Without lists a key is not limited at all.
         let open =
             parse("[[keys]]\ntoken = \"0123456789abcdef\"\nscopes = [\"ingest\"]\n").unwrap();

@@ -58,7 +58,7 @@ async fn open(
     let (limit, timeout) = super::body_limits(&app);
     let bytes = super::read_body(body, &headers, limit, timeout).await?;
     let (workflow, request) = workflows::split_request(&bytes)?;
-    if !caller.may_use_workflow(&workflow) {
+    if !caller.may_use_workflow(&app.config.load(), &workflow) {
         return Err(workflow_forbidden(&workflow));
     }
     let ch = workflows::open(&app, &workflow, request).await?;
@@ -83,7 +83,7 @@ async fn callback(
     let caller = require(&app, &headers, Scope::Callback)?;
     if caller.reach.is_some()
         && let Some(ch) = app.store.channel(&id)?
-        && !caller.may_use_workflow(&ch.workflow)
+        && !caller.may_use_workflow(&app.config.load(), &ch.workflow)
     {
         return Err(workflow_forbidden(&ch.workflow));
     }
@@ -139,7 +139,7 @@ async fn show(
         .channel(&id)?
         .ok_or_else(|| ApiError::not_found(format!("no channel `{id}`")))?;
     if let Some(c) = &caller
-        && !c.may_use_workflow(&ch.workflow)
+        && !c.may_use_workflow(&app.config.load(), &ch.workflow)
     {
         return Err(workflow_forbidden(&ch.workflow));
     }
@@ -227,7 +227,7 @@ async fn ws(
         return Err(ApiError::not_found(format!("no channel `{id}`")));
     };
     if let Some(c) = &caller
-        && !c.may_use_workflow(&ch.workflow)
+        && !c.may_use_workflow(&app.config.load(), &ch.workflow)
     {
         return Err(workflow_forbidden(&ch.workflow));
     }
@@ -476,10 +476,11 @@ fn still_allowed(app: &AppState, channel: &str, workflow: &str, token: Option<&s
     if crate::app::is_watch_token(&app.watch_secret, channel, token) {
         return true;
     }
-    let keys = &app.config.load().keys;
-    CHANNEL_SCOPES
-        .iter()
-        .any(|s| crate::app::authorize(keys, token, *s).is_ok_and(|c| c.may_use_workflow(workflow)))
+    let config = app.config.load();
+    CHANNEL_SCOPES.iter().any(|s| {
+        crate::app::authorize(&config.keys, token, *s)
+            .is_ok_and(|c| c.may_use_workflow(&config, workflow))
+    })
 }
 
 /// What the socket's loop waits for.

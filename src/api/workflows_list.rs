@@ -24,7 +24,7 @@ async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Va
         .workflows
         .iter()
         // A key limited by a `workflows` list sees the workflows it may use.
-        .filter(|w| caller.may_use_workflow(&w.name))
+        .filter(|w| caller.may_use_workflow(&config, &w.name))
         .map(|w| {
             json!({
                 "name": w.name,

@@ -13,6 +13,11 @@ const T: Duration = Duration::from_secs(20);
 const ACME: &str = "test-acme-producer-token-1";
 /// An ingest and callback key limited to the workflow `other`.
 const OTHER_WF: &str = "test-other-workflow-token1";
+/// An ingest key limited to the endpoint `app`, which both workflows of the workflow test
+/// deliver to.
+const APP_ONLY: &str = "test-app-endpoint-token-01";
+/// An ingest key limited to an endpoint no workflow delivers to.
+const ELSEWHERE: &str = "test-elsewhere-token-00001";
 
 fn limited_key(token: &str, scopes: &str, limits: &str) -> String {
     format!("[[keys]]\ntoken = \"{token}\"\nscopes = [{scopes}]\n{limits}\n")
@@ -81,12 +86,14 @@ async fn a_key_limited_to_endpoints_reaches_those_only_and_a_reload_moves_its_re
         (202, vec!["acme-orders", "globex"]),
         "{r}"
     );
-    let got: Vec<u64> = acme_rx
+    let mut got: Vec<u64> = acme_rx
         .wait_for(3, T)
         .await
         .iter()
         .map(|r| r.json()["n"].as_u64().unwrap())
         .collect();
+    // (Delivered concurrently: in any order.)
+    got.sort();
     assert_eq!(got, [1, 2, 3]);
     // globex received the unlimited key's event and nothing the limited key sent.
     let got = globex_rx.wait_for(1, T).await;
@@ -136,7 +143,7 @@ async fn a_key_limited_to_workflows_cannot_open_watch_or_complete_another_workfl
         )
     };
     let c = Courier::start(&format!(
-        "{DELIVERY_FAST}{}{}{}{}",
+        "{DELIVERY_FAST}{}{}{}{}{}{}",
         endpoint("app", &rx.url("/"), ""),
         workflow("movie_suggestion"),
         workflow("other"),
@@ -144,7 +151,9 @@ async fn a_key_limited_to_workflows_cannot_open_watch_or_complete_another_workfl
             OTHER_WF,
             "\"ingest\", \"callback\"",
             "workflows = [\"other\"]"
-        )
+        ),
+        limited_key(APP_ONLY, "\"ingest\"", "endpoints = [\"app\"]"),
+        limited_key(ELSEWHERE, "\"ingest\"", "endpoints = [\"elsewhere-*\"]"),
     ))
     .await;
     let open =
@@ -162,6 +171,39 @@ async fn a_key_limited_to_workflows_cannot_open_watch_or_complete_another_workfl
         (403, Some("forbidden"), Some("workflow")),
         "{e}"
     );
+    // A key limited by `workflows` alone sends no event to an endpoint directly.
+    let (s, e) = c
+        .post("/v1/events", Some(OTHER_WF), event(Some("app"), 0))
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{e}"
+    );
+    // A key limited by `endpoints` alone may use the workflows that deliver to them, and no
+    // other: no list is a way around the other.
+    let (s, r) = c
+        .post(
+            "/v1/ai/async",
+            Some(APP_ONLY),
+            open("movie_suggestion").to_string(),
+        )
+        .await;
+    assert_eq!(s, 202, "{r}");
+    let (s, e) = c
+        .post(
+            "/v1/ai/async",
+            Some(ELSEWHERE),
+            open("movie_suggestion").to_string(),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{e}"
+    );
+    let (_, list) = c.get_as("/v1/workflows", Some(ELSEWHERE)).await;
+    assert_eq!(list["data"], json!([]), "{list}");
     // The list of workflows shows it only its own.
     let (s, list) = c.get_as("/v1/workflows", Some(OTHER_WF)).await;
     assert_eq!(s, 200);
@@ -183,6 +225,16 @@ async fn a_key_limited_to_workflows_cannot_open_watch_or_complete_another_workfl
         .get_as(&format!("/v1/channels/{id}"), Some(OTHER_WF))
         .await;
     assert_eq!((s, e["error"]["code"].as_str()), (403, Some("forbidden")));
+    let (s, _) = c
+        .get_as(&format!("/v1/channels/{id}"), Some(ELSEWHERE))
+        .await;
+    assert_eq!(s, 403);
+    assert_eq!(
+        c.get_as(&format!("/v1/channels/{id}"), Some(APP_ONLY))
+            .await
+            .0,
+        200
+    );
     let ws = format!(
         "{}/v1/channels/{id}/ws?token={OTHER_WF}",
         c.base.replace("http://", "ws://")
