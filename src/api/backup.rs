@@ -44,8 +44,10 @@ async fn backup(
 ) -> Result<Response, ApiError> {
     require(&app, &headers, Scope::Admin)?;
     let NoParams {} = super::query(q.as_deref())?;
-    // One at a time: each holds a snapshot (the database cannot reuse its pages meanwhile)
-    // and writes a whole copy.
+    // One at a time, from the copy's start to the end of its download: each holds a
+    // snapshot (the database cannot reuse its pages meanwhile), and each copy takes the room
+    // of the whole database in the data dir until it is sent (removed from the directory
+    // once open, its blocks are freed only when the download ends).
     let Ok(one_at_a_time) = app.backup_lock.clone().try_lock_owned() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -57,12 +59,26 @@ async fn backup(
     // request: the snapshot has them all.)
     let started = Instant::now();
     let dir = app.data_dir.clone();
+    remove_leftovers(&dir);
+    // A copy that filled the disk would stop the database's own writes: not begun without
+    // room for one as large as the database file.
+    let needed = std::fs::metadata(dir.join(crate::server::DB_FILE)).map_or(0, |m| m.len());
+    if let Some(free) = free_bytes(&dir)
+        && free < needed
+    {
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            format!(
+                "the data dir has {free} bytes free and a backup is made there first: it needs up to {needed} (the size of the database file)"
+            ),
+        ));
+    }
     let store_app = app.clone();
     let made = tokio::task::spawn_blocking(move || {
-        let _one_at_a_time = one_at_a_time;
-        remove_leftovers(&dir);
         let path = dir.join(format!("{TMP_PREFIX}{}{TMP_SUFFIX}", now_ms()));
-        let made = store_app.store.backup_to(&path).and_then(|summary| {
+        let stop = || store_app.shutdown.is_cancelled();
+        let made = store_app.store.backup_to(&path, &stop).and_then(|summary| {
             std::fs::File::open(&path)
                 .and_then(|f| Ok((f.metadata()?.len(), f)))
                 .map(|(len, f)| (summary, len, f))
@@ -81,10 +97,13 @@ async fn backup(
         took_ms = started.elapsed().as_millis() as u64,
         "backup made"
     );
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        tokio::fs::File::from_std(file),
-        256 * 1024,
-    ));
+    let chunks =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
+    // The lock goes with the download: released when it ends, however it ends.
+    let body = Body::from_stream(futures_util::StreamExt::map(chunks, move |chunk| {
+        let _held = &one_at_a_time;
+        chunk
+    }));
     let name = format!(
         "attachment; filename=\"courier-backup-{}.redb\"",
         crate::model::rfc3339(now_ms()).replace(':', "")
@@ -102,6 +121,18 @@ async fn backup(
     );
     h.insert(ROWS_HEADER, HeaderValue::from(summary.rows));
     Ok(resp)
+}
+
+/// The bytes free for courier's user on the file system of `dir` (`None` if it cannot say).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes the struct given and reads the path, a NUL-terminated string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Removes backup files a courier stopped in the middle of making left behind (they are

@@ -34,21 +34,37 @@ pub async fn save(api: &Api, out: &Path) -> anyhow::Result<Saved> {
     let mut part = out.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let result = download_checked(api, &part, out).await;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&part)
+    };
+    let file = match file {
+        Ok(f) => f,
+        // Not this run's to remove: another backup to the same FILE, or one interrupted.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "{} exists: another backup to {} is under way, or one was interrupted (remove it then)",
+            part.display(),
+            out.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", part.display())),
+    };
+    let result = download_checked(api, file, &part, out).await;
     if result.is_err() {
         let _ = std::fs::remove_file(&part);
     }
     result
 }
 
-async fn download_checked(api: &Api, part: &Path, out: &Path) -> anyhow::Result<Saved> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(part)
-        .with_context(|| format!("cannot create {}", part.display()))?;
+async fn download_checked(
+    api: &Api,
+    file: std::fs::File,
+    part: &Path,
+    out: &Path,
+) -> anyhow::Result<Saved> {
     let mut file = tokio::fs::File::from_std(file);
     let (bytes, headers) = api.download(&["v1", "backup"], &mut file).await?;
     file.sync_all()

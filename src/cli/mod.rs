@@ -715,16 +715,16 @@ fn operator(command: Command) -> anyhow::Result<()> {
                     out.display(),
                     saved.bytes
                 );
+                let report = if remote.target.json {
+                    json!({"path": out, "bytes": saved.bytes, "rows": saved.rows}).to_string()
+                } else {
+                    line
+                };
                 // With `-` the backup is on stdout: the report goes to stderr.
                 if out == std::path::Path::new("-") {
-                    eprintln!("{line}");
-                } else if remote.target.json {
-                    println!(
-                        "{}",
-                        json!({"path": out, "bytes": saved.bytes, "rows": saved.rows})
-                    );
+                    eprintln!("{report}");
                 } else {
-                    println!("{line}");
+                    println!("{report}");
                 }
             }
             Command::Stats {

@@ -40,8 +40,13 @@ impl Store {
     /// an error) and makes it durable. Call [`Store::settle`] first for a copy that holds
     /// every event acknowledged so far. Blocking: run it off the async runtime. The
     /// database may grow while it runs (pages the snapshot holds are not reused until it
-    /// ends).
-    pub fn backup_to(&self, dest: &Path) -> Result<BackupSummary, StoreError> {
+    /// ends). `stop` is asked every few thousand rows: once it says so, the backup ends with
+    /// [`StoreError::Closed`] (a shutdown must not wait for a copy of the whole database).
+    pub fn backup_to(
+        &self,
+        dest: &Path,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<BackupSummary, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
         let at = |e: &dyn std::fmt::Display| StoreError::Db(format!("{}: {e}", dest.display()));
         let from = self.db.begin_read()?;
@@ -61,7 +66,7 @@ impl Store {
             .create_with_backend(backend)
             .map_err(|e| at(&e))?;
         let to = to_db.begin_write()?;
-        let summary = copy_all(&from, &to)?;
+        let summary = copy_all(&from, &to, stop)?;
         to.commit()?;
         drop(to_db);
         Ok(summary)
@@ -77,13 +82,16 @@ pub struct Restored {
 }
 
 /// Checks that `backup` is a courier database this build can open: a redb file with a
-/// record format no newer than this build's. Returns its format.
+/// record format no newer than this build's. Returns its format. Opened read-only, so a
+/// backup kept read-only can be checked; one that needs a repair (a copy of a database that
+/// was not closed cleanly) is opened, and repaired, for writing instead.
 pub fn check_backup(backup: &Path) -> Result<u64, StoreError> {
     let at = |e: &dyn std::fmt::Display| StoreError::Db(format!("{}: {e}", backup.display()));
-    let db = Database::open(backup).map_err(|e| at(&e))?;
-    let txn = db.begin_read()?;
-    let meta = txn.open_table(META).map_err(|e| at(&e))?;
-    let Some(format) = meta.get(FORMAT)?.map(|v| v.value()) else {
+    let format = match redb::ReadOnlyDatabase::open(backup) {
+        Ok(db) => format_of(&db),
+        Err(_) => format_of(&Database::open(backup).map_err(|e| at(&e))?),
+    };
+    let Some(format) = format.map_err(|e| at(&e))? else {
         return Err(at(&"not a courier database (it records no format)"));
     };
     if format > FORMAT_VERSION {
@@ -95,36 +103,34 @@ pub fn check_backup(backup: &Path) -> Result<u64, StoreError> {
     Ok(format)
 }
 
+fn format_of(db: &impl ReadableDatabase) -> Result<Option<u64>, StoreError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    Ok(meta.get(FORMAT)?.map(|v| v.value()))
+}
+
 /// Puts `backup` in place of the database at `db_path`, with courier stopped. The files it
 /// replaces — the database and its two journal files — are renamed aside, not deleted (a
-/// restore over the wrong data dir can be undone). Refused while a courier has the database
-/// open, and for a file that is not a database this build can open; the backup is copied
-/// and flushed before it takes the database's name, so a restore cut short leaves the data
-/// dir as it was.
+/// restore over the wrong data dir can be undone). It holds the data dir's lock from start to
+/// end ([`super::lock`]), so it is refused while a courier runs there and no courier can
+/// start there before it is done; it refuses a file that is not a database this build can
+/// open; the copy is flushed, and given the owner of the data dir's files (a restore run as
+/// root must not leave a database courier's user cannot open), before it takes the
+/// database's name, so a restore cut short leaves the data dir as it was.
 pub fn restore(db_path: &Path, backup: &Path) -> Result<Restored, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     check_backup(backup)?;
     let io = |what: &Path, e: std::io::Error| StoreError::Db(format!("{}: {e}", what.display()));
-    if db_path.exists() {
-        // The lock a running courier holds: opening the database takes it too.
-        match Database::open(db_path) {
-            Ok(db) => drop(db),
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::Db(format!(
-                    "{} is open (a courier is running on this data dir): stop it first",
-                    db_path.display()
-                )));
-            }
-            // A damaged database is what a restore is for: it is kept aside like any.
-            Err(_) => {}
-        }
-    }
-    let dir = db_path.parent().unwrap_or(Path::new("."));
+    let dir = match db_path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let _lock = super::lock::acquire(db_path)?;
     let mut staged = db_path.as_os_str().to_owned();
     staged.push(".restoring");
     let staged = std::path::PathBuf::from(staged);
     let _ = std::fs::remove_file(&staged);
-    {
+    let copied = (|| {
         let mut from = std::fs::File::open(backup).map_err(|e| io(backup, e))?;
         let mut to = std::fs::OpenOptions::new()
             .write(true)
@@ -133,7 +139,24 @@ pub fn restore(db_path: &Path, backup: &Path) -> Result<Restored, StoreError> {
             .open(&staged)
             .map_err(|e| io(&staged, e))?;
         std::io::copy(&mut from, &mut to).map_err(|e| io(&staged, e))?;
-        to.sync_all().map_err(|e| io(&staged, e))?;
+        let owner = std::fs::metadata(db_path)
+            .or_else(|_| std::fs::metadata(dir))
+            .map_err(|e| io(dir, e))?;
+        let made = to.metadata().map_err(|e| io(&staged, e))?;
+        if (made.uid(), made.gid()) != (owner.uid(), owner.gid()) {
+            std::os::unix::fs::fchown(&to, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
+                StoreError::Db(format!(
+                    "the data dir's files belong to user {} and group {}, and the restored database could not be given to them ({e}): run the restore as that user, or as root",
+                    owner.uid(),
+                    owner.gid()
+                ))
+            })?;
+        }
+        to.sync_all().map_err(|e| io(&staged, e))
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
     }
     let suffix = format!(".before-restore-{}", crate::model::now_ms());
     let journal = db_path.with_extension("journal");
@@ -161,29 +184,33 @@ pub fn restore(db_path: &Path, backup: &Path) -> Result<Restored, StoreError> {
 /// Copies every table of the snapshot `from` into `to`, [`META`] without its journal keys
 /// (so the copy makes a journal id of its own when first opened). A table this build does
 /// not know is an error: a backup that left one out would lose it without a word.
-fn copy_all(from: &ReadTransaction, to: &WriteTransaction) -> Result<BackupSummary, StoreError> {
+fn copy_all(
+    from: &ReadTransaction,
+    to: &WriteTransaction,
+    stop: &dyn Fn() -> bool,
+) -> Result<BackupSummary, StoreError> {
     let names: Vec<String> = from.list_tables()?.map(|t| t.name().to_string()).collect();
     let mut rows = 0;
     for name in &names {
         rows += match name.as_str() {
-            n if n == EVENTS.name() => copy(from, to, EVENTS)?,
-            n if n == DELIVERIES.name() => copy(from, to, DELIVERIES)?,
-            n if n == ATTEMPTS.name() => copy(from, to, ATTEMPTS)?,
-            n if n == QUEUE.name() => copy(from, to, QUEUE)?,
-            n if n == PENDING.name() => copy(from, to, PENDING)?,
-            n if n == BY_STATUS.name() => copy(from, to, BY_STATUS)?,
-            n if n == DEAD_BY_ENDPOINT.name() => copy(from, to, DEAD_BY_ENDPOINT)?,
-            n if n == COUNTS.name() => copy(from, to, COUNTS)?,
-            n if n == UNROUTED.name() => copy(from, to, UNROUTED)?,
-            n if n == IDEMPOTENCY.name() => copy(from, to, IDEMPOTENCY)?,
-            n if n == IDEMPOTENCY_AGE.name() => copy(from, to, IDEMPOTENCY_AGE)?,
-            n if n == ATTEMPT_LOG.name() => copy(from, to, ATTEMPT_LOG)?,
-            n if n == ROLLUPS.name() => copy(from, to, ROLLUPS)?,
-            n if n == CHANNELS.name() => copy(from, to, CHANNELS)?,
-            n if n == CHANNELS_DONE.name() => copy(from, to, CHANNELS_DONE)?,
-            n if n == TIMERS.name() => copy(from, to, TIMERS)?,
-            n if n == UPSTREAM_TIMERS.name() => copy(from, to, UPSTREAM_TIMERS)?,
-            n if n == ENDPOINTS.name() => copy(from, to, ENDPOINTS)?,
+            n if n == EVENTS.name() => copy(from, to, stop, EVENTS)?,
+            n if n == DELIVERIES.name() => copy(from, to, stop, DELIVERIES)?,
+            n if n == ATTEMPTS.name() => copy(from, to, stop, ATTEMPTS)?,
+            n if n == QUEUE.name() => copy(from, to, stop, QUEUE)?,
+            n if n == PENDING.name() => copy(from, to, stop, PENDING)?,
+            n if n == BY_STATUS.name() => copy(from, to, stop, BY_STATUS)?,
+            n if n == DEAD_BY_ENDPOINT.name() => copy(from, to, stop, DEAD_BY_ENDPOINT)?,
+            n if n == COUNTS.name() => copy(from, to, stop, COUNTS)?,
+            n if n == UNROUTED.name() => copy(from, to, stop, UNROUTED)?,
+            n if n == IDEMPOTENCY.name() => copy(from, to, stop, IDEMPOTENCY)?,
+            n if n == IDEMPOTENCY_AGE.name() => copy(from, to, stop, IDEMPOTENCY_AGE)?,
+            n if n == ATTEMPT_LOG.name() => copy(from, to, stop, ATTEMPT_LOG)?,
+            n if n == ROLLUPS.name() => copy(from, to, stop, ROLLUPS)?,
+            n if n == CHANNELS.name() => copy(from, to, stop, CHANNELS)?,
+            n if n == CHANNELS_DONE.name() => copy(from, to, stop, CHANNELS_DONE)?,
+            n if n == TIMERS.name() => copy(from, to, stop, TIMERS)?,
+            n if n == UPSTREAM_TIMERS.name() => copy(from, to, stop, UPSTREAM_TIMERS)?,
+            n if n == ENDPOINTS.name() => copy(from, to, stop, ENDPOINTS)?,
             n if n == META.name() => copy_meta(from, to)?,
             other => {
                 return Err(StoreError::Db(format!(
@@ -198,9 +225,13 @@ fn copy_all(from: &ReadTransaction, to: &WriteTransaction) -> Result<BackupSumma
     })
 }
 
+/// Rows copied between two looks at `stop`.
+const STOP_EVERY: u64 = 4096;
+
 fn copy<K: Key + 'static, V: Value + 'static>(
     from: &ReadTransaction,
     to: &WriteTransaction,
+    stop: &dyn Fn() -> bool,
     def: TableDefinition<K, V>,
 ) -> Result<u64, StoreError> {
     let src = from.open_table(def)?;
@@ -210,6 +241,9 @@ fn copy<K: Key + 'static, V: Value + 'static>(
         let (k, v) = row?;
         dst.insert(k.value(), v.value())?;
         n += 1;
+        if n % STOP_EVERY == 0 && stop() {
+            return Err(StoreError::Closed);
+        }
     }
     Ok(n)
 }
@@ -239,7 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("courier.redb"), true).unwrap();
         let dest = dir.path().join("backup.redb");
-        let summary = store.backup_to(&dest).unwrap();
+        let summary = store.backup_to(&dest, &|| false).unwrap();
         let made: Vec<String> = {
             let txn = store.db.begin_read().unwrap();
             txn.list_tables()
@@ -249,7 +283,7 @@ mod tests {
         };
         assert_eq!(summary.tables, made.len());
         // An existing file is never written over.
-        let err = store.backup_to(&dest).unwrap_err();
+        let err = store.backup_to(&dest, &|| false).unwrap_err();
         assert!(err.to_string().contains("backup.redb"), "{err}");
         // The copy stands alone, without the source's journal keys.
         let copy = Database::open(&dest).unwrap();
@@ -266,7 +300,7 @@ mod tests {
         let db_path = dir.path().join("courier.redb");
         let store = Store::open(&db_path, true).unwrap();
         let dest = dir.path().join("backup.redb");
-        store.backup_to(&dest).unwrap();
+        store.backup_to(&dest, &|| false).unwrap();
         {
             let db = Database::open(&dest).unwrap();
             let txn = db.begin_write().unwrap();

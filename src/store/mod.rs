@@ -13,6 +13,7 @@
 mod backup;
 pub(crate) mod journal;
 pub(crate) mod journaler;
+pub mod lock;
 mod progress;
 mod rollup;
 mod tables;
@@ -465,6 +466,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    /// The data dir's lock ([`lock`]), held as long as the database is open.
+    _lock: Arc<lock::DirLock>,
     /// To the writer thread.
     tx: mpsc::Sender<Command>,
     /// To the journal thread (new events).
@@ -498,6 +501,8 @@ impl Store {
     /// the allocator state so that a crash is recovered from in milliseconds (commits cost
     /// more).
     pub fn open(path: &Path, quick_repair: bool) -> Result<Store, StoreError> {
+        // Before anything in the data dir is touched.
+        let dir_lock = Arc::new(lock::acquire(path)?);
         let mut builder = Database::builder();
         builder.set_cache_size(64 * 1024 * 1024);
         // The database holds secrets, payloads and URL passwords: a new file is made for
@@ -661,10 +666,14 @@ impl Store {
         }
         let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(65_536);
-        let (wdb, wshared) = (db.clone(), shared.clone());
+        let (wdb, wshared, wlock) = (db.clone(), shared.clone(), dir_lock.clone());
         let thread = std::thread::Builder::new()
             .name("courier-writer".into())
-            .spawn(move || writer::run(wdb, rx, wshared, quick_repair))
+            .spawn(move || {
+                // Until the writer has closed the database too.
+                let _held = wlock;
+                writer::run(wdb, rx, wshared, quick_repair)
+            })
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
         *shared.writer.lock().expect("writer handle") = Some(thread);
         let (jtx, jrx) = mpsc::channel(65_536);
@@ -680,6 +689,7 @@ impl Store {
             .map_err(|e| StoreError::Db(format!("cannot start journal thread: {e}")))?;
         Ok(Store {
             db,
+            _lock: dir_lock,
             tx,
             journal: jtx,
             shared,

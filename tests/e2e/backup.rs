@@ -158,7 +158,7 @@ async fn a_backup_taken_while_courier_runs_restores_what_it_held_then() {
     let o = run(restore(&saved), vec![], None).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("stop it first"),
+        String::from_utf8_lossy(&o.stderr).contains("already open"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
