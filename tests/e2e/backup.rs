@@ -269,3 +269,56 @@ async fn the_backup_route_answers_a_database_file_to_admin_keys_only() {
     // A redb file starts with its magic number.
     assert!(bytes.starts_with(b"redb"), "{:?}", &bytes[..16]);
 }
+
+/// A backup holds the one-at-a-time lock until its download ends, however it ends: a second
+/// is refused (`409`) while the first is being read, and taken once its client hung up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backup_at_a_time_until_its_download_ends() {
+    use futures_util::StreamExt;
+    let c =
+        Courier::start("[[endpoints]]\nname = \"held\"\nurl = \"https://example.com/h\"\n").await;
+    let (s, e) = c.post_json("/v1/endpoints/held/pause", &json!({})).await;
+    assert_eq!(s, 200, "{e}");
+    // ~36 MiB of events: far more than the sockets between the two ends buffer, so the
+    // first download cannot be over before the test has read it.
+    let filler = "x".repeat(60_000);
+    let sends = (0..600).map(|i| {
+        let c = &c;
+        let body = json!({"event_type": "t", "payload": {"i": i, "f": filler}, "endpoint": "held"});
+        async move { c.post_json("/v1/events", &body).await.0 }
+    });
+    let statuses: Vec<u16> = futures_util::stream::iter(sends)
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    let get = || {
+        c.http
+            .get(format!("{}/v1/backup", c.base))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let mut first = get().await.unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    // A little of it read, the rest not yet.
+    assert!(!first.chunk().await.unwrap().unwrap().is_empty());
+    let second = get().await.unwrap();
+    assert_eq!(second.status().as_u16(), 409);
+    // The first client hangs up: the lock goes with its download.
+    drop(first);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let third = get().await.unwrap();
+        if third.status().as_u16() == 200 {
+            let bytes = third.bytes().await.unwrap();
+            assert!(bytes.len() > 30_000_000, "{}", bytes.len());
+            break;
+        }
+        assert_eq!(third.status().as_u16(), 409);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
