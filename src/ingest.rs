@@ -36,7 +36,7 @@ pub enum IngestError {
     UnknownEndpoint(String),
     /// The key's `endpoints` list does not name it (whether or not it exists: a limited key
     /// learns nothing about endpoints beyond its reach).
-    #[error("this key may not send to endpoint `{0}` (it is limited by its `endpoints` list)")]
+    #[error("this key may not send to endpoint `{0}` (its [[keys]] entry limits what it reaches)")]
     NotAllowed(String),
     #[error("an event with id `{0}` already exists")]
     IdConflict(String),

@@ -6,6 +6,8 @@
 //! an operator should not have to stop deliveries to take a backup.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -61,8 +63,10 @@ async fn backup(
     let dir = app.data_dir.clone();
     remove_leftovers(&dir);
     // A copy that filled the disk would stop the database's own writes: not begun without
-    // room for one as large as the database file.
-    let needed = std::fs::metadata(dir.join(crate::server::DB_FILE)).map_or(0, |m| m.len());
+    // room for one as large as the database file (the copy is as large, measured) and a
+    // tenth more, with 64 MiB to spare.
+    let needed = std::fs::metadata(dir.join(crate::server::DB_FILE))
+        .map_or(0, |m| m.len() + m.len() / 10 + (64 << 20));
     if let Some(free) = free_bytes(&dir)
         && free < needed
     {
@@ -74,10 +78,15 @@ async fn backup(
             ),
         ));
     }
+    // A client that hangs up while the copy is made ends it (the handler is dropped, and the
+    // copy asks this before every few thousand rows); until it has ended, the copy keeps the
+    // lock, so a retry is told to wait rather than start a second copy.
+    let abandoned = SetOnDrop(Arc::new(AtomicBool::new(false)));
+    let gone = abandoned.0.clone();
     let store_app = app.clone();
     let made = tokio::task::spawn_blocking(move || {
         let path = dir.join(format!("{TMP_PREFIX}{}{TMP_SUFFIX}", now_ms()));
-        let stop = || store_app.shutdown.is_cancelled();
+        let stop = || store_app.shutdown.is_cancelled() || gone.load(Ordering::Relaxed);
         let made = store_app.store.backup_to(&path, &stop).and_then(|summary| {
             std::fs::File::open(&path)
                 .and_then(|f| Ok((f.metadata()?.len(), f)))
@@ -85,11 +94,11 @@ async fn backup(
                 .map_err(|e| crate::store::StoreError::Db(format!("{}: {e}", path.display())))
         });
         let _ = std::fs::remove_file(&path);
-        made
+        made.map(|m| (m, one_at_a_time))
     })
     .await
     .map_err(|e| ApiError::internal(format!("backup task failed: {e}")))?;
-    let (summary, len, file) = made?;
+    let ((summary, len, file), one_at_a_time) = made?;
     tracing::info!(
         rows = summary.rows,
         tables = summary.tables,
@@ -121,6 +130,16 @@ async fn backup(
     );
     h.insert(ROWS_HEADER, HeaderValue::from(summary.rows));
     Ok(resp)
+}
+
+/// Sets its flag when dropped: with the request, which tells a copy still being made that
+/// nobody waits for it (set after the copy ended, it changes nothing).
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The bytes free for courier's user on the file system of `dir` (`None` if it cannot say).

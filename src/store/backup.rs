@@ -84,7 +84,8 @@ pub struct Restored {
 /// Checks that `backup` is a courier database this build can open: a redb file with a
 /// record format no newer than this build's. Returns its format. Opened read-only, so a
 /// backup kept read-only can be checked; one that needs a repair (a copy of a database that
-/// was not closed cleanly) is opened, and repaired, for writing instead.
+/// was not closed cleanly) is opened, and repaired, for writing instead: [`restore`] checks
+/// its own copy, never the file it was given.
 pub fn check_backup(backup: &Path) -> Result<u64, StoreError> {
     let at = |e: &dyn std::fmt::Display| StoreError::Db(format!("{}: {e}", backup.display()));
     let format = match redb::ReadOnlyDatabase::open(backup) {
@@ -110,17 +111,18 @@ fn format_of(db: &impl ReadableDatabase) -> Result<Option<u64>, StoreError> {
 }
 
 /// Puts `backup` in place of the database at `db_path`, with courier stopped. The files it
-/// replaces — the database and its two journal files — are renamed aside, not deleted (a
-/// restore over the wrong data dir can be undone). It holds the data dir's lock from start to
-/// end ([`super::lock`]), so it is refused while a courier runs there and no courier can
-/// start there before it is done; it refuses a file that is not a database this build can
-/// open; the copy is flushed, and given the owner of the data dir's files (a restore run as
-/// root must not leave a database courier's user cannot open), before it takes the
-/// database's name, so a restore cut short leaves the data dir as it was.
+/// replaces — the database and its two journal files — are kept under new names, not
+/// deleted (a restore over the wrong data dir can be undone). It holds the data dir's lock
+/// from start to end ([`super::lock`]), so it is refused while a courier runs there and no
+/// courier can start there before it is done. The backup is copied in first, checked there
+/// (a database this build can open; one that needs a repair is repaired in the copy, never
+/// in the file given), given the owner of the data dir's files (a restore run as root must
+/// not leave a database courier's user cannot open) and flushed; the old files get their
+/// new names as links, and only then does the copy take the database's name, in one rename.
+/// So a restore that fails or is cut short at any point leaves a whole database under
+/// `courier.redb` — the old one, or the backup — and never an empty place a start would
+/// fill with a new database.
 pub fn restore(db_path: &Path, backup: &Path) -> Result<Restored, StoreError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    check_backup(backup)?;
-    let io = |what: &Path, e: std::io::Error| StoreError::Db(format!("{}: {e}", what.display()));
     let dir = match db_path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -130,55 +132,90 @@ pub fn restore(db_path: &Path, backup: &Path) -> Result<Restored, StoreError> {
     staged.push(".restoring");
     let staged = std::path::PathBuf::from(staged);
     let _ = std::fs::remove_file(&staged);
-    let copied = (|| {
-        let mut from = std::fs::File::open(backup).map_err(|e| io(backup, e))?;
-        let mut to = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&staged)
-            .map_err(|e| io(&staged, e))?;
-        std::io::copy(&mut from, &mut to).map_err(|e| io(&staged, e))?;
-        let owner = std::fs::metadata(db_path)
-            .or_else(|_| std::fs::metadata(dir))
-            .map_err(|e| io(dir, e))?;
-        let made = to.metadata().map_err(|e| io(&staged, e))?;
-        if (made.uid(), made.gid()) != (owner.uid(), owner.gid()) {
-            std::os::unix::fs::fchown(&to, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
-                StoreError::Db(format!(
-                    "the data dir's files belong to user {} and group {}, and the restored database could not be given to them ({e}): run the restore as that user, or as root",
-                    owner.uid(),
-                    owner.gid()
-                ))
-            })?;
+    let suffix = format!(".before-restore-{}", crate::model::now_ms());
+    let mut kept = Vec::new();
+    let done = stage(db_path, dir, backup, &staged).and_then(|()| {
+        let journal = db_path.with_extension("journal");
+        let second = super::journal::second_path(&journal);
+        for old in [db_path, second.as_path(), journal.as_path()] {
+            if old.exists() {
+                let mut aside = old.as_os_str().to_owned();
+                aside.push(&suffix);
+                let aside = std::path::PathBuf::from(aside);
+                std::fs::hard_link(old, &aside).map_err(|e| io_at(old, e))?;
+                kept.push(aside);
+            }
         }
-        to.sync_all().map_err(|e| io(&staged, e))
-    })();
-    if let Err(e) = copied {
-        let _ = std::fs::remove_file(&staged);
+        sync_dir(dir)?;
+        std::fs::rename(&staged, db_path).map_err(|e| io_at(db_path, e))?;
+        // The journal files' old names go: kept under the new ones, and the restored
+        // database, with a journal id of its own, would take them for another database's.
+        for old in [second, journal] {
+            if old.exists() {
+                std::fs::remove_file(&old).map_err(|e| io_at(&old, e))?;
+            }
+        }
+        sync_dir(dir)
+    });
+    if let Err(e) = done {
+        // Until the rename, nothing but the copy and the links was made: they go.
+        if staged.exists() {
+            let _ = std::fs::remove_file(&staged);
+            for aside in &kept {
+                let _ = std::fs::remove_file(aside);
+            }
+        }
         return Err(e);
     }
-    let suffix = format!(".before-restore-{}", crate::model::now_ms());
-    let journal = db_path.with_extension("journal");
-    let mut kept = Vec::new();
-    for old in [
-        db_path.to_path_buf(),
-        super::journal::second_path(&journal),
-        journal,
-    ] {
-        if old.exists() {
-            let mut aside = old.as_os_str().to_owned();
-            aside.push(&suffix);
-            let aside = std::path::PathBuf::from(aside);
-            std::fs::rename(&old, &aside).map_err(|e| io(&old, e))?;
-            kept.push(aside);
-        }
+    Ok(Restored { kept })
+}
+
+/// Copies `backup` to `staged`, checks it, gives it the owner of the data dir's files and
+/// flushes it.
+fn stage(db_path: &Path, dir: &Path, backup: &Path, staged: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut from = std::fs::File::open(backup).map_err(|e| io_at(backup, e))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(staged)
+        .map_err(|e| io_at(staged, e))?;
+    std::io::copy(&mut from, &mut to).map_err(|e| io_at(staged, e))?;
+    to.sync_all().map_err(|e| io_at(staged, e))?;
+    check_backup(staged).map_err(|e| match e {
+        StoreError::NewerFormat { .. } => e,
+        e => StoreError::Db(format!(
+            "{} is not a courier database this build can open ({e})",
+            backup.display()
+        )),
+    })?;
+    let owner = std::fs::metadata(db_path)
+        .or_else(|_| std::fs::metadata(dir))
+        .map_err(|e| io_at(dir, e))?;
+    let made = to.metadata().map_err(|e| io_at(staged, e))?;
+    if made.uid() != owner.uid() {
+        std::os::unix::fs::fchown(&to, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
+            StoreError::Db(format!(
+                "the data dir's files belong to user {}, and the restored database could not be given to that user ({e}): run the restore as that user, or as root",
+                owner.uid()
+            ))
+        })?;
+    } else if made.gid() != owner.gid() {
+        // Its owner reads it whatever its group: a group it cannot be given is no matter.
+        let _ = std::os::unix::fs::fchown(&to, None, Some(owner.gid()));
     }
-    std::fs::rename(&staged, db_path).map_err(|e| io(db_path, e))?;
+    to.sync_all().map_err(|e| io_at(staged, e))
+}
+
+fn io_at(what: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Db(format!("{}: {e}", what.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))?;
-    Ok(Restored { kept })
+        .map_err(|e| io_at(dir, e))
 }
 
 /// Copies every table of the snapshot `from` into `to`, [`META`] without its journal keys
@@ -319,6 +356,11 @@ mod tests {
         std::fs::write(&target, b"keep me").unwrap();
         assert!(restore(&target, &dest).is_err());
         assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
-        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
+        let left: Vec<String> = std::fs::read_dir(&other)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "courier.lock")
+            .collect();
+        assert_eq!(left, ["courier.redb"]);
     }
 }

@@ -27,14 +27,24 @@ pub fn acquire(db_path: &Path) -> Result<DirLock, StoreError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let path = path(db_path);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+    // Read-only (a lock needs no more), and made readable by anyone (it holds nothing): a
+    // lock file made by a restore run as root must not keep courier's own user out.
+    let file = match std::fs::File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .and_then(|made| {
+                // As asked, whatever the umask.
+                use std::os::unix::fs::PermissionsExt;
+                made.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                std::fs::File::open(&path)
+            }),
+        opened => opened,
+    }
+    .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
     // SAFETY: flock only reads the descriptor, which `file` keeps open.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -61,5 +71,13 @@ mod tests {
         assert!(err.to_string().contains("already open"), "{err}");
         drop(held);
         super::acquire(&db).unwrap();
+        // Made readable by anyone, so that one made by root keeps no other user out (the
+        // lock is taken on a read-only descriptor).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(super::path(&db))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
     }
 }

@@ -677,7 +677,7 @@ impl Store {
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
         *shared.writer.lock().expect("writer handle") = Some(thread);
         let (jtx, jrx) = mpsc::channel(65_536);
-        let (wtx, jshared) = (tx.clone(), shared.clone());
+        let (wtx, jshared, jlock) = (tx.clone(), shared.clone(), dir_lock.clone());
         let answers = tokio::runtime::Handle::try_current().ok().map(|rt| {
             let (to, from) = mpsc::unbounded_channel();
             rt.spawn(journaler::answer(from));
@@ -685,7 +685,11 @@ impl Store {
         });
         std::thread::Builder::new()
             .name("courier-journal".into())
-            .spawn(move || journaler::run(answers, jrx, wtx, jshared, journal))
+            .spawn(move || {
+                // Until its last write (after a writer that panicked, too).
+                let _held = jlock;
+                journaler::run(answers, jrx, wtx, jshared, journal)
+            })
             .map_err(|e| StoreError::Db(format!("cannot start journal thread: {e}")))?;
         Ok(Store {
             db,
