@@ -79,7 +79,7 @@ async fn backup(
         ));
     }
     // A client that hangs up while the copy is made ends it (the handler is dropped, and the
-    // copy asks this before every few thousand rows); until it has ended, the copy keeps the
+    // copy asks every few hundred rows); until it has ended, the copy keeps the
     // lock, so a retry is told to wait rather than start a second copy.
     let abandoned = SetOnDrop(Arc::new(AtomicBool::new(false)));
     let gone = abandoned.0.clone();

@@ -40,7 +40,7 @@ impl Store {
     /// an error) and makes it durable. Call [`Store::settle`] first for a copy that holds
     /// every event acknowledged so far. Blocking: run it off the async runtime. The
     /// database may grow while it runs (pages the snapshot holds are not reused until it
-    /// ends). `stop` is asked every few thousand rows: once it says so, the backup ends with
+    /// ends). `stop` is asked every few hundred rows: once it says so, the backup ends with
     /// [`StoreError::Closed`] (a shutdown must not wait for a copy of the whole database).
     pub fn backup_to(
         &self,
@@ -262,8 +262,8 @@ fn copy_all(
     })
 }
 
-/// Rows copied between two looks at `stop`.
-const STOP_EVERY: u64 = 4096;
+/// Rows copied between two looks at `stop` (a row may be a whole 1 MiB event).
+const STOP_EVERY: u64 = 256;
 
 fn copy<K: Key + 'static, V: Value + 'static>(
     from: &ReadTransaction,
