@@ -306,22 +306,7 @@ async fn sigkill_after_answers_from_the_journal_loses_nothing() {
         assert_pending(&http, &p2.base, first, "without a key").await;
     }
     // The start says it re-applied acknowledged events (the last run did not stop cleanly).
-    let m = http
-        .get(format!("{}/metrics", p2.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let replayed: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("courier_store_journal_replayed_records "))
-        .unwrap_or_else(|| panic!("{m}"))
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(replayed > 0, "{m}");
+    assert!(replayed_records(&http, &p2.base).await > 0);
     // One pending delivery per event.
     assert_pending_count(&http, &p2.base, accepted.len(), 16).await;
     drop(p2);
@@ -939,21 +924,7 @@ async fn kills_during_recovery_lose_and_duplicate_nothing() {
     let records = starts[0].replaying.unwrap();
     let p2 = Process::spawn(&cfg);
     // Where the last kill landed: whether this start had the journal to re-apply still.
-    let m = http
-        .get(format!("{}/metrics", p2.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let replayed: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("courier_store_journal_replayed_records "))
-        .unwrap_or_else(|| panic!("{m}"))
-        .trim()
-        .parse()
-        .unwrap();
+    let replayed = replayed_records(&http, &p2.base).await;
     // Everything the last killed start had to do, or nothing if it died past its commit.
     let last = starts.last().unwrap();
     let cut_short = last.replaying.is_some() && !last.finished;
@@ -1079,4 +1050,23 @@ async fn a_journal_damaged_in_the_middle_loses_only_the_damaged_event() {
         .collect();
     assert_eq!(copies.len(), 2, "{copies:?}");
     drop(p2);
+}
+
+/// How many acknowledged events the start of the courier at `base` re-applied from the
+/// journal (`courier_store_journal_replayed_records`).
+async fn replayed_records(http: &reqwest::Client, base: &str) -> u64 {
+    let m = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    m.lines()
+        .find_map(|l| l.strip_prefix("courier_store_journal_replayed_records "))
+        .unwrap_or_else(|| panic!("{m}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
