@@ -61,6 +61,7 @@ async fn backup(
     // request: the snapshot has them all.)
     let started = Instant::now();
     let dir = app.data_dir.clone();
+    // (Leftovers first: they take room the check below counts.)
     remove_leftovers(&dir);
     // A copy that filled the disk would stop the database's own writes: not begun without
     // room for one as large as the database file (the copy is as large, measured) and a
@@ -74,7 +75,7 @@ async fn backup(
             StatusCode::INSUFFICIENT_STORAGE,
             "insufficient_storage",
             format!(
-                "the data dir has {free} bytes free and a backup is made there first: it needs up to {needed} (the size of the database file)"
+                "the data dir has {free} bytes free and a backup is made there first: it needs {needed} (the database file's size, a tenth more and 64 MiB)"
             ),
         ));
     }

@@ -1,7 +1,7 @@
 //! The HTTP API: one router per resource, merged here, and the pieces they share (the JSON
 //! error shape, bearer authentication, bounded body reading).
 
-mod backup;
+pub(crate) mod backup;
 mod channels;
 mod config;
 mod console;

@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use redb::{ReadableDatabase, TableDefinition};
 
 use super::client::Api;
 
@@ -96,21 +95,18 @@ async fn download_checked(
     })
 }
 
-/// Opens the file as a database and reads its record format, as a start would first.
+/// Opens the file as a courier database, as a restore would (a backup from a newer courier,
+/// which this build could not restore, is whole all the same).
 fn check(path: &Path) -> anyhow::Result<()> {
-    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-    let db = redb::Database::open(path)?;
-    let txn = db.begin_read()?;
-    let meta = txn.open_table(META)?;
-    if meta.get("format")?.is_none() {
-        bail!("it records no format");
+    match crate::store::check_backup(path) {
+        Ok(_) | Err(crate::store::StoreError::NewerFormat { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 fn rows(headers: &reqwest::header::HeaderMap) -> Option<u64> {
     headers
-        .get("courier-backup-rows")?
+        .get(crate::api::backup::ROWS_HEADER)?
         .to_str()
         .ok()?
         .parse()

@@ -182,7 +182,6 @@ fn stage(db_path: &Path, dir: &Path, backup: &Path, staged: &Path) -> Result<(),
         .open(staged)
         .map_err(|e| io_at(staged, e))?;
     std::io::copy(&mut from, &mut to).map_err(|e| io_at(staged, e))?;
-    to.sync_all().map_err(|e| io_at(staged, e))?;
     check_backup(staged).map_err(|e| match e {
         StoreError::NewerFormat { .. } => e,
         e => StoreError::Db(format!(
